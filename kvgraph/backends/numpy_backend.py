@@ -1,0 +1,311 @@
+"""The numpy backend: f32 reference executor, the ground truth for tests.
+
+`compile` turns (graph, plan) into a Program: every buffer is a preallocated view into one arena, every
+view op is resolved once into a numpy view, and every compute op becomes a closure that calls numpy with
+`out=` into its buffer (with scratch space allocated here, at compile time). Running a Program is a loop
+over closures: no graph walking, no shape logic, no buffer allocation by kvgraph.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..graph.ir import Graph, Tensor
+from ..plan.planner import Plan
+
+Kernel = Callable[[], None]
+NP_DTYPES = {"f32": np.float32, "i32": np.int32}
+
+
+class Program:
+    """A compiled graph: input buffers to write, kernels to run, output views to read."""
+
+    def __init__(self, kernels: list[Kernel], inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+                 arena_bytes: int):
+        self.kernels = kernels
+        self.inputs = inputs
+        self.outputs = outputs
+        self.arena_bytes = arena_bytes
+
+    def run(self) -> None:
+        for k in self.kernels:
+            k()
+
+
+# ---- kernels: each factory gets the node, its output buffer and its source buffers --------------------------
+def _k_matmul(t: Tensor, out, a, b):
+    bt = np.swapaxes(b, -1, -2) if t.p["transpose_b"] else b
+    return lambda: np.matmul(a, bt, out=out)
+
+
+def _k_get_rows(t, out, table, ids):
+    return lambda: np.take(table, ids, axis=0, out=out)
+
+
+def _k_add(t, out, a, b):
+    return lambda: np.add(a, b, out=out)
+
+
+def _k_mul(t, out, a, b):
+    return lambda: np.multiply(a, b, out=out)
+
+
+def _k_scale(t, out, x):
+    s = np.float32(t.p["s"])
+    return lambda: np.multiply(x, s, out=out)
+
+
+def _k_cont(t, out, x):
+    return lambda: np.copyto(out, x)
+
+
+def _k_rms_norm(t, out, x):
+    ss = np.empty(x.shape[:-1] + (1,), np.float32)
+    eps = np.float32(t.p["eps"])
+
+    def run():
+        np.multiply(x, x, out=out)
+        np.mean(out, axis=-1, keepdims=True, out=ss)
+        ss.__iadd__(eps)
+        np.sqrt(ss, out=ss)
+        np.divide(x, ss, out=out)
+    return run
+
+
+def _silu_into(x, out):
+    np.negative(x, out=out)
+    np.exp(out, out=out)
+    out += 1.0
+    np.divide(x, out, out=out)
+
+
+_GELU_C = np.float32(math.sqrt(2.0 / math.pi))
+
+
+def _gelu_into(x, out):
+    np.multiply(x, x, out=out)
+    np.multiply(out, x, out=out)
+    out *= np.float32(0.044715)
+    out += x
+    out *= _GELU_C
+    np.tanh(out, out=out)
+    out += 1.0
+    out *= x
+    out *= np.float32(0.5)
+
+
+def _k_silu(t, out, x):
+    return lambda: _silu_into(x, out)
+
+
+def _k_gelu(t, out, x):
+    return lambda: _gelu_into(x, out)
+
+
+def _k_swiglu(t, out, gate, up):
+    def run():
+        _silu_into(gate, out)
+        np.multiply(out, up, out=out)
+    return run
+
+
+def _k_geglu(t, out, gate, up):
+    def run():
+        _gelu_into(gate, out)
+        np.multiply(out, up, out=out)
+    return run
+
+
+def _softmax_inplace(s: np.ndarray, m: np.ndarray) -> None:
+    np.max(s, axis=-1, keepdims=True, out=m)
+    np.subtract(s, m, out=s)
+    np.exp(s, out=s)
+    np.sum(s, axis=-1, keepdims=True, out=m)
+    np.divide(s, m, out=s)
+
+
+def _k_softmax(t, out, x, mask=None):
+    m = np.empty(out.shape[:-1] + (1,), np.float32)
+    scale = np.float32(t.p["scale"])
+
+    def run():
+        np.multiply(x, scale, out=out)
+        if mask is not None:
+            np.add(out, mask, out=out)
+        _softmax_inplace(out, m)
+    return run
+
+
+def _k_flash_attn(t, out, q, k, v, mask):
+    n_tok, n_head, d = q.shape
+    n_kv, n_head_kv, dv = v.shape
+    g = n_head // n_head_kv
+    qs = np.empty((n_head_kv, g, n_tok, d), np.float32)       # q regrouped per kv head
+    s = np.empty((n_head_kv, g * n_tok, n_kv), np.float32)    # scores
+    m = np.empty((n_head_kv, g, n_tok, 1), np.float32)
+    o = np.empty((n_head_kv, g * n_tok, dv), np.float32)
+    q_grouped = q.reshape(n_tok, n_head_kv, g, d).transpose(1, 2, 0, 3)
+    kt = k.transpose(1, 2, 0)                                 # [n_head_kv, d, n_kv]
+    vh = v.transpose(1, 0, 2)                                 # [n_head_kv, n_kv, dv]
+    s4 = s.reshape(n_head_kv, g, n_tok, n_kv)
+    out_grouped = out.reshape(n_tok, n_head_kv, g, dv)
+    o_view = o.reshape(n_head_kv, g, n_tok, dv).transpose(2, 0, 1, 3)
+    qs3 = qs.reshape(n_head_kv, g * n_tok, d)
+    scale = np.float32(t.p["scale"])
+
+    def run():
+        np.multiply(q_grouped, scale, out=qs)
+        np.matmul(qs3, kt, out=s)
+        np.add(s4, mask, out=s4)
+        _softmax_inplace(s4, m)
+        np.matmul(s, vh, out=o)
+        np.copyto(out_grouped, o_view)
+    return run
+
+
+def _k_set_rows(t, out, dst, src, idx):
+    if t.p["transposed"]:
+        src_t = src.T
+
+        def run():
+            dst[:, idx] = src_t
+        return run
+
+    def run():
+        dst[idx] = src
+    return run
+
+
+class _RopeTables:
+    """cos/sin tables shared by every rope op with the same positions and frequencies.
+
+    They are computed once per run by the first rope kernel that needs them (positions are an input), not
+    once per layer."""
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple, tuple[np.ndarray, np.ndarray, Kernel]] = {}
+
+    def get(self, t: Tensor, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, Kernel | None]:
+        p = t.p
+        key = (t.srcs[1].id, p["n_dims"], p["base"], p["freq_scale"])
+        if key in self.tables:
+            cos, sin, _ = self.tables[key]
+            return cos, sin, None
+        half = p["n_dims"] // 2
+        inv_freq = (p["freq_scale"] / p["base"] ** (np.arange(0, half, dtype=np.float64) * 2 / p["n_dims"]))
+        inv_freq = inv_freq.astype(np.float32)
+        theta = np.empty((pos.shape[0], half), np.float32)
+        cos = np.empty((pos.shape[0], 1, half), np.float32)
+        sin = np.empty((pos.shape[0], 1, half), np.float32)
+        pos_col = pos.reshape(-1, 1)
+
+        def run():
+            np.multiply(pos_col, inv_freq, out=theta)
+            np.cos(theta, out=cos[:, 0, :])
+            np.sin(theta, out=sin[:, 0, :])
+        self.tables[key] = (cos, sin, run)
+        return cos, sin, run
+
+
+def _rope_kernel(t: Tensor, out, x, cos, sin) -> Kernel:
+    n_dims = t.p["n_dims"]
+    half = n_dims // 2
+    if t.p["neox"]:
+        x0, x1, o0, o1 = x[..., :half], x[..., half:n_dims], out[..., :half], out[..., half:n_dims]
+    else:
+        x0, x1, o0, o1 = x[..., 0:n_dims:2], x[..., 1:n_dims:2], out[..., 0:n_dims:2], out[..., 1:n_dims:2]
+    tmp = np.empty(x0.shape, np.float32)
+    rest = n_dims < x.shape[-1]
+
+    def run():
+        np.multiply(x0, cos, out=o0)
+        np.multiply(x1, sin, out=tmp)
+        np.subtract(o0, tmp, out=o0)
+        np.multiply(x0, sin, out=o1)
+        np.multiply(x1, cos, out=tmp)
+        np.add(o1, tmp, out=o1)
+        if rest:
+            out[..., n_dims:] = x[..., n_dims:]
+    return run
+
+
+KERNELS: dict[str, Callable[..., Kernel]] = {
+    "matmul": _k_matmul, "get_rows": _k_get_rows, "add": _k_add, "mul": _k_mul, "scale": _k_scale,
+    "cont": _k_cont, "rms_norm": _k_rms_norm, "silu": _k_silu, "gelu": _k_gelu, "swiglu": _k_swiglu,
+    "geglu": _k_geglu, "softmax": _k_softmax, "flash_attn": _k_flash_attn, "set_rows": _k_set_rows,
+}
+
+
+def _view(t: Tensor, src: np.ndarray) -> np.ndarray:
+    """Resolve a view op into a numpy view; never copies (a non-viewable reshape is a graph bug)."""
+    if t.op == "reshape":
+        v = src.view()
+        try:
+            v.shape = t.shape
+        except AttributeError:
+            raise ValueError(f"reshape of non-contiguous {t.srcs[0]} to {t.shape}: insert cont()") from None
+        return v
+    if t.op == "permute":
+        return src.transpose(t.p["axes"])
+    if t.op == "view_rows":
+        return src[: t.p["n"]]
+    if t.op == "view_cols":
+        return src[..., : t.p["n"]]
+    if t.op == "set_rows":
+        return src
+    raise AssertionError(t.op)
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def load_weight(self, gguf_file, name: str) -> np.ndarray:
+        """The reference computes in float32: every weight is dequantized once, at load."""
+        return gguf_file.dequantize(name)
+
+    def tie_output(self, embedding: np.ndarray) -> np.ndarray:
+        return embedding
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.array(x, dtype=np.float32, copy=True)
+
+    def alloc_state(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, np.float32)
+
+    def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, np.ndarray],
+                states: Mapping[str, np.ndarray]) -> Program:
+        arena = np.empty(plan.arena_size, np.uint8)
+        bufs: dict[int, np.ndarray] = {}
+        inputs: dict[str, np.ndarray] = {}
+        kernels: list[Kernel] = []
+        rope = _RopeTables()
+        for tid in plan.order:
+            t = graph.nodes[tid]
+            srcs = [bufs[s.id] for s in t.srcs]
+            if t.op == "weight":
+                buf = weights[t.name]
+            elif t.op == "state":
+                buf = states[t.name]
+            elif t.op == "input":
+                buf = inputs[t.name] = np.zeros(t.shape, NP_DTYPES[t.dtype])
+            elif t.id in plan.offsets:
+                off = plan.offsets[t.id]
+                buf = arena[off: off + plan.nbytes[t.id]].view(NP_DTYPES[t.dtype]).reshape(t.shape)
+                if t.op == "rope":
+                    cos, sin, table_kernel = rope.get(t, srcs[1])
+                    if table_kernel is not None:
+                        kernels.append(table_kernel)
+                    kernels.append(_rope_kernel(t, buf, srcs[0], cos, sin))
+                else:
+                    kernels.append(KERNELS[t.op](t, buf, *srcs))
+            else:
+                buf = _view(t, srcs[0])
+                if t.op == "set_rows":
+                    kernels.append(_k_set_rows(t, buf, *srcs))
+            if t.op in ("weight", "state") and buf.shape != t.shape:
+                raise ValueError(f"{t.op} {t.name!r}: bound array has shape {buf.shape}, graph expects {t.shape}")
+            bufs[t.id] = buf
+        outputs = {name: bufs[o.id] for name, o in graph.outputs.items()}
+        return Program(kernels, inputs, outputs, plan.arena_size)

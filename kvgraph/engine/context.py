@@ -1,0 +1,138 @@
+"""Context: memories + graph cache + the step that turns one ubatch into logits.
+
+decode(ubatch):  memories reserve cells -> key -> cached program (or build/plan/compile on a miss)
+                 -> write inputs -> run -> copy out logits.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from ..errors import ContextOverflowError, GraphCacheVerifyError, InvalidArgumentError
+from ..graph.cache import DEFAULT_CAPACITY, CacheEntry, GraphCache, env_flag
+from ..graph.inputs import UBatch
+from ..graph.ir import GraphBuilder
+from ..graph.key import GraphKey
+from ..models.base import BuildIO
+from ..plan.planner import plan_graph
+from .loader import LoadedModel
+
+DEFAULT_N_CTX_CAP = 4096
+DEFAULT_N_UBATCH = 512
+
+
+class Context:
+    def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
+                 graph_cache: bool = True, cache_capacity: int = DEFAULT_CAPACITY, verify: bool = False,
+                 flash_attn: bool = False):
+        cfg = loaded.config
+        if n_ctx is None:
+            n_ctx = min(cfg.n_ctx_train, DEFAULT_N_CTX_CAP)
+        if n_ctx < 1:
+            raise InvalidArgumentError(f"context size must be positive, got {n_ctx}.")
+        if n_ubatch < 1:
+            raise InvalidArgumentError(f"ubatch size must be positive, got {n_ubatch}.")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.backend = loaded.backend
+        self.n_ctx = n_ctx
+        self.n_ubatch = n_ubatch
+        self.flash_attn = flash_attn
+        enabled = graph_cache and not env_flag("KVGRAPH_NO_GRAPH_CACHE")
+        self.cache = GraphCache(cache_capacity, enabled=enabled,
+                                verify=verify or env_flag("KVGRAPH_GRAPH_CACHE_VERIFY"))
+        self.memories = self.model.create_memories(n_ctx, self.backend.alloc_state, flash_attn)
+        self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
+
+    @property
+    def stats(self):
+        return self.cache.stats
+
+    # ---- memory management ------------------------------------------------------------------------------
+    def clear(self) -> None:
+        for mem in self.memories.values():
+            mem.clear()
+
+    def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> None:
+        for mem in self.memories.values():
+            mem.seq_rm(seq, p0, p1)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(mem.nbytes for mem in self.memories.values())
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def key_for(self, ub: UBatch) -> GraphKey:
+        seqs, counts = np.unique(ub.seq, return_counts=True)
+        return GraphKey(
+            n_tokens=ub.n_tokens, n_seqs=int(seqs.shape[0]), equal_seqs=bool((counts == counts[0]).all()),
+            windows=tuple((name, mem.window()) for name, mem in self.memories.items()),
+            n_outputs=ub.n_outputs, flash_attn=self.flash_attn)
+
+    def _build(self, key: GraphKey) -> CacheEntry:
+        st = self.cache.stats
+        t0 = time.perf_counter()
+        g = GraphBuilder()
+        io = BuildIO(g, key, self.memories)
+        self.model.build(g, io)
+        t1 = time.perf_counter()
+        plan = plan_graph(g.graph)
+        t2 = time.perf_counter()
+        program = self.backend.compile(g.graph, plan, self.loaded.weights, self.states)
+        t3 = time.perf_counter()
+        st.build_s += t1 - t0
+        st.plan_s += t2 - t1
+        st.compile_s += t3 - t2
+        return CacheEntry(key, g.graph, plan, program, io.inputs)
+
+    def _verify(self, entry: CacheEntry) -> None:
+        g = GraphBuilder()
+        self.model.build(g, BuildIO(g, entry.key, self.memories))
+        if g.graph.signature() != entry.graph.signature() or plan_graph(g.graph) != entry.plan:
+            raise GraphCacheVerifyError(
+                f"graph cache verify: the graph rebuilt for key {entry.key.describe()} differs from the cached "
+                "one; the key misses something that changes topology (a kvgraph bug, please report it).")
+        self.cache.stats.verified += 1
+
+    def _entry_for(self, ub: UBatch) -> CacheEntry:
+        key = self.key_for(ub)
+        entry = self.cache.lookup(key)
+        if entry is not None and all(inp.can_reuse(ub, owner) for inp, owner in entry.inputs):
+            self.cache.record_hit()
+            if self.cache.verify:
+                self._verify(entry)
+            return entry
+        self.cache.record_miss(key, None if entry is None else "inputs refused")
+        entry = self._build(key)
+        self.cache.insert(entry)
+        return entry
+
+    def decode(self, ub: UBatch) -> np.ndarray:
+        """Run one ubatch; returns a copy of its logits, [n_outputs, n_vocab] float32."""
+        if ub.n_tokens > self.n_ubatch:
+            raise InvalidArgumentError(f"ubatch of {ub.n_tokens} tokens exceeds n_ubatch={self.n_ubatch}.")
+        if ub.n_tokens == 0:
+            raise InvalidArgumentError("cannot decode an empty batch.")
+        for mem in self.memories.values():
+            mem.prepare(ub)
+        entry = self._entry_for(ub)
+        st = self.cache.stats
+        t0 = time.perf_counter()
+        bufs = entry.program.inputs
+        for inp, owner in entry.inputs:
+            inp.set(ub, owner, bufs[inp.name])
+        t1 = time.perf_counter()
+        entry.program.run()
+        logits = self.backend.to_numpy(entry.program.outputs["logits"])
+        st.compute_s += time.perf_counter() - t1
+        st.set_inputs_s += t1 - t0
+        return logits
+
+    def check_fits(self, n_prompt: int, n_predict: int = 0) -> None:
+        if n_prompt + n_predict > self.n_ctx:
+            raise ContextOverflowError(
+                f"prompt of {n_prompt} tokens plus {n_predict} tokens to generate needs a context of "
+                f"{n_prompt + n_predict}, but the context size is {self.n_ctx}. Use -c {n_prompt + n_predict} "
+                f"(the model was trained with {self.loaded.config.n_ctx_train}) or shorten the prompt / -n.")

@@ -1,0 +1,154 @@
+"""The generation loop: prompt in ubatches, then one token per step, streamed as text.
+
+A `Session` owns one sequence of a Context and remembers which tokens its KV cache holds, so a chat turn
+(or any prompt sharing a prefix with the previous one) only processes the new suffix.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from ..graph.inputs import UBatch
+from .context import Context
+from .sampling import GREEDY, Sampler, SamplingParams
+
+
+@dataclass
+class Timings:
+    n_prompt: int = 0          # prompt tokens actually processed (after prefix reuse)
+    prompt_s: float = 0.0
+    n_decode: int = 0          # decode steps run
+    decode_s: float = 0.0
+    sample_s: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.n_prompt / self.prompt_s if self.prompt_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.n_decode / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""    # 'stop' (end token or stop string), 'length' (max tokens)
+    timings: Timings = field(default_factory=Timings)
+
+
+def _find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
+    """Index of the earliest stop string in text that ends after `emitted` (None if there is none)."""
+    found = [i for s in stops if (i := text.find(s, max(0, emitted - len(s) + 1))) >= 0]
+    return min(found) if found else None
+
+
+def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class Session:
+    """One sequence in a Context: prompt processing with prefix reuse, then token-by-token generation."""
+
+    def __init__(self, ctx: Context, tokenizer, seq: int = 0):
+        self.ctx, self.tokenizer, self.seq = ctx, tokenizer, seq
+        self.cached: list[int] = []   # tokens whose K/V are in the cache for this sequence, in order
+        self.n_processed = 0          # tokens the last eval_prompt actually ran (the rest were reused)
+
+    def reset(self) -> None:
+        self.ctx.seq_rm(self.seq)
+        self.cached = []
+
+    def eval_prompt(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Bring the cache to exactly `ids`, reusing the longest cached prefix; returns the last token's
+        logits ([1, n_vocab]) or, with all_logits, the logits of every processed token."""
+        ids = list(ids)
+        if not ids:
+            raise InvalidArgumentError("the prompt is empty (no tokens); give some text.")
+        common = 0
+        if not all_logits:
+            limit = min(len(self.cached), len(ids) - 1)   # re-run at least the last token for its logits
+            while common < limit and self.cached[common] == ids[common]:
+                common += 1
+        self.ctx.seq_rm(self.seq, common)
+        self.cached = self.cached[:common]
+        self.n_processed = len(ids) - common
+        outs = []
+        for start in range(common, len(ids), self.ctx.n_ubatch):
+            chunk = ids[start:start + self.ctx.n_ubatch]
+            ub = UBatch.single(chunk, start, self.seq, all_outputs=all_logits)
+            last = self.ctx.decode(ub)
+            self.cached.extend(chunk)
+            if all_logits:
+                outs.append(last)
+        return np.concatenate(outs) if all_logits else last
+
+    def step(self, token: int) -> np.ndarray:
+        logits = self.ctx.decode(UBatch.single([token], len(self.cached), self.seq))
+        self.cached.append(token)
+        return logits
+
+    def generate(self, prompt_ids: Sequence[int], max_tokens: int = 128, sampling: SamplingParams = GREEDY,
+                 stop: Sequence[str] = (), ignore_eos: bool = False, result: GenerationResult | None = None
+                 ) -> Iterator[str]:
+        """Yield text chunks as tokens are generated; fills `result` (ids, text, finish reason, timings).
+        Stops at an end-of-generation token (unless ignore_eos), a stop string, or max_tokens. Text that
+        could be the start of a stop string is held back until it is known not to be one."""
+        res = result if result is not None else GenerationResult(list(prompt_ids))
+        res.prompt_ids = list(prompt_ids)
+        if max_tokens < 0:
+            raise InvalidArgumentError(f"max tokens must be >= 0, got {max_tokens}.")
+        self.ctx.check_fits(len(res.prompt_ids), max_tokens)
+        sampler = Sampler(sampling)
+        stops = [s for s in stop if s]
+        eog = self.tokenizer.eog_ids
+        tm = res.timings
+        t0 = time.perf_counter()
+        logits = self.eval_prompt(res.prompt_ids)
+        tm.prompt_s += time.perf_counter() - t0
+        tm.n_prompt += self.n_processed
+        decoder = self.tokenizer.stream_decoder()
+        text, emitted, stopped = "", 0, False
+        history = list(res.prompt_ids)
+        res.finish_reason = "length"
+        for i in range(max_tokens):
+            t0 = time.perf_counter()
+            tok = sampler.sample(logits[-1], history)
+            tm.sample_s += time.perf_counter() - t0
+            if tok in eog and not ignore_eos:
+                res.finish_reason = "stop"
+                break
+            res.ids.append(tok)
+            history.append(tok)
+            text += decoder.feed(tok)
+            cut = _find_stop(text, stops, emitted)
+            if cut is not None:
+                text, stopped, res.finish_reason = text[:cut], True, "stop"
+                break
+            safe = len(text) - _stop_holdback(text, stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+            if i + 1 < max_tokens:   # the last token's logits are never needed
+                t0 = time.perf_counter()
+                logits = self.step(tok)
+                tm.decode_s += time.perf_counter() - t0
+                tm.n_decode += 1
+        if not stopped:
+            text += decoder.flush()
+        if len(text) > emitted:
+            yield text[emitted:]
+        res.text = text

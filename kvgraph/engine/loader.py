@@ -1,0 +1,65 @@
+"""File -> validated config, model, tokenizer and backend weights."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import GGUFError, UnsupportedModelError
+from ..gguf.config import ModelConfig, read_config
+from ..gguf.reader import GGUFFile
+from ..models import ARCHITECTURES, Model
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    file: GGUFFile
+    config: ModelConfig
+    model: Model
+    tokenizer: Any
+    backend: Any
+    weights: dict[str, Any]
+    load_seconds: float
+
+
+def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Model]:
+    """Read and validate a file against its architecture's expected tensors (no weights loaded)."""
+    gf = GGUFFile(path)
+    arch = gf.architecture
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{gf.path}: architecture {arch!r} is not supported; kvgraph runs: "
+            f"{', '.join(sorted(ARCHITECTURES))}.")
+    cfg = read_config(gf.metadata, arch, str(gf.path))
+    model = ARCHITECTURES[arch](cfg)
+    for name, shape in model.shapes.items():
+        info = gf.tensors.get(name)
+        if info is None:
+            if name in model.optional_tensors:
+                continue
+            raise GGUFError(f"{gf.path}: tensor {name!r} is missing; the {arch} architecture needs it "
+                            "(incomplete or wrongly converted file).")
+        if tuple(info.shape) != tuple(shape):
+            raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters "
+                            f"say {shape}; the file is inconsistent.")
+    return gf, cfg, model
+
+
+def load_model(path: str | os.PathLike[str], backend: Any) -> LoadedModel:
+    from ..tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    gf, cfg, model = open_model(path)
+    tokenizer = Tokenizer.from_metadata(gf.metadata)
+    weights: dict[str, Any] = {}
+    for name in model.shapes:
+        if name in gf.tensors:
+            weights[name] = backend.load_weight(gf, name)
+    # Tied output: reuse the embedding rather than a second copy.
+    for name in model.optional_tensors:
+        if name not in weights and name == "output.weight":
+            weights[name] = backend.tie_output(weights["token_embd.weight"])
+    return LoadedModel(Path(path), gf, cfg, model, tokenizer, backend, weights, time.perf_counter() - t0)

@@ -1,0 +1,100 @@
+"""GGUF metadata -> ModelConfig: the hyper-parameters every architecture reads, validated once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import GGUFError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    name: str
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_vocab: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_dims: int
+    rope_base: float
+    rope_base_swa: float
+    rope_freq_scale: float
+    sliding_window: int | None = None
+    swa_layers: tuple[bool, ...] = ()
+    final_logit_softcap: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MetadataView:
+    """Typed access to `{arch}.*` keys with clear errors for missing or mistyped values."""
+
+    def __init__(self, md: Mapping[str, Any], arch: str, source: str):
+        self.md, self.arch, self.source = md, arch, source
+
+    def _get(self, key: str, kinds: tuple[type, ...], default: Any, what: str) -> Any:
+        full = key if "." in key and key.split(".")[0] in ("general", "tokenizer") else f"{self.arch}.{key}"
+        if full not in self.md:
+            if default is _REQUIRED:
+                raise GGUFError(f"{self.source}: metadata key {full!r} is missing; the file is incomplete.")
+            return default
+        value = self.md[full]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise GGUFError(f"{self.source}: metadata key {full!r} should be {what}, got {type(value).__name__} "
+                            f"{str(value)[:40]!r}; the file is corrupt.")
+        return value
+
+    def int(self, key: str, default: Any = None, *, required: bool = False, minimum: int = 1) -> Any:
+        value = self._get(key, (int,), _REQUIRED if required else default, "an integer")
+        if isinstance(value, int) and not (minimum <= value < 1 << 31):
+            raise GGUFError(f"{self.source}: metadata {self.arch}.{key} = {value} is out of range.")
+        return value
+
+    def float(self, key: str, default: Any = None, *, required: bool = False) -> Any:
+        value = self._get(key, (int, float), _REQUIRED if required else default, "a number")
+        return None if value is None else float(value)
+
+
+_REQUIRED = object()
+
+
+def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> ModelConfig:
+    m = MetadataView(md, arch, source)
+    n_embd = m.int("embedding_length", required=True)
+    n_head = m.int("attention.head_count", required=True)
+    n_head_kv = m.int("attention.head_count_kv", n_head)
+    head_dim_k = m.int("attention.key_length", n_embd // n_head)
+    head_dim_v = m.int("attention.value_length", n_embd // n_head)
+    if n_embd % n_head or n_head % n_head_kv:
+        raise GGUFError(f"{source}: {n_head} attention heads / {n_head_kv} kv heads do not divide "
+                        f"embedding length {n_embd}; the file is corrupt.")
+    tokens = md.get("tokenizer.ggml.tokens")
+    n_vocab = m.int("vocab_size", len(tokens) if isinstance(tokens, list) else None)
+    if n_vocab is None:
+        raise GGUFError(f"{source}: no vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens).")
+    return ModelConfig(
+        arch=arch,
+        name=str(md.get("general.name", arch)),
+        n_layer=m.int("block_count", required=True),
+        n_embd=n_embd,
+        n_ff=m.int("feed_forward_length", required=True),
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=head_dim_k,
+        head_dim_v=head_dim_v,
+        n_vocab=n_vocab,
+        n_ctx_train=m.int("context_length", 2048),
+        rms_eps=m.float("attention.layer_norm_rms_epsilon", 1e-5),
+        rope_dims=m.int("rope.dimension_count", head_dim_k),
+        rope_base=m.float("rope.freq_base", 10000.0),
+        rope_base_swa=m.float("rope.freq_base_swa", 10000.0),
+        rope_freq_scale=1.0 / m.float("rope.scaling.factor", 1.0)
+        if md.get(f"{arch}.rope.scaling.type", "none") == "linear" else 1.0,
+        sliding_window=m.int("attention.sliding_window"),
+        final_logit_softcap=m.float("final_logit_softcapping"),
+    )

@@ -1,0 +1,94 @@
+"""Graph inputs: every per-step fact is an input tensor, filled before each run.
+
+As in llama.cpp's `llm_graph_input_*`, each input knows how to fill its buffer from a ubatch (`set`) and
+whether a cached graph built for one key can take a given ubatch (`can_reuse`). A cache hit whose inputs
+refuse the ubatch is treated as a miss: a replay is never silently wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .ir import I32, GraphBuilder, Tensor
+
+
+@dataclass
+class UBatch:
+    """One micro-batch: tokens with their positions and sequence ids, and which rows produce logits."""
+
+    tokens: np.ndarray      # int32 [n]
+    pos: np.ndarray         # int32 [n]
+    seq: np.ndarray         # int32 [n]
+    out_rows: np.ndarray    # int32 [n_outputs], indices into the ubatch
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_outputs(self) -> int:
+        return int(self.out_rows.shape[0])
+
+    @property
+    def seq_ids(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in np.unique(self.seq))
+
+    @classmethod
+    def single(cls, tokens, pos0: int, seq: int = 0, all_outputs: bool = False) -> "UBatch":
+        tokens = np.asarray(tokens, np.int32)
+        n = tokens.shape[0]
+        out = np.arange(n, dtype=np.int32) if all_outputs else np.array([n - 1], np.int32)
+        return cls(tokens, np.arange(pos0, pos0 + n, dtype=np.int32), np.full(n, seq, np.int32), out)
+
+
+class GraphInput:
+    """An input tensor plus the logic that fills it. Subclasses set `tensor` in their constructor."""
+
+    tensor: Tensor
+
+    @property
+    def name(self) -> str:
+        return self.tensor.name
+
+    def set(self, ub: UBatch, memory: Any, buf: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def can_reuse(self, ub: UBatch, memory: Any) -> bool:
+        raise NotImplementedError
+
+
+class TokenInput(GraphInput):
+    def __init__(self, g: GraphBuilder, n_tokens: int):
+        self.tensor = g.input("inp_tokens", (n_tokens,), I32)
+
+    def set(self, ub, memory, buf):
+        buf[:] = ub.tokens
+
+    def can_reuse(self, ub, memory):
+        return ub.n_tokens == self.tensor.shape[0]
+
+
+class PositionInput(GraphInput):
+    def __init__(self, g: GraphBuilder, n_tokens: int):
+        self.tensor = g.input("inp_pos", (n_tokens,), I32)
+
+    def set(self, ub, memory, buf):
+        buf[:] = ub.pos
+
+    def can_reuse(self, ub, memory):
+        return ub.n_tokens == self.tensor.shape[0]
+
+
+class OutputRowsInput(GraphInput):
+    """Rows of the ubatch whose logits are wanted (prompt processing needs only the last one)."""
+
+    def __init__(self, g: GraphBuilder, n_outputs: int):
+        self.tensor = g.input("inp_out_ids", (n_outputs,), I32)
+
+    def set(self, ub, memory, buf):
+        buf[:] = ub.out_rows
+
+    def can_reuse(self, ub, memory):
+        return ub.n_outputs == self.tensor.shape[0]

@@ -1,0 +1,228 @@
+"""The graph IR: tensor nodes and a ggml-like builder.
+
+Shapes are in numpy order (the last axis is contiguous). Leaves are weights (constant, bound by name at
+compile time), states (persistent KV / recurrent buffers, bound by name) or inputs (written before every
+run). Everything a model computes is a node; the builder records nodes in creation order, which is already
+a topological order.
+
+View ops (reshape, permute, view_rows, view_cols, split_heads...) never compute: a backend resolves them once,
+at compile time, into views of preallocated buffers. `set_rows` writes into a state and returns that state,
+so every reader that depends on the write is ordered after it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+LEAF_OPS = frozenset({"weight", "state", "input"})
+# Ops whose result aliases their first source's buffer instead of owning one.
+VIEW_OPS = frozenset({"reshape", "permute", "view_rows", "view_cols", "set_rows"})
+
+F32 = "f32"
+I32 = "i32"
+
+
+class Tensor:
+    """One node of the graph. `params` holds op parameters (hashable values only)."""
+
+    __slots__ = ("id", "op", "srcs", "shape", "dtype", "name", "params")
+
+    def __init__(self, id: int, op: str, srcs: tuple["Tensor", ...], shape: tuple[int, ...], dtype: str,
+                 name: str, params: tuple[tuple[str, Any], ...]):
+        self.id = id
+        self.op = op
+        self.srcs = srcs
+        self.shape = shape
+        self.dtype = dtype
+        self.name = name
+        self.params = params
+
+    @property
+    def p(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self.op in LEAF_OPS
+
+    def signature(self) -> tuple:
+        """Structure of this node (sources by id): equal signatures mean identical computations."""
+        return (self.op, tuple(s.id for s in self.srcs), self.shape, self.dtype, self.name, self.params)
+
+    def __repr__(self) -> str:
+        return f"Tensor(#{self.id} {self.op} {self.name!r} {self.shape} {self.dtype})"
+
+
+@dataclass
+class Graph:
+    nodes: list[Tensor] = field(default_factory=list)
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+
+    def leaves(self, op: str) -> dict[str, Tensor]:
+        return {t.name: t for t in self.nodes if t.op == op}
+
+    def signature(self) -> tuple:
+        return (tuple(t.signature() for t in self.nodes), tuple((k, v.id) for k, v in self.outputs.items()))
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+
+def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + tuple(a)
+    b = (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"shapes {a} and {b} do not broadcast")
+        out.append(max(x, y))
+    return tuple(out)
+
+
+class GraphBuilder:
+    """Builds a Graph with a small ggml-like vocabulary of ops. Shape errors raise at build time."""
+
+    def __init__(self) -> None:
+        self.graph = Graph()
+        self._leaves: dict[tuple[str, str], Tensor] = {}
+
+    # ---- node creation ----------------------------------------------------------------------------------
+    def _node(self, op: str, srcs: Sequence[Tensor], shape: Sequence[int], dtype: str = F32, name: str = "",
+              **params: Any) -> Tensor:
+        t = Tensor(len(self.graph.nodes), op, tuple(srcs), tuple(int(d) for d in shape), dtype, name,
+                   tuple(sorted(params.items())))
+        self.graph.nodes.append(t)
+        return t
+
+    def _leaf(self, op: str, name: str, shape: Sequence[int], dtype: str) -> Tensor:
+        key = (op, name)
+        t = self._leaves.get(key)
+        if t is None:
+            t = self._leaves[key] = self._node(op, (), shape, dtype, name)
+        elif t.shape != tuple(shape):
+            raise ValueError(f"{op} {name!r} declared with shapes {t.shape} and {tuple(shape)}")
+        return t
+
+    def weight(self, name: str, shape: Sequence[int]) -> Tensor:
+        return self._leaf("weight", name, shape, F32)
+
+    def state(self, name: str, shape: Sequence[int]) -> Tensor:
+        return self._leaf("state", name, shape, F32)
+
+    def input(self, name: str, shape: Sequence[int], dtype: str = F32) -> Tensor:
+        return self._leaf("input", name, shape, dtype)
+
+    def output(self, name: str, t: Tensor) -> Tensor:
+        self.graph.outputs[name] = t
+        return t
+
+    # ---- compute ops ------------------------------------------------------------------------------------
+    def get_rows(self, table: Tensor, ids: Tensor) -> Tensor:
+        return self._node("get_rows", (table, ids), (ids.shape[0],) + table.shape[1:])
+
+    def matmul(self, a: Tensor, b: Tensor, transpose_b: bool = True) -> Tensor:
+        """a @ b^T (ggml's mul_mat with weights stored [out, in]) or a @ b; leading axes broadcast."""
+        bk, bn = (b.shape[-1], b.shape[-2]) if transpose_b else (b.shape[-2], b.shape[-1])
+        if a.shape[-1] != bk:
+            raise ValueError(f"matmul: {a.shape} x {b.shape} (transpose_b={transpose_b})")
+        lead = _broadcast(a.shape[:-2], b.shape[:-2])
+        return self._node("matmul", (a, b), lead + (a.shape[-2], bn), transpose_b=transpose_b)
+
+    def _binary(self, op: str, a: Tensor, b: Tensor) -> Tensor:
+        return self._node(op, (a, b), _broadcast(a.shape, b.shape))
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary("add", a, b)
+
+    def mul(self, a: Tensor, b: Tensor) -> Tensor:
+        return self._binary("mul", a, b)
+
+    def scale(self, x: Tensor, s: float) -> Tensor:
+        return self._node("scale", (x,), x.shape, s=float(s))
+
+    def rms_norm(self, x: Tensor, eps: float) -> Tensor:
+        return self._node("rms_norm", (x,), x.shape, eps=float(eps))
+
+    def silu(self, x: Tensor) -> Tensor:
+        return self._node("silu", (x,), x.shape)
+
+    def gelu(self, x: Tensor) -> Tensor:
+        """GELU, tanh approximation (ggml_gelu)."""
+        return self._node("gelu", (x,), x.shape)
+
+    def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
+        """silu(gate) * up, fused."""
+        return self._node("swiglu", (gate, up), _broadcast(gate.shape, up.shape))
+
+    def geglu(self, gate: Tensor, up: Tensor) -> Tensor:
+        """gelu_tanh(gate) * up, fused."""
+        return self._node("geglu", (gate, up), _broadcast(gate.shape, up.shape))
+
+    def rope(self, x: Tensor, pos: Tensor, n_dims: int, base: float, neox: bool, freq_scale: float = 1.0) -> Tensor:
+        """Rotary embedding over the last axis of x [n_tokens, n_heads, head_dim]; pos is [n_tokens] int32.
+        neox=False rotates adjacent pairs (GGUF llama), neox=True rotates halves (gemma3)."""
+        if x.shape[0] != pos.shape[0] or n_dims > x.shape[-1] or n_dims % 2:
+            raise ValueError(f"rope: x {x.shape}, pos {pos.shape}, n_dims {n_dims}")
+        return self._node("rope", (x, pos), x.shape, n_dims=int(n_dims), base=float(base), neox=bool(neox),
+                          freq_scale=float(freq_scale))
+
+    def softmax(self, x: Tensor, mask: Tensor | None = None, scale: float = 1.0) -> Tensor:
+        """softmax(x * scale + mask) over the last axis; mask broadcasts against x."""
+        srcs = (x,) if mask is None else (x, mask)
+        if mask is not None:
+            _broadcast(x.shape, mask.shape)
+        return self._node("softmax", srcs, x.shape, scale=float(scale))
+
+    def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+        """Fused attention. q [n_tok, n_head, d], k [n_kv, n_head_kv, d], v [n_kv, n_head_kv, dv],
+        mask [n_tok, n_kv] -> [n_tok, n_head, dv]. Heads are grouped: head h reads kv head h // (n_head/n_head_kv)."""
+        n_tok, n_head, d = q.shape
+        n_kv, n_head_kv, dk = k.shape
+        if dk != d or v.shape[:2] != (n_kv, n_head_kv) or n_head % n_head_kv or mask.shape != (n_tok, n_kv):
+            raise ValueError(f"flash_attn: q {q.shape} k {k.shape} v {v.shape} mask {mask.shape}")
+        return self._node("flash_attn", (q, k, v, mask), (n_tok, n_head, v.shape[2]), scale=float(scale))
+
+    def cont(self, x: Tensor) -> Tensor:
+        """A contiguous copy (makes a permuted view reshapeable)."""
+        return self._node("cont", (x,), x.shape)
+
+    # ---- views (no compute) -----------------------------------------------------------------------------
+    def reshape(self, x: Tensor, shape: Sequence[int]) -> Tensor:
+        shape = tuple(shape)
+        if math.prod(shape) != x.n_elements:
+            raise ValueError(f"reshape {x.shape} -> {shape}")
+        return self._node("reshape", (x,), shape)
+
+    def permute(self, x: Tensor, axes: Sequence[int]) -> Tensor:
+        axes = tuple(axes)
+        if sorted(axes) != list(range(len(x.shape))):
+            raise ValueError(f"permute {x.shape} by {axes}")
+        return self._node("permute", (x,), tuple(x.shape[a] for a in axes), axes=axes)
+
+    def view_rows(self, x: Tensor, n: int) -> Tensor:
+        """The first n rows (axis 0) of x: a KV window over cache cells."""
+        if not 0 < n <= x.shape[0]:
+            raise ValueError(f"view_rows {n} of {x.shape}")
+        return self._node("view_rows", (x,), (n,) + x.shape[1:], n=int(n))
+
+    def view_cols(self, x: Tensor, n: int) -> Tensor:
+        """The first n columns (last axis) of x: a window over a transposed (non-flash-attention) V cache."""
+        if not 0 < n <= x.shape[-1]:
+            raise ValueError(f"view_cols {n} of {x.shape}")
+        return self._node("view_cols", (x,), x.shape[:-1] + (n,), n=int(n))
+
+    def set_rows(self, dst: Tensor, src: Tensor, idx: Tensor, transposed: bool = False) -> Tensor:
+        """Write src's rows into dst at row indices idx (an int32 input); returns dst after the write.
+        transposed=True writes src's rows as columns of dst (the transposed V cache layout)."""
+        if dst.op not in ("state", "set_rows"):
+            raise ValueError("set_rows writes into a state tensor")
+        rows = dst.shape[1:] if not transposed else dst.shape[:-1]
+        if src.shape[0] != idx.shape[0] or tuple(src.shape[1:]) != tuple(rows) or idx.dtype != I32:
+            raise ValueError(f"set_rows: dst {dst.shape} src {src.shape} idx {idx.shape} transposed={transposed}")
+        return self._node("set_rows", (dst, src, idx), dst.shape, transposed=bool(transposed))

@@ -1,0 +1,11 @@
+"""Architectures kvgraph can run, by GGUF `general.architecture`."""
+from __future__ import annotations
+
+from .base import BuildIO, Model
+from .llama import LlamaModel
+
+ARCHITECTURES: dict[str, type[Model]] = {
+    LlamaModel.arch: LlamaModel,
+}
+
+__all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel"]

@@ -1,0 +1,69 @@
+"""What every architecture shares: the build-time view of inputs and memories (`BuildIO`) and the
+interface the engine uses (`Model`)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from ..gguf.config import ModelConfig
+from ..graph.inputs import GraphInput, OutputRowsInput, PositionInput, TokenInput
+from ..graph.ir import GraphBuilder, Tensor
+from ..graph.key import GraphKey
+from ..memory.kv_cache import KVAttention
+
+
+class BuildIO:
+    """Inputs and memory views for one graph build, created from its key. Records every input it hands
+    out, with the object that fills it, so the cache entry can write them before each replay."""
+
+    def __init__(self, g: GraphBuilder, key: GraphKey, memories: Mapping[str, Any]):
+        self.g, self.key, self.memories = g, key, memories
+        self.inputs: list[tuple[GraphInput, Any]] = []
+        self._attn: dict[str, KVAttention] = {}
+        self.tokens = self._add(TokenInput(g, key.n_tokens)).tensor
+        self.pos = self._add(PositionInput(g, key.n_tokens)).tensor
+        self._out_rows: OutputRowsInput | None = None
+
+    def _add(self, inp: GraphInput, owner: Any = None) -> GraphInput:
+        self.inputs.append((inp, owner))
+        return inp
+
+    def attention(self, memory: str) -> KVAttention:
+        """The KV memory `memory` as seen by this graph (its slot and mask inputs are created once)."""
+        if memory not in self._attn:
+            attn = self.memories[memory].build(self.g, self.key.n_tokens, self.key.window(memory))
+            for inp, owner in attn.inputs:
+                self._add(inp, owner)
+            self._attn[memory] = attn
+        return self._attn[memory]
+
+    def select_outputs(self, x: Tensor) -> Tensor:
+        """Keep only the rows whose logits are wanted (skipped when every row is an output)."""
+        if self.key.n_outputs == self.key.n_tokens:
+            return x
+        if self._out_rows is None:
+            self._out_rows = OutputRowsInput(self.g, self.key.n_outputs)
+            self._add(self._out_rows)
+        return self.g.get_rows(x, self._out_rows.tensor)
+
+
+class Model:
+    """An architecture: expected tensors, memories, and the graph of one ubatch."""
+
+    arch: str = ""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.shapes = self.tensor_shapes()
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the file must hold, with its numpy shape."""
+        raise NotImplementedError
+
+    optional_tensors: frozenset[str] = frozenset()
+
+    def create_memories(self, n_ctx: int, alloc: Callable, flash_attn: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def build(self, g: GraphBuilder, io: BuildIO) -> None:
+        """Build the graph of one ubatch; must set output 'logits' [n_outputs, n_vocab]."""
+        raise NotImplementedError

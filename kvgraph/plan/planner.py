@@ -1,0 +1,122 @@
+"""Memory planning: execution order, buffer lifetimes and arena offsets.
+
+Every computed (non-view, non-leaf) tensor gets a byte range in one arena. A range is reused as soon as
+the last reader of the tensor (or of any view of it) has run, so the arena is far smaller than the sum of
+all intermediates. A node's output is allocated before its inputs are released: an op never writes over
+its own sources. Graph outputs stay alive to the end. The plan is part of a graph-cache entry, so a cache
+hit does no planning and no allocation.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from ..graph.ir import VIEW_OPS, Graph, Tensor
+
+ALIGN = 64
+DTYPE_BYTES = {"f32": 4, "i32": 4}
+
+
+@dataclass(frozen=True)
+class Plan:
+    order: tuple[int, ...]             # node ids to execute, in order (leaves and views included)
+    offsets: dict[int, int]            # computed node id -> byte offset in the arena
+    nbytes: dict[int, int]             # computed node id -> bytes
+    lifetimes: dict[int, tuple[int, int]]  # computed node id -> (first step, last step) in `order`
+    arena_size: int
+
+    def summary(self) -> str:
+        total = sum(self.nbytes.values())
+        return f"{len(self.order)} nodes, {len(self.offsets)} buffers, arena {self.arena_size} B (sum {total} B)"
+
+
+def base_of(t: Tensor) -> Tensor:
+    """The tensor that owns the memory t lives in (views resolve to their source)."""
+    while t.op in VIEW_OPS:
+        t = t.srcs[0]
+    return t
+
+
+def live_nodes(graph: Graph) -> list[Tensor]:
+    """Nodes that contribute to an output or write a state, in topological (creation) order."""
+    roots = list(graph.outputs.values()) + [t for t in graph.nodes if t.op == "set_rows"]
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        t = stack.pop()
+        if t.id in seen:
+            continue
+        seen.add(t.id)
+        stack.extend(t.srcs)
+    return [t for t in graph.nodes if t.id in seen]
+
+
+class _FreeList:
+    """Best-fit allocator over [0, end) with coalescing of freed ranges."""
+
+    def __init__(self) -> None:
+        self.free: list[tuple[int, int]] = []  # sorted (offset, size)
+        self.end = 0
+
+    def alloc(self, size: int) -> int:
+        size = (size + ALIGN - 1) // ALIGN * ALIGN
+        best = None
+        for i, (off, sz) in enumerate(self.free):
+            if sz >= size and (best is None or sz < self.free[best][1]):
+                best = i
+        if best is not None:
+            off, sz = self.free.pop(best)
+            if sz > size:
+                bisect.insort(self.free, (off + size, sz - size))
+            return off
+        # Grow: reuse a free block that touches the end of the arena.
+        if self.free and self.free[-1][0] + self.free[-1][1] == self.end:
+            off, _ = self.free.pop()
+        else:
+            off = self.end
+        self.end = off + size
+        return off
+
+    def release(self, off: int, size: int) -> None:
+        size = (size + ALIGN - 1) // ALIGN * ALIGN
+        bisect.insort(self.free, (off, size))
+        merged: list[tuple[int, int]] = []
+        for o, s in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + s)
+            else:
+                merged.append((o, s))
+        self.free = merged
+
+
+def plan_graph(graph: Graph) -> Plan:
+    nodes = live_nodes(graph)
+    step = {t.id: i for i, t in enumerate(nodes)}
+    owners = [t for t in nodes if not t.is_leaf and t.op not in VIEW_OPS]
+    last_use = {t.id: step[t.id] for t in owners}
+    for t in nodes:
+        for s in t.srcs:
+            b = base_of(s)
+            if b.id in last_use:
+                last_use[b.id] = max(last_use[b.id], step[t.id])
+    end = len(nodes)
+    for out in graph.outputs.values():
+        b = base_of(out)
+        if b.id in last_use:
+            last_use[b.id] = end
+
+    releases: dict[int, list[Tensor]] = {}
+    for t in owners:
+        releases.setdefault(last_use[t.id], []).append(t)
+
+    alloc = _FreeList()
+    offsets: dict[int, int] = {}
+    nbytes: dict[int, int] = {}
+    for i, t in enumerate(nodes):
+        if t.id in last_use:
+            nbytes[t.id] = t.n_elements * DTYPE_BYTES[t.dtype]
+            offsets[t.id] = alloc.alloc(nbytes[t.id])
+        for dead in releases.get(i, ()):
+            alloc.release(offsets[dead.id], nbytes[dead.id])
+    lifetimes = {tid: (step[tid], last_use[tid]) for tid in offsets}
+    return Plan(tuple(t.id for t in nodes), offsets, nbytes, lifetimes, alloc.end)

@@ -1,0 +1,136 @@
+"""Tiny GGUF models written by the tests themselves (random weights, real file format).
+
+`write_tiny_llama` produces a complete llama-architecture file with a byte-level BPE tokenizer; `TinySpec`
+says what goes in it, and the `tensors` it returns are the exact float32 values the file decodes to, for
+independent reference implementations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's byte -> printable character mapping, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def tiny_tokenizer_metadata(arch: str = "llama") -> dict:
+    alphabet = byte_level_alphabet()
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"]
+    merged = ["Ġt", "he", "Ġthe", "in", "an"]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens = specials + alphabet + merged
+    types = [3] * len(specials) + [1] * (len(alphabet) + len(merged))
+    return {"tokens": tokens, "types": types, "merges": merges, "bos": 1, "eos": 2}
+
+
+@dataclass
+class TinySpec:
+    n_layer: int = 2
+    n_embd: int = 32
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 64
+    n_ctx_train: int = 256
+    rope_base: float = 10000.0
+    rms_eps: float = 1e-5
+    weight_type: str = "F32"          # type of the 2-D matrices: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0
+    tied_output: bool = True
+    seed: int = 0
+    arch: str = "llama"
+    drop_tensors: tuple[str, ...] = ()
+    override_shapes: dict = field(default_factory=dict)
+    extra_kv: dict = field(default_factory=dict)
+
+
+def _store(writer: gguf.GGUFWriter, name: str, value: np.ndarray, qtype: str) -> np.ndarray:
+    """Write value as qtype; return the float32 array the file decodes to."""
+    if qtype == "F32" or value.ndim == 1:
+        writer.add_tensor(name, value.astype(np.float32))
+        return value.astype(np.float32)
+    t = gguf.GGMLQuantizationType[qtype]
+    if qtype == "F16":
+        writer.add_tensor(name, value.astype(np.float16))
+        return value.astype(np.float16).astype(np.float32)
+    q = gguf.quants.quantize(value.astype(np.float32), t)
+    writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
+    return gguf.quants.dequantize(q, t).astype(np.float32).reshape(value.shape)
+
+
+def write_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> dict[str, np.ndarray]:
+    spec = spec or TinySpec()
+    rng = np.random.default_rng(spec.seed)
+    tok = tiny_tokenizer_metadata()
+    n_vocab = len(tok["tokens"])
+    hd = spec.n_embd // spec.n_head
+    w = gguf.GGUFWriter(str(path), spec.arch)
+    w.add_name("tiny-llama-test")
+    w.add_block_count(spec.n_layer)
+    w.add_context_length(spec.n_ctx_train)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    for key, value in spec.extra_kv.items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_uint32(key, value)
+
+    shapes = {"token_embd.weight": (n_vocab, spec.n_embd), "output_norm.weight": (spec.n_embd,)}
+    if not spec.tied_output:
+        shapes["output.weight"] = (n_vocab, spec.n_embd)
+    kv = spec.n_head_kv * hd
+    for i in range(spec.n_layer):
+        shapes |= {
+            f"blk.{i}.attn_norm.weight": (spec.n_embd,), f"blk.{i}.attn_q.weight": (spec.n_embd, spec.n_embd),
+            f"blk.{i}.attn_k.weight": (kv, spec.n_embd), f"blk.{i}.attn_v.weight": (kv, spec.n_embd),
+            f"blk.{i}.attn_output.weight": (spec.n_embd, spec.n_embd), f"blk.{i}.ffn_norm.weight": (spec.n_embd,),
+            f"blk.{i}.ffn_gate.weight": (spec.n_ff, spec.n_embd), f"blk.{i}.ffn_up.weight": (spec.n_ff, spec.n_embd),
+            f"blk.{i}.ffn_down.weight": (spec.n_embd, spec.n_ff),
+        }
+    shapes |= spec.override_shapes
+    tensors = {}
+    for name, shape in shapes.items():
+        if name in spec.drop_tensors:
+            continue
+        if len(shape) == 1:
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        qtype = "F32" if name == "token_embd.weight" and spec.weight_type not in ("F32", "Q8_0") else spec.weight_type
+        tensors[name] = _store(w, name, value.astype(np.float32), qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
