@@ -1,0 +1,167 @@
+"""The graph cache: hits replay without building, misses say why, and results never depend on it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kvgraph.engine.context as context_mod
+from kvgraph.backends import get_backend
+from kvgraph.engine.context import Context
+from kvgraph.engine.loader import load_model
+from kvgraph.errors import GraphCacheVerifyError
+from kvgraph.graph.cache import GraphCache
+from kvgraph.graph.inputs import UBatch
+from kvgraph.graph.key import GraphKey
+
+PROMPT = [10, 20, 30, 40, 50]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama):
+    return load_model(tiny_llama[0], get_backend("numpy"))
+
+
+def greedy_run(ctx: Context, n_new: int = 12, prompt=PROMPT) -> tuple[list[int], np.ndarray]:
+    logits = ctx.decode(UBatch.single(prompt, 0))
+    ids, all_logits = [], [logits]
+    for i in range(n_new):
+        tok = int(np.argmax(logits[0]))
+        ids.append(tok)
+        logits = ctx.decode(UBatch.single([tok], len(prompt) + i))
+        all_logits.append(logits)
+    return ids, np.concatenate(all_logits)
+
+
+class Counting:
+    """Counts graph builds, plans and compiles done through the engine."""
+
+    def __init__(self, monkeypatch, ctx):
+        self.builds = self.plans = self.compiles = 0
+        real_plan, real_compile, real_build = context_mod.plan_graph, ctx.backend.compile, ctx.model.build
+
+        def plan(graph):
+            self.plans += 1
+            return real_plan(graph)
+
+        def compile_(*a, **k):
+            self.compiles += 1
+            return real_compile(*a, **k)
+
+        def build(*a, **k):
+            self.builds += 1
+            return real_build(*a, **k)
+        monkeypatch.setattr(context_mod, "plan_graph", plan)
+        monkeypatch.setattr(ctx.backend, "compile", compile_)
+        monkeypatch.setattr(ctx.model, "build", build)
+
+
+def test_decode_steps_hit_and_do_no_build_plan_or_compile(loaded, monkeypatch):
+    ctx = Context(loaded, n_ctx=64)
+    count = Counting(monkeypatch, ctx)
+    ctx.decode(UBatch.single(PROMPT, 0))
+    ctx.decode(UBatch.single([1], 5))
+    assert (count.builds, count.plans, count.compiles) == (2, 2, 2)
+    program = next(reversed(ctx.cache.entries.values())).program
+    for p in range(6, 30):
+        ctx.decode(UBatch.single([1], p))
+    assert (count.builds, count.plans, count.compiles) == (2, 2, 2)
+    assert ctx.stats.hits == 24 and ctx.stats.misses == 2
+    assert dict(ctx.stats.reasons) == {"new key": 2}
+    assert next(reversed(ctx.cache.entries.values())).program is program
+
+
+def test_cache_on_and_off_are_bit_identical(loaded, monkeypatch):
+    ids_on, logits_on = greedy_run(Context(loaded, n_ctx=64))
+    off = Context(loaded, n_ctx=64, graph_cache=False)
+    ids_off, logits_off = greedy_run(off)
+    assert ids_on == ids_off
+    assert np.array_equal(logits_on, logits_off)
+    assert off.stats.hits == 0 and off.stats.reasons["disabled"] == off.stats.misses == 13
+
+
+def test_env_var_disables_the_cache(loaded, monkeypatch):
+    monkeypatch.setenv("KVGRAPH_NO_GRAPH_CACHE", "1")
+    ctx = Context(loaded, n_ctx=64)
+    greedy_run(ctx, 3)
+    assert ctx.stats.hits == 0 and ctx.stats.reasons["disabled"] == 4
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_flash_attention_layouts_give_the_same_tokens_and_both_cache(loaded, flash_attn):
+    ctx = Context(loaded, n_ctx=64, flash_attn=flash_attn)
+    ids, _ = greedy_run(ctx)
+    ref, _ = greedy_run(Context(loaded, n_ctx=64, flash_attn=not flash_attn))
+    assert ids == ref
+    assert ctx.stats.hits == 11
+    v = ctx.memories["kv"].buffers["kv.v.0"]
+    assert v.shape == ((64, 16) if flash_attn else (16, 64))
+
+
+def test_verify_mode_accepts_a_correct_cache(loaded, monkeypatch):
+    monkeypatch.setenv("KVGRAPH_GRAPH_CACHE_VERIFY", "1")
+    ctx = Context(loaded, n_ctx=64)
+    greedy_run(ctx, 4)
+    assert ctx.stats.verified == ctx.stats.hits == 3
+
+
+def test_verify_mode_fails_loudly_when_the_key_misses_a_topology_change(loaded, monkeypatch):
+    ctx = Context(loaded, n_ctx=64, verify=True)
+    real_build = ctx.model.build
+    calls = {"n": 0}
+
+    def drifting_build(g, io):  # a model whose graph depends on something the key does not hold
+        calls["n"] += 1
+        real_build(g, io)
+        if calls["n"] > 2:
+            g.output("extra", g.scale(g.graph.outputs["logits"], 2.0))
+    monkeypatch.setattr(ctx.model, "build", drifting_build)
+    ctx.decode(UBatch.single(PROMPT, 0))
+    ctx.decode(UBatch.single([1], 5))
+    with pytest.raises(GraphCacheVerifyError, match="differs from the cached one"):
+        ctx.decode(UBatch.single([1], 6))
+
+
+def test_window_padding_keeps_the_key_stable_then_grows(loaded):
+    ctx = Context(loaded, n_ctx=256 + 64)
+    ctx.decode(UBatch.single(list(range(1, 251)), 0))
+    keys = set()
+    for p in range(250, 262):
+        ctx.decode(UBatch.single([7], p))
+        keys.add(ctx.key_for(UBatch.single([7], p)).windows)
+    assert ctx.stats.reasons["new key"] == 3  # the prompt, decode at window 256, decode at window 320
+    assert ctx.stats.hits == 10
+
+
+def test_lru_evicts_the_oldest_and_says_so():
+    cache = GraphCache(capacity=2)
+    keys = [GraphKey(n, 1, True, (("kv", 256),), 1) for n in (1, 2, 3)]
+    from kvgraph.graph.cache import CacheEntry
+    for k in keys:
+        assert cache.lookup(k) is None
+        cache.record_miss(k)
+        cache.insert(CacheEntry(k, None, None, None, []))
+    assert cache.lookup(keys[0]) is None
+    cache.record_miss(keys[0])
+    assert cache.stats.reasons == {"new key": 3, "evicted": 1}
+    assert cache.lookup(keys[2]) is not None and len(cache) == 2
+
+
+def test_different_batch_shapes_get_different_entries(loaded):
+    ctx = Context(loaded, n_ctx=64, cache_capacity=4)
+    ctx.decode(UBatch.single([1, 2, 3], 0))
+    ctx.decode(UBatch.single([4, 5], 3))
+    ctx.decode(UBatch.single([6], 5))
+    ctx.clear()
+    ctx.decode(UBatch.single([1, 2, 3], 0))
+    assert ctx.stats.misses == 3 and ctx.stats.hits == 1
+    assert len(ctx.cache) == 3
+
+
+def test_stats_time_split_is_recorded(loaded):
+    ctx = Context(loaded, n_ctx=64)
+    greedy_run(ctx, 3)
+    d = ctx.stats.as_dict()
+    assert d["hits"] == 2 and d["misses"] == 2  # the prompt and the first decode step build
+    for field in ("build_ms", "plan_ms", "compile_ms", "set_inputs_ms", "compute_ms"):
+        assert d[field] > 0
+    assert "2 hits, 2 misses (new key: 2)" in ctx.stats.summary()
