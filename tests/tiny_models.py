@@ -134,3 +134,80 @@ def write_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> dict[str
     w.write_tensors_to_file()
     w.close()
     return tensors
+
+
+@dataclass
+class HybridSpec:
+    n_layer: int = 4
+    attention_layers: tuple[int, ...] = (1,)
+    n_embd: int = 32
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 64
+    d_inner: int = 24
+    d_state: int = 6
+    d_conv: int = 4
+    rms_eps: float = 1e-5
+    rope_base: float = 10000.0
+    seed: int = 0
+
+
+def write_tiny_hybrid(path: str | Path, spec: HybridSpec | None = None) -> dict[str, np.ndarray]:
+    """A `kvgraph-hybrid` file: attention layers at spec.attention_layers, Mamba-like layers elsewhere."""
+    spec = spec or HybridSpec()
+    rng = np.random.default_rng(spec.seed)
+    arch = "kvgraph-hybrid"
+    tok = tiny_tokenizer_metadata()
+    n_vocab = len(tok["tokens"])
+    hd = spec.n_embd // spec.n_head
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny-hybrid-test")
+    w.add_block_count(spec.n_layer)
+    w.add_context_length(512)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w.add_array(f"{arch}.attention_layers", list(spec.attention_layers))
+    w.add_uint32(f"{arch}.ssm.inner_size", spec.d_inner)
+    w.add_uint32(f"{arch}.ssm.state_size", spec.d_state)
+    w.add_uint32(f"{arch}.ssm.conv_kernel", spec.d_conv)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    d, s, k, E = spec.d_inner, spec.d_state, spec.d_conv, spec.n_embd
+    shapes = {"token_embd.weight": (n_vocab, E), "output_norm.weight": (E,)}
+    for i in range(spec.n_layer):
+        shapes |= {f"blk.{i}.attn_norm.weight": (E,), f"blk.{i}.ffn_norm.weight": (E,),
+                   f"blk.{i}.ffn_gate.weight": (spec.n_ff, E), f"blk.{i}.ffn_up.weight": (spec.n_ff, E),
+                   f"blk.{i}.ffn_down.weight": (E, spec.n_ff)}
+        if i in spec.attention_layers:
+            shapes |= {f"blk.{i}.attn_q.weight": (E, E), f"blk.{i}.attn_k.weight": (spec.n_head_kv * hd, E),
+                       f"blk.{i}.attn_v.weight": (spec.n_head_kv * hd, E), f"blk.{i}.attn_output.weight": (E, E)}
+        else:
+            shapes |= {f"blk.{i}.ssm_in_x.weight": (d, E), f"blk.{i}.ssm_in_z.weight": (d, E),
+                       f"blk.{i}.ssm_conv1d.weight": (d, k), f"blk.{i}.ssm_dt.weight": (d, d),
+                       f"blk.{i}.ssm_dt.bias": (d,), f"blk.{i}.ssm_b.weight": (s, d), f"blk.{i}.ssm_c.weight": (s, d),
+                       f"blk.{i}.ssm_a": (d, s), f"blk.{i}.ssm_d": (d,), f"blk.{i}.ssm_out.weight": (E, d)}
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith("ssm_a"):
+            value = -np.exp(rng.uniform(-1.0, 1.0, shape))      # negative: a decaying state
+        elif name.endswith("ssm_dt.bias"):
+            value = rng.uniform(-2.0, 0.0, shape)
+        elif len(shape) == 1:
+            value = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        tensors[name] = _store(w, name, value.astype(np.float32), "F32")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors

@@ -166,6 +166,13 @@ def _k_flash_attn(t, out, q, k, v, mask):
 
 
 def _k_set_rows(t, out, dst, src, idx):
+    if dst.ndim == 2 and not t.p["transposed"]:
+        col = t.p["col"]
+        part = dst[:, col: col + src.shape[-1]]   # the whole row unless a partial write
+
+        def run():
+            part[idx] = src
+        return run
     if t.p["transposed"]:
         src_t = src.T
 
@@ -175,6 +182,52 @@ def _k_set_rows(t, out, dst, src, idx):
 
     def run():
         dst[idx] = src
+    return run
+
+
+def _k_concat_rows(t, out, a, b):
+    top, bottom = out[: a.shape[0]], out[a.shape[0]:]
+
+    def run():
+        np.copyto(top, a)
+        np.copyto(bottom, b)
+    return run
+
+
+def _k_ssm_conv(t, out, conv_x, w):
+    n, k = out.shape[0], w.shape[1]
+    tmp = np.empty(out.shape, np.float32)
+    taps = [(conv_x[j: j + n], np.ascontiguousarray(w[:, j])) for j in range(k)]
+
+    def run():
+        out.fill(0.0)
+        for xs, wj in taps:
+            np.multiply(xs, wj, out=tmp)
+            np.add(out, tmp, out=out)
+    return run
+
+
+def _k_ssm_scan(t, out, h0, x, dt, a, b, c):
+    n, d = x.shape
+    h = np.empty(a.shape, np.float32)          # running state [d, s]
+    sp = np.empty(dt.shape, np.float32)        # softplus(dt)
+    dx = np.empty(x.shape, np.float32)         # softplus(dt) * x
+    decay = np.empty(a.shape, np.float32)
+    inj = np.empty(a.shape, np.float32)
+    y, h_out = out[:n], out[n:].T              # h_out: [d, s] view of the state rows
+
+    def run():
+        np.copyto(h, h0.T)
+        np.logaddexp(dt, np.float32(0.0), out=sp)   # softplus, stable for large |dt|
+        np.multiply(sp, x, out=dx)
+        for i in range(n):
+            np.multiply(sp[i][:, None], a, out=decay)
+            np.exp(decay, out=decay)
+            np.multiply(h, decay, out=h)
+            np.multiply(dx[i][:, None], b[i][None, :], out=inj)
+            np.add(h, inj, out=h)
+            np.matmul(h, c[i], out=y[i])
+        np.copyto(h_out, h)
     return run
 
 
@@ -235,6 +288,7 @@ KERNELS: dict[str, Callable[..., Kernel]] = {
     "matmul": _k_matmul, "get_rows": _k_get_rows, "add": _k_add, "mul": _k_mul, "scale": _k_scale,
     "cont": _k_cont, "rms_norm": _k_rms_norm, "silu": _k_silu, "gelu": _k_gelu, "swiglu": _k_swiglu,
     "geglu": _k_geglu, "softmax": _k_softmax, "flash_attn": _k_flash_attn, "set_rows": _k_set_rows,
+    "concat_rows": _k_concat_rows, "ssm_conv": _k_ssm_conv, "ssm_scan": _k_ssm_scan,
 }
 
 
@@ -253,6 +307,8 @@ def _view(t: Tensor, src: np.ndarray) -> np.ndarray:
         return src[: t.p["n"]]
     if t.op == "view_cols":
         return src[..., : t.p["n"]]
+    if t.op == "slice_rows":
+        return src[t.p["start"]: t.p["start"] + t.p["n"]]
     if t.op == "set_rows":
         return src
     raise AssertionError(t.op)

@@ -55,9 +55,10 @@ class Context:
         for mem in self.memories.values():
             mem.clear()
 
-    def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> None:
-        for mem in self.memories.values():
-            mem.seq_rm(seq, p0, p1)
+    def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> bool:
+        """Forget positions [p0, p1) of seq. False when a memory cannot (a recurrent state cannot rewind);
+        the caller must then remove the whole sequence."""
+        return all([mem.seq_rm(seq, p0, p1) for mem in self.memories.values()])
 
     @property
     def memory_bytes(self) -> int:

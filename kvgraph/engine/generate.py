@@ -83,7 +83,9 @@ class Session:
             limit = min(len(self.cached), len(ids) - 1)   # re-run at least the last token for its logits
             while common < limit and self.cached[common] == ids[common]:
                 common += 1
-        self.ctx.seq_rm(self.seq, common)
+        if not self.ctx.seq_rm(self.seq, common):
+            self.ctx.seq_rm(self.seq)   # recurrent state cannot rewind: start the sequence over
+            common = 0
         self.cached = self.cached[:common]
         self.n_processed = len(ids) - common
         outs = []

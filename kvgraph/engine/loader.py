@@ -1,6 +1,7 @@
 """File -> validated config, model, tokenizer and backend weights."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GGUFError, UnsupportedModelError
-from ..gguf.config import ModelConfig, read_config
+from ..gguf.config import MetadataView, ModelConfig, read_config
 from ..gguf.reader import GGUFFile
 from ..models import ARCHITECTURES, Model
 
@@ -34,7 +35,9 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
             f"{gf.path}: architecture {arch!r} is not supported; kvgraph runs: "
             f"{', '.join(sorted(ARCHITECTURES))}.")
     cfg = read_config(gf.metadata, arch, str(gf.path))
-    model = ARCHITECTURES[arch](cfg)
+    cls = ARCHITECTURES[arch]
+    cfg = dataclasses.replace(cfg, extra=cls.read_extra(MetadataView(gf.metadata, arch, str(gf.path))))
+    model = cls(cfg)
     for name, shape in model.shapes.items():
         info = gf.tensors.get(name)
         if info is None:

@@ -55,6 +55,12 @@ class MetadataView:
             raise GGUFError(f"{self.source}: metadata {self.arch}.{key} = {value} is out of range.")
         return value
 
+    def int_list(self, key: str, default: Any = None) -> Any:
+        value = self._get(key, (list,), default, "a list of integers")
+        if value is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise GGUFError(f"{self.source}: metadata {self.arch}.{key} should be a list of integers.")
+        return value
+
     def float(self, key: str, default: Any = None, *, required: bool = False) -> Any:
         value = self._get(key, (int, float), _REQUIRED if required else default, "a number")
         return None if value is None else float(value)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 LEAF_OPS = frozenset({"weight", "state", "input"})
 # Ops whose result aliases their first source's buffer instead of owning one.
-VIEW_OPS = frozenset({"reshape", "permute", "view_rows", "view_cols", "set_rows"})
+VIEW_OPS = frozenset({"reshape", "permute", "view_rows", "view_cols", "slice_rows", "set_rows"})
 
 F32 = "f32"
 I32 = "i32"
@@ -45,6 +45,10 @@ class Tensor:
     @property
     def n_elements(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
     @property
     def is_leaf(self) -> bool:
@@ -217,12 +221,53 @@ class GraphBuilder:
             raise ValueError(f"view_cols {n} of {x.shape}")
         return self._node("view_cols", (x,), x.shape[:-1] + (n,), n=int(n))
 
-    def set_rows(self, dst: Tensor, src: Tensor, idx: Tensor, transposed: bool = False) -> Tensor:
+    def slice_rows(self, x: Tensor, start: int, n: int) -> Tensor:
+        """Rows [start, start + n) of x (axis 0), as a view."""
+        if not (0 <= start and 0 < n and start + n <= x.shape[0]):
+            raise ValueError(f"slice_rows [{start}, {start + n}) of {x.shape}")
+        return self._node("slice_rows", (x,), (n,) + x.shape[1:], start=int(start), n=int(n))
+
+    def set_rows(self, dst: Tensor, src: Tensor, idx: Tensor, transposed: bool = False, col: int = 0) -> Tensor:
         """Write src's rows into dst at row indices idx (an int32 input); returns dst after the write.
-        transposed=True writes src's rows as columns of dst (the transposed V cache layout)."""
+        transposed=True writes src's rows as columns of dst (the transposed V cache layout). A src narrower
+        than a 2-D dst writes columns [col, col + width) of each row, so one state row can hold several
+        parts written separately. Execution follows creation order, so reads of a state built before a
+        write see the old value."""
         if dst.op not in ("state", "set_rows"):
             raise ValueError("set_rows writes into a state tensor")
         rows = dst.shape[1:] if not transposed else dst.shape[:-1]
-        if src.shape[0] != idx.shape[0] or tuple(src.shape[1:]) != tuple(rows) or idx.dtype != I32:
-            raise ValueError(f"set_rows: dst {dst.shape} src {src.shape} idx {idx.shape} transposed={transposed}")
-        return self._node("set_rows", (dst, src, idx), dst.shape, transposed=bool(transposed))
+        partial = not transposed and len(dst.shape) == 2 and src.ndim == 2 and (col or src.shape[1] != rows[0])
+        if partial:
+            rows = (src.shape[1],) if col + src.shape[1] <= dst.shape[1] else None
+        if (rows is None or src.shape[0] != idx.shape[0] or tuple(src.shape[1:]) != tuple(rows)
+                or idx.dtype != I32 or (col and transposed)):
+            raise ValueError(f"set_rows: dst {dst.shape} src {src.shape} idx {idx.shape} transposed={transposed} "
+                             f"col={col}")
+        return self._node("set_rows", (dst, src, idx), dst.shape, transposed=bool(transposed), col=int(col))
+
+    # ---- recurrent (Mamba-like) layers ------------------------------------------------------------------
+    def concat_rows(self, a: Tensor, b: Tensor) -> Tensor:
+        """[a; b] along axis 0."""
+        if a.shape[1:] != b.shape[1:]:
+            raise ValueError(f"concat_rows {a.shape} {b.shape}")
+        return self._node("concat_rows", (a, b), (a.shape[0] + b.shape[0],) + a.shape[1:])
+
+    def ssm_conv(self, conv_x: Tensor, w: Tensor) -> Tensor:
+        """Causal depthwise conv over time: conv_x [k-1+n, d] (previous k-1 inputs, then n new ones),
+        w [d, k] -> [n, d], y[t, c] = sum_j conv_x[t + j, c] * w[c, j]."""
+        d, k = w.shape
+        if conv_x.shape[1] != d or conv_x.shape[0] < k:
+            raise ValueError(f"ssm_conv: x {conv_x.shape} w {w.shape}")
+        return self._node("ssm_conv", (conv_x, w), (conv_x.shape[0] - k + 1, d))
+
+    def ssm_scan(self, h0: Tensor, x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        """Selective scan, per token t: h = exp(softplus(dt_t) * a) * h + softplus(dt_t) * x_t (outer) b_t;
+        y_t = h @ c_t, with h [d, s]. The state travels transposed: h0 is [s, d] and the result is [n + s, d]:
+        rows [0, n) are y, rows [n, n + s) the final state (one op, one output, as ggml's ssm_scan), so the
+        new state is a contiguous slice that can be written back without a copy. x/dt [n, d], a [d, s],
+        b/c [n, s]."""
+        n, d = x.shape
+        s = a.shape[1]
+        if h0.shape != (s, d) or dt.shape != (n, d) or a.shape != (d, s) or b.shape != (n, s) or c.shape != (n, s):
+            raise ValueError(f"ssm_scan: h0 {h0.shape} x {x.shape} dt {dt.shape} a {a.shape} b {b.shape} c {c.shape}")
+        return self._node("ssm_scan", (h0, x, dt, a, b, c), (n + s, d))

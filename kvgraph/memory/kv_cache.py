@@ -58,13 +58,14 @@ class KVCache:
         self.cell_pos.fill(-1)
         self.cell_seq.fill(-1)
 
-    def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> None:
-        """Forget the cells of `seq` with positions in [p0, p1)."""
+    def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> bool:
+        """Forget the cells of `seq` with positions in [p0, p1). Always possible for a KV cache."""
         sel = (self.cell_seq == seq) & (self.cell_pos >= p0)
         if p1 is not None:
             sel &= self.cell_pos < p1
         self.cell_pos[sel] = -1
         self.cell_seq[sel] = -1
+        return True
 
     def _prune_sliding(self, ub: UBatch) -> None:
         """Free cells that no token of this ubatch, nor any later one, can see through the window."""

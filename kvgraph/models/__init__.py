@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from .base import BuildIO, Model
+from .hybrid import HybridModel
 from .llama import LlamaModel
 
 ARCHITECTURES: dict[str, type[Model]] = {
     LlamaModel.arch: LlamaModel,
+    HybridModel.arch: HybridModel,
 }
 
-__all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel"]
+__all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel"]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from ..gguf.config import ModelConfig
+from ..gguf.config import MetadataView, ModelConfig
 from ..graph.inputs import GraphInput, OutputRowsInput, PositionInput, TokenInput
 from ..graph.ir import GraphBuilder, Tensor
 from ..graph.key import GraphKey
-from ..memory.kv_cache import KVAttention
 
 
 class BuildIO:
@@ -18,7 +17,7 @@ class BuildIO:
     def __init__(self, g: GraphBuilder, key: GraphKey, memories: Mapping[str, Any]):
         self.g, self.key, self.memories = g, key, memories
         self.inputs: list[tuple[GraphInput, Any]] = []
-        self._attn: dict[str, KVAttention] = {}
+        self._views: dict[str, Any] = {}
         self.tokens = self._add(TokenInput(g, key.n_tokens)).tensor
         self.pos = self._add(PositionInput(g, key.n_tokens)).tensor
         self._out_rows: OutputRowsInput | None = None
@@ -27,14 +26,14 @@ class BuildIO:
         self.inputs.append((inp, owner))
         return inp
 
-    def attention(self, memory: str) -> KVAttention:
-        """The KV memory `memory` as seen by this graph (its slot and mask inputs are created once)."""
-        if memory not in self._attn:
-            attn = self.memories[memory].build(self.g, self.key.n_tokens, self.key.window(memory))
-            for inp, owner in attn.inputs:
+    def memory(self, name: str) -> Any:
+        """Memory `name` as this graph sees it (e.g. KVAttention), with its inputs created once."""
+        if name not in self._views:
+            view = self.memories[name].build(self.g, self.key.n_tokens, self.key.window(name))
+            for inp, owner in view.inputs:
                 self._add(inp, owner)
-            self._attn[memory] = attn
-        return self._attn[memory]
+            self._views[name] = view
+        return self._views[name]
 
     def select_outputs(self, x: Tensor) -> Tensor:
         """Keep only the rows whose logits are wanted (skipped when every row is an output)."""
@@ -60,6 +59,11 @@ class Model:
         raise NotImplementedError
 
     optional_tensors: frozenset[str] = frozenset()
+
+    @classmethod
+    def read_extra(cls, m: MetadataView) -> dict[str, Any]:
+        """Architecture-specific hyper-parameters, stored in ModelConfig.extra."""
+        return {}
 
     def create_memories(self, n_ctx: int, alloc: Callable, flash_attn: bool) -> dict[str, Any]:
         raise NotImplementedError

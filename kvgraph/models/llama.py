@@ -42,7 +42,7 @@ class LlamaModel(Model):
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c = self.cfg
         w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
-        attn_io = io.attention("kv")
+        attn_io = io.memory("kv")
         x = g.get_rows(w("token_embd.weight"), io.tokens)
         for i in range(c.n_layer):
             h = g.mul(g.rms_norm(x, c.rms_eps), w(f"blk.{i}.attn_norm.weight"))
