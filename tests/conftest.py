@@ -33,6 +33,13 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    from kvgraph.registry import resolve_model
+
+    return resolve_model("gemma3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
 def smollm2_numpy(smollm2_path):
     """The real SmolLM2 loaded once for the numpy backend (about 10 s)."""
     from kvgraph.backends import get_backend

@@ -1,0 +1,5 @@
+"""Tokenizer built from GGUF metadata (HF `tokenizers` under the hood), chat templates, streaming decode."""
+from .stream import StreamDecoder
+from .tokenizer import Tokenizer
+
+__all__ = ["Tokenizer", "StreamDecoder"]

@@ -1,0 +1,283 @@
+"""`Tokenizer`: text <-> token ids for a GGUF model, built only from the file's metadata (no hub downloads).
+
+Encoding runs in a HF `tokenizers` object configured to reproduce llama.cpp (see `build.py`). Decoding is
+done here from per-token bytes, because a token's piece may be a fraction of a UTF-8 character and the
+engine streams output token by token; `decode` and `StreamDecoder` share the same bytes.
+"""
+from __future__ import annotations
+
+import operator
+import re
+import threading
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import TokenizerError
+from .build import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    PRE_TOKENIZERS,
+    SPECIAL_TYPES,
+    SPM_SPACE,
+    UNKNOWN,
+    USER_DEFINED,
+    build_gpt2,
+    build_spm,
+    bytes_to_unicode,
+)
+from .chat import ChatTemplate, pick_template
+from .stream import StreamDecoder
+
+MODEL_KINDS = ("gpt2", "llama")
+
+# Token texts that end generation wherever they exist (llama.cpp marks the same ones EOG by text).
+EOG_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+)  # fmt: skip
+
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad(key: str, problem: str) -> TokenizerError:
+    return TokenizerError(
+        f"GGUF tokenizer metadata {key}: {problem}. The file is corrupt or was converted incorrectly; "
+        "re-download it or re-convert it with a current llama.cpp (convert_hf_to_gguf.py)."
+    )
+
+
+def _list(md: Mapping[str, Any], key: str, kind: type | tuple[type, ...], min_len: int = 0) -> list | None:
+    value = md.get(key)
+    if value is None:
+        return None
+    if isinstance(value, np.ndarray):  # numeric arrays may come straight from the GGUF reader
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise _bad(key, f"expected an array, got {type(value).__name__}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # Checking the set of element types is C-speed; find the culprit only on failure (262k-entry arrays).
+    if not set(map(type, value)) <= set(kinds):
+        bad = next(i for i, v in enumerate(value) if type(v) not in kinds)
+        raise _bad(key, f"entry {bad} is {value[bad]!r}, expected {getattr(kind, '__name__', 'a number')}")
+    if len(value) < min_len:
+        raise _bad(key, f"has {len(value)} entries for {min_len} tokens")
+    return list(value)
+
+
+def _token_id(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
+    value = md.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_vocab:
+        raise _bad(key, f"{value!r} is not a token id (vocabulary has {n_vocab} tokens)")
+    return value
+
+
+def _flag(md: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = md.get(key, default)
+    if not isinstance(value, bool):
+        raise _bad(key, f"expected true/false, got {value!r}")
+    return value
+
+
+class Tokenizer:
+    """Tokenizer of one GGUF model. Build it with `Tokenizer.from_metadata(read_metadata(path))`."""
+
+    def __init__(
+        self,
+        hf: Any,
+        tokens: list[str],
+        types: list[int],
+        model_kind: str,
+        pre: str | None,
+        bos_id: int | None,
+        eos_id: int | None,
+        eog_ids: frozenset[int],
+        add_bos: bool,
+        template: ChatTemplate,
+    ):
+        self.hf = hf  # the underlying tokenizers.Tokenizer (encoding only)
+        self.tokens = tokens
+        self.token_types = types
+        self.vocab_size = len(tokens)
+        self.model_kind = model_kind
+        self.pre = pre
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.eog_ids = eog_ids
+        self.add_bos = add_bos
+        self._template = template
+        self._bytes: list[bytes | None] = [None] * len(tokens)  # token_bytes cache, filled on demand
+        # `encode_special_tokens` is a flag on the shared HF object; the lock keeps toggling it atomic.
+        self._encode_lock = threading.Lock()
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any]) -> "Tokenizer":
+        model = md.get("tokenizer.ggml.model")
+        if model is None:
+            raise TokenizerError(
+                "the GGUF file has no tokenizer (tokenizer.ggml.model is missing); "
+                "use a GGUF converted with its vocabulary (llama.cpp's convert_hf_to_gguf.py includes it)."
+            )
+        if model not in MODEL_KINDS:
+            raise TokenizerError(
+                f"tokenizer model {model!r} (tokenizer.ggml.model) is not supported; kvgraph supports "
+                "'gpt2' (byte-level BPE) and 'llama' (SentencePiece). Use a model with one of those tokenizers."
+            )
+        tokens = _list(md, "tokenizer.ggml.tokens", str)
+        if not tokens:
+            raise _bad("tokenizer.ggml.tokens", "missing or empty")
+        n = len(tokens)
+        # llama.cpp renames empty tokens rather than failing; a duplicate, though, makes ids ambiguous.
+        if "" in tokens:
+            tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+        if len(set(tokens)) != n:  # llama.cpp refuses these files too
+            seen: dict[str, int] = {}
+            dup = next(i for i, t in enumerate(tokens) if seen.setdefault(t, i) != i)
+            first = seen[tokens[dup]]
+            raise _bad("tokenizer.ggml.tokens", f"duplicate token {tokens[dup]!r} (ids {first} and {dup})")
+        types = _list(md, "tokenizer.ggml.token_type", int, n)
+        types = types[:n] if types is not None else [NORMAL] * n
+
+        ids = {k: _token_id(md, f"tokenizer.ggml.{k}_token_id", n) for k in ("bos", "eos", "unknown", "eot", "eom")}
+        pre = md.get("tokenizer.ggml.pre")
+        if pre is not None and not isinstance(pre, str):
+            raise _bad("tokenizer.ggml.pre", f"expected a name, got {pre!r}")
+
+        try:
+            if model == "gpt2":
+                pre_name = pre or "default"  # llama.cpp: a missing pre type means 'default'
+                if pre_name not in PRE_TOKENIZERS:
+                    raise TokenizerError(
+                        f"unknown pre-tokenizer type {pre_name!r} (tokenizer.ggml.pre); kvgraph knows "
+                        f"{', '.join(sorted(PRE_TOKENIZERS))}. Use a model with a supported tokenizer, or add its "
+                        "regexes to kvgraph.tokenizer.build.PRE_TOKENIZERS."
+                    )
+                merges = _list(md, "tokenizer.ggml.merges", str)
+                if merges is None:
+                    raise _bad("tokenizer.ggml.merges", "missing (a gpt2 BPE tokenizer needs its merges)")
+                add_bos = _flag(md, "tokenizer.ggml.add_bos_token", PRE_TOKENIZERS[pre_name].add_bos)
+                hf = build_gpt2(tokens, types, merges, PRE_TOKENIZERS[pre_name])
+            else:
+                scores = _list(md, "tokenizer.ggml.scores", (int, float), n)
+                if scores is None:
+                    raise _bad("tokenizer.ggml.scores", "missing (a SentencePiece tokenizer needs token scores)")
+                add_bos = _flag(md, "tokenizer.ggml.add_bos_token", True)
+                prefix = _flag(md, "tokenizer.ggml.add_space_prefix", True)
+                unk = tokens[ids["unknown"]] if ids["unknown"] is not None else None
+                hf = build_spm(tokens, types, scores[:n], prefix, unk)
+        except TokenizerError:
+            raise
+        except Exception as e:  # tokenizers rejects something in the vocabulary
+            raise _bad("tokenizer.ggml.*", f"could not build the tokenizer ({type(e).__name__}: {e})") from e
+        if add_bos and ids["bos"] is None:
+            raise _bad("tokenizer.ggml.bos_token_id", "missing, but add_bos_token is true")
+
+        eog = {i for i in (ids["eos"], ids["eot"], ids["eom"]) if i is not None}
+        eog.update(i for i in map(hf.token_to_id, EOG_TEXTS) if i is not None)
+
+        def text_of(i: int | None) -> str:
+            return tokens[i] if i is not None else ""
+
+        source, origin = pick_template(md.get("tokenizer.chat_template"), md.get("general.architecture"))
+        template = ChatTemplate(source, origin, text_of(ids["bos"]), text_of(ids["eos"]))
+        return cls(hf, tokens, types, model, pre, ids["bos"], ids["eos"], frozenset(eog), add_bos, template)
+
+    # ---------------------------------------------------------------- encode / decode
+
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. parse_special: control tokens written in the text (e.g. '<|im_start|>')
+        become their ids; otherwise they are tokenized as plain text. User-defined tokens always match."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() needs a str, got {type(text).__name__}")
+        with self._encode_lock:
+            self.hf.encode_special_tokens = not parse_special
+            try:
+                ids = self.hf.encode(text, add_special_tokens=False).ids
+            except TypeError:  # lone surrogates (legal in JSON strings) are not UTF-8: encode them as U+FFFD
+                ids = self.hf.encode(_LONE_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise TokenizerError(
+                    "add_bos was requested but this model has no BOS token (tokenizer.ggml.bos_token_id); "
+                    "encode with add_bos=False."
+                )
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token's piece (may be part of a UTF-8 character)."""
+        i = operator.index(token_id)
+        if not 0 <= i < self.vocab_size:
+            raise TokenizerError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1}).")
+        piece = self._bytes[i]
+        if piece is None:
+            piece = self._bytes[i] = self._compute_bytes(i)
+        return piece
+
+    def _compute_bytes(self, i: int) -> bytes:
+        text, kind = self.tokens[i], self.token_types[i]
+        if kind == BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            return bytes([int(text[3:5], 16)])
+        if kind == NORMAL:
+            if self.model_kind == "llama":
+                return text.replace(SPM_SPACE, " ").encode("utf-8")
+            # Byte-level BPE: each char stands for one byte (a char outside the map is kept as UTF-8).
+            return b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode("utf-8") for c in text)
+        if kind in (CONTROL, UNKNOWN, USER_DEFINED):
+            return text.encode("utf-8")  # stored as plain text in GGUF
+        return b""  # unused / undefined tokens render as nothing (llama.cpp does the same)
+
+    def _piece_fn(self, skip_special: bool):
+        if not skip_special:
+            return self.token_bytes
+        types = self.token_types
+
+        def piece(token_id: int) -> bytes:
+            b = self.token_bytes(token_id)
+            return b"" if types[operator.index(token_id)] in SPECIAL_TYPES else b
+
+        return piece
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Text of `ids`: the concatenation of the tokens' pieces (invalid UTF-8 becomes U+FFFD).
+        skip_special drops control tokens such as <|im_end|>."""
+        piece = self._piece_fn(skip_special)
+        return b"".join(map(piece, ids)).decode("utf-8", errors="replace")
+
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
+        """Incremental decoder: joined feed() outputs + flush() == decode(ids, skip_special)."""
+        return StreamDecoder(self._piece_fn(skip_special))
+
+    # ---------------------------------------------------------------- chat
+
+    @property
+    def chat_template(self) -> str:
+        return self._template.source
+
+    @property
+    def chat_template_source(self) -> str:
+        """'gguf' when the model file carries the template, else 'builtin:<name>'."""
+        return self._template.origin
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self._template.render(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Render then tokenize. Templates often write the BOS themselves ('<bos>...'); it is then parsed
+        as the BOS token and not added a second time."""
+        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+        if self.add_bos and (not ids or ids[0] != self.bos_id):
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({self.model_kind}, pre={self.pre!r}, vocab={self.vocab_size}, bos={self.bos_id}, "
+            f"eos={self.eos_id}, add_bos={self.add_bos}, chat_template={self.chat_template_source})"
+        )

@@ -1,0 +1,44 @@
+"""Comparing kvgraph with the HF transformers reference outputs in shared/reference (DESIGN §6)."""
+from __future__ import annotations
+
+import numpy as np
+
+from kvgraph.engine.context import Context
+from kvgraph.engine.generate import Session
+
+
+def prompt_ids_for(tokenizer, case: dict) -> list[int]:
+    if case["kind"] == "chat":
+        return tokenizer.encode_chat(case["prompt"], add_generation_prompt=True)
+    return tokenizer.encode(case["prompt"])
+
+
+def greedy_trace(ctx: Context, tokenizer, prompt_ids: list[int], n_new: int) -> tuple[list[int], np.ndarray]:
+    """Exactly n_new argmax tokens (end tokens not stopped at), with the logits each was chosen from."""
+    session = Session(ctx, tokenizer)
+    session.reset()
+    logits = session.eval_prompt(prompt_ids)[-1]
+    ids, rows = [], []
+    for i in range(n_new):
+        rows.append(logits)
+        tok = int(np.argmax(logits))
+        ids.append(tok)
+        if i + 1 < n_new:
+            logits = session.step(tok)[-1]
+    return ids, np.stack(rows)
+
+
+def compare_greedy(case: dict, ids: list[int], logits: np.ndarray, margin_limit: float, top5_atol: float | None):
+    """Assert the DESIGN §6 rule; returns the number of steps compared."""
+    for i, step in enumerate(case["steps"]):
+        if top5_atol is not None:
+            got = logits[i][[t for t, _ in step["top5"]]]
+            ref = np.array([v for _, v in step["top5"]], np.float32)
+            assert np.max(np.abs(got - ref)) <= top5_atol, (
+                f"{case['kind']} {case['prompt']!r:.40}: step {i} top-5 logits off by {np.max(np.abs(got - ref)):.4f}")
+        if ids[i] != step["id"]:
+            assert step["margin"] < margin_limit, (
+                f"{case['kind']} {case['prompt']!r:.40}: diverged at step {i} (got {ids[i]}, want {step['id']}) "
+                f"where the reference margin is {step['margin']}")
+            return i
+    return len(case["steps"])
