@@ -43,7 +43,7 @@ class Context:
         enabled = graph_cache and not env_flag("KVGRAPH_NO_GRAPH_CACHE")
         self.cache = GraphCache(cache_capacity, enabled=enabled,
                                 verify=verify or env_flag("KVGRAPH_GRAPH_CACHE_VERIFY"))
-        self.memories = self.model.create_memories(n_ctx, self.backend.alloc_state, flash_attn)
+        self.memories = self.model.create_memories(n_ctx, n_ubatch, self.backend.alloc_state, flash_attn)
         self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
 
     @property

@@ -65,7 +65,7 @@ class Model:
         """Architecture-specific hyper-parameters, stored in ModelConfig.extra."""
         return {}
 
-    def create_memories(self, n_ctx: int, alloc: Callable, flash_attn: bool) -> dict[str, Any]:
+    def create_memories(self, n_ctx: int, n_ubatch: int, alloc: Callable, flash_attn: bool) -> dict[str, Any]:
         raise NotImplementedError
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:

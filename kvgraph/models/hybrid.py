@@ -61,7 +61,7 @@ class HybridModel(Model):
                            f"blk.{i}.ssm_out.weight": (c.n_embd, d)}
         return shapes
 
-    def create_memories(self, n_ctx, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
         c, e = self.cfg, self.cfg.extra
         recurrent = [i for i in range(c.n_layer) if i not in self.attention_layers]
         row = (e["d_conv"] - 1) * e["d_inner"] + e["d_state"] * e["d_inner"]

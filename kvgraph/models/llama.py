@@ -34,7 +34,7 @@ class LlamaModel(Model):
             }
         return shapes
 
-    def create_memories(self, n_ctx, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
         c = self.cfg
         return {"kv": KVCache("kv", range(c.n_layer), n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v,
                               v_trans=not flash_attn, alloc=alloc)}
