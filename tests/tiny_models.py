@@ -211,3 +211,68 @@ def write_tiny_hybrid(path: str | Path, spec: HybridSpec | None = None) -> dict[
     w.write_tensors_to_file()
     w.close()
     return tensors
+
+
+@dataclass
+class Gemma3Spec:
+    n_layer: int = 4
+    n_embd: int = 32
+    n_head: int = 4
+    n_head_kv: int = 1
+    head_dim: int = 16           # != n_embd / n_head, as in the real model
+    n_ff: int = 64
+    sliding_window: int = 4
+    swa_pattern: int = 2         # layers 1, 3 global; 0, 2 sliding
+    rope_base: float = 1000000.0
+    rope_base_swa: float = 10000.0
+    rms_eps: float = 1e-6
+    seed: int = 0
+
+
+def write_tiny_gemma3(path: str | Path, spec: Gemma3Spec | None = None) -> dict[str, np.ndarray]:
+    spec = spec or Gemma3Spec()
+    rng = np.random.default_rng(spec.seed)
+    arch = "gemma3"
+    tok = tiny_tokenizer_metadata()
+    n_vocab = len(tok["tokens"])
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny-gemma3-test")
+    w.add_block_count(spec.n_layer)
+    w.add_context_length(1024)
+    w.add_embedding_length(spec.n_embd)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv)
+    w.add_key_length(spec.head_dim)
+    w.add_value_length(spec.head_dim)
+    w.add_rope_freq_base(spec.rope_base)
+    w.add_float32(f"{arch}.rope.freq_base_swa", spec.rope_base_swa)
+    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w.add_sliding_window(spec.sliding_window)
+    w.add_uint32(f"{arch}.attention.sliding_window_pattern", spec.swa_pattern)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    E, hd, q, kv = spec.n_embd, spec.head_dim, spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
+    shapes = {"token_embd.weight": (n_vocab, E), "output_norm.weight": (E,)}
+    for i in range(spec.n_layer):
+        shapes |= {f"blk.{i}.attn_norm.weight": (E,), f"blk.{i}.attn_q.weight": (q, E),
+                   f"blk.{i}.attn_k.weight": (kv, E), f"blk.{i}.attn_v.weight": (kv, E),
+                   f"blk.{i}.attn_q_norm.weight": (hd,), f"blk.{i}.attn_k_norm.weight": (hd,),
+                   f"blk.{i}.attn_output.weight": (E, q), f"blk.{i}.post_attention_norm.weight": (E,),
+                   f"blk.{i}.ffn_norm.weight": (E,), f"blk.{i}.ffn_gate.weight": (spec.n_ff, E),
+                   f"blk.{i}.ffn_up.weight": (spec.n_ff, E), f"blk.{i}.ffn_down.weight": (E, spec.n_ff),
+                   f"blk.{i}.post_ffw_norm.weight": (E,)}
+    tensors = {}
+    for name, shape in shapes.items():
+        value = 1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else rng.standard_normal(shape) / np.sqrt(shape[-1])
+        tensors[name] = _store(w, name, value.astype(np.float32), "F32")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tensors
