@@ -13,5 +13,5 @@ def get_backend(name: str | None = None, threads: int | None = None):
     if name == "auto":
         name = DEFAULT_BACKEND
     if name == "numpy":
-        return NumpyBackend()
+        return NumpyBackend(threads)
     raise InvalidArgumentError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}.")

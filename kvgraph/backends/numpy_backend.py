@@ -317,12 +317,28 @@ def _view(t: Tensor, src: np.ndarray) -> np.ndarray:
 class NumpyBackend:
     name = "numpy"
 
+    def __init__(self, threads: int | None = None):
+        self.n_threads = threads
+        if threads:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=threads, user_api="blas")   # process-wide, as -t asks
+
     def load_weight(self, gguf_file, name: str) -> np.ndarray:
         """The reference computes in float32: every weight is dequantized once, at load."""
         return gguf_file.dequantize(name)
 
     def tie_output(self, embedding: np.ndarray) -> np.ndarray:
         return embedding
+
+    def weights_nbytes(self, weights: Mapping[str, np.ndarray]) -> int:
+        return sum(w.nbytes for w in {id(w): w for w in weights.values()}.values())
+
+    def threads(self, n: int | None):
+        """Context manager limiting BLAS threads (numpy's matmuls) to n."""
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=n, user_api="blas")
 
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, dtype=np.float32, copy=True)

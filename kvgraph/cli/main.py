@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list known and cached models")
     p.set_defaults(func=cmd_models)
+
+    from .bench_cmd import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 

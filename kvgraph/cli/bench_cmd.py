@@ -1,0 +1,247 @@
+"""`kvgraph bench`: llama-bench's vocabulary and output, plus graph-cache and host-overhead columns.
+
+Results go to stdout (md, json, jsonl or csv); progress goes to stderr, so `-o json > file` is clean.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidArgumentError, KvgraphError
+
+OUTPUTS = ("md", "json", "jsonl", "csv")
+
+
+def _int_list(flag: str, text: str, minimum: int = 0) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise InvalidArgumentError(f"{flag}: expected comma-separated integers, got {text!r}.") from None
+    if any(v < minimum for v in values):
+        raise InvalidArgumentError(f"{flag}: values must be >= {minimum}, got {text!r}.")
+    return values
+
+
+def _on_off_list(flag: str, text: str) -> list[bool]:
+    out = []
+    for v in text.split(","):
+        v = v.strip().lower()
+        if v in ("on", "1", "true", "yes"):
+            out.append(True)
+        elif v in ("off", "0", "false", "no"):
+            out.append(False)
+        else:
+            raise InvalidArgumentError(f"{flag}: expected on/off values, got {text!r}.")
+    return out
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="llama-bench style speed test (pp/tg t/s, host overhead, memory)",
+                       description="Measure prompt processing (ppN) and generation (tgN) speed. Comma lists "
+                                   "multiply: every combination is one row.")
+    p.add_argument("-m", "--model", default=None, help="GGUF paths or known names, comma-separated (default smollm2-135m)")
+    p.add_argument("-p", "--n-prompt", default="512", help="prompt lengths, e.g. 128,512 (default 512; 0 skips)")
+    p.add_argument("-n", "--n-gen", default="128", help="generation lengths (default 128; 0 skips)")
+    p.add_argument("-d", "--n-depth", default="0", help="context depth before each test (default 0)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions after a warm-up (default 5)")
+    p.add_argument("-t", "--threads", default=None, help="thread counts (default: physical cores)")
+    p.add_argument("--backend", default=None, help="backends, comma-separated (default: the default backend)")
+    p.add_argument("--graph-cache", default="on", help="on, off or on,off (default on)")
+    p.add_argument("--flash-attn", "-fa", default="off", help="on, off or on,off (default off)")
+    p.add_argument("--ubatch", type=int, default=512, help="prompt tokens per graph run (default 512)")
+    p.add_argument("-o", "--output", choices=OUTPUTS, default="md", help="output format (default md)")
+    p.add_argument("--compare", metavar="LLAMA_BENCH", default=None,
+                   help="path to llama.cpp's llama-bench: run it on the same file and tests, interleaved, "
+                        "and add a ratio column")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="plot t/s against depth (needs matplotlib)")
+    p.set_defaults(func=cmd_bench)
+
+
+@dataclass
+class _Combo:
+    model: str
+    backend: str
+    threads: int
+    flash_attn: bool
+    graph_cache: bool
+
+
+def _model_type(info) -> str:
+    import gguf
+
+    label = info.get("general.size_label")
+    ftype = info.get("general.file_type")
+    try:
+        ftype_name = gguf.LlamaFileType(ftype).name.replace("MOSTLY_", "") if ftype is not None else "?"
+    except ValueError:
+        ftype_name = str(ftype)
+    return f"{info.get('general.architecture', '?')} {label or '?'} {ftype_name}"
+
+
+def _llama_bench(binary: str, model_path: str, test, reps: int, threads: int, flash_attn: bool,
+                 err) -> float | None:
+    """avg t/s llama-bench reports for the same test, or None (with a note on stderr) when it fails."""
+    cmd = [binary, "-m", model_path, "-r", str(reps), "-t", str(threads), "-fa", "1" if flash_attn else "0",
+           "-p", str(test.n_prompt), "-n", str(test.n_gen), "-d", str(test.n_depth), "-o", "jsonl"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"--compare: llama-bench failed to run ({exc}); no ratio for {test.name}", file=err)
+        return None
+    for line in proc.stdout.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("n_prompt") == test.n_prompt and row.get("n_gen") == test.n_gen:
+            return float(row["avg_ts"])
+    print(f"--compare: llama-bench gave no result for {test.name} (exit {proc.returncode}): "
+          f"{(proc.stderr.strip().splitlines() or [''])[-1]}", file=err)
+    return None
+
+
+def cmd_bench(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..api import LLM
+    from ..bench import BenchRow, BenchTest, measure, physical_cores
+    from ..registry import resolve_model
+
+    err = sys.stderr
+    prompts = [p for p in _int_list("-p", args.n_prompt) if p > 0]
+    gens = [n for n in _int_list("-n", args.n_gen) if n > 0]
+    depths = _int_list("-d", args.n_depth)
+    threads = _int_list("-t", args.threads, 1) if args.threads else [physical_cores()]
+    if args.repetitions < 1:
+        raise InvalidArgumentError(f"-r must be >= 1, got {args.repetitions}.")
+    if not prompts and not gens:
+        raise InvalidArgumentError("nothing to measure: give -p and/or -n values above 0.")
+    caches = _on_off_list("--graph-cache", args.graph_cache)
+    fas = _on_off_list("--flash-attn", args.flash_attn)
+    backends = [b.strip() for b in args.backend.split(",")] if args.backend else [None]
+    models = [m.strip() for m in args.model.split(",")] if args.model else [None]
+    tests = [BenchTest(p, 0, d) for d in depths for p in prompts] + [BenchTest(0, n, d) for d in depths for n in gens]
+    compare = args.compare
+    if compare and not (Path(compare).is_file() or shutil.which(compare)):
+        print(f"--compare: llama-bench not found at {compare!r}; skipping the llama.cpp comparison.", file=err)
+        compare = None
+
+    rows: list[BenchRow] = []
+    total = len(models) * len(backends) * len(threads) * len(fas) * len(caches) * len(tests) * (args.repetitions + 1)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=_err_console(), transient=True) as progress:
+        task = progress.add_task("bench", total=total)
+        for model in models:
+            path = resolve_model(model, progress=True)
+            for backend in backends:
+                for n_threads in threads:
+                    for fa in fas:
+                        for gc in caches:
+                            n_ctx = max(depths) + max(prompts + gens) + 1
+                            llm = LLM(str(path), n_ctx=n_ctx, n_ubatch=args.ubatch, backend=backend, threads=n_threads,
+                                      graph_cache=gc, flash_attn=fa)
+                            meta = llm.loaded.file.metadata
+                            for test in tests:
+                                progress.update(task, description=f"{Path(path).name} {llm.loaded.backend.name} "
+                                                f"t={n_threads} fa={'on' if fa else 'off'} "
+                                                f"cache={'on' if gc else 'off'} {test.name}")
+                                row = BenchRow(
+                                    model_filename=str(path), model_type=_model_type(meta),
+                                    model_size=llm.loaded.file.file_size,
+                                    model_n_params=sum(t.n_elements for t in llm.loaded.file.tensors.values()),
+                                    backend=llm.loaded.backend.name, n_threads=n_threads, n_ubatch=args.ubatch,
+                                    flash_attn=fa, graph_cache=gc, n_prompt=test.n_prompt, n_gen=test.n_gen,
+                                    n_depth=test.n_depth, test=test.name,
+                                    weights_mb=llm.loaded.backend.weights_nbytes(llm.loaded.weights) / 1e6)
+                                with llm.loaded.backend.threads(n_threads):
+                                    measure(llm.ctx, test, args.repetitions, llm.loaded.config.n_vocab, row,
+                                            on_rep=lambda: progress.advance(task))
+                                progress.advance(task)
+                                if compare:
+                                    progress.update(task, description=f"llama-bench {test.name}")
+                                    row.llama_cpp_ts = _llama_bench(compare, str(path), test, args.repetitions,
+                                                                    n_threads, fa, err)
+                                rows.append(row)
+                            del llm
+    sys.stdout.write(render(rows, args.output))
+    sys.stdout.flush()
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot written to {args.plot}", file=err)
+    return 0
+
+
+def _err_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def render(rows, fmt: str) -> str:
+    dicts = [r.as_dict() for r in rows]
+    if fmt == "json":
+        return json.dumps(dicts, indent=2) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(d) + "\n" for d in dicts)
+    if fmt == "csv":
+        buf = io.StringIO()
+        if dicts:
+            writer = csv.DictWriter(buf, fieldnames=list(dicts[0]))
+            writer.writeheader()
+            for d in dicts:
+                writer.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in d.items()})
+        return buf.getvalue()
+    return render_markdown(rows)
+
+
+def render_markdown(rows) -> str:
+    compare = any(r.llama_cpp_ts is not None for r in rows)
+    head = ["model", "size", "params", "backend", "threads", "fa", "graph cache", "test", "t/s",
+            "host ms/tok", "build+plan+compile ms/tok", "peak RSS MiB"]
+    if compare:
+        head += ["llama.cpp t/s", "ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i >= 4 else "---" for i in range(len(head))) + "|"]
+    for r in rows:
+        cells = [r.model_type, f"{r.model_size / 2**20:.2f} MiB", f"{r.model_n_params / 1e6:.2f} M", r.backend,
+                 str(r.n_threads), "on" if r.flash_attn else "off", "on" if r.graph_cache else "off", r.test,
+                 f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}", f"{r.host_ms_per_token:.3f}",
+                 f"{r.build_ms + r.plan_ms + r.compile_ms:.3f}", f"{r.peak_rss_mb:.0f}"]
+        if compare:
+            cells += [f"{r.llama_cpp_ts:.2f}" if r.llama_cpp_ts else "-",
+                      f"{r.avg_ts / r.llama_cpp_ts:.2f}" if r.llama_cpp_ts else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise KvgraphError("--plot needs matplotlib: pip install 'kvgraph[plot]'.") from None
+    series: dict[tuple, list[tuple[int, float, float]]] = {}
+    for r in rows:
+        name = (r.test.split(" @")[0], r.backend, r.flash_attn, r.graph_cache)
+        series.setdefault(name, []).append((r.n_depth, r.avg_ts, r.stddev_ts))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (test, backend, fa, gc), pts in sorted(series.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                    linestyle="-" if gc else "--",
+                    label=f"{test} {backend}{' fa' if fa else ''} cache {'on' if gc else 'off'}")
+    ax.set_xlabel("context depth (tokens)")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("kvgraph bench")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
