@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     from .bench_cmd import add_bench_parser
+    from .perplexity_cmd import add_perplexity_parser
     add_bench_parser(sub)
+    add_perplexity_parser(sub, _add_model_args)
     return parser
 
 

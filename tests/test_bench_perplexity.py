@@ -1,0 +1,147 @@
+"""`kvgraph bench` and `kvgraph perplexity` on tiny models: formats parse and carry llama-bench's fields,
+every mode runs, and perplexity equals an independent formula. No timing assertions."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import stat
+
+import numpy as np
+import pytest
+
+from kvgraph.backends import get_backend
+from kvgraph.cli.main import main
+from kvgraph.engine.context import Context
+from kvgraph.engine.loader import load_model
+from kvgraph.perplexity import perplexity
+from test_reference_executor import direct_llama_logits
+from tiny_models import TinySpec, write_tiny_llama
+
+LLAMA_BENCH_FIELDS = ("model_filename", "model_type", "model_size", "model_n_params", "n_threads", "n_prompt",
+                      "n_gen", "n_depth", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ts")
+OUR_FIELDS = ("graph_cache", "backend", "flash_attn", "host_ms_per_token", "build_ms", "plan_ms", "compute_ms",
+              "peak_rss_mb", "cache_hits", "cache_misses", "set_inputs_ms", "compile_ms", "sampling_ms",
+              "weights_mb", "kv_cache_mb", "compute_buffer_mb")
+
+
+def bench(capsys, path, *extra):
+    rc = main(["bench", "-m", str(path), "-p", "8", "-n", "4", "-r", "2", *extra])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return out.out
+
+
+def test_bench_json_has_llama_bench_and_kvgraph_fields(tiny_llama, capsys):
+    rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "-d", "0,8", "--graph-cache", "on,off"))
+    assert len(rows) == 2 * 2 * 2  # (pp8, tg4) x depth (0, 8) x cache (on, off)
+    for r in rows:
+        for f in LLAMA_BENCH_FIELDS + OUR_FIELDS:
+            assert f in r, f
+        assert len(r["samples_ts"]) == 2 and r["avg_ts"] > 0 and r["model_n_params"] > 0
+    tests = {(r["test"], r["graph_cache"]) for r in rows}
+    assert ("tg4 @ d8", False) in tests and ("pp8", True) in tests
+    cached_tg = [r for r in rows if r["graph_cache"] and r["n_gen"]]
+    uncached_tg = [r for r in rows if not r["graph_cache"] and r["n_gen"]]
+    assert all(r["cache_misses"] == 0 and r["build_ms"] == 0 for r in cached_tg)  # warm-up built them
+    assert all(r["cache_hits"] == 0 and r["build_ms"] > 0 for r in uncached_tg)
+
+
+def test_bench_jsonl_csv_and_markdown(tiny_llama, capsys):
+    lines = bench(capsys, tiny_llama[0], "-o", "jsonl", "--flash-attn", "on,off").strip().splitlines()
+    assert len(lines) == 4 and {json.loads(x)["flash_attn"] for x in lines} == {True, False}
+    rows = list(csv.DictReader(io.StringIO(bench(capsys, tiny_llama[0], "-o", "csv"))))
+    assert len(rows) == 2 and float(rows[0]["avg_ts"]) > 0 and ";" in rows[0]["samples_ns"]
+    md = bench(capsys, tiny_llama[0]).splitlines()
+    assert md[0].startswith("| model |") and "graph cache" in md[0] and "t/s" in md[0]
+    assert len(md) == 4 and "pp8" in md[2] and "tg4" in md[3]
+
+
+def test_bench_compare_with_llama_bench(tiny_llama, capsys, tmp_path):
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/usr/bin/env python3\nimport sys\na = sys.argv\np = int(a[a.index('-p') + 1]); "
+                    "n = int(a[a.index('-n') + 1])\n"
+                    "print('{\"n_prompt\": %d, \"n_gen\": %d, \"avg_ts\": 10.0}' % (p, n))\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "--compare", str(fake)))
+    assert all(r["llama_cpp_ts"] == 10.0 for r in rows)
+    md = bench(capsys, tiny_llama[0], "--compare", str(fake))
+    assert "ratio" in md.splitlines()[0]
+
+
+def test_bench_compare_skips_missing_binary(tiny_llama, capsys):
+    rc = main(["bench", "-m", str(tiny_llama[0]), "-p", "4", "-n", "0", "-r", "1", "-o", "json",
+               "--compare", "/nonexistent/llama-bench"])
+    out = capsys.readouterr()
+    assert rc == 0 and "not found" in out.err and json.loads(out.out)[0]["llama_cpp_ts"] is None
+
+
+def test_bench_plot(tiny_llama, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "b.png"
+    bench(capsys, tiny_llama[0], "-d", "0,4", "--plot", str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_rejects_bad_values(tiny_llama, capsys):
+    assert main(["bench", "-m", str(tiny_llama[0]), "-p", "x"]) == 1
+    assert "comma-separated integers" in capsys.readouterr().err
+    assert main(["bench", "-m", str(tiny_llama[0]), "--graph-cache", "maybe"]) == 1
+
+
+def independent_ppl(tensors, spec, tokens, n_ctx):
+    """llama-perplexity's rule computed straight from a direct float64 forward pass."""
+    nll = []
+    for c in range(len(tokens) // n_ctx):
+        chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
+        logits = direct_llama_logits(tensors, spec, chunk)
+        for j in range(n_ctx // 2, n_ctx - 1):
+            z = logits[j] - logits[j].max()
+            nll.append(-(z[chunk[j + 1]] - math.log(np.exp(z).sum())))
+    return math.exp(float(np.mean(nll)))
+
+
+@pytest.fixture(scope="module")
+def ppl_model(tmp_path_factory):
+    spec = TinySpec(seed=3)
+    path = tmp_path_factory.mktemp("ppl") / "m.gguf"
+    tensors = write_tiny_llama(path, spec)
+    tokens = [int(t) for t in np.random.default_rng(7).integers(3, 260, 100)]
+    return path, tensors, spec, tokens
+
+
+def test_perplexity_equals_independent_formula_within_0_1_percent(ppl_model):
+    path, tensors, spec, tokens = ppl_model
+    loaded = load_model(path, get_backend("numpy"))
+    result = perplexity(Context(loaded, n_ctx=32, n_ubatch=16), loaded.tokenizer, tokens, 32)
+    ref = independent_ppl(tensors, spec, tokens, 32)
+    assert result.n_chunks == 3 and result.n_scored == 3 * 15
+    assert abs(result.ppl / ref - 1) < 1e-3
+    assert len(result.running) == 3 and result.ppl_err > 0
+
+
+def test_perplexity_cli_save_logits_and_kl_divergence(ppl_model, capsys, tmp_path):
+    path, _, _, tokens = ppl_model
+    from kvgraph.tokenizer import Tokenizer  # noqa: F401  (text round-trips through the byte-level vocab)
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("the cat sat on the mat and then the dog ran in the sun " * 6)
+    base = tmp_path / "base.npz"
+    assert main(["perplexity", "-m", str(path), "-f", str(text_file), "-c", "32", "--save-logits", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "Final estimate: PPL = " in out and base.exists()
+    assert main(["perplexity", "-m", str(path), "-f", str(text_file), "-c", "32", "--json",
+                 "--kl-divergence", str(base), "--flash-attn", "on"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kl"]["top1_agreement"] == 1.0 and result["kl"]["mean_kld"] < 1e-6
+    assert result["kl"]["max_abs_dlogit"] < 1e-3
+
+
+def test_perplexity_errors(ppl_model, capsys, tmp_path):
+    path = ppl_model[0]
+    short = tmp_path / "s.txt"
+    short.write_text("hi")
+    assert main(["perplexity", "-m", str(path), "-f", str(short), "-c", "32"]) == 1
+    assert "needs at least 32" in capsys.readouterr().err
+    assert main(["perplexity", "-m", str(path), "-f", str(tmp_path / "missing.txt")]) == 1
+    assert "cannot read" in capsys.readouterr().err
