@@ -19,6 +19,10 @@ def model_info(path: str | Path) -> dict[str, Any]:
         types[t.type_name] += 1
         type_bytes[t.type_name] += t.n_bytes
     hparams = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "name", "arch")}
+    for k, v in cfg.extra.items():  # architecture-specific: sliding window layout, recurrent sizes, ...
+        if k == "swa_layers":
+            k, v = "global_attention_layers", [i for i, swa in enumerate(v) if not swa]
+        hparams[k] = v
     return {
         "path": str(gf.path),
         "name": cfg.name,

@@ -24,12 +24,12 @@ I32 = "i32"
 
 
 class Tensor:
-    """One node of the graph. `params` holds op parameters (hashable values only)."""
+    """One node of the graph. `params` holds op parameters (hashable values only; never mutated)."""
 
     __slots__ = ("id", "op", "srcs", "shape", "dtype", "name", "params")
 
     def __init__(self, id: int, op: str, srcs: tuple["Tensor", ...], shape: tuple[int, ...], dtype: str,
-                 name: str, params: tuple[tuple[str, Any], ...]):
+                 name: str, params: dict[str, Any]):
         self.id = id
         self.op = op
         self.srcs = srcs
@@ -40,7 +40,7 @@ class Tensor:
 
     @property
     def p(self) -> dict[str, Any]:
-        return dict(self.params)
+        return self.params
 
     @property
     def n_elements(self) -> int:
@@ -56,7 +56,8 @@ class Tensor:
 
     def signature(self) -> tuple:
         """Structure of this node (sources by id): equal signatures mean identical computations."""
-        return (self.op, tuple(s.id for s in self.srcs), self.shape, self.dtype, self.name, self.params)
+        return (self.op, tuple(s.id for s in self.srcs), self.shape, self.dtype, self.name,
+                tuple(sorted(self.params.items())))
 
     def __repr__(self) -> str:
         return f"Tensor(#{self.id} {self.op} {self.name!r} {self.shape} {self.dtype})"
@@ -78,6 +79,8 @@ class Graph:
 
 
 def _broadcast(a: Sequence[int], b: Sequence[int]) -> tuple[int, ...]:
+    if a == b:
+        return tuple(a)
     n = max(len(a), len(b))
     a = (1,) * (n - len(a)) + tuple(a)
     b = (1,) * (n - len(b)) + tuple(b)
@@ -99,8 +102,7 @@ class GraphBuilder:
     # ---- node creation ----------------------------------------------------------------------------------
     def _node(self, op: str, srcs: Sequence[Tensor], shape: Sequence[int], dtype: str = F32, name: str = "",
               **params: Any) -> Tensor:
-        t = Tensor(len(self.graph.nodes), op, tuple(srcs), tuple(int(d) for d in shape), dtype, name,
-                   tuple(sorted(params.items())))
+        t = Tensor(len(self.graph.nodes), op, tuple(srcs), tuple(map(int, shape)), dtype, name, params)
         self.graph.nodes.append(t)
         return t
 
