@@ -6,6 +6,11 @@
         print(chunk, end="")
     print(llm.generate("Hello", max_tokens=8).text)
     print(llm.stats.summary())                     # graph-cache hits, misses, time split
+
+    # OpenAI-shaped, as llama-cpp-python users know it:
+    llm.create_completion("Once upon a time", max_tokens=16)["choices"][0]["text"]
+    for chunk in llm.create_chat_completion([{"role": "user", "content": "Hi"}], stream=True):
+        print(chunk["choices"][0]["delta"].get("content", ""), end="")
 """
 from __future__ import annotations
 
@@ -63,3 +68,50 @@ class LLM:
         for _ in self.session.generate(ids, max_tokens, sampling, stop, ignore_eos, result):
             pass
         return result
+
+    # ---- OpenAI-shaped, llama-cpp-python-like ---------------------------------------------------------
+    def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                          stop: str | Sequence[str] | None = None, seed: int | None = None, stream: bool = False,
+                          ignore_eos: bool = False):
+        """A `text_completion` dict, or with stream=True an iterator of completion chunks."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        return self._openai(ids, False, max_tokens, SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
+                                                                   seed=seed), stop, stream, ignore_eos)
+
+    def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.8,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                               repeat_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
+                               seed: int | None = None, stream: bool = False, ignore_eos: bool = False):
+        """A `chat.completion` dict, or with stream=True an iterator of `chat.completion.chunk` dicts."""
+        return self._openai(self.chat_prompt_ids(messages), True, max_tokens,
+                            SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed),
+                            stop, stream, ignore_eos)
+
+    def _openai(self, ids, chat, max_tokens, sampling, stop, stream, ignore_eos):
+        from . import openai_compat as oa
+
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if max_tokens is None:
+            max_tokens = max(0, self.ctx.n_ctx - len(ids))
+        result = GenerationResult(ids)
+        chunks = self.stream(ids, max_tokens, sampling.validate(), stops, ignore_eos, result)
+        rid, model = oa.new_id("chatcmpl" if chat else "cmpl"), self.model_name
+        if not stream:
+            for _ in chunks:
+                pass
+            shape = oa.chat_completion if chat else oa.completion
+            return shape(rid, model, result.text, result.finish_reason, len(ids), len(result.ids))
+
+        def gen():
+            if chat:
+                yield oa.chat_chunk(rid, model, {"role": "assistant", "content": ""})
+            for text in chunks:
+                yield oa.chat_chunk(rid, model, {"content": text}) if chat else oa.completion_chunk(rid, model, text)
+            yield oa.chat_chunk(rid, model, {}, result.finish_reason) if chat else \
+                oa.completion_chunk(rid, model, "", result.finish_reason)
+        return gen()
+
+    @property
+    def model_name(self) -> str:
+        return self.loaded.path.stem

@@ -107,50 +107,81 @@ class Session:
                  stop: Sequence[str] = (), ignore_eos: bool = False, result: GenerationResult | None = None
                  ) -> Iterator[str]:
         """Yield text chunks as tokens are generated; fills `result` (ids, text, finish reason, timings).
-        Stops at an end-of-generation token (unless ignore_eos), a stop string, or max_tokens. Text that
-        could be the start of a stop string is held back until it is known not to be one."""
+        Stops at an end-of-generation token (unless ignore_eos), a stop string, or max_tokens."""
         res = result if result is not None else GenerationResult(list(prompt_ids))
         res.prompt_ids = list(prompt_ids)
-        if max_tokens < 0:
-            raise InvalidArgumentError(f"max tokens must be >= 0, got {max_tokens}.")
-        self.ctx.check_fits(len(res.prompt_ids), max_tokens)
+        self.ctx.check_fits(len(res.prompt_ids), check_max_tokens(max_tokens))
         sampler = Sampler(sampling)
-        stops = [s for s in stop if s]
-        eog = self.tokenizer.eog_ids
+        out = OutputTracker(self.tokenizer, res, max_tokens, stop, ignore_eos)
         tm = res.timings
         t0 = time.perf_counter()
         logits = self.eval_prompt(res.prompt_ids)
         tm.prompt_s += time.perf_counter() - t0
         tm.n_prompt += self.n_processed
-        decoder = self.tokenizer.stream_decoder()
-        text, emitted, stopped = "", 0, False
-        history = list(res.prompt_ids)
-        res.finish_reason = "length"
-        for i in range(max_tokens):
+        while not out.done:
             t0 = time.perf_counter()
-            tok = sampler.sample(logits[-1], history)
+            tok = sampler.sample(logits[-1], out.history)
             tm.sample_s += time.perf_counter() - t0
-            if tok in eog and not ignore_eos:
-                res.finish_reason = "stop"
-                break
-            res.ids.append(tok)
-            history.append(tok)
-            text += decoder.feed(tok)
-            cut = _find_stop(text, stops, emitted)
-            if cut is not None:
-                text, stopped, res.finish_reason = text[:cut], True, "stop"
-                break
-            safe = len(text) - _stop_holdback(text, stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-            if i + 1 < max_tokens:   # the last token's logits are never needed
+            chunk = out.push(tok)
+            if chunk:
+                yield chunk
+            if not out.done:   # the last token's logits are never needed
                 t0 = time.perf_counter()
                 logits = self.step(tok)
                 tm.decode_s += time.perf_counter() - t0
                 tm.n_decode += 1
-        if not stopped:
-            text += decoder.flush()
-        if len(text) > emitted:
-            yield text[emitted:]
-        res.text = text
+
+
+def check_max_tokens(max_tokens: int) -> int:
+    if max_tokens < 0:
+        raise InvalidArgumentError(f"max tokens must be >= 0, got {max_tokens}.")
+    return max_tokens
+
+
+class OutputTracker:
+    """Turns sampled tokens into streamed text for one request: end tokens, stop strings (text that could
+    start one is held back until it cannot), max tokens. Fills the GenerationResult as it goes."""
+
+    def __init__(self, tokenizer, result: GenerationResult, max_tokens: int, stop: Sequence[str] = (),
+                 ignore_eos: bool = False):
+        self.res = result
+        self.max_tokens = max_tokens
+        self.stops = [s for s in stop if s]
+        self.eog = frozenset() if ignore_eos else tokenizer.eog_ids
+        self.decoder = tokenizer.stream_decoder()
+        self.history = list(result.prompt_ids)   # what the repetition penalty looks at
+        self.text, self.emitted = "", 0
+        self.done = max_tokens == 0
+        result.finish_reason = "length"
+
+    def push(self, tok: int) -> str:
+        """Account for one sampled token; returns the text that may be shown now (possibly empty)."""
+        if tok in self.eog:
+            self.res.finish_reason = "stop"
+            return self._finish(flush=True)
+        self.res.ids.append(tok)
+        self.history.append(tok)
+        self.text += self.decoder.feed(tok)
+        cut = _find_stop(self.text, self.stops, self.emitted)
+        if cut is not None:
+            self.text, self.res.finish_reason = self.text[:cut], "stop"
+            return self._finish(flush=False)
+        if len(self.res.ids) >= self.max_tokens:
+            return self._finish(flush=True)
+        safe = len(self.text) - _stop_holdback(self.text, self.stops)
+        chunk = self.text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return chunk
+
+    def _finish(self, flush: bool) -> str:
+        if flush:
+            self.text += self.decoder.flush()
+        self.done = True
+        self.res.text = self.text
+        chunk, self.emitted = self.text[self.emitted:], len(self.text)
+        return chunk
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.res.finish_reason = reason
+        self.res.text = self.text[: self.emitted]
+        self.done = True

@@ -1,0 +1,279 @@
+"""Continuous batching: requests join and leave the running batch at any step.
+
+One engine thread owns the Context. Each iteration it (1) admits queued requests into free sequence
+slots, (2) runs at most one prompt ubatch of one admitted request (chunked prefill, so a long prompt never
+stalls everyone else for long), and (3) runs one decode step for every sequence that is generating, as one
+ubatch. The decode ubatch is padded to a bucket size (1, 2, 4, 8, ...) with throwaway rows, so a handful
+of cached graphs serve every batch size, as vLLM does with CUDA graphs per batch-size bucket.
+
+Each request's tokens arrive on its own queue as events; a cancelled request (client gone) frees its slot
+at the next step.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError
+from ..graph.inputs import UBatch
+from .context import Context
+from .generate import GenerationResult, OutputTracker, check_max_tokens
+from .sampling import GREEDY, Sampler, SamplingParams
+
+
+class QueueFullError(KvgraphError):
+    """The server's request queue is full; retry later."""
+
+
+class ShuttingDownError(KvgraphError):
+    """The server is draining and takes no new requests."""
+
+
+def bucket_sizes(parallel: int) -> tuple[int, ...]:
+    sizes, b = [], 1
+    while b < parallel:
+        sizes.append(b)
+        b *= 2
+    return tuple(sizes) + (parallel,)
+
+
+@dataclass
+class Event:
+    kind: str                    # 'token' (text chunk), 'done', 'error'
+    text: str = ""
+    error: BaseException | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    sampling: SamplingParams = GREEDY
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    id: str = ""
+    # engine side
+    result: GenerationResult = field(default_factory=lambda: GenerationResult([]))
+    events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Text chunks until the request ends; raises the request's error if it failed."""
+        while True:
+            ev = self.events.get(timeout=timeout)
+            if ev.kind == "token":
+                yield ev.text
+            elif ev.kind == "error":
+                raise ev.error
+            else:
+                return
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        for _ in self.stream(timeout):
+            pass
+        return self.result
+
+
+class _Slot:
+    """A request bound to a sequence id while it is prefilled and decoded."""
+
+    def __init__(self, seq: int, req: Request, tokenizer):
+        self.seq, self.req = seq, req
+        self.req.result.prompt_ids = list(req.prompt_ids)
+        self.sampler = Sampler(req.sampling)
+        self.out = OutputTracker(tokenizer, req.result, req.max_tokens, req.stop, req.ignore_eos)
+        self.prefilled = 0          # prompt tokens already in the cache
+        self.last_token: int | None = None
+        self.n_past = 0
+
+
+@dataclass
+class SchedulerStats:
+    requests_total: int = 0
+    requests_finished: int = 0
+    requests_failed: int = 0
+    requests_cancelled: int = 0
+    requests_rejected: int = 0
+    prompt_tokens_total: int = 0
+    generated_tokens_total: int = 0
+    decode_steps: int = 0
+    decode_seconds: float = 0.0
+    batch_rows_total: int = 0
+    started: float = field(default_factory=time.time)
+
+
+class BatchScheduler:
+    def __init__(self, ctx: Context, tokenizer, parallel: int, n_ctx_per_seq: int, max_queue: int = 64):
+        if parallel < 1:
+            raise InvalidArgumentError(f"parallel must be >= 1, got {parallel}.")
+        self.ctx, self.tokenizer = ctx, tokenizer
+        self.parallel = parallel
+        self.n_ctx_per_seq = n_ctx_per_seq
+        self.max_queue = max_queue
+        self.buckets = bucket_sizes(parallel)
+        self.stats = SchedulerStats()
+        self._queue: deque[Request] = deque()
+        self._slots: dict[int, _Slot] = {}
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="kvgraph-engine", daemon=True)
+        self._thread.start()
+
+    # ---- client side --------------------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        check_max_tokens(req.max_tokens)
+        if not req.prompt_ids:
+            raise InvalidArgumentError("the prompt is empty (no tokens).")
+        need = len(req.prompt_ids) + req.max_tokens
+        if need > self.n_ctx_per_seq:
+            raise ContextOverflowError(
+                f"prompt of {len(req.prompt_ids)} tokens plus max_tokens {req.max_tokens} needs {need} tokens of "
+                f"context, but each sequence has {self.n_ctx_per_seq}; shorten the prompt or lower max_tokens.")
+        Sampler(req.sampling)   # validates the parameters now, not in the engine thread
+        with self._lock:
+            if self._stopping:
+                self.stats.requests_rejected += 1
+                raise ShuttingDownError("the server is shutting down; not accepting new requests.")
+            if len(self._queue) >= self.max_queue:
+                self.stats.requests_rejected += 1
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later.")
+            req.id = req.id or f"req-{next(self._ids)}"
+            self._queue.append(req)
+            self.stats.requests_total += 1
+            self._lock.notify()
+        return req
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._slots)
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with drain, finish the queued and running ones first."""
+        with self._lock:
+            self._stopping = True
+            if not drain:
+                for req in self._queue:
+                    req.events.put(Event("error", error=ShuttingDownError("the server shut down.")))
+                self._queue.clear()
+                for slot in self._slots.values():
+                    slot.req.cancel()
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    # ---- engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._slots and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._queue and not self._slots:
+                    return
+                self._admit()
+            try:
+                self._drop_cancelled()
+                self._prefill_one()
+                self._decode_step()
+            except Exception as exc:  # never let one bad step kill the server: fail the running requests
+                for seq in list(self._slots):
+                    self._fail(seq, exc if isinstance(exc, KvgraphError) else
+                               KvgraphError(f"internal error during a batch step: {exc!r}"))
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.parallel) if s not in self._slots]
+        while free and self._queue:
+            req = self._queue.popleft()
+            seq = free.pop(0)
+            self.ctx.seq_rm(seq)
+            self._slots[seq] = _Slot(seq, req, self.tokenizer)
+
+    def _drop_cancelled(self) -> None:
+        for seq, slot in list(self._slots.items()):
+            if slot.req.cancelled.is_set():
+                slot.out.cancel()
+                self.stats.requests_cancelled += 1
+                self._release(seq, Event("done"))
+
+    def _release(self, seq: int, event: Event) -> None:
+        slot = self._slots.pop(seq)
+        self.ctx.seq_rm(seq)
+        slot.req.events.put(event)
+
+    def _fail(self, seq: int, exc: BaseException) -> None:
+        self.stats.requests_failed += 1
+        self._release(seq, Event("error", error=exc))
+
+    def _finish(self, seq: int) -> None:
+        self.stats.requests_finished += 1
+        self._release(seq, Event("done"))
+
+    def _emit(self, seq: int, tok: int) -> None:
+        slot = self._slots[seq]
+        n_before = len(slot.req.result.ids)
+        chunk = slot.out.push(tok)
+        self.stats.generated_tokens_total += len(slot.req.result.ids) - n_before
+        if chunk:
+            slot.req.events.put(Event("token", chunk))
+        if slot.out.done:
+            self._finish(seq)
+        else:
+            slot.last_token = tok
+
+    def _prefill_one(self) -> None:
+        slot = next((s for s in self._slots.values() if s.last_token is None and not s.out.done), None)
+        if slot is None:
+            return
+        ids = slot.req.prompt_ids
+        start = slot.prefilled
+        chunk = ids[start:start + self.ctx.n_ubatch]
+        logits = self.ctx.decode(UBatch.single(chunk, start, slot.seq))
+        slot.prefilled += len(chunk)
+        slot.req.result.timings.n_prompt += len(chunk)
+        self.stats.prompt_tokens_total += len(chunk)
+        if slot.prefilled == len(ids):
+            slot.n_past = len(ids)
+            if slot.out.done:          # max_tokens == 0
+                self._finish(slot.seq)
+            else:
+                self._emit(slot.seq, slot.sampler.sample(logits[-1], slot.out.history))
+
+    def _decode_step(self) -> None:
+        rows = [s for s in self._slots.values() if s.last_token is not None]
+        if not rows:
+            return
+        n = len(rows)
+        bucket = next(b for b in self.buckets if b >= n)
+        pad = bucket - n
+        # Padding rows use sequence ids above the real slots: each sees only its own throwaway cell.
+        seqs = [s.seq for s in rows] + [self.parallel + i for i in range(pad)]
+        ub = UBatch(tokens=np.array([s.last_token for s in rows] + [0] * pad, np.int32),
+                    pos=np.array([s.n_past for s in rows] + [0] * pad, np.int32),
+                    seq=np.array(seqs, np.int32), out_rows=np.arange(bucket, dtype=np.int32))
+        t0 = time.perf_counter()
+        try:
+            logits = self.ctx.decode(ub)
+        finally:
+            for i in range(pad):
+                self.ctx.seq_rm(self.parallel + i)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.batch_rows_total += n
+        for i, slot in enumerate(rows):
+            slot.n_past += 1
+            slot.req.result.timings.n_decode += 1
+            self._emit(slot.seq, slot.sampler.sample(logits[i], slot.out.history))

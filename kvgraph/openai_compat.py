@@ -1,0 +1,143 @@
+"""OpenAI-shaped requests and responses, shared by the Python API (`LLM.create_completion`, ...) and the
+HTTP server. Parsing validates every field and raises InvalidArgumentError naming the field, which the
+server turns into a 400 with an OpenAI-style error body."""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .engine.sampling import SamplingParams
+from .errors import InvalidArgumentError
+
+MAX_STOP = 4
+
+
+@dataclass
+class GenParams:
+    max_tokens: int | None       # None: as many as the context allows
+    sampling: SamplingParams
+    stop: list[str]
+    stream: bool
+    ignore_eos: bool = False
+
+
+def _num(body: Mapping[str, Any], key: str, default, kind=float, lo=None, hi=None):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise InvalidArgumentError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
+    value = kind(value)
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise InvalidArgumentError(f"'{key}' must be between {lo} and {hi}, got {value!r}.")
+    return value
+
+
+def parse_params(body: Mapping[str, Any], chat: bool) -> GenParams:
+    if not isinstance(body, Mapping):
+        raise InvalidArgumentError("the request body must be a JSON object.")
+    n = _num(body, "n", 1, int, 1, 1)
+    del n  # only n=1 is supported; larger values were rejected above
+    if body.get("logprobs") not in (None, False, 0):
+        raise InvalidArgumentError("'logprobs' is not supported.")
+    for key in ("frequency_penalty", "presence_penalty"):
+        if _num(body, key, 0.0, float, -2.0, 2.0) != 0.0:
+            raise InvalidArgumentError(f"'{key}' is not supported; use 'repeat_penalty'.")
+    max_key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _num(body, max_key, None if chat else 16, int, 0, 1 << 20)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise InvalidArgumentError("'stop' must be a string or a list of strings.")
+    if len(stop) > MAX_STOP:
+        raise InvalidArgumentError(f"'stop' takes at most {MAX_STOP} strings.")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise InvalidArgumentError(f"'seed' must be an integer, got {seed!r}.")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidArgumentError("'stream' must be true or false.")
+    sampling = SamplingParams(
+        temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
+        top_p=_num(body, "top_p", 1.0, float, 0.0, 1.0) or 1.0,
+        top_k=_num(body, "top_k", 0, int, 0, 1 << 30),
+        min_p=_num(body, "min_p", 0.0, float, 0.0, 1.0),
+        repeat_penalty=_num(body, "repeat_penalty", 1.0, float, 0.0, 10.0),
+        seed=seed).validate()
+    return GenParams(max_tokens, sampling, stop, stream, bool(body.get("ignore_eos", False)))
+
+
+def parse_prompt(body: Mapping[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise InvalidArgumentError("'prompt' must be a string or a list of token ids (one prompt per request).")
+
+
+def parse_messages(body: Mapping[str, Any]) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgumentError("'messages' must be a non-empty list of {role, content} objects.")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise InvalidArgumentError(f"messages[{i}] must be an object with a string 'role'.")
+        content = m.get("content")
+        if isinstance(content, list):   # OpenAI content parts: keep the text ones
+            if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise InvalidArgumentError(f"messages[{i}].content: only text parts are supported.")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise InvalidArgumentError(f"messages[{i}].content must be a string.")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
+               completion_tokens: int) -> dict:
+    return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(id: str, model: str, text: str, finish_reason: str | None = None) -> dict:
+    return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def chat_completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
+                    completion_tokens: int) -> dict:
+    return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+    return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
