@@ -292,8 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench_cmd import add_bench_parser
     from .perplexity_cmd import add_perplexity_parser
+    from .serve_cmd import add_serve_parser
     add_bench_parser(sub)
     add_perplexity_parser(sub, _add_model_args)
+    add_serve_parser(sub, _add_model_args)
     return parser
 
 

@@ -1,0 +1,193 @@
+"""OpenAI-compatible HTTP server (FastAPI) over the continuous-batching scheduler.
+
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (plain and SSE streaming), /health, /metrics
+(Prometheus text). Bad requests get an OpenAI-style error body with 400; a full queue or a draining server
+503. A client that disconnects mid-request has its request cancelled, which frees its sequence slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from .. import openai_compat as oa
+from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
+from ..errors import KvgraphError
+
+POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
+
+
+class ServerState:
+    def __init__(self, scheduler: BatchScheduler, tokenizer, model_id: str):
+        self.scheduler, self.tokenizer, self.model_id = scheduler, tokenizer, model_id
+        self.http_requests: dict[str, int] = {}
+        self.started = time.time()
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=oa.error_body(message, type_, code))
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="kvgraph", version="0.1.0")
+    app.state.kv = state
+
+    @app.exception_handler(QueueFullError)
+    async def _queue_full(request, exc):
+        return _error(503, str(exc), "server_busy", "queue_full")
+
+    @app.exception_handler(ShuttingDownError)
+    async def _draining(request, exc):
+        return _error(503, str(exc), "server_busy", "shutting_down")
+
+    @app.exception_handler(KvgraphError)
+    async def _user_error(request, exc):
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        return _error(422, f"invalid request: {exc.errors()[:3]}")
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        state.http_requests[request.url.path] = state.http_requests.get(request.url.path, 0) + 1
+        return await call_next(request)
+
+    async def _body(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise KvgraphError(f"the request body is not valid JSON ({exc}).") from None
+        if not isinstance(body, dict):
+            raise KvgraphError("the request body must be a JSON object.")
+        model = body.get("model")
+        if model is not None and model != state.model_id:
+            raise KvgraphError(f"model {model!r} is not served here; this server serves {state.model_id!r} "
+                               "(see /v1/models).")
+        return body
+
+    @app.get("/health")
+    async def health():
+        sched = state.scheduler
+        return {"status": "ok", "model": state.model_id, "active": sched.active, "queue": sched.queue_depth,
+                "slots": sched.parallel}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": int(state.started),
+                                            "owned_by": "kvgraph"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request)
+        params = oa.parse_params(body, chat=False)
+        prompt = oa.parse_prompt(body)
+        ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        return await _serve(request, ids, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _body(request)
+        params = oa.parse_params(body, chat=True)
+        ids = state.tokenizer.encode_chat(oa.parse_messages(body), add_generation_prompt=True)
+        return await _serve(request, ids, params, chat=True)
+
+    async def _serve(request: Request, ids: list[int], params: oa.GenParams, chat: bool):
+        sched = state.scheduler
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max(0, sched.n_ctx_per_seq - len(ids))
+        req = sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos))
+        rid = oa.new_id("chatcmpl" if chat else "cmpl")
+        if params.stream:
+            return StreamingResponse(_sse(request, req, rid, chat), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            async for _ in _events(request, req):
+                pass
+        except KvgraphError as exc:
+            return _error(500, f"generation failed: {exc}", "server_error")
+        res = req.result
+        shape = oa.chat_completion if chat else oa.completion
+        return shape(rid, state.model_id, res.text, res.finish_reason, len(ids), len(res.ids))
+
+    async def _sse(request: Request, req: GenRequest, rid: str, chat: bool):
+        model = state.model_id
+
+        def frame(obj: Any) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        try:
+            if chat:
+                yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+            async for text in _events(request, req):
+                yield frame(oa.chat_chunk(rid, model, {"content": text}) if chat
+                            else oa.completion_chunk(rid, model, text))
+            fin = req.result.finish_reason
+            yield frame(oa.chat_chunk(rid, model, {}, fin) if chat else oa.completion_chunk(rid, model, "", fin))
+            yield "data: [DONE]\n\n"
+        except KvgraphError as exc:
+            yield frame(oa.error_body(f"generation failed: {exc}", "server_error"))
+        finally:
+            req.cancel()
+
+    return app
+
+
+async def _events(request: Request, req: GenRequest):
+    """Text chunks of req as they come; cancels it when the client disconnects."""
+    try:
+        while True:
+            try:
+                ev: Event = await asyncio.to_thread(req.events.get, True, POLL_S)
+            except queue.Empty:
+                if await request.is_disconnected():
+                    req.cancel()
+                    return
+                continue
+            if ev.kind == "token":
+                yield ev.text
+            elif ev.kind == "error":
+                raise ev.error if isinstance(ev.error, KvgraphError) else KvgraphError(str(ev.error))
+            else:
+                return
+    finally:
+        req.cancel()   # a no-op once the request has finished; frees the slot if the client went away
+
+
+def render_metrics(state: ServerState) -> str:
+    sched = state.scheduler
+    st, cache = sched.stats, sched.ctx.stats
+    tps = st.generated_tokens_total / st.decode_seconds if st.decode_seconds else 0.0
+    rows = [
+        ("kvgraph_requests_total", "counter", "requests accepted", st.requests_total),
+        ("kvgraph_requests_finished_total", "counter", "requests completed", st.requests_finished),
+        ("kvgraph_requests_failed_total", "counter", "requests that failed", st.requests_failed),
+        ("kvgraph_requests_cancelled_total", "counter", "requests cancelled (client gone)", st.requests_cancelled),
+        ("kvgraph_requests_rejected_total", "counter", "requests refused (queue full, draining)", st.requests_rejected),
+        ("kvgraph_prompt_tokens_total", "counter", "prompt tokens processed", st.prompt_tokens_total),
+        ("kvgraph_generated_tokens_total", "counter", "tokens generated", st.generated_tokens_total),
+        ("kvgraph_decode_tokens_per_second", "gauge", "generated tokens per second of decode time", round(tps, 3)),
+        ("kvgraph_decode_batch_rows_avg", "gauge", "average sequences per decode step",
+         round(st.batch_rows_total / st.decode_steps, 3) if st.decode_steps else 0),
+        ("kvgraph_queue_depth", "gauge", "requests waiting for a slot", sched.queue_depth),
+        ("kvgraph_active_slots", "gauge", "sequence slots in use", sched.active),
+        ("kvgraph_slots_total", "gauge", "sequence slots", sched.parallel),
+        ("kvgraph_graph_cache_hits_total", "counter", "graph cache hits", cache.hits),
+        ("kvgraph_graph_cache_misses_total", "counter", "graph cache misses", cache.misses),
+    ]
+    lines = []
+    for name, kind, help_, value in rows:
+        lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    lines += ["# HELP kvgraph_http_requests_total HTTP requests by path", "# TYPE kvgraph_http_requests_total counter"]
+    lines += [f'kvgraph_http_requests_total{{path="{p}"}} {n}' for p, n in sorted(state.http_requests.items())]
+    return "\n".join(lines) + "\n"
