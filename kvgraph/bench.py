@@ -34,6 +34,7 @@ class BenchRow:
     n_gen: int
     n_depth: int
     test: str
+    n_parallel: int = 1
     samples_ns: list[int] = field(default_factory=list)
     samples_ts: list[float] = field(default_factory=list)
     avg_ns: int = 0
@@ -181,5 +182,54 @@ def measure(ctx: Context, test: BenchTest, reps: int, vocab: int, row: BenchRow,
     row.cache_misses = sum(s.misses for s in samples)
     row.kv_cache_mb = ctx.memory_bytes / 1e6
     row.compute_buffer_mb = max((e.program.arena_bytes for e in ctx.cache.entries.values()), default=0) / 1e6
+    row.peak_rss_mb = peak_rss_mb()
+    return row
+
+
+PARALLEL_PROMPT = 16
+
+
+def measure_parallel(loaded, n_parallel: int, n_gen: int, reps: int, row: BenchRow, graph_cache: bool,
+                     flash_attn: bool, on_rep: Callable[[], None] | None = None) -> BenchRow:
+    """Aggregate decode throughput of n_parallel concurrent streams through the continuous-batching
+    scheduler: each request has a 16-token prompt and generates n_gen tokens; t/s counts every stream's
+    tokens over the scheduler's decode time (prefill excluded), after one warm-up round."""
+    from .engine.batching import BatchScheduler, Request, bucket_sizes
+
+    per_seq = PARALLEL_PROMPT + n_gen + 1
+    ctx = Context(loaded, n_ctx=per_seq * n_parallel + max(bucket_sizes(n_parallel)), n_ubatch=row.n_ubatch,
+                  graph_cache=graph_cache, flash_attn=flash_attn, cache_capacity=16)
+    vocab = loaded.config.n_vocab
+
+    def one_round(seed: int) -> tuple[float, int]:
+        sched = BatchScheduler(ctx, loaded.tokenizer, n_parallel, per_seq, max_queue=n_parallel)
+        reqs = [sched.submit(Request(_tokens(PARALLEL_PROMPT, vocab, seed + i), max_tokens=n_gen, ignore_eos=True))
+                for i in range(n_parallel)]
+        for r in reqs:
+            r.wait()
+        sched.shutdown()
+        ctx.clear()
+        return sched.stats.decode_seconds, sched.stats.generated_tokens_total - n_parallel  # first tokens come from prefill
+
+    one_round(100)
+    before = _snapshot(ctx)
+    for rep in range(reps):
+        seconds, tokens = one_round(200 + rep)
+        row.samples_ns.append(int(seconds * 1e9))
+        row.samples_ts.append(tokens / seconds)
+        if on_rep:
+            on_rep()
+    after = _snapshot(ctx)
+    row.avg_ns = int(statistics.mean(row.samples_ns))
+    row.stddev_ns = int(statistics.stdev(row.samples_ns)) if reps > 1 else 0
+    row.avg_ts = statistics.mean(row.samples_ts)
+    row.stddev_ts = statistics.stdev(row.samples_ts) if reps > 1 else 0.0
+    per_tok = 1e3 / (reps * n_parallel * max(1, n_gen - 1))
+    for i, k in enumerate(SPLIT):
+        setattr(row, f"{k}_ms", (after[i] - before[i]) * per_tok)
+    # host share of decode time; prefill's compute is in the split too, so this is a lower bound
+    row.host_ms_per_token = max(0.0, sum(row.samples_ns) / 1e9 * per_tok - row.compute_ms)
+    row.cache_hits, row.cache_misses = after[-2] - before[-2], after[-1] - before[-1]
+    row.kv_cache_mb = ctx.memory_bytes / 1e6
     row.peak_rss_mb = peak_rss_mb()
     return row

@@ -58,6 +58,12 @@ def test_bench_jsonl_csv_and_markdown(tiny_llama, capsys):
     assert len(md) == 4 and "pp8" in md[2] and "tg4" in md[3]
 
 
+def test_bench_parallel_streams(tiny_llama, capsys):
+    rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "--parallel", "1,4"))
+    assert [(r["test"], r["n_parallel"]) for r in rows] == [("tg4 x1", 1), ("tg4 x4", 4)]
+    assert all(r["avg_ts"] > 0 and len(r["samples_ts"]) == 2 for r in rows)
+
+
 def test_bench_compare_with_llama_bench(tiny_llama, capsys, tmp_path):
     fake = tmp_path / "llama-bench"
     fake.write_text("#!/usr/bin/env python3\nimport sys\na = sys.argv\np = int(a[a.index('-p') + 1]); "

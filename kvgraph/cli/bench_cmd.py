@@ -55,6 +55,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--backend", default=None, help="backends, comma-separated (default: the default backend)")
     p.add_argument("--graph-cache", default="on", help="on, off or on,off (default on)")
     p.add_argument("--flash-attn", "-fa", default="off", help="on, off or on,off (default off)")
+    p.add_argument("--parallel", default=None,
+                   help="concurrent streams, e.g. 1,2,4,8: measure aggregate decode t/s through continuous "
+                        "batching for each -n (replaces the pp/tg tests)")
     p.add_argument("--ubatch", type=int, default=512, help="prompt tokens per graph run (default 512)")
     p.add_argument("-o", "--output", choices=OUTPUTS, default="md", help="output format (default md)")
     p.add_argument("--compare", metavar="LLAMA_BENCH", default=None,
@@ -128,13 +131,19 @@ def cmd_bench(args) -> int:
     backends = [b.strip() for b in args.backend.split(",")] if args.backend else [None]
     models = [m.strip() for m in args.model.split(",")] if args.model else [None]
     tests = [BenchTest(p, 0, d) for d in depths for p in prompts] + [BenchTest(0, n, d) for d in depths for n in gens]
+    parallel = _int_list("--parallel", args.parallel, 1) if args.parallel else []
+    if parallel:
+        if not gens:
+            raise InvalidArgumentError("--parallel measures generation: give -n.")
+        tests = [BenchTest(0, n, 0) for n in gens]
     compare = args.compare
     if compare and not (Path(compare).is_file() or shutil.which(compare)):
         print(f"--compare: llama-bench not found at {compare!r}; skipping the llama.cpp comparison.", file=err)
         compare = None
 
     rows: list[BenchRow] = []
-    total = len(models) * len(backends) * len(threads) * len(fas) * len(caches) * len(tests) * (args.repetitions + 1)
+    total = (len(models) * len(backends) * len(threads) * len(fas) * len(caches) * len(tests) * (args.repetitions + 1)
+             * max(1, len(parallel)))
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=_err_console(), transient=True) as progress:
         task = progress.add_task("bench", total=total)
@@ -160,6 +169,9 @@ def cmd_bench(args) -> int:
                                     flash_attn=fa, graph_cache=gc, n_prompt=test.n_prompt, n_gen=test.n_gen,
                                     n_depth=test.n_depth, test=test.name,
                                     weights_mb=llm.loaded.backend.weights_nbytes(llm.loaded.weights) / 1e6)
+                                if parallel:
+                                    rows.extend(_parallel_rows(llm, row, test, parallel, args, gc, fa, progress, task))
+                                    continue
                                 with llm.loaded.backend.threads(n_threads):
                                     measure(llm.ctx, test, args.repetitions, llm.loaded.config.n_vocab, row,
                                             on_rep=lambda: progress.advance(task))
@@ -176,6 +188,23 @@ def cmd_bench(args) -> int:
         plot(rows, args.plot)
         print(f"plot written to {args.plot}", file=err)
     return 0
+
+
+def _parallel_rows(llm, template, test, parallel, args, gc, fa, progress, task):
+    from dataclasses import replace
+
+    from ..bench import measure_parallel
+
+    out = []
+    for n_par in parallel:
+        row = replace(template, n_parallel=n_par, test=f"tg{test.n_gen} x{n_par}", samples_ns=[], samples_ts=[])
+        progress.update(task, description=f"{row.model_type} {row.backend} cache={'on' if gc else 'off'} {row.test}")
+        with llm.loaded.backend.threads(row.n_threads):
+            measure_parallel(llm.loaded, n_par, test.n_gen, args.repetitions, row, gc, fa,
+                             on_rep=lambda: progress.advance(task))
+        progress.advance(task)
+        out.append(row)
+    return out
 
 
 def _err_console():
