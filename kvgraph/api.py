@@ -56,16 +56,19 @@ class LLM:
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, sampling: SamplingParams = GREEDY,
-               stop: Sequence[str] = (), ignore_eos: bool = False,
-               result: GenerationResult | None = None) -> Iterator[str]:
+               stop: Sequence[str] = (), ignore_eos: bool = False, result: GenerationResult | None = None,
+               ctx_shift: bool = False, n_keep: int = 0) -> Iterator[str]:
+        """Text chunks as they are generated. ctx_shift: when the context fills, drop the oldest half of
+        the tokens after the first n_keep and go on, instead of requiring prompt + max_tokens to fit."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.session.generate(ids, max_tokens, sampling, stop, ignore_eos, result)
+        return self.session.generate(ids, max_tokens, sampling, stop, ignore_eos, result, ctx_shift, n_keep)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, sampling: SamplingParams = GREEDY,
-                 stop: Sequence[str] = (), ignore_eos: bool = False) -> GenerationResult:
+                 stop: Sequence[str] = (), ignore_eos: bool = False, ctx_shift: bool = False,
+                 n_keep: int = 0) -> GenerationResult:
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         result = GenerationResult(ids)
-        for _ in self.session.generate(ids, max_tokens, sampling, stop, ignore_eos, result):
+        for _ in self.stream(ids, max_tokens, sampling, stop, ignore_eos, result, ctx_shift, n_keep):
             pass
         return result
 

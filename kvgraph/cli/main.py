@@ -45,6 +45,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
+    g.add_argument("--ctx-shift", action="store_true",
+                   help="when the context fills, drop the oldest half of the tokens (after --keep) and go on")
+    g.add_argument("--keep", type=int, default=0, help="tokens at the start never dropped by --ctx-shift")
     g.add_argument("--stats", action="store_true", help="print speed and graph-cache statistics to stderr")
 
 
@@ -134,7 +137,8 @@ def cmd_generate(args) -> int:
             text = sys.stdin.read()
         prompt_ids = llm.tokenize(text)
     result = GenerationResult(prompt_ids)
-    stream = llm.stream(prompt_ids, args.n_predict, sampling, args.stop, args.ignore_eos, result)
+    stream = llm.stream(prompt_ids, args.n_predict, sampling, args.stop, args.ignore_eos, result,
+                        args.ctx_shift, args.keep)
     try:
         if args.json:
             for _ in stream:
@@ -190,7 +194,7 @@ def cmd_chat(args) -> int:
         result = GenerationResult([])
         try:
             for chunk in llm.stream(llm.chat_prompt_ids(history), args.n_predict, sampling, args.stop,
-                                    args.ignore_eos, result):
+                                    args.ignore_eos, result, args.ctx_shift, args.keep):
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
         except KeyboardInterrupt:

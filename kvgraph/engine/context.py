@@ -136,4 +136,5 @@ class Context:
             raise ContextOverflowError(
                 f"prompt of {n_prompt} tokens plus {n_predict} tokens to generate needs a context of "
                 f"{n_prompt + n_predict}, but the context size is {self.n_ctx}. Use -c {n_prompt + n_predict} "
-                f"(the model was trained with {self.loaded.config.n_ctx_train}) or shorten the prompt / -n.")
+                f"(the model was trained with {self.loaded.config.n_ctx_train}), shorten the prompt / -n, or pass "
+                "--ctx-shift to drop old tokens as the context fills.")

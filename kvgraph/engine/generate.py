@@ -67,6 +67,7 @@ class Session:
         self.ctx, self.tokenizer, self.seq = ctx, tokenizer, seq
         self.cached: list[int] = []   # tokens whose K/V are in the cache for this sequence, in order
         self.n_processed = 0          # tokens the last eval_prompt actually ran (the rest were reused)
+        self.n_shifts = 0             # context shifts done (ctx_shift mode)
 
     def reset(self) -> None:
         self.ctx.seq_rm(self.seq)
@@ -103,14 +104,28 @@ class Session:
         self.cached.append(token)
         return logits
 
+    def shift_context(self, n_keep: int = 0) -> None:
+        """Make room when the context is full: keep the first n_keep tokens, drop the older half of the rest,
+        and re-evaluate what is kept at its new positions. Re-evaluation (rather than re-rotating cached keys)
+        makes the shifted cache exactly what a fresh run on the kept tokens gives; the graph cache is untouched
+        because shapes, not positions, pick graphs."""
+        n_keep = min(n_keep, len(self.cached) - 2)
+        n_discard = (len(self.cached) - n_keep) // 2
+        kept = self.cached[:n_keep] + self.cached[n_keep + n_discard:]
+        self.reset()
+        self.eval_prompt(kept)
+        self.n_shifts += 1
+
     def generate(self, prompt_ids: Sequence[int], max_tokens: int = 128, sampling: SamplingParams = GREEDY,
-                 stop: Sequence[str] = (), ignore_eos: bool = False, result: GenerationResult | None = None
-                 ) -> Iterator[str]:
+                 stop: Sequence[str] = (), ignore_eos: bool = False, result: GenerationResult | None = None,
+                 ctx_shift: bool = False, n_keep: int = 0) -> Iterator[str]:
         """Yield text chunks as tokens are generated; fills `result` (ids, text, finish reason, timings).
-        Stops at an end-of-generation token (unless ignore_eos), a stop string, or max_tokens."""
+        Stops at an end-of-generation token (unless ignore_eos), a stop string, or max_tokens. Without
+        ctx_shift, prompt + max_tokens must fit the context; with it, only the prompt must, and a full
+        context is shifted (see shift_context) instead."""
         res = result if result is not None else GenerationResult(list(prompt_ids))
         res.prompt_ids = list(prompt_ids)
-        self.ctx.check_fits(len(res.prompt_ids), check_max_tokens(max_tokens))
+        self.ctx.check_fits(len(res.prompt_ids), 1 if ctx_shift else check_max_tokens(max_tokens))
         sampler = Sampler(sampling)
         out = OutputTracker(self.tokenizer, res, max_tokens, stop, ignore_eos)
         tm = res.timings
@@ -127,6 +142,8 @@ class Session:
                 yield chunk
             if not out.done:   # the last token's logits are never needed
                 t0 = time.perf_counter()
+                if ctx_shift and len(self.cached) >= self.ctx.n_ctx:
+                    self.shift_context(n_keep)
                 logits = self.step(tok)
                 tm.decode_s += time.perf_counter() - t0
                 tm.n_decode += 1
