@@ -102,3 +102,24 @@ def test_console_script_runs_and_exits_nonzero_on_error(tmp_path):
     bad.write_bytes(b"nope")
     proc = subprocess.run([sys.executable, "-m", "kvgraph.cli.main", "info", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "GGUF" in proc.stderr
+
+
+def test_bad_flag_value_is_one_line_with_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "x", "-n", "abc"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "invalid int value: 'abc'" in err
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_generated(tiny_llama):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "kvgraph.cli.main", "generate", "-m", str(tiny_llama[0]), "the cat",
+                             "-n", "1000000", "--ignore-eos", "--ctx-shift", "-c", "64", "--temp", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.read(1)          # generation is streaming
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert len(first + out) > 1 and b"interrupted" in err and b"Traceback" not in err

@@ -257,10 +257,17 @@ def cmd_models(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with where to look) instead of the usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"kvgraph: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="kvgraph", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="kvgraph", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"kvgraph {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
