@@ -42,3 +42,14 @@ def compare_greedy(case: dict, ids: list[int], logits: np.ndarray, margin_limit:
                 f"where the reference margin is {step['margin']}")
             return i
     return len(case["steps"])
+
+
+def trace_cases(loaded, cases: list[dict], configs: dict[str, dict], n_ctx: int = 1024) -> dict:
+    """Greedy traces of every case under each named Context configuration (e.g. cache on / off), plus
+    each configuration's graph-cache stats under '<name>_stats'."""
+    out = {}
+    for name, kw in configs.items():
+        ctx = Context(loaded, n_ctx=n_ctx, **kw)
+        out[name] = [greedy_trace(ctx, loaded.tokenizer, c["prompt_ids"], len(c["steps"])) for c in cases]
+        out[name + "_stats"] = ctx.stats
+    return out

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_reference
-from golden import compare_greedy, greedy_trace, prompt_ids_for
-from kvgraph.engine.context import Context
+from golden import compare_greedy, prompt_ids_for, trace_cases
 
 pytestmark = pytest.mark.real_model
 REF = load_reference("gemma3_public.json")
@@ -26,12 +25,7 @@ def gemma3_numpy(gemma3_path):
 
 @pytest.fixture(scope="module")
 def traces(gemma3_numpy):
-    out = {}
-    for flag, kw in (("on", {}), ("off", {"graph_cache": False})):
-        ctx = Context(gemma3_numpy, n_ctx=1024, **kw)
-        out[flag] = [greedy_trace(ctx, gemma3_numpy.tokenizer, c["prompt_ids"], len(c["steps"])) for c in CASES]
-        out[flag + "_stats"] = ctx.stats
-    return out
+    return trace_cases(gemma3_numpy, CASES, {"on": {}, "off": {"graph_cache": False}})
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)

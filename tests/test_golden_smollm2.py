@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_reference
-from golden import compare_greedy, greedy_trace, prompt_ids_for
-from kvgraph.engine.context import Context
+from golden import compare_greedy, prompt_ids_for, trace_cases
 
 pytestmark = pytest.mark.real_model
 REF = load_reference("smollm2_public.json")
@@ -18,12 +17,7 @@ IDS = [f"{c['kind']}{i}" for i, c in enumerate(CASES)]
 @pytest.fixture(scope="module")
 def traces(smollm2_numpy):
     """Greedy traces of every case with the graph cache on and off (non-flash layout), and flash-attn on."""
-    out = {}
-    for flag, kw in (("on", {}), ("off", {"graph_cache": False}), ("fa", {"flash_attn": True})):
-        ctx = Context(smollm2_numpy, n_ctx=1024, **kw)
-        out[flag] = [greedy_trace(ctx, smollm2_numpy.tokenizer, c["prompt_ids"], len(c["steps"])) for c in CASES]
-        out[flag + "_stats"] = ctx.stats
-    return out
+    return trace_cases(smollm2_numpy, CASES, {"on": {}, "off": {"graph_cache": False}, "fa": {"flash_attn": True}})
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=IDS)

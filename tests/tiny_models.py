@@ -12,22 +12,16 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from kvgraph.tokenizer.build import bytes_to_unicode
+
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 def byte_level_alphabet() -> list[str]:
     """GPT-2's byte -> printable character mapping, in byte order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+    table = bytes_to_unicode()
+    return [table[b] for b in range(256)]
 
 
 def tiny_tokenizer_metadata(arch: str = "llama") -> dict:
@@ -59,6 +53,51 @@ class TinySpec:
     extra_kv: dict = field(default_factory=dict)
 
 
+def _start(path, arch: str, name: str, n_layer: int, n_ctx: int, n_embd: int, n_ff: int, n_head: int,
+           n_head_kv: int, rope_base: float, rms_eps: float) -> tuple[gguf.GGUFWriter, int]:
+    """A writer with the hyper-parameters every test architecture shares and the tiny byte-level BPE
+    tokenizer; returns it with the vocabulary size."""
+    tok = tiny_tokenizer_metadata()
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_block_count(n_layer)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(rope_base)
+    w.add_layer_norm_rms_eps(rms_eps)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    w.add_bos_token_id(tok["bos"])
+    w.add_eos_token_id(tok["eos"])
+    return w, len(tok["tokens"])
+
+
+def _random_value(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Norm weights near 1, matrices scaled by 1/sqrt(fan-in), recurrent A negative (a decaying state)."""
+    if name.endswith("ssm_a"):
+        value = -np.exp(rng.uniform(-1.0, 1.0, shape))
+    elif name.endswith("ssm_dt.bias"):
+        value = rng.uniform(-2.0, 0.0, shape)
+    elif len(shape) == 1:
+        value = 1.0 + 0.1 * rng.standard_normal(shape)
+    else:
+        value = rng.standard_normal(shape) / np.sqrt(shape[-1])
+    return value.astype(np.float32)
+
+
+def _finish(w: gguf.GGUFWriter) -> None:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def _store(writer: gguf.GGUFWriter, name: str, value: np.ndarray, qtype: str) -> np.ndarray:
     """Write value as qtype; return the float32 array the file decodes to."""
     if qtype == "F32" or value.ndim == 1:
@@ -76,28 +115,11 @@ def _store(writer: gguf.GGUFWriter, name: str, value: np.ndarray, qtype: str) ->
 def write_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> dict[str, np.ndarray]:
     spec = spec or TinySpec()
     rng = np.random.default_rng(spec.seed)
-    tok = tiny_tokenizer_metadata()
-    n_vocab = len(tok["tokens"])
     hd = spec.n_embd // spec.n_head
-    w = gguf.GGUFWriter(str(path), spec.arch)
-    w.add_name("tiny-llama-test")
-    w.add_block_count(spec.n_layer)
-    w.add_context_length(spec.n_ctx_train)
-    w.add_embedding_length(spec.n_embd)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    w.add_rope_freq_base(spec.rope_base)
-    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w, n_vocab = _start(path, spec.arch, "tiny-llama-test", spec.n_layer, spec.n_ctx_train, spec.n_embd, spec.n_ff,
+                        spec.n_head, spec.n_head_kv, spec.rope_base, spec.rms_eps)
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(n_vocab)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    w.add_bos_token_id(tok["bos"])
-    w.add_eos_token_id(tok["eos"])
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
     for key, value in spec.extra_kv.items():
@@ -123,16 +145,9 @@ def write_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> dict[str
     for name, shape in shapes.items():
         if name in spec.drop_tensors:
             continue
-        if len(shape) == 1:
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / np.sqrt(shape[-1])
         qtype = "F32" if name == "token_embd.weight" and spec.weight_type not in ("F32", "Q8_0") else spec.weight_type
-        tensors[name] = _store(w, name, value.astype(np.float32), qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        tensors[name] = _store(w, name, _random_value(rng, name, shape), qtype)
+    _finish(w)
     return tensors
 
 
@@ -157,30 +172,13 @@ def write_tiny_hybrid(path: str | Path, spec: HybridSpec | None = None) -> dict[
     spec = spec or HybridSpec()
     rng = np.random.default_rng(spec.seed)
     arch = "kvgraph-hybrid"
-    tok = tiny_tokenizer_metadata()
-    n_vocab = len(tok["tokens"])
     hd = spec.n_embd // spec.n_head
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny-hybrid-test")
-    w.add_block_count(spec.n_layer)
-    w.add_context_length(512)
-    w.add_embedding_length(spec.n_embd)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    w.add_rope_freq_base(spec.rope_base)
-    w.add_layer_norm_rms_eps(spec.rms_eps)
+    w, n_vocab = _start(path, arch, "tiny-hybrid-test", spec.n_layer, 512, spec.n_embd, spec.n_ff, spec.n_head,
+                        spec.n_head_kv, spec.rope_base, spec.rms_eps)
     w.add_array(f"{arch}.attention_layers", list(spec.attention_layers))
     w.add_uint32(f"{arch}.ssm.inner_size", spec.d_inner)
     w.add_uint32(f"{arch}.ssm.state_size", spec.d_state)
     w.add_uint32(f"{arch}.ssm.conv_kernel", spec.d_conv)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    w.add_bos_token_id(tok["bos"])
-    w.add_eos_token_id(tok["eos"])
     d, s, k, E = spec.d_inner, spec.d_state, spec.d_conv, spec.n_embd
     shapes = {"token_embd.weight": (n_vocab, E), "output_norm.weight": (E,)}
     for i in range(spec.n_layer):
@@ -195,21 +193,8 @@ def write_tiny_hybrid(path: str | Path, spec: HybridSpec | None = None) -> dict[
                        f"blk.{i}.ssm_conv1d.weight": (d, k), f"blk.{i}.ssm_dt.weight": (d, d),
                        f"blk.{i}.ssm_dt.bias": (d,), f"blk.{i}.ssm_b.weight": (s, d), f"blk.{i}.ssm_c.weight": (s, d),
                        f"blk.{i}.ssm_a": (d, s), f"blk.{i}.ssm_d": (d,), f"blk.{i}.ssm_out.weight": (E, d)}
-    tensors = {}
-    for name, shape in shapes.items():
-        if name.endswith("ssm_a"):
-            value = -np.exp(rng.uniform(-1.0, 1.0, shape))      # negative: a decaying state
-        elif name.endswith("ssm_dt.bias"):
-            value = rng.uniform(-2.0, 0.0, shape)
-        elif len(shape) == 1:
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        tensors[name] = _store(w, name, value.astype(np.float32), "F32")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    tensors = {name: _store(w, name, _random_value(rng, name, shape), "F32") for name, shape in shapes.items()}
+    _finish(w)
     return tensors
 
 
@@ -233,30 +218,13 @@ def write_tiny_gemma3(path: str | Path, spec: Gemma3Spec | None = None) -> dict[
     spec = spec or Gemma3Spec()
     rng = np.random.default_rng(spec.seed)
     arch = "gemma3"
-    tok = tiny_tokenizer_metadata()
-    n_vocab = len(tok["tokens"])
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_name("tiny-gemma3-test")
-    w.add_block_count(spec.n_layer)
-    w.add_context_length(1024)
-    w.add_embedding_length(spec.n_embd)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
+    w, n_vocab = _start(path, arch, "tiny-gemma3-test", spec.n_layer, 1024, spec.n_embd, spec.n_ff, spec.n_head,
+                        spec.n_head_kv, spec.rope_base, spec.rms_eps)
     w.add_key_length(spec.head_dim)
     w.add_value_length(spec.head_dim)
-    w.add_rope_freq_base(spec.rope_base)
     w.add_float32(f"{arch}.rope.freq_base_swa", spec.rope_base_swa)
-    w.add_layer_norm_rms_eps(spec.rms_eps)
     w.add_sliding_window(spec.sliding_window)
     w.add_uint32(f"{arch}.attention.sliding_window_pattern", spec.swa_pattern)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    w.add_bos_token_id(tok["bos"])
-    w.add_eos_token_id(tok["eos"])
     E, hd, q, kv = spec.n_embd, spec.head_dim, spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
     shapes = {"token_embd.weight": (n_vocab, E), "output_norm.weight": (E,)}
     for i in range(spec.n_layer):
@@ -267,12 +235,6 @@ def write_tiny_gemma3(path: str | Path, spec: Gemma3Spec | None = None) -> dict[
                    f"blk.{i}.ffn_norm.weight": (E,), f"blk.{i}.ffn_gate.weight": (spec.n_ff, E),
                    f"blk.{i}.ffn_up.weight": (spec.n_ff, E), f"blk.{i}.ffn_down.weight": (E, spec.n_ff),
                    f"blk.{i}.post_ffw_norm.weight": (E,)}
-    tensors = {}
-    for name, shape in shapes.items():
-        value = 1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else rng.standard_normal(shape) / np.sqrt(shape[-1])
-        tensors[name] = _store(w, name, value.astype(np.float32), "F32")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    tensors = {name: _store(w, name, _random_value(rng, name, shape), "F32") for name, shape in shapes.items()}
+    _finish(w)
     return tensors
