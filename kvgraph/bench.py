@@ -181,7 +181,7 @@ def measure(ctx: Context, test: BenchTest, reps: int, vocab: int, row: BenchRow,
     row.cache_hits = sum(s.hits for s in samples)
     row.cache_misses = sum(s.misses for s in samples)
     row.kv_cache_mb = ctx.memory_bytes / 1e6
-    row.compute_buffer_mb = max((e.program.arena_bytes for e in ctx.cache.entries.values()), default=0) / 1e6
+    row.compute_buffer_mb = ctx.peak_arena_bytes / 1e6
     row.peak_rss_mb = peak_rss_mb()
     return row
 

@@ -45,6 +45,7 @@ class Context:
                                 verify=verify or env_flag("KVGRAPH_GRAPH_CACHE_VERIFY"))
         self.memories = self.model.create_memories(n_ctx, n_ubatch, self.backend.alloc_state, flash_attn)
         self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
+        self.peak_arena_bytes = 0   # largest compute buffer any program used
 
     @property
     def stats(self):
@@ -107,6 +108,7 @@ class Context:
             return entry
         self.cache.record_miss(key, None if entry is None else "inputs refused")
         entry = self._build(key)
+        self.peak_arena_bytes = max(self.peak_arena_bytes, entry.program.arena_bytes)
         self.cache.insert(entry)
         return entry
 
