@@ -17,6 +17,8 @@ from ..graph.ir import I32, GraphBuilder, Tensor
 
 
 class RecurrentState:
+    one_seq_per_ubatch = True   # schedulers must not mix sequences in one ubatch
+
     def __init__(self, name: str, layers: Sequence[int], n_slots: int, row_width: int,
                  alloc: Callable[[tuple[int, ...]], object]):
         self.name = name
