@@ -6,6 +6,7 @@ has been printed. Results go to stdout, progress and statistics to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -65,32 +66,22 @@ def _stderr_console():
     return Console(stderr=True)
 
 
-def _open_llm(args):
+def open_llm(args, **overrides):
+    """The LLM the model and engine flags describe (pulling a known model first if needed)."""
     from ..api import LLM
+    from ..registry import resolve_model
 
     for name in ("ctx_size", "ubatch", "graph_cache_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
-    console = _stderr_console()
-    show = sys.stderr.isatty()
-    from ..registry import resolve_model
-
     path = resolve_model(args.model, progress=True)
-    with console.status(f"loading {Path(path).name}", spinner="dots") if show else _null():
-        llm = LLM(str(path), n_ctx=args.ctx_size, n_ubatch=args.ubatch, backend=args.backend,
-                  threads=args.threads, graph_cache=not args.no_graph_cache,
-                  graph_cache_size=args.graph_cache_size, verify_graph_cache=args.verify_graph_cache,
-                  flash_attn=args.flash_attn == "on")
-    return llm
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    kw = dict(n_ctx=args.ctx_size, n_ubatch=args.ubatch, backend=args.backend, threads=args.threads,
+              graph_cache=not args.no_graph_cache, graph_cache_size=args.graph_cache_size,
+              verify_graph_cache=args.verify_graph_cache, flash_attn=args.flash_attn == "on") | overrides
+    spinner = _stderr_console().status(f"loading {Path(path).name}", spinner="dots")
+    with spinner if sys.stderr.isatty() else contextlib.nullcontext():
+        return LLM(str(path), **kw)
 
 
 def _print_stats(llm, result) -> None:
@@ -128,7 +119,7 @@ def cmd_generate(args) -> int:
     if args.messages is None and args.prompt is None and args.file is None:
         raise InvalidArgumentError("give a prompt: kvgraph generate \"TEXT\" (or -f FILE, or --messages FILE.json).")
     sampling = _sampling(args)
-    llm = _open_llm(args)
+    llm = open_llm(args)
     if args.messages is not None:
         prompt_ids = llm.chat_prompt_ids(_read_messages(args.messages))
     else:
@@ -167,7 +158,7 @@ def cmd_chat(args) -> int:
     from ..engine.generate import GenerationResult
 
     sampling = _sampling(args)
-    llm = _open_llm(args)
+    llm = open_llm(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     err = sys.stderr
     print(f"kvgraph chat ({llm.loaded.config.name}, template: {llm.tokenizer.chat_template_source}). "

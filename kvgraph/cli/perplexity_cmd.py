@@ -17,23 +17,20 @@ def add_perplexity_parser(sub, add_model_args) -> None:
                    help="compare with a saved baseline: mean KLD, top-1 agreement, max |dlogit|")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_model_args(p)
-    p.set_defaults(func=cmd_perplexity, ctx_size_default=512)
+    p.set_defaults(func=cmd_perplexity)
 
 
 def cmd_perplexity(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from ..api import LLM
     from ..perplexity import perplexity
-    from .main import _read_text_file
+    from .main import _read_text_file, open_llm
 
     text = _read_text_file(args.file, "-f")
     n_ctx = args.ctx_size or 512
     if args.chunks is not None and args.chunks < 1:
         raise InvalidArgumentError(f"--chunks must be >= 1, got {args.chunks}.")
-    llm = LLM(args.model, n_ctx=n_ctx, n_ubatch=min(args.ubatch, n_ctx), backend=args.backend,
-              threads=args.threads, graph_cache=not args.no_graph_cache, flash_attn=args.flash_attn == "on",
-              progress=True)
+    llm = open_llm(args, n_ctx=n_ctx, n_ubatch=min(args.ubatch, n_ctx))
     tokens = llm.tokenize(text, add_bos=False, special=False)
     from rich.console import Console
 

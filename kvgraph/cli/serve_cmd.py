@@ -19,16 +19,14 @@ def add_serve_parser(sub, add_model_args) -> None:
 
 def build_server(args):
     """(app, scheduler) for the parsed arguments; loads the model."""
-    from ..api import LLM
     from ..engine.batching import BatchScheduler, bucket_sizes
     from ..engine.context import Context
     from ..server.app import ServerState, create_app
+    from .main import open_llm
 
     if args.parallel < 1 or args.queue < 0:
         raise InvalidArgumentError("--parallel must be >= 1 and --queue >= 0.")
-    llm = LLM(args.model, n_ctx=args.ctx_size, n_ubatch=args.ubatch, backend=args.backend, threads=args.threads,
-              graph_cache=not args.no_graph_cache, graph_cache_size=args.graph_cache_size,
-              verify_graph_cache=args.verify_graph_cache, flash_attn=args.flash_attn == "on", progress=True)
+    llm = open_llm(args)
     per_seq = llm.ctx.n_ctx
     # Every slot gets a full context; padding rows of a decode bucket need one cell each for a step.
     cells = per_seq * args.parallel + max(bucket_sizes(args.parallel))
