@@ -1,17 +1,35 @@
-"""Executors: each compiles a (graph, plan) into a Program. numpy is the reference and always present."""
+"""Executors: each compiles a (graph, plan) into a Program. numpy is the reference and always present;
+torch (the fast path, `pip install 'kvgraph[fast]'`) is the default when torch is installed. torch is
+imported only when the torch backend is asked for, so the core runs without it."""
 from __future__ import annotations
+
+import importlib.util
 
 from ..errors import InvalidArgumentError
 from .numpy_backend import NumpyBackend
 
-BACKENDS = ("numpy",)
-DEFAULT_BACKEND = "numpy"
+BACKENDS = ("numpy", "torch")
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+DEFAULT_BACKEND = "torch" if torch_available() else "numpy"
 
 
 def get_backend(name: str | None = None, threads: int | None = None):
-    name = (name or DEFAULT_BACKEND).lower()
+    name = (name or "auto").lower()
     if name == "auto":
         name = DEFAULT_BACKEND
     if name == "numpy":
         return NumpyBackend(threads)
+    if name == "torch":
+        try:
+            from .torch_backend import TorchBackend
+        except ImportError as exc:
+            raise InvalidArgumentError(
+                f"the torch backend needs torch ({exc}); install it with: pip install 'kvgraph[fast]' "
+                "(or use --backend numpy).") from None
+        return TorchBackend(threads)
     raise InvalidArgumentError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}.")

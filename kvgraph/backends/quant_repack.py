@@ -1,0 +1,202 @@
+"""GGUF quantized blocks -> the layouts torch's CPU weight-only-quantized matmuls take. numpy only (no torch).
+
+Q4_0, Q4_1 and Q4_K are group-wise 4-bit formats with one (scale, min) per 32 weights, which is exactly
+torch's int4pack format (`_weight_int4pack_mm_for_cpu`, group size 32):
+
+    w = (q - 8) * scale + zero        q in [0, 15], one (scale, zero) per 32 consecutive weights of a row
+
+    Q4_0  w = (q - 8) * d                     -> scale = d,       zero = 0
+    Q4_1  w = q * d + m                       -> scale = d,       zero = m + 8 d
+    Q4_K  w = q * (d sc_j) - dmin m_j         -> scale = d sc_j,  zero = 8 d sc_j - dmin m_j
+          (a 256-weight super-block holds 8 sub-blocks j of 32, each with 6-bit sc_j and m_j)
+
+`int4_groups` yields the nibbles unchanged plus the (scale, zero) pairs in float32; the only loss the
+kernel adds is the bfloat16 rounding of scale and zero (it reads them as bf16).
+
+Every other type is dequantized (exactly, with `gguf.quants`) in row chunks and, for int8 weights,
+re-quantized per output row (`int8_rows`): torch's `_weight_int8pack_mm` takes one scale per output
+channel, so Q8_0's per-32 block scales do not map exactly.
+
+Chunks are small and each chunk's memory-mapped file pages are handed back to the kernel after use
+(`release_pages`), so repacking a file never holds the whole file plus its repacked copy resident.
+"""
+from __future__ import annotations
+
+import mmap
+from typing import Iterator
+
+import gguf
+import numpy as np
+
+GROUP = 32                  # int4pack group size: Q4_0 / Q4_1 blocks, Q4_K sub-blocks
+INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+CHUNK_ROWS = 4096           # rows dequantized at a time (a multiple of torch's 64-row packing blocks)
+_PAGE = mmap.PAGESIZE
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the resident pages of a read-only memory-mapped array from this process (MADV_DONTNEED).
+    The data stays in the page cache and is faulted back in if read again; a no-op for other arrays."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base = np.frombuffer(mm, np.uint8) if not mm.closed else None
+    if base is None:
+        return
+    start = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    end = start + arr.nbytes
+    del base
+    if start < 0 or end > len(mm):
+        return
+    lo = start // _PAGE * _PAGE
+    hi = min(len(mm), -(-end // _PAGE) * _PAGE)
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError):
+        pass
+
+
+def _f16(raw: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte `at` of each block, as float32, shape [..., 1]."""
+    return raw[..., at: at + 2].view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per 32-weight group -> 32 values: the low nibbles are weights 0..15, the high 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _q4_0(raw: np.ndarray):
+    blocks = raw.reshape(raw.shape[0], -1, 18)
+    d = _f16(blocks, 0)[..., 0]
+    return _nibbles(blocks[..., 2:]), d, np.zeros_like(d)
+
+
+def _q4_1(raw: np.ndarray):
+    blocks = raw.reshape(raw.shape[0], -1, 20)
+    d, m = _f16(blocks, 0)[..., 0], _f16(blocks, 2)[..., 0]
+    return _nibbles(blocks[..., 4:]), d, m + np.float32(8) * d
+
+
+def _q4_k(raw: np.ndarray):
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 144)
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)                   # [rows, nb, 1]
+    s = blocks[..., 4:16]                                       # 12 bytes of packed 6-bit scales and mins
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    scale = d * sc.astype(np.float32)                           # [rows, nb, 8], as gguf computes it
+    zero = np.float32(8) * scale - dmin * mn.astype(np.float32)
+    qs = blocks[..., 16:].reshape(rows, -1, 4, 32)              # 4 chunks of 32 bytes = 2 sub-blocks each
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3)                  # [rows, nb, 4, 2, 32]: low nibbles first
+    return q.reshape(rows, -1, GROUP), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+_INT4 = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
+
+
+def int4_groups(data: np.ndarray, type_name: str, chunk_rows: int | None = None
+                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """Row chunks of a Q4_0 / Q4_1 / Q4_K matrix (raw bytes [rows, bytes_per_row]):
+    (first row, q uint8 [r, K] in [0, 15], scale f32 [r, K/32], zero f32 [r, K/32]) with
+    w = (q - 8) * scale + zero."""
+    split = _INT4[type_name]
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    for r0 in range(0, data.shape[0], chunk_rows):
+        part = data[r0: r0 + chunk_rows]
+        q, scale, zero = split(np.ascontiguousarray(part))
+        yield r0, q.reshape(part.shape[0], -1), scale, zero
+        release_pages(part)       # read by now (the split above copied what it needs)
+
+
+def dequant_rows(data: np.ndarray, type_name: str, shape: tuple[int, ...], chunk_rows: int | None = None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float32 [r, K]) chunks of a 2-D tensor of any GGUF type, dequantized with gguf.quants."""
+    k = shape[-1]
+    chunk_rows = chunk_rows or CHUNK_ROWS
+    for r0 in range(0, shape[0], chunk_rows):
+        part = data[r0: r0 + chunk_rows]
+        if type_name == "F32":
+            w = np.array(part, np.float32)
+        else:
+            w = gguf.quants.dequantize(np.ascontiguousarray(part), gguf.GGMLQuantizationType[type_name])
+            w = w.astype(np.float32, copy=False).reshape(-1, k)
+        release_pages(part)
+        yield r0, w
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 value (ties to even), still as float32."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return bits.view(np.float32)
+
+
+def int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: w ~= q * scale[:, None], q in [-127, 127]. The scale (max|w_row| / 127) is
+    rounded to a bfloat16 value first, and q is computed with that rounded scale, so handing the scale to
+    the kernel in bf16 adds no error beyond the int8 rounding itself."""
+    amax = np.abs(w).max(axis=1)
+    scale = bf16_round(np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32))
+    low = amax / scale > np.float32(127)            # rounded down too far: |w| / scale would clip
+    if low.any():
+        scale[low] = (scale[low].view(np.uint32) + np.uint32(0x10000)).view(np.float32)
+    q = np.rint(w / scale[:, None])
+    np.clip(q, -127, 127, out=q)
+    return q.astype(np.int8), scale
+
+
+class Q8_0Rows:
+    """Rows of a Q8_0 matrix dequantized on demand from the raw (memory-mapped) blocks: the token embedding
+    lookup reads only the rows of this ubatch's tokens, bit-identical to gguf.quants.dequantize."""
+
+    BLOCK = 34   # float16 d + 32 int8
+
+    def __init__(self, data: np.ndarray, shape: tuple[int, int]):
+        self.data, self.shape = data, shape
+
+    def kernel(self, ids: np.ndarray, out: np.ndarray):
+        n, k = out.shape
+        raw = np.empty((n, self.data.shape[1]), np.uint8)
+        blocks = raw.reshape(n, k // GROUP, self.BLOCK)
+        d = blocks[..., 0:2].view(np.float16)                     # [n, nb, 1]
+        q = blocks[..., 2:].view(np.int8)                         # [n, nb, 32]
+        out_b = out.reshape(n, k // GROUP, GROUP)
+        data = self.data
+
+        def run():
+            np.take(data, ids, axis=0, out=raw)
+            np.multiply(q, d, out=out_b, dtype=np.float32)
+        return run
+
+
+class AnyRows:
+    """Row lookup for any GGUF type: gather the raw rows, dequantize just those (gguf.quants)."""
+
+    def __init__(self, data: np.ndarray, type_name: str, shape: tuple[int, int]):
+        self.data, self.type_name, self.shape = data, type_name, shape
+
+    def kernel(self, ids: np.ndarray, out: np.ndarray):
+        data = self.data
+        if self.type_name in ("F32", "F16"):
+            if data.dtype == np.float32:
+                return lambda: np.take(data, ids, axis=0, out=out)
+            tmp = np.empty(out.shape, data.dtype)
+
+            def run_typed():
+                np.take(data, ids, axis=0, out=tmp)
+                np.copyto(out, tmp)
+            return run_typed
+        raw = np.empty((out.shape[0], data.shape[1]), data.dtype)
+        qtype = gguf.GGMLQuantizationType[self.type_name]
+
+        def run():
+            np.take(data, ids, axis=0, out=raw)
+            np.copyto(out, gguf.quants.dequantize(raw, qtype).reshape(out.shape))
+        return run
+
+
+def row_reader(data: np.ndarray, type_name: str, shape: tuple[int, ...]):
+    if type_name == "Q8_0":
+        return Q8_0Rows(data, shape)
+    return AnyRows(data, type_name, shape)
