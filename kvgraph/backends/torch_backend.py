@@ -578,15 +578,8 @@ KERNELS: dict[str, Callable[..., Kernel]] = {
 
 
 # ---- program ---------------------------------------------------------------------------------------------------
-class Program:
-    """A compiled graph: input buffers to write (numpy, shared with torch), kernels to run, outputs."""
-
-    def __init__(self, kernels: list[Kernel], inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
-                 arena_bytes: int):
-        self.kernels = kernels
-        self.inputs = inputs
-        self.outputs = outputs
-        self.arena_bytes = arena_bytes
+class Program(npb.Program):
+    """The numpy backend's Program (input buffers are numpy, shared with torch) run in inference mode."""
 
     def run(self) -> None:
         with torch.inference_mode():
