@@ -3,7 +3,6 @@
 `KvgraphError` quickly and without big allocations - never another exception or a hang."""
 from __future__ import annotations
 
-import itertools
 import struct
 import time
 import tracemalloc

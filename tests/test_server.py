@@ -4,7 +4,6 @@ their slot, /metrics, and SIGTERM draining in-flight requests."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

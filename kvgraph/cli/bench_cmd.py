@@ -4,7 +4,6 @@ Results go to stdout (md, json, jsonl or csv); progress goes to stderr, so `-o j
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json

@@ -6,7 +6,6 @@ decode(ubatch):  memories reserve cells -> key -> cached program (or build/plan/
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
 
