@@ -8,6 +8,8 @@ torch's int4pack format (`_weight_int4pack_mm_for_cpu`, group size 32):
     Q4_0  w = (q - 8) * d                     -> scale = d,       zero = 0
     Q4_1  w = q * d + m                       -> scale = d,       zero = m + 8 d
     Q4_K  w = q * (d sc_j) - dmin m_j         -> scale = d sc_j,  zero = 8 d sc_j - dmin m_j
+
+(`int4_blocks` gives the same blocks as w = q * d + m, the form kvgraph's native kernels use.)
           (a 256-weight super-block holds 8 sub-blocks j of 32, each with 6-bit sc_j and m_j)
 
 `int4_groups` yields the nibbles unchanged plus the (scale, zero) pairs in float32; the only loss the
@@ -69,13 +71,12 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 def _q4_0(raw: np.ndarray):
     blocks = raw.reshape(raw.shape[0], -1, 18)
     d = _f16(blocks, 0)[..., 0]
-    return _nibbles(blocks[..., 2:]), d, np.zeros_like(d)
+    return _nibbles(blocks[..., 2:]), d, np.float32(-8) * d
 
 
 def _q4_1(raw: np.ndarray):
     blocks = raw.reshape(raw.shape[0], -1, 20)
-    d, m = _f16(blocks, 0)[..., 0], _f16(blocks, 2)[..., 0]
-    return _nibbles(blocks[..., 4:]), d, m + np.float32(8) * d
+    return _nibbles(blocks[..., 4:]), _f16(blocks, 0)[..., 0], _f16(blocks, 2)[..., 0]
 
 
 def _q4_k(raw: np.ndarray):
@@ -86,27 +87,35 @@ def _q4_k(raw: np.ndarray):
     sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
     mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
     scale = d * sc.astype(np.float32)                           # [rows, nb, 8], as gguf computes it
-    zero = np.float32(8) * scale - dmin * mn.astype(np.float32)
+    low = -(dmin * mn.astype(np.float32))
     qs = blocks[..., 16:].reshape(rows, -1, 4, 32)              # 4 chunks of 32 bytes = 2 sub-blocks each
     q = np.stack([qs & 0x0F, qs >> 4], axis=3)                  # [rows, nb, 4, 2, 32]: low nibbles first
-    return q.reshape(rows, -1, GROUP), scale.reshape(rows, -1), zero.reshape(rows, -1)
+    return q.reshape(rows, -1, GROUP), scale.reshape(rows, -1), low.reshape(rows, -1)
 
 
 _INT4 = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
 
 
-def int4_groups(data: np.ndarray, type_name: str, chunk_rows: int | None = None
+def int4_blocks(data: np.ndarray, type_name: str, chunk_rows: int | None = None
                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Row chunks of a Q4_0 / Q4_1 / Q4_K matrix (raw bytes [rows, bytes_per_row]):
-    (first row, q uint8 [r, K] in [0, 15], scale f32 [r, K/32], zero f32 [r, K/32]) with
-    w = (q - 8) * scale + zero."""
+    (first row, q uint8 [r, K] in [0, 15], d f32 [r, K/32], m f32 [r, K/32]) with w = q * d + m, every
+    value exactly as gguf.quants computes it (Q4_0: m = -8 d; Q4_K: d = d_super sc, m = -dmin_super mn)."""
     split = _INT4[type_name]
     chunk_rows = chunk_rows or CHUNK_ROWS
     for r0 in range(0, data.shape[0], chunk_rows):
         part = data[r0: r0 + chunk_rows]
-        q, scale, zero = split(np.ascontiguousarray(part))
-        yield r0, q.reshape(part.shape[0], -1), scale, zero
+        q, d, m = split(np.ascontiguousarray(part))
+        yield r0, q.reshape(part.shape[0], -1), d, m
         release_pages(part)       # read by now (the split above copied what it needs)
+
+
+def int4_groups(data: np.ndarray, type_name: str, chunk_rows: int | None = None
+                ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """int4_blocks in torch int4pack's form: (first row, q, scale, zero) with w = (q - 8) * scale + zero,
+    i.e. scale = d and zero = m + 8 d (exactly 0 for Q4_0)."""
+    for r0, q, d, m in int4_blocks(data, type_name, chunk_rows):
+        yield r0, q, d, m + np.float32(8) * d
 
 
 def dequant_rows(data: np.ndarray, type_name: str, shape: tuple[int, ...], chunk_rows: int | None = None

@@ -50,6 +50,9 @@ import numpy as np
 from ..graph.ir import VIEW_OPS, Graph, Tensor
 from ..plan.planner import Plan, base_of
 from . import numpy_backend as npb
+from . import native
+from .native import ops as native_ops
+from .native.mats import NativeMat, Q8Act
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows, row_reader
 
 import torch  # noqa: E402  (this module is imported lazily, only when the torch backend is asked for)
@@ -62,6 +65,9 @@ OUTPUT_TENSORS = frozenset({"output.weight", "token_embd.weight"})
 LOOKUP_TENSORS = frozenset({"token_embd.weight"})
 # add / mul / cont on tensors with at most this many elements run in numpy (lower per-call overhead).
 SMALL = 16384
+# Attention for ubatches up to this many tokens runs in kvgraph's C kernel (one pass over the valid cells);
+# longer ones (prompt processing) in torch's batched matmuls, which reuse each K/V row across many queries.
+NATIVE_ATTN_MAX_TOKENS = 16
 
 
 # ---- weights -------------------------------------------------------------------------------------------------
@@ -259,7 +265,9 @@ class DenseMat:
         return lambda: torch.mm(x, wt, out=out)
 
 
-def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name: str):
+def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name: str, native: bool):
+    if native and shape[1] % GROUP == 0:
+        return NativeMat(data, type_name, shape)
     if type_name in INT4_TYPES:
         return Int4Mat(data, type_name, shape)
     return Int8Mat(data, type_name, shape, col_scale=name in OUTPUT_TENSORS)
@@ -269,9 +277,10 @@ class TorchWeight:
     """One model tensor, in the forms its uses need: `dense` (float32 numpy, for F32 and 1-D tensors and any
     non-matmul use), `mat` (the repacked matmul form) and `rows` (row lookup from the raw file data)."""
 
-    def __init__(self, gguf_file, name: str):
+    def __init__(self, gguf_file, name: str, native: bool = False):
         info = gguf_file.tensors[name]
         self.name, self.type_name, self.shape = name, info.type_name, tuple(info.shape)
+        self.native = native
         self._file = gguf_file
         self.dense: np.ndarray | None = None
         self.mat = None
@@ -281,7 +290,7 @@ class TorchWeight:
             if len(self.shape) == 2:
                 self.mat = DenseMat(self.dense)
         elif name not in LOOKUP_TENSORS:
-            self.mat = _matrix_form(info.data, info.type_name, self.shape, name)
+            self.mat = _matrix_form(info.data, info.type_name, self.shape, name, native)
 
     @property
     def nbytes(self) -> int:
@@ -290,7 +299,8 @@ class TorchWeight:
 
     def matrix(self):
         if self.mat is None:
-            self.mat = _matrix_form(self._file.tensors[self.name].data, self.type_name, self.shape, self.name)
+            self.mat = _matrix_form(self._file.tensors[self.name].data, self.type_name, self.shape, self.name,
+                                    self.native)
         return self.mat
 
     def array(self) -> np.ndarray:
@@ -604,7 +614,7 @@ class _Staging:
             return self.live[key]
         dtype = key[1]
         for i, buf in enumerate(self.free):
-            if buf.shape == x.shape and buf.dtype == dtype:
+            if isinstance(buf, torch.Tensor) and buf.shape == x.shape and buf.dtype == dtype:
                 del self.free[i]
                 break
         else:
@@ -613,6 +623,23 @@ class _Staging:
         self.live[key] = buf
         if copy:
             kernels.append(lambda: buf.copy_(x))
+        return buf
+
+    def get_q8(self, key, x: np.ndarray, step: int, kernels: list) -> Q8Act:
+        """The int8-quantized copy of activation x [M, K] for native matmuls (quantized once, shared)."""
+        for k in [k for k in self.live if self.last_use[k] < step]:
+            self.free.append(self.live.pop(k))
+        if key in self.live:
+            return self.live[key]
+        for i, buf in enumerate(self.free):
+            if isinstance(buf, Q8Act) and (buf.m, buf.k) == x.shape:
+                del self.free[i]
+                break
+        else:
+            buf = Q8Act(*x.shape)
+            self.nbytes += buf.q.nbytes + buf.d.nbytes + buf.s.nbytes
+        self.live[key] = buf
+        kernels.append(buf.quantize_kernel(x))
         return buf
 
 
@@ -708,7 +735,9 @@ class _Compiler:
             elif tid not in plan.offsets:              # a view (or set_rows) of its first source
                 buf = bufs[tid] = npb._view(t, self._arr(bufs[t.srcs[0].id]))
                 if t.op == "set_rows":
-                    self.kernels.append(npb._k_set_rows(t, buf, *[self._arr(bufs[s.id]) for s in t.srcs]))
+                    args = [self._arr(bufs[s.id]) for s in t.srcs]
+                    k = (native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None)
+                    self.kernels.append(k or npb._k_set_rows(t, buf, *args))
             else:
                 off = plan.offsets[tid]
                 bufs[tid] = arena[off: off + plan.nbytes[tid]].view(npb.NP_DTYPES[t.dtype]).reshape(t.shape)
@@ -721,16 +750,43 @@ class _Compiler:
     def _arr(x) -> np.ndarray:
         return x.array() if isinstance(x, TorchWeight) else x
 
+    def _native(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
+        """kvgraph's C kernel for node t when there is one for its op and buffers, else None."""
+        if t.id in self.fused_norm or t.op == "rms_norm":
+            dst = self._dst(t, step)
+            if dst.dtype != torch.float32:
+                return None
+            if t.op == "rms_norm":
+                return native_ops.rms_norm(srcs[0], None, t.p["eps"], out)
+            r = self.fused_norm[t.id]
+            return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"], out)
+        if t.op in ("swiglu", "geglu"):
+            if self._dst(t, step).dtype != torch.float32:
+                return None
+            return native_ops.gated(t.op, self._arr(srcs[0]), self._arr(srcs[1]), out)
+        if t.op == "rope":
+            p = t.p
+            half = p["n_dims"] // 2
+            inv = p["freq_scale"] / p["base"] ** (np.arange(0, half, dtype=np.float64) * 2 / p["n_dims"])
+            return native_ops.rope(srcs[0], srcs[1], out, p["n_dims"], inv, p["neox"])
+        if t.op == "flash_attn" and t.shape[0] <= NATIVE_ATTN_MAX_TOKENS:
+            q, k, v, mask = (self._arr(s) for s in srcs)
+            return native_ops.attention(q, k, v, mask, t.p["scale"], out)
+        return None
+
     def _emit(self, t: Tensor, step: int) -> None:
         bufs, kernels = self.bufs, self.kernels
         out = bufs[t.id]
         srcs = [bufs[s.id] for s in t.srcs]
-        if t.id in self.groups:
+        k = self._native(t, step, out, srcs) if self.backend.native else None
+        if k is not None:
+            kernels.append(k)
+        elif t.id in self.groups:
             kernels.append(self._group_matmul(self.groups[t.id], step))
         elif self._weight_matmul(t):
             mat = srcs[1].matrix()
             x = self._staged(t.srcs[0], mat.act_dtype, step)
-            kernels.append(mat.kernel(x, _t(out).view(-1, mat.n)))
+            kernels.append(mat.kernel(x, out.reshape(-1, mat.n) if mat.act_dtype == "q8" else _t(out).view(-1, mat.n)))
         elif t.op == "get_rows" and t.srcs[0].op == "weight":
             kernels.append(srcs[0].rows().kernel(srcs[1], out))
         elif t.id in self.fused_norm:
@@ -759,7 +815,8 @@ class _Compiler:
         readers = self.readers.get(t.id, ())
         dtypes = {self.weights[r.srcs[1].name].matrix().act_dtype if self._weight_matmul(r) and r.srcs[0] is t
                   else None for r in readers}
-        if t.id in self.outputs_base or len(dtypes) != 1 or None in dtypes or torch.float32 in dtypes:
+        if (t.id in self.outputs_base or len(dtypes) != 1 or None in dtypes or torch.float32 in dtypes
+                or "q8" in dtypes):
             return _t(self.bufs[t.id])
         return self.staging.get((t.id, dtypes.pop()), _t(self.bufs[t.id]), step, self.kernels, copy=False)
 
@@ -768,6 +825,11 @@ class _Compiler:
         else a staged (converted / contiguous) copy shared by every matmul reading it."""
         a = self.bufs[src.id]
         k = a.shape[-1]
+        if dtype == "q8":
+            a2 = a.reshape(-1, k) if a.flags.c_contiguous else a
+            if a2.ndim != 2 or a2.strides[1] != 4:
+                raise ValueError(f"native matmul input {src} is not a row-strided matrix")
+            return self.staging.get_q8((src.id, dtype), a2, step, self.kernels)
         if dtype == torch.float32 and a.flags.c_contiguous:
             return _t(a).view(-1, k)
         return self.staging.get((src.id, dtype), _t(a), step, self.kernels).view(-1, k)
@@ -776,6 +838,8 @@ class _Compiler:
         mats = [self.weights[m.srcs[1].name].matrix() for m in members]
         fused = self.backend.fused(mats)
         x = self._staged(members[0].srcs[0], fused.act_dtype, step)
+        if fused.act_dtype == "q8":
+            return fused.kernel_split(x, [self.bufs[m.id].reshape(-1, mat.n) for m, mat in zip(members, mats)])
         outs, c0 = [], 0
         for m, mat in zip(members, mats):
             outs.append((c0, c0 + mat.n, _t(self.bufs[m.id]).view(-1, mat.n)))
@@ -791,11 +855,13 @@ class TorchBackend:
 
         self.n_threads = threads or physical_cores()
         torch.set_num_threads(self.n_threads)
+        # kvgraph's own kernels for quantized matmuls when they can be built (see backends/native).
+        self.native = native.library() is not None
         self._fused: dict[tuple[int, ...], tuple[list, Any]] = {}
 
     # ---- weights ----------------------------------------------------------------------------------------
     def load_weight(self, gguf_file, name: str) -> TorchWeight:
-        return TorchWeight(gguf_file, name)
+        return TorchWeight(gguf_file, name, self.native)
 
     def tie_output(self, embedding: TorchWeight) -> TorchWeight:
         embedding.matrix()        # the output matmul's repacked form, built once here

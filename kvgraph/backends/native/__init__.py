@@ -1,0 +1,170 @@
+"""kvgraph's own CPU kernels (kernels.c), compiled with the system C compiler on first use and loaded with ctypes.
+
+The shared library is cached under $KVGRAPH_HOME/native/<hash of source, compiler and flags>/, so it is built
+once per machine (about a second). Without a C compiler, or with KVGRAPH_NATIVE=0, `library()` returns None
+and the torch backend uses torch's own quantized kernels instead (slower at batch size 1, same rules).
+
+Each kernel takes one pointer to int64 argument slots (see kernels.c); `bind` packs the slots once, at
+compile time, and returns a closure that costs one ctypes call per run.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q8", "kvg_rms_norm", "kvg_gated", "kvg_rope",
+           "kvg_set_rows", "kvg_attention")
+
+_lib: ctypes.CDLL | None = None
+_why_not: str | None = None
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cache_dir() -> Path:
+    from ...registry import model_home
+
+    return model_home() / "native"
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    tag = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    out = _cache_dir() / tag / "libkvgraph_native.so"
+    if out.exists():
+        return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:                    # an unwritable KVGRAPH_HOME: build into the temp folder instead
+        out = Path(tempfile.gettempdir()) / f"kvgraph-native-{os.getuid()}" / tag / out.name
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode != 0:
+            raise OSError(f"{cc} failed: {r.stderr.strip()[-2000:]}")
+        os.replace(tmp_out, out)       # atomic: a concurrent build of the same source is harmless
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None when it cannot be used (`why_not()` says why)."""
+    global _lib, _why_not
+    if _lib is not None or _why_not is not None:
+        return _lib
+    if os.environ.get("KVGRAPH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        _why_not = "disabled by KVGRAPH_NATIVE=0"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _why_not = "no C compiler found (set CC or install gcc)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        _why_not = f"could not build the native kernels: {exc}"
+        print(f"kvgraph: {_why_not}; using torch's kernels", file=sys.stderr)
+        return None
+    for name in KERNELS:
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+        getattr(lib, name).restype = None
+    lib.kvg_simd.restype = ctypes.c_int
+    lib.kvg_q4_row_bytes.restype = lib.kvg_q8_row_bytes.restype = ctypes.c_int64
+    lib.kvg_q4_row_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.kvg_q8_row_bytes.argtypes = [ctypes.c_int64]
+    _lib = lib
+    return _lib
+
+
+def why_not() -> str | None:
+    library()
+    return _why_not
+
+
+def ptr(a) -> int:
+    """The data address of a numpy array or torch tensor."""
+    if isinstance(a, np.ndarray):
+        return a.ctypes.data
+    return a.data_ptr()
+
+
+def f64_bits(x: float) -> int:
+    return int(np.float64(x).view(np.int64))
+
+
+def bind(name: str, *slots: int, keep: tuple = ()) -> Callable[[], None]:
+    """A closure calling kernel `name` with these argument slots (and keeping `keep` alive with it)."""
+    fn = getattr(library(), name)
+    args = np.array(slots, dtype=np.int64)
+    addr = args.ctypes.data
+
+    def run():
+        fn(addr)
+    run.__qualname__ = name
+    run.keep = (args, keep)          # the slot array and every buffer it points into live as long as the kernel
+    return run
+
+
+# ---- weight packing (numpy; layouts documented in kernels.c) ---------------------------------------------------
+QK = 32
+
+
+def f16_exact(x: np.ndarray) -> bool:
+    """Every value of float32 x is exactly a float16 (so storing it as float16 loses nothing)."""
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(x.astype(np.float16).astype(np.float32), x))
+
+
+def pack_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool) -> np.ndarray:
+    """q uint8 [N, K] in [0, 15], d / m float32 [N, K/32] (w = q d + m) -> Q4 rows [N, row_bytes] uint8,
+    scales as float16 when half (the caller checks f16_exact) else float32."""
+    n, k = q.shape
+    g = k // QK
+    groups = q.reshape(n, g, QK)
+    pairs = groups[:, : g - g % 2].reshape(n, g // 2, 2, QK)
+    parts = [(pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, -1)]
+    if g % 2:
+        last = groups[:, -1]
+        parts.append(last[:, :16] | (last[:, 16:] << 4))
+    sdt = np.float16 if half else np.float32
+    parts += [np.ascontiguousarray(d.astype(sdt)).view(np.uint8), np.ascontiguousarray(m.astype(sdt)).view(np.uint8)]
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+def pack_q8(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """q int8 [N, K], d float16 [N, K/32] (w = q d) -> Q8 rows [N, row_bytes] uint8."""
+    return np.ascontiguousarray(np.concatenate([q.view(np.uint8), np.ascontiguousarray(d, np.float16).view(np.uint8)],
+                                               axis=1))
+
+
+def quantize_blocks_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [N, K] -> (q int8 [N, K], d float16 [N, K/32]): symmetric int8 per block of 32, as Q8_0 is
+    made, with d = max|w| / 127 rounded up to a float16 (so that no |w| / d exceeds 127)."""
+    n, k = w.shape
+    blocks = w.reshape(n, k // QK, QK)
+    amax = np.abs(blocks).max(axis=2)
+    exact = amax / np.float32(127)
+    d16 = exact.astype(np.float16)
+    low = d16.astype(np.float32) < exact
+    d16[low] = np.nextafter(d16[low], np.float16(np.inf))
+    d = d16.astype(np.float32)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    q = np.clip(np.rint(blocks * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(n, k), d16

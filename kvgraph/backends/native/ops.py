@@ -1,0 +1,96 @@
+"""Kernels for the non-matmul ops of a step, bound to numpy buffers (see kernels.c). Each builder returns a
+kernel, or None when the buffers' layout is one the C code does not take (the caller then uses torch)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import bind, f64_bits, ptr
+
+F4 = 4      # bytes per float32 / int32
+
+
+def _rows(x: np.ndarray) -> tuple[int, int, int] | None:
+    """(M, K, row stride in elements) of a float32 array seen as [M, K] with unit-stride rows, else None."""
+    if x.dtype != np.float32 or x.ndim == 0 or x.strides[-1] != F4:
+        return None
+    if x.ndim == 1:
+        return 1, x.shape[0], x.shape[0]
+    if x.ndim > 2:
+        if not x.flags.c_contiguous:
+            return None
+        x = x.reshape(-1, x.shape[-1])
+    return x.shape[0], x.shape[1], x.strides[0] // F4
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray | None, eps: float, out: np.ndarray):
+    xr, orow = _rows(x), _rows(out)
+    if xr is None or orow is None or xr[:2] != orow[:2]:
+        return None
+    if w is not None:
+        w = np.ascontiguousarray(w, np.float32)
+        if w.shape != (xr[1],):
+            return None
+    return bind("kvg_rms_norm", ptr(x), xr[0], xr[1], xr[2], 0 if w is None else ptr(w), f64_bits(eps), ptr(out),
+                orow[2], keep=(x, w, out))
+
+
+def gated(kind: str, gate: np.ndarray, up: np.ndarray, out: np.ndarray):
+    if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (gate, up, out)) or not (
+            gate.shape == up.shape == out.shape):
+        return None
+    return bind("kvg_gated", ptr(gate), ptr(up), ptr(out), out.size, {"swiglu": 0, "geglu": 1}[kind],
+                keep=(gate, up, out))
+
+
+def _heads(x: np.ndarray) -> bool:
+    return x.dtype == np.float32 and x.ndim == 3 and x.strides[2] == F4
+
+
+def rope(x: np.ndarray, pos: np.ndarray, out: np.ndarray, n_dims: int, inv_freq: np.ndarray, neox: bool):
+    if not (_heads(x) and _heads(out)) or n_dims // 2 > 512 or pos.dtype != np.int32:
+        return None
+    n, nh, d = x.shape
+    inv = np.ascontiguousarray(inv_freq, np.float32)
+    return bind("kvg_rope", ptr(x), n, nh, d, x.strides[0] // F4, x.strides[1] // F4, ptr(out), out.strides[0] // F4,
+                out.strides[1] // F4, n_dims, ptr(pos), ptr(inv), int(neox), keep=(x, pos, out, inv))
+
+
+def set_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray, transposed: bool, col: int):
+    """dst[idx[i]] = src[i] (dst 2-D; transposed: dst[:, idx[i]] = src[i]; col: first column written)."""
+    if dst.dtype != np.float32 or src.dtype != np.float32 or dst.ndim != 2 or idx.dtype != np.int32:
+        return None
+    s = src.reshape(src.shape[0], -1) if src.flags.c_contiguous else None
+    if s is None or s.strides[1] != F4:
+        return None
+    if transposed:
+        if col or s.shape[1] != dst.shape[0]:
+            return None
+        s0, s1, base = dst.strides[1] // F4, dst.strides[0] // F4, dst
+    else:
+        if dst.strides[1] != F4 or col + s.shape[1] > dst.shape[1]:
+            return None
+        s0, s1, base = dst.strides[0] // F4, 1, dst[:, col:]
+    return bind("kvg_set_rows", ptr(base), s0, s1, ptr(s), s.shape[0], s.shape[1], s.strides[0] // F4, ptr(idx),
+                keep=(dst, src, idx))
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, out: np.ndarray,
+              v_cells_last: bool = False):
+    """out [n, H, dv] = softmax(q k^T * scale + mask) v per head group. q [n, H, d], k [n_kv, Hkv, d], v
+    [n_kv, Hkv, dv] (or [Hkv, dv, n_kv] when v_cells_last), mask [n, n_kv]."""
+    if not (_heads(q) and _heads(k) and _heads(out)) or mask.dtype != np.float32 or mask.strides[-1] != F4:
+        return None
+    n, nh, d = q.shape
+    n_kv, nhkv, _ = k.shape
+    if v_cells_last:
+        nhkv_v, dv, n_kv_v = v.shape
+        vs0, vs1, vs2 = v.strides[2] // F4, v.strides[0] // F4, v.strides[1] // F4
+    else:
+        n_kv_v, nhkv_v, dv = v.shape
+        vs0, vs1, vs2 = v.strides[0] // F4, v.strides[1] // F4, v.strides[2] // F4
+    if (n_kv_v, nhkv_v) != (n_kv, nhkv) or dv > 1024 or v.dtype != np.float32 or nh % nhkv:
+        return None
+    return bind("kvg_attention", ptr(q), n, nh, d, q.strides[0] // F4, q.strides[1] // F4,
+                ptr(k), n_kv, nhkv, k.strides[0] // F4, k.strides[1] // F4,
+                ptr(v), dv, vs0, vs1, vs2, ptr(mask), mask.strides[0] // F4, f64_bits(scale),
+                ptr(out), out.strides[0] // F4, out.strides[1] // F4, keep=(q, k, v, mask, out))
