@@ -16,7 +16,7 @@ from conftest import load_reference  # noqa: E402
 from golden import greedy_trace  # noqa: E402
 from tiny_models import Gemma3Spec, HybridSpec, TinySpec, write_tiny_gemma3, write_tiny_hybrid, write_tiny_llama  # noqa: E402
 
-from kvgraph.backends import get_backend  # noqa: E402
+from kvgraph.backends import get_backend, native  # noqa: E402
 from kvgraph.backends import quant_repack as qr  # noqa: E402
 from kvgraph.backends.numpy_backend import NumpyBackend  # noqa: E402
 from kvgraph.backends.torch_backend import Int4Mat, Int8Mat, TorchBackend, TorchWeight  # noqa: E402
@@ -73,6 +73,21 @@ class FakeFile:
         return gguf.quants.dequantize(info.data, Q[info.type_name]).astype(np.float32).reshape(info.shape)
 
 
+@pytest.fixture(autouse=True, params=["native", "torch-kernels"])
+def kernels(request, monkeypatch):
+    """Every op and tiny-model test runs twice: with kvgraph's C kernels (the default) and without them
+    (torch's int4pack / int8 matmuls and torch ops: the path taken where no C compiler exists)."""
+    if request.param == "native" and native.library() is None:
+        pytest.skip(f"native kernels unavailable: {native.why_not()}")
+    if "real" in request.fixturenames and request.param != "native":
+        pytest.skip("real models are checked with the default (native) kernels")
+    if request.param == "torch-kernels":
+        monkeypatch.setenv("KVGRAPH_NATIVE", "0")
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setattr(native, "_why_not", "disabled by KVGRAPH_NATIVE=0")
+    return request.param
+
+
 def run_both(build, inputs=(), weights: FakeFile | None = None, states=()):
     """Run a hand-built graph on the numpy and the torch backend; returns (numpy outputs, torch outputs,
     numpy states after, torch states after)."""
@@ -84,7 +99,7 @@ def run_both(build, inputs=(), weights: FakeFile | None = None, states=()):
         if isinstance(backend, NumpyBackend):
             w = {name: wfile.dequantize(name) for name in wfile.tensors}
         else:
-            w = {name: TorchWeight(wfile, name) for name in wfile.tensors}
+            w = {name: TorchWeight(wfile, name, backend.native) for name in wfile.tensors}
         st = {name: np.array(v, np.float32) for name, v in dict(states).items()}
         program = backend.compile(g.graph, plan_graph(g.graph), w, st)
         for name, value in dict(inputs).items():
@@ -133,7 +148,7 @@ def test_int4pack_kernel_weight_equals_gguf_up_to_bf16_scale_and_zero(type_name,
     # ... and the only difference to gguf's dequantization is that rounding of scale and zero.
     ref = gguf.quants.dequantize(raw, Q[type_name]).reshape(rows, cols)
     bound = np.abs(q - 8.0) * np.abs(np.repeat(scale, 32, 1) - s) + np.abs(np.repeat(zero, 32, 1) - z)
-    bound += np.abs(ref) * 2.0 ** -8 + 1e-12                  # the bf16 output rounding of the read-back
+    bound += np.abs(expected) * 2.0 ** -8 + 1e-12             # the bf16 output rounding of the read-back
     assert np.all(np.abs(mat.dequantize() - ref) <= bound)
 
 
@@ -214,7 +229,7 @@ def test_matmuls_sharing_an_input_are_stacked_into_one_with_identical_results(ty
             g.output(name, g.matmul(h, g.weight(name, (n, 256))))
 
     be = TorchBackend()
-    weights = {name: TorchWeight(f, name) for name in f.tensors}
+    weights = {name: TorchWeight(f, name, be.native) for name in f.tensors}
     singles = {}
     for name in weights:                       # each alone, before stacking
         g = GraphBuilder()
@@ -316,7 +331,7 @@ def test_rope(neox, n_dims, freq_scale, n):
     assert_same(ref, got, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 4, 20])            # 20: past the C kernel's limit, torch's batched path
 def test_flash_attn_with_grouped_heads(n):
     H, Hkv, d, n_kv = 6, 2, 8, 9
     q, k, v = f32(n, H, d), f32(n_kv, Hkv, d), f32(n_kv, Hkv, d)

@@ -850,13 +850,14 @@ class _Compiler:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, native_kernels: bool | None = None):
         from ..bench import physical_cores
 
         self.n_threads = threads or physical_cores()
         torch.set_num_threads(self.n_threads)
-        # kvgraph's own kernels for quantized matmuls when they can be built (see backends/native).
-        self.native = native.library() is not None
+        # kvgraph's own C kernels (see backends/native) unless asked not to or they cannot be built; without
+        # them matmuls use torch's int4pack / int8 kernels and every other op torch or numpy.
+        self.native = native_kernels is not False and native.library() is not None
         self._fused: dict[tuple[int, ...], tuple[list, Any]] = {}
 
     # ---- weights ----------------------------------------------------------------------------------------

@@ -40,10 +40,10 @@ def _cache_dir() -> Path:
     return model_home() / "native"
 
 
-def _build(cc: str) -> Path:
+def _build(cc: str, flags: list[str] = FLAGS) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    tag = hashlib.sha256(src + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
     out = _cache_dir() / tag / "libkvgraph_native.so"
     if out.exists():
         return out
@@ -56,7 +56,7 @@ def _build(cc: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        r = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True,
+        r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True,
                            timeout=300)
         if r.returncode != 0:
             raise OSError(f"{cc} failed: {r.stderr.strip()[-2000:]}")
@@ -77,11 +77,23 @@ def library() -> ctypes.CDLL | None:
         _why_not = "no C compiler found (set CC or install gcc)"
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        _lib = load(_build(cc))
     except (OSError, subprocess.SubprocessError) as exc:
         _why_not = f"could not build the native kernels: {exc}"
         print(f"kvgraph: {_why_not}; using torch's kernels", file=sys.stderr)
-        return None
+    return _lib
+
+
+def build_portable() -> ctypes.CDLL:
+    """The kernels built for any x86-64 / other CPU (no AVX2: the plain-C loops), for tests."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler")
+    return load(_build(cc, [f for f in FLAGS if not f.startswith("-march")]))
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     for name in KERNELS:
         getattr(lib, name).argtypes = [ctypes.c_void_p]
         getattr(lib, name).restype = None
@@ -89,8 +101,7 @@ def library() -> ctypes.CDLL | None:
     lib.kvg_q4_row_bytes.restype = lib.kvg_q8_row_bytes.restype = ctypes.c_int64
     lib.kvg_q4_row_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.kvg_q8_row_bytes.argtypes = [ctypes.c_int64]
-    _lib = lib
-    return _lib
+    return lib
 
 
 def why_not() -> str | None:

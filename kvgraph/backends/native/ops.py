@@ -74,20 +74,15 @@ def set_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray, transposed: bool
                 keep=(dst, src, idx))
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, out: np.ndarray,
-              v_cells_last: bool = False):
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, out: np.ndarray):
     """out [n, H, dv] = softmax(q k^T * scale + mask) v per head group. q [n, H, d], k [n_kv, Hkv, d], v
-    [n_kv, Hkv, dv] (or [Hkv, dv, n_kv] when v_cells_last), mask [n, n_kv]."""
+    [n_kv, Hkv, dv], mask [n, n_kv]."""
     if not (_heads(q) and _heads(k) and _heads(out)) or mask.dtype != np.float32 or mask.strides[-1] != F4:
         return None
     n, nh, d = q.shape
     n_kv, nhkv, _ = k.shape
-    if v_cells_last:
-        nhkv_v, dv, n_kv_v = v.shape
-        vs0, vs1, vs2 = v.strides[2] // F4, v.strides[0] // F4, v.strides[1] // F4
-    else:
-        n_kv_v, nhkv_v, dv = v.shape
-        vs0, vs1, vs2 = v.strides[0] // F4, v.strides[1] // F4, v.strides[2] // F4
+    n_kv_v, nhkv_v, dv = v.shape
+    vs0, vs1, vs2 = v.strides[0] // F4, v.strides[1] // F4, v.strides[2] // F4
     if (n_kv_v, nhkv_v) != (n_kv, nhkv) or dv > 1024 or v.dtype != np.float32 or nh % nhkv:
         return None
     return bind("kvg_attention", ptr(q), n, nh, d, q.strides[0] // F4, q.strides[1] // F4,

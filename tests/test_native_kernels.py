@@ -1,0 +1,234 @@
+"""kvgraph's C kernels (kvgraph/backends/native) against plain numpy: activation quantization bit for bit,
+integer-dot matmuls exactly up to float rounding, and the weight repacking of every GGUF type."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from kvgraph.backends import native
+from kvgraph.backends.native import QK, bind, pack_q4, pack_q8, ptr, quantize_blocks_q8
+from kvgraph.backends.native import ops as native_ops
+from kvgraph.backends.native.mats import NativeMat, Q8Act
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels unavailable: {native.why_not()}")
+RNG = np.random.default_rng(7)
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(params=["simd", "portable"])
+def variant(request, monkeypatch):
+    """The kernels as built for this CPU (AVX2 where it has it) and the plain-C build any CPU gets."""
+    if request.param == "portable":
+        monkeypatch.setattr(native, "_lib", native.build_portable())
+        assert native.library().kvg_simd() == 0
+    return request.param
+
+
+def quantize_ref(x: np.ndarray):
+    """ggml's Q8_1 activation quantization in numpy float32: d = max|x| / 127, q = rint(x * 127 / max|x|)."""
+    m, k = x.shape
+    b = x.reshape(m, k // QK, QK)
+    amax = np.abs(b).max(2)
+    d = amax / np.float32(127)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(b * inv[..., None]).astype(np.int8)
+    return q.reshape(m, k), d, d * q.astype(np.int32).sum(2).astype(np.float32)
+
+
+def quantized(x: np.ndarray) -> Q8Act:
+    act = Q8Act(*x.shape)
+    act.quantize_kernel(x)()
+    return act
+
+
+@pytest.mark.parametrize("k", [32, 96, 576])
+def test_activation_quantization_is_bit_identical_to_numpy(k, variant):
+    x = RNG.standard_normal((5, k), dtype=np.float32) * RNG.uniform(0.01, 10, (5, 1)).astype(np.float32)
+    x[1, :QK] = 0                                   # an all-zero block: d = 0, q = 0
+    act = quantized(x)
+    q, d, s = quantize_ref(x)
+    np.testing.assert_array_equal(act.q, q)
+    np.testing.assert_array_equal(act.d, d)
+    np.testing.assert_allclose(act.s, s, rtol=1e-6)
+
+
+def test_quantization_reads_strided_rows():
+    big = RNG.standard_normal((3, 128), dtype=np.float32)
+    act = Q8Act(3, 64)
+    act.quantize_kernel(big[:, 32:96])()
+    np.testing.assert_array_equal(act.q, quantize_ref(np.ascontiguousarray(big[:, 32:96]))[0])
+
+
+def matmul_ref(w: np.ndarray, act: Q8Act) -> np.ndarray:
+    """The exact product of the dequantized weight with the dequantized activation, in float64."""
+    x = act.q.astype(np.float64).reshape(act.m, -1, QK) * act.d.astype(np.float64)[..., None]
+    return x.reshape(act.m, -1) @ w.astype(np.float64).T
+
+
+def random_q4(n: int, k: int, half: bool):
+    q = RNG.integers(0, 16, (n, k), dtype=np.uint8)
+    d = RNG.uniform(0.001, 0.02, (n, k // QK)).astype(np.float32)
+    m = -8 * d * RNG.uniform(0.5, 1.5, d.shape).astype(np.float32)
+    if half:
+        d, m = d.astype(np.float16).astype(np.float32), m.astype(np.float16).astype(np.float32)
+    w = q * np.repeat(d, QK, 1).astype(np.float64) + np.repeat(m, QK, 1)
+    return pack_q4(q, d, m, half), w
+
+
+@pytest.mark.parametrize("fmt", ["q4h", "q4", "q8"])
+@pytest.mark.parametrize("n, k, m", [(1, 32, 1), (67, 96, 1), (64, 576, 5), (13, 256, 9), (8, 64, 4)])
+def test_matmul_equals_the_exact_product_of_dequantized_operands(fmt, n, k, m, variant):
+    """Odd group counts (96 = 3 groups), rows not a multiple of the 4-row tile, and activation rows not
+    a multiple of the 4-row tile all take their own paths."""
+    if fmt == "q8":
+        qw, d = quantize_blocks_q8(RNG.standard_normal((n, k), dtype=np.float32))
+        rows, w = pack_q8(qw, d), qw.astype(np.float64) * np.repeat(d.astype(np.float64), QK, 1)
+    else:
+        rows, w = random_q4(n, k, half=fmt == "q4h")
+    act = quantized(RNG.standard_normal((m, k), dtype=np.float32))
+    y = np.full((m, n), np.nan, np.float32)
+    ends, outs = np.array([n], np.int64), np.array([ptr(y)], np.int64)
+    bind(f"kvg_matmul_{fmt}", ptr(rows), n, k, ptr(act.q), ptr(act.d), ptr(act.s), m, 1, ptr(ends), ptr(outs))()
+    ref = matmul_ref(w, act)
+    np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+
+
+def test_split_matmul_writes_each_member_into_its_own_buffer(variant):
+    rows, w = random_q4(40, 64, half=True)
+    act = quantized(RNG.standard_normal((3, 64), dtype=np.float32))
+    outs = [np.zeros((3, 8), np.float32), np.zeros((3, 30), np.float32), np.zeros((3, 2), np.float32)]
+    ends = np.array([8, 38, 40], np.int64)
+    ptrs = np.array([ptr(o) for o in outs], np.int64)
+    bind("kvg_matmul_q4h", ptr(rows), 40, 64, ptr(act.q), ptr(act.d), ptr(act.s), 3, 3, ptr(ends), ptr(ptrs))()
+    np.testing.assert_allclose(np.concatenate(outs, 1), matmul_ref(w, act), rtol=2e-5, atol=1e-5)
+
+
+EXACT = ["Q4_0", "Q4_1", "Q4_K", "Q8_0"]
+
+
+def gguf_matrix(type_name: str, n: int, k: int) -> np.ndarray:
+    if type_name in ("Q4_K", "Q6_K"):      # gguf cannot quantize k-quants: random blocks with sane scales
+        rows = np.frombuffer(RNG.bytes(n * (k // 256) * (144 if type_name == "Q4_K" else 210)), np.uint8)
+        rows = rows.reshape(n, k // 256, -1).copy()
+        at = 0 if type_name == "Q4_K" else 208
+        rows[..., at: at + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        if type_name == "Q4_K":
+            rows[..., 2:4] = np.frombuffer(np.float16(0.005).tobytes(), np.uint8)
+        return rows.reshape(n, -1)
+    return gguf.quants.quantize(RNG.standard_normal((n, k), dtype=np.float32), Q[type_name])
+
+
+@pytest.mark.parametrize("type_name", EXACT + ["Q5_0", "Q6_K", "F16"])
+def test_repacked_weights_are_gguf_exact_or_within_half_an_int8_step(type_name):
+    n, k = 48, 256
+    raw = gguf_matrix(type_name, n, k)
+    ref = gguf.quants.dequantize(raw, Q[type_name]).astype(np.float32).reshape(n, k)
+    mat = NativeMat(raw, type_name, (n, k))
+    got = mat.dequantize()
+    if type_name in EXACT:
+        np.testing.assert_array_equal(got, ref)
+    else:
+        step = np.abs(ref.reshape(n, -1, QK)).max(2, keepdims=True) / 127
+        assert np.all(np.abs(got - ref).reshape(n, -1, QK) <= step * 0.5 * (1 + 2 ** -10) + 1e-12)
+
+
+def test_scales_are_stored_as_float16_exactly_when_that_loses_nothing():
+    q41 = NativeMat(gguf_matrix("Q4_1", 8, 64), "Q4_1", (8, 64))
+    assert q41.fmt == "q4h" and q41.nbytes == 8 * 64 * 20 // 32          # the file's own 20 bytes per block
+    q4k = NativeMat(gguf_matrix("Q4_K", 8, 256), "Q4_K", (8, 256))
+    assert q4k.fmt == "q4"                                              # d * sc products need float32
+    q8 = NativeMat(gguf_matrix("Q8_0", 8, 64), "Q8_0", (8, 64))
+    assert q8.fmt == "q8" and q8.nbytes == 8 * 64 * 34 // 32
+
+
+def test_stacked_matrices_share_rows_with_their_members():
+    mats = [NativeMat(gguf_matrix("Q4_0", n, 64), "Q4_0", (n, 64)) for n in (8, 24)]
+    before = [m.dequantize() for m in mats]
+    fused = NativeMat.fuse(mats)
+    np.testing.assert_array_equal(fused.dequantize(), np.concatenate(before))
+    assert all(np.shares_memory(m.rows, fused.rows) for m in mats)
+
+
+def test_disabled_by_environment_variable(monkeypatch):
+    monkeypatch.setenv("KVGRAPH_NATIVE", "0")
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_why_not", None)
+    assert native.library() is None and "KVGRAPH_NATIVE=0" in native.why_not()
+
+
+def test_a_broken_compiler_falls_back_with_one_line_saying_why(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CC", "false")                     # a "compiler" that always fails
+    monkeypatch.setenv("KVGRAPH_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_why_not", None)
+    assert native.library() is None
+    assert "could not build the native kernels" in native.why_not()
+    assert "using torch's kernels" in capsys.readouterr().err
+
+
+# ---- the other ops, in both builds (the simd build's vector loops have scalar tails: odd sizes) --------------
+def test_rms_norm_with_and_without_weight(variant):
+    x, w = RNG.standard_normal((3, 40), dtype=np.float32), RNG.standard_normal(40, dtype=np.float32)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-5)
+    for weight, expect in ((w, ref * w), (None, ref)):
+        out = np.empty_like(x)
+        native_ops.rms_norm(x, weight, 1e-5, out)()
+        np.testing.assert_allclose(out, expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+def test_gated_activations(kind, variant):
+    g, u = RNG.standard_normal(13, dtype=np.float32) * 4, RNG.standard_normal(13, dtype=np.float32)
+    g[0], g[1] = -100, 100                                             # saturated ends
+    g64 = g.astype(np.float64)
+    act = g64 / (1 + np.exp(-g64)) if kind == "swiglu" else \
+        0.5 * g64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (g64 + 0.044715 * g64 ** 3)))
+    out = np.empty_like(g)
+    native_ops.gated(kind, g, u, out)()
+    np.testing.assert_allclose(out, act * u, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_rotates_pairs_or_halves_and_copies_the_rest(neox, variant):
+    n, h, d, nd = 3, 2, 12, 8
+    x, pos = RNG.standard_normal((n, h, d), dtype=np.float32), np.array([0, 7, 1000], np.int32)
+    inv = 1.0 / 10000 ** (np.arange(nd // 2) * 2 / nd)
+    out = np.empty_like(x)
+    native_ops.rope(x, pos, out, nd, inv, neox)()
+    th = pos[:, None, None] * inv.astype(np.float32)[None, None, :]
+    i0, i1 = (np.arange(nd // 2), np.arange(nd // 2) + nd // 2) if neox else (np.arange(0, nd, 2), np.arange(1, nd, 2))
+    ref = x.astype(np.float64).copy()
+    ref[..., i0] = x[..., i0] * np.cos(th) - x[..., i1] * np.sin(th)
+    ref[..., i1] = x[..., i0] * np.sin(th) + x[..., i1] * np.cos(th)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_skips_masked_cells_and_groups_heads(variant):
+    n, nh, nhkv, d, n_kv = 2, 4, 2, 16, 7
+    q, k, v = (RNG.standard_normal(s, dtype=np.float32) for s in ((n, nh, d), (n_kv, nhkv, d), (n_kv, nhkv, d)))
+    mask = np.zeros((n, n_kv), np.float32)
+    mask[0, 3:] = -np.inf
+    mask[1, [0, 5]] = -np.inf
+    k[5] = np.nan                        # a cell masked for every token: its garbage never reaches the result
+    out = np.empty((n, nh, d), np.float32)
+    native_ops.attention(q, k, v, mask, 0.25, out)()
+    for t in range(n):
+        for h in range(nh):
+            valid = np.isfinite(mask[t])
+            kk, vv = k[valid, h // 2].astype(np.float64), v[valid, h // 2]
+            s = kk @ q[t, h] * 0.25
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[t, h], p @ vv / p.sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_set_rows_writes_rows_columns_and_column_ranges(variant):
+    src, idx = RNG.standard_normal((2, 3), dtype=np.float32), np.array([4, 1], np.int32)
+    rows, cols, wide = np.zeros((6, 3), np.float32), np.zeros((3, 6), np.float32), np.zeros((6, 7), np.float32)
+    native_ops.set_rows(rows, src, idx, False, 0)()
+    native_ops.set_rows(cols, src, idx, True, 0)()
+    native_ops.set_rows(wide, src, idx, False, 2)()
+    np.testing.assert_array_equal(rows[idx], src)
+    np.testing.assert_array_equal(cols[:, idx], src.T)
+    np.testing.assert_array_equal(wide[idx, 2:5], src)
+    assert np.count_nonzero(wide) == np.count_nonzero(src)
