@@ -28,7 +28,7 @@ class LLM:
     def __init__(self, model: str | None = None, *, n_ctx: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
                  backend: str | None = None, threads: int | None = None, graph_cache: bool = True,
                  graph_cache_size: int = DEFAULT_CAPACITY, verify_graph_cache: bool = False,
-                 flash_attn: bool = False, progress: bool = False):
+                 flash_attn: bool | None = None, progress: bool = False):
         from .registry import resolve_model
 
         path = resolve_model(model, progress=progress)

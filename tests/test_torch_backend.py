@@ -519,3 +519,12 @@ def test_real_model_weights_stay_compact(real):
     """Repacked weights take about the file's size (no float32 copies; the embedding table stays raw)."""
     name, path, loaded, _ = real
     assert loaded.backend.weights_nbytes(loaded.weights) <= 1.1 * path.stat().st_size
+
+
+def test_flash_attention_auto_is_on_exactly_where_the_c_attention_kernel_exists(tmp_path, kernels):
+    path = tmp_path / "t.gguf"
+    write_tiny_llama(path, TinySpec())
+    torch_ctx = Context(load_model(path, get_backend("torch")), n_ctx=32)
+    assert torch_ctx.flash_attn is (kernels == "native")
+    assert Context(load_model(path, get_backend("numpy")), n_ctx=32).flash_attn is False
+    assert Context(load_model(path, get_backend("torch")), n_ctx=32, flash_attn=False).flash_attn is False

@@ -316,6 +316,7 @@ def _view(t: Tensor, src: np.ndarray) -> np.ndarray:
 
 class NumpyBackend:
     name = "numpy"
+    flash_attn_default = False     # the reference runs ggml's non-flash path unless asked
 
     def __init__(self, threads: int | None = None):
         self.n_threads = threads

@@ -858,6 +858,8 @@ class TorchBackend:
         # kvgraph's own C kernels (see backends/native) unless asked not to or they cannot be built; without
         # them matmuls use torch's int4pack / int8 kernels and every other op torch or numpy.
         self.native = native_kernels is not False and native.library() is not None
+        # The C attention kernel reads the row-major (flash) V cache: the fast default when it exists.
+        self.flash_attn_default = self.native
         self._fused: dict[tuple[int, ...], tuple[list, Any]] = {}
 
     # ---- weights ----------------------------------------------------------------------------------------

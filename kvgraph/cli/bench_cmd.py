@@ -53,7 +53,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("-t", "--threads", default=None, help="thread counts (default: physical cores)")
     p.add_argument("--backend", default=None, help="backends, comma-separated (default: the default backend)")
     p.add_argument("--graph-cache", default="on", help="on, off or on,off (default on)")
-    p.add_argument("--flash-attn", "-fa", default="off", help="on, off or on,off (default off)")
+    p.add_argument("--flash-attn", "-fa", default="auto",
+                   help="on, off, auto or a list such as on,off (default auto: on where the backend has a fused "
+                        "kernel, i.e. torch)")
     p.add_argument("--parallel", default=None,
                    help="concurrent streams, e.g. 1,2,4,8: measure aggregate decode t/s through continuous "
                         "batching for each -n (replaces the pp/tg tests)")
@@ -126,7 +128,7 @@ def cmd_bench(args) -> int:
     if not prompts and not gens:
         raise InvalidArgumentError("nothing to measure: give -p and/or -n values above 0.")
     caches = _on_off_list("--graph-cache", args.graph_cache)
-    fas = _on_off_list("--flash-attn", args.flash_attn)
+    fas = [None] if args.flash_attn.strip().lower() == "auto" else _on_off_list("--flash-attn", args.flash_attn)
     backends = [b.strip() for b in args.backend.split(",")] if args.backend else [None]
     models = [m.strip() for m in args.model.split(",")] if args.model else [None]
     tests = [BenchTest(p, 0, d) for d in depths for p in prompts] + [BenchTest(0, n, d) for d in depths for n in gens]
@@ -155,21 +157,22 @@ def cmd_bench(args) -> int:
                             n_ctx = max(depths) + max(prompts + gens) + 1
                             llm = LLM(str(path), n_ctx=n_ctx, n_ubatch=args.ubatch, backend=backend, threads=n_threads,
                                       graph_cache=gc, flash_attn=fa)
+                            fa_used = llm.ctx.flash_attn         # auto resolved: rows and llama-bench use it
                             meta = llm.loaded.file.metadata
                             for test in tests:
                                 progress.update(task, description=f"{Path(path).name} {llm.loaded.backend.name} "
-                                                f"t={n_threads} fa={'on' if fa else 'off'} "
+                                                f"t={n_threads} fa={'on' if fa_used else 'off'} "
                                                 f"cache={'on' if gc else 'off'} {test.name}")
                                 row = BenchRow(
                                     model_filename=str(path), model_type=_model_type(meta),
                                     model_size=llm.loaded.file.file_size,
                                     model_n_params=sum(t.n_elements for t in llm.loaded.file.tensors.values()),
                                     backend=llm.loaded.backend.name, n_threads=n_threads, n_ubatch=args.ubatch,
-                                    flash_attn=fa, graph_cache=gc, n_prompt=test.n_prompt, n_gen=test.n_gen,
+                                    flash_attn=fa_used, graph_cache=gc, n_prompt=test.n_prompt, n_gen=test.n_gen,
                                     n_depth=test.n_depth, test=test.name,
                                     weights_mb=llm.loaded.backend.weights_nbytes(llm.loaded.weights) / 1e6)
                                 if parallel:
-                                    rows.extend(_parallel_rows(llm, row, test, parallel, args, gc, fa, progress, task))
+                                    rows.extend(_parallel_rows(llm, row, test, parallel, args, gc, fa_used, progress, task))
                                     continue
                                 with llm.loaded.backend.threads(n_threads):
                                     measure(llm.ctx, test, args.repetitions, llm.loaded.config.n_vocab, row,
@@ -178,7 +181,7 @@ def cmd_bench(args) -> int:
                                 if compare:
                                     progress.update(task, description=f"llama-bench {test.name}")
                                     row.llama_cpp_ts = _llama_bench(compare, str(path), test, args.repetitions,
-                                                                    n_threads, fa, err)
+                                                                    n_threads, fa_used, err)
                                 rows.append(row)
                             del llm
     sys.stdout.write(render(rows, args.output))

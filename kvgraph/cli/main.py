@@ -25,8 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ubatch", type=int, default=512, help="prompt tokens per graph run (default 512)")
     g.add_argument("--backend", default=None, help="executor: torch (default when installed) or numpy (the f32 reference)")
     g.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: physical cores)")
-    g.add_argument("--flash-attn", choices=("on", "off"), default="off",
-                   help="fused attention over a row-major V cache (on) or ggml's non-flash path (off)")
+    g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default="auto",
+                   help="fused attention over a row-major V cache (on) or ggml's non-flash path (off); "
+                        "auto (default): on where the backend has a fused kernel (torch), off on numpy")
     g.add_argument("--no-graph-cache", action="store_true",
                    help="rebuild the graph every step (same results; also KVGRAPH_NO_GRAPH_CACHE=1)")
     g.add_argument("--graph-cache-size", type=int, default=8, help="cached graphs kept (LRU, default 8)")
@@ -66,6 +67,11 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def flash_attn_arg(value: str) -> bool | None:
+    """--flash-attn on/off/auto -> True/False/None (None: the backend decides)."""
+    return {"on": True, "off": False}.get(value)
+
+
 def open_llm(args, **overrides):
     """The LLM the model and engine flags describe (pulling a known model first if needed)."""
     from ..api import LLM
@@ -78,7 +84,7 @@ def open_llm(args, **overrides):
     path = resolve_model(args.model, progress=True)
     kw = dict(n_ctx=args.ctx_size, n_ubatch=args.ubatch, backend=args.backend, threads=args.threads,
               graph_cache=not args.no_graph_cache, graph_cache_size=args.graph_cache_size,
-              verify_graph_cache=args.verify_graph_cache, flash_attn=args.flash_attn == "on") | overrides
+              verify_graph_cache=args.verify_graph_cache, flash_attn=flash_attn_arg(args.flash_attn)) | overrides
     spinner = _stderr_console().status(f"loading {Path(path).name}", spinner="dots")
     with spinner if sys.stderr.isatty() else contextlib.nullcontext():
         return LLM(str(path), **kw)

@@ -25,7 +25,7 @@ DEFAULT_N_UBATCH = 512
 class Context:
     def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
                  graph_cache: bool = True, cache_capacity: int = DEFAULT_CAPACITY, verify: bool = False,
-                 flash_attn: bool = False):
+                 flash_attn: bool | None = None):
         cfg = loaded.config
         if n_ctx is None:
             n_ctx = min(cfg.n_ctx_train, DEFAULT_N_CTX_CAP)
@@ -38,11 +38,12 @@ class Context:
         self.backend = loaded.backend
         self.n_ctx = n_ctx
         self.n_ubatch = n_ubatch
-        self.flash_attn = flash_attn
+        # None: the backend's choice (the fused kernel where it has one, as llama.cpp's -fa auto does).
+        self.flash_attn = loaded.backend.flash_attn_default if flash_attn is None else bool(flash_attn)
         enabled = graph_cache and not env_flag("KVGRAPH_NO_GRAPH_CACHE")
         self.cache = GraphCache(cache_capacity, enabled=enabled,
                                 verify=verify or env_flag("KVGRAPH_GRAPH_CACHE_VERIFY"))
-        self.memories = self.model.create_memories(n_ctx, n_ubatch, self.backend.alloc_state, flash_attn)
+        self.memories = self.model.create_memories(n_ctx, n_ubatch, self.backend.alloc_state, self.flash_attn)
         self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
         self.peak_arena_bytes = 0   # largest compute buffer any program used
 
