@@ -47,13 +47,15 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..graph.ir import VIEW_OPS, Graph, Tensor
-from ..plan.planner import Plan, base_of
-from . import numpy_backend as npb
+from ..graph.ir import Graph, Tensor
+from ..plan.planner import Plan
 from . import native
+from . import numpy_backend as npb
+from .compiler import FusingCompiler
 from .native import ops as native_ops
 from .native.mats import NativeMat, Q8Act
-from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows, row_reader
+from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
+from .weights import PackedWeight, weights_nbytes
 
 import torch  # noqa: E402  (this module is imported lazily, only when the torch backend is asked for)
 
@@ -61,8 +63,6 @@ Kernel = Callable[[], None]
 
 # The vocabulary projection (its own tensor, or the tied embedding): its int8 form equalizes columns.
 OUTPUT_TENSORS = frozenset({"output.weight", "token_embd.weight"})
-# Tensors whose main use is a row lookup: their matmul form is built only when asked for (tie_output).
-LOOKUP_TENSORS = frozenset({"token_embd.weight"})
 # add / mul / cont on tensors with at most this many elements run in numpy (lower per-call overhead).
 SMALL = 16384
 # Attention for ubatches up to this many tokens runs in kvgraph's C kernel (one pass over the valid cells);
@@ -273,49 +273,12 @@ def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name:
     return Int8Mat(data, type_name, shape, col_scale=name in OUTPUT_TENSORS)
 
 
-class TorchWeight:
-    """One model tensor, in the forms its uses need: `dense` (float32 numpy, for F32 and 1-D tensors and any
-    non-matmul use), `mat` (the repacked matmul form) and `rows` (row lookup from the raw file data)."""
+class TorchWeight(PackedWeight):
+    """A PackedWeight whose matmul forms are torch's (or, with native=True, kvgraph's C kernels')."""
 
     def __init__(self, gguf_file, name: str, native: bool = False):
-        info = gguf_file.tensors[name]
-        self.name, self.type_name, self.shape = name, info.type_name, tuple(info.shape)
-        self.native = native
-        self._file = gguf_file
-        self.dense: np.ndarray | None = None
-        self.mat = None
-        self._rows = None
-        if info.type_name == "F32" or len(self.shape) != 2:
-            self.dense = gguf_file.dequantize(name)    # F32: the memory-mapped data itself, no copy
-            if len(self.shape) == 2:
-                self.mat = DenseMat(self.dense)
-        elif name not in LOOKUP_TENSORS:
-            self.mat = _matrix_form(info.data, info.type_name, self.shape, name, native)
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dense.nbytes if self.dense is not None else 0
-        return n + (self.mat.nbytes if self.mat is not None else 0)
-
-    def matrix(self):
-        if self.mat is None:
-            self.mat = _matrix_form(self._file.tensors[self.name].data, self.type_name, self.shape, self.name,
-                                    self.native)
-        return self.mat
-
-    def array(self) -> np.ndarray:
-        """float32 values for a non-matmul use (a rare, small case: dequantized once and kept)."""
-        if self.dense is None:
-            self.dense = self._file.dequantize(self.name)
-        return self.dense
-
-    def rows(self):
-        if self.dense is not None:
-            return row_reader(self.dense, "F32", self.shape)
-        if self._rows is None:
-            info = self._file.tensors[self.name]
-            self._rows = row_reader(info.data, info.type_name, self.shape)
-        return self._rows
+        super().__init__(gguf_file, name, lambda data, type_name, shape, nm: _matrix_form(data, type_name, shape, nm,
+                                                                                          native), DenseMat)
 
 
 # ---- elementwise kernels: numpy for small tensors, torch for large ones ----------------------------------
@@ -601,8 +564,8 @@ class _Staging:
     """Low-precision copies of matmul inputs, one per (source tensor, dtype), made once before the first
     matmul that reads it; buffers are recycled once their last reader has run."""
 
-    def __init__(self) -> None:
-        self.last_use: dict[tuple[int, torch.dtype], int] = {}
+    def __init__(self, last_use: dict[tuple[int, Any], int]) -> None:
+        self.last_use = last_use
         self.live: dict[tuple[int, torch.dtype], torch.Tensor] = {}
         self.free: list[torch.Tensor] = []
         self.nbytes = 0
@@ -643,112 +606,24 @@ class _Staging:
         return buf
 
 
-class _Compiler:
-    """One compile: binds buffers in plan order and appends kernels. Pre-passes decide two fusions, each
-    only where the plan makes it safe:
-    * rms_norm -> mul(weight): one kernel, when nothing runs in between and the multiply's buffer does not
-      overlap the norm's input (which the plan may already consider dead);
-    * matmuls of one input against several weights of one format (q/k/v, gate/up): one matmul against the
-      weights stacked along N, run at the last member's step when no member's result is read before it."""
+class _Compiler(FusingCompiler):
+    """Kernels for the torch backend: kvgraph's C kernels where there is one (backend.native), else torch
+    ops with out= buffers (numpy for tiny ones)."""
+
+    program_class = Program
 
     def __init__(self, backend: "TorchBackend", graph: Graph, plan: Plan, weights, states):
-        self.backend, self.graph, self.plan, self.weights, self.states = backend, graph, plan, weights, states
-        self.nodes = graph.nodes
-        self.step_of = {tid: i for i, tid in enumerate(plan.order)}
-        self.readers: dict[int, list[Tensor]] = {}
-        for tid in plan.order:
-            for src in self.nodes[tid].srcs:
-                self.readers.setdefault(base_of(src).id, []).append(self.nodes[tid])
-        self.outputs_base = {base_of(o).id for o in graph.outputs.values()}
-        self.kernels: list[Kernel] = []
-        self.bufs: dict[int, Any] = {}
-        self.inputs: dict[str, np.ndarray] = {}
-        self.rope, self.masks, self.staging = _RopeTables(), _Masks(), _Staging()
-        self.skip: set[int] = set()
-        self.fused_norm: dict[int, Tensor] = {}
-        self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
-        self._plan_norm_fusion()
-        self._plan_matmul_groups()
+        super().__init__(backend, graph, plan, weights, states)
+        self.rope, self.masks, self.staging = _RopeTables(), _Masks(), _Staging(self.last_use)
 
-    # ---- pre-passes -------------------------------------------------------------------------------------
-    def _weight_matmul(self, t: Tensor) -> bool:
-        return t.op == "matmul" and t.srcs[1].op == "weight" and t.p["transpose_b"]
-
-    def _overlaps(self, tid: int, other: Tensor) -> bool:
-        other = base_of(other)
-        off, nb = self.plan.offsets, self.plan.nbytes
-        if other.id not in off:
-            return False
-        return off[tid] < off[other.id] + nb[other.id] and off[other.id] < off[tid] + nb[tid]
-
-    def _plan_norm_fusion(self) -> None:
-        for tid in self.plan.order:
-            t = self.nodes[tid]
-            if not (t.op == "mul" and t.srcs[0].op == "rms_norm" and t.srcs[1].op == "weight"):
-                continue
-            r, w = t.srcs[0], self.weights[t.srcs[1].name]
-            between = self.plan.order[self.step_of[r.id] + 1: self.step_of[tid]]
-            if (len(self.readers.get(r.id, ())) == 1 and r.id not in self.outputs_base and w.dense is not None
-                    and w.dense.ndim == 1 and w.dense.shape[0] == r.shape[-1] and t.shape == r.shape
-                    and all(self.nodes[b].is_leaf or self.nodes[b].op in VIEW_OPS for b in between)
-                    and not self._overlaps(tid, r.srcs[0])):
-                self.fused_norm[tid] = r
-                self.skip.add(r.id)
-
-    def _plan_matmul_groups(self) -> None:
-        by_input: dict[int, list[Tensor]] = {}
-        for tid in self.plan.order:
-            t = self.nodes[tid]
-            if self._weight_matmul(t):
-                by_input.setdefault(t.srcs[0].id, []).append(t)
-                mat = self.weights[t.srcs[1].name].matrix()
-                self.staging.last_use[(t.srcs[0].id, mat.act_dtype)] = self.step_of[tid]
-        for members in by_input.values():
-            mats = [self.weights[m.srcs[1].name].matrix() for m in members]
-            if len(members) < 2 or not hasattr(mats[0], "can_fuse") or not mats[0].can_fuse(mats):
-                continue
-            last = self.step_of[members[-1].id]
-            if any(self.step_of[r.id] < last for m in members for r in self.readers.get(m.id, ())
-                   if r.op not in VIEW_OPS or r.op == "set_rows"):
-                continue
-            self.groups[members[-1].id] = members
-            self.skip.update(m.id for m in members[:-1])
-
-    # ---- emission ---------------------------------------------------------------------------------------
     def compile(self) -> Program:
-        plan, nodes, bufs = self.plan, self.nodes, self.bufs
-        arena = np.empty(plan.arena_size, np.uint8)
-        for step, tid in enumerate(plan.order):
-            t = nodes[tid]
-            if t.op == "weight":
-                w = self.weights[t.name]
-                if w.shape != t.shape:
-                    raise ValueError(f"weight {t.name!r}: bound array has shape {w.shape}, graph expects {t.shape}")
-                bufs[tid] = w
-            elif t.op == "state":
-                buf = self.states[t.name]
-                if buf.shape != t.shape:
-                    raise ValueError(f"state {t.name!r}: bound array has shape {buf.shape}, graph expects {t.shape}")
-                bufs[tid] = buf
-            elif t.op == "input":
-                bufs[tid] = self.inputs[t.name] = np.zeros(t.shape, npb.NP_DTYPES[t.dtype])
-            elif tid not in plan.offsets:              # a view (or set_rows) of its first source
-                buf = bufs[tid] = npb._view(t, self._arr(bufs[t.srcs[0].id]))
-                if t.op == "set_rows":
-                    args = [self._arr(bufs[s.id]) for s in t.srcs]
-                    k = (native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None)
-                    self.kernels.append(k or npb._k_set_rows(t, buf, *args))
-            else:
-                off = plan.offsets[tid]
-                bufs[tid] = arena[off: off + plan.nbytes[tid]].view(npb.NP_DTYPES[t.dtype]).reshape(t.shape)
-                if tid not in self.skip:
-                    self._emit(t, step)
-        outputs = {name: bufs[o.id] for name, o in self.graph.outputs.items()}
-        return Program(self.kernels, self.inputs, outputs, plan.arena_size + self.staging.nbytes)
+        program = super().compile()
+        program.arena_bytes += self.staging.nbytes
+        return program
 
-    @staticmethod
-    def _arr(x) -> np.ndarray:
-        return x.array() if isinstance(x, TorchWeight) else x
+    def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
+        k = native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None
+        return k or super().set_rows_kernel(t, buf, args)
 
     def _native(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """kvgraph's C kernel for node t when there is one for its op and buffers, else None."""
@@ -763,18 +638,18 @@ class _Compiler:
         if t.op in ("swiglu", "geglu"):
             if self._dst(t, step).dtype != torch.float32:
                 return None
-            return native_ops.gated(t.op, self._arr(srcs[0]), self._arr(srcs[1]), out)
+            return native_ops.gated(t.op, self.arr(srcs[0]), self.arr(srcs[1]), out)
         if t.op == "rope":
             p = t.p
             half = p["n_dims"] // 2
             inv = p["freq_scale"] / p["base"] ** (np.arange(0, half, dtype=np.float64) * 2 / p["n_dims"])
             return native_ops.rope(srcs[0], srcs[1], out, p["n_dims"], inv, p["neox"])
         if t.op == "flash_attn" and t.shape[0] <= NATIVE_ATTN_MAX_TOKENS:
-            q, k, v, mask = (self._arr(s) for s in srcs)
+            q, k, v, mask = (self.arr(s) for s in srcs)
             return native_ops.attention(q, k, v, mask, t.p["scale"], out)
         return None
 
-    def _emit(self, t: Tensor, step: int) -> None:
+    def emit(self, t: Tensor, step: int) -> None:
         bufs, kernels = self.bufs, self.kernels
         out = bufs[t.id]
         srcs = [bufs[s.id] for s in t.srcs]
@@ -783,7 +658,7 @@ class _Compiler:
             kernels.append(k)
         elif t.id in self.groups:
             kernels.append(self._group_matmul(self.groups[t.id], step))
-        elif self._weight_matmul(t):
+        elif self.weight_matmul(t):
             mat = srcs[1].matrix()
             x = self._staged(t.srcs[0], mat.act_dtype, step)
             kernels.append(mat.kernel(x, out.reshape(-1, mat.n) if mat.act_dtype == "q8" else _t(out).view(-1, mat.n)))
@@ -794,26 +669,26 @@ class _Compiler:
             kernels.append(_rms_norm_mul(self._dst(t, step), bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"]))
         elif t.op in ("swiglu", "geglu") and srcs[0].shape == srcs[1].shape == out.shape:
             act = _silu_out if t.op == "swiglu" else _gelu_out
-            kernels.append(_gated(act, self._dst(t, step), self._arr(srcs[0]), self._arr(srcs[1])))
+            kernels.append(_gated(act, self._dst(t, step), self.arr(srcs[0]), self.arr(srcs[1])))
         elif t.op == "rope":
             tab, table_kernel = self.rope.get(t, srcs[1])
             if table_kernel is not None:
                 kernels.append(table_kernel)
             kernels.append(_rope_kernel(t, out, srcs[0], tab))
         elif t.op == "flash_attn":
-            q, k, v, mask = (self._arr(s) for s in srcs)
+            q, k, v, mask = (self.arr(s) for s in srcs)
             mrep = self.masks.get(t.srcs[3].id, mask, t.shape[1] // v.shape[1], kernels) if t.shape[0] > 1 else None
             kernels.append(_k_flash_attn(t, out, q, k, v, mask, mrep))
         elif t.op == "matmul":
-            kernels.append(_k_matmul_act(t, out, *[self._arr(s) for s in srcs]))
+            kernels.append(_k_matmul_act(t, out, *[self.arr(s) for s in srcs]))
         else:
-            kernels.append(KERNELS[t.op](t, out, *[self._arr(s) for s in srcs]))
+            kernels.append(KERNELS[t.op](t, out, *[self.arr(s) for s in srcs]))
 
     def _dst(self, t: Tensor, step: int) -> torch.Tensor:
         """Where node t's kernel writes: its f32 buffer, or, when every reader of t is a matmul that wants
         t converted (bf16), straight into that staging buffer (t's own buffer is then never used)."""
         readers = self.readers.get(t.id, ())
-        dtypes = {self.weights[r.srcs[1].name].matrix().act_dtype if self._weight_matmul(r) and r.srcs[0] is t
+        dtypes = {self.weights[r.srcs[1].name].matrix().act_dtype if self.weight_matmul(r) and r.srcs[0] is t
                   else None for r in readers}
         if (t.id in self.outputs_base or len(dtypes) != 1 or None in dtypes or torch.float32 in dtypes
                 or "q8" in dtypes):
@@ -871,7 +746,7 @@ class TorchBackend:
         return embedding
 
     def weights_nbytes(self, weights: Mapping[str, TorchWeight]) -> int:
-        return sum(w.nbytes for w in {id(w): w for w in weights.values()}.values())
+        return weights_nbytes(weights)
 
     @contextlib.contextmanager
     def threads(self, n: int | None):

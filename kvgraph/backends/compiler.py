@@ -1,0 +1,131 @@
+"""What the quantized backends' compilers share (torch and native): binding buffers in plan order, and two
+compile-time fusions, each applied only where the plan makes it safe:
+
+* rms_norm -> mul(weight): one kernel, when nothing runs in between and the multiply's buffer does not
+  overlap the norm's input (which the plan may already consider dead);
+* matmuls of one input against several weights of one format (q/k/v, gate/up): one matmul against the
+  weights stacked along N, run at the last member's step when no member's result is read before it.
+
+A subclass emits the kernels (`emit`) and chooses the Program class. Plain numpy, no torch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ..graph.ir import VIEW_OPS, Graph, Tensor
+from ..plan.planner import Plan, base_of
+from . import numpy_backend as npb
+
+Kernel = Callable[[], None]
+
+
+class FusingCompiler:
+    program_class = npb.Program
+
+    def __init__(self, backend, graph: Graph, plan: Plan, weights, states):
+        self.backend, self.graph, self.plan, self.weights, self.states = backend, graph, plan, weights, states
+        self.nodes = graph.nodes
+        self.step_of = {tid: i for i, tid in enumerate(plan.order)}
+        self.readers: dict[int, list[Tensor]] = {}
+        for tid in plan.order:
+            for src in self.nodes[tid].srcs:
+                self.readers.setdefault(base_of(src).id, []).append(self.nodes[tid])
+        self.outputs_base = {base_of(o).id for o in graph.outputs.values()}
+        self.kernels: list[Kernel] = []
+        self.bufs: dict[int, Any] = {}
+        self.inputs: dict[str, np.ndarray] = {}
+        self.skip: set[int] = set()
+        self.fused_norm: dict[int, Tensor] = {}       # mul node id -> the rms_norm it absorbs
+        self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
+        self.last_use: dict[tuple[int, Any], int] = {}  # (matmul input id, activation format) -> last step
+        self.extra_bytes = 0                           # buffers a subclass allocates beside the arena
+        self._plan_norm_fusion()
+        self._plan_matmul_groups()
+
+    # ---- pre-passes -------------------------------------------------------------------------------------
+    @staticmethod
+    def weight_matmul(t: Tensor) -> bool:
+        return t.op == "matmul" and t.srcs[1].op == "weight" and t.p["transpose_b"]
+
+    def _overlaps(self, tid: int, other: Tensor) -> bool:
+        other = base_of(other)
+        off, nb = self.plan.offsets, self.plan.nbytes
+        if other.id not in off:
+            return False
+        return off[tid] < off[other.id] + nb[other.id] and off[other.id] < off[tid] + nb[tid]
+
+    def _plan_norm_fusion(self) -> None:
+        for tid in self.plan.order:
+            t = self.nodes[tid]
+            if not (t.op == "mul" and t.srcs[0].op == "rms_norm" and t.srcs[1].op == "weight"):
+                continue
+            r, w = t.srcs[0], self.weights[t.srcs[1].name]
+            between = self.plan.order[self.step_of[r.id] + 1: self.step_of[tid]]
+            if (len(self.readers.get(r.id, ())) == 1 and r.id not in self.outputs_base and w.dense is not None
+                    and w.dense.ndim == 1 and w.dense.shape[0] == r.shape[-1] and t.shape == r.shape
+                    and all(self.nodes[b].is_leaf or self.nodes[b].op in VIEW_OPS for b in between)
+                    and not self._overlaps(tid, r.srcs[0])):
+                self.fused_norm[tid] = r
+                self.skip.add(r.id)
+
+    def _plan_matmul_groups(self) -> None:
+        by_input: dict[int, list[Tensor]] = {}
+        for tid in self.plan.order:
+            t = self.nodes[tid]
+            if self.weight_matmul(t):
+                by_input.setdefault(t.srcs[0].id, []).append(t)
+                mat = self.weights[t.srcs[1].name].matrix()
+                self.last_use[(t.srcs[0].id, mat.act_dtype)] = self.step_of[tid]
+        for members in by_input.values():
+            mats = [self.weights[m.srcs[1].name].matrix() for m in members]
+            if len(members) < 2 or not hasattr(mats[0], "can_fuse") or not mats[0].can_fuse(mats):
+                continue
+            last = self.step_of[members[-1].id]
+            if any(self.step_of[r.id] < last for m in members for r in self.readers.get(m.id, ())
+                   if r.op not in VIEW_OPS or r.op == "set_rows"):
+                continue
+            self.groups[members[-1].id] = members
+            self.skip.update(m.id for m in members[:-1])
+
+    # ---- emission ---------------------------------------------------------------------------------------
+    def compile(self):
+        plan, nodes, bufs = self.plan, self.nodes, self.bufs
+        arena = np.empty(plan.arena_size, np.uint8)
+        for step, tid in enumerate(plan.order):
+            t = nodes[tid]
+            if t.op == "weight":
+                w = self.weights[t.name]
+                if w.shape != t.shape:
+                    raise ValueError(f"weight {t.name!r}: bound array has shape {w.shape}, graph expects {t.shape}")
+                bufs[tid] = w
+            elif t.op == "state":
+                buf = self.states[t.name]
+                if buf.shape != t.shape:
+                    raise ValueError(f"state {t.name!r}: bound array has shape {buf.shape}, graph expects {t.shape}")
+                bufs[tid] = buf
+            elif t.op == "input":
+                bufs[tid] = self.inputs[t.name] = np.zeros(t.shape, npb.NP_DTYPES[t.dtype])
+            elif tid not in plan.offsets:              # a view (or set_rows) of its first source
+                buf = bufs[tid] = npb._view(t, self.arr(bufs[t.srcs[0].id]))
+                if t.op == "set_rows":
+                    self.kernels.append(self.set_rows_kernel(t, buf, [self.arr(bufs[s.id]) for s in t.srcs]))
+            else:
+                off = plan.offsets[tid]
+                bufs[tid] = arena[off: off + plan.nbytes[tid]].view(npb.NP_DTYPES[t.dtype]).reshape(t.shape)
+                if tid not in self.skip:
+                    self.emit(t, step)
+        outputs = {name: bufs[o.id] for name, o in self.graph.outputs.items()}
+        return self.program_class(self.kernels, self.inputs, outputs, plan.arena_size + self.extra_bytes)
+
+    @staticmethod
+    def arr(x) -> np.ndarray:
+        """A bound buffer as a numpy array (a weight's float32 values for a non-matmul use)."""
+        return x.array() if hasattr(x, "array") else x
+
+    def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
+        return npb._k_set_rows(t, buf, *args)
+
+    def emit(self, t: Tensor, step: int) -> None:
+        raise NotImplementedError

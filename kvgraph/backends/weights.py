@@ -1,0 +1,59 @@
+"""A model tensor as the quantized backends keep it (torch and native; plain numpy here)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .quant_repack import row_reader
+
+# Tensors whose main use is a row lookup: their matmul form is built only when asked for (tie_output).
+LOOKUP_TENSORS = frozenset({"token_embd.weight"})
+
+
+class PackedWeight:
+    """One model tensor, in the forms its uses need: `dense` (float32 numpy, for F32 and 1-D tensors and any
+    non-matmul use), `mat` (the repacked matmul form, made by `matrix_form(data, type_name, shape, name)`,
+    or `dense_form(array)` for an F32 matrix) and `rows` (row lookup from the raw file data)."""
+
+    def __init__(self, gguf_file, name: str, matrix_form: Callable, dense_form: Callable):
+        info = gguf_file.tensors[name]
+        self.name, self.type_name, self.shape = name, info.type_name, tuple(info.shape)
+        self._file, self._matrix_form = gguf_file, matrix_form
+        self.dense: np.ndarray | None = None
+        self.mat = None
+        self._rows = None
+        if info.type_name == "F32" or len(self.shape) != 2:
+            self.dense = gguf_file.dequantize(name)    # F32: the memory-mapped data itself, no copy
+            if len(self.shape) == 2:
+                self.mat = dense_form(self.dense)
+        elif name not in LOOKUP_TENSORS:
+            self.mat = matrix_form(info.data, info.type_name, self.shape, name)
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dense.nbytes if self.dense is not None else 0
+        return n + (self.mat.nbytes if self.mat is not None else 0)
+
+    def matrix(self):
+        if self.mat is None:
+            self.mat = self._matrix_form(self._file.tensors[self.name].data, self.type_name, self.shape, self.name)
+        return self.mat
+
+    def array(self) -> np.ndarray:
+        """float32 values for a non-matmul use (a rare, small case: dequantized once and kept)."""
+        if self.dense is None:
+            self.dense = self._file.dequantize(self.name)
+        return self.dense
+
+    def rows(self):
+        if self.dense is not None:
+            return row_reader(self.dense, "F32", self.shape)
+        if self._rows is None:
+            info = self._file.tensors[self.name]
+            self._rows = row_reader(info.data, info.type_name, self.shape)
+        return self._rows
+
+
+def weights_nbytes(weights) -> int:
+    return sum(w.nbytes for w in {id(w): w for w in weights.values()}.values())
