@@ -53,7 +53,7 @@ from . import native
 from . import numpy_backend as npb
 from .compiler import FusingCompiler
 from .native import ops as native_ops
-from .native.mats import NativeMat, Q8Act
+from .native.mats import NativeMat, Q8Pool, as_rows
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
 from .weights import PackedWeight, weights_nbytes
 
@@ -65,9 +65,6 @@ Kernel = Callable[[], None]
 OUTPUT_TENSORS = frozenset({"output.weight", "token_embd.weight"})
 # add / mul / cont on tensors with at most this many elements run in numpy (lower per-call overhead).
 SMALL = 16384
-# Attention for ubatches up to this many tokens runs in kvgraph's C kernel (one pass over the valid cells);
-# longer ones (prompt processing) in torch's batched matmuls, which reuse each K/V row across many queries.
-NATIVE_ATTN_MAX_TOKENS = 16
 
 
 # ---- weights -------------------------------------------------------------------------------------------------
@@ -577,7 +574,7 @@ class _Staging:
             return self.live[key]
         dtype = key[1]
         for i, buf in enumerate(self.free):
-            if isinstance(buf, torch.Tensor) and buf.shape == x.shape and buf.dtype == dtype:
+            if buf.shape == x.shape and buf.dtype == dtype:
                 del self.free[i]
                 break
         else:
@@ -588,22 +585,6 @@ class _Staging:
             kernels.append(lambda: buf.copy_(x))
         return buf
 
-    def get_q8(self, key, x: np.ndarray, step: int, kernels: list) -> Q8Act:
-        """The int8-quantized copy of activation x [M, K] for native matmuls (quantized once, shared)."""
-        for k in [k for k in self.live if self.last_use[k] < step]:
-            self.free.append(self.live.pop(k))
-        if key in self.live:
-            return self.live[key]
-        for i, buf in enumerate(self.free):
-            if isinstance(buf, Q8Act) and (buf.m, buf.k) == x.shape:
-                del self.free[i]
-                break
-        else:
-            buf = Q8Act(*x.shape)
-            self.nbytes += buf.q.nbytes + buf.d.nbytes + buf.s.nbytes
-        self.live[key] = buf
-        kernels.append(buf.quantize_kernel(x))
-        return buf
 
 
 class _Compiler(FusingCompiler):
@@ -615,10 +596,11 @@ class _Compiler(FusingCompiler):
     def __init__(self, backend: "TorchBackend", graph: Graph, plan: Plan, weights, states):
         super().__init__(backend, graph, plan, weights, states)
         self.rope, self.masks, self.staging = _RopeTables(), _Masks(), _Staging(self.last_use)
+        self.q8 = Q8Pool(self.last_use)
 
     def compile(self) -> Program:
         program = super().compile()
-        program.arena_bytes += self.staging.nbytes
+        program.arena_bytes += self.staging.nbytes + self.q8.nbytes
         return program
 
     def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
@@ -627,27 +609,15 @@ class _Compiler(FusingCompiler):
 
     def _native(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """kvgraph's C kernel for node t when there is one for its op and buffers, else None."""
-        if t.id in self.fused_norm or t.op == "rms_norm":
-            dst = self._dst(t, step)
-            if dst.dtype != torch.float32:
+        if t.id in self.fused_norm or t.op in ("rms_norm", "swiglu", "geglu"):
+            if self._dst(t, step).dtype != torch.float32:     # writes a bf16 staging buffer: torch's kernel
                 return None
-            if t.op == "rms_norm":
-                return native_ops.rms_norm(srcs[0], None, t.p["eps"], out)
+        if t.id in self.fused_norm:
             r = self.fused_norm[t.id]
             return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"], out)
-        if t.op in ("swiglu", "geglu"):
-            if self._dst(t, step).dtype != torch.float32:
-                return None
-            return native_ops.gated(t.op, self.arr(srcs[0]), self.arr(srcs[1]), out)
-        if t.op == "rope":
-            p = t.p
-            half = p["n_dims"] // 2
-            inv = p["freq_scale"] / p["base"] ** (np.arange(0, half, dtype=np.float64) * 2 / p["n_dims"])
-            return native_ops.rope(srcs[0], srcs[1], out, p["n_dims"], inv, p["neox"])
-        if t.op == "flash_attn" and t.shape[0] <= NATIVE_ATTN_MAX_TOKENS:
-            q, k, v, mask = (self.arr(s) for s in srcs)
-            return native_ops.attention(q, k, v, mask, t.p["scale"], out)
-        return None
+        if t.op not in native_ops.OPS:
+            return None
+        return native_ops.for_node(t, out, [self.arr(s) for s in srcs])
 
     def emit(self, t: Tensor, step: int) -> None:
         bufs, kernels = self.bufs, self.kernels
@@ -701,10 +671,7 @@ class _Compiler(FusingCompiler):
         a = self.bufs[src.id]
         k = a.shape[-1]
         if dtype == "q8":
-            a2 = a.reshape(-1, k) if a.flags.c_contiguous else a
-            if a2.ndim != 2 or a2.strides[1] != 4:
-                raise ValueError(f"native matmul input {src} is not a row-strided matrix")
-            return self.staging.get_q8((src.id, dtype), a2, step, self.kernels)
+            return self.q8.get(src.id, as_rows(a), step, self.kernels)
         if dtype == torch.float32 and a.flags.c_contiguous:
             return _t(a).view(-1, k)
         return self.staging.get((src.id, dtype), _t(a), step, self.kernels).view(-1, k)

@@ -4,9 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...graph.ir import Tensor
 from . import bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
+# Attention for ubatches up to this many tokens runs in the C kernel (one pass over the valid cells);
+# longer ones (prompt processing) in batched matmuls, which reuse each K/V row across many queries.
+ATTN_MAX_TOKENS = 16
+OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn"})     # what for_node takes
+
+
+def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
+    """The C kernel for graph node t (its output buffer and its sources as numpy arrays), or None when its op
+    has none here (matmuls, state writes and the fused norm x weight are bound by the compilers)."""
+    if t.op == "rms_norm":
+        return rms_norm(srcs[0], None, t.p["eps"], out)
+    if t.op in ("swiglu", "geglu"):
+        return gated(t.op, srcs[0], srcs[1], out)
+    if t.op == "rope":
+        p = t.p
+        inv = p["freq_scale"] / p["base"] ** (np.arange(0, p["n_dims"] // 2, dtype=np.float64) * 2 / p["n_dims"])
+        return rope(srcs[0], srcs[1], out, p["n_dims"], inv, p["neox"])
+    if t.op == "flash_attn" and t.shape[0] <= ATTN_MAX_TOKENS:
+        return attention(*srcs, t.p["scale"], out)
+    return None
 
 
 def _rows(x: np.ndarray) -> tuple[int, int, int] | None:
