@@ -10,6 +10,7 @@ from kvgraph.backends import native
 from kvgraph.backends.native import QK, bind, pack_q4, pack_q8, ptr, quantize_blocks_q8
 from kvgraph.backends.native import ops as native_ops
 from kvgraph.backends.native.mats import NativeMat, Q8Act
+from kvgraph.backends.quant_repack import Q8_0Rows
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels unavailable: {native.why_not()}")
 RNG = np.random.default_rng(7)
@@ -232,3 +233,21 @@ def test_set_rows_writes_rows_columns_and_column_ranges(variant):
     np.testing.assert_array_equal(cols[:, idx], src.T)
     np.testing.assert_array_equal(wide[idx, 2:5], src)
     assert np.count_nonzero(wide) == np.count_nonzero(src)
+
+
+def test_embedding_rows_of_a_q8_0_table_are_bit_identical_to_gguf(variant):
+    raw = gguf.quants.quantize(RNG.standard_normal((50, 96), dtype=np.float32), Q.Q8_0)
+    ids, out = np.array([3, 49, 3, 0], np.int32), np.empty((4, 96), np.float32)
+    native_ops.embedding_rows(Q8_0Rows(raw, (50, 96)), ids, out)()
+    np.testing.assert_array_equal(out, gguf.quants.dequantize(raw, Q.Q8_0).reshape(50, 96)[ids])
+
+
+def test_residual_add_and_a_batched_run_of_kernels(variant):
+    a, b = RNG.standard_normal(37, dtype=np.float32), RNG.standard_normal(37, dtype=np.float32)
+    out, twice = np.empty_like(a), np.empty_like(a)
+    kernels = native.batch([native_ops.add(a, b, out), native_ops.add(out, b, twice)])
+    assert len(kernels) == 1                        # two native kernels in a row: one C call
+    kernels[0]()
+    np.testing.assert_array_equal(out, a + b)
+    np.testing.assert_array_equal(twice, (a + b) + b)
+    assert native_ops.add(a, b[:5], out) is None    # not equal shapes: the caller keeps numpy's kernel

@@ -8,7 +8,7 @@ import importlib.util
 from ..errors import InvalidArgumentError
 from .numpy_backend import NumpyBackend
 
-BACKENDS = ("numpy", "torch")
+BACKENDS = ("numpy", "torch", "native")
 
 
 def torch_available() -> bool:
@@ -24,6 +24,10 @@ def get_backend(name: str | None = None, threads: int | None = None):
         name = DEFAULT_BACKEND
     if name == "numpy":
         return NumpyBackend(threads)
+    if name == "native":
+        from .native_backend import NativeBackend
+
+        return NativeBackend(threads)
     if name == "torch":
         try:
             from .torch_backend import TorchBackend

@@ -16,9 +16,22 @@ import numpy as np
 
 from ..graph.ir import VIEW_OPS, Graph, Tensor
 from ..plan.planner import Plan, base_of
+from . import native
 from . import numpy_backend as npb
 
 Kernel = Callable[[], None]
+
+
+class StacksMatrices:
+    """Backend mixin: the stacked matrix of several matrices that read one input, built once and shared by
+    every Program that fuses the same group (the members keep views of its rows)."""
+
+    def fused(self, mats: list):
+        cache = self.__dict__.setdefault("_fused", {})
+        key = tuple(id(m) for m in mats)
+        if key not in cache:
+            cache[key] = (mats, type(mats[0]).fuse(mats))   # keeps the members alive: ids stay valid
+        return cache[key][1]
 
 
 class FusingCompiler:
@@ -40,7 +53,6 @@ class FusingCompiler:
         self.fused_norm: dict[int, Tensor] = {}       # mul node id -> the rms_norm it absorbs
         self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
         self.last_use: dict[tuple[int, Any], int] = {}  # (matmul input id, activation format) -> last step
-        self.extra_bytes = 0                           # buffers a subclass allocates beside the arena
         self._plan_norm_fusion()
         self._plan_matmul_groups()
 
@@ -117,7 +129,7 @@ class FusingCompiler:
                 if tid not in self.skip:
                     self.emit(t, step)
         outputs = {name: bufs[o.id] for name, o in self.graph.outputs.items()}
-        return self.program_class(self.kernels, self.inputs, outputs, plan.arena_size + self.extra_bytes)
+        return self.program_class(native.batch(self.kernels), self.inputs, outputs, plan.arena_size)
 
     @staticmethod
     def arr(x) -> np.ndarray:

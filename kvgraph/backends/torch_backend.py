@@ -51,7 +51,7 @@ from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 from . import native
 from . import numpy_backend as npb
-from .compiler import FusingCompiler
+from .compiler import FusingCompiler, StacksMatrices
 from .native import ops as native_ops
 from .native.mats import NativeMat, Q8Pool, as_rows
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
@@ -633,7 +633,9 @@ class _Compiler(FusingCompiler):
             x = self._staged(t.srcs[0], mat.act_dtype, step)
             kernels.append(mat.kernel(x, out.reshape(-1, mat.n) if mat.act_dtype == "q8" else _t(out).view(-1, mat.n)))
         elif t.op == "get_rows" and t.srcs[0].op == "weight":
-            kernels.append(srcs[0].rows().kernel(srcs[1], out))
+            rows = srcs[0].rows()
+            kernels.append((self.backend.native and native_ops.embedding_rows(rows, srcs[1], out))
+                           or rows.kernel(srcs[1], out))
         elif t.id in self.fused_norm:
             r = self.fused_norm[t.id]
             kernels.append(_rms_norm_mul(self._dst(t, step), bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"]))
@@ -689,7 +691,7 @@ class _Compiler(FusingCompiler):
         return fused.kernel_split(x, outs)
 
 
-class TorchBackend:
+class TorchBackend(StacksMatrices):
     name = "torch"
 
     def __init__(self, threads: int | None = None, native_kernels: bool | None = None):
@@ -700,6 +702,8 @@ class TorchBackend:
         # kvgraph's own C kernels (see backends/native) unless asked not to or they cannot be built; without
         # them matmuls use torch's int4pack / int8 kernels and every other op torch or numpy.
         self.native = native_kernels is not False and native.library() is not None
+        if self.native:
+            native.set_threads(self.n_threads)        # the same OpenMP runtime as torch's: a no-op there
         # The C attention kernel reads the row-major (flash) V cache: the fast default when it exists.
         self.flash_attn_default = self.native
         self._fused: dict[tuple[int, ...], tuple[list, Any]] = {}
@@ -733,13 +737,6 @@ class TorchBackend:
         return np.zeros(shape, np.float32)
 
     # ---- compile ----------------------------------------------------------------------------------------
-    def fused(self, mats: list):
-        """The stacked matrix of several matrices that read one input (built once, then cached)."""
-        key = tuple(id(m) for m in mats)
-        if key not in self._fused:
-            self._fused[key] = (mats, type(mats[0]).fuse(mats))   # keeps the members alive: ids stay valid
-        return self._fused[key][1]
-
     def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, TorchWeight],
                 states: Mapping[str, np.ndarray]) -> Program:
         return _Compiler(self, graph, plan, weights, states).compile()

@@ -24,7 +24,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q8", "kvg_rms_norm", "kvg_gated", "kvg_rope",
-           "kvg_set_rows", "kvg_attention")
+           "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -97,7 +97,9 @@ def load(path: Path) -> ctypes.CDLL:
     for name in KERNELS:
         getattr(lib, name).argtypes = [ctypes.c_void_p]
         getattr(lib, name).restype = None
-    lib.kvg_simd.restype = ctypes.c_int
+    lib.kvg_simd.restype = lib.kvg_threads.restype = ctypes.c_int
+    lib.kvg_run.argtypes, lib.kvg_run.restype = [ctypes.c_void_p, ctypes.c_int64], None
+    lib.kvg_set_threads.argtypes, lib.kvg_set_threads.restype = [ctypes.c_int64], None
     lib.kvg_q4_row_bytes.restype = lib.kvg_q8_row_bytes.restype = ctypes.c_int64
     lib.kvg_q4_row_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.kvg_q8_row_bytes.argtypes = [ctypes.c_int64]
@@ -107,6 +109,14 @@ def load(path: Path) -> ctypes.CDLL:
 def why_not() -> str | None:
     library()
     return _why_not
+
+
+def set_threads(n: int) -> None:
+    """Threads for the matmul kernels. With torch loaded this is torch's own OpenMP runtime (the same
+    libgomp), so torch.set_num_threads and this agree."""
+    lib = library()
+    if lib is not None:
+        lib.kvg_set_threads(n)
 
 
 def ptr(a) -> int:
@@ -130,6 +140,44 @@ def bind(name: str, *slots: int, keep: tuple = ()) -> Callable[[], None]:
         fn(addr)
     run.__qualname__ = name
     run.keep = (args, keep)          # the slot array and every buffer it points into live as long as the kernel
+    run.native_call = (ctypes.cast(fn, ctypes.c_void_p).value, addr)
+    return run
+
+
+def batch(kernels: list[Callable[[], None]]) -> list[Callable[[], None]]:
+    """kernels with every run of two or more consecutive native kernels replaced by one kvg_run call
+    (same calls, same order; KVGRAPH_NATIVE_BATCH=0 keeps one Python call per kernel, for profiling)."""
+    if os.environ.get("KVGRAPH_NATIVE_BATCH", "1") == "0":
+        return kernels
+    out: list[Callable[[], None]] = []
+    run_: list[Callable[[], None]] = []
+
+    def flush():
+        if len(run_) == 1:
+            out.append(run_[0])
+        elif run_:
+            out.append(_run_list(list(run_)))
+        run_.clear()
+
+    for k in kernels:
+        if hasattr(k, "native_call"):
+            run_.append(k)
+        else:
+            flush()
+            out.append(k)
+    flush()
+    return out
+
+
+def _run_list(kernels: list) -> Callable[[], None]:
+    run_all = library().kvg_run
+    table = np.array([k.native_call for k in kernels], dtype=np.int64)
+    addr, n = table.ctypes.data, len(kernels)
+
+    def run():
+        run_all(addr, n)
+    run.__qualname__ = f"kvg_run[{n}]"
+    run.keep = (table, kernels)
     return run
 
 

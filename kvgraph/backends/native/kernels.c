@@ -44,8 +44,10 @@ int kvg_simd(void) { return KVG_AVX2; }
 #ifdef _OPENMP
 #include <omp.h>
 int kvg_threads(void) { return omp_get_max_threads(); }
+void kvg_set_threads(int64_t n) { omp_set_num_threads((int)n); }
 #else
 int kvg_threads(void) { return 1; }
+void kvg_set_threads(int64_t n) { (void)n; }
 #endif
 
 /* H: scales stored as float16 (1) or float32 (0) */
@@ -538,9 +540,15 @@ void kvg_set_rows(const int64_t *a) {
 /* a: q, n, H, d, qs0, qs1,  k, n_kv, Hkv, ks0, ks1,  v, dv, vs0, vs1, vs2,  mask, ms0,  scale (f64 bits),
  *    out, os0, os1
  * out[t, h] = softmax(q[t, h] . k[:, h / (H / Hkv)] * scale + mask[t]) @ v[:, h / (H / Hkv)]
- * in one pass with a running maximum (online softmax); cells whose mask is -inf are skipped, so a padded
- * KV window costs only its valid cells. v element (cell c, head j, dim e) is at c*vs0 + j*vs1 + e*vs2, which
- * covers both the row-major and the transposed V cache. (token, head) pairs are split across threads. */
+ * Cells are taken in chunks: a chunk's scores, its maximum, their exponentials (vectorized) and its share
+ * of the weighted V sum, with the running sum rescaled when the maximum grows (online softmax), so no
+ * buffer grows with the context. Cells whose mask is -inf are skipped, so a padded KV window costs only
+ * its valid cells. v element (cell c, head j, dim e) is at c*vs0 + j*vs1 + e*vs2. (token, head) pairs are
+ * split across threads. */
+#define ATTN_CHUNK 128
+#ifndef ATTN_PARALLEL_MIN
+#define ATTN_PARALLEL_MIN 100000000
+#endif
 void kvg_attention(const int64_t *a) {
     const float *q = (const float *)a[0], *k = (const float *)a[6], *v = (const float *)a[11];
     const float *mask = (const float *)a[16];
@@ -550,34 +558,88 @@ void kvg_attention(const int64_t *a) {
     const float scale = f_arg(a[18]);
     float *out = (float *)a[19];
     const int64_t os0 = a[20], os1 = a[21], group = nh / nhkv;
-#pragma omp parallel for schedule(static) if (n * nh > 1 && n * n_kv * nh * d >= 32768)
+#pragma omp parallel for schedule(static) if (n * nh > 1 && n * n_kv * nh * d >= ATTN_PARALLEL_MIN)
     for (int64_t th = 0; th < n * nh; th++) {
         const int64_t t = th / nh, h = th % nh, j = h / group;
         const float *qi = q + t * qs0 + h * qs1, *mrow = mask + t * ms0;
         float acc[1024];                      /* dv <= 1024: checked when the kernel is bound */
+        float s[ATTN_CHUNK];
+        int32_t cell[ATTN_CHUNK];
         for (int64_t e = 0; e < dv; e++) acc[e] = 0.0f;
         float mx = -INFINITY, sum = 0.0f;
-        for (int64_t c = 0; c < n_kv; c++) {
-            if (mrow[c] == -INFINITY) continue;
-            const float s = dotf(qi, k + c * ks0 + j * ks1, d) * scale + mrow[c];
-            const float *vc = v + c * vs0 + j * vs1;
-            if (s > mx) {
-                const float r = expf(mx - s);         /* 0 on the first valid cell */
+        for (int64_t c0 = 0; c0 < n_kv; c0 += ATTN_CHUNK) {
+            const int64_t c1 = c0 + ATTN_CHUNK < n_kv ? c0 + ATTN_CHUNK : n_kv;
+            int nc = 0;
+            float cmx = -INFINITY;
+            for (int64_t c = c0; c < c1; c++) {
+                if (mrow[c] == -INFINITY) continue;
+                const float sc = dotf(qi, k + c * ks0 + j * ks1, d) * scale + mrow[c];
+                cmx = sc > cmx ? sc : cmx;
+                s[nc] = sc;
+                cell[nc++] = (int32_t)(c - c0);
+            }
+            if (nc == 0) continue;
+            if (cmx > mx) {                   /* rescale what is summed so far to the new maximum */
+                const float r = expf(mx - cmx);     /* 0 on the first valid chunk */
                 sum *= r;
                 for (int64_t e = 0; e < dv; e++) acc[e] *= r;
-                mx = s;
+                mx = cmx;
             }
-            const float p = expf(s - mx);
-            sum += p;
-            if (vs2 == 1) {
+            int i = 0;
+#if KVG_AVX2
+            const __m256 vmx = _mm256_set1_ps(mx);
+            for (; i + 8 <= nc; i += 8) _mm256_storeu_ps(s + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vmx)));
+#endif
+            for (; i < nc; i++) s[i] = expf(s[i] - mx);
+            for (i = 0; i < nc; i++) {
+                const float p = s[i];
+                const float *vc = v + (c0 + cell[i]) * vs0 + j * vs1;
+                sum += p;
+                if (vs2 == 1) {
 #pragma omp simd
-                for (int64_t e = 0; e < dv; e++) acc[e] += p * vc[e];
-            } else {
-                for (int64_t e = 0; e < dv; e++) acc[e] += p * vc[e * vs2];
+                    for (int64_t e = 0; e < dv; e++) acc[e] += p * vc[e];
+                } else {
+                    for (int64_t e = 0; e < dv; e++) acc[e] += p * vc[e * vs2];
+                }
             }
         }
         float *o = out + t * os0 + h * os1;
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         for (int64_t e = 0; e < dv; e++) o[e] = acc[e] * inv;
     }
+}
+
+/* a: x, y, out, n:  out = x + y (contiguous, same length) */
+void kvg_add(const int64_t *a) {
+    const float *x = (const float *)a[0], *y = (const float *)a[1];
+    float *o = (float *)a[2];
+    const int64_t n = a[3];
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) o[i] = x[i] + y[i];
+}
+
+/* a: raw Q8_0 rows (uint8, row_bytes apart), row_bytes, ids (int32 [n]), n, K, out (float [n, K]):
+ * the embedding rows of this ubatch's tokens, dequantized exactly as gguf does (float(d) * q). */
+void kvg_get_rows_q8_0(const int64_t *a) {
+    const uint8_t *raw = (const uint8_t *)a[0];
+    const int64_t rb = a[1], n = a[3], k = a[4];
+    const int32_t *ids = (const int32_t *)a[2];
+    float *out = (float *)a[5];
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = raw + (int64_t)ids[i] * rb;
+        for (int64_t g = 0; g < k / QK; g++) {
+            const uint8_t *blk = row + g * 34;
+            const float d = h2f((uint16_t)(blk[0] | blk[1] << 8));
+            const int8_t *q = (const int8_t *)(blk + 2);
+            for (int e = 0; e < QK; e++) out[i * k + g * QK + e] = d * (float)q[e];
+        }
+    }
+}
+
+/* A whole run of kernels in one call: list holds (function, argument slots) pairs. A compiled Program's
+ * consecutive native kernels become one such call, so replaying a cached decode step crosses from Python
+ * into C a handful of times instead of once per op. */
+typedef void (*kernel_fn)(const int64_t *);
+void kvg_run(const int64_t *list, int64_t n) {
+    for (int64_t i = 0; i < n; i++) ((kernel_fn)list[2 * i])((const int64_t *)list[2 * i + 1]);
 }

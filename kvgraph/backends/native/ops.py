@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 
 from ...graph.ir import Tensor
+from ..quant_repack import Q8_0Rows
 from . import bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
 # Attention for ubatches up to this many tokens runs in the C kernel (one pass over the valid cells);
 # longer ones (prompt processing) in batched matmuls, which reuse each K/V row across many queries.
 ATTN_MAX_TOKENS = 16
-OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn"})     # what for_node takes
+OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add"})     # what for_node takes
 
 
 def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
@@ -27,7 +28,29 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
         return rope(srcs[0], srcs[1], out, p["n_dims"], inv, p["neox"])
     if t.op == "flash_attn" and t.shape[0] <= ATTN_MAX_TOKENS:
         return attention(*srcs, t.p["scale"], out)
+    if t.op == "add":
+        return add(*srcs, out)
     return None
+
+
+def add(a: np.ndarray, b: np.ndarray, out: np.ndarray):
+    """out = a + b for equal-shape contiguous float32 arrays (the residual adds); None otherwise."""
+    if not (a.shape == b.shape == out.shape and all(x.dtype == np.float32 and x.flags.c_contiguous
+                                                    for x in (a, b, out))):
+        return None
+    return bind("kvg_add", ptr(a), ptr(b), ptr(out), out.size, keep=(a, b, out))
+
+
+def embedding_rows(reader, ids: np.ndarray, out: np.ndarray):
+    """The token-embedding lookup of a Q8_0 table (quant_repack.Q8_0Rows) in C; None for other readers."""
+    if not isinstance(reader, Q8_0Rows):
+        return None
+    data = reader.data
+    if (not data.flags.c_contiguous or ids.dtype != np.int32
+            or out.dtype != np.float32 or not out.flags.c_contiguous):
+        return None
+    n, k = out.shape
+    return bind("kvg_get_rows_q8_0", ptr(data), data.strides[0], ptr(ids), n, k, ptr(out), keep=(data, ids, out))
 
 
 def _rows(x: np.ndarray) -> tuple[int, int, int] | None:

@@ -1,0 +1,149 @@
+"""The native backend: kvgraph's C kernels (backends/native) over numpy buffers, with no torch at all.
+
+Quantized matmuls (int8 activations against 4-/8-bit weights repacked once at load), RMSNorm, RoPE, the
+gated FFN activations, KV writes and decode attention run in C; every other op, and attention over long
+ubatches, uses the numpy reference kernels. It needs a C compiler the first time (the kernels build in
+about a second and are cached). Without torch in the process its resident memory is little more than the
+file-sized weights, the KV cache and Python: what `--backend native` is for.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from ..graph.ir import Graph, Tensor
+from ..plan.planner import Plan
+from . import native
+from . import numpy_backend as npb
+from .compiler import FusingCompiler, Kernel, StacksMatrices
+from .native import ops as native_ops
+from .native.mats import NativeMat, Q8Pool, as_rows
+from .quant_repack import GROUP, dequant_rows
+from .weights import PackedWeight, weights_nbytes
+
+
+class DenseMat:
+    """A float32 matrix [N, K] (F32 files, or a width the block formats cannot take): numpy's matmul."""
+
+    act_dtype = np.float32
+
+    def __init__(self, w: np.ndarray):
+        self.n, self.k = w.shape
+        self.w = w
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if not self.w.flags.owndata else self.w.nbytes
+
+    def kernel(self, x: np.ndarray, out: np.ndarray) -> Kernel:
+        wt = self.w.T
+        return lambda: np.matmul(x, wt, out=out)
+
+
+def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name: str):
+    if shape[1] % GROUP == 0:
+        return NativeMat(data, type_name, shape)
+    return DenseMat(np.concatenate([w for _, w in dequant_rows(data, type_name, shape)]))
+
+
+class NativeWeight(PackedWeight):
+    def __init__(self, gguf_file, name: str):
+        super().__init__(gguf_file, name, _matrix_form, DenseMat)
+
+
+class _Compiler(FusingCompiler):
+    def __init__(self, backend, graph: Graph, plan: Plan, weights, states):
+        super().__init__(backend, graph, plan, weights, states)
+        self.q8 = Q8Pool(self.last_use)
+        self.rope = npb._RopeTables()
+
+    def compile(self) -> npb.Program:
+        program = super().compile()
+        program.arena_bytes += self.q8.nbytes
+        return program
+
+    def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
+        return native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) or super().set_rows_kernel(t, buf, args)
+
+    def _input(self, src: Tensor, mat, step: int):
+        a = self.bufs[src.id]
+        if mat.act_dtype == "q8":
+            return self.q8.get(src.id, as_rows(a), step, self.kernels)
+        return a.reshape(-1, a.shape[-1])
+
+    def emit(self, t: Tensor, step: int) -> None:
+        out = self.bufs[t.id]
+        srcs = [self.bufs[s.id] for s in t.srcs]
+        if t.id in self.groups:
+            members = self.groups[t.id]
+            mats = [self.weights[m.srcs[1].name].matrix() for m in members]
+            fused = self.backend.fused(mats)
+            x = self._input(members[0].srcs[0], fused, step)
+            self.kernels.append(fused.kernel_split(x, [self.bufs[m.id].reshape(-1, mat.n)
+                                                       for m, mat in zip(members, mats)]))
+        elif self.weight_matmul(t):
+            mat = srcs[1].matrix()
+            self.kernels.append(mat.kernel(self._input(t.srcs[0], mat, step), out.reshape(-1, mat.n)))
+        elif t.op == "get_rows" and t.srcs[0].op == "weight":
+            rows = srcs[0].rows()
+            self.kernels.append(native_ops.embedding_rows(rows, srcs[1], out) or rows.kernel(srcs[1], out))
+        elif t.id in self.fused_norm:
+            r = self.fused_norm[t.id]
+            x, w = self.bufs[r.srcs[0].id], srcs[1].dense
+            k = native_ops.rms_norm(x, w, r.p["eps"], out)
+            if k is None:
+                norm = npb.KERNELS["rms_norm"](r, out, x)
+                k = lambda: (norm(), np.multiply(out, w, out=out))  # noqa: E731
+            self.kernels.append(k)
+        else:
+            arrays = [self.arr(s) for s in srcs]
+            k = native_ops.for_node(t, out, arrays) if t.op in native_ops.OPS else None
+            if k is None and t.op == "rope":
+                cos, sin, table_kernel = self.rope.get(t, arrays[1])
+                if table_kernel is not None:
+                    self.kernels.append(table_kernel)
+                k = npb._rope_kernel(t, out, arrays[0], cos, sin)
+            self.kernels.append(k or npb.KERNELS[t.op](t, out, *arrays))
+
+
+class NativeBackend(StacksMatrices, npb.NumpyBackend):
+    name = "native"
+    flash_attn_default = True      # the C attention kernel reads the row-major (flash) V cache
+
+    def __init__(self, threads: int | None = None):
+        from ..bench import physical_cores
+
+        lib = native.library()
+        if lib is None:
+            raise InvalidArgumentError(f"the native backend needs its C kernels, and {native.why_not()}; use "
+                                       "--backend torch or numpy.")
+        super().__init__(threads)
+        self.n_threads = threads or physical_cores()
+        native.set_threads(self.n_threads)
+
+    def load_weight(self, gguf_file, name: str) -> NativeWeight:
+        return NativeWeight(gguf_file, name)
+
+    def tie_output(self, embedding: NativeWeight) -> NativeWeight:
+        embedding.matrix()        # the output matmul's repacked form, built once here
+        return embedding
+
+    def weights_nbytes(self, weights: Mapping[str, NativeWeight]) -> int:
+        return weights_nbytes(weights)
+
+    @contextlib.contextmanager
+    def threads(self, n: int | None):
+        """Kernel (OpenMP) and BLAS threads limited to n for the duration."""
+        native.set_threads(n or self.n_threads)
+        try:
+            with super().threads(n or self.n_threads):
+                yield
+        finally:
+            native.set_threads(self.n_threads)
+
+    def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, NativeWeight],
+                states: Mapping[str, np.ndarray]) -> npb.Program:
+        return _Compiler(self, graph, plan, weights, states).compile()
