@@ -5,6 +5,7 @@ import numpy as np
 
 from kvgraph.engine.context import Context
 from kvgraph.engine.generate import Session
+from kvgraph.graph.inputs import UBatch
 
 
 def prompt_ids_for(tokenizer, case: dict) -> list[int]:
@@ -53,3 +54,38 @@ def trace_cases(loaded, cases: list[dict], configs: dict[str, dict], n_ctx: int 
         out[name] = [greedy_trace(ctx, loaded.tokenizer, c["prompt_ids"], len(c["steps"])) for c in cases]
         out[name + "_stats"] = ctx.stats
     return out
+
+
+# ---- the rule for backends that compute with quantized weights / activations (DESIGN §6) -----------------
+def teacher_forced_agreement(loaded, cases) -> float:
+    agree = total = 0
+    for case in cases:
+        ids = case["prompt_ids"] + case["greedy_ids"]
+        ctx = Context(loaded, n_ctx=1024, n_ubatch=1024)
+        logits = ctx.decode(UBatch.single(ids, 0, all_outputs=True))
+        p = len(case["prompt_ids"])
+        pred = logits[p - 1: p - 1 + len(case["greedy_ids"])].argmax(-1)
+        agree += int((pred == np.array(case["greedy_ids"])).sum())
+        total += len(case["greedy_ids"])
+    return agree / total
+
+
+def first_divergence_margins(loaded, cases) -> list[float]:
+    """Greedy-decode each case; the reference margin where it first diverges (none: it never does)."""
+    margins = []
+    ctx = Context(loaded, n_ctx=1024)
+    for case in cases:
+        ids, _ = greedy_trace(ctx, loaded.tokenizer, case["prompt_ids"], len(case["steps"]))
+        for i, step in enumerate(case["steps"]):
+            if ids[i] != step["id"]:
+                margins.append(step["margin"])
+                break
+    return margins
+
+
+def long_prompt_perplexity(loaded, case) -> float:
+    from kvgraph.perplexity import perplexity
+
+    tokens = case["prompt_ids"]
+    n_ctx = len(tokens) // 2 * 2
+    return perplexity(Context(loaded, n_ctx=n_ctx, n_ubatch=n_ctx), loaded.tokenizer, tokens, n_ctx).ppl

@@ -9,15 +9,13 @@ from ..quant_repack import Q8_0Rows
 from . import bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
-# Attention for ubatches up to this many tokens runs in the C kernel (one pass over the valid cells);
-# longer ones (prompt processing) in batched matmuls, which reuse each K/V row across many queries.
-ATTN_MAX_TOKENS = 16
 OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add"})     # what for_node takes
 
 
-def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
+def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray], attn_max_tokens: int | None = None):
     """The C kernel for graph node t (its output buffer and its sources as numpy arrays), or None when its op
-    has none here (matmuls, state writes and the fused norm x weight are bound by the compilers)."""
+    has none here (matmuls, state writes and the fused norm x weight are bound by the compilers).
+    attn_max_tokens: leave attention over longer ubatches to the caller (None: take every ubatch)."""
     if t.op == "rms_norm":
         return rms_norm(srcs[0], None, t.p["eps"], out)
     if t.op in ("swiglu", "geglu"):
@@ -26,7 +24,7 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
         p = t.p
         inv = p["freq_scale"] / p["base"] ** (np.arange(0, p["n_dims"] // 2, dtype=np.float64) * 2 / p["n_dims"])
         return rope(srcs[0], srcs[1], out, p["n_dims"], inv, p["neox"])
-    if t.op == "flash_attn" and t.shape[0] <= ATTN_MAX_TOKENS:
+    if t.op == "flash_attn" and (attn_max_tokens is None or t.shape[0] <= attn_max_tokens):
         return attention(*srcs, t.p["scale"], out)
     if t.op == "add":
         return add(*srcs, out)

@@ -1,0 +1,143 @@
+"""The backends that compute with quantized weights and activations -- torch and native -- on the real
+models, by DESIGN §6's rule for quantized-compute backends; and the native backend (C kernels over numpy,
+no torch) on tiny models against the numpy reference."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import load_reference
+from golden import first_divergence_margins, greedy_trace, long_prompt_perplexity, teacher_forced_agreement
+from tiny_models import Gemma3Spec, HybridSpec, TinySpec, write_tiny_gemma3, write_tiny_hybrid, write_tiny_llama
+
+from kvgraph.backends import get_backend, native, torch_available
+from kvgraph.engine.context import Context
+from kvgraph.engine.loader import load_model
+from kvgraph.graph.inputs import UBatch
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"no native kernels: {native.why_not()}")
+REAL = {"smollm2": ("smollm2_path", "smollm2_public.json"), "gemma3": ("gemma3_path", "gemma3_public.json")}
+BACKENDS = [pytest.param("torch", marks=pytest.mark.skipif(not torch_available(), reason="torch not installed")),
+            pytest.param("native", marks=needs_native)]
+
+
+@pytest.fixture(scope="module", params=[(m, b) for m in REAL for b in ("torch", "native")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def real(request):
+    model, backend = request.param
+    if backend == "torch" and not torch_available():
+        pytest.skip("torch not installed")
+    if backend == "native" and native.library() is None:
+        pytest.skip(f"no native kernels: {native.why_not()}")
+    fixture, ref = REAL[model]
+    path = request.getfixturevalue(fixture)
+    return model, path, load_model(path, get_backend(backend)), load_reference(ref)["cases"]
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_diverges_only_where_the_reference_margin_is_small(real):
+    name, _, loaded, cases = real
+    margins = first_divergence_margins(loaded, cases)
+    assert all(m < 0.5 for m in margins), f"{name}: diverged at reference margins {margins}"
+
+
+@pytest.mark.real_model
+def test_real_model_teacher_forced_argmax_agrees_on_90_percent(real):
+    name, _, loaded, cases = real
+    assert teacher_forced_agreement(loaded, cases) >= 0.9
+
+
+@pytest.mark.real_model
+def test_real_model_perplexity_within_1_percent_of_numpy(real, request):
+    name, path, loaded, cases = real
+    long_case = next(c for c in cases if c["kind"] == "long")
+    ppl = long_prompt_perplexity(loaded, long_case)
+    reference = (request.getfixturevalue("smollm2_numpy") if name == "smollm2"     # shared with other tests
+                 else load_model(path, get_backend("numpy")))
+    ppl_numpy = long_prompt_perplexity(reference, long_case)
+    assert math.isfinite(ppl) and abs(ppl / ppl_numpy - 1) <= 0.01, (ppl, ppl_numpy)
+
+
+@pytest.mark.real_model
+def test_real_model_logits_identical_with_graph_cache_on_and_off(real):
+    name, _, loaded, cases = real
+    prompt = cases[0]["prompt_ids"]
+    traces = [greedy_trace(Context(loaded, n_ctx=256, graph_cache=on), loaded.tokenizer, prompt, 8)[1]
+              for on in (True, False)]
+    np.testing.assert_array_equal(traces[0], traces[1])
+
+
+@pytest.mark.real_model
+def test_real_model_weights_stay_compact(real):
+    """Repacked weights take about the file's size (no float32 copies; the embedding table stays raw)."""
+    name, path, loaded, _ = real
+    assert loaded.backend.weights_nbytes(loaded.weights) <= 1.1 * path.stat().st_size
+
+
+# ---- the native backend on tiny models ----------------------------------------------------------------------
+def logits_trace(path, backend: str, flash: bool, tokens=(5, 70, 33, 12, 99, 40, 41, 42), **ctx_kw) -> np.ndarray:
+    """A 5-token prompt (all rows out: the prefill path), then one token at a time (the decode path)."""
+    ctx = Context(load_model(path, get_backend(backend)), n_ctx=64, flash_attn=flash, **ctx_kw)
+    out = [ctx.decode(UBatch.single(list(tokens[:5]), 0, all_outputs=True))]
+    for i, t in enumerate(tokens[5:]):
+        out.append(ctx.decode(UBatch.single([t], 5 + i)))
+    return np.concatenate(out)
+
+
+TINY = {
+    "llama-F32": (write_tiny_llama, TinySpec(), 1e-4),
+    "llama-F16": (write_tiny_llama, TinySpec(weight_type="F16"), 0.15),
+    "llama-Q8_0": (write_tiny_llama, TinySpec(weight_type="Q8_0"), 0.15),
+    "llama-Q5_0": (write_tiny_llama, TinySpec(weight_type="Q5_0"), 0.15),
+    "llama-Q4_1-stacked": (write_tiny_llama, TinySpec(weight_type="Q4_1", n_embd=128, n_ff=256), 0.15),
+    "gemma3": (write_tiny_gemma3, Gemma3Spec(), 1e-4),
+    "hybrid": (write_tiny_hybrid, HybridSpec(), 1e-4),
+}
+
+
+@needs_native
+@pytest.mark.parametrize("flash", [False, True], ids=["vtrans", "flash"])
+@pytest.mark.parametrize("name", list(TINY))
+def test_native_backend_tiny_model_logits_match_numpy(tmp_path, name, flash):
+    writer, spec, atol = TINY[name]
+    path = tmp_path / f"{name}.gguf"
+    writer(path, spec)
+    ref = logits_trace(path, "numpy", flash)
+    got = logits_trace(path, "native", flash)
+    assert np.abs(got - ref).max() <= atol, f"max |diff| {np.abs(got - ref).max()}"
+
+
+@needs_native
+def test_native_backend_is_bit_identical_with_the_graph_cache_off(tmp_path):
+    path = tmp_path / "t.gguf"
+    write_tiny_llama(path, TinySpec(weight_type="Q4_1", n_embd=128, n_ff=256))
+    np.testing.assert_array_equal(logits_trace(path, "native", True),
+                                  logits_trace(path, "native", True, graph_cache=False))
+
+
+@needs_native
+def test_native_backend_defaults_to_flash_attention_and_replays_the_layers_as_one_c_call(tmp_path):
+    path = tmp_path / "t.gguf"
+    write_tiny_llama(path, TinySpec(weight_type="Q4_0"))
+    ctx = Context(load_model(path, get_backend("native")), n_ctx=32)
+    assert ctx.flash_attn is True
+    ctx.decode(UBatch.single([1, 2, 3], 0))
+    ctx.decode(UBatch.single([4], 3))
+    decode = next(e for k, e in ctx.cache.entries.items() if k.n_tokens == 1)
+    names = [k.__qualname__ for k in decode.program.kernels]
+    # This tiny file keeps its embedding and output in F32 (numpy kernels); every layer op is one C call.
+    assert sum(n.startswith("kvg_run") for n in names) == 1 and len(names) <= 4, names
+
+
+@needs_native
+def test_native_backend_never_imports_torch(tmp_path):
+    path = tmp_path / "t.gguf"
+    write_tiny_llama(path, TinySpec(weight_type="Q4_0"))
+    code = ("import sys; from kvgraph import LLM; "
+            f"llm = LLM({str(path)!r}, backend='native', n_ctx=32); llm.generate([1, 2, 3], max_tokens=3); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
