@@ -552,9 +552,19 @@ KERNELS: dict[str, Callable[..., Kernel]] = {
 
 # ---- program ---------------------------------------------------------------------------------------------------
 class Program(npb.Program):
-    """The numpy backend's Program (input buffers are numpy, shared with torch) run in inference mode."""
+    """The numpy backend's Program (input buffers are numpy, shared with torch) run in inference mode
+    (unless every kernel is a C call, as a cached decode step's usually is: then there is no torch op)."""
+
+    def __init__(self, kernels, inputs, outputs, arena_bytes):
+        super().__init__(kernels, inputs, outputs, arena_bytes)
+        self.torch_free = all(hasattr(k, "native_call") or getattr(k, "__qualname__", "").startswith("kvg_run")
+                              for k in kernels)
 
     def run(self) -> None:
+        if self.torch_free:
+            for k in self.kernels:
+                k()
+            return
         with torch.inference_mode():
             for k in self.kernels:
                 k()

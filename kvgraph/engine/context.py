@@ -67,9 +67,13 @@ class Context:
 
     # ---- one step ---------------------------------------------------------------------------------------
     def key_for(self, ub: UBatch) -> GraphKey:
-        seqs, counts = np.unique(ub.seq, return_counts=True)
+        if ub.n_tokens == 1 or (ub.seq == ub.seq[0]).all():     # one sequence (every single-stream step)
+            n_seqs, equal = 1, True
+        else:
+            seqs, counts = np.unique(ub.seq, return_counts=True)
+            n_seqs, equal = int(seqs.shape[0]), bool((counts == counts[0]).all())
         return GraphKey(
-            n_tokens=ub.n_tokens, n_seqs=int(seqs.shape[0]), equal_seqs=bool((counts == counts[0]).all()),
+            n_tokens=ub.n_tokens, n_seqs=n_seqs, equal_seqs=equal,
             windows=tuple((name, mem.window()) for name, mem in self.memories.items()),
             n_outputs=ub.n_outputs, flash_attn=self.flash_attn)
 

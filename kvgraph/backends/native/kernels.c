@@ -343,7 +343,7 @@ static inline void q8_tile(const uint8_t *w, int64_t rb, int64_t k, const int8_t
 
 #define RB 4   /* weight rows per tile: one activation block load serves four rows */
 #ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 4096
+#define PREFETCH_BYTES 2048
 #endif
 #define MB 4   /* activation rows per tile (prefill / batched decode): one weight unpack serves four */
 
