@@ -31,7 +31,7 @@ def test_generate_streams_text_and_cache_flag_changes_nothing(tiny_llama, capsys
     assert a == b == c
     rc, out, err = gen(capsys, tiny_llama[0], "the cat", "-n", "8", "--temp", "0", "--ignore-eos", "--stats")
     assert rc == 0 and out.rstrip("\n") == a["text"]
-    assert "graph cache:" in err and "hits" in err and "decode:" in err
+    assert "graph cache:" in err and "hits" in err and "decode:" in err and "backend: " in err
 
 
 def test_generate_with_messages_file(tiny_llama, capsys, tmp_path):

@@ -141,3 +141,11 @@ def test_native_backend_never_imports_torch(tmp_path):
             "assert 'torch' not in sys.modules, 'torch was imported'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+@needs_native
+def test_backends_describe_the_kernels_they_run():
+    assert "C kernels" in get_backend("native").describe()
+    assert get_backend("numpy").describe().startswith("numpy")
+    if torch_available():
+        assert "C kernels" in get_backend("torch").describe()

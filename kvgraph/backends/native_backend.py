@@ -129,6 +129,9 @@ class NativeBackend(StacksMatrices, npb.NumpyBackend):
 
         threadpool_limits(limits=1, user_api="blas")
 
+    def describe(self) -> str:
+        return f"native: {native.describe()}"
+
     def load_weight(self, gguf_file, name: str) -> NativeWeight:
         return NativeWeight(gguf_file, name)
 

@@ -325,6 +325,9 @@ class NumpyBackend:
 
             threadpool_limits(limits=threads, user_api="blas")   # process-wide, as -t asks
 
+    def describe(self) -> str:
+        return "numpy (float32 reference)"
+
     def load_weight(self, gguf_file, name: str) -> np.ndarray:
         """The reference computes in float32: every weight is dequantized once, at load."""
         return gguf_file.dequantize(name)

@@ -721,6 +721,10 @@ class TorchBackend(StacksMatrices):
         self.flash_attn_default = self.native
         self._fused: dict[tuple[int, ...], tuple[list, Any]] = {}
 
+    def describe(self) -> str:
+        kernels = native.describe() if self.native else "torch's int4pack / int8 kernels"
+        return f"torch {torch.__version__} + {kernels}"
+
     # ---- weights ----------------------------------------------------------------------------------------
     def load_weight(self, gguf_file, name: str) -> TorchWeight:
         return TorchWeight(gguf_file, name, self.native)

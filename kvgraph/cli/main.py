@@ -99,6 +99,7 @@ def _print_stats(llm, result) -> None:
           f"decode: {tm.n_decode} tokens in {tm.decode_s * 1e3:.0f} ms ({tm.decode_tps:.1f} tok/s); "
           f"sampling {tm.sample_s * 1e3:.1f} ms", file=err)
     print(llm.stats.summary(), file=err)
+    print(f"backend: {llm.loaded.backend.describe()}", file=err)
 
 
 def _read_text_file(path: str, flag: str) -> str:

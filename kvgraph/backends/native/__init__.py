@@ -106,6 +106,14 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def describe() -> str:
+    """One line on the kernels in use: instruction set and threads, or why there are none."""
+    lib = library()
+    if lib is None:
+        return f"no C kernels ({why_not()})"
+    return f"kvgraph C kernels ({'AVX2' if lib.kvg_simd() else 'portable C'}, {lib.kvg_threads()} threads)"
+
+
 def why_not() -> str | None:
     library()
     return _why_not

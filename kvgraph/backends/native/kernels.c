@@ -377,10 +377,12 @@ static inline void q8_tile(const uint8_t *w, int64_t rb, int64_t k, const int8_t
 #endif
 
 #define RB 4   /* weight rows per tile: one activation block load serves four rows */
+#ifndef M_TILE /* activation rows per tile (prefill / batched decode), <= 4: one weight unpack serves them */
+#define M_TILE 4
+#endif
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
 #endif
-#define MB 4   /* activation rows per tile (prefill / batched decode): one weight unpack serves four */
 
 /* Which tile shapes exist (each a fully unrolled instance), for scale storage H. */
 #define TILE_CASES(NAME, FN, H)                                                               \
@@ -417,7 +419,7 @@ static void matmul(const int64_t *a, dispatch_fn tile, int64_t rb) {
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < n_tiles; t++) {
         const int64_t r0 = t * RB, rows = n - r0 < RB ? n - r0 : RB;
-        float res[RB * MB];
+        float res[RB * M_TILE];
 #if KVG_AVX2
         /* Weights stream from memory once per token: ask for the tile ~PREFETCH_BYTES ahead now (a single
          * core's hardware prefetcher alone reaches ~6 GB/s here; with this, 2 threads reach ~18 GB/s). */
@@ -426,8 +428,8 @@ static void matmul(const int64_t *a, dispatch_fn tile, int64_t rb) {
             for (int64_t off = 0; off < RB * rb; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
         }
 #endif
-        for (int64_t m0 = 0; m0 < m_rows; m0 += MB) {
-            const int mb_n = (int)(m_rows - m0 < MB ? m_rows - m0 : MB);
+        for (int64_t m0 = 0; m0 < m_rows; m0 += M_TILE) {
+            const int mb_n = (int)(m_rows - m0 < M_TILE ? m_rows - m0 : M_TILE);
             const int8_t *xqm = xq + m0 * k;
             const float *xdm = xd + m0 * g_n, *xsm = xs + m0 * g_n;
             if (rows == RB) {
