@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import load_reference
 from golden import first_divergence_margins, greedy_trace, long_prompt_perplexity, teacher_forced_agreement
-from tiny_models import Gemma3Spec, HybridSpec, TinySpec, write_tiny_gemma3, write_tiny_hybrid, write_tiny_llama
+from tiny_models import TINY_CASES, TinySpec, logits_trace, write_tiny_llama
 
 from kvgraph.backends import get_backend, native, torch_available
 from kvgraph.engine.context import Context
@@ -78,31 +78,11 @@ def test_real_model_weights_stay_compact(real):
 
 
 # ---- the native backend on tiny models ----------------------------------------------------------------------
-def logits_trace(path, backend: str, flash: bool, tokens=(5, 70, 33, 12, 99, 40, 41, 42), **ctx_kw) -> np.ndarray:
-    """A 5-token prompt (all rows out: the prefill path), then one token at a time (the decode path)."""
-    ctx = Context(load_model(path, get_backend(backend)), n_ctx=64, flash_attn=flash, **ctx_kw)
-    out = [ctx.decode(UBatch.single(list(tokens[:5]), 0, all_outputs=True))]
-    for i, t in enumerate(tokens[5:]):
-        out.append(ctx.decode(UBatch.single([t], 5 + i)))
-    return np.concatenate(out)
-
-
-TINY = {
-    "llama-F32": (write_tiny_llama, TinySpec(), 1e-4),
-    "llama-F16": (write_tiny_llama, TinySpec(weight_type="F16"), 0.15),
-    "llama-Q8_0": (write_tiny_llama, TinySpec(weight_type="Q8_0"), 0.15),
-    "llama-Q5_0": (write_tiny_llama, TinySpec(weight_type="Q5_0"), 0.15),
-    "llama-Q4_1-stacked": (write_tiny_llama, TinySpec(weight_type="Q4_1", n_embd=128, n_ff=256), 0.15),
-    "gemma3": (write_tiny_gemma3, Gemma3Spec(), 1e-4),
-    "hybrid": (write_tiny_hybrid, HybridSpec(), 1e-4),
-}
-
-
 @needs_native
 @pytest.mark.parametrize("flash", [False, True], ids=["vtrans", "flash"])
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", list(TINY_CASES))
 def test_native_backend_tiny_model_logits_match_numpy(tmp_path, name, flash):
-    writer, spec, atol = TINY[name]
+    writer, spec, atol = TINY_CASES[name]
     path = tmp_path / f"{name}.gguf"
     writer(path, spec)
     ref = logits_trace(path, "numpy", flash)

@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tiny_models import Gemma3Spec, HybridSpec, TinySpec, write_tiny_gemma3, write_tiny_hybrid, write_tiny_llama  # noqa: E402
+from tiny_models import TINY_CASES, TinySpec, logits_trace, write_tiny_llama  # noqa: E402
 
 from kvgraph.backends import get_backend, native  # noqa: E402
 from kvgraph.backends import quant_repack as qr  # noqa: E402
@@ -21,7 +21,6 @@ from kvgraph.engine.context import Context  # noqa: E402
 from kvgraph.engine.loader import load_model  # noqa: E402
 from kvgraph.errors import InvalidArgumentError  # noqa: E402
 from kvgraph.gguf.reader import TensorInfo  # noqa: E402
-from kvgraph.graph.inputs import UBatch  # noqa: E402
 from kvgraph.graph.ir import I32, GraphBuilder  # noqa: E402
 from kvgraph.plan.planner import plan_graph  # noqa: E402
 
@@ -372,31 +371,10 @@ def test_recurrent_ops_concat_conv_and_scan():
 
 
 # ---- whole (tiny) models -----------------------------------------------------------------------------------
-def logits_trace(path, backend: str, flash: bool, tokens=(5, 70, 33, 12, 99, 40, 41, 42), **ctx_kw) -> np.ndarray:
-    ctx = Context(load_model(path, get_backend(backend)), n_ctx=64, flash_attn=flash, **ctx_kw)
-    out = [ctx.decode(UBatch.single(list(tokens[:5]), 0, all_outputs=True))]
-    for i, t in enumerate(tokens[5:]):
-        out.append(ctx.decode(UBatch.single([t], 5 + i)))
-    return np.concatenate(out)
-
-
-TINY = {
-    "llama-F32": (write_tiny_llama, TinySpec(), 1e-4),
-    "llama-F16": (write_tiny_llama, TinySpec(weight_type="F16"), 0.15),
-    "llama-Q8_0": (write_tiny_llama, TinySpec(weight_type="Q8_0"), 0.15),
-    "llama-Q5_0": (write_tiny_llama, TinySpec(weight_type="Q5_0"), 0.15),
-    "llama-Q4_0": (write_tiny_llama, TinySpec(weight_type="Q4_0"), 0.15),
-    # wide enough (N multiple of 64) for q/k/v and gate/up to be stacked into one matmul each
-    "llama-Q4_1-stacked": (write_tiny_llama, TinySpec(weight_type="Q4_1", n_embd=128, n_ff=256), 0.15),
-    "gemma3": (write_tiny_gemma3, Gemma3Spec(), 1e-4),
-    "hybrid": (write_tiny_hybrid, HybridSpec(), 1e-4),
-}
-
-
 @pytest.mark.parametrize("flash", [False, True], ids=["vtrans", "flash"])
-@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("name", list(TINY_CASES))
 def test_tiny_model_logits_match_numpy(tmp_path, name, flash):
-    writer, spec, atol = TINY[name]
+    writer, spec, atol = TINY_CASES[name]
     path = tmp_path / f"{name}.gguf"
     writer(path, spec)
     ref = logits_trace(path, "numpy", flash)

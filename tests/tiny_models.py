@@ -238,3 +238,32 @@ def write_tiny_gemma3(path: str | Path, spec: Gemma3Spec | None = None) -> dict[
     tensors = {name: _store(w, name, _random_value(rng, name, shape), "F32") for name, shape in shapes.items()}
     _finish(w)
     return tensors
+
+
+# ---- running them ------------------------------------------------------------------------------------------
+def logits_trace(path, backend: str, flash: bool, tokens=(5, 70, 33, 12, 99, 40, 41, 42), **ctx_kw) -> np.ndarray:
+    """A 5-token prompt (all rows out: the prefill path), then one token at a time (the decode path)."""
+    from kvgraph.backends import get_backend
+    from kvgraph.engine.context import Context
+    from kvgraph.engine.loader import load_model
+    from kvgraph.graph.inputs import UBatch
+
+    ctx = Context(load_model(path, get_backend(backend)), n_ctx=64, flash_attn=flash, **ctx_kw)
+    out = [ctx.decode(UBatch.single(list(tokens[:5]), 0, all_outputs=True))]
+    for i, t in enumerate(tokens[5:]):
+        out.append(ctx.decode(UBatch.single([t], 5 + i)))
+    return np.concatenate(out)
+
+
+# name -> (writer, spec, max |logit difference| a quantized backend may have against numpy)
+TINY_CASES = {
+    "llama-F32": (write_tiny_llama, TinySpec(), 1e-4),
+    "llama-F16": (write_tiny_llama, TinySpec(weight_type="F16"), 0.15),
+    "llama-Q8_0": (write_tiny_llama, TinySpec(weight_type="Q8_0"), 0.15),
+    "llama-Q5_0": (write_tiny_llama, TinySpec(weight_type="Q5_0"), 0.15),
+    "llama-Q4_0": (write_tiny_llama, TinySpec(weight_type="Q4_0"), 0.15),
+    # wide enough (N multiple of 64) for q/k/v and gate/up to be stacked into one matmul each
+    "llama-Q4_1-stacked": (write_tiny_llama, TinySpec(weight_type="Q4_1", n_embd=128, n_ff=256), 0.15),
+    "gemma3": (write_tiny_gemma3, Gemma3Spec(), 1e-4),
+    "hybrid": (write_tiny_hybrid, HybridSpec(), 1e-4),
+}

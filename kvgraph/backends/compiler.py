@@ -22,9 +22,17 @@ from . import numpy_backend as npb
 Kernel = Callable[[], None]
 
 
-class StacksMatrices:
-    """Backend mixin: the stacked matrix of several matrices that read one input, built once and shared by
-    every Program that fuses the same group (the members keep views of its rows)."""
+class PackedWeightsBackend:
+    """What the backends holding PackedWeights share: the tied output's matmul form, weight bytes, and the
+    stacked matrix of several matrices that read one input, built once and shared by every Program that
+    fuses the same group (the members keep views of its rows)."""
+
+    def tie_output(self, embedding):
+        embedding.matrix()        # the output matmul's repacked form, built once here
+        return embedding
+
+    def weights_nbytes(self, weights) -> int:
+        return sum(w.nbytes for w in {id(w): w for w in weights.values()}.values())
 
     def fused(self, mats: list):
         cache = self.__dict__.setdefault("_fused", {})

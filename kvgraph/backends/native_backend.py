@@ -18,11 +18,11 @@ from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 from . import native
 from . import numpy_backend as npb
-from .compiler import FusingCompiler, Kernel, StacksMatrices
+from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
 from .native import ops as native_ops
 from .native.mats import NativeMat, Q8Pool, as_rows
 from .quant_repack import GROUP, dequant_rows
-from .weights import PackedWeight, weights_nbytes
+from .weights import PackedWeight
 
 
 class DenseMat:
@@ -109,7 +109,7 @@ class _Compiler(FusingCompiler):
             self.kernels.append(k or npb.KERNELS[t.op](t, out, *arrays))
 
 
-class NativeBackend(StacksMatrices, npb.NumpyBackend):
+class NativeBackend(PackedWeightsBackend, npb.NumpyBackend):
     name = "native"
     flash_attn_default = True      # the C attention kernel reads the row-major (flash) V cache
 
@@ -134,13 +134,6 @@ class NativeBackend(StacksMatrices, npb.NumpyBackend):
 
     def load_weight(self, gguf_file, name: str) -> NativeWeight:
         return NativeWeight(gguf_file, name)
-
-    def tie_output(self, embedding: NativeWeight) -> NativeWeight:
-        embedding.matrix()        # the output matmul's repacked form, built once here
-        return embedding
-
-    def weights_nbytes(self, weights: Mapping[str, NativeWeight]) -> int:
-        return weights_nbytes(weights)
 
     @contextlib.contextmanager
     def threads(self, n: int | None):

@@ -51,11 +51,11 @@ from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 from . import native
 from . import numpy_backend as npb
-from .compiler import FusingCompiler, StacksMatrices
+from .compiler import FusingCompiler, PackedWeightsBackend
 from .native import ops as native_ops
 from .native.mats import NativeMat, Q8Pool, as_rows
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
-from .weights import PackedWeight, weights_nbytes
+from .weights import PackedWeight
 
 import torch  # noqa: E402  (this module is imported lazily, only when the torch backend is asked for)
 
@@ -704,7 +704,7 @@ class _Compiler(FusingCompiler):
         return fused.kernel_split(x, outs)
 
 
-class TorchBackend(StacksMatrices):
+class TorchBackend(PackedWeightsBackend):
     name = "torch"
 
     def __init__(self, threads: int | None = None, native_kernels: bool | None = None):
@@ -728,13 +728,6 @@ class TorchBackend(StacksMatrices):
     # ---- weights ----------------------------------------------------------------------------------------
     def load_weight(self, gguf_file, name: str) -> TorchWeight:
         return TorchWeight(gguf_file, name, self.native)
-
-    def tie_output(self, embedding: TorchWeight) -> TorchWeight:
-        embedding.matrix()        # the output matmul's repacked form, built once here
-        return embedding
-
-    def weights_nbytes(self, weights: Mapping[str, TorchWeight]) -> int:
-        return weights_nbytes(weights)
 
     @contextlib.contextmanager
     def threads(self, n: int | None):

@@ -53,7 +53,3 @@ class PackedWeight:
             info = self._file.tensors[self.name]
             self._rows = row_reader(info.data, info.type_name, self.shape)
         return self._rows
-
-
-def weights_nbytes(weights) -> int:
-    return sum(w.nbytes for w in {id(w): w for w in weights.values()}.values())
