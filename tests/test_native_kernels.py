@@ -165,7 +165,25 @@ def test_a_broken_compiler_falls_back_with_one_line_saying_why(monkeypatch, tmp_
     monkeypatch.setattr(native, "_why_not", None)
     assert native.library() is None
     assert "could not build the native kernels" in native.why_not()
-    assert "using torch's kernels" in capsys.readouterr().err
+    assert "falling back to torch's kernels" in capsys.readouterr().err
+
+
+def test_a_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypatch, tmp_path, capsys):
+    real_build = native._build
+
+    def no_openmp(cc, flags=native.FLAGS):
+        if "-fopenmp" in flags:
+            raise OSError("unsupported option '-fopenmp'")
+        return real_build(cc, flags)
+
+    monkeypatch.setenv("KVGRAPH_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_build", no_openmp)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_why_not", None)
+    lib = native.library()
+    assert lib is not None and lib.kvg_threads() == 1 and "single-threaded" in capsys.readouterr().err
+    x = RNG.standard_normal((2, 64), dtype=np.float32)
+    np.testing.assert_array_equal(quantized(x).q, quantize_ref(x)[0])
 
 
 # ---- the other ops, in both builds (the simd build's vector loops have scalar tails: odd sizes) --------------

@@ -79,8 +79,12 @@ def library() -> ctypes.CDLL | None:
     try:
         _lib = load(_build(cc))
     except (OSError, subprocess.SubprocessError) as exc:
-        _why_not = f"could not build the native kernels: {exc}"
-        print(f"kvgraph: {_why_not}; using torch's kernels", file=sys.stderr)
+        try:        # a compiler without OpenMP (Apple's clang): the same kernels, one thread each
+            _lib = load(_build(cc, [f for f in FLAGS if f != "-fopenmp"]))
+            print(f"kvgraph: {cc} has no OpenMP; the C kernels run single-threaded", file=sys.stderr)
+        except (OSError, subprocess.SubprocessError):
+            _why_not = f"could not build the native kernels: {exc}"
+            print(f"kvgraph: {_why_not}; falling back to torch's kernels (or numpy)", file=sys.stderr)
     return _lib
 
 
