@@ -96,12 +96,33 @@ def _q4_k(raw: np.ndarray):
 _INT4 = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
 
 
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """4 bytes per block (little-endian uint32, bit j = element j) -> 0 / 16 per element, [..., 32]."""
+    return np.unpackbits(qh, axis=-1, bitorder="little") << 4
+
+
+def _q5_0(raw: np.ndarray):
+    blocks = raw.reshape(raw.shape[0], -1, 22)
+    d = _f16(blocks, 0)[..., 0]
+    return _nibbles(blocks[..., 6:]) | _fifth_bits(blocks[..., 2:6]), d, np.float32(-16) * d
+
+
+def _q5_1(raw: np.ndarray):
+    blocks = raw.reshape(raw.shape[0], -1, 24)
+    return _nibbles(blocks[..., 8:]) | _fifth_bits(blocks[..., 4:8]), _f16(blocks, 0)[..., 0], _f16(blocks, 2)[..., 0]
+
+
+INT5_TYPES = frozenset({"Q5_0", "Q5_1"})
+_BLOCKS = {**_INT4, "Q5_0": _q5_0, "Q5_1": _q5_1}
+
+
 def int4_blocks(data: np.ndarray, type_name: str, chunk_rows: int | None = None
                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """Row chunks of a Q4_0 / Q4_1 / Q4_K matrix (raw bytes [rows, bytes_per_row]):
-    (first row, q uint8 [r, K] in [0, 15], d f32 [r, K/32], m f32 [r, K/32]) with w = q * d + m, every
-    value exactly as gguf.quants computes it (Q4_0: m = -8 d; Q4_K: d = d_super sc, m = -dmin_super mn)."""
-    split = _INT4[type_name]
+    """Row chunks of a Q4_0 / Q4_1 / Q4_K (or Q5_0 / Q5_1) matrix (raw bytes [rows, bytes_per_row]):
+    (first row, q uint8 [r, K] in [0, 15] (Q5: [0, 31]), d f32 [r, K/32], m f32 [r, K/32]) with
+    w = q * d + m, every value exactly as gguf.quants computes it (Q4_0: m = -8 d; Q5_0: m = -16 d;
+    Q4_K: d = d_super sc, m = -dmin_super mn)."""
+    split = _BLOCKS[type_name]
     chunk_rows = chunk_rows or CHUNK_ROWS
     for r0 in range(0, data.shape[0], chunk_rows):
         part = data[r0: r0 + chunk_rows]

@@ -23,7 +23,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q8", "kvg_rms_norm", "kvg_gated", "kvg_rope",
+KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_rms_norm", "kvg_gated", "kvg_rope",
            "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0")
 
 _lib: ctypes.CDLL | None = None
@@ -217,6 +217,15 @@ def pack_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool) -> np.ndarr
     sdt = np.float16 if half else np.float32
     parts += [np.ascontiguousarray(d.astype(sdt)).view(np.uint8), np.ascontiguousarray(m.astype(sdt)).view(np.uint8)]
     return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+def pack_q5(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """q uint8 [N, K] in [0, 31], d / m float16-exact float32 [N, K/32] (w = q d + m) -> Q5 rows: Q4's nibble
+    layout of the low four bits, then the fifth bits (4 bytes per group, bit j = element j), then scales."""
+    n, k = q.shape
+    q4 = pack_q4(q & 15, d, m, half=True)
+    bits = np.packbits((q >> 4).astype(np.uint8).reshape(n, k // QK, QK), axis=2, bitorder="little")
+    return np.ascontiguousarray(np.concatenate([q4[:, : k // 2], bits.reshape(n, -1), q4[:, k // 2:]], axis=1))
 
 
 def pack_q8(q: np.ndarray, d: np.ndarray) -> np.ndarray:

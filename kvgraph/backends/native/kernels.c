@@ -17,6 +17,8 @@
  *       an odd last group takes 16 bytes, byte j = q[j] | q[j + 16] << 4;
  *       then d[G], then m[G]: float16 ("q4h", when every value is exactly a float16, as Q4_0 / Q4_1's
  *       are) or float32 ("q4"; Q4_K's d * sc products usually need it).
+ *   Q5 ("q5h", from Q5_0 / Q5_1, exact):  w = q * d[g] + m[g],  q in [0, 31]: Q4's nibbles, then K/8 bytes of
+ *       fifth bits (4 per group, bit j = element j), then float16 d[G] and m[G] (Q5_0: m = -16 d).
  *   Q8 (from Q8_0 exact, other types re-quantized per block):  w = q * d[g],  q in [-127, 127]
  *       K bytes of int8, then d[G] float16 -- Q8_0's own layout, split into planes.
  * Activations (quantize_q8): per block of 32, d = max|x| / 127, q = round(x / d), s = d * sum(q).
@@ -152,17 +154,29 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Dot products of RB weight rows with MB activation rows, Q4 weights. always_inline so that each (RB, MB)
- * instance is unrolled with its accumulators in registers. */
+/* Dot products of RB weight rows with MB activation rows, Q4 (or, H & 2, Q5) weights; H & 1: float16 scales.
+ * always_inline so that each (RB, MB, H) instance is unrolled with its accumulators in registers. */
+static inline __m256i high_bits(const uint8_t *row, int64_t k, int64_t g) {
+    /* Q5's fifth bits of group g (bit j: element j) as bytes 0x10 / 0 (ggml's bytes_from_bits_32). */
+    uint32_t bits;
+    memcpy(&bits, row + k / 2 + 4 * g, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    const __m256i b = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf),
+                                      _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
+}
+
 static inline __attribute__((always_inline)) void q4_tile(
         const uint8_t *w, int64_t rb, int64_t k, const int8_t *xq, const float *xd, const float *xs,
         int64_t g_n, const int RB, const int MB, float *res /* [RB][MB] */, const int H) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int HS = H & 1, B5 = H & 2;
+    const int64_t so = k / 2 + (B5 ? k / 8 : 0);      /* where a row's scales start */
     __m256 acc[4][4];
     for (int r = 0; r < RB; r++)
         for (int j = 0; j < MB; j++) acc[r][j] = _mm256_setzero_ps();
     int64_t p = 0;
-    if (H) {
+    if (HS) {
         /* Eight groups at a time: their eight float16 scales convert in one instruction and multiply the
          * activations' eight scales in one more; the two groups of a byte pair leave madd as 8 + 8 int32
          * partial sums, which hadd folds into one vector (lanes 0,1,4,5 group a; 2,3,6,7 group b), so one
@@ -175,15 +189,19 @@ static inline __attribute__((always_inline)) void q4_tile(
 #pragma GCC unroll 4
             for (int r = 0; r < RB; r++) {
                 const uint8_t *row = w + r * rb;
-                const __m256 wd8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k / 2 + 2 * g)));
+                const __m256 wd8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + so + 2 * g)));
                 __m256 sc[4];
 #pragma GCC unroll 4
                 for (int j = 0; j < MB; j++) sc[j] = _mm256_mul_ps(wd8, xd8[j]);
 #pragma GCC unroll 4
                 for (int pp = 0; pp < 4; pp++) {
                     const __m256i qb = _mm256_loadu_si256((const __m256i *)(row + 32 * (p + pp)));
-                    const __m256i q0 = _mm256_and_si256(qb, m4);
-                    const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+                    __m256i q0 = _mm256_and_si256(qb, m4);
+                    __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+                    if (B5) {
+                        q0 = _mm256_or_si256(q0, high_bits(row, k, 2 * (p + pp)));
+                        q1 = _mm256_or_si256(q1, high_bits(row, k, 2 * (p + pp) + 1));
+                    }
                     const int a = 2 * pp, b = 2 * pp + 1;
                     const __m256i idx = _mm256_setr_epi32(a, a, b, b, a, a, b, b);
 #pragma GCC unroll 4
@@ -214,11 +232,15 @@ static inline __attribute__((always_inline)) void q4_tile(
 #pragma GCC unroll 4
         for (int r = 0; r < RB; r++) {
             const uint8_t *row = w + r * rb;
-            const uint8_t *wd = row + k / 2;
+            const uint8_t *wd = row + so;
             const __m256i qb = _mm256_loadu_si256((const __m256i *)(row + 32 * p));
-            const __m256i q0 = _mm256_and_si256(qb, m4);
-            const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
-            const float s0 = ld_scale(wd, 2 * p, H), s1 = ld_scale(wd, 2 * p + 1, H);
+            __m256i q0 = _mm256_and_si256(qb, m4);
+            __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
+            if (B5) {
+                q0 = _mm256_or_si256(q0, high_bits(row, k, 2 * p));
+                q1 = _mm256_or_si256(q1, high_bits(row, k, 2 * p + 1));
+            }
+            const float s0 = ld_scale(wd, 2 * p, HS), s1 = ld_scale(wd, 2 * p + 1, HS);
 #pragma GCC unroll 4
             for (int j = 0; j < MB; j++) {
                 const __m256i i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, x0[j]), ones);
@@ -232,29 +254,30 @@ static inline __attribute__((always_inline)) void q4_tile(
         const int64_t g = g_n - 1;
         for (int r = 0; r < RB; r++) {
             const uint8_t *row = w + r * rb;
-            const uint8_t *wd = row + k / 2;
+            const uint8_t *wd = row + so;
             const __m128i b = _mm_loadu_si128((const __m128i *)(row + 16 * g));
-            const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
+            if (B5) q = _mm256_or_si256(q, high_bits(row, k, g));
             for (int j = 0; j < MB; j++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + j * k + QK * g));
                 const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(ld_scale(wd, g, H) * xd[j * g_n + g]),
+                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(ld_scale(wd, g, HS) * xd[j * g_n + g]),
                                             acc[r][j]);
             }
         }
     }
     for (int r = 0; r < RB; r++) {
-        const uint8_t *wm = w + r * rb + k / 2 + g_n * (H ? 2 : 4);
+        const uint8_t *wm = w + r * rb + so + g_n * (HS ? 2 : 4);
         for (int j = 0; j < MB; j++) {
             __m256 mt = _mm256_setzero_ps();
             int64_t g = 0;
             for (; g + 8 <= g_n; g += 8) {
-                const __m256 mv = H ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + 2 * g)))
+                const __m256 mv = HS ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + 2 * g)))
                                     : _mm256_loadu_ps((const float *)wm + g);
                 mt = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + j * g_n + g), mt);
             }
             float s = hsum(acc[r][j]) + hsum(mt);
-            for (; g < g_n; g++) s += ld_scale(wm, g, H) * xs[j * g_n + g];
+            for (; g < g_n; g++) s += ld_scale(wm, g, HS) * xs[j * g_n + g];
             res[r * MB + j] = s;
         }
     }
@@ -332,9 +355,10 @@ static inline __attribute__((always_inline)) void q8_tile(
 /* Portable versions: the same sums, block by block, in plain C. */
 static inline void q4_tile(const uint8_t *w, int64_t rb, int64_t k, const int8_t *xq, const float *xd,
                            const float *xs, int64_t g_n, const int RB, const int MB, float *res, const int H) {
+    const int HS = H & 1, B5 = H & 2;
     for (int r = 0; r < RB; r++) {
         const uint8_t *row = w + r * rb;
-        const uint8_t *wd = row + k / 2, *wm = wd + g_n * (H ? 2 : 4);
+        const uint8_t *wd = row + k / 2 + (B5 ? k / 8 : 0), *wm = wd + g_n * (HS ? 2 : 4);
         for (int j = 0; j < MB; j++) {
             float s = 0.0f;
             for (int64_t g = 0; g < g_n; g++) {
@@ -346,9 +370,10 @@ static inline void q4_tile(const uint8_t *w, int64_t rb, int64_t k, const int8_t
                         q = e < 16 ? row[16 * g + e] & 15 : row[16 * g + e - 16] >> 4;
                     else
                         q = g % 2 == 0 ? row[32 * (g / 2) + e] & 15 : row[32 * (g / 2) + e] >> 4;
+                    if (B5) q |= ((row[k / 2 + 4 * g + e / 8] >> (e % 8)) & 1) << 4;
                     sum += q * x[e];
                 }
-                s += (float)sum * (ld_scale(wd, g, H) * xd[j * g_n + g]) + ld_scale(wm, g, H) * xs[j * g_n + g];
+                s += (float)sum * (ld_scale(wd, g, HS) * xd[j * g_n + g]) + ld_scale(wm, g, HS) * xs[j * g_n + g];
             }
             res[r * MB + j] = s;
         }
@@ -402,6 +427,7 @@ static inline void q8_tile(const uint8_t *w, int64_t rb, int64_t k, const int8_t
     }
 TILE_CASES(q4f_dispatch, q4_tile, 0)
 TILE_CASES(q4h_dispatch, q4_tile, 1)
+TILE_CASES(q5h_dispatch, q4_tile, 3)
 TILE_CASES(q8_dispatch, q8_tile, 1)
 
 typedef void (*dispatch_fn)(int, int, const uint8_t *, int64_t, int64_t, const int8_t *, const float *,
@@ -416,6 +442,7 @@ static void matmul(const int64_t *a, dispatch_fn tile, int64_t rb) {
     const segs_t segs = {a[7], (const int64_t *)a[8], (float *const *)a[9]};
     const int64_t n_tiles = (n + RB - 1) / RB;
     const int64_t ahead = PREFETCH_BYTES / (RB * rb) + 1;
+    (void)ahead;                       /* used by the SIMD build's prefetch */
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < n_tiles; t++) {
         const int64_t r0 = t * RB, rows = n - r0 < RB ? n - r0 : RB;
@@ -448,6 +475,7 @@ static void matmul(const int64_t *a, dispatch_fn tile, int64_t rb) {
 
 void kvg_matmul_q4(const int64_t *a) { matmul(a, q4f_dispatch, q4_row_bytes(a[2], 0)); }
 void kvg_matmul_q4h(const int64_t *a) { matmul(a, q4h_dispatch, q4_row_bytes(a[2], 1)); }
+void kvg_matmul_q5h(const int64_t *a) { matmul(a, q5h_dispatch, q4_row_bytes(a[2], 1) + a[2] / 8); }
 void kvg_matmul_q8(const int64_t *a) { matmul(a, q8_dispatch, q8_row_bytes(a[2])); }
 
 /* ---- elementwise and attention kernels (single-threaded unless noted: their work is microseconds) --------- */

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..quant_repack import CHUNK_ROWS, INT4_TYPES, dequant_rows, int4_blocks, release_pages
-from . import QK, bind, f16_exact, pack_q4, pack_q8, ptr, quantize_blocks_q8
+from ..quant_repack import CHUNK_ROWS, INT4_TYPES, INT5_TYPES, dequant_rows, int4_blocks, release_pages
+from . import QK, bind, f16_exact, pack_q4, pack_q5, pack_q8, ptr, quantize_blocks_q8
 
 
 class Q8Act:
@@ -53,6 +53,8 @@ class NativeMat:
         if type_name in INT4_TYPES:
             self._pack_q4(data, type_name, half=True) or self._pack_q4(data, type_name, half=False)
             return
+        if type_name in INT5_TYPES and self._pack_q5(data, type_name):
+            return
         self.fmt = "q8"
         self.rows = np.empty((n, k + 2 * g), np.uint8)
         if type_name == "Q8_0":
@@ -72,6 +74,16 @@ class NativeMat:
             if half and not (f16_exact(d) and f16_exact(m)):
                 return False
             self.rows[r0: r0 + q.shape[0]] = pack_q4(q, d, m, half)
+        return True
+
+    def _pack_q5(self, data: np.ndarray, type_name: str) -> bool:
+        """Q5 rows (float16 scales; False if one is not exactly a float16: then Q8 it is)."""
+        self.fmt = "q5h"
+        self.rows = np.empty((self.n, self.k // 2 + self.k // 8 + self.k // QK * 4), np.uint8)
+        for r0, q, d, m in int4_blocks(data, type_name):
+            if not (f16_exact(d) and f16_exact(m)):
+                return False
+            self.rows[r0: r0 + q.shape[0]] = pack_q5(q, d, m)
         return True
 
     @property
@@ -102,6 +114,10 @@ class NativeMat:
             d = self.rows[:, k:].copy().view(np.float16).astype(np.float32)
             return (q.reshape(n, g, QK) * d[..., None]).reshape(n, k)
         nib = self.rows[:, : k // 2]
+        hi = 0
+        if self.fmt == "q5h":
+            bits = self.rows[:, k // 2: k // 2 + k // 8].reshape(n, g, 4)
+            hi = np.unpackbits(bits, axis=2, bitorder="little").astype(np.float32) * 16
         q = np.empty((n, g, QK), np.float32)
         pairs = nib[:, : (g // 2) * 32].reshape(n, g // 2, 32)
         q[:, 0: g - g % 2: 2] = pairs & 15
@@ -109,7 +125,9 @@ class NativeMat:
         if g % 2:
             last = nib[:, (g // 2) * 32:]
             q[:, -1, :16], q[:, -1, 16:] = last & 15, last >> 4
-        dm = self.rows[:, k // 2:].copy().view(np.float16 if self.fmt == "q4h" else np.float32).astype(np.float32)
+        q = q + hi
+        so = k // 2 + (k // 8 if self.fmt == "q5h" else 0)
+        dm = self.rows[:, so:].copy().view(np.float32 if self.fmt == "q4" else np.float16).astype(np.float32)
         d, m = dm[:, :g], dm[:, g:]
         return (q * d[..., None] + m[..., None]).reshape(n, k)
 
