@@ -1,8 +1,9 @@
 """What the quantized backends' compilers share (torch and native): binding buffers in plan order, and two
 compile-time fusions, each applied only where the plan makes it safe:
 
-* rms_norm -> mul(weight): one kernel, when nothing runs in between and the multiply's buffer does not
-  overlap the norm's input (which the plan may already consider dead);
+* rms_norm -> mul(weight): one kernel, when nothing runs in between and the multiply's buffer either is
+  the norm's input buffer exactly (the plan reuses it once the norm is its last reader; the fused kernels
+  read a whole row before writing it) or does not overlap it at all;
 * matmuls of one input against several weights of one format (q/k/v, gate/up): one matmul against the
   weights stacked along N, run at the last member's step when no member's result is read before it.
 
@@ -69,10 +70,11 @@ class FusingCompiler:
     def weight_matmul(t: Tensor) -> bool:
         return t.op == "matmul" and t.srcs[1].op == "weight" and t.p["transpose_b"]
 
-    def _overlaps(self, tid: int, other: Tensor) -> bool:
+    def _partly_overlaps(self, tid: int, other: Tensor) -> bool:
+        """tid's buffer shares some bytes with other's without being exactly the same buffer."""
         other = base_of(other)
         off, nb = self.plan.offsets, self.plan.nbytes
-        if other.id not in off:
+        if other.id not in off or (off[tid], nb[tid]) == (off[other.id], nb[other.id]):
             return False
         return off[tid] < off[other.id] + nb[other.id] and off[other.id] < off[tid] + nb[tid]
 
@@ -86,7 +88,7 @@ class FusingCompiler:
             if (len(self.readers.get(r.id, ())) == 1 and r.id not in self.outputs_base and w.dense is not None
                     and w.dense.ndim == 1 and w.dense.shape[0] == r.shape[-1] and t.shape == r.shape
                     and all(self.nodes[b].is_leaf or self.nodes[b].op in VIEW_OPS for b in between)
-                    and not self._overlaps(tid, r.srcs[0])):
+                    and r.srcs[0].shape == r.shape and not self._partly_overlaps(tid, r.srcs[0])):
                 self.fused_norm[tid] = r
                 self.skip.add(r.id)
 

@@ -94,9 +94,10 @@ class _Compiler(FusingCompiler):
             r = self.fused_norm[t.id]
             x, w = self.bufs[r.srcs[0].id], srcs[1].dense
             k = native_ops.rms_norm(x, w, r.p["eps"], out)
-            if k is None:
-                norm = npb.KERNELS["rms_norm"](r, out, x)
-                k = lambda: (norm(), np.multiply(out, w, out=out))  # noqa: E731
+            if k is None:            # numpy's norm is not in-place safe, and out may be x's buffer
+                tmp = np.empty(out.shape, np.float32)
+                norm = npb.KERNELS["rms_norm"](r, tmp, x)
+                k = lambda: (norm(), np.multiply(tmp, w, out=out))  # noqa: E731
             self.kernels.append(k)
         else:
             arrays = [self.arr(s) for s in srcs]
