@@ -271,3 +271,13 @@ def test_residual_add_and_a_batched_run_of_kernels(variant):
     np.testing.assert_array_equal(out, a + b)
     np.testing.assert_array_equal(twice, (a + b) + b)
     assert native_ops.add(a, b[:5], out) is None    # not equal shapes: the caller keeps numpy's kernel
+
+
+def test_row_broadcast_multiply_and_scale(variant):
+    x, w = RNG.standard_normal((3, 4, 5), dtype=np.float32), RNG.standard_normal(5, dtype=np.float32)
+    out, scaled = np.empty_like(x), np.empty_like(x)
+    native_ops.mul_rows(x, w, out)()
+    native_ops.mul_rows(x, None, scaled, 0.5)()
+    np.testing.assert_array_equal(out, x * w)
+    np.testing.assert_array_equal(scaled, x * np.float32(0.5))
+    assert native_ops.mul_rows(x, w[:4], out) is None          # not one row of x: numpy's kernel instead

@@ -24,7 +24,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_rms_norm", "kvg_gated", "kvg_rope",
-           "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0")
+           "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None

@@ -708,3 +708,20 @@ typedef void (*kernel_fn)(const int64_t *);
 void kvg_run(const int64_t *list, int64_t n) {
     for (int64_t i = 0; i < n; i++) ((kernel_fn)list[2 * i])((const int64_t *)list[2 * i + 1]);
 }
+
+/* a: x, w, out, M, K:  out[m, k] = x[m, k] * w[k]  (w 0: out = x * s, with s in a[5] as f64 bits) */
+void kvg_mul_rows(const int64_t *a) {
+    const float *x = (const float *)a[0], *w = (const float *)a[1];
+    float *o = (float *)a[2];
+    const int64_t m_rows = a[3], k = a[4];
+    const float s = f_arg(a[5]);
+    for (int64_t m = 0; m < m_rows; m++) {
+        if (w) {
+#pragma omp simd
+            for (int64_t i = 0; i < k; i++) o[m * k + i] = x[m * k + i] * w[i];
+        } else {
+#pragma omp simd
+            for (int64_t i = 0; i < k; i++) o[m * k + i] = x[m * k + i] * s;
+        }
+    }
+}

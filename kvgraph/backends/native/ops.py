@@ -9,7 +9,7 @@ from ..quant_repack import Q8_0Rows
 from . import bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
-OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add"})     # what for_node takes
+OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale"})  # for_node's
 
 
 def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray], attn_max_tokens: int | None = None):
@@ -28,7 +28,22 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray], attn_max_tokens
         return attention(*srcs, t.p["scale"], out)
     if t.op == "add":
         return add(*srcs, out)
+    if t.op == "mul":
+        return mul_rows(srcs[0], srcs[1], out)
+    if t.op == "scale":
+        return mul_rows(srcs[0], None, out, t.p["s"])
     return None
+
+
+def mul_rows(x: np.ndarray, w: np.ndarray | None, out: np.ndarray, s: float = 1.0):
+    """out = x * w with w one row broadcast over x's rows (or, w None, out = x * s); contiguous float32."""
+    if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, out)) or x.shape != out.shape:
+        return None
+    k = x.shape[-1] if x.ndim else 1
+    if w is not None and (w.dtype != np.float32 or w.shape != (k,) or not w.flags.c_contiguous):
+        return None
+    return bind("kvg_mul_rows", ptr(x), 0 if w is None else ptr(w), ptr(out), x.size // k, k, f64_bits(s),
+                keep=(x, w, out))
 
 
 def add(a: np.ndarray, b: np.ndarray, out: np.ndarray):
