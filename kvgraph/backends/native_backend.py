@@ -1,10 +1,11 @@
 """The native backend: kvgraph's C kernels (backends/native) over numpy buffers, with no torch at all.
 
-Quantized matmuls (int8 activations against 4-/8-bit weights repacked once at load), RMSNorm, RoPE, the
-gated FFN activations, KV writes and decode attention run in C; every other op, and attention over long
-ubatches, uses the numpy reference kernels. It needs a C compiler the first time (the kernels build in
-about a second and are cached). Without torch in the process its resident memory is little more than the
-file-sized weights, the KV cache and Python: what `--backend native` is for.
+Quantized matmuls (int8 activations against 4-/5-/8-bit weights repacked once at load), RMSNorm, RoPE,
+the gated FFN activations, KV writes, residual adds and multiplies, the embedding lookup and attention
+(every ubatch size) run in C; any other op uses the numpy reference kernels. It needs a C compiler the
+first time (the kernels build in about a second and are cached). Without torch in the process its
+resident memory is little more than the file-sized weights, the KV cache and Python: what
+`--backend native` is for.
 """
 from __future__ import annotations
 
