@@ -129,3 +129,14 @@ def test_backends_describe_the_kernels_they_run():
     assert get_backend("numpy").describe().startswith("numpy")
     if torch_available():
         assert "C kernels" in get_backend("torch").describe()
+
+
+@needs_native
+def test_without_torch_the_default_backend_is_native(monkeypatch):
+    import kvgraph.backends as backends
+
+    monkeypatch.setattr(backends, "torch_available", lambda: False)
+    assert backends.default_backend() == "native" and backends.get_backend(None).name == "native"
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_why_not", "no C compiler found")
+    assert backends.default_backend() == "numpy"
