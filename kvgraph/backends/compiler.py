@@ -7,7 +7,8 @@ compile-time fusions, each applied only where the plan makes it safe:
 * matmuls of one input against several weights of one format (q/k/v, gate/up): one matmul against the
   weights stacked along N, run at the last member's step when no member's result is read before it.
 
-A subclass emits the kernels (`emit`) and chooses the Program class. Plain numpy, no torch.
+Matmul inputs a kernel reads in another form (int8 blocks, bfloat16) are staged once per source in a
+StagingPool. A subclass emits the kernels (`emit`) and chooses the Program class. Plain numpy, no torch.
 """
 from __future__ import annotations
 
@@ -19,8 +20,37 @@ from ..graph.ir import VIEW_OPS, Graph, Tensor
 from ..plan.planner import Plan, base_of
 from . import native
 from . import numpy_backend as npb
+from .native.mats import Q8Act, as_rows
 
 Kernel = Callable[[], None]
+
+
+class StagingPool:
+    """Copies of a Program's matmul inputs in the form their kernels read: one per (source tensor, format),
+    made before the first matmul that reads it and shared by the rest; a buffer is reused once the last
+    reader of what it holds has run (`last_use`: key -> step of that reader)."""
+
+    def __init__(self, last_use: dict[tuple[int, Any], int]) -> None:
+        self.last_use = last_use
+        self.live: dict[tuple[int, Any], Any] = {}
+        self.free: list[Any] = []
+        self.nbytes = 0
+
+    def get(self, key: tuple[int, Any], step: int, fits: Callable[[Any], bool], make: Callable[[], Any]):
+        """(the buffer for key, True when it was just given to key: the caller adds the kernel filling it)."""
+        for k in [k for k in self.live if self.last_use[k] < step]:
+            self.free.append(self.live.pop(k))
+        if key in self.live:
+            return self.live[key], False
+        for i, buf in enumerate(self.free):
+            if fits(buf):
+                del self.free[i]
+                break
+        else:
+            buf = make()
+            self.nbytes += buf.nbytes
+        self.live[key] = buf
+        return buf, True
 
 
 class PackedWeightsBackend:
@@ -62,6 +92,7 @@ class FusingCompiler:
         self.fused_norm: dict[int, Tensor] = {}       # mul node id -> the rms_norm it absorbs
         self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
         self.last_use: dict[tuple[int, Any], int] = {}  # (matmul input id, activation format) -> last step
+        self.staging = StagingPool(self.last_use)
         self._plan_norm_fusion()
         self._plan_matmul_groups()
 
@@ -139,7 +170,17 @@ class FusingCompiler:
                 if tid not in self.skip:
                     self.emit(t, step)
         outputs = {name: bufs[o.id] for name, o in self.graph.outputs.items()}
-        return self.program_class(native.batch(self.kernels), self.inputs, outputs, plan.arena_size)
+        return self.program_class(native.batch(self.kernels), self.inputs, outputs,
+                                  plan.arena_size + self.staging.nbytes)
+
+    def q8_input(self, src: Tensor, step: int) -> Q8Act:
+        """Matmul input src quantized for the native kernels (the quantize kernel is added once per source)."""
+        x = as_rows(self.bufs[src.id])
+        act, new = self.staging.get((src.id, "q8"), step, lambda b: isinstance(b, Q8Act) and (b.m, b.k) == x.shape,
+                                    lambda: Q8Act(*x.shape))
+        if new:
+            self.kernels.append(act.quantize_kernel(x))
+        return act
 
     @staticmethod
     def arr(x) -> np.ndarray:

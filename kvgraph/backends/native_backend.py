@@ -21,7 +21,7 @@ from . import native
 from . import numpy_backend as npb
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
 from .native import ops as native_ops
-from .native.mats import NativeMat, Q8Pool, as_rows
+from .native.mats import NativeMat
 from .quant_repack import GROUP, dequant_rows
 from .weights import PackedWeight
 
@@ -58,21 +58,15 @@ class NativeWeight(PackedWeight):
 class _Compiler(FusingCompiler):
     def __init__(self, backend, graph: Graph, plan: Plan, weights, states):
         super().__init__(backend, graph, plan, weights, states)
-        self.q8 = Q8Pool(self.last_use)
         self.rope = npb._RopeTables()
-
-    def compile(self) -> npb.Program:
-        program = super().compile()
-        program.arena_bytes += self.q8.nbytes
-        return program
 
     def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
         return native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) or super().set_rows_kernel(t, buf, args)
 
     def _input(self, src: Tensor, mat, step: int):
-        a = self.bufs[src.id]
         if mat.act_dtype == "q8":
-            return self.q8.get(src.id, as_rows(a), step, self.kernels)
+            return self.q8_input(src, step)
+        a = self.bufs[src.id]
         return a.reshape(-1, a.shape[-1])
 
     def emit(self, t: Tensor, step: int) -> None:

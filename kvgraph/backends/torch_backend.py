@@ -59,7 +59,7 @@ from . import native
 from . import numpy_backend as npb
 from .compiler import FusingCompiler, PackedWeightsBackend
 from .native import ops as native_ops
-from .native.mats import NativeMat, Q8Pool, as_rows
+from .native.mats import NativeMat
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
 from .weights import PackedWeight
 
@@ -576,36 +576,6 @@ class Program(npb.Program):
                 k()
 
 
-class _Staging:
-    """Low-precision copies of matmul inputs, one per (source tensor, dtype), made once before the first
-    matmul that reads it; buffers are recycled once their last reader has run."""
-
-    def __init__(self, last_use: dict[tuple[int, Any], int]) -> None:
-        self.last_use = last_use
-        self.live: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self.free: list[torch.Tensor] = []
-        self.nbytes = 0
-
-    def get(self, key, x: torch.Tensor, step: int, kernels: list, copy: bool = True) -> torch.Tensor:
-        for k in [k for k in self.live if self.last_use[k] < step]:
-            self.free.append(self.live.pop(k))
-        if key in self.live:
-            return self.live[key]
-        dtype = key[1]
-        for i, buf in enumerate(self.free):
-            if buf.shape == x.shape and buf.dtype == dtype:
-                del self.free[i]
-                break
-        else:
-            buf = torch.empty(x.shape, dtype=dtype)
-            self.nbytes += buf.nbytes
-        self.live[key] = buf
-        if copy:
-            kernels.append(lambda: buf.copy_(x))
-        return buf
-
-
-
 class _Compiler(FusingCompiler):
     """Kernels for the torch backend: kvgraph's C kernels where there is one (backend.native), else torch
     ops with out= buffers (numpy for tiny ones)."""
@@ -614,13 +584,7 @@ class _Compiler(FusingCompiler):
 
     def __init__(self, backend: "TorchBackend", graph: Graph, plan: Plan, weights, states):
         super().__init__(backend, graph, plan, weights, states)
-        self.rope, self.masks, self.staging = _RopeTables(), _Masks(), _Staging(self.last_use)
-        self.q8 = Q8Pool(self.last_use)
-
-    def compile(self) -> Program:
-        program = super().compile()
-        program.arena_bytes += self.staging.nbytes + self.q8.nbytes
-        return program
+        self.rope, self.masks = _RopeTables(), _Masks()
 
     def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
         k = native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None
@@ -684,7 +648,7 @@ class _Compiler(FusingCompiler):
         if (t.id in self.outputs_base or len(dtypes) != 1 or None in dtypes or torch.float32 in dtypes
                 or "q8" in dtypes):
             return _t(self.bufs[t.id])
-        return self.staging.get((t.id, dtypes.pop()), _t(self.bufs[t.id]), step, self.kernels, copy=False)
+        return self._converted((t.id, dtypes.pop()), _t(self.bufs[t.id]), step, copy=False)
 
     def _staged(self, src: Tensor, dtype: torch.dtype, step: int) -> torch.Tensor:
         """The matmul input as the 2-D [M, K] tensor the kernel wants: the f32 buffer itself when it can be,
@@ -692,10 +656,19 @@ class _Compiler(FusingCompiler):
         a = self.bufs[src.id]
         k = a.shape[-1]
         if dtype == "q8":
-            return self.q8.get(src.id, as_rows(a), step, self.kernels)
+            return self.q8_input(src, step)
         if dtype == torch.float32 and a.flags.c_contiguous:
             return _t(a).view(-1, k)
-        return self.staging.get((src.id, dtype), _t(a), step, self.kernels).view(-1, k)
+        return self._converted((src.id, dtype), _t(a), step).view(-1, k)
+
+    def _converted(self, key: tuple[int, torch.dtype], x: torch.Tensor, step: int, copy: bool = True) -> torch.Tensor:
+        """The staged copy of x in dtype key[1] (copy=False: the producer writes it directly)."""
+        dtype = key[1]
+        buf, new = self.staging.get(key, step, lambda b: isinstance(b, torch.Tensor) and b.shape == x.shape
+                                    and b.dtype == dtype, lambda: torch.empty(x.shape, dtype=dtype))
+        if new and copy:
+            self.kernels.append(lambda: buf.copy_(x))
+        return buf
 
     def _group_matmul(self, members: list[Tensor], step: int) -> Kernel:
         mats = [self.weights[m.srcs[1].name].matrix() for m in members]

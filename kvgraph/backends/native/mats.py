@@ -27,6 +27,10 @@ class Q8Act:
         self.d = np.empty((m, k // QK), np.float32)
         self.s = np.empty((m, k // QK), np.float32)
 
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.d.nbytes + self.s.nbytes
+
     def quantize_kernel(self, x: np.ndarray):
         """Kernel quantizing x (float32 [M, K], rows may be strided) into this buffer."""
         if x.shape != (self.m, self.k) or x.strides[1] != 4:
@@ -145,35 +149,6 @@ class NativeMat:
     def kernel_split(self, x: Q8Act, outs: list[np.ndarray]):
         """One run of the stacked matrix writing each member's columns into its own output [M, n_i]."""
         return self._bind(x, outs)
-
-
-class Q8Pool:
-    """The quantized copies of a Program's matmul inputs: one per source tensor, made before the first
-    matmul that reads it and shared by the rest; a buffer is reused once its last reader has run
-    (`last_use`: (source id, "q8") -> step of that reader)."""
-
-    def __init__(self, last_use: dict) -> None:
-        self.last_use = last_use
-        self.live: dict = {}
-        self.free: list[Q8Act] = []
-        self.nbytes = 0
-
-    def get(self, src_id: int, x: np.ndarray, step: int, kernels: list) -> Q8Act:
-        for key in [key for key in self.live if self.last_use[key] < step]:
-            self.free.append(self.live.pop(key))
-        key = (src_id, "q8")
-        if key in self.live:
-            return self.live[key]
-        for i, buf in enumerate(self.free):
-            if (buf.m, buf.k) == x.shape:
-                del self.free[i]
-                break
-        else:
-            buf = Q8Act(*x.shape)
-            self.nbytes += buf.q.nbytes + buf.d.nbytes + buf.s.nbytes
-        self.live[key] = buf
-        kernels.append(buf.quantize_kernel(x))
-        return buf
 
 
 def as_rows(a: np.ndarray) -> np.ndarray:
