@@ -90,7 +90,8 @@ def test_matmul_equals_the_exact_product_of_dequantized_operands(fmt, n, k, m, v
     act = quantized(RNG.standard_normal((m, k), dtype=np.float32))
     y = np.full((m, n), np.nan, np.float32)
     ends, outs = np.array([n], np.int64), np.array([ptr(y)], np.int64)
-    bind(f"kvg_matmul_{fmt}", ptr(rows), n, k, ptr(act.q), ptr(act.d), ptr(act.s), m, 1, ptr(ends), ptr(outs))()
+    bind(f"kvg_matmul_{fmt}", ptr(rows), n, k, ptr(act.q), ptr(act.d), ptr(act.s), m, 1, ptr(ends), ptr(outs),
+         rows.strides[0])()
     ref = matmul_ref(w, act)
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
@@ -101,7 +102,8 @@ def test_split_matmul_writes_each_member_into_its_own_buffer(variant):
     outs = [np.zeros((3, 8), np.float32), np.zeros((3, 30), np.float32), np.zeros((3, 2), np.float32)]
     ends = np.array([8, 38, 40], np.int64)
     ptrs = np.array([ptr(o) for o in outs], np.int64)
-    bind("kvg_matmul_q4h", ptr(rows), 40, 64, ptr(act.q), ptr(act.d), ptr(act.s), 3, 3, ptr(ends), ptr(ptrs))()
+    bind("kvg_matmul_q4h", ptr(rows), 40, 64, ptr(act.q), ptr(act.d), ptr(act.s), 3, 3, ptr(ends), ptr(ptrs),
+         rows.strides[0])()
     np.testing.assert_allclose(np.concatenate(outs, 1), matmul_ref(w, act), rtol=2e-5, atol=1e-5)
 
 

@@ -23,8 +23,8 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_rms_norm", "kvg_gated", "kvg_rope",
-           "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows")
+KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_rms_norm",
+           "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -104,9 +104,6 @@ def load(path: Path) -> ctypes.CDLL:
     lib.kvg_simd.restype = lib.kvg_threads.restype = ctypes.c_int
     lib.kvg_run.argtypes, lib.kvg_run.restype = [ctypes.c_void_p, ctypes.c_int64], None
     lib.kvg_set_threads.argtypes, lib.kvg_set_threads.restype = [ctypes.c_int64], None
-    lib.kvg_q4_row_bytes.restype = lib.kvg_q8_row_bytes.restype = ctypes.c_int64
-    lib.kvg_q4_row_bytes.argtypes = [ctypes.c_int64, ctypes.c_int64]
-    lib.kvg_q8_row_bytes.argtypes = [ctypes.c_int64]
     return lib
 
 

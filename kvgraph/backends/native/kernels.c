@@ -52,12 +52,6 @@ int kvg_threads(void) { return 1; }
 void kvg_set_threads(int64_t n) { (void)n; }
 #endif
 
-/* H: scales stored as float16 (1) or float32 (0) */
-static inline int64_t q4_row_bytes(int64_t k, int h) { return k / 2 + (k / QK) * (h ? 4 : 8); }
-static inline int64_t q8_row_bytes(int64_t k) { return k + (k / QK) * 2; }
-int64_t kvg_q4_row_bytes(int64_t k, int64_t h) { return q4_row_bytes(k, (int)h); }
-int64_t kvg_q8_row_bytes(int64_t k) { return q8_row_bytes(k); }
-
 static inline float h2f(uint16_t h) {          /* IEEE half -> float, exact */
 #if KVG_AVX2
     return _cvtsh_ss(h);
@@ -433,9 +427,11 @@ TILE_CASES(q8_dispatch, q8_tile, 1)
 typedef void (*dispatch_fn)(int, int, const uint8_t *, int64_t, int64_t, const int8_t *, const float *,
                             const float *, int64_t, float *);
 
-/* a: w, N, K, xq, xd, xs, M, n_seg, seg_end*, seg_out* */
-static void matmul(const int64_t *a, dispatch_fn tile, int64_t rb) {
+/* a: w, N, K, xq, xd, xs, M, n_seg, seg_end*, seg_out*, row stride of w in bytes (the packed array's own,
+ * so the layout's size lives in one place: the Python packer) */
+static void matmul(const int64_t *a, dispatch_fn tile) {
     const uint8_t *w = (const uint8_t *)a[0];
+    const int64_t rb = a[10];
     const int64_t n = a[1], k = a[2], m_rows = a[6], g_n = k / QK;
     const int8_t *xq = (const int8_t *)a[3];
     const float *xd = (const float *)a[4], *xs = (const float *)a[5];
@@ -473,10 +469,10 @@ static void matmul(const int64_t *a, dispatch_fn tile, int64_t rb) {
     }
 }
 
-void kvg_matmul_q4(const int64_t *a) { matmul(a, q4f_dispatch, q4_row_bytes(a[2], 0)); }
-void kvg_matmul_q4h(const int64_t *a) { matmul(a, q4h_dispatch, q4_row_bytes(a[2], 1)); }
-void kvg_matmul_q5h(const int64_t *a) { matmul(a, q5h_dispatch, q4_row_bytes(a[2], 1) + a[2] / 8); }
-void kvg_matmul_q8(const int64_t *a) { matmul(a, q8_dispatch, q8_row_bytes(a[2])); }
+void kvg_matmul_q4(const int64_t *a) { matmul(a, q4f_dispatch); }
+void kvg_matmul_q4h(const int64_t *a) { matmul(a, q4h_dispatch); }
+void kvg_matmul_q5h(const int64_t *a) { matmul(a, q5h_dispatch); }
+void kvg_matmul_q8(const int64_t *a) { matmul(a, q8_dispatch); }
 
 /* ---- elementwise and attention kernels (single-threaded unless noted: their work is microseconds) --------- */
 static inline float dotf(const float *a, const float *b, int64_t n) {

@@ -141,7 +141,7 @@ class NativeMat:
             raise ValueError(f"matmul outputs {[o.shape for o in outs]} for [{x.m}, {self.n}]")
         outp = np.array([ptr(o) for o in outs], np.int64)
         return bind(f"kvg_matmul_{self.fmt}", ptr(self.rows), self.n, self.k, ptr(x.q), ptr(x.d), ptr(x.s), x.m,
-                    len(outs), ptr(ends), ptr(outp), keep=(self.rows, x, outs, ends, outp))
+                    len(outs), ptr(ends), ptr(outp), self.rows.strides[0], keep=(self.rows, x, outs, ends, outp))
 
     def kernel(self, x: Q8Act, out: np.ndarray):
         return self._bind(x, [out])
