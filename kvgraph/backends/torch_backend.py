@@ -563,8 +563,7 @@ class Program(npb.Program):
 
     def __init__(self, kernels, inputs, outputs, arena_bytes):
         super().__init__(kernels, inputs, outputs, arena_bytes)
-        self.torch_free = all(hasattr(k, "native_call") or getattr(k, "__qualname__", "").startswith("kvg_run")
-                              for k in kernels)
+        self.torch_free = all(native.in_c(k) for k in kernels)
 
     def run(self) -> None:
         if self.torch_free:
@@ -698,7 +697,6 @@ class TorchBackend(PackedWeightsBackend):
             native.set_threads(self.n_threads)        # the same OpenMP runtime as torch's: a no-op there
         # The C attention kernel reads the row-major (flash) V cache: the fast default when it exists.
         self.flash_attn_default = self.native
-        self._fused: dict[tuple[int, ...], tuple[list, Any]] = {}
 
     def describe(self) -> str:
         kernels = native.describe() if self.native else "torch's int4pack / int8 kernels"

@@ -150,6 +150,7 @@ def bind(name: str, *slots: int, keep: tuple = ()) -> Callable[[], None]:
     run.__qualname__ = name
     run.keep = (args, keep)          # the slot array and every buffer it points into live as long as the kernel
     run.native_call = (ctypes.cast(fn, ctypes.c_void_p).value, addr)
+    run.in_c = True
     return run
 
 
@@ -187,7 +188,13 @@ def _run_list(kernels: list) -> Callable[[], None]:
         run_all(addr, n)
     run.__qualname__ = f"kvg_run[{n}]"
     run.keep = (table, kernels)
+    run.in_c = True
     return run
+
+
+def in_c(kernel: Callable[[], None]) -> bool:
+    """Whether a Program kernel is a call into the C kernels (alone or a batch of them)."""
+    return getattr(kernel, "in_c", False)
 
 
 # ---- weight packing (numpy; layouts documented in kernels.c) ---------------------------------------------------
