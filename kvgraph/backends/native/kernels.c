@@ -148,6 +148,18 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The block loops take eight blocks at a time: their eight float16 weight scales convert in one
+ * instruction and multiply the activations' eight scales in one more (sc8). Blocks 2 pp and 2 pp + 1 of
+ * those eight leave madd as 8 + 8 int32 partial sums (i0, i1), which hadd folds into one vector (lanes
+ * 0,1,4,5 the first block; 2,3,6,7 the second), so one convert and one fma, with the two scales permuted
+ * into the same lanes, finish both blocks. */
+static inline __attribute__((always_inline)) __m256 fma_two_blocks(__m256i i0, __m256i i1, __m256 sc8, int pp,
+                                                                   __m256 acc) {
+    const int a = 2 * pp, b = 2 * pp + 1;
+    const __m256i idx = _mm256_setr_epi32(a, a, b, b, a, a, b, b);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(i0, i1)), _mm256_permutevar8x32_ps(sc8, idx), acc);
+}
+
 /* Dot products of RB weight rows with MB activation rows, Q4 (or, H & 2, Q5) weights; H & 1: float16 scales.
  * always_inline so that each (RB, MB, H) instance is unrolled with its accumulators in registers. */
 static inline __m256i high_bits(const uint8_t *row, int64_t k, int64_t g) {
@@ -170,11 +182,7 @@ static inline __attribute__((always_inline)) void q4_tile(
     for (int r = 0; r < RB; r++)
         for (int j = 0; j < MB; j++) acc[r][j] = _mm256_setzero_ps();
     int64_t p = 0;
-    if (HS) {
-        /* Eight groups at a time: their eight float16 scales convert in one instruction and multiply the
-         * activations' eight scales in one more; the two groups of a byte pair leave madd as 8 + 8 int32
-         * partial sums, which hadd folds into one vector (lanes 0,1,4,5 group a; 2,3,6,7 group b), so one
-         * convert and one fma, with the scales permuted into the same lanes, finish both groups. */
+    if (HS) {                            /* eight groups at a time: see fma_two_blocks */
         for (; 2 * p + 8 <= g_n; p += 4) {
             const int64_t g = 2 * p;
             __m256 xd8[4];
@@ -196,8 +204,6 @@ static inline __attribute__((always_inline)) void q4_tile(
                         q0 = _mm256_or_si256(q0, high_bits(row, k, 2 * (p + pp)));
                         q1 = _mm256_or_si256(q1, high_bits(row, k, 2 * (p + pp) + 1));
                     }
-                    const int a = 2 * pp, b = 2 * pp + 1;
-                    const __m256i idx = _mm256_setr_epi32(a, a, b, b, a, a, b, b);
 #pragma GCC unroll 4
                     for (int j = 0; j < MB; j++) {
                         const int8_t *xj = xq + j * k + 64 * (p + pp);
@@ -205,8 +211,7 @@ static inline __attribute__((always_inline)) void q4_tile(
                             _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)xj)), ones);
                         const __m256i i1 = _mm256_madd_epi16(
                             _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(xj + 32))), ones);
-                        acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(i0, i1)),
-                                                    _mm256_permutevar8x32_ps(sc[j], idx), acc[r][j]);
+                        acc[r][j] = fma_two_blocks(i0, i1, sc[j], pp, acc[r][j]);
                     }
                 }
             }
@@ -255,8 +260,8 @@ static inline __attribute__((always_inline)) void q4_tile(
             for (int j = 0; j < MB; j++) {
                 const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + j * k + QK * g));
                 const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(ld_scale(wd, g, HS) * xd[j * g_n + g]),
-                                            acc[r][j]);
+                const __m256 sc = _mm256_set1_ps(ld_scale(wd, g, HS) * xd[j * g_n + g]);
+                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[r][j]);
             }
         }
     }
@@ -287,8 +292,7 @@ static inline __attribute__((always_inline)) void q8_tile(
     for (int r = 0; r < RB; r++)
         for (int j = 0; j < MB; j++) acc[r][j] = _mm256_setzero_ps();
     int64_t g = 0;
-    /* Eight groups at a time, as in q4_tile: scales converted and multiplied eight at once, and the 8 + 8
-     * int32 partial sums of two groups folded by hadd into one convert and one fma. */
+    /* Eight groups at a time: see fma_two_blocks. */
     for (; g + 8 <= g_n; g += 8) {
         __m256 xd8[4];
 #pragma GCC unroll 4
@@ -305,8 +309,6 @@ static inline __attribute__((always_inline)) void q8_tile(
                 const __m256i q0 = _mm256_loadu_si256((const __m256i *)(row + QK * (g + 2 * pp)));
                 const __m256i q1 = _mm256_loadu_si256((const __m256i *)(row + QK * (g + 2 * pp + 1)));
                 const __m256i a0 = _mm256_sign_epi8(q0, q0), a1 = _mm256_sign_epi8(q1, q1);
-                const int ia = 2 * pp, ib = 2 * pp + 1;
-                const __m256i idx = _mm256_setr_epi32(ia, ia, ib, ib, ia, ia, ib, ib);
 #pragma GCC unroll 4
                 for (int j = 0; j < MB; j++) {
                     const int8_t *xj = xq + j * k + QK * (g + 2 * pp);
@@ -315,8 +317,7 @@ static inline __attribute__((always_inline)) void q8_tile(
                     const __m256i i1 = _mm256_madd_epi16(
                         _mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xj + QK)), q1)),
                         ones);
-                    acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(i0, i1)),
-                                                _mm256_permutevar8x32_ps(sc[j], idx), acc[r][j]);
+                    acc[r][j] = fma_two_blocks(i0, i1, sc[j], pp, acc[r][j]);
                 }
             }
         }
