@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import load_reference
 from golden import first_divergence_margins, greedy_trace, long_prompt_perplexity, teacher_forced_agreement
-from tiny_models import TINY_CASES, TinySpec, logits_trace, write_tiny_llama
+from tiny_models import TINY_CASES, TinySpec, assert_tiny_case_matches_numpy, logits_trace, write_tiny_llama
 
 from kvgraph.backends import get_backend, native, torch_available
 from kvgraph.engine.context import Context
@@ -82,12 +82,7 @@ def test_real_model_weights_stay_compact(real):
 @pytest.mark.parametrize("flash", [False, True], ids=["vtrans", "flash"])
 @pytest.mark.parametrize("name", list(TINY_CASES))
 def test_native_backend_tiny_model_logits_match_numpy(tmp_path, name, flash):
-    writer, spec, atol = TINY_CASES[name]
-    path = tmp_path / f"{name}.gguf"
-    writer(path, spec)
-    ref = logits_trace(path, "numpy", flash)
-    got = logits_trace(path, "native", flash)
-    assert np.abs(got - ref).max() <= atol, f"max |diff| {np.abs(got - ref).max()}"
+    assert_tiny_case_matches_numpy(tmp_path, name, "native", flash)
 
 
 @needs_native

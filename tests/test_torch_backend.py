@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tiny_models import TINY_CASES, TinySpec, logits_trace, write_tiny_llama  # noqa: E402
+from tiny_models import TINY_CASES, TinySpec, assert_tiny_case_matches_numpy, logits_trace, write_tiny_llama  # noqa: E402
 
 from kvgraph.backends import get_backend, native  # noqa: E402
 from kvgraph.backends import quant_repack as qr  # noqa: E402
@@ -374,12 +374,7 @@ def test_recurrent_ops_concat_conv_and_scan():
 @pytest.mark.parametrize("flash", [False, True], ids=["vtrans", "flash"])
 @pytest.mark.parametrize("name", list(TINY_CASES))
 def test_tiny_model_logits_match_numpy(tmp_path, name, flash):
-    writer, spec, atol = TINY_CASES[name]
-    path = tmp_path / f"{name}.gguf"
-    writer(path, spec)
-    ref = logits_trace(path, "numpy", flash)
-    got = logits_trace(path, "torch", flash)
-    assert np.abs(got - ref).max() <= atol, f"max |diff| {np.abs(got - ref).max()}"
+    assert_tiny_case_matches_numpy(tmp_path, name, "torch", flash)
 
 
 def test_tiny_model_logits_are_bit_identical_with_the_graph_cache_off(tmp_path):

@@ -267,3 +267,12 @@ TINY_CASES = {
     "gemma3": (write_tiny_gemma3, Gemma3Spec(), 1e-4),
     "hybrid": (write_tiny_hybrid, HybridSpec(), 1e-4),
 }
+
+
+def assert_tiny_case_matches_numpy(tmp_path, name: str, backend: str, flash: bool) -> None:
+    """TINY_CASES[name] run on backend gives numpy's logits within the case's tolerance."""
+    writer, spec, atol = TINY_CASES[name]
+    path = tmp_path / f"{name}.gguf"
+    writer(path, spec)
+    diff = np.abs(logits_trace(path, backend, flash) - logits_trace(path, "numpy", flash)).max()
+    assert diff <= atol, f"max |diff| {diff}"

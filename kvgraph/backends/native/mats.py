@@ -4,7 +4,8 @@
   exactly as gguf.quants computes them).
   Scales are stored as float16 when that is exact (Q4_0 / Q4_1 always; 20 bytes per 32 weights, as in
   the file) and as float32 otherwise (Q4_K's products d * sc; 24 bytes).
-* Q8_0 -> Q8 rows, exact (34 bytes per 32 weights). Every other type (Q5_0, Q6_K, F16, ...) is dequantized
+* Q5_0 / Q5_1 -> Q5 rows, exact: Q4's layout plus a plane of fifth bits (24 bytes per 32 weights).
+* Q8_0 -> Q8 rows, exact (34 bytes per 32 weights). Every other type (Q6_K, Q5_K, F16, ...) is dequantized
   and re-quantized to Q8 per block of 32 (symmetric, as Q8_0 is made): error at most half a step of
   max|w| / 127 per block, as llama.cpp's own Q8_0 files have.
 * Activations are quantized per row and block of 32 to int8 before each matmul (Q8Act), once per source
@@ -46,7 +47,7 @@ def _q8_0_blocks(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class NativeMat:
-    """One weight matrix [N, K] in Q4 or Q8 rows. act_dtype "q8" tells the compiler which staging it needs."""
+    """One weight matrix [N, K] in Q4, Q5 or Q8 rows. act_dtype "q8": its input is staged as a Q8Act."""
 
     act_dtype = "q8"
 
