@@ -11,7 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tiny_models import TINY_CASES, TinySpec, assert_tiny_case_matches_numpy, logits_trace, write_tiny_llama  # noqa: E402
+from tiny_models import (TINY_CASES, TinySpec, assert_tiny_case_matches_numpy, logits_trace,  # noqa: E402
+                         write_tiny_llama)
 
 from kvgraph.backends import get_backend, native  # noqa: E402
 from kvgraph.backends import quant_repack as qr  # noqa: E402
