@@ -39,10 +39,6 @@ class KVCache:
         self.cell_pos = np.full(n_cells, -1, np.int32)
         self.cell_seq = np.full(n_cells, -1, np.int32)
         self.slots = np.zeros(0, np.int32)   # cells reserved for the ubatch being processed
-        # Kept in step with cell_pos so a decode step does no O(n_cells) scan: one past the last used
-        # cell, and the number of used cells (equal when there are no holes: the next cells are free).
-        self._top = 0
-        self._n_used = 0
 
     def k_name(self, il: int) -> str:
         return f"{self.name}.k.{il}"
@@ -56,17 +52,11 @@ class KVCache:
 
     # ---- cell bookkeeping -------------------------------------------------------------------------------
     def n_used(self) -> int:
-        return self._n_used
-
-    def _recount(self) -> None:
-        used = np.flatnonzero(self.cell_pos >= 0)
-        self._n_used = int(used.shape[0])
-        self._top = int(used[-1]) + 1 if used.shape[0] else 0
+        return int(np.count_nonzero(self.cell_pos >= 0))
 
     def clear(self) -> None:
         self.cell_pos.fill(-1)
         self.cell_seq.fill(-1)
-        self._recount()
 
     def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> bool:
         """Forget the cells of `seq` with positions in [p0, p1). Always possible for a KV cache."""
@@ -75,7 +65,6 @@ class KVCache:
             sel &= self.cell_pos < p1
         self.cell_pos[sel] = -1
         self.cell_seq[sel] = -1
-        self._recount()
         return True
 
     def _prune_sliding(self, ub: UBatch) -> None:
@@ -88,24 +77,20 @@ class KVCache:
         """Reserve one free cell per token of the ubatch and record it (lowest free cells first)."""
         if self.sliding_window is not None:
             self._prune_sliding(ub)
-        n = ub.n_tokens
-        if self._n_used == self._top and self._top + n <= self.n_cells:
-            self.slots = np.arange(self._top, self._top + n, dtype=np.int32)    # no holes: the next cells
-        else:
-            free = np.flatnonzero(self.cell_pos < 0)
-            if free.shape[0] < n:
-                raise ContextOverflowError(
-                    f"the context is full: {n} more tokens need cells but only {free.shape[0]} of "
-                    f"{self.n_cells} are free. Use a larger context (-c) or a shorter prompt / fewer tokens.")
-            self.slots = free[:n].astype(np.int32)
+        free = np.flatnonzero(self.cell_pos < 0)
+        if free.shape[0] < ub.n_tokens:
+            raise ContextOverflowError(
+                f"the context is full: {ub.n_tokens} more tokens need cells but only {free.shape[0]} of "
+                f"{self.n_cells} are free. Use a larger context (-c) or a shorter prompt / fewer tokens.")
+        self.slots = free[: ub.n_tokens].astype(np.int32)
         self.cell_pos[self.slots] = ub.pos
         self.cell_seq[self.slots] = ub.seq
-        self._n_used += n
-        self._top = max(self._top, int(self.slots[-1]) + 1)
 
     def window(self) -> int:
         """Cells the graph must see: up to the last used cell, padded to `pad`."""
-        return min(self.n_cells, -(-max(self._top, 1) // self.pad) * self.pad)
+        used = np.flatnonzero(self.cell_pos >= 0)
+        top = int(used[-1]) + 1 if used.shape[0] else 1
+        return min(self.n_cells, -(-top // self.pad) * self.pad)
 
     def fill_mask(self, ub: UBatch, buf: np.ndarray) -> None:
         n_kv = buf.shape[1]
