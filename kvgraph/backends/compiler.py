@@ -20,6 +20,7 @@ from ..graph.ir import VIEW_OPS, Graph, Tensor
 from ..plan.planner import Plan, base_of
 from . import native
 from . import numpy_backend as npb
+from .native import ops as native_ops
 from .native.mats import Q8Act, as_rows
 
 Kernel = Callable[[], None]
@@ -188,7 +189,22 @@ class FusingCompiler:
         return x.array() if hasattr(x, "array") else x
 
     def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
-        return npb._k_set_rows(t, buf, *args)
+        k = native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None
+        return k or npb._k_set_rows(t, buf, *args)
+
+    def c_kernel(self, t: Tensor, out: np.ndarray, srcs: list, attn_max_tokens: int | None = None) -> Kernel | None:
+        """kvgraph's C kernel for node t (the fused norm x weight, the embedding lookup, or an op of
+        native_ops.for_node) when the backend uses them and there is one for its buffers, else None."""
+        if not self.backend.native:
+            return None
+        if t.id in self.fused_norm:
+            r = self.fused_norm[t.id]
+            return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"], out)
+        if t.op == "get_rows" and t.srcs[0].op == "weight":
+            return native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
+        if t.op in native_ops.OPS:
+            return native_ops.for_node(t, out, [self.arr(s) for s in srcs], attn_max_tokens)
+        return None
 
     def emit(self, t: Tensor, step: int) -> None:
         raise NotImplementedError

@@ -20,7 +20,6 @@ from ..plan.planner import Plan
 from . import native
 from . import numpy_backend as npb
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
-from .native import ops as native_ops
 from .native.mats import NativeMat
 from .quant_repack import GROUP, dequant_rows
 from .weights import PackedWeight
@@ -60,9 +59,6 @@ class _Compiler(FusingCompiler):
         super().__init__(backend, graph, plan, weights, states)
         self.rope = npb._RopeTables()
 
-    def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
-        return native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) or super().set_rows_kernel(t, buf, args)
-
     def _input(self, src: Tensor, mat, step: int):
         if mat.act_dtype == "q8":
             return self.q8_input(src, step)
@@ -72,7 +68,10 @@ class _Compiler(FusingCompiler):
     def emit(self, t: Tensor, step: int) -> None:
         out = self.bufs[t.id]
         srcs = [self.bufs[s.id] for s in t.srcs]
-        if t.id in self.groups:
+        k = self.c_kernel(t, out, srcs)
+        if k is not None:
+            self.kernels.append(k)
+        elif t.id in self.groups:
             members = self.groups[t.id]
             mats = [self.weights[m.srcs[1].name].matrix() for m in members]
             fused = self.backend.fused(mats)
@@ -83,30 +82,25 @@ class _Compiler(FusingCompiler):
             mat = srcs[1].matrix()
             self.kernels.append(mat.kernel(self._input(t.srcs[0], mat, step), out.reshape(-1, mat.n)))
         elif t.op == "get_rows" and t.srcs[0].op == "weight":
-            rows = srcs[0].rows()
-            self.kernels.append(native_ops.embedding_rows(rows, srcs[1], out) or rows.kernel(srcs[1], out))
-        elif t.id in self.fused_norm:
-            r = self.fused_norm[t.id]
-            x, w = self.bufs[r.srcs[0].id], srcs[1].dense
-            k = native_ops.rms_norm(x, w, r.p["eps"], out)
-            if k is None:            # numpy's norm is not in-place safe, and out may be x's buffer
-                tmp = np.empty(out.shape, np.float32)
-                norm = npb.KERNELS["rms_norm"](r, tmp, x)
-                k = lambda: (norm(), np.multiply(tmp, w, out=out))  # noqa: E731
-            self.kernels.append(k)
-        else:
+            self.kernels.append(srcs[0].rows().kernel(srcs[1], out))
+        elif t.id in self.fused_norm:      # a layout the C norm does not take: numpy's, into a scratch row
+            r = self.fused_norm[t.id]      # (numpy's norm is not in-place safe, and out may be x's buffer)
+            tmp, w = np.empty(out.shape, np.float32), srcs[1].dense
+            norm = npb.KERNELS["rms_norm"](r, tmp, self.bufs[r.srcs[0].id])
+            self.kernels.append(lambda: (norm(), np.multiply(tmp, w, out=out)))
+        elif t.op == "rope":
             arrays = [self.arr(s) for s in srcs]
-            k = native_ops.for_node(t, out, arrays) if t.op in native_ops.OPS else None
-            if k is None and t.op == "rope":
-                cos, sin, table_kernel = self.rope.get(t, arrays[1])
-                if table_kernel is not None:
-                    self.kernels.append(table_kernel)
-                k = npb._rope_kernel(t, out, arrays[0], cos, sin)
-            self.kernels.append(k or npb.KERNELS[t.op](t, out, *arrays))
+            cos, sin, table_kernel = self.rope.get(t, arrays[1])
+            if table_kernel is not None:
+                self.kernels.append(table_kernel)
+            self.kernels.append(npb._rope_kernel(t, out, arrays[0], cos, sin))
+        else:
+            self.kernels.append(npb.KERNELS[t.op](t, out, *[self.arr(s) for s in srcs]))
 
 
 class NativeBackend(PackedWeightsBackend, npb.NumpyBackend):
     name = "native"
+    native = True                  # the compilers' switch for kvgraph's C kernels (see TorchBackend.native)
     flash_attn_default = True      # the C attention kernel reads the row-major (flash) V cache
 
     def __init__(self, threads: int | None = None):

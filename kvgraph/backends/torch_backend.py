@@ -58,7 +58,6 @@ from ..plan.planner import Plan
 from . import native
 from . import numpy_backend as npb
 from .compiler import FusingCompiler, PackedWeightsBackend
-from .native import ops as native_ops
 from .native.mats import NativeMat
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
 from .weights import PackedWeight
@@ -585,27 +584,20 @@ class _Compiler(FusingCompiler):
         super().__init__(backend, graph, plan, weights, states)
         self.rope, self.masks = _RopeTables(), _Masks()
 
-    def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
-        k = native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None
-        return k or super().set_rows_kernel(t, buf, args)
-
     def _native(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """kvgraph's C kernel for node t when there is one for its op and buffers, else None."""
+        if not self.backend.native:
+            return None
         if t.id in self.fused_norm or t.op in ("rms_norm", "swiglu", "geglu"):
             if self._dst(t, step).dtype != torch.float32:     # writes a bf16 staging buffer: torch's kernel
                 return None
-        if t.id in self.fused_norm:
-            r = self.fused_norm[t.id]
-            return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"], out)
-        if t.op not in native_ops.OPS:
-            return None
-        return native_ops.for_node(t, out, [self.arr(s) for s in srcs], NATIVE_ATTN_MAX_TOKENS)
+        return self.c_kernel(t, out, srcs, NATIVE_ATTN_MAX_TOKENS)
 
     def emit(self, t: Tensor, step: int) -> None:
         bufs, kernels = self.bufs, self.kernels
         out = bufs[t.id]
         srcs = [bufs[s.id] for s in t.srcs]
-        k = self._native(t, step, out, srcs) if self.backend.native else None
+        k = self._native(t, step, out, srcs)
         if k is not None:
             kernels.append(k)
         elif t.id in self.groups:
@@ -615,9 +607,7 @@ class _Compiler(FusingCompiler):
             x = self._staged(t.srcs[0], mat.act_dtype, step)
             kernels.append(mat.kernel(x, out.reshape(-1, mat.n) if mat.act_dtype == "q8" else _t(out).view(-1, mat.n)))
         elif t.op == "get_rows" and t.srcs[0].op == "weight":
-            rows = srcs[0].rows()
-            kernels.append((self.backend.native and native_ops.embedding_rows(rows, srcs[1], out))
-                           or rows.kernel(srcs[1], out))
+            kernels.append(srcs[0].rows().kernel(srcs[1], out))
         elif t.id in self.fused_norm:
             r = self.fused_norm[t.id]
             kernels.append(_rms_norm_mul(self._dst(t, step), bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"]))
