@@ -231,6 +231,12 @@ def _k_ssm_scan(t, out, h0, x, dt, a, b, c):
     return run
 
 
+def rope_inv_freq(p: dict) -> np.ndarray:
+    """A rope node's per-pair frequencies, freq_scale / base^(2i / n_dims), in float32 (every backend's)."""
+    i = np.arange(0, p["n_dims"] // 2, dtype=np.float64)
+    return (p["freq_scale"] / p["base"] ** (i * 2 / p["n_dims"])).astype(np.float32)
+
+
 class _RopeTables:
     """cos/sin tables shared by every rope op with the same positions and frequencies.
 
@@ -247,8 +253,7 @@ class _RopeTables:
             cos, sin, _ = self.tables[key]
             return cos, sin, None
         half = p["n_dims"] // 2
-        inv_freq = (p["freq_scale"] / p["base"] ** (np.arange(0, half, dtype=np.float64) * 2 / p["n_dims"]))
-        inv_freq = inv_freq.astype(np.float32)
+        inv_freq = rope_inv_freq(p)
         theta = np.empty((pos.shape[0], half), np.float32)
         cos = np.empty((pos.shape[0], 1, half), np.float32)
         sin = np.empty((pos.shape[0], 1, half), np.float32)

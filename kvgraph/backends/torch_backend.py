@@ -485,8 +485,7 @@ class _RopeTables:
         if key in self.tables:
             return self.tables[key], None
         half = p["n_dims"] // 2
-        inv_freq = (p["freq_scale"] / p["base"] ** (np.arange(0, half, dtype=np.float64) * 2 / p["n_dims"]))
-        inv_freq = torch.from_numpy(inv_freq.astype(np.float32))
+        inv_freq = torch.from_numpy(npb.rope_inv_freq(p))
         n = pos.shape[0]
         theta = torch.empty((n, 1, half), dtype=torch.float32)
         cos = torch.empty((n, 1, half), dtype=torch.float32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...graph.ir import Tensor
+from ..numpy_backend import rope_inv_freq
 from ..quant_repack import Q8_0Rows
 from . import bind, f64_bits, ptr
 
@@ -21,9 +22,7 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray], attn_max_tokens
     if t.op in ("swiglu", "geglu"):
         return gated(t.op, srcs[0], srcs[1], out)
     if t.op == "rope":
-        p = t.p
-        inv = p["freq_scale"] / p["base"] ** (np.arange(0, p["n_dims"] // 2, dtype=np.float64) * 2 / p["n_dims"])
-        return rope(srcs[0], srcs[1], out, p["n_dims"], inv, p["neox"])
+        return rope(srcs[0], srcs[1], out, t.p["n_dims"], rope_inv_freq(t.p), t.p["neox"])
     if t.op == "flash_attn" and (attn_max_tokens is None or t.shape[0] <= attn_max_tokens):
         return attention(*srcs, t.p["scale"], out)
     if t.op == "add":
