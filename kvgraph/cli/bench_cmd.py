@@ -55,7 +55,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--graph-cache", default="on", help="on, off or on,off (default on)")
     p.add_argument("--flash-attn", "-fa", default="auto",
                    help="on, off, auto or a list such as on,off (default auto: on where the backend has a fused "
-                        "kernel, i.e. torch)")
+                        "kernel, i.e. torch and native)")
     p.add_argument("--parallel", default=None,
                    help="concurrent streams, e.g. 1,2,4,8: measure aggregate decode t/s through continuous "
                         "batching for each -n (replaces the pp/tg tests)")

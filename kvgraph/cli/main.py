@@ -29,7 +29,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: physical cores)")
     g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default="auto",
                    help="fused attention over a row-major V cache (on) or ggml's non-flash path (off); "
-                        "auto (default): on where the backend has a fused kernel (torch), off on numpy")
+                        "auto (default): on where the backend has a fused kernel (torch, native), off on numpy")
     g.add_argument("--no-graph-cache", action="store_true",
                    help="rebuild the graph every step (same results; also KVGRAPH_NO_GRAPH_CACHE=1)")
     g.add_argument("--graph-cache-size", type=int, default=8, help="cached graphs kept (LRU, default 8)")
