@@ -21,6 +21,7 @@ from .engine.context import DEFAULT_N_UBATCH, Context
 from .engine.generate import GenerationResult, Session
 from .engine.loader import LoadedModel, load_model
 from .engine.sampling import GREEDY, SamplingParams
+from .errors import check_token_ids
 from .graph.cache import DEFAULT_CAPACITY
 
 
@@ -46,27 +47,39 @@ class LLM:
         """Graph-cache statistics: hits, misses, rebuild reasons, build/plan/compile/set-inputs/compute time."""
         return self.ctx.stats
 
-    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=special)
+    @property
+    def n_vocab(self) -> int:
+        return self.loaded.config.n_vocab
+
+    def tokenize(self, text: str, add_bos: bool | None = None, special: bool = True,
+                 max_tokens: int | None = None) -> list[int]:
+        """Token ids of text. max_tokens: refuse, before tokenizing, a text that cannot fit that many."""
+        return self.tokenizer.encode(text, add_bos=add_bos, parse_special=special, max_tokens=max_tokens)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(check_token_ids(ids, self.n_vocab))
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        """The chat template rendered (bounded: see TemplateLimits) and tokenized; it must fit the context."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True, max_tokens=self.ctx.n_ctx)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, max_tokens=self.ctx.n_ctx)
+        return check_token_ids(prompt, self.n_vocab)
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, sampling: SamplingParams = GREEDY,
                stop: Sequence[str] = (), ignore_eos: bool = False, result: GenerationResult | None = None,
                ctx_shift: bool = False, n_keep: int = 0) -> Iterator[str]:
         """Text chunks as they are generated. ctx_shift: when the context fills, drop the oldest half of
         the tokens after the first n_keep and go on, instead of requiring prompt + max_tokens to fit."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._prompt_ids(prompt)
         return self.session.generate(ids, max_tokens, sampling, stop, ignore_eos, result, ctx_shift, n_keep)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 128, sampling: SamplingParams = GREEDY,
                  stop: Sequence[str] = (), ignore_eos: bool = False, ctx_shift: bool = False,
                  n_keep: int = 0) -> GenerationResult:
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._prompt_ids(prompt)
         result = GenerationResult(ids)
         for _ in self.stream(ids, max_tokens, sampling, stop, ignore_eos, result, ctx_shift, n_keep):
             pass
@@ -78,7 +91,7 @@ class LLM:
                           stop: str | Sequence[str] | None = None, seed: int | None = None, stream: bool = False,
                           ignore_eos: bool = False):
         """A `text_completion` dict, or with stream=True an iterator of completion chunks."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self._prompt_ids(prompt)
         return self._openai(ids, False, max_tokens, SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
                                                                    seed=seed), stop, stream, ignore_eos)
 

@@ -2,6 +2,9 @@
 
 The CLI catches `KvgraphError` and prints its message (no traceback); anything else is a bug.
 """
+import reprlib
+
+import numpy as np
 
 
 class KvgraphError(Exception):
@@ -36,5 +39,38 @@ class InvalidArgumentError(KvgraphError):
     """A parameter value a user passed is out of range or malformed."""
 
 
+class IndexOutOfRangeError(InvalidArgumentError):
+    """A token id or a row index outside its table reached the engine (refused before any kernel reads it)."""
+
+
 class GraphCacheVerifyError(KvgraphError):
     """Verify mode found that a rebuilt graph differs from the cached one (a kvgraph bug)."""
+
+
+def short_repr(value) -> str:
+    """A bounded repr for error messages about values a user sent (a 1 MB string, a 5000-digit int)."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:   # int too large to convert to a string
+        return "an integer of thousands of digits"
+
+
+def check_token_ids(ids, n_vocab: int, what: str = "token id") -> list[int]:
+    """ids as a list of ints, or IndexOutOfRangeError naming the first one that is not an integer in
+    [0, n_vocab). Every token id that enters the engine from outside (prompts as ids, logit_bias keys,
+    /detokenize, the Python API) passes here or through Context.decode's check, so no kernel ever reads an
+    unchecked index."""
+    if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_vocab):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise IndexOutOfRangeError(f"{what} {bad} is outside the vocabulary (valid ids: 0..{n_vocab - 1}).")
+        return ids.tolist()
+    out = []
+    for i in ids:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise IndexOutOfRangeError(f"{what}s must be integers, got {short_repr(i)}.")
+        if not 0 <= i < n_vocab:
+            raise IndexOutOfRangeError(f"{what} {short_repr(i)} is outside the vocabulary (valid ids: "
+                                       f"0..{n_vocab - 1}).")
+        out.append(int(i))
+    return out

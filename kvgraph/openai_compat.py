@@ -9,10 +9,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .engine.sampling import SamplingParams
-from .errors import InvalidArgumentError
+from .engine.sampling import REPEAT_PENALTY_RANGE, SamplingParams
+from .errors import InvalidArgumentError, short_repr
 
 MAX_STOP = 4
+DEFAULT_MAX_BODY = 8 << 20   # bytes: the server's default request body limit (--max-body)
 
 
 @dataclass
@@ -28,15 +29,43 @@ def _num(body: Mapping[str, Any], key: str, default, kind=float, lo=None, hi=Non
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise InvalidArgumentError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}.")
-    value = kind(value)
-    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise InvalidArgumentError(f"'{key}' must be between {lo} and {hi}, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            kind is int and isinstance(value, float) and not value.is_integer()):
+        raise InvalidArgumentError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, "
+                                   f"got {short_repr(value)}.")
+    # Compare before converting: int(1e300) and float(10**400) are fine, the conversion of the other way is not.
+    if (isinstance(value, float) and not math.isfinite(value)) or (lo is not None and value < lo) or (
+            hi is not None and value > hi):
+        raise InvalidArgumentError(f"'{key}' must be between {lo} and {hi}, got {short_repr(value)}.")
+    return kind(value)
+
+
+def flag(body: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"'{key}' must be true or false, got {short_repr(value)}.")
     return value
 
 
-def parse_params(body: Mapping[str, Any], chat: bool) -> GenParams:
+def parse_logit_bias(value: Any) -> dict[int, float] | None:
+    """OpenAI's logit_bias, {"token id as a string": bias}, as {id: bias}; the ids are checked against the
+    vocabulary with the other sampling parameters (SamplingParams.validate)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentError("'logit_bias' must be an object mapping token ids to numbers.")
+    out = {}
+    for key, bias in value.items():
+        key_s = str(key)
+        if not (key_s.isascii() and key_s.isdigit() and len(key_s) <= 12):
+            raise InvalidArgumentError(f"'logit_bias' keys must be token ids, got {short_repr(key)}.")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise InvalidArgumentError(f"'logit_bias' values must be numbers in [-100, 100], got {short_repr(bias)}.")
+        out[int(key_s)] = float(bias)
+    return out
+
+
+def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None) -> GenParams:
     if not isinstance(body, Mapping):
         raise InvalidArgumentError("the request body must be a JSON object.")
     n = _num(body, "n", 1, int, 1, 1)
@@ -59,18 +88,16 @@ def parse_params(body: Mapping[str, Any], chat: bool) -> GenParams:
         raise InvalidArgumentError(f"'stop' takes at most {MAX_STOP} strings.")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise InvalidArgumentError(f"'seed' must be an integer, got {seed!r}.")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidArgumentError("'stream' must be true or false.")
+        raise InvalidArgumentError(f"'seed' must be an integer, got {short_repr(seed)}.")
+    stream = flag(body, "stream", False)
     sampling = SamplingParams(
         temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=_num(body, "top_p", 1.0, float, 0.0, 1.0) or 1.0,
         top_k=_num(body, "top_k", 0, int, 0, 1 << 30),
         min_p=_num(body, "min_p", 0.0, float, 0.0, 1.0),
-        repeat_penalty=_num(body, "repeat_penalty", 1.0, float, 0.0, 10.0),
-        seed=seed).validate()
-    return GenParams(max_tokens, sampling, stop, stream, bool(body.get("ignore_eos", False)))
+        repeat_penalty=_num(body, "repeat_penalty", 1.0, float, *REPEAT_PENALTY_RANGE),
+        seed=seed, logit_bias=parse_logit_bias(body.get("logit_bias"))).validate(n_vocab)
+    return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False))
 
 
 def parse_prompt(body: Mapping[str, Any]) -> str | list[int]:

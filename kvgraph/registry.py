@@ -93,23 +93,28 @@ def _sidecar(path: Path) -> Path:
 
 
 def _is_verified(path: Path, sha256: str) -> bool:
-    """Cheap check: the sidecar says this exact file (same size and mtime) hashed to `sha256`."""
+    """Cheap check: the sidecar says this exact file hashed to `sha256`: same size, mtime and ctime as
+    when it was hashed. mtime alone can be put back after the bytes changed (touch -d, os.utime); ctime
+    cannot be set by a user and moves on any write or metadata change, so a file touched since its check
+    is hashed again (a copy or chmod costs one re-hash, a tampered file is caught)."""
     try:
         st = path.stat()
         meta = json.loads(_sidecar(path).read_text())
     except (OSError, ValueError):
         return False
     return (
-        meta.get("sha256") == sha256
+        isinstance(meta, dict)
+        and meta.get("sha256") == sha256
         and meta.get("size") == st.st_size
         and meta.get("mtime_ns") == st.st_mtime_ns
+        and meta.get("ctime_ns") == st.st_ctime_ns
     )
 
 
 def _write_sidecar(path: Path, spec: ModelSpec) -> None:
     st = path.stat()
-    meta = {"name": spec.name, "sha256": spec.sha256, "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "packages": spec.packages, "verified_at": time.time()}
+    meta = {"name": spec.name, "sha256": spec.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns, "packages": spec.packages, "verified_at": time.time()}
     tmp = _sidecar(path).with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, _sidecar(path))
@@ -292,12 +297,12 @@ def cached_path(name: str | ModelSpec) -> Path:
     return models_dir() / _spec(name).filename
 
 
-def _check_cached(spec: ModelSpec, rep: _Reporter) -> bool:
-    """Is a good copy of `spec` in the cache? Cheap (sidecar) when possible, else hash once."""
+def _check_cached(spec: ModelSpec, rep: _Reporter, rehash: bool = False) -> bool:
+    """Is a good copy of `spec` in the cache? Cheap (sidecar) when possible, else (or with rehash) hash it."""
     path = cached_path(spec)
     if not path.is_file():
         return False
-    if _is_verified(path, spec.sha256):
+    if not rehash and _is_verified(path, spec.sha256):
         return True
     # No or stale sidecar (killed right after the rename, or the user copied the file in):
     # hash it once rather than re-downloading - but a wrong size isn't worth hashing.
@@ -339,16 +344,17 @@ def _download(spec: ModelSpec, final: Path, rep: _Reporter) -> None:
             raise
 
 
-def pull(name: str | ModelSpec, *, progress: bool = True, force: bool = False) -> Path:
+def pull(name: str | ModelSpec, *, progress: bool = True, force: bool = False, verify: bool = False) -> Path:
     """Make sure the known model `name` is in the cache, verified; return its path.
 
-    Idempotent: a file already verified (sidecar) is returned without touching the network.
+    Idempotent: a file already verified (sidecar) is returned without touching the network. verify: hash
+    the cached file again whatever its sidecar says (a bad copy is then downloaded again).
     """
     spec = _spec(name)
     final = cached_path(spec)
     with _Reporter(progress) as rep:
         try:
-            if not force and _check_cached(spec, rep):
+            if not force and _check_cached(spec, rep, rehash=verify):
                 return final
             _download(spec, final, rep)
             _write_sidecar(final, spec)
@@ -379,6 +385,8 @@ def resolve_model(name_or_path: str | os.PathLike | None, *, auto_pull: bool = T
         raise ModelNotFoundError(f"model {spec.name!r} is not downloaded yet; run `kvgraph pull {spec.name}`")
     if path.is_dir():
         raise ModelNotFoundError(f"{path} is a directory; pass the path of a .gguf file")
+    if path.exists():   # a device, FIFO or socket: never opened (reading /dev/zero or a FIFO would not end)
+        raise ModelNotFoundError(f"{path} is not a regular file; pass the path of a .gguf file")
     if str(name_or_path).lower().endswith(".gguf") or os.sep in str(name_or_path):
         raise ModelNotFoundError(f"model file not found: {path}")
     raise ModelNotFoundError(f"unknown model {str(name_or_path)!r}; known models: "

@@ -45,11 +45,11 @@ def test_generate_with_messages_file(tiny_llama, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["x", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["x", "--top-p", "2"], "top_p must be a number in (0.0, 1.0]"),
+    (["x", "--repeat-penalty", "5e-324"], "repeat_penalty must be a number in [0.01, 100.0]"),
     (["x", "-c", "4", "-n", "10"], "context size is 4"),
     (["-f", "/nonexistent/prompt.txt"], "cannot read"),
     (["--messages", "/nonexistent.json"], "cannot read"),
-    (["x", "--ubatch", "0"], "--ubatch must be >= 1"),
     ([], "give a prompt"),
 ])
 def test_user_errors_are_one_clear_line(tiny_llama, capsys, args, needle):
@@ -108,7 +108,56 @@ def test_bad_flag_value_is_one_line_with_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "x", "-n", "abc"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and err.count("\n") == 1 and "invalid int value: 'abc'" in err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "expected an integer, got 'abc'" in err
+
+
+def run_cli(*args, timeout=120, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kvgraph.cli.main", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+@pytest.mark.parametrize("args,rc,needle", [
+    (["generate", "hi", "--seed", "-5"], 2, "argument --seed: must be between -1 and"),
+    (["generate", "hi", "-t", "-3"], 2, "argument -t/--threads: must be >= 1, got -3"),
+    (["generate", "hi", "--ubatch", "0"], 2, "argument --ubatch: must be >= 1, got 0"),
+    (["serve", "--port", "99999"], 2, "argument --port: must be between 0 and 65535"),
+    (["generate", "hi", "-m", "/dev/null"], 1, "/dev/null is not a regular file"),
+    (["generate", "hi", "-m", "fifo"], 1, "fifo is not a regular file"),
+])
+def test_bad_values_are_one_line_in_a_fresh_process(args, rc, needle, tmp_path):
+    import os
+    os.mkfifo(tmp_path / "fifo")     # an existing relative path that is not a file (never opened)
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == rc and needle in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_a_prompt_longer_than_the_context_with_ctx_shift_gets_the_right_advice(tiny_llama, tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("the cat sat on the mat " * 12)   # over 32 tokens, under 32 x the longest token
+    proc = run_cli("generate", "-m", str(tiny_llama[0]), "-f", str(prompt), "-c", "32", "--ctx-shift", "-n", "4")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "the prompt itself must fit" in proc.stderr and "pass --ctx-shift" not in proc.stderr
+
+
+def test_a_huge_prompt_is_refused_before_tokenizing(tiny_llama, tmp_path):
+    prompt = tmp_path / "huge.txt"
+    prompt.write_text("x" * (64 << 20))          # 64 MB: the tokenizer would need gigabytes for it
+    proc = run_cli("generate", "-m", str(tiny_llama[0]), "-f", str(prompt), "-n", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot fit the" in proc.stderr and "tokens of context" in proc.stderr
+
+
+def test_a_hostile_chat_template_ends_with_a_clear_error(tmp_path):
+    from tiny_models import TinySpec, write_tiny_llama
+    path = tmp_path / "hostile.gguf"
+    write_tiny_llama(path, TinySpec(chat_template="{% for i in range(100000) %}{% for j in range(100000) %}"
+                                                  "{% endfor %}{% endfor %}"))
+    msgs = tmp_path / "m.json"
+    msgs.write_text(json.dumps([{"role": "user", "content": "hi"}]))
+    proc = run_cli("generate", "-m", str(path), "--messages", str(msgs), "-n", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "chat template" in proc.stderr and "steps" in proc.stderr
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_generated(tiny_llama):

@@ -189,6 +189,29 @@ def test_corrupted_cache_file_is_redownloaded(single, fast_pip):
     assert path.read_bytes() == PAYLOAD and len(fast_pip) == 2
 
 
+def test_tampered_file_with_its_mtime_put_back_is_hashed_again(single, fast_pip):
+    import os
+    path = registry.pull("fake-single", progress=False)
+    st = path.stat()
+    with open(path, "r+b") as f:      # same size, other bytes, then the old mtime restored
+        f.write(b"X" * 64)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns and path.stat().st_size == st.st_size
+    assert [e["sha256_verified"] for e in registry.list_cached()] == [False]   # the ctime moved
+    registry.pull("fake-single", progress=False)
+    assert path.read_bytes() == PAYLOAD and len(fast_pip) == 2
+
+
+def test_pull_verify_hashes_even_a_vouched_file(single, fast_pip, monkeypatch):
+    path = registry.pull("fake-single", progress=False)
+    hashed = []
+    real = registry._sha256_file
+    monkeypatch.setattr(registry, "_sha256_file", lambda p, adv: hashed.append(p) or real(p, adv))
+    assert registry.pull("fake-single", progress=False) == path and hashed == []          # the sidecar vouches
+    assert registry.pull("fake-single", progress=False, verify=True) == path and hashed == [path]
+    assert len(fast_pip) == 1                                                             # still good: no download
+
+
 def test_progress_goes_to_stderr_only_when_asked(fast_pip, single, capsys):
     registry.pull("fake-single", progress=False)
     assert capsys.readouterr() == ("", "")

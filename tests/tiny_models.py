@@ -51,7 +51,7 @@ class TinySpec:
     drop_tensors: tuple[str, ...] = ()
     override_shapes: dict = field(default_factory=dict)
     extra_kv: dict = field(default_factory=dict)
-
+    chat_template: str = CHATML
 
 def _start(path, arch: str, name: str, n_layer: int, n_ctx: int, n_embd: int, n_ff: int, n_head: int,
            n_head_kv: int, rope_base: float, rms_eps: float) -> tuple[gguf.GGUFWriter, int]:
@@ -121,7 +121,7 @@ def write_tiny_llama(path: str | Path, spec: TinySpec | None = None) -> dict[str
     w.add_rope_dimension_count(hd)
     w.add_vocab_size(n_vocab)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    w.add_chat_template(spec.chat_template)
     for key, value in spec.extra_kv.items():
         if isinstance(value, str):
             w.add_string(key, value)

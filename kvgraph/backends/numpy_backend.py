@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ..errors import IndexOutOfRangeError
 from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 
@@ -40,8 +41,20 @@ def _k_matmul(t: Tensor, out, a, b):
     return lambda: np.matmul(a, bt, out=out)
 
 
+def check_indices(idx: np.ndarray, n: int, where: str) -> None:
+    """Refuse indices outside [0, n): numpy would wrap a negative one to another row (and a torch or C
+    kernel would read past the table), so every indexing kernel checks before it reads or writes."""
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        raise IndexOutOfRangeError(f"index {bad} outside a table of {n} rows reached {where}; the step was "
+                                   "refused (an out-of-range token id or cache slot).")
+
+
 def _k_get_rows(t, out, table, ids):
-    return lambda: np.take(table, ids, axis=0, out=out)
+    def run():
+        check_indices(ids, table.shape[0], "get_rows")
+        np.take(table, ids, axis=0, out=out)
+    return run
 
 
 def _k_add(t, out, a, b):
@@ -171,16 +184,19 @@ def _k_set_rows(t, out, dst, src, idx):
         part = dst[:, col: col + src.shape[-1]]   # the whole row unless a partial write
 
         def run():
+            check_indices(idx, part.shape[0], "set_rows")
             part[idx] = src
         return run
     if t.p["transposed"]:
         src_t = src.T
 
         def run():
+            check_indices(idx, dst.shape[1], "set_rows")
             dst[:, idx] = src_t
         return run
 
     def run():
+        check_indices(idx, dst.shape[0], "set_rows")
         dst[idx] = src
     return run
 

@@ -30,6 +30,8 @@ from typing import Iterator
 import gguf
 import numpy as np
 
+from .numpy_backend import check_indices
+
 GROUP = 32                  # int4pack group size: Q4_0 / Q4_1 blocks, Q4_K sub-blocks
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 CHUNK_ROWS = 4096           # rows dequantized at a time (a multiple of torch's 64-row packing blocks)
@@ -195,6 +197,7 @@ class Q8_0Rows:
         data = self.data
 
         def run():
+            check_indices(ids, data.shape[0], "the embedding lookup")
             np.take(data, ids, axis=0, out=raw)
             np.multiply(q, d, out=out_b, dtype=np.float32)
         return run
@@ -209,18 +212,19 @@ class AnyRows:
     def kernel(self, ids: np.ndarray, out: np.ndarray):
         data = self.data
         if self.type_name in ("F32", "F16"):
-            if data.dtype == np.float32:
-                return lambda: np.take(data, ids, axis=0, out=out)
-            tmp = np.empty(out.shape, data.dtype)
+            tmp = out if data.dtype == np.float32 else np.empty(out.shape, data.dtype)
 
             def run_typed():
+                check_indices(ids, data.shape[0], "the embedding lookup")
                 np.take(data, ids, axis=0, out=tmp)
-                np.copyto(out, tmp)
+                if tmp is not out:
+                    np.copyto(out, tmp)
             return run_typed
         raw = np.empty((out.shape[0], data.shape[1]), data.dtype)
         qtype = gguf.GGMLQuantizationType[self.type_name]
 
         def run():
+            check_indices(ids, data.shape[0], "the embedding lookup")
             np.take(data, ids, axis=0, out=raw)
             np.copyto(out, gguf.quants.dequantize(raw, qtype).reshape(out.shape))
         return run

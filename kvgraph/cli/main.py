@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, KvgraphError
+from .args import NON_NEGATIVE, POSITIVE, seed_arg
 
 
 # ---- shared option groups -------------------------------------------------------------------------------
@@ -20,38 +21,38 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("-m", "--model", default=None,
                    help="GGUF path or known model name (default: smollm2-135m, pulled on first use)")
-    g.add_argument("-c", "--ctx-size", type=int, default=None,
+    g.add_argument("-c", "--ctx-size", type=POSITIVE, default=None,
                    help="context size in tokens (default: the model's, at most 4096)")
-    g.add_argument("--ubatch", type=int, default=512, help="prompt tokens per graph run (default 512)")
+    g.add_argument("--ubatch", type=POSITIVE, default=512, help="prompt tokens per graph run (default 512)")
     g.add_argument("--backend", default=None,
                    help="executor: torch (default when installed), native (kvgraph's C kernels, no torch; the "
                         "default without torch) or numpy (the f32 reference)")
-    g.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    g.add_argument("-t", "--threads", type=POSITIVE, default=None, help="compute threads (default: physical cores)")
     g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default="auto",
                    help="fused attention over a row-major V cache (on) or ggml's non-flash path (off); "
                         "auto (default): on where the backend has a fused kernel (torch, native), off on numpy")
     g.add_argument("--no-graph-cache", action="store_true",
                    help="rebuild the graph every step (same results; also KVGRAPH_NO_GRAPH_CACHE=1)")
-    g.add_argument("--graph-cache-size", type=int, default=8, help="cached graphs kept (LRU, default 8)")
+    g.add_argument("--graph-cache-size", type=POSITIVE, default=8, help="cached graphs kept (LRU, default 8)")
     g.add_argument("--verify-graph-cache", action="store_true",
                    help="rebuild on every hit and check it equals the cached graph (KVGRAPH_GRAPH_CACHE_VERIFY=1)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--n-predict", type=int, default=n_default, help=f"tokens to generate (default {n_default})")
+    g.add_argument("-n", "--n-predict", type=NON_NEGATIVE, default=n_default, help=f"tokens to generate (default {n_default})")
     g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=40, help="0 disables (default 40)")
+    g.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 disables (default 40)")
     g.add_argument("--top-p", type=float, default=0.95, help="1.0 disables (default 0.95)")
     g.add_argument("--min-p", type=float, default=0.05, help="0 disables (default 0.05)")
     g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 disables (default 1.0)")
-    g.add_argument("--repeat-last-n", type=int, default=64, help="tokens the penalty looks back (default 64)")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    g.add_argument("--repeat-last-n", type=NON_NEGATIVE, default=64, help="tokens the penalty looks back (default 64)")
+    g.add_argument("--seed", type=seed_arg, default=None, help="random seed (default or -1: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-generation tokens")
     g.add_argument("--ctx-shift", action="store_true",
                    help="when the context fills, drop the oldest half of the tokens (after --keep) and go on")
-    g.add_argument("--keep", type=int, default=0, help="tokens at the start never dropped by --ctx-shift")
+    g.add_argument("--keep", type=NON_NEGATIVE, default=0, help="tokens at the start never dropped by --ctx-shift")
     g.add_argument("--stats", action="store_true", help="print speed and graph-cache statistics to stderr")
 
 
@@ -135,7 +136,7 @@ def cmd_generate(args) -> int:
         text = _read_text_file(args.file, "-f") if args.file else args.prompt
         if text == "-":
             text = sys.stdin.read()
-        prompt_ids = llm.tokenize(text)
+        prompt_ids = llm.tokenize(text, max_tokens=llm.ctx.n_ctx)
     result = GenerationResult(prompt_ids)
     stream = llm.stream(prompt_ids, args.n_predict, sampling, args.stop, args.ignore_eos, result,
                         args.ctx_shift, args.keep)
@@ -231,7 +232,7 @@ def cmd_pull(args) -> int:
     if not names:
         raise InvalidArgumentError(f"name a model to pull; known: {', '.join(KNOWN_MODELS)} (or --all).")
     for name in names:
-        path = pull(name, progress=True, force=args.force)
+        path = pull(name, progress=True, force=args.force, verify=args.verify)
         print(path)
     return 0
 
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help="model names (see `kvgraph models`)")
     p.add_argument("--all", action="store_true", help="pull every known model")
     p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.add_argument("--verify", action="store_true",
+                   help="hash the cached file again (sha256) even if its check is recorded; re-download if bad")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("models", help="list known and cached models")

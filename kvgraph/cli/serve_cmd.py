@@ -4,15 +4,19 @@ from __future__ import annotations
 import sys
 
 from ..errors import InvalidArgumentError, KvgraphError
+from ..openai_compat import DEFAULT_MAX_BODY
+from .args import NON_NEGATIVE, POSITIVE, port_arg
 
 
 def add_serve_parser(sub, add_model_args) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--parallel", "-np", type=int, default=4, help="sequences decoded together (default 4)")
-    p.add_argument("--queue", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    p.add_argument("--port", type=port_arg, default=8080, help="port (default 8080)")
+    p.add_argument("--parallel", "-np", type=POSITIVE, default=4, help="sequences decoded together (default 4)")
+    p.add_argument("--queue", type=NON_NEGATIVE, default=64, help="requests that may wait for a slot (default 64)")
     p.add_argument("--model-id", default=None, help="name clients use in 'model' (default: the file name)")
+    p.add_argument("--max-body", type=POSITIVE, default=DEFAULT_MAX_BODY, metavar="BYTES",
+                   help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY >> 20} MiB)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -35,7 +39,7 @@ def build_server(args):
                   verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn)
     llm.ctx = ctx  # the single-stream context is not used by the server; free its KV cache
     sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue)
-    state = ServerState(sched, llm.tokenizer, args.model_id or llm.model_name)
+    state = ServerState(sched, llm.tokenizer, args.model_id or llm.model_name, args.max_body)
     return create_app(state), sched
 
 

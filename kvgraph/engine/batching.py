@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError
+from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids
 from ..graph.inputs import UBatch
 from .context import Context
 from .generate import GenerationResult, OutputTracker, check_max_tokens
@@ -34,6 +34,10 @@ class QueueFullError(KvgraphError):
 
 class ShuttingDownError(KvgraphError):
     """The server is draining and takes no new requests."""
+
+
+def _user_facing(exc: BaseException) -> KvgraphError:
+    return exc if isinstance(exc, KvgraphError) else KvgraphError(f"internal error during a batch step: {exc!r}")
 
 
 def bucket_sizes(parallel: int) -> tuple[int, ...]:
@@ -88,10 +92,10 @@ class Request:
 class _Slot:
     """A request bound to a sequence id while it is prefilled and decoded."""
 
-    def __init__(self, seq: int, req: Request, tokenizer):
+    def __init__(self, seq: int, req: Request, tokenizer, n_vocab: int):
         self.seq, self.req = seq, req
         self.req.result.prompt_ids = list(req.prompt_ids)
-        self.sampler = Sampler(req.sampling)
+        self.sampler = Sampler(req.sampling, n_vocab)
         self.out = OutputTracker(tokenizer, req.result, req.max_tokens, req.stop, req.ignore_eos)
         self.prefilled = 0          # prompt tokens already in the cache
         self.last_token: int | None = None
@@ -136,6 +140,7 @@ class BatchScheduler:
     # ---- client side --------------------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
         check_max_tokens(req.max_tokens)
+        req.prompt_ids = check_token_ids(req.prompt_ids, self.ctx.n_vocab)
         if not req.prompt_ids:
             raise InvalidArgumentError("the prompt is empty (no tokens).")
         need = len(req.prompt_ids) + req.max_tokens
@@ -143,7 +148,7 @@ class BatchScheduler:
             raise ContextOverflowError(
                 f"prompt of {len(req.prompt_ids)} tokens plus max_tokens {req.max_tokens} needs {need} tokens of "
                 f"context, but each sequence has {self.n_ctx_per_seq}; shorten the prompt or lower max_tokens.")
-        Sampler(req.sampling)   # validates the parameters now, not in the engine thread
+        req.sampling.validate(self.ctx.n_vocab)   # now, in the caller's thread, not in the engine thread
         with self._lock:
             if self._stopping:
                 self.stats.requests_rejected += 1
@@ -191,10 +196,19 @@ class BatchScheduler:
                 self._drop_cancelled()
                 self._prefill_one()
                 self._decode_step()
-            except Exception as exc:  # never let one bad step kill the server: fail the running requests
+            except Exception as exc:  # a failure outside any one sequence's work: the running requests end
                 for seq in list(self._slots):
-                    self._fail(seq, exc if isinstance(exc, KvgraphError) else
-                               KvgraphError(f"internal error during a batch step: {exc!r}"))
+                    self._fail(seq, exc)
+
+    def _guarded(self, seq: int, work, *args):
+        """work(*args) for one sequence; an error in it ends that request only (a bad sampling value or a
+        broken constraint in one request must not fail the others in the batch)."""
+        try:
+            return work(*args)
+        except Exception as exc:
+            if seq in self._slots:
+                self._fail(seq, exc)
+            return None
 
     def _admit(self) -> None:
         free = [s for s in range(self.parallel) if s not in self._slots]
@@ -202,7 +216,12 @@ class BatchScheduler:
             req = self._queue.popleft()
             seq = free.pop(0)
             self.ctx.seq_rm(seq)
-            self._slots[seq] = _Slot(seq, req, self.tokenizer)
+            try:
+                self._slots[seq] = _Slot(seq, req, self.tokenizer, self.ctx.n_vocab)
+            except Exception as exc:
+                self.stats.requests_failed += 1
+                req.events.put(Event("error", error=_user_facing(exc)))
+                free.insert(0, seq)
 
     def _drop_cancelled(self) -> None:
         for seq, slot in list(self._slots.items()):
@@ -218,7 +237,7 @@ class BatchScheduler:
 
     def _fail(self, seq: int, exc: BaseException) -> None:
         self.stats.requests_failed += 1
-        self._release(seq, Event("error", error=exc))
+        self._release(seq, Event("error", error=_user_facing(exc)))
 
     def _finish(self, seq: int) -> None:
         self.stats.requests_finished += 1
@@ -243,7 +262,9 @@ class BatchScheduler:
         ids = slot.req.prompt_ids
         start = slot.prefilled
         chunk = ids[start:start + self.ctx.n_ubatch]
-        logits = self.ctx.decode(UBatch.single(chunk, start, slot.seq))
+        logits = self._guarded(slot.seq, self.ctx.decode, UBatch.single(chunk, start, slot.seq))
+        if logits is None:
+            return
         slot.prefilled += len(chunk)
         slot.req.result.timings.n_prompt += len(chunk)
         self.stats.prompt_tokens_total += len(chunk)
@@ -252,7 +273,7 @@ class BatchScheduler:
             if slot.out.done:          # max_tokens == 0
                 self._finish(slot.seq)
             else:
-                self._emit(slot.seq, slot.sampler.sample(logits[-1], slot.out.history))
+                self._guarded(slot.seq, self._sample_and_emit, slot, logits[-1])
 
     def _decode_step(self) -> None:
         rows = [s for s in self._slots.values() if s.last_token is not None]
@@ -285,4 +306,7 @@ class BatchScheduler:
         for i, slot in enumerate(rows):
             slot.n_past += 1
             slot.req.result.timings.n_decode += 1
-            self._emit(slot.seq, slot.sampler.sample(logits[i], slot.out.history))
+            self._guarded(slot.seq, self._sample_and_emit, slot, logits[i])
+
+    def _sample_and_emit(self, slot: _Slot, logits: np.ndarray) -> None:
+        self._emit(slot.seq, slot.sampler.sample(logits, slot.out.history))

@@ -38,6 +38,7 @@ class Context:
         self.backend = loaded.backend
         self.n_ctx = n_ctx
         self.n_ubatch = n_ubatch
+        self.n_vocab = cfg.n_vocab
         # None: the backend's choice (the fused kernel where it has one, as llama.cpp's -fa auto does).
         self.flash_attn = loaded.backend.flash_attn_default if flash_attn is None else bool(flash_attn)
         enabled = graph_cache and not env_flag("KVGRAPH_NO_GRAPH_CACHE")
@@ -122,6 +123,7 @@ class Context:
             raise InvalidArgumentError(f"ubatch of {ub.n_tokens} tokens exceeds n_ubatch={self.n_ubatch}.")
         if ub.n_tokens == 0:
             raise InvalidArgumentError("cannot decode an empty batch.")
+        ub.check(self.n_vocab)
         for mem in self.memories.values():
             mem.prepare(ub)
         entry = self._entry_for(ub)
@@ -137,10 +139,18 @@ class Context:
         st.set_inputs_s += t1 - t0
         return logits
 
-    def check_fits(self, n_prompt: int, n_predict: int = 0) -> None:
-        if n_prompt + n_predict > self.n_ctx:
+    def check_fits(self, n_prompt: int, n_predict: int = 0, ctx_shift: bool = False) -> None:
+        """Refuse a prompt (plus tokens to generate) that cannot fit; with ctx_shift only the prompt (and one
+        token) must fit, since generation shifts the context as it fills."""
+        need = n_prompt + (1 if ctx_shift else n_predict)
+        if need <= self.n_ctx:
+            return
+        trained = f"(the model was trained with {self.loaded.config.n_ctx_train})"
+        if ctx_shift:
             raise ContextOverflowError(
-                f"prompt of {n_prompt} tokens plus {n_predict} tokens to generate needs a context of "
-                f"{n_prompt + n_predict}, but the context size is {self.n_ctx}. Use -c {n_prompt + n_predict} "
-                f"(the model was trained with {self.loaded.config.n_ctx_train}), shorten the prompt / -n, or pass "
-                "--ctx-shift to drop old tokens as the context fills.")
+                f"the prompt has {n_prompt} tokens but the context size is {self.n_ctx}; --ctx-shift only drops "
+                f"generated history, the prompt itself must fit. Use -c {need} {trained} or a shorter prompt.")
+        raise ContextOverflowError(
+            f"prompt of {n_prompt} tokens plus {n_predict} tokens to generate needs a context of {need}, but "
+            f"the context size is {self.n_ctx}. Use -c {need} {trained}, shorten the prompt or -n, or pass "
+            "--ctx-shift to drop old tokens as the context fills.")

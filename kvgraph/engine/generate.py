@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, check_token_ids
 from ..graph.inputs import UBatch
 from .context import Context
 from .sampling import GREEDY, Sampler, SamplingParams
@@ -76,7 +76,7 @@ class Session:
     def eval_prompt(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Bring the cache to exactly `ids`, reusing the longest cached prefix; returns the last token's
         logits ([1, n_vocab]) or, with all_logits, the logits of every processed token."""
-        ids = list(ids)
+        ids = check_token_ids(ids, self.ctx.n_vocab)
         if not ids:
             raise InvalidArgumentError("the prompt is empty (no tokens); give some text.")
         common = 0
@@ -123,10 +123,10 @@ class Session:
         Stops at an end-of-generation token (unless ignore_eos), a stop string, or max_tokens. Without
         ctx_shift, prompt + max_tokens must fit the context; with it, only the prompt must, and a full
         context is shifted (see shift_context) instead."""
-        res = result if result is not None else GenerationResult(list(prompt_ids))
-        res.prompt_ids = list(prompt_ids)
-        self.ctx.check_fits(len(res.prompt_ids), 1 if ctx_shift else check_max_tokens(max_tokens))
-        sampler = Sampler(sampling)
+        res = result if result is not None else GenerationResult([])
+        res.prompt_ids = check_token_ids(prompt_ids, self.ctx.n_vocab)
+        self.ctx.check_fits(len(res.prompt_ids), check_max_tokens(max_tokens), ctx_shift)
+        sampler = Sampler(sampling, self.ctx.n_vocab)
         out = OutputTracker(self.tokenizer, res, max_tokens, stop, ignore_eos)
         tm = res.timings
         t0 = time.perf_counter()

@@ -1,15 +1,29 @@
-"""Token sampling, in llama.cpp's order: repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw.
+"""Token sampling, in llama.cpp's order: repetition penalty -> logit bias -> top-k -> top-p -> min-p ->
+temperature -> draw.
 
-temperature <= 0 is greedy: the argmax of the (penalized) logits, ties to the lowest id.
+temperature 0 is greedy: the argmax of the (penalized, biased) logits, ties to the lowest id.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, KvgraphError, short_repr
+
+# The accepted ranges. Each keeps the arithmetic finite: a repeat penalty of 5e-324 divides logits to inf and
+# every probability to NaN, so "positive" alone is not a range.
+TEMPERATURE_MAX = 100.0
+REPEAT_PENALTY_RANGE = (0.01, 100.0)
+LOGIT_BIAS_MAX = 100.0       # OpenAI's range for logit_bias values
+INT31 = (1 << 31) - 1
+SEED_RANDOM = -1             # llama.cpp's "pick a random seed"
+
+
+class SamplingError(KvgraphError):
+    """Sampling one sequence's next token failed (non-finite logits); ends that request only."""
 
 
 @dataclass(frozen=True)
@@ -20,22 +34,34 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
-    seed: int | None = None
+    seed: int | None = None                          # None or -1: random
+    logit_bias: Mapping[int, float] | None = None    # token id -> added to its logit before sampling
 
-    def validate(self) -> "SamplingParams":
+    def validate(self, n_vocab: int | None = None) -> "SamplingParams":
+        """self, or InvalidArgumentError listing every parameter out of range. n_vocab: also check the
+        logit_bias token ids against the vocabulary."""
         problems = []
-        if not np.isfinite(self.temperature):
-            problems.append(f"temperature must be a finite number, got {self.temperature}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.min_p <= 1.0:
-            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
-        if not (self.repeat_penalty > 0 and np.isfinite(self.repeat_penalty)):
-            problems.append(f"repeat_penalty must be > 0 (1 disables it), got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            problems.append(f"repeat_last_n must be >= 0, got {self.repeat_last_n}")
+
+        def number(name, lo, hi, lo_open=False, integer=False):
+            v = getattr(self, name)
+            ok = (isinstance(v, (int, np.integer)) if integer else isinstance(v, (int, float, np.number))) \
+                and not isinstance(v, bool) and math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
+            if not ok:
+                problems.append(f"{name} must be {'an integer' if integer else 'a number'} in "
+                                f"{'(' if lo_open else '['}{lo}, {hi}], got {short_repr(v)}")
+
+        number("temperature", 0.0, TEMPERATURE_MAX)
+        number("top_k", 0, INT31, integer=True)
+        number("top_p", 0.0, 1.0, lo_open=True)
+        number("min_p", 0.0, 1.0)
+        number("repeat_penalty", *REPEAT_PENALTY_RANGE)
+        number("repeat_last_n", 0, INT31, integer=True)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or not SEED_RANDOM <= self.seed < 1 << 64):
+            problems.append(f"seed must be an integer in [0, 2^64) or -1 for a random seed, got "
+                            f"{short_repr(self.seed)}")
+        if self.logit_bias is not None:
+            problems += _logit_bias_problems(self.logit_bias, n_vocab)
         if problems:
             raise InvalidArgumentError("invalid sampling parameters: " + "; ".join(problems) + ".")
         return self
@@ -45,13 +71,31 @@ class SamplingParams:
         return self.temperature <= 0
 
 
+def _logit_bias_problems(bias, n_vocab: int | None) -> list[str]:
+    if not isinstance(bias, Mapping):
+        return [f"logit_bias must map token ids to numbers, got {short_repr(bias)}"]
+    for tok, value in bias.items():
+        if isinstance(tok, bool) or not isinstance(tok, (int, np.integer)) or tok < 0 or (
+                n_vocab is not None and tok >= n_vocab):
+            vocab = f"0..{n_vocab - 1}" if n_vocab is not None else "the vocabulary"
+            return [f"logit_bias key {short_repr(tok)} is not a token id ({vocab})"]
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not \
+                -LOGIT_BIAS_MAX <= value <= LOGIT_BIAS_MAX:
+            return [f"logit_bias[{tok}] must be a number in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}], "
+                    f"got {short_repr(value)}"]
+    return []
+
+
 GREEDY = SamplingParams(temperature=0.0)
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams):
-        self.params = params.validate()
-        self.rng = np.random.default_rng(params.seed)
+    def __init__(self, params: SamplingParams, n_vocab: int | None = None):
+        self.params = params.validate(n_vocab)
+        self.rng = np.random.default_rng(None if params.seed == SEED_RANDOM else params.seed)
+        bias = params.logit_bias or {}
+        self.bias_ids = np.fromiter(bias.keys(), np.int64, len(bias))
+        self.bias_values = np.fromiter(bias.values(), np.float32, len(bias))
 
     def apply_penalty(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         p = self.params
@@ -66,8 +110,14 @@ class Sampler:
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         p = self.params
         logits = self.apply_penalty(np.asarray(logits, dtype=np.float32), history)
+        if self.bias_ids.shape[0]:
+            logits = logits.copy()                  # never edit the caller's array
+            logits[self.bias_ids] += self.bias_values
         if p.greedy:
-            return int(np.argmax(logits))
+            tok = int(np.argmax(logits))
+            if not math.isfinite(logits[tok]):      # argmax is a NaN or +inf: nothing sensible to pick
+                raise SamplingError(_NON_FINITE)
+            return tok
         # Candidates sorted by logit, best first; top-k bounds the sort.
         k = logits.shape[0] if p.top_k <= 0 else min(p.top_k, logits.shape[0])
         cand = np.argpartition(-logits, k - 1)[:k] if k < logits.shape[0] else np.arange(logits.shape[0])
@@ -82,5 +132,12 @@ class Sampler:
             keep = max(1, int(np.count_nonzero(probs >= p.min_p * probs[0])))
             cand, vals = cand[:keep], vals[:keep]
         weights = np.exp((vals - vals[0]) / p.temperature)
-        weights /= weights.sum()
+        total = weights.sum()
+        if not (math.isfinite(vals[0]) and math.isfinite(total)):
+            raise SamplingError(_NON_FINITE)
+        weights /= total
         return int(cand[self.rng.choice(cand.shape[0], p=weights)])
+
+
+_NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this sequence, so no token can be "
+               "sampled; the model file's weights are likely broken.")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidArgumentError, check_token_ids
 from .ir import I32, GraphBuilder, Tensor
 
 
@@ -34,6 +35,19 @@ class UBatch:
     @property
     def seq_ids(self) -> tuple[int, ...]:
         return tuple(int(s) for s in np.unique(self.seq))
+
+    def check(self, n_vocab: int) -> None:
+        """Refuse a ubatch that would index outside a table: token ids outside [0, n_vocab), output rows
+        outside the ubatch, negative positions or sequence ids, or arrays of different lengths."""
+        n = self.tokens.shape[0]
+        if not (self.tokens.ndim == self.pos.ndim == self.seq.ndim == self.out_rows.ndim == 1
+                and self.pos.shape[0] == self.seq.shape[0] == n):
+            raise InvalidArgumentError("a ubatch needs one position and one sequence id per token.")
+        check_token_ids(self.tokens, n_vocab)
+        if n and (int(self.pos.min()) < 0 or int(self.seq.min()) < 0):
+            raise InvalidArgumentError("positions and sequence ids must be >= 0.")
+        if self.out_rows.shape[0] and not (0 <= int(self.out_rows.min()) and int(self.out_rows.max()) < n):
+            raise InvalidArgumentError(f"output rows must index the ubatch's {n} tokens.")
 
     @classmethod
     def single(cls, tokens, pos0: int, seq: int = 0, all_outputs: bool = False) -> "UBatch":

@@ -1,13 +1,19 @@
 """OpenAI-compatible HTTP server (FastAPI) over the continuous-batching scheduler.
 
-Endpoints: /v1/models, /v1/completions, /v1/chat/completions (plain and SSE streaming), /health, /metrics
-(Prometheus text). Bad requests get an OpenAI-style error body with 400; a full queue or a draining server
-503. A client that disconnects mid-request has its request cancelled, which frees its sequence slot.
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (plain and SSE streaming), /tokenize and
+/detokenize (llama-server's), /health, /metrics (Prometheus text). Bad requests get an OpenAI-style error
+body with 400 (413 for a body over --max-body); a full queue or a draining server 503. A client that
+disconnects mid-request has its request cancelled, which frees its sequence slot.
+
+The event loop only moves bytes: parsing a body, rendering a chat template and tokenizing run in worker
+threads, each bounded (body size, template limits, prompt length against the context before encoding), so
+no request can stall /health or the other streams.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import queue
 import time
 from typing import Any
@@ -18,14 +24,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import openai_compat as oa
 from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
-from ..errors import KvgraphError
+from ..errors import InvalidArgumentError, KvgraphError, check_token_ids
 
 POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
+log = logging.getLogger("kvgraph.server")
+
+
+class BodyTooLargeError(KvgraphError):
+    """A request body over --max-body (413)."""
 
 
 class ServerState:
-    def __init__(self, scheduler: BatchScheduler, tokenizer, model_id: str):
+    def __init__(self, scheduler: BatchScheduler, tokenizer, model_id: str, max_body: int = oa.DEFAULT_MAX_BODY):
         self.scheduler, self.tokenizer, self.model_id = scheduler, tokenizer, model_id
+        self.max_body = max_body
         self.http_requests: dict[str, int] = {}
         self.started = time.time()
 
@@ -46,9 +58,18 @@ def create_app(state: ServerState) -> FastAPI:
     async def _draining(request, exc):
         return _error(503, str(exc), "server_busy", "shutting_down")
 
+    @app.exception_handler(BodyTooLargeError)
+    async def _too_large(request, exc):
+        return _error(413, str(exc), code="request_too_large")
+
     @app.exception_handler(KvgraphError)
     async def _user_error(request, exc):
         return _error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc):   # a kvgraph bug, not the client's: logged with its traceback
+        log.error("internal error on %s", request.url.path, exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc):
@@ -60,10 +81,8 @@ def create_app(state: ServerState) -> FastAPI:
         return await call_next(request)
 
     async def _body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise KvgraphError(f"the request body is not valid JSON ({exc}).") from None
+        raw = await _read_capped(request, state.max_body)
+        body = await asyncio.to_thread(_parse_json, raw)
         if not isinstance(body, dict):
             raise KvgraphError("the request body must be a JSON object.")
         model = body.get("model")
@@ -87,20 +106,48 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics():
         return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
 
+    n_vocab = state.scheduler.ctx.n_vocab
+    per_seq = state.scheduler.n_ctx_per_seq
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _body(request)
-        params = oa.parse_params(body, chat=False)
+        params = oa.parse_params(body, chat=False, n_vocab=n_vocab)
         prompt = oa.parse_prompt(body)
-        ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, str):
+            ids = await asyncio.to_thread(state.tokenizer.encode, prompt, max_tokens=per_seq)
+        else:
+            ids = check_token_ids(prompt, n_vocab)
         return await _serve(request, ids, params, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _body(request)
-        params = oa.parse_params(body, chat=True)
-        ids = state.tokenizer.encode_chat(oa.parse_messages(body), add_generation_prompt=True)
+        params = oa.parse_params(body, chat=True, n_vocab=n_vocab)
+        messages = oa.parse_messages(body)
+        ids = await asyncio.to_thread(state.tokenizer.encode_chat, messages, True, per_seq)
         return await _serve(request, ids, params, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _body(request)
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise InvalidArgumentError("'content' must be a string.")
+        add_special, with_pieces = oa.flag(body, "add_special", False), oa.flag(body, "with_pieces", False)
+        ids = await asyncio.to_thread(state.tokenizer.encode, content, add_special, True, per_seq)
+        if not with_pieces:
+            return {"tokens": ids}
+        return {"tokens": [{"id": i, "piece": state.tokenizer.decode([i])} for i in ids]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _body(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list):
+            raise InvalidArgumentError("'tokens' must be a list of token ids.")
+        ids = check_token_ids(tokens, min(n_vocab, state.tokenizer.vocab_size))
+        return {"content": await asyncio.to_thread(state.tokenizer.decode, ids)}
 
     async def _serve(request: Request, ids: list[int], params: oa.GenParams, chat: bool):
         sched = state.scheduler
@@ -141,6 +188,33 @@ def create_app(state: ServerState) -> FastAPI:
             req.cancel()
 
     return app
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed limit bytes: from Content-Length
+    before reading anything, else while it streams in."""
+    declared = request.headers.get("content-length")
+    too_large = BodyTooLargeError(f"the request body is over the server's limit of {limit:,} bytes (--max-body).")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes) -> Any:
+    """JSON, or a KvgraphError for anything a body can do to the parser (invalid UTF-8 or syntax, nesting
+    deeper than the recursion limit, an integer literal over Python's digit limit, ...)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise KvgraphError("the request body is nested too deeply to parse.") from None
+    except (ValueError, UnicodeDecodeError) as exc:   # JSONDecodeError is a ValueError; so is the int limit
+        raise KvgraphError(f"the request body is not valid JSON ({str(exc)[:200]}).") from None
 
 
 async def _events(request: Request, req: GenRequest):

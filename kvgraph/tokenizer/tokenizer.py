@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import TokenizerError
+from ..errors import ContextOverflowError, TokenizerError, short_repr
 from .build import (
     BYTE,
     CONTROL,
@@ -111,6 +111,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self._template = template
         self._bytes: list[bytes | None] = [None] * len(tokens)  # token_bytes cache, filled on demand
+        self._max_piece: int | None = None
         # `encode_special_tokens` is a flag on the shared HF object; the lock keeps toggling it atomic.
         self._encode_lock = threading.Lock()
 
@@ -190,11 +191,38 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- encode / decode
 
-    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+    @property
+    def max_piece_bytes(self) -> int:
+        """An upper bound on the bytes of text one token stands for: its GGUF piece's UTF-8 length (a
+        byte-level BPE char stands for one byte, SentencePiece's 3-byte '▁' for a space, '<0x41>' for one)."""
+        if self._max_piece is None:
+            self._max_piece = max(1, max(len(t.encode("utf-8", "surrogatepass")) for t in self.tokens))
+        return self._max_piece
+
+    def max_chars(self, max_tokens: int) -> int:
+        """The longest text that could possibly encode to max_tokens tokens or fewer."""
+        return max_tokens * self.max_piece_bytes
+
+    def check_fits(self, text: str, max_tokens: int) -> None:
+        """Refuse, before tokenizing, a text that cannot fit max_tokens even at this vocabulary's longest
+        token (each character is at least one byte): a 100 MB prompt fails here in O(1), not in the
+        tokenizer's allocation."""
+        if len(text) > self.max_chars(max_tokens):
+            raise ContextOverflowError(
+                f"the prompt is {len(text):,} characters long, which cannot fit the {max_tokens:,} tokens of "
+                f"context even at this vocabulary's longest token ({self.max_piece_bytes} bytes); shorten "
+                "it or use a larger context (-c).")
+
+    def encode(self, text: str, add_bos: bool | None = None, parse_special: bool = True,
+               max_tokens: int | None = None) -> list[int]:
         """Token ids of `text`. parse_special: control tokens written in the text (e.g. '<|im_start|>')
-        become their ids; otherwise they are tokenized as plain text. User-defined tokens always match."""
+        become their ids; otherwise they are tokenized as plain text. User-defined tokens always match.
+        max_tokens: refuse (ContextOverflowError) a text that cannot encode to that many tokens, before
+        tokenizing it."""
         if not isinstance(text, str):
             raise TypeError(f"encode() needs a str, got {type(text).__name__}")
+        if max_tokens is not None:
+            self.check_fits(text, max_tokens)
         with self._encode_lock:
             self.hf.encode_special_tokens = not parse_special
             try:
@@ -212,9 +240,12 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes of one token's piece (may be part of a UTF-8 character)."""
-        i = operator.index(token_id)
+        try:
+            i = operator.index(token_id)
+        except TypeError:
+            raise TokenizerError(f"token ids must be integers, got {short_repr(token_id)}.") from None
         if not 0 <= i < self.vocab_size:
-            raise TokenizerError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1}).")
+            raise TokenizerError(f"token id {short_repr(i)} is outside the vocabulary (0..{self.vocab_size - 1}).")
         piece = self._bytes[i]
         if piece is None:
             piece = self._bytes[i] = self._compute_bytes(i)
@@ -240,7 +271,7 @@ class Tokenizer:
 
         def piece(token_id: int) -> bytes:
             b = self.token_bytes(token_id)
-            return b"" if types[operator.index(token_id)] in SPECIAL_TYPES else b
+            return b"" if types[token_id] in SPECIAL_TYPES else b
 
         return piece
 
@@ -268,10 +299,14 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self._template.render(messages, add_generation_prompt)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    max_tokens: int | None = None) -> list[int]:
         """Render then tokenize. Templates often write the BOS themselves ('<bos>...'); it is then parsed
-        as the BOS token and not added a second time."""
-        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+        as the BOS token and not added a second time. max_tokens: as for encode (it also caps the length
+        of the rendered text)."""
+        max_chars = None if max_tokens is None else self.max_chars(max_tokens)
+        text = self._template.render(messages, add_generation_prompt, max_chars)
+        ids = self.encode(text, add_bos=False, max_tokens=max_tokens)
         if self.add_bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids

@@ -21,6 +21,8 @@ from typing import Callable
 
 import numpy as np
 
+from ...errors import IndexOutOfRangeError
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_rms_norm",
@@ -102,7 +104,8 @@ def load(path: Path) -> ctypes.CDLL:
         getattr(lib, name).argtypes = [ctypes.c_void_p]
         getattr(lib, name).restype = None
     lib.kvg_simd.restype = lib.kvg_threads.restype = ctypes.c_int
-    lib.kvg_run.argtypes, lib.kvg_run.restype = [ctypes.c_void_p, ctypes.c_int64], None
+    lib.kvg_run.argtypes, lib.kvg_run.restype = [ctypes.c_void_p, ctypes.c_int64], ctypes.c_int64
+    lib.kvg_take_bad_indices.argtypes, lib.kvg_take_bad_indices.restype = [], ctypes.c_int64
     lib.kvg_set_threads.argtypes, lib.kvg_set_threads.restype = [ctypes.c_int64], None
     return lib
 
@@ -139,14 +142,30 @@ def f64_bits(x: float) -> int:
     return int(np.float64(x).view(np.int64))
 
 
-def bind(name: str, *slots: int, keep: tuple = ()) -> Callable[[], None]:
-    """A closure calling kernel `name` with these argument slots (and keeping `keep` alive with it)."""
-    fn = getattr(library(), name)
+def _refuse_bad_indices(n: int, where: str) -> None:
+    raise IndexOutOfRangeError(f"{n} index(es) outside their table reached {where}; the step was refused "
+                               "(an out-of-range token id or cache slot).")
+
+
+def bind(name: str, *slots: int, keep: tuple = (), indexes: bool = False) -> Callable[[], None]:
+    """A closure calling kernel `name` with these argument slots (and keeping `keep` alive with it).
+    indexes: the kernel reads or writes rows by index and counts the ones out of range (see in_range in
+    kernels.c); the closure raises IndexOutOfRangeError when there were any."""
+    lib = library()
+    fn = getattr(lib, name)
     args = np.array(slots, dtype=np.int64)
     addr = args.ctypes.data
 
-    def run():
-        fn(addr)
+    if indexes:
+        take = lib.kvg_take_bad_indices
+
+        def run():
+            fn(addr)
+            if n := take():
+                _refuse_bad_indices(n, name)
+    else:
+        def run():
+            fn(addr)
     run.__qualname__ = name
     run.keep = (args, keep)          # the slot array and every buffer it points into live as long as the kernel
     run.native_call = (ctypes.cast(fn, ctypes.c_void_p).value, addr)
@@ -185,7 +204,8 @@ def _run_list(kernels: list) -> Callable[[], None]:
     addr, n = table.ctypes.data, len(kernels)
 
     def run():
-        run_all(addr, n)
+        if bad := run_all(addr, n):
+            _refuse_bad_indices(bad, f"kvg_run[{n}]")
     run.__qualname__ = f"kvg_run[{n}]"
     run.keep = (table, kernels)
     run.in_c = True

@@ -582,14 +582,33 @@ void kvg_rope(const int64_t *a) {
     }
 }
 
-/* a: dst, dst_s0, dst_s1, src, n, width, src_s0, idx (int32 [n]):
+/* Indexing kernels never touch memory outside their table: an index out of range skips its row (a
+ * gathered row reads as zeros) and is counted here; kvg_run returns the count and the Python binding turns
+ * it into an error, so a bad id is refused, never read. The engine checks every id before a step, so this
+ * is the second line of defence, not the first. */
+static __thread int64_t bad_indices;   /* per calling thread: the indexing kernels run on the caller's */
+
+int64_t kvg_take_bad_indices(void) {
+    const int64_t n = bad_indices;
+    bad_indices = 0;
+    return n;
+}
+
+static inline int in_range(int32_t i, int64_t n) {
+    if (i >= 0 && (int64_t)i < n) return 1;
+    bad_indices++;
+    return 0;
+}
+
+/* a: dst, dst_s0, dst_s1, src, n, width, src_s0, idx (int32 [n]), n_dst (rows idx may name):
  * dst[idx[i] * dst_s0 + j * dst_s1] = src[i * src_s0 + j]  (dst_s1 = 1: rows; dst_s0 = 1: columns) */
 void kvg_set_rows(const int64_t *a) {
     float *dst = (float *)a[0];
     const float *src = (const float *)a[3];
-    const int64_t s0 = a[1], s1 = a[2], n = a[4], width = a[5], ss0 = a[6];
+    const int64_t s0 = a[1], s1 = a[2], n = a[4], width = a[5], ss0 = a[6], n_dst = a[8];
     const int32_t *idx = (const int32_t *)a[7];
     for (int64_t i = 0; i < n; i++) {
+        if (!in_range(idx[i], n_dst)) continue;
         float *o = dst + (int64_t)idx[i] * s0;
         const float *v = src + i * ss0;
         if (s1 == 1)
@@ -680,14 +699,18 @@ void kvg_add(const int64_t *a) {
     for (int64_t i = 0; i < n; i++) o[i] = x[i] + y[i];
 }
 
-/* a: raw Q8_0 rows (uint8, row_bytes apart), row_bytes, ids (int32 [n]), n, K, out (float [n, K]):
+/* a: raw Q8_0 rows (uint8, row_bytes apart), row_bytes, ids (int32 [n]), n, K, out (float [n, K]), n_rows:
  * the embedding rows of this ubatch's tokens, dequantized exactly as gguf does (float(d) * q). */
 void kvg_get_rows_q8_0(const int64_t *a) {
     const uint8_t *raw = (const uint8_t *)a[0];
-    const int64_t rb = a[1], n = a[3], k = a[4];
+    const int64_t rb = a[1], n = a[3], k = a[4], n_rows = a[6];
     const int32_t *ids = (const int32_t *)a[2];
     float *out = (float *)a[5];
     for (int64_t i = 0; i < n; i++) {
+        if (!in_range(ids[i], n_rows)) {
+            memset(out + i * k, 0, (size_t)k * sizeof(float));
+            continue;
+        }
         const uint8_t *row = raw + (int64_t)ids[i] * rb;
         for (int64_t g = 0; g < k / QK; g++) {
             const uint8_t *blk = row + g * 34;
@@ -702,8 +725,9 @@ void kvg_get_rows_q8_0(const int64_t *a) {
  * consecutive native kernels become one such call, so replaying a cached decode step crosses from Python
  * into C a handful of times instead of once per op. */
 typedef void (*kernel_fn)(const int64_t *);
-void kvg_run(const int64_t *list, int64_t n) {
+int64_t kvg_run(const int64_t *list, int64_t n) {
     for (int64_t i = 0; i < n; i++) ((kernel_fn)list[2 * i])((const int64_t *)list[2 * i + 1]);
+    return kvg_take_bad_indices();   /* out-of-range indices met on the way (see in_range) */
 }
 
 /* a: x, w, out, M, K:  out[m, k] = x[m, k] * w[k]  (w 0: out = x * s, with s in a[5] as f64 bits) */

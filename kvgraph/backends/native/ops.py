@@ -62,7 +62,8 @@ def embedding_rows(reader, ids: np.ndarray, out: np.ndarray):
             or out.dtype != np.float32 or not out.flags.c_contiguous):
         return None
     n, k = out.shape
-    return bind("kvg_get_rows_q8_0", ptr(data), data.strides[0], ptr(ids), n, k, ptr(out), keep=(data, ids, out))
+    return bind("kvg_get_rows_q8_0", ptr(data), data.strides[0], ptr(ids), n, k, ptr(out), data.shape[0],
+                keep=(data, ids, out), indexes=True)
 
 
 def _rows(x: np.ndarray) -> tuple[int, int, int] | None:
@@ -121,13 +122,13 @@ def set_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray, transposed: bool
     if transposed:
         if col or s.shape[1] != dst.shape[0]:
             return None
-        s0, s1, base = dst.strides[1] // F4, dst.strides[0] // F4, dst
+        s0, s1, base, n_dst = dst.strides[1] // F4, dst.strides[0] // F4, dst, dst.shape[1]
     else:
         if dst.strides[1] != F4 or col + s.shape[1] > dst.shape[1]:
             return None
-        s0, s1, base = dst.strides[0] // F4, 1, dst[:, col:]
+        s0, s1, base, n_dst = dst.strides[0] // F4, 1, dst[:, col:], dst.shape[0]
     return bind("kvg_set_rows", ptr(base), s0, s1, ptr(s), s.shape[0], s.shape[1], s.strides[0] // F4, ptr(idx),
-                keep=(dst, src, idx))
+                n_dst, keep=(dst, src, idx), indexes=True)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, out: np.ndarray):
