@@ -89,20 +89,22 @@ class LLM:
     def create_completion(self, prompt: str | Sequence[int], max_tokens: int | None = 16, temperature: float = 0.8,
                           top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
                           stop: str | Sequence[str] | None = None, seed: int | None = None, stream: bool = False,
-                          ignore_eos: bool = False):
+                          ignore_eos: bool = False, logit_bias: dict[int, float] | None = None):
         """A `text_completion` dict, or with stream=True an iterator of completion chunks."""
         ids = self._prompt_ids(prompt)
         return self._openai(ids, False, max_tokens, SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty,
-                                                                   seed=seed), stop, stream, ignore_eos)
+                                                                   seed=seed, logit_bias=logit_bias),
+                            stop, stream, ignore_eos)
 
     def create_chat_completion(self, messages: list[dict], max_tokens: int | None = None, temperature: float = 0.8,
                                top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
                                repeat_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
-                               seed: int | None = None, stream: bool = False, ignore_eos: bool = False):
+                               seed: int | None = None, stream: bool = False, ignore_eos: bool = False,
+                               logit_bias: dict[int, float] | None = None):
         """A `chat.completion` dict, or with stream=True an iterator of `chat.completion.chunk` dicts."""
         return self._openai(self.chat_prompt_ids(messages), True, max_tokens,
-                            SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed),
-                            stop, stream, ignore_eos)
+                            SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed,
+                                           logit_bias=logit_bias), stop, stream, ignore_eos)
 
     def _openai(self, ids, chat, max_tokens, sampling, stop, stream, ignore_eos):
         from . import openai_compat as oa
@@ -111,7 +113,7 @@ class LLM:
         if max_tokens is None:
             max_tokens = max(0, self.ctx.n_ctx - len(ids))
         result = GenerationResult(ids)
-        chunks = self.stream(ids, max_tokens, sampling.validate(), stops, ignore_eos, result)
+        chunks = self.stream(ids, max_tokens, sampling.validate(self.n_vocab), stops, ignore_eos, result)
         rid, model = oa.new_id("chatcmpl" if chat else "cmpl"), self.model_name
         if not stream:
             for _ in chunks:

@@ -3,6 +3,8 @@ sandbox stops templates reaching Python internals; bad messages and broken templ
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import load_reference
 from kvgraph.errors import TokenizerError
@@ -136,3 +138,122 @@ def test_bad_messages(messages, match):
         tok.apply_chat_template(messages)
     with pytest.raises(TokenizerError, match=match):
         tok.encode_chat(messages)
+
+
+# ---- hostile templates: bounded work, bounded size, no object reprs --------------------------------------------
+USERS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+
+
+@pytest.mark.parametrize("template,needle", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "steps"),
+    ("{% for a in messages * 2000 %}{% for b in messages * 2000 %}{% endfor %}{% endfor %}", "steps"),
+    ("{% macro f(n) %}{% for i in range(n) %}{{ f(n) }}{% endfor %}{% endmacro %}{{ f(100) }}", "steps|Recursion"),
+    ("{{ lipsum(10**6) }}", "'lipsum' is undefined"),
+    ("{{ 'x' * 10**8 }}", "100,000,000"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "over the"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "over the"),
+    ("{{ 'x'|center(10**9) }}", "passed 1000000000 to 'center'"),
+    ("{{ 'x'.ljust(10**9) }}", "passed 1000000000 to 'ljust'"),
+    ("{{ messages|tojson(indent=10**9) }}", "to 'tojson'"),
+    ("{{ 10**(10**8) }}", "power"),
+    ("{{ '%0999999999d' % 1 }}", "width or precision"),
+    ("{{ '{:>999999999}'.format(1) }}", "width or precision"),
+    ("{{ '{0:{1}}'.format(1, '99999999') }}", "width or precision"),
+    ("{{ ('x' * 1000000)|replace('', 'yyyyyyy') }}", "over the"),
+    ("{{ ('x' * 4000000) ~ ('x' * 4000000) }}", "over the"),
+])
+def test_hostile_templates_stop_with_a_clear_error(template, needle):
+    import re
+    from kvgraph.tokenizer.chat import ChatTemplate
+    with pytest.raises(TokenizerError, match=needle if "|" in needle else re.escape(needle)):
+        ChatTemplate(template, "gguf", "<s>", "</s>").render(USERS)
+
+
+def test_the_rendered_prompt_is_capped_by_what_the_context_can_hold():
+    tok = tiny("llama", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert tok.encode_chat([{"role": "user", "content": "a" * 100}], max_tokens=1000)
+    with pytest.raises(TokenizerError, match="over"):
+        tok.encode_chat([{"role": "user", "content": "a" * 100_000}], max_tokens=10)
+
+
+@pytest.mark.parametrize("template,expected", [
+    ("{{ strftime_now }}|{{ raise_exception }}|{{ range }}", "<function strftime_now>|<function raise_exception>|"
+                                                            "<function range>"),
+    ("{{ 'x'.upper }}|{{ messages[0].items }}|{{ messages[0].get|string }}", "<function upper>|<function items>|"
+                                                                            "<function get>"),
+    ("{{ cycler(1, 2) }}|{{ joiner() }}|{{ namespace(a=1) }}", "<cycler>|<_Joiner>|<Namespace {'a': 1}>"),
+    ("{{ messages|map(attribute='role') }}|{{ messages|selectattr('role') }}", "['user', 'assistant']|"
+                                                                            "[{'role': 'user', 'content': 'hi'}, "
+                                                                            "{'role': 'assistant', 'content': 'yo'}]"),
+])
+def test_templates_print_names_not_object_addresses(template, expected):
+    from kvgraph.tokenizer.chat import ChatTemplate
+    assert ChatTemplate(template, "gguf", "", "").render(USERS) == expected
+
+
+# A grammar of template pieces, biased toward the costly ones: loops over ranges and repeated lists, string
+# products and doublings, padding filters and methods, recursion; sizes from tiny to absurd.
+NUMBERS = st.sampled_from([0, 1, 3, 50, 1000, 10 ** 5, 10 ** 7, 10 ** 9, 2 ** 40, -1, -10 ** 6])
+ATOMS = st.sampled_from(["'x'", "'ab%s'", "messages", "messages[0]['content']", "m", "i", "ns.s", "'{0:>5}'"])
+
+
+@st.composite
+def expressions(draw, depth=0):
+    a, n = draw(ATOMS), draw(NUMBERS)
+    forms = [a, f"{a} * {n}", f"{a} ~ {a}", f"{a} + {a}", f"range({n})", f"{n} ** {draw(NUMBERS)}",
+             f"{a}|center({n})", f"{a}|indent({n})", f"{a}|join({a})", f"{a}|list", f"{a}|length",
+             f"{a}|replace('', {a})", f"{a}.ljust({n})", f"{a}.format({n})", f"{a} % {n}", f"{a}|tojson",
+             f"{a}|wordwrap({n})", f"{a}|batch({n})|list", f"{a}|format({a})", "strftime_now('%Y')", f"{a}|string"]
+    expr = draw(st.sampled_from(forms))
+    return f"({expr}) ~ ({draw(expressions(depth + 1))})" if depth < 2 and draw(st.booleans()) else expr
+
+
+@st.composite
+def templates(draw, depth=0):
+    parts = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.integers(0, 5 if depth < 3 else 1))
+        if kind <= 1:
+            parts.append("{{ " + draw(expressions()) + " }}")
+        elif kind == 2:
+            parts.append("{% set ns.s = " + draw(expressions()) + " %}")
+        elif kind == 3:
+            it = draw(st.sampled_from([f"range({draw(NUMBERS)})", "messages", f"messages * {draw(NUMBERS)}",
+                                       "ns.s", draw(expressions())]))
+            parts.append("{% for i in " + it + " %}" + draw(templates(depth + 1)) + "{% endfor %}")
+        elif kind == 4:
+            parts.append("{% for m in messages %}{{ m['role'] }}" + draw(templates(depth + 1)) + "{% endfor %}")
+        else:
+            parts.append("{% macro f(k) %}" + draw(templates(depth + 1)) + "{{ f(k) if k else '' }}{% endmacro %}"
+                         "{{ f(" + str(draw(NUMBERS)) + ") }}")
+    body = "".join(parts)
+    return "{% set ns = namespace(s='x') %}" + body if depth == 0 else body
+
+
+@settings(max_examples=300, deadline=None)
+@given(template=templates())
+def test_fuzzed_templates_render_within_their_limits_or_fail_cleanly(template):
+    """Any template ends, within its limits, as a string no longer than the cap or as a TokenizerError; never
+    another exception, a hang, or an object address in the output. Small step and size limits keep each case
+    short; the seconds limit is set high so the outcome never depends on the machine's speed."""
+    import re
+    import threading
+    from kvgraph.tokenizer.chat import ChatTemplate, TemplateLimits
+    limits = TemplateLimits(steps=20_000, seconds=600.0, chars=50_000)
+    outcome = {}
+
+    def render():
+        try:
+            outcome["text"] = ChatTemplate(template, "fuzz", "<s>", "</s>", limits).render(USERS)
+        except TokenizerError as e:
+            outcome["error"] = e
+        except BaseException as e:      # noqa: BLE001 (anything else is the failure this test looks for)
+            outcome["other"] = e
+    t = threading.Thread(target=render, daemon=True)
+    t.start()
+    t.join(300)                          # a hang guard, not a speed check: each case takes milliseconds
+    assert not t.is_alive(), f"render did not end: {template!r}"
+    assert "other" not in outcome, (template, repr(outcome.get("other")))
+    if "text" in outcome:
+        assert len(outcome["text"]) <= limits.chars
+        assert not re.search(r"0x[0-9a-f]{6,}", outcome["text"]), (template, outcome["text"][:200])

@@ -123,17 +123,20 @@ class Sampler:
         cand = np.argpartition(-logits, k - 1)[:k] if k < logits.shape[0] else np.arange(logits.shape[0])
         cand = cand[np.lexsort((cand, -logits[cand]))]
         vals = logits[cand].astype(np.float64)
-        probs = np.exp(vals - vals[0])
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-            cand, vals, probs = cand[:keep], vals[:keep], probs[:keep]
-        if p.min_p > 0.0:
-            keep = max(1, int(np.count_nonzero(probs >= p.min_p * probs[0])))
-            cand, vals = cand[:keep], vals[:keep]
-        weights = np.exp((vals - vals[0]) / p.temperature)
-        total = weights.sum()
-        if not (math.isfinite(vals[0]) and math.isfinite(total)):
+        if not math.isfinite(vals[0]):          # the best candidate is +inf, or every logit is NaN
+            raise SamplingError(_NON_FINITE)
+        with np.errstate(invalid="ignore"):     # a NaN among the candidates: caught below, no warning
+            probs = np.exp(vals - vals[0])
+            probs /= probs.sum()
+            if p.top_p < 1.0:
+                keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+                cand, vals, probs = cand[:keep], vals[:keep], probs[:keep]
+            if p.min_p > 0.0:
+                keep = max(1, int(np.count_nonzero(probs >= p.min_p * probs[0])))
+                cand, vals = cand[:keep], vals[:keep]
+            weights = np.exp((vals - vals[0]) / p.temperature)
+            total = weights.sum()
+        if not math.isfinite(total):
             raise SamplingError(_NON_FINITE)
         weights /= total
         return int(cand[self.rng.choice(cand.shape[0], p=weights)])

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import openai_compat as oa
 from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
-from ..errors import InvalidArgumentError, KvgraphError, check_token_ids
+from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids
 
 POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
 log = logging.getLogger("kvgraph.server")
@@ -109,45 +109,54 @@ def create_app(state: ServerState) -> FastAPI:
     n_vocab = state.scheduler.ctx.n_vocab
     per_seq = state.scheduler.n_ctx_per_seq
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await _body(request)
+    def completion_input(body: dict) -> tuple[list[int], oa.GenParams]:
         params = oa.parse_params(body, chat=False, n_vocab=n_vocab)
         prompt = oa.parse_prompt(body)
         if isinstance(prompt, str):
-            ids = await asyncio.to_thread(state.tokenizer.encode, prompt, max_tokens=per_seq)
-        else:
-            ids = check_token_ids(prompt, n_vocab)
-        return await _serve(request, ids, params, chat=False)
+            return state.tokenizer.encode(prompt, max_tokens=per_seq), params
+        if len(prompt) > per_seq:
+            raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but each sequence holds {per_seq}.")
+        return check_token_ids(prompt, n_vocab), params
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await _body(request)
+    def chat_input(body: dict) -> tuple[list[int], oa.GenParams]:
         params = oa.parse_params(body, chat=True, n_vocab=n_vocab)
-        messages = oa.parse_messages(body)
-        ids = await asyncio.to_thread(state.tokenizer.encode_chat, messages, True, per_seq)
-        return await _serve(request, ids, params, chat=True)
+        return state.tokenizer.encode_chat(oa.parse_messages(body), True, per_seq), params
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        body = await _body(request)
+    def tokenize_result(body: dict) -> dict:
         content = body.get("content")
         if not isinstance(content, str):
             raise InvalidArgumentError("'content' must be a string.")
-        add_special, with_pieces = oa.flag(body, "add_special", False), oa.flag(body, "with_pieces", False)
-        ids = await asyncio.to_thread(state.tokenizer.encode, content, add_special, True, per_seq)
-        if not with_pieces:
+        ids = state.tokenizer.encode(content, oa.flag(body, "add_special", False), True, per_seq)
+        if not oa.flag(body, "with_pieces", False):
             return {"tokens": ids}
         return {"tokens": [{"id": i, "piece": state.tokenizer.decode([i])} for i in ids]}
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        body = await _body(request)
+    def detokenize_result(body: dict) -> dict:
         tokens = body.get("tokens")
         if not isinstance(tokens, list):
             raise InvalidArgumentError("'tokens' must be a list of token ids.")
-        ids = check_token_ids(tokens, min(n_vocab, state.tokenizer.vocab_size))
-        return {"content": await asyncio.to_thread(state.tokenizer.decode, ids)}
+        return {"content": state.tokenizer.decode(check_token_ids(tokens, min(n_vocab, state.tokenizer.vocab_size)))}
+
+    async def _in_worker(request: Request, work):
+        """work(body) in a worker thread: parsing, template rendering and tokenizing are bounded but not
+        instant, and the event loop must stay free for /health and the other streams."""
+        return await asyncio.to_thread(work, await _body(request))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _serve(request, *await _in_worker(request, completion_input), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _serve(request, *await _in_worker(request, chat_input), chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await _in_worker(request, tokenize_result)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await _in_worker(request, detokenize_result)
 
     async def _serve(request: Request, ids: list[int], params: oa.GenParams, chat: bool):
         sched = state.scheduler
