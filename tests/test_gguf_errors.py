@@ -117,3 +117,16 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a GGUF file" in err and "Traceback" not in err
     assert err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("delta", [-3, 5])
+def test_vocabulary_size_that_disagrees_with_the_tokens(tmp_path, delta):
+    """An embedding with fewer rows than the tokenizer has ids (or more) would let text reach a row that does
+    not exist, or the model sample an id with no text: refused at load, as llama.cpp does."""
+    from kvgraph.gguf.reader import read_metadata
+    path = tmp_path / "vocab.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1))
+    n_tokens = len(read_metadata(path)["tokenizer.ggml.tokens"])
+    write_tiny_llama(path, TinySpec(n_layer=1, extra_kv={"llama.vocab_size": n_tokens + delta}))
+    with pytest.raises(GGUFError, match=f"vocab_size is {n_tokens + delta} but tokenizer.ggml.tokens has {n_tokens}"):
+        open_model(path)

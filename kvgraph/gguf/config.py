@@ -83,6 +83,11 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
     n_vocab = m.int("vocab_size", len(tokens) if isinstance(tokens, list) else None)
     if n_vocab is None:
         raise GGUFError(f"{source}: no vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens).")
+    if isinstance(tokens, list) and n_vocab != len(tokens):
+        # The embedding rows and the tokenizer's ids must be the same set (llama.cpp refuses such files too):
+        # otherwise the tokenizer makes ids the model has no row for, or the model samples ids with no text.
+        raise GGUFError(f"{source}: {arch}.vocab_size is {n_vocab} but tokenizer.ggml.tokens has {len(tokens)} "
+                        "tokens; the file is inconsistent.")
     return ModelConfig(
         arch=arch,
         name=str(md.get("general.name", arch)),
