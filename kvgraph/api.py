@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
+import numpy as np
+
 from .backends import get_backend
 from .engine.context import DEFAULT_N_UBATCH, Context
 from .engine.generate import GenerationResult, Session
@@ -67,6 +69,16 @@ class LLM:
         if isinstance(prompt, str):
             return self.tokenize(prompt, max_tokens=self.ctx.n_ctx)
         return check_token_ids(prompt, self.n_vocab)
+
+    def logits(self, token_ids: Sequence[int], ubatch_size: int | None = None) -> np.ndarray:
+        """float32 [len(token_ids), n_vocab]: the logits after each token, for a fresh sequence. ubatch_size:
+        tokens per graph run (default n_ubatch; 1 runs token by token through the decode graphs). What
+        scoring and evaluation need; the cache then holds the tokens, so a generate() that extends them
+        reuses it."""
+        ids = self._prompt_ids(token_ids)
+        self.ctx.check_fits(len(ids))
+        self.session.reset()
+        return self.session.eval_prompt(ids, all_logits=True, ubatch_size=ubatch_size)
 
     def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, sampling: SamplingParams = GREEDY,
                stop: Sequence[str] = (), ignore_eos: bool = False, result: GenerationResult | None = None,

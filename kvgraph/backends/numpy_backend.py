@@ -248,9 +248,19 @@ def _k_ssm_scan(t, out, h0, x, dt, a, b, c):
 
 
 def rope_inv_freq(p: dict) -> np.ndarray:
-    """A rope node's per-pair frequencies, freq_scale / base^(2i / n_dims), in float32 (every backend's)."""
+    """A rope node's per-pair frequencies, freq_scale / base^(2i / n_dims) / freq_factor_i, in float32 (every
+    backend's)."""
     i = np.arange(0, p["n_dims"] // 2, dtype=np.float64)
-    return (p["freq_scale"] / p["base"] ** (i * 2 / p["n_dims"])).astype(np.float32)
+    inv = p["freq_scale"] / p["base"] ** (i * 2 / p["n_dims"])
+    if p.get("freq_factors") is not None:
+        inv = inv / np.asarray(p["freq_factors"], np.float64)
+    return inv.astype(np.float32)
+
+
+def rope_table_key(t: Tensor) -> tuple:
+    """Rope ops whose cos/sin tables are the same: same positions input and the same frequencies."""
+    p = t.p
+    return t.srcs[1].id, p["n_dims"], p["base"], p["freq_scale"], p.get("freq_factors")
 
 
 class _RopeTables:
@@ -264,7 +274,7 @@ class _RopeTables:
 
     def get(self, t: Tensor, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, Kernel | None]:
         p = t.p
-        key = (t.srcs[1].id, p["n_dims"], p["base"], p["freq_scale"])
+        key = rope_table_key(t)
         if key in self.tables:
             cos, sin, _ = self.tables[key]
             return cos, sin, None

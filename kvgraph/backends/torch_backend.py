@@ -481,7 +481,7 @@ class _RopeTables:
 
     def get(self, t: Tensor, pos: np.ndarray) -> tuple[dict[str, Any], Kernel | None]:
         p = t.p
-        key = (t.srcs[1].id, p["n_dims"], p["base"], p["freq_scale"])
+        key = npb.rope_table_key(t)
         if key in self.tables:
             return self.tables[key], None
         half = p["n_dims"] // 2

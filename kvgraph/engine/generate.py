@@ -73,10 +73,14 @@ class Session:
         self.ctx.seq_rm(self.seq)
         self.cached = []
 
-    def eval_prompt(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    def eval_prompt(self, ids: Sequence[int], all_logits: bool = False, ubatch_size: int | None = None) -> np.ndarray:
         """Bring the cache to exactly `ids`, reusing the longest cached prefix; returns the last token's
-        logits ([1, n_vocab]) or, with all_logits, the logits of every processed token."""
+        logits ([1, n_vocab]) or, with all_logits, the logits of every token (then nothing is reused).
+        ubatch_size: tokens per graph run (default and at most the context's n_ubatch)."""
         ids = check_token_ids(ids, self.ctx.n_vocab)
+        step = self.ctx.n_ubatch if ubatch_size is None else ubatch_size
+        if not 1 <= step <= self.ctx.n_ubatch:
+            raise InvalidArgumentError(f"ubatch_size must be between 1 and n_ubatch={self.ctx.n_ubatch}, got {step}.")
         if not ids:
             raise InvalidArgumentError("the prompt is empty (no tokens); give some text.")
         common = 0
@@ -90,8 +94,8 @@ class Session:
         self.cached = self.cached[:common]
         self.n_processed = len(ids) - common
         outs = []
-        for start in range(common, len(ids), self.ctx.n_ubatch):
-            chunk = ids[start:start + self.ctx.n_ubatch]
+        for start in range(common, len(ids), step):
+            chunk = ids[start:start + step]
             ub = UBatch.single(chunk, start, self.seq, all_outputs=all_logits)
             last = self.ctx.decode(ub)
             self.cached.extend(chunk)

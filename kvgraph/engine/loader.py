@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
+
 from ..errors import GGUFError, UnsupportedModelError
 from ..gguf.config import MetadataView, ModelConfig, read_config
 from ..gguf.reader import GGUFFile
@@ -38,6 +41,18 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
     cls = ARCHITECTURES[arch]
     cfg = dataclasses.replace(cfg, extra=cls.read_extra(MetadataView(gf.metadata, arch, str(gf.path))))
     model = cls(cfg)
+    constants = _read_constants(gf, model)
+    if constants:
+        model = cls(dataclasses.replace(cfg, extra={**cfg.extra, **constants}))
+        cfg = model.cfg
+    unused = sorted(set(gf.tensors) - set(model.shapes) - set(model.constant_shapes()))
+    if unused:
+        # As llama.cpp refuses a file with an unexpected tensor count: a tensor that kvgraph would ignore
+        # may change the computation (llama3's rope_freqs once did), so running without it is not an option.
+        raise UnsupportedModelError(
+            f"{gf.path}: {len(unused)} tensor(s) that kvgraph's {arch} does not use ({', '.join(unused[:3])}"
+            f"{', ...' if len(unused) > 3 else ''}); running without them would compute something else, so the "
+            "file is refused.")
     for name, shape in model.shapes.items():
         info = gf.tensors.get(name)
         if info is None:
@@ -49,6 +64,22 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters "
                             f"say {shape}; the file is inconsistent.")
     return gf, cfg, model
+
+
+def _read_constants(gf: GGUFFile, model: Model) -> dict[str, tuple[float, ...]]:
+    out = {}
+    for name, shape in model.constant_shapes().items():
+        info = gf.tensors.get(name)
+        if info is None:
+            continue
+        if tuple(info.shape) != tuple(shape):
+            raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters say "
+                            f"{shape}; the file is inconsistent.")
+        values = gguf.quants.dequantize(np.asarray(info.data), gguf.GGMLQuantizationType[info.type_name])
+        if not np.isfinite(values).all():
+            raise GGUFError(f"{gf.path}: tensor {name!r} holds non-finite values; the file is corrupt.")
+        out[name] = tuple(float(v) for v in np.ravel(values))
+    return out
 
 
 def load_model(path: str | os.PathLike[str], backend: Any) -> LoadedModel:

@@ -170,13 +170,18 @@ class GraphBuilder:
         """gelu_tanh(gate) * up, fused."""
         return self._node("geglu", (gate, up), _broadcast(gate.shape, up.shape))
 
-    def rope(self, x: Tensor, pos: Tensor, n_dims: int, base: float, neox: bool, freq_scale: float = 1.0) -> Tensor:
+    def rope(self, x: Tensor, pos: Tensor, n_dims: int, base: float, neox: bool, freq_scale: float = 1.0,
+             freq_factors: tuple[float, ...] | None = None) -> Tensor:
         """Rotary embedding over the last axis of x [n_tokens, n_heads, head_dim]; pos is [n_tokens] int32.
-        neox=False rotates adjacent pairs (GGUF llama), neox=True rotates halves (gemma3)."""
+        neox=False rotates adjacent pairs (GGUF llama), neox=True rotates halves (gemma3). freq_factors:
+        one divisor per pair's frequency (llama3 rope scaling: GGUF's rope_freqs.weight), constants."""
         if x.shape[0] != pos.shape[0] or n_dims > x.shape[-1] or n_dims % 2:
             raise ValueError(f"rope: x {x.shape}, pos {pos.shape}, n_dims {n_dims}")
+        if freq_factors is not None and len(freq_factors) != n_dims // 2:
+            raise ValueError(f"rope: {len(freq_factors)} freq_factors for {n_dims // 2} pairs")
         return self._node("rope", (x, pos), x.shape, n_dims=int(n_dims), base=float(base), neox=bool(neox),
-                          freq_scale=float(freq_scale))
+                          freq_scale=float(freq_scale),
+                          freq_factors=None if freq_factors is None else tuple(float(f) for f in freq_factors))
 
     def softmax(self, x: Tensor, mask: Tensor | None = None, scale: float = 1.0) -> Tensor:
         """softmax(x * scale + mask) over the last axis; mask broadcasts against x."""

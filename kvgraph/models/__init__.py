@@ -5,11 +5,16 @@ from .base import BuildIO, Model
 from .gemma3 import Gemma3Model
 from .hybrid import HybridModel
 from .llama import LlamaModel
+from .qwen2 import Qwen2Model
+from .qwen3 import Qwen3Model
 
 ARCHITECTURES: dict[str, type[Model]] = {
     LlamaModel.arch: LlamaModel,
     HybridModel.arch: HybridModel,
     Gemma3Model.arch: Gemma3Model,
+    Qwen2Model.arch: Qwen2Model,
+    Qwen3Model.arch: Qwen3Model,
 }
 
-__all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel", "Gemma3Model"]
+__all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel", "Gemma3Model", "Qwen2Model",
+           "Qwen3Model"]

@@ -60,6 +60,11 @@ class Model:
 
     optional_tensors: frozenset[str] = frozenset()
 
+    def constant_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Small tensors the file may hold that are constants of the graph, not weights (llama3's
+        rope_freqs.weight): the loader reads them into cfg.extra[name] as float tuples."""
+        return {}
+
     @classmethod
     def read_extra(cls, m: MetadataView) -> dict[str, Any]:
         """Architecture-specific hyper-parameters, stored in ModelConfig.extra."""

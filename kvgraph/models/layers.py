@@ -1,8 +1,12 @@
-"""Building blocks shared by architectures: attention over a KV window, gated FFNs, output selection."""
+"""Building blocks shared by architectures: attention over a KV window, the pre-norm decoder block (with
+optional q/k/v biases, per-head q/k norms, llama3 RoPE factors), gated FFNs, and their tensor lists, so an
+architecture file is its tensor list and its wiring."""
 from __future__ import annotations
 
+import math
+
 from ..graph.ir import GraphBuilder, Tensor
-from ..memory.kv_cache import KVAttention
+from ..memory.kv_cache import KVAttention, KVCache
 
 
 def attention(g: GraphBuilder, attn: KVAttention, il: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
@@ -31,3 +35,77 @@ def attention(g: GraphBuilder, attn: KVAttention, il: int, q: Tensor, k: Tensor,
 def split_heads(g: GraphBuilder, x: Tensor, n_head: int) -> Tensor:
     n, width = x.shape
     return g.reshape(x, (n, n_head, width // n_head))
+
+
+# ---- the transformer decoder block most architectures share --------------------------------------------------
+def attention_tensors(c, i: int, bias: bool = False, qk_norm: bool = False) -> dict[str, tuple[int, ...]]:
+    """Tensors of layer i's attention: norm, q/k/v/output projections, optional q/k/v biases (Qwen2) and
+    per-head q/k RMSNorm weights (Qwen3, Gemma 3)."""
+    q, kv, v = c.n_head * c.head_dim_k, c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v
+    shapes = {f"blk.{i}.attn_norm.weight": (c.n_embd,), f"blk.{i}.attn_q.weight": (q, c.n_embd),
+              f"blk.{i}.attn_k.weight": (kv, c.n_embd), f"blk.{i}.attn_v.weight": (v, c.n_embd),
+              f"blk.{i}.attn_output.weight": (c.n_embd, c.n_head * c.head_dim_v)}
+    if bias:
+        shapes |= {f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (kv,), f"blk.{i}.attn_v.bias": (v,)}
+    if qk_norm:
+        shapes |= {f"blk.{i}.attn_q_norm.weight": (c.head_dim_k,), f"blk.{i}.attn_k_norm.weight": (c.head_dim_k,)}
+    return shapes
+
+
+def ffn_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
+    """Tensors of layer i's gated FFN: norm, gate, up, down."""
+    return {f"blk.{i}.ffn_norm.weight": (c.n_embd,), f"blk.{i}.ffn_gate.weight": (c.n_ff, c.n_embd),
+            f"blk.{i}.ffn_up.weight": (c.n_ff, c.n_embd), f"blk.{i}.ffn_down.weight": (c.n_embd, c.n_ff)}
+
+
+def output_tensors(c) -> dict[str, tuple[int, ...]]:
+    return {"token_embd.weight": (c.n_vocab, c.n_embd), "output_norm.weight": (c.n_embd,),
+            "output.weight": (c.n_vocab, c.n_embd)}
+
+
+def rms_norm(g: GraphBuilder, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return g.mul(g.rms_norm(x, eps), weight)
+
+
+def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, bias: bool = False,
+                   qk_norm: bool = False, freq_factors=None) -> Tensor:
+    """Layer i's attention of the normed input h [n, n_embd] over the "kv" memory: projections (+ biases),
+    per-head q/k norm, RoPE, attention; returns [n, n_head * head_dim_v], before the output projection."""
+    def proj(name: str, n_head: int) -> Tensor:
+        y = g.matmul(h, w(f"blk.{i}.attn_{name}.weight"))
+        if bias:
+            y = g.add(y, w(f"blk.{i}.attn_{name}.bias"))
+        return split_heads(g, y, n_head)
+    q, k, v = proj("q", c.n_head), proj("k", c.n_head_kv), proj("v", c.n_head_kv)
+    if qk_norm:
+        q = rms_norm(g, q, w(f"blk.{i}.attn_q_norm.weight"), c.rms_eps)
+        k = rms_norm(g, k, w(f"blk.{i}.attn_k_norm.weight"), c.rms_eps)
+    q, k = (g.rope(t, io.pos, c.rope_dims, c.rope_base, neox=neox, freq_scale=c.rope_freq_scale,
+                   freq_factors=freq_factors) for t in (q, k))
+    return attention(g, io.memory("kv"), i, q, k, v, 1.0 / math.sqrt(c.head_dim_k), io.key.flash_attn)
+
+
+def gated_ffn(g: GraphBuilder, w, i: int, h: Tensor, act: str = "swiglu") -> Tensor:
+    """down(act(gate(h)) * up(h)), act swiglu (SiLU) or geglu (GELU-tanh)."""
+    gate, up = g.matmul(h, w(f"blk.{i}.ffn_gate.weight")), g.matmul(h, w(f"blk.{i}.ffn_up.weight"))
+    return g.matmul(getattr(g, act)(gate, up), w(f"blk.{i}.ffn_down.weight"))
+
+
+def decoder(g: GraphBuilder, w, io, c, attn) -> None:
+    """The pre-norm decoder stack: x += attn_output(attn(i, norm(x))); x += ffn(norm(x)); then the output
+    norm and projection as 'logits'. attn(i, h) is the architecture's attention (self_attention with its
+    options); after the last attention only the output rows go on."""
+    x = g.get_rows(w("token_embd.weight"), io.tokens)
+    for i in range(c.n_layer):
+        a = attn(i, rms_norm(g, x, w(f"blk.{i}.attn_norm.weight"), c.rms_eps))
+        if i == c.n_layer - 1:
+            a, x = io.select_outputs(a), io.select_outputs(x)
+        x = g.add(x, g.matmul(a, w(f"blk.{i}.attn_output.weight")))
+        x = g.add(x, gated_ffn(g, w, i, rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)))
+    g.output("logits", g.matmul(rms_norm(g, x, w("output_norm.weight"), c.rms_eps), w("output.weight")))
+
+
+def kv_memory(c, n_ctx: int, alloc, flash_attn: bool) -> dict:
+    """One KV cache for every layer."""
+    return {"kv": KVCache("kv", range(c.n_layer), n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v,
+                          v_trans=not flash_attn, alloc=alloc)}

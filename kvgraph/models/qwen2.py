@@ -1,0 +1,26 @@
+"""qwen2 (Qwen2, Qwen2.5): the llama block with q/k/v biases and NEOX RoPE (rotated halves)."""
+from __future__ import annotations
+
+from ..graph.ir import GraphBuilder
+from .base import BuildIO, Model
+from .layers import attention_tensors, decoder, ffn_tensors, kv_memory, output_tensors, self_attention
+
+
+class Qwen2Model(Model):
+    arch = "qwen2"
+    optional_tensors = frozenset({"output.weight"})
+
+    def tensor_shapes(self):
+        c = self.cfg
+        shapes = output_tensors(c)
+        for i in range(c.n_layer):
+            shapes |= attention_tensors(c, i, bias=True) | ffn_tensors(c, i)
+        return shapes
+
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+        return kv_memory(self.cfg, n_ctx, alloc, flash_attn)
+
+    def build(self, g: GraphBuilder, io: BuildIO) -> None:
+        c = self.cfg
+        w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
+        decoder(g, w, io, c, lambda i, h: self_attention(g, w, io, c, i, h, neox=True, bias=True))

@@ -1,0 +1,161 @@
+"""Make the architecture fixtures under tests/data/arch/: per architecture, a tiny randomly initialised
+Hugging Face model, converted to GGUF by llama.cpp's own convert_hf_to_gguf.py, and HF's float32 logits for
+a fixed token sequence. The test suite reads only the outputs (it needs neither transformers nor the
+converter); this script is how they were made and how to make them again.
+
+Needs, offline from the tests: torch (pip install torch==2.13.0), transformers==5.25.0, and llama.cpp's
+converter as the llama-cpp-python==0.3.36 source distribution ships it:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcp
+    tar xzf /tmp/lcp/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp
+    python tools/make_arch_fixtures.py --llama-cpp /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp [ARCH ...]
+
+Each fixture is <arch>.gguf (f32 weights) and <arch>.npz (tokens int32 [N], logits float32 [N, n_vocab]).
+Weights are drawn with a larger spread than transformers' init, and norms and biases are randomised too,
+so that a missing bias or norm shows in the logits. The tokenizer is a byte-level BPE trained here on a
+fixed text, with the pre-tokenizer of the family it stands for (the converter recognises tokenizers by a
+checksum of their output, so the script tells it the pre-tokenizer name instead).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "arch"
+N_TOKENS = 300            # crosses the KV cache's 256-cell padding when decoded token by token
+VOCAB = 512
+SEED = 0
+
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = """The cat sat on the mat. A quick brown fox jumps over the lazy dog; 0123456789 and 3.14159.
+Once upon a time, in a land far away, there lived a small model with a tiny vocabulary.
+Ask not what your graph can do for you -- ask what you can cache for your graph!
+"It's the end," she said, "and we'll see what they've done." Numbers: 12, 345, 6789, 101112.
+Unicode: café, naïve, Ünïcödé, 日本語, привет, 🙂. Code: def f(x): return x ** 2 + 1
+"""
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=10000.0)
+
+
+@dataclass
+class Arch:
+    config: str                     # transformers config class
+    pre: str                        # tokenizer.ggml.pre the converter is told
+    split: str                      # the pre-tokenizer regex the HF tokenizer uses
+    kw: dict = field(default_factory=dict)
+
+
+ARCHS = {
+    "qwen2": Arch("Qwen2Config", "qwen2", QWEN2_SPLIT, dict(tie_word_embeddings=False)),
+    "qwen3": Arch("Qwen3Config", "qwen2", QWEN2_SPLIT, dict(head_dim=32, tie_word_embeddings=True)),
+    "llama3": Arch("LlamaConfig", "llama-bpe", LLAMA3_SPLIT, dict(
+        rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=131072,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64})),
+}
+
+
+def make_tokenizer(split: str, directory: Path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - len(SPECIALS), special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[2],
+                                   unk_token=None, pad_token=SPECIALS[0])
+    fast.add_special_tokens({"additional_special_tokens": SPECIALS[1:]})
+    fast.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+                          "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                          "{% endif %}")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_model(arch: Arch, n_vocab: int, directory: Path):
+    import torch
+    import transformers
+
+    torch.manual_seed(SEED)
+    cfg = getattr(transformers, arch.config)(**{**BASE, **arch.kw, "vocab_size": n_vocab, "bos_token_id": 0,
+                                                 "eos_token_id": 2})
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+            else:
+                p.normal_(0.0, 0.1)
+    model.eval()
+    model.save_pretrained(directory)
+    return model
+
+
+def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str, name: str) -> None:
+    """Run llama.cpp's convert_hf_to_gguf.py in this process, telling it the pre-tokenizer by name."""
+    sys.path[:0] = [str(llama_cpp / "gguf-py"), str(llama_cpp)]
+    for mod in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
+        del sys.modules[mod]           # the converter must use the gguf-py it ships with
+    conv = importlib.import_module("convert_hf_to_gguf")
+    base = importlib.import_module("conversion.base")
+    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+    argv = sys.argv
+    sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", "f32",
+                "--model-name", f"kvgraph-tiny-{name}"]
+    try:
+        conv.main()
+    finally:
+        sys.argv = argv
+
+
+def make(name: str, llama_cpp: Path) -> dict:
+    import torch
+
+    arch = ARCHS[name]
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        tok = make_tokenizer(arch.split, d)
+        model = make_model(arch, len(tok), d)
+        convert(llama_cpp, d, OUT / f"{name}.gguf", arch.pre, name)
+    tokens = np.random.default_rng(SEED).integers(0, len(tok), N_TOKENS).astype(np.int32)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0].float().numpy()
+    np.savez_compressed(OUT / f"{name}.npz", tokens=tokens, logits=logits.astype(np.float32))
+    return {"arch": name, "config": arch.config, "n_vocab": len(tok), "gguf_bytes": (OUT / f"{name}.gguf").stat().st_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--llama-cpp", type=Path, required=True, help="vendor/llama.cpp of llama-cpp-python==0.3.36")
+    ap.add_argument("archs", nargs="*", help=f"default: all ({', '.join(ARCHS)})")
+    args = ap.parse_args()
+    import transformers
+
+    if transformers.__version__ != "5.25.0":
+        print(f"warning: made with transformers 5.25.0, this is {transformers.__version__}", file=sys.stderr)
+    for name in args.archs or ARCHS:
+        print(json.dumps(make(name, args.llama_cpp)))
+
+
+if __name__ == "__main__":
+    main()
