@@ -14,7 +14,8 @@ Each fixture is <arch>.gguf (f32 weights) and <arch>.npz (tokens int32 [N], logi
 Weights are drawn with a larger spread than transformers' init, and norms and biases are randomised too,
 so that a missing bias or norm shows in the logits. The tokenizer is a byte-level BPE trained here on a
 fixed text, with the pre-tokenizer of the family it stands for (the converter recognises tokenizers by a
-checksum of their output, so the script tells it the pre-tokenizer name instead).
+checksum of their output, so the script tells it the pre-tokenizer name instead), or, for the SentencePiece
+families, a SentencePiece BPE model with byte fallback trained on the same text.
 """
 from __future__ import annotations
 
@@ -52,8 +53,8 @@ BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_
 @dataclass
 class Arch:
     config: str                     # transformers config class
-    pre: str                        # tokenizer.ggml.pre the converter is told
-    split: str                      # the pre-tokenizer regex the HF tokenizer uses
+    pre: str | None                 # byte-level BPE: tokenizer.ggml.pre the converter is told; None: SentencePiece
+    split: str = ""                 # BPE: the pre-tokenizer regex the HF tokenizer uses
     kw: dict = field(default_factory=dict)
 
 
@@ -64,7 +65,33 @@ ARCHS = {
         rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=131072,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64})),
+    "mistral": Arch("MistralConfig", None, kw=dict(sliding_window=None, tie_word_embeddings=False)),
+    "phi3": Arch("Phi3Config", None, kw=dict(pad_token_id=0, sliding_window=None, original_max_position_embeddings=1024,
+                                             tie_word_embeddings=False)),
+    "gemma2": Arch("Gemma2Config", None, kw=dict(
+        head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        sliding_window=32, hidden_activation="gelu_pytorch_tanh", pad_token_id=0, tie_word_embeddings=True)),
 }
+
+
+def make_spm_tokenizer(directory: Path) -> int:
+    """A SentencePiece BPE model with byte fallback (the llama/mistral/phi3/gemma kind): tokenizer.model, and
+    the token count."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 4), model_writer=model, vocab_size=VOCAB, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False, add_dummy_prefix=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True}))
+    return spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
 
 
 def make_tokenizer(split: str, directory: Path):
@@ -110,14 +137,15 @@ def make_model(arch: Arch, n_vocab: int, directory: Path):
     return model
 
 
-def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str, name: str) -> None:
+def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str | None, name: str) -> None:
     """Run llama.cpp's convert_hf_to_gguf.py in this process, telling it the pre-tokenizer by name."""
     sys.path[:0] = [str(llama_cpp / "gguf-py"), str(llama_cpp)]
     for mod in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
         del sys.modules[mod]           # the converter must use the gguf-py it ships with
     conv = importlib.import_module("convert_hf_to_gguf")
     base = importlib.import_module("conversion.base")
-    base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+    if pre is not None:
+        base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
     argv = sys.argv
     sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", "f32",
                 "--model-name", f"kvgraph-tiny-{name}"]
@@ -134,14 +162,14 @@ def make(name: str, llama_cpp: Path) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        tok = make_tokenizer(arch.split, d)
-        model = make_model(arch, len(tok), d)
+        n_vocab = len(make_tokenizer(arch.split, d)) if arch.pre else make_spm_tokenizer(d)
+        model = make_model(arch, n_vocab, d)
         convert(llama_cpp, d, OUT / f"{name}.gguf", arch.pre, name)
-    tokens = np.random.default_rng(SEED).integers(0, len(tok), N_TOKENS).astype(np.int32)
+    tokens = np.random.default_rng(SEED).integers(0, n_vocab, N_TOKENS).astype(np.int32)
     with torch.no_grad():
         logits = model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0].float().numpy()
     np.savez_compressed(OUT / f"{name}.npz", tokens=tokens, logits=logits.astype(np.float32))
-    return {"arch": name, "config": arch.config, "n_vocab": len(tok), "gguf_bytes": (OUT / f"{name}.gguf").stat().st_size}
+    return {"arch": name, "config": arch.config, "n_vocab": n_vocab, "gguf_bytes": (OUT / f"{name}.gguf").stat().st_size}
 
 
 def main() -> None:

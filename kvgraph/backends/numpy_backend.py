@@ -117,6 +117,16 @@ def _k_gelu(t, out, x):
     return lambda: _gelu_into(x, out)
 
 
+def _k_softcap(t, out, x):
+    cap, inv = np.float32(t.p["cap"]), np.float32(1.0 / t.p["cap"])
+
+    def run():
+        np.multiply(x, inv, out=out)
+        np.tanh(out, out=out)
+        np.multiply(out, cap, out=out)
+    return run
+
+
 def _k_swiglu(t, out, gate, up):
     def run():
         _silu_into(gate, out)
@@ -318,6 +328,7 @@ def _rope_kernel(t: Tensor, out, x, cos, sin) -> Kernel:
 KERNELS: dict[str, Callable[..., Kernel]] = {
     "matmul": _k_matmul, "get_rows": _k_get_rows, "add": _k_add, "mul": _k_mul, "scale": _k_scale,
     "cont": _k_cont, "rms_norm": _k_rms_norm, "silu": _k_silu, "gelu": _k_gelu, "swiglu": _k_swiglu,
+    "softcap": _k_softcap,
     "geglu": _k_geglu, "softmax": _k_softmax, "flash_attn": _k_flash_attn, "set_rows": _k_set_rows,
     "concat_rows": _k_concat_rows, "ssm_conv": _k_ssm_conv, "ssm_scan": _k_ssm_scan,
 }

@@ -550,7 +550,7 @@ KERNELS: dict[str, Callable[..., Kernel]] = {
     "silu": _k_silu, "gelu": _k_gelu, "swiglu": _k_swiglu, "geglu": _k_geglu, "softmax": _k_softmax,
     # state writes, recurrent ops and row gathers of activations: the numpy kernels (cheap, exact)
     "get_rows": npb._k_get_rows, "set_rows": npb._k_set_rows, "concat_rows": npb._k_concat_rows,
-    "ssm_conv": npb._k_ssm_conv, "ssm_scan": npb._k_ssm_scan,
+    "ssm_conv": npb._k_ssm_conv, "ssm_scan": npb._k_ssm_scan, "softcap": npb._k_softcap,
 }
 
 

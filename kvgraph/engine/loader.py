@@ -45,7 +45,10 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
     if constants:
         model = cls(dataclasses.replace(cfg, extra={**cfg.extra, **constants}))
         cfg = model.cfg
-    unused = sorted(set(gf.tensors) - set(model.shapes) - set(model.constant_shapes()))
+    derived = model.derived_tensors()
+    _split_fused(gf, derived)
+    used = set(model.shapes) | set(model.constant_shapes()) | {src for src, _, _ in derived.values()}
+    unused = sorted(set(gf.tensors) - used)
     if unused:
         # As llama.cpp refuses a file with an unexpected tensor count: a tensor that kvgraph would ignore
         # may change the computation (llama3's rope_freqs once did), so running without it is not an option.
@@ -64,6 +67,20 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters "
                             f"say {shape}; the file is inconsistent.")
     return gf, cfg, model
+
+
+def _split_fused(gf: GGUFFile, derived: dict[str, tuple[str, int, int]]) -> None:
+    """Present each fused file tensor as the parts the architecture names (views, no copies)."""
+    file_tensors = dict(gf.tensors)
+    for name, (src, start, n) in derived.items():
+        info = file_tensors.get(src)
+        if info is None:
+            raise GGUFError(f"{gf.path}: tensor {src!r} is missing; the {gf.architecture} architecture needs it "
+                            "(incomplete or wrongly converted file).")
+        if len(info.shape) != 2 or start + n > info.shape[0]:
+            raise GGUFError(f"{gf.path}: tensor {src!r} has shape {info.shape}, too small to hold {name!r} (rows "
+                            f"{start}..{start + n}); the file is inconsistent.")
+        gf.tensors[name] = info.row_range(name, start, n)
 
 
 def _read_constants(gf: GGUFFile, model: Model) -> dict[str, tuple[float, ...]]:

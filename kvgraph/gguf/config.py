@@ -106,6 +106,6 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
         rope_base_swa=m.float("rope.freq_base_swa", 10000.0),
         rope_freq_scale=1.0 / m.float("rope.scaling.factor", 1.0)
         if md.get(f"{arch}.rope.scaling.type", "none") == "linear" else 1.0,
-        sliding_window=m.int("attention.sliding_window"),
+        sliding_window=m.int("attention.sliding_window", minimum=0) or None,   # 0: no window (Phi-3's files)
         final_logit_softcap=m.float("final_logit_softcapping"),
     )

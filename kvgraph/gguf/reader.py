@@ -79,6 +79,12 @@ class TensorInfo:
     def n_elements(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
 
+    def row_range(self, name: str, start: int, n: int) -> "TensorInfo":
+        """Rows [start, start + n) of a 2-D tensor as a tensor of its own: a fused file tensor (Phi-3's
+        attn_qkv) seen as the parts an architecture names. A view of the same memory-mapped bytes."""
+        return TensorInfo(name, self.type_name, (n,) + self.shape[1:], self.n_bytes // self.shape[0] * n,
+                          self.data[start:start + n])
+
 
 def _corrupt(path: Path, what: str) -> GGUFError:
     return GGUFError(f"{path}: {what}. {_FIX}")

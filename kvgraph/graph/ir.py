@@ -162,6 +162,12 @@ class GraphBuilder:
         """GELU, tanh approximation (ggml_gelu)."""
         return self._node("gelu", (x,), x.shape)
 
+    def softcap(self, x: Tensor, cap: float) -> Tensor:
+        """cap * tanh(x / cap): Gemma 2's soft-capping of attention scores and final logits."""
+        if not cap > 0:
+            raise ValueError(f"softcap: cap must be > 0, got {cap}")
+        return self._node("softcap", (x,), x.shape, cap=float(cap))
+
     def swiglu(self, gate: Tensor, up: Tensor) -> Tensor:
         """silu(gate) * up, fused."""
         return self._node("swiglu", (gate, up), _broadcast(gate.shape, up.shape))

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from .base import BuildIO, Model
+from .gemma2 import Gemma2Model
 from .gemma3 import Gemma3Model
 from .hybrid import HybridModel
 from .llama import LlamaModel
+from .phi3 import Phi3Model
 from .qwen2 import Qwen2Model
 from .qwen3 import Qwen3Model
 
@@ -14,7 +16,9 @@ ARCHITECTURES: dict[str, type[Model]] = {
     Gemma3Model.arch: Gemma3Model,
     Qwen2Model.arch: Qwen2Model,
     Qwen3Model.arch: Qwen3Model,
+    Phi3Model.arch: Phi3Model,
+    Gemma2Model.arch: Gemma2Model,
 }
 
 __all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel", "Gemma3Model", "Qwen2Model",
-           "Qwen3Model"]
+           "Qwen3Model", "Phi3Model", "Gemma2Model"]

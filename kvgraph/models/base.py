@@ -60,6 +60,11 @@ class Model:
 
     optional_tensors: frozenset[str] = frozenset()
 
+    def derived_tensors(self) -> dict[str, tuple[str, int, int]]:
+        """Tensors the architecture reads as row ranges of a fused file tensor: name -> (file tensor, first
+        row, rows). A name may reuse its source's (Phi-3's ffn_up holds gate and up)."""
+        return {}
+
     def constant_shapes(self) -> dict[str, tuple[int, ...]]:
         """Small tensors the file may hold that are constants of the graph, not weights (llama3's
         rope_freqs.weight): the loader reads them into cfg.extra[name] as float tuples."""

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 
-from ..errors import GGUFError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
-from ..memory.kv_cache import KVCache
 from .base import BuildIO, Model
-from .layers import attention, split_heads
+from .layers import attention, split_heads, swa_memories, swa_pattern
 
 DEFAULT_SWA_PATTERN = 6   # llama.cpp's gemma3 default: every 6th layer is global
 
@@ -22,21 +21,10 @@ class Gemma3Model(Model):
 
     @classmethod
     def read_extra(cls, m: MetadataView):
-        n_layer = m.int("block_count", required=True)
-        window = m.int("attention.sliding_window", required=True)
-        pattern = m.md.get(f"{m.arch}.attention.sliding_window_pattern", DEFAULT_SWA_PATTERN)
-        if isinstance(pattern, list):          # per-layer flags: true = sliding window
-            if len(pattern) != n_layer:
-                raise GGUFError(f"{m.source}: sliding_window_pattern has {len(pattern)} entries for {n_layer} layers.")
-            swa = tuple(bool(p) for p in pattern)
-        elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 1:
-            swa = tuple(il % pattern < pattern - 1 for il in range(n_layer))
-        else:
-            raise GGUFError(f"{m.source}: bad attention.sliding_window_pattern {pattern!r}.")
         if m.float("final_logit_softcapping") or m.float("attn_logit_softcapping"):
             raise UnsupportedModelError(f"{m.source}: logit soft-capping (Gemma 2 style) is not supported.")
-        return {"sliding_window": window, "swa_layers": swa,
-                "attention_scale": m.float("attention.scale")}
+        return {"sliding_window": m.int("attention.sliding_window", required=True),
+                "swa_layers": swa_pattern(m, DEFAULT_SWA_PATTERN), "attention_scale": m.float("attention.scale")}
 
     def tensor_shapes(self):
         c = self.cfg
@@ -66,19 +54,8 @@ class Gemma3Model(Model):
         return self.cfg.extra["swa_layers"]
 
     def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
-        c, e = self.cfg, self.cfg.extra
-        local = [i for i in range(c.n_layer) if self.swa_layers[i]]
-        full = [i for i in range(c.n_layer) if not self.swa_layers[i]]
-        mems = {}
-        if full:
-            mems["kv"] = KVCache("kv", full, n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v,
-                                 v_trans=not flash_attn, alloc=alloc)
-        if local:
-            # A ubatch needs the window's previous tokens plus its own: window + n_ubatch cells, padded.
-            cells = min(n_ctx, -(-(e["sliding_window"] + n_ubatch) // 256) * 256)
-            mems["kv_swa"] = KVCache("kv_swa", local, cells, c.n_head_kv, c.head_dim_k, c.head_dim_v,
-                                     v_trans=not flash_attn, alloc=alloc, sliding_window=e["sliding_window"])
-        return mems
+        return swa_memories(self.cfg, self.swa_layers, self.cfg.extra["sliding_window"], n_ctx, n_ubatch, alloc,
+                            flash_attn)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c, e = self.cfg, self.cfg.extra

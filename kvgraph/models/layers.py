@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import math
 
+from ..errors import GGUFError
 from ..graph.ir import GraphBuilder, Tensor
 from ..memory.kv_cache import KVAttention, KVCache
 
 
 def attention(g: GraphBuilder, attn: KVAttention, il: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
-              flash: bool) -> Tensor:
+              flash: bool, softcap: float | None = None) -> Tensor:
     """Store this ubatch's K/V for layer il, attend over the KV window; q [n, H, d], k/v [n, Hkv, d].
     Returns [n, H * dv]. flash=True: one fused op over a row-major V cache; flash=False: ggml's non-flash
-    path (KQ matmul, masked softmax, KQV matmul against a transposed V cache)."""
+    path (KQ matmul, masked softmax, KQV matmul against a transposed V cache). softcap: scores become
+    softcap * tanh(scores / softcap) before the mask (Gemma 2); the non-flash path only."""
     n, n_head, d = q.shape
     n_head_kv = k.shape[1]
     group = n_head // n_head_kv
     k_win, v_win = attn.store(il, k, v)
     if flash:
+        if softcap:
+            raise ValueError("attention: soft-capping needs the non-flash path (a transposed V cache)")
         out = g.flash_attn(q, k_win, v_win, attn.mask, scale)
         return g.reshape(out, (n, n_head * out.shape[2]))
     n_kv = attn.n_kv
@@ -26,6 +30,8 @@ def attention(g: GraphBuilder, attn: KVAttention, il: int, q: Tensor, k: Tensor,
     # Heads h = kvh * group + j share kv head kvh: group the query heads so one batched matmul per kv head.
     qh = g.reshape(g.cont(g.permute(q, (1, 0, 2))), (n_head_kv, group * n, d))
     kq = g.matmul(qh, g.permute(k_win, (1, 0, 2)))                      # [Hkv, group*n, n_kv]
+    if softcap:
+        kq, scale = g.softcap(g.scale(kq, scale), softcap), 1.0
     kq = g.softmax(g.reshape(kq, (n_head_kv, group, n, n_kv)), attn.mask, scale)
     kqv = g.matmul(g.reshape(kq, (n_head_kv, group * n, n_kv)), v_win)  # v_win [Hkv, dv, n_kv]
     out = g.cont(g.permute(g.reshape(kqv, (n_head, n, dv)), (1, 0, 2)))
@@ -68,9 +74,12 @@ def rms_norm(g: GraphBuilder, x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, bias: bool = False,
-                   qk_norm: bool = False, freq_factors=None) -> Tensor:
-    """Layer i's attention of the normed input h [n, n_embd] over the "kv" memory: projections (+ biases),
-    per-head q/k norm, RoPE, attention; returns [n, n_head * head_dim_v], before the output projection."""
+                   qk_norm: bool = False, freq_factors=None, memory: str = "kv", rope_base: float | None = None,
+                   scale: float | None = None, softcap: float | None = None) -> Tensor:
+    """Layer i's attention of the normed input h [n, n_embd] over a KV memory ("kv", or a sliding-window
+    one): projections (+ biases), per-head q/k norm, RoPE (rope_base: the layer's own base), attention
+    (scale: default 1/sqrt(head_dim); softcap: Gemma 2's score capping, on the non-flash path); returns
+    [n, n_head * head_dim_v], before the output projection."""
     def proj(name: str, n_head: int) -> Tensor:
         y = g.matmul(h, w(f"blk.{i}.attn_{name}.weight"))
         if bias:
@@ -80,9 +89,11 @@ def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, 
     if qk_norm:
         q = rms_norm(g, q, w(f"blk.{i}.attn_q_norm.weight"), c.rms_eps)
         k = rms_norm(g, k, w(f"blk.{i}.attn_k_norm.weight"), c.rms_eps)
-    q, k = (g.rope(t, io.pos, c.rope_dims, c.rope_base, neox=neox, freq_scale=c.rope_freq_scale,
+    base = c.rope_base if rope_base is None else rope_base
+    q, k = (g.rope(t, io.pos, c.rope_dims, base, neox=neox, freq_scale=c.rope_freq_scale,
                    freq_factors=freq_factors) for t in (q, k))
-    return attention(g, io.memory("kv"), i, q, k, v, 1.0 / math.sqrt(c.head_dim_k), io.key.flash_attn)
+    return attention(g, io.memory(memory), i, q, k, v, scale or 1.0 / math.sqrt(c.head_dim_k),
+                     io.key.flash_attn and not softcap, softcap)
 
 
 def gated_ffn(g: GraphBuilder, w, i: int, h: Tensor, act: str = "swiglu") -> Tensor:
@@ -109,3 +120,34 @@ def kv_memory(c, n_ctx: int, alloc, flash_attn: bool) -> dict:
     """One KV cache for every layer."""
     return {"kv": KVCache("kv", range(c.n_layer), n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v,
                           v_trans=not flash_attn, alloc=alloc)}
+
+
+def swa_pattern(m, default: int) -> tuple[bool, ...]:
+    """Which layers use the sliding window (True), from attention.sliding_window_pattern: per-layer flags,
+    or a period p (every p-th layer global: layer il is local when il % p < p - 1), default `default`."""
+    n_layer = m.int("block_count", required=True)
+    pattern = m.md.get(f"{m.arch}.attention.sliding_window_pattern", default)
+    if isinstance(pattern, list):          # per-layer flags: true = sliding window
+        if len(pattern) != n_layer:
+            raise GGUFError(f"{m.source}: sliding_window_pattern has {len(pattern)} entries for {n_layer} layers.")
+        return tuple(bool(p) for p in pattern)
+    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 1:
+        return tuple(il % pattern < pattern - 1 for il in range(n_layer))
+    raise GGUFError(f"{m.source}: bad attention.sliding_window_pattern {pattern!r}.")
+
+
+def swa_memories(c, swa_layers, window: int, n_ctx: int, n_ubatch: int, alloc, flash_attn: bool) -> dict:
+    """Interleaved sliding-window attention: the global layers' full KV cache ("kv") and the local layers'
+    window-sized one ("kv_swa"), both ordinary KV memories with their own write indices and masks."""
+    local = [i for i in range(c.n_layer) if swa_layers[i]]
+    full = [i for i in range(c.n_layer) if not swa_layers[i]]
+    mems = {}
+    if full:
+        mems["kv"] = KVCache("kv", full, n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v, v_trans=not flash_attn,
+                             alloc=alloc)
+    if local:
+        # A ubatch needs the window's previous tokens plus its own: window + n_ubatch cells, padded.
+        cells = min(n_ctx, -(-(window + n_ubatch) // 256) * 256)
+        mems["kv_swa"] = KVCache("kv_swa", local, cells, c.n_head_kv, c.head_dim_k, c.head_dim_v,
+                                 v_trans=not flash_attn, alloc=alloc, sliding_window=window)
+    return mems
