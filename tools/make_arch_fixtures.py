@@ -74,9 +74,9 @@ ARCHS = {
 }
 
 
-def make_spm_tokenizer(directory: Path) -> int:
-    """A SentencePiece BPE model with byte fallback (the llama/mistral/phi3/gemma kind): tokenizer.model, and
-    the token count."""
+def make_spm_tokenizer(directory: Path) -> tuple[int, int, int]:
+    """A SentencePiece BPE model with byte fallback (the llama/mistral/phi3/gemma kind): tokenizer.model; the
+    token count and the bos and eos ids."""
     import io
 
     import sentencepiece as spm
@@ -91,10 +91,11 @@ def make_spm_tokenizer(directory: Path) -> int:
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
          "add_bos_token": True}))
-    return spm.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    return sp.vocab_size(), sp.bos_id(), sp.eos_id()
 
 
-def make_tokenizer(split: str, directory: Path):
+def make_tokenizer(split: str, directory: Path) -> tuple[int, int, int]:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -113,16 +114,17 @@ def make_tokenizer(split: str, directory: Path):
                           "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
                           "{% endif %}")
     fast.save_pretrained(directory)
-    return fast
+    return len(fast), fast.bos_token_id, fast.eos_token_id
 
 
-def make_model(arch: Arch, n_vocab: int, directory: Path):
+def make_model(arch: Arch, vocab: tuple[int, int, int], directory: Path):
     import torch
     import transformers
 
     torch.manual_seed(SEED)
-    cfg = getattr(transformers, arch.config)(**{**BASE, **arch.kw, "vocab_size": n_vocab, "bos_token_id": 0,
-                                                 "eos_token_id": 2})
+    n_vocab, bos, eos = vocab
+    cfg = getattr(transformers, arch.config)(**{**BASE, **arch.kw, "vocab_size": n_vocab, "bos_token_id": bos,
+                                                 "eos_token_id": eos})
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -162,8 +164,9 @@ def make(name: str, llama_cpp: Path) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        n_vocab = len(make_tokenizer(arch.split, d)) if arch.pre else make_spm_tokenizer(d)
-        model = make_model(arch, n_vocab, d)
+        vocab = make_tokenizer(arch.split, d) if arch.pre else make_spm_tokenizer(d)
+        model = make_model(arch, vocab, d)
+        n_vocab = vocab[0]
         convert(llama_cpp, d, OUT / f"{name}.gguf", arch.pre, name)
     tokens = np.random.default_rng(SEED).integers(0, n_vocab, N_TOKENS).astype(np.int32)
     with torch.no_grad():

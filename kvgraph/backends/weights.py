@@ -17,7 +17,7 @@ class PackedWeight:
     or `dense_form(array)` for an F32 matrix) and `rows` (row lookup from the raw file data)."""
 
     def __init__(self, gguf_file, name: str, matrix_form: Callable, dense_form: Callable):
-        info = gguf_file.tensors[name]
+        info = gguf_file.tensor(name)
         self.name, self.type_name, self.shape = name, info.type_name, tuple(info.shape)
         self._file, self._matrix_form = gguf_file, matrix_form
         self.dense: np.ndarray | None = None
@@ -37,7 +37,7 @@ class PackedWeight:
 
     def matrix(self):
         if self.mat is None:
-            self.mat = self._matrix_form(self._file.tensors[self.name].data, self.type_name, self.shape, self.name)
+            self.mat = self._matrix_form(self._file.tensor(self.name).data, self.type_name, self.shape, self.name)
         return self.mat
 
     def array(self) -> np.ndarray:
@@ -50,6 +50,6 @@ class PackedWeight:
         if self.dense is not None:
             return row_reader(self.dense, "F32", self.shape)
         if self._rows is None:
-            info = self._file.tensors[self.name]
+            info = self._file.tensor(self.name)
             self._rows = row_reader(info.data, info.type_name, self.shape)
         return self._rows

@@ -9,6 +9,7 @@ from typing import Any
 
 def model_info(path: str | Path) -> dict[str, Any]:
     from ..engine.loader import open_model
+    from ..models import ARCHITECTURES
     from ..tokenizer import Tokenizer
 
     gf, cfg, model = open_model(path)
@@ -39,6 +40,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
             "eos_id": tok.eos_id, "eog_ids": sorted(tok.eog_ids), "add_bos": tok.add_bos,
             "chat_template": tok.chat_template_source,
         },
+        "supported_architectures": sorted(ARCHITECTURES),
     }
 
 
@@ -66,3 +68,4 @@ def render_info(info: dict[str, Any]) -> None:
     console.print(f"tokenizer: {tk['model']} (pre: {tk['pre']}), vocab {tk['vocab_size']}, bos {tk['bos_id']} "
                   f"(added: {tk['add_bos']}), eos {tk['eos_id']}, end-of-generation {tk['eog_ids']}, "
                   f"chat template: {tk['chat_template']}")
+    console.print(f"kvgraph runs: {', '.join(info['supported_architectures'])}")

@@ -57,7 +57,7 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
             f"{', ...' if len(unused) > 3 else ''}); running without them would compute something else, so the "
             "file is refused.")
     for name, shape in model.shapes.items():
-        info = gf.tensors.get(name)
+        info = gf.tensor(name)
         if info is None:
             if name in model.optional_tensors:
                 continue
@@ -71,16 +71,15 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
 
 def _split_fused(gf: GGUFFile, derived: dict[str, tuple[str, int, int]]) -> None:
     """Present each fused file tensor as the parts the architecture names (views, no copies)."""
-    file_tensors = dict(gf.tensors)
     for name, (src, start, n) in derived.items():
-        info = file_tensors.get(src)
+        info = gf.tensors.get(src)
         if info is None:
             raise GGUFError(f"{gf.path}: tensor {src!r} is missing; the {gf.architecture} architecture needs it "
                             "(incomplete or wrongly converted file).")
         if len(info.shape) != 2 or start + n > info.shape[0]:
             raise GGUFError(f"{gf.path}: tensor {src!r} has shape {info.shape}, too small to hold {name!r} (rows "
                             f"{start}..{start + n}); the file is inconsistent.")
-        gf.tensors[name] = info.row_range(name, start, n)
+        gf.add_view(info.row_range(name, start, n))
 
 
 def _read_constants(gf: GGUFFile, model: Model) -> dict[str, tuple[float, ...]]:
@@ -107,7 +106,7 @@ def load_model(path: str | os.PathLike[str], backend: Any) -> LoadedModel:
     tokenizer = Tokenizer.from_metadata(gf.metadata)
     weights: dict[str, Any] = {}
     for name in model.shapes:
-        if name in gf.tensors:
+        if gf.tensor(name) is not None:
             weights[name] = backend.load_weight(gf, name)
     # Tied output: reuse the embedding rather than a second copy.
     for name in model.optional_tensors:

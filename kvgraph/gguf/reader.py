@@ -229,6 +229,7 @@ class GGUFFile:
             self.metadata[key] = p.value(vtype, f"metadata {key!r}")
         raw = [self._read_tensor_info(p, i) for i in range(n_tensors)]
         self.tensors: dict[str, TensorInfo] = {}
+        self.views: dict[str, TensorInfo] = {}
         self._build_tensors(p, mm, raw)
 
     def _read_tensor_info(self, p: _Parser, i: int) -> tuple[str, tuple[int, ...], int, int]:
@@ -303,9 +304,18 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    def add_view(self, info: TensorInfo) -> None:
+        """Present a part of a file tensor under its own name (TensorInfo.row_range); `tensors` stays the
+        file's own list."""
+        self.views[info.name] = info
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        """The tensor or view called name (None if there is none)."""
+        return self.views.get(name) or self.tensors.get(name)
+
     def dequantize(self, name: str) -> np.ndarray:
         """The tensor as a contiguous float32 array in numpy shape."""
-        info = self.tensors[name]
+        info = self.tensor(name)
         if info.type_name == "F32":
             arr = np.asarray(info.data, dtype=np.float32)
         else:
