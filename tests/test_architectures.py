@@ -16,7 +16,7 @@ REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
 
 
 def test_every_fixture_is_here():
-    assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2"}
+    assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba"}
 
 
 def rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
@@ -102,3 +102,36 @@ def test_a_file_with_tensors_the_architecture_does_not_use_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"6 tensor\(s\) that kvgraph's llama does not use "
                                                     r"\(blk\.0\.attn_k\.bias, blk\.0\.attn_q\.bias, "):
         LLM(str(path), backend="numpy")
+
+
+RECURRENT = [n for n in FIXTURES if n in ("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2")]
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_removing_a_sequence_frees_its_recurrent_state(name):
+    from kvgraph.graph.inputs import UBatch
+    path, tokens, ref = fixture(name)
+    llm = LLM(str(path), backend="numpy", n_ctx=64)
+    rs = llm.ctx.memories["rs"]
+    for seq in range(rs.n_slots):             # every slot taken
+        llm.ctx.decode(UBatch.single(tokens[:5], 0, seq))
+    with pytest.raises(Exception, match="recurrent state slots are in use"):
+        llm.ctx.decode(UBatch.single(tokens[:5], 0, rs.n_slots))
+    assert not llm.ctx.seq_rm(3, 2)           # a state cannot rewind to position 2
+    assert llm.ctx.seq_rm(3) and 3 not in rs.slot_of
+    # the freed slot serves a new sequence, which starts from a zero state (equal to a fresh run)
+    got = llm.ctx.decode(UBatch.single(tokens[:20], 0, rs.n_slots, all_outputs=True))
+    assert rel_diff(got, ref[:20]) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", RECURRENT)
+def test_interleaved_or_unequal_sequences_are_refused_by_recurrent_layers(name):
+    from kvgraph.errors import InvalidArgumentError
+    from kvgraph.graph.inputs import UBatch
+    path, tokens, _ = fixture(name)
+    llm = LLM(str(path), backend="numpy", n_ctx=64)
+    for seqs in ([0, 1, 0, 1], [0, 0, 0, 1]):
+        ub = UBatch(tokens[:4].astype(np.int32), np.array([0, 0, 1, 1] if seqs[1] else [0, 1, 2, 0], np.int32),
+                    np.array(seqs, np.int32), np.arange(4, dtype=np.int32))
+        with pytest.raises(InvalidArgumentError, match="whole, equally long sequences"):
+            llm.ctx.decode(ub)

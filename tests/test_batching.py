@@ -98,14 +98,15 @@ def test_queue_limit_and_context_limit(llm):
         sched.submit(Request(llm.tokenize("e"), max_tokens=2))
 
 
-def test_recurrent_models_are_served_one_sequence_per_step(tmp_path):
+def test_recurrent_models_decode_their_sequences_together(tmp_path):
+    """Each sequence of a decode ubatch reads and writes its own state slot (attention + recurrent layers)."""
     from tiny_models import write_tiny_hybrid
     path = tmp_path / "hybrid.gguf"
     write_tiny_hybrid(path)
     llm = LLM(str(path), n_ctx=64)
     expected = [alone(llm, p, 6) for p in PROMPTS[:3]]
     sched = scheduler(llm, 3)
-    assert not sched.batch_decode
     reqs = [sched.submit(Request(llm.tokenize(p), max_tokens=6, ignore_eos=True)) for p in PROMPTS[:3]]
     assert [r.wait(timeout=60).ids for r in reqs] == expected
     sched.shutdown()
+    assert sched.stats.batch_rows_total > sched.stats.decode_steps

@@ -46,10 +46,13 @@ def random_blocks(type_name: str, rows: int, cols: int) -> np.ndarray:
 
 
 class FakeFile:
-    """Just enough of GGUFFile for TorchWeight: tensors (raw GGUF data) and dequantize."""
+    """Just enough of GGUFFile for TorchWeight: tensors (raw GGUF data), tensor() and dequantize."""
 
     def __init__(self):
         self.tensors: dict[str, TensorInfo] = {}
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        return self.tensors.get(name)
 
     def add(self, name: str, value: np.ndarray | None = None, qtype: str = "F32", shape=None) -> np.ndarray:
         """Store value as qtype (or random blocks when value is None); returns the dequantized float32."""

@@ -38,6 +38,7 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"|\s+(?!\S)|\s+")
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 CORPUS = """The cat sat on the mat. A quick brown fox jumps over the lazy dog; 0123456789 and 3.14159.
 Once upon a time, in a land far away, there lived a small model with a tiny vocabulary.
 Ask not what your graph can do for you -- ask what you can cache for your graph!
@@ -56,6 +57,7 @@ class Arch:
     pre: str | None                 # byte-level BPE: tokenizer.ggml.pre the converter is told; None: SentencePiece
     split: str = ""                 # BPE: the pre-tokenizer regex the HF tokenizer uses
     kw: dict = field(default_factory=dict)
+    vocab_multiple: int = 1         # the model's vocabulary padded to a multiple (Mamba's converter pads to 8)
 
 
 ARCHS = {
@@ -71,6 +73,9 @@ ARCHS = {
     "gemma2": Arch("Gemma2Config", None, kw=dict(
         head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
         sliding_window=32, hidden_activation="gelu_pytorch_tanh", pad_token_id=0, tie_word_embeddings=True)),
+    "mamba": Arch("MambaConfig", "gpt-2", GPT2_SPLIT, dict(
+        state_size=16, expand=2, conv_kernel=4, time_step_rank=4, use_bias=False, use_conv_bias=True,
+        layer_norm_epsilon=1e-5, tie_word_embeddings=True), vocab_multiple=8),
 }
 
 
@@ -164,11 +169,11 @@ def make(name: str, llama_cpp: Path) -> dict:
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        vocab = make_tokenizer(arch.split, d) if arch.pre else make_spm_tokenizer(d)
-        model = make_model(arch, vocab, d)
-        n_vocab = vocab[0]
+        n_tokens, bos, eos = make_tokenizer(arch.split, d) if arch.pre else make_spm_tokenizer(d)
+        n_vocab = -(-n_tokens // arch.vocab_multiple) * arch.vocab_multiple
+        model = make_model(arch, (n_vocab, bos, eos), d)
         convert(llama_cpp, d, OUT / f"{name}.gguf", arch.pre, name)
-    tokens = np.random.default_rng(SEED).integers(0, n_vocab, N_TOKENS).astype(np.int32)
+    tokens = np.random.default_rng(SEED).integers(0, n_tokens, N_TOKENS).astype(np.int32)
     with torch.no_grad():
         logits = model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0].float().numpy()
     np.savez_compressed(OUT / f"{name}.npz", tokens=tokens, logits=logits.astype(np.float32))

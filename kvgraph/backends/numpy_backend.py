@@ -212,7 +212,9 @@ def _k_set_rows(t, out, dst, src, idx):
 
 
 def _k_concat_rows(t, out, a, b):
-    top, bottom = out[: a.shape[0]], out[a.shape[0]:]
+    lead = (slice(None),) * t.p.get("axis", 0)
+    na = a.shape[len(lead)]
+    top, bottom = out[lead + (slice(0, na),)], out[lead + (slice(na, None),)]
 
     def run():
         np.copyto(top, a)
@@ -221,9 +223,9 @@ def _k_concat_rows(t, out, a, b):
 
 
 def _k_ssm_conv(t, out, conv_x, w):
-    n, k = out.shape[0], w.shape[1]
+    n, k = out.shape[-2], w.shape[1]
     tmp = np.empty(out.shape, np.float32)
-    taps = [(conv_x[j: j + n], np.ascontiguousarray(w[:, j])) for j in range(k)]
+    taps = [(conv_x[..., j: j + n, :], np.ascontiguousarray(w[:, j])) for j in range(k)]
 
     def run():
         out.fill(0.0)
@@ -234,6 +236,9 @@ def _k_ssm_conv(t, out, conv_x, w):
 
 
 def _k_ssm_scan(t, out, h0, x, dt, a, b, c):
+    if x.ndim == 3:                            # S sequences, each from its own state
+        runs = [_k_ssm_scan(t, out[i], h0[i], x[i], dt[i], a, b[i], c[i]) for i in range(x.shape[0])]
+        return lambda: [r() for r in runs]
     n, d = x.shape
     h = np.empty(a.shape, np.float32)          # running state [d, s]
     sp = np.empty(dt.shape, np.float32)        # softplus(dt)
@@ -350,7 +355,7 @@ def _view(t: Tensor, src: np.ndarray) -> np.ndarray:
     if t.op == "view_cols":
         return src[..., : t.p["n"]]
     if t.op == "slice_rows":
-        return src[t.p["start"]: t.p["start"] + t.p["n"]]
+        return src[(slice(None),) * t.p.get("axis", 0) + (slice(t.p["start"], t.p["start"] + t.p["n"]),)]
     if t.op == "set_rows":
         return src
     raise AssertionError(t.op)

@@ -126,8 +126,6 @@ class BatchScheduler:
         self.n_ctx_per_seq = n_ctx_per_seq
         self.max_queue = max_queue
         self.buckets = bucket_sizes(parallel)
-        # Recurrent memories take one sequence per ubatch: decode their sequences one by one.
-        self.batch_decode = not any(getattr(m, "one_seq_per_ubatch", False) for m in ctx.memories.values())
         self.stats = SchedulerStats()
         self._queue: deque[Request] = deque()
         self._slots: dict[int, _Slot] = {}
@@ -276,12 +274,7 @@ class BatchScheduler:
                 self._guarded(slot.seq, self._sample_and_emit, slot, logits[-1])
 
     def _decode_step(self) -> None:
-        rows = [s for s in self._slots.values() if s.last_token is not None]
-        if self.batch_decode:
-            self._decode_rows(rows)
-        else:
-            for row in rows:
-                self._decode_rows([row])
+        self._decode_rows([s for s in self._slots.values() if s.last_token is not None])
 
     def _decode_rows(self, rows: list[_Slot]) -> None:
         if not rows:

@@ -92,7 +92,9 @@ class Context:
         st.build_s += t1 - t0
         st.plan_s += t2 - t1
         st.compile_s += t3 - t2
-        return CacheEntry(key, g.graph, plan, program, io.inputs)
+        # An input the graph never reads (positions in a model without RoPE) was pruned: nothing to fill.
+        inputs = [(inp, owner) for inp, owner in io.inputs if inp.name in program.inputs]
+        return CacheEntry(key, g.graph, plan, program, inputs)
 
     def _verify(self, entry: CacheEntry) -> None:
         g = GraphBuilder()

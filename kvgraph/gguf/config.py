@@ -72,13 +72,16 @@ _REQUIRED = object()
 def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> ModelConfig:
     m = MetadataView(md, arch, source)
     n_embd = m.int("embedding_length", required=True)
-    n_head = m.int("attention.head_count", required=True)
-    n_head_kv = m.int("attention.head_count_kv", n_head)
-    head_dim_k = m.int("attention.key_length", n_embd // n_head)
-    head_dim_v = m.int("attention.value_length", n_embd // n_head)
-    if n_embd % n_head or n_head % n_head_kv:
-        raise GGUFError(f"{source}: {n_head} attention heads / {n_head_kv} kv heads do not divide "
-                        f"embedding length {n_embd}; the file is corrupt.")
+    n_head = m.int("attention.head_count", required=True, minimum=0)
+    if n_head == 0:        # no attention at all (Mamba): no attention hyper-parameters either
+        n_head_kv = head_dim_k = head_dim_v = 0
+    else:
+        n_head_kv = m.int("attention.head_count_kv", n_head)
+        head_dim_k = m.int("attention.key_length", n_embd // n_head)
+        head_dim_v = m.int("attention.value_length", n_embd // n_head)
+        if n_embd % n_head or n_head % n_head_kv:
+            raise GGUFError(f"{source}: {n_head} attention heads / {n_head_kv} kv heads do not divide "
+                            f"embedding length {n_embd}; the file is corrupt.")
     tokens = md.get("tokenizer.ggml.tokens")
     n_vocab = m.int("vocab_size", len(tokens) if isinstance(tokens, list) else None)
     if n_vocab is None:
@@ -93,7 +96,7 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
         name=str(md.get("general.name", arch)),
         n_layer=m.int("block_count", required=True),
         n_embd=n_embd,
-        n_ff=m.int("feed_forward_length", required=True),
+        n_ff=m.int("feed_forward_length", required=True, minimum=0),
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim_k=head_dim_k,
@@ -101,7 +104,7 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
         n_vocab=n_vocab,
         n_ctx_train=m.int("context_length", 2048),
         rms_eps=m.float("attention.layer_norm_rms_epsilon", 1e-5),
-        rope_dims=m.int("rope.dimension_count", head_dim_k),
+        rope_dims=m.int("rope.dimension_count", head_dim_k, minimum=0),
         rope_base=m.float("rope.freq_base", 10000.0),
         rope_base_swa=m.float("rope.freq_base_swa", 10000.0),
         rope_freq_scale=1.0 / m.float("rope.scaling.factor", 1.0)

@@ -234,11 +234,12 @@ class GraphBuilder:
             raise ValueError(f"view_cols {n} of {x.shape}")
         return self._node("view_cols", (x,), x.shape[:-1] + (n,), n=int(n))
 
-    def slice_rows(self, x: Tensor, start: int, n: int) -> Tensor:
-        """Rows [start, start + n) of x (axis 0), as a view."""
-        if not (0 <= start and 0 < n and start + n <= x.shape[0]):
-            raise ValueError(f"slice_rows [{start}, {start + n}) of {x.shape}")
-        return self._node("slice_rows", (x,), (n,) + x.shape[1:], start=int(start), n=int(n))
+    def slice_rows(self, x: Tensor, start: int, n: int, axis: int = 0) -> Tensor:
+        """Rows [start, start + n) of x along axis (default 0), as a view."""
+        if not (0 <= axis < x.ndim and 0 <= start and 0 < n and start + n <= x.shape[axis]):
+            raise ValueError(f"slice_rows [{start}, {start + n}) of axis {axis} of {x.shape}")
+        shape = x.shape[:axis] + (n,) + x.shape[axis + 1:]
+        return self._node("slice_rows", (x,), shape, start=int(start), n=int(n), axis=int(axis))
 
     def set_rows(self, dst: Tensor, src: Tensor, idx: Tensor, transposed: bool = False, col: int = 0) -> Tensor:
         """Write src's rows into dst at row indices idx (an int32 input); returns dst after the write.
@@ -259,28 +260,31 @@ class GraphBuilder:
         return self._node("set_rows", (dst, src, idx), dst.shape, transposed=bool(transposed), col=int(col))
 
     # ---- recurrent (Mamba-like) layers ------------------------------------------------------------------
-    def concat_rows(self, a: Tensor, b: Tensor) -> Tensor:
-        """[a; b] along axis 0."""
-        if a.shape[1:] != b.shape[1:]:
-            raise ValueError(f"concat_rows {a.shape} {b.shape}")
-        return self._node("concat_rows", (a, b), (a.shape[0] + b.shape[0],) + a.shape[1:])
+    def concat_rows(self, a: Tensor, b: Tensor, axis: int = 0) -> Tensor:
+        """[a; b] along axis (default 0)."""
+        if a.ndim != b.ndim or not 0 <= axis < a.ndim or \
+                a.shape[:axis] + a.shape[axis + 1:] != b.shape[:axis] + b.shape[axis + 1:]:
+            raise ValueError(f"concat_rows {a.shape} {b.shape} along axis {axis}")
+        shape = a.shape[:axis] + (a.shape[axis] + b.shape[axis],) + a.shape[axis + 1:]
+        return self._node("concat_rows", (a, b), shape, axis=int(axis))
 
     def ssm_conv(self, conv_x: Tensor, w: Tensor) -> Tensor:
-        """Causal depthwise conv over time: conv_x [k-1+n, d] (previous k-1 inputs, then n new ones),
-        w [d, k] -> [n, d], y[t, c] = sum_j conv_x[t + j, c] * w[c, j]."""
+        """Causal depthwise conv over time, per sequence: conv_x [(S,) k-1+n, d] (previous k-1 inputs, then n
+        new ones), w [d, k] -> [(S,) n, d], y[t, c] = sum_j conv_x[t + j, c] * w[c, j]."""
         d, k = w.shape
-        if conv_x.shape[1] != d or conv_x.shape[0] < k:
+        if conv_x.ndim not in (2, 3) or conv_x.shape[-1] != d or conv_x.shape[-2] < k:
             raise ValueError(f"ssm_conv: x {conv_x.shape} w {w.shape}")
-        return self._node("ssm_conv", (conv_x, w), (conv_x.shape[0] - k + 1, d))
+        return self._node("ssm_conv", (conv_x, w), conv_x.shape[:-2] + (conv_x.shape[-2] - k + 1, d))
 
     def ssm_scan(self, h0: Tensor, x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        """Selective scan, per token t: h = exp(softplus(dt_t) * a) * h + softplus(dt_t) * x_t (outer) b_t;
-        y_t = h @ c_t, with h [d, s]. The state travels transposed: h0 is [s, d] and the result is [n + s, d]:
-        rows [0, n) are y, rows [n, n + s) the final state (one op, one output, as ggml's ssm_scan), so the
-        new state is a contiguous slice that can be written back without a copy. x/dt [n, d], a [d, s],
-        b/c [n, s]."""
-        n, d = x.shape
+        """Selective scan, per sequence and token t: h = exp(softplus(dt_t) * a) * h + softplus(dt_t) * x_t
+        (outer) b_t; y_t = h @ c_t, with h [d, s]. The state travels transposed: h0 is [(S,) s, d] and the
+        result is [(S,) n + s, d]: rows [0, n) are y, rows [n, n + s) the final state (one op, one output, as
+        ggml's ssm_scan), so the new state is a slice that can be written back without a copy. x/dt
+        [(S,) n, d], a [d, s], b/c [(S,) n, s]; S: sequences, each with its own state."""
+        lead, (n, d) = x.shape[:-2], x.shape[-2:]
         s = a.shape[1]
-        if h0.shape != (s, d) or dt.shape != (n, d) or a.shape != (d, s) or b.shape != (n, s) or c.shape != (n, s):
+        if (x.ndim not in (2, 3) or h0.shape != lead + (s, d) or dt.shape != x.shape or a.shape != (d, s)
+                or b.shape != lead + (n, s) or c.shape != lead + (n, s)):
             raise ValueError(f"ssm_scan: h0 {h0.shape} x {x.shape} dt {dt.shape} a {a.shape} b {b.shape} c {c.shape}")
-        return self._node("ssm_scan", (h0, x, dt, a, b, c), (n + s, d))
+        return self._node("ssm_scan", (h0, x, dt, a, b, c), lead + (n + s, d))

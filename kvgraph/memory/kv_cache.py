@@ -102,8 +102,8 @@ class KVCache:
         buf[visible] = 0.0
 
     # ---- graph side -------------------------------------------------------------------------------------
-    def build(self, g: GraphBuilder, n_tokens: int, n_kv: int) -> "KVAttention":
-        return KVAttention(self, g, n_tokens, n_kv)
+    def build(self, g: GraphBuilder, n_tokens: int, n_kv: int, n_seqs: int = 1) -> "KVAttention":
+        return KVAttention(self, g, n_tokens, n_kv)   # the mask says which cells each token sees
 
 
 class KVSlotsInput(GraphInput):

@@ -1,9 +1,11 @@
 """Recurrent state: one row per sequence per layer, holding whatever a recurrent layer carries between
-tokens (for the hybrid architecture: a conv window and an SSM state, side by side in one row).
+tokens (for Mamba: a conv window and an SSM state, side by side in one row).
 
-A ubatch's sequence is mapped to a state slot; the slot index is the graph's input (read with get_rows,
-written with set_rows), so the graph never changes as sequences come and go. A recurrent state cannot
-rewind: removing part of a sequence is refused (`seq_rm` returns False) and the caller starts it over.
+Each sequence of a ubatch is mapped to a state slot; the slot indices are the graph's input (read with
+get_rows, written with set_rows), so the graph never changes as sequences come and go. A ubatch may hold
+several sequences with the same number of tokens each, grouped (all of one sequence's tokens, then the
+next's): a batched decode step is the common case. A recurrent state cannot rewind: removing part of a
+sequence is refused (`seq_rm` returns False) and the caller starts it over.
 """
 from __future__ import annotations
 
@@ -17,8 +19,6 @@ from ..graph.ir import I32, GraphBuilder, Tensor
 
 
 class RecurrentState:
-    one_seq_per_ubatch = True   # schedulers must not mix sequences in one ubatch
-
     def __init__(self, name: str, layers: Sequence[int], n_slots: int, row_width: int,
                  alloc: Callable[[tuple[int, ...]], object]):
         self.name = name
@@ -28,7 +28,7 @@ class RecurrentState:
         self.buffers = {self.state_name(il): alloc((n_slots, row_width)) for il in self.layers}
         self.slot_of: dict[int, int] = {}
         self.pos_next: dict[int, int] = {}
-        self.slots = np.zeros(1, np.int32)   # the slot of the ubatch being processed
+        self.slots = np.zeros(1, np.int32)   # the slots of the ubatch's sequences, in ubatch order
 
     def state_name(self, il: int) -> str:
         return f"{self.name}.{il}"
@@ -50,49 +50,65 @@ class RecurrentState:
         return False
 
     def prepare(self, ub: UBatch) -> None:
-        seqs = ub.seq_ids
-        if len(seqs) != 1:
-            raise InvalidArgumentError("recurrent layers take one sequence per ubatch; split the batch by sequence.")
-        seq = seqs[0]
-        if seq not in self.slot_of:
-            free = sorted(set(range(self.n_slots)) - set(self.slot_of.values()))
-            if not free:
-                raise ContextOverflowError(f"all {self.n_slots} recurrent state slots are in use; "
-                                           "finish a sequence first or allow more sequences.")
-            self.slot_of[seq], self.pos_next[seq] = free[0], 0
-            for buf in self.buffers.values():
-                buf[free[0]] = 0            # a new sequence starts from a zero state
-        if int(ub.pos[0]) != self.pos_next[seq] or not np.all(np.diff(ub.pos) == 1):
-            raise InvalidArgumentError(
-                f"sequence {seq}: recurrent state is at position {self.pos_next[seq]} but the batch starts at "
-                f"{int(ub.pos[0])}; positions must continue without gaps.")
-        self.pos_next[seq] = int(ub.pos[-1]) + 1
-        self.slots[0] = self.slot_of[seq]
+        seqs, starts = _grouped_sequences(ub)
+        for seq in seqs:
+            if seq not in self.slot_of:
+                free = sorted(set(range(self.n_slots)) - set(self.slot_of.values()))
+                if not free:
+                    raise ContextOverflowError(f"all {self.n_slots} recurrent state slots are in use; "
+                                               "finish a sequence first or allow more sequences.")
+                self.slot_of[seq], self.pos_next[seq] = free[0], 0
+                for buf in self.buffers.values():
+                    buf[free[0]] = 0            # a new sequence starts from a zero state
+        per_seq = ub.n_tokens // len(seqs)
+        for seq, start in zip(seqs, starts):
+            pos = ub.pos[start:start + per_seq]
+            if int(pos[0]) != self.pos_next[seq] or not np.all(np.diff(pos) == 1):
+                raise InvalidArgumentError(
+                    f"sequence {seq}: recurrent state is at position {self.pos_next[seq]} but the batch starts at "
+                    f"{int(pos[0])}; positions must continue without gaps.")
+        for seq, start in zip(seqs, starts):
+            self.pos_next[seq] = int(ub.pos[start + per_seq - 1]) + 1
+        self.slots = np.array([self.slot_of[seq] for seq in seqs], np.int32)
 
     def window(self) -> int:
         return self.n_slots
 
-    def build(self, g: GraphBuilder, n_tokens: int, window: int) -> "RecurrentView":
-        return RecurrentView(self, g)
+    def build(self, g: GraphBuilder, n_tokens: int, window: int, n_seqs: int = 1) -> "RecurrentView":
+        return RecurrentView(self, g, n_seqs)
+
+
+def _grouped_sequences(ub: UBatch) -> tuple[list[int], list[int]]:
+    """The ubatch's sequences in order and where each one's tokens start; refuses a ubatch whose sequences
+    are interleaved or of different lengths (a recurrent graph reads each sequence's tokens as one block)."""
+    change = np.flatnonzero(np.diff(ub.seq)) + 1
+    starts = [0] + change.tolist()
+    seqs = [int(ub.seq[i]) for i in starts]
+    lengths = np.diff(starts + [ub.n_tokens])
+    if len(set(seqs)) != len(seqs) or (lengths != lengths[0]).any():
+        raise InvalidArgumentError("recurrent layers take ubatches of whole, equally long sequences, each "
+                                   "sequence's tokens together; split the batch by sequence.")
+    return seqs, starts
 
 
 class StateSlotInput(GraphInput):
-    def __init__(self, rs: RecurrentState, g: GraphBuilder):
-        self.tensor = g.input(f"{rs.name}.slot", (1,), I32)
+    def __init__(self, rs: RecurrentState, g: GraphBuilder, n_seqs: int):
+        self.tensor = g.input(f"{rs.name}.slot", (n_seqs,), I32)
 
     def set(self, ub, memory, buf):
         buf[:] = memory.slots
 
     def can_reuse(self, ub, memory):
-        return len(ub.seq_ids) == 1
+        return memory.slots.shape[0] == self.tensor.shape[0]
 
 
 class RecurrentView:
-    """Build-time access to the state rows: `read` the sequence's row (old values), `write` parts of it."""
+    """Build-time access to the state rows of the ubatch's n_seqs sequences: `read` them (old values),
+    `write` parts of them."""
 
-    def __init__(self, rs: RecurrentState, g: GraphBuilder):
-        self.rs, self.g = rs, g
-        self.slot = StateSlotInput(rs, g)
+    def __init__(self, rs: RecurrentState, g: GraphBuilder, n_seqs: int):
+        self.rs, self.g, self.n_seqs = rs, g, n_seqs
+        self.slot = StateSlotInput(rs, g, n_seqs)
         self.inputs = [(self.slot, rs)]
         self._latest: dict[int, Tensor] = {}
 
@@ -100,11 +116,12 @@ class RecurrentView:
         return self.g.state(self.rs.state_name(il), (self.rs.n_slots, self.rs.row_width))
 
     def read(self, il: int) -> Tensor:
-        """The row of this ubatch's sequence, [row_width], as it was before this step."""
-        return self.g.reshape(self.g.get_rows(self._state(il), self.slot.tensor), (self.rs.row_width,))
+        """The rows of this ubatch's sequences, [n_seqs, row_width], as they were before this step."""
+        return self.g.get_rows(self._state(il), self.slot.tensor)
 
     def write(self, il: int, part: Tensor, col: int) -> None:
-        """Write part (any shape, flattened) into columns [col, col + size) of the row."""
-        flat = self.g.reshape(part, (1, part.n_elements))
+        """Write part ([n_seqs, ...], each sequence's part flattened) into columns [col, col + size) of the
+        sequences' rows."""
+        flat = self.g.reshape(part, (self.n_seqs, part.n_elements // self.n_seqs))
         dst = self._latest.get(il) or self._state(il)
         self._latest[il] = self.g.set_rows(dst, flat, self.slot.tensor, col=col)

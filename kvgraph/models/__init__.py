@@ -6,6 +6,7 @@ from .gemma2 import Gemma2Model
 from .gemma3 import Gemma3Model
 from .hybrid import HybridModel
 from .llama import LlamaModel
+from .mamba import MambaModel
 from .phi3 import Phi3Model
 from .qwen2 import Qwen2Model
 from .qwen3 import Qwen3Model
@@ -18,7 +19,9 @@ ARCHITECTURES: dict[str, type[Model]] = {
     Qwen3Model.arch: Qwen3Model,
     Phi3Model.arch: Phi3Model,
     Gemma2Model.arch: Gemma2Model,
+    MambaModel.arch: MambaModel,
 }
 
 __all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel", "Gemma3Model", "Qwen2Model",
-           "Qwen3Model", "Phi3Model", "Gemma2Model"]
+           "Qwen3Model", "Phi3Model", "Gemma2Model",
+           "MambaModel"]

@@ -29,7 +29,7 @@ class BuildIO:
     def memory(self, name: str) -> Any:
         """Memory `name` as this graph sees it (e.g. KVAttention), with its inputs created once."""
         if name not in self._views:
-            view = self.memories[name].build(self.g, self.key.n_tokens, self.key.window(name))
+            view = self.memories[name].build(self.g, self.key.n_tokens, self.key.window(name), self.key.n_seqs)
             for inp, owner in view.inputs:
                 self._add(inp, owner)
             self._views[name] = view

@@ -78,18 +78,21 @@ class HybridModel(Model):
         d, s, k = e["d_inner"], e["d_state"], e["d_conv"]
         w = lambda name: g.weight(f"blk.{i}.{name}", self.shapes[f"blk.{i}.{name}"])  # noqa: E731
         rs = io.memory("rs")
-        n = h.shape[0]
+        n, n_seqs = h.shape[0], io.key.n_seqs
+        t = n // n_seqs
         row = rs.read(i)
-        conv_state = g.reshape(g.slice_rows(row, 0, (k - 1) * d), (k - 1, d))
-        ssm_state = g.reshape(g.slice_rows(row, (k - 1) * d, s * d), (s, d))
-        conv_x = g.concat_rows(conv_state, g.matmul(h, w("ssm_in_x.weight")))
-        rs.write(i, g.slice_rows(conv_x, n, k - 1), col=0)                      # first write: conv window
+        conv_state = g.reshape(g.slice_rows(row, 0, (k - 1) * d, axis=1), (n_seqs, k - 1, d))
+        ssm_state = g.reshape(g.slice_rows(row, (k - 1) * d, s * d, axis=1), (n_seqs, s, d))
+        conv_x = g.concat_rows(conv_state, g.reshape(g.matmul(h, w("ssm_in_x.weight")), (n_seqs, t, d)), axis=1)
+        rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)               # first write: conv window
         xc = g.silu(g.ssm_conv(conv_x, w("ssm_conv1d.weight")))
-        dt = g.add(g.matmul(xc, w("ssm_dt.weight")), w("ssm_dt.bias"))
-        scan = g.ssm_scan(ssm_state, xc, dt, w("ssm_a"), g.matmul(xc, w("ssm_b.weight")),
-                          g.matmul(xc, w("ssm_c.weight")))
-        rs.write(i, g.slice_rows(scan, n, s), col=(k - 1) * d)                  # second write: ssm state
-        y = g.add(g.slice_rows(scan, 0, n), g.mul(xc, w("ssm_d")))
+        xr = g.reshape(xc, (n, d))
+        dt = g.add(g.matmul(xr, w("ssm_dt.weight")), w("ssm_dt.bias"))
+        scan = g.ssm_scan(ssm_state, xc, g.reshape(dt, (n_seqs, t, d)), w("ssm_a"),
+                          g.reshape(g.matmul(xr, w("ssm_b.weight")), (n_seqs, t, s)),
+                          g.reshape(g.matmul(xr, w("ssm_c.weight")), (n_seqs, t, s)))
+        rs.write(i, g.slice_rows(scan, t, s, axis=1), col=(k - 1) * d)           # second write: ssm state
+        y = g.add(g.reshape(g.cont(g.slice_rows(scan, 0, t, axis=1)), (n, d)), g.mul(xr, w("ssm_d")))
         y = g.mul(y, g.silu(g.matmul(h, w("ssm_in_z.weight"))))
         return g.matmul(y, w("ssm_out.weight"))
 

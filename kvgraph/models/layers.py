@@ -8,6 +8,7 @@ import math
 from ..errors import GGUFError
 from ..graph.ir import GraphBuilder, Tensor
 from ..memory.kv_cache import KVAttention, KVCache
+from ..memory.recurrent import RecurrentState
 
 
 def attention(g: GraphBuilder, attn: KVAttention, il: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
@@ -151,3 +152,67 @@ def swa_memories(c, swa_layers, window: int, n_ctx: int, n_ubatch: int, alloc, f
         mems["kv_swa"] = KVCache("kv_swa", local, cells, c.n_head_kv, c.head_dim_k, c.head_dim_v,
                                  v_trans=not flash_attn, alloc=alloc, sliding_window=window)
     return mems
+
+
+# ---- Mamba (selective state space) ----------------------------------------------------------------------------
+MAX_SEQUENCES = 8   # recurrent state slots: sequences that can be alive at once
+
+
+def mamba_sizes(m) -> dict[str, int]:
+    """The ssm.* hyper-parameters of a Mamba-family file."""
+    return {"d_conv": m.int("ssm.conv_kernel", required=True), "d_inner": m.int("ssm.inner_size", required=True),
+            "d_state": m.int("ssm.state_size", required=True), "dt_rank": m.int("ssm.time_step_rank", required=True)}
+
+
+def mamba_tensors(c, i: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, int, int]]]:
+    """(shapes, derived parts) of layer i's Mamba mixer: in_proj holds x and z, x_proj holds dt, B and C
+    (row ranges of the file's fused tensors)."""
+    e = c.extra
+    d, s, k, r = e["d_inner"], e["d_state"], e["d_conv"], e["dt_rank"]
+    p = f"blk.{i}."
+    shapes = {p + "ssm_in.x": (d, c.n_embd), p + "ssm_in.z": (d, c.n_embd), p + "ssm_conv1d.weight": (d, k),
+              p + "ssm_conv1d.bias": (d,), p + "ssm_x.dt": (r, d), p + "ssm_x.b": (s, d), p + "ssm_x.c": (s, d),
+              p + "ssm_dt.weight": (d, r), p + "ssm_dt.bias": (d,), p + "ssm_a": (d, s), p + "ssm_d": (d,),
+              p + "ssm_out.weight": (c.n_embd, d)}
+    derived = {p + "ssm_in.x": (p + "ssm_in.weight", 0, d), p + "ssm_in.z": (p + "ssm_in.weight", d, d),
+               p + "ssm_x.dt": (p + "ssm_x.weight", 0, r), p + "ssm_x.b": (p + "ssm_x.weight", r, s),
+               p + "ssm_x.c": (p + "ssm_x.weight", r + s, s)}
+    return shapes, derived
+
+
+def mamba_state(c, layers, alloc) -> RecurrentState:
+    """One state row per sequence and layer: [conv window ((d_conv - 1) x d_inner) | ssm state (d_state x
+    d_inner)], written through state slot inputs like the KV cache's cells."""
+    e = c.extra
+    row = (e["d_conv"] - 1) * e["d_inner"] + e["d_state"] * e["d_inner"]
+    return RecurrentState("rs", layers, MAX_SEQUENCES, row, alloc)
+
+
+def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool = False) -> Tensor:
+    """Layer i's Mamba-1 mixer of the normed input h [n, n_embd] (the ubatch's S sequences, t tokens each,
+    grouped): in_proj, causal depthwise conv (+ bias, SiLU) over each sequence's carried window, dt/B/C from
+    x_proj (optionally RMS-normed, Falcon-Mamba), selective scan from each carried state, + D x, gated by
+    SiLU(z), out_proj. Both states are written back."""
+    e = c.extra
+    d, s, k = e["d_inner"], e["d_state"], e["d_conv"]
+    rs = io.memory("rs")
+    n, n_seqs = h.shape[0], io.key.n_seqs
+    t = n // n_seqs
+    seqs = lambda x, width: g.reshape(x, (n_seqs, t, width))  # noqa: E731  [n, w] -> [S, t, w]
+    row = rs.read(i)                                                            # [S, row]
+    conv_state = g.reshape(g.slice_rows(row, 0, (k - 1) * d, axis=1), (n_seqs, k - 1, d))
+    ssm_state = g.reshape(g.slice_rows(row, (k - 1) * d, s * d, axis=1), (n_seqs, s, d))
+    conv_x = g.concat_rows(conv_state, seqs(g.matmul(h, w(f"blk.{i}.ssm_in.x")), d), axis=1)
+    rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)                 # the next conv window
+    xc = g.silu(g.add(g.ssm_conv(conv_x, w(f"blk.{i}.ssm_conv1d.weight")), w(f"blk.{i}.ssm_conv1d.bias")))
+    xc_rows = g.reshape(xc, (n, d))
+    dt, b, cc = (g.matmul(xc_rows, w(f"blk.{i}.ssm_x.{part}")) for part in ("dt", "b", "c"))
+    if dt_b_c_rms:
+        dt, b, cc = (g.rms_norm(x, c.rms_eps) for x in (dt, b, cc))
+    dt = g.add(g.matmul(dt, w(f"blk.{i}.ssm_dt.weight")), w(f"blk.{i}.ssm_dt.bias"))
+    scan = g.ssm_scan(ssm_state, xc, seqs(dt, d), w(f"blk.{i}.ssm_a"), seqs(b, s), seqs(cc, s))
+    rs.write(i, g.slice_rows(scan, t, s, axis=1), col=(k - 1) * d)             # the next ssm state
+    y = g.reshape(g.cont(g.slice_rows(scan, 0, t, axis=1)), (n, d))
+    y = g.add(y, g.mul(xc_rows, w(f"blk.{i}.ssm_d")))
+    y = g.mul(y, g.silu(g.matmul(h, w(f"blk.{i}.ssm_in.z"))))
+    return g.matmul(y, w(f"blk.{i}.ssm_out.weight"))
