@@ -57,7 +57,7 @@ class Arch:
     pre: str | None                 # byte-level BPE: tokenizer.ggml.pre the converter is told; None: SentencePiece
     split: str = ""                 # BPE: the pre-tokenizer regex the HF tokenizer uses
     kw: dict = field(default_factory=dict)
-    vocab_multiple: int = 1         # the model's vocabulary padded to a multiple (Mamba's converter pads to 8)
+    vocab_multiple: int = 1         # the vocabulary padded as the converter pads it (Mamba: 8, Mamba-2: 16)
 
 
 ARCHS = {
@@ -76,6 +76,9 @@ ARCHS = {
     "mamba": Arch("MambaConfig", "gpt-2", GPT2_SPLIT, dict(
         state_size=16, expand=2, conv_kernel=4, time_step_rank=4, use_bias=False, use_conv_bias=True,
         layer_norm_epsilon=1e-5, tie_word_embeddings=True), vocab_multiple=8),
+    "mamba2": Arch("Mamba2Config", "gpt-2", GPT2_SPLIT, dict(
+        num_heads=8, head_dim=16, expand=2, n_groups=2, state_size=16, conv_kernel=4, use_bias=False,
+        use_conv_bias=True, layer_norm_epsilon=1e-5, chunk_size=64, tie_word_embeddings=False), vocab_multiple=16),
 }
 
 

@@ -262,6 +262,30 @@ def _k_ssm_scan(t, out, h0, x, dt, a, b, c):
     return run
 
 
+def _k_ssm_scan2(t, out, h0, x, dt, a, b, c):
+    n_seqs, n, d = x.shape
+    n_head, s = a.shape[0], h0.shape[1]
+    hd, n_group = d // n_head, b.shape[-1] // s
+    group_of_head = np.arange(n_head) // (n_head // n_group)
+    h = np.empty((n_head, hd, s), np.float32)             # running state of one sequence
+    sp = np.empty(dt.shape, np.float32)
+
+    def run():
+        np.logaddexp(dt, np.float32(0.0), out=sp)       # softplus
+        for q in range(n_seqs):
+            np.copyto(h, h0[q].T.reshape(n_head, hd, s))
+            xs = x[q].reshape(n, n_head, hd)
+            bs = b[q].reshape(n, n_group, s)[:, group_of_head]    # [n, H, s]
+            cs = c[q].reshape(n, n_group, s)[:, group_of_head]
+            ys = out[q, :n].reshape(n, n_head, hd)
+            for i in range(n):
+                np.multiply(h, np.exp(sp[q, i] * a)[:, None, None], out=h)
+                np.add(h, (sp[q, i][:, None] * xs[i])[:, :, None] * bs[i][:, None, :], out=h)
+                np.einsum("hds,hs->hd", h, cs[i], out=ys[i])
+            np.copyto(out[q, n:], h.reshape(d, s).T)
+    return run
+
+
 def rope_inv_freq(p: dict) -> np.ndarray:
     """A rope node's per-pair frequencies, freq_scale / base^(2i / n_dims) / freq_factor_i, in float32 (every
     backend's)."""
@@ -336,6 +360,7 @@ KERNELS: dict[str, Callable[..., Kernel]] = {
     "softcap": _k_softcap,
     "geglu": _k_geglu, "softmax": _k_softmax, "flash_attn": _k_flash_attn, "set_rows": _k_set_rows,
     "concat_rows": _k_concat_rows, "ssm_conv": _k_ssm_conv, "ssm_scan": _k_ssm_scan,
+    "ssm_scan2": _k_ssm_scan2,
 }
 
 

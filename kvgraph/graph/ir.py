@@ -260,6 +260,21 @@ class GraphBuilder:
         return self._node("set_rows", (dst, src, idx), dst.shape, transposed=bool(transposed), col=int(col))
 
     # ---- recurrent (Mamba-like) layers ------------------------------------------------------------------
+    def ssm_scan2(self, h0: Tensor, x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+        """Mamba-2's selective scan, per sequence, token and head h (head_dim channels, group g(h)):
+        h_h = exp(softplus(dt_h) * a_h) * h_h + softplus(dt_h) * x_h (outer) B_g; y_h = h_h @ C_g. a is one
+        scalar per head; the heads split x's channels evenly and the groups split the heads. h0 [S, s, d]
+        (state transposed, as ssm_scan's), x [S, n, d], dt [S, n, H], a [H], b/c [S, n, G * s] ->
+        [S, n + s, d]: y, then the final state."""
+        n_seqs, n, d = x.shape
+        n_head = a.shape[0]
+        gs = b.shape[-1]
+        if (x.ndim != 3 or a.ndim != 1 or d % n_head or dt.shape != (n_seqs, n, n_head) or b.shape != c.shape
+                or b.shape[:2] != (n_seqs, n) or h0.ndim != 3 or h0.shape[0] != n_seqs or h0.shape[2] != d
+                or gs % h0.shape[1] or n_head % (gs // h0.shape[1])):
+            raise ValueError(f"ssm_scan2: h0 {h0.shape} x {x.shape} dt {dt.shape} a {a.shape} b {b.shape} c {c.shape}")
+        return self._node("ssm_scan2", (h0, x, dt, a, b, c), (n_seqs, n + h0.shape[1], d))
+
     def concat_rows(self, a: Tensor, b: Tensor, axis: int = 0) -> Tensor:
         """[a; b] along axis (default 0)."""
         if a.ndim != b.ndim or not 0 <= axis < a.ndim or \

@@ -7,6 +7,7 @@ from .gemma3 import Gemma3Model
 from .hybrid import HybridModel
 from .llama import LlamaModel
 from .mamba import MambaModel
+from .mamba2 import Mamba2Model
 from .phi3 import Phi3Model
 from .qwen2 import Qwen2Model
 from .qwen3 import Qwen3Model
@@ -20,8 +21,9 @@ ARCHITECTURES: dict[str, type[Model]] = {
     Phi3Model.arch: Phi3Model,
     Gemma2Model.arch: Gemma2Model,
     MambaModel.arch: MambaModel,
+    Mamba2Model.arch: Mamba2Model,
 }
 
 __all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel", "Gemma3Model", "Qwen2Model",
            "Qwen3Model", "Phi3Model", "Gemma2Model",
-           "MambaModel"]
+           "MambaModel", "Mamba2Model"]

@@ -159,9 +159,10 @@ MAX_SEQUENCES = 8   # recurrent state slots: sequences that can be alive at once
 
 
 def mamba_sizes(m) -> dict[str, int]:
-    """The ssm.* hyper-parameters of a Mamba-family file."""
+    """The ssm.* hyper-parameters of a Mamba-family file (Mamba-2: time_step_rank is the head count)."""
     return {"d_conv": m.int("ssm.conv_kernel", required=True), "d_inner": m.int("ssm.inner_size", required=True),
-            "d_state": m.int("ssm.state_size", required=True), "dt_rank": m.int("ssm.time_step_rank", required=True)}
+            "d_state": m.int("ssm.state_size", required=True), "dt_rank": m.int("ssm.time_step_rank", required=True),
+            "n_group": m.int("ssm.group_count", 1)}
 
 
 def mamba_tensors(c, i: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, int, int]]]:
@@ -180,11 +181,12 @@ def mamba_tensors(c, i: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tupl
     return shapes, derived
 
 
-def mamba_state(c, layers, alloc) -> RecurrentState:
-    """One state row per sequence and layer: [conv window ((d_conv - 1) x d_inner) | ssm state (d_state x
-    d_inner)], written through state slot inputs like the KV cache's cells."""
+def mamba_state(c, layers, alloc, conv_channels: int | None = None) -> RecurrentState:
+    """One state row per sequence and layer: [conv window ((d_conv - 1) x conv channels) | ssm state
+    (d_state x d_inner)], written through state slot inputs like the KV cache's cells. conv_channels:
+    d_inner (Mamba-1) or d_inner + 2 n_group d_state (Mamba-2 convolves x, B and C)."""
     e = c.extra
-    row = (e["d_conv"] - 1) * e["d_inner"] + e["d_state"] * e["d_inner"]
+    row = (e["d_conv"] - 1) * (conv_channels or e["d_inner"]) + e["d_state"] * e["d_inner"]
     return RecurrentState("rs", layers, MAX_SEQUENCES, row, alloc)
 
 
@@ -216,3 +218,55 @@ def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool =
     y = g.add(y, g.mul(xc_rows, w(f"blk.{i}.ssm_d")))
     y = g.mul(y, g.silu(g.matmul(h, w(f"blk.{i}.ssm_in.z"))))
     return g.matmul(y, w(f"blk.{i}.ssm_out.weight"))
+
+
+# ---- Mamba-2 ----------------------------------------------------------------------------------------------------
+def mamba2_channels(c) -> int:
+    e = c.extra
+    return e["d_inner"] + 2 * e["n_group"] * e["d_state"]
+
+
+def mamba2_tensors(c, i: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, int, int]]]:
+    """(shapes, derived parts) of layer i's Mamba-2 mixer: in_proj holds z, xBC and dt (one per head)."""
+    e = c.extra
+    d, k, n_head, ng = e["d_inner"], e["d_conv"], e["dt_rank"], e["n_group"]
+    dc = mamba2_channels(c)
+    p = f"blk.{i}."
+    shapes = {p + "ssm_in.z": (d, c.n_embd), p + "ssm_in.xbc": (dc, c.n_embd), p + "ssm_in.dt": (n_head, c.n_embd),
+              p + "ssm_conv1d.weight": (dc, k), p + "ssm_conv1d.bias": (dc,), p + "ssm_dt.bias": (n_head,),
+              p + "ssm_a": (n_head, 1), p + "ssm_d": (n_head, 1), p + "ssm_norm.weight": (ng, d // ng),
+              p + "ssm_out.weight": (c.n_embd, d)}
+    src = p + "ssm_in.weight"
+    derived = {p + "ssm_in.z": (src, 0, d), p + "ssm_in.xbc": (src, d, dc), p + "ssm_in.dt": (src, d + dc, n_head)}
+    return shapes, derived
+
+
+def mamba2_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
+    """Layer i's Mamba-2 mixer of the normed input h [n, n_embd] (S sequences of t tokens, grouped): z, xBC
+    and dt from in_proj; causal conv (+ bias, SiLU) over xBC with each sequence's carried window; the
+    multi-head selective scan (a scalar decay per head, B and C per group) from each carried state; + D x;
+    gated by SiLU(z); RMSNorm per group; out_proj."""
+    e = c.extra
+    d, s, k, n_head, ng = e["d_inner"], e["d_state"], e["d_conv"], e["dt_rank"], e["n_group"]
+    dc = mamba2_channels(c)
+    rs = io.memory("rs")
+    n, n_seqs = h.shape[0], io.key.n_seqs
+    t = n // n_seqs
+    seqs = lambda x, width: g.reshape(x, (n_seqs, t, width))  # noqa: E731
+    row = rs.read(i)
+    conv_state = g.reshape(g.slice_rows(row, 0, (k - 1) * dc, axis=1), (n_seqs, k - 1, dc))
+    ssm_state = g.reshape(g.slice_rows(row, (k - 1) * dc, s * d, axis=1), (n_seqs, s, d))
+    conv_x = g.concat_rows(conv_state, seqs(g.matmul(h, w(f"blk.{i}.ssm_in.xbc")), dc), axis=1)
+    rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)
+    xbc = g.silu(g.add(g.ssm_conv(conv_x, w(f"blk.{i}.ssm_conv1d.weight")), w(f"blk.{i}.ssm_conv1d.bias")))
+    x = g.slice_rows(xbc, 0, d, axis=2)
+    b, cc = g.slice_rows(xbc, d, ng * s, axis=2), g.slice_rows(xbc, d + ng * s, ng * s, axis=2)
+    dt = g.add(g.matmul(h, w(f"blk.{i}.ssm_in.dt")), w(f"blk.{i}.ssm_dt.bias"))
+    scan = g.ssm_scan2(ssm_state, x, seqs(dt, n_head), g.reshape(w(f"blk.{i}.ssm_a"), (n_head,)), b, cc)
+    rs.write(i, g.slice_rows(scan, t, s, axis=1), col=(k - 1) * dc)
+    heads = (n, n_head, d // n_head)
+    y = g.add(g.reshape(g.cont(g.slice_rows(scan, 0, t, axis=1)), heads),
+              g.mul(g.reshape(g.cont(x), heads), w(f"blk.{i}.ssm_d")))
+    y = g.swiglu(g.matmul(h, w(f"blk.{i}.ssm_in.z")), g.reshape(y, (n, d)))       # silu(z) * y
+    y = rms_norm(g, g.reshape(y, (n, ng, d // ng)), w(f"blk.{i}.ssm_norm.weight"), c.rms_eps)
+    return g.matmul(g.reshape(y, (n, d)), w(f"blk.{i}.ssm_out.weight"))
