@@ -57,7 +57,8 @@ class Arch:
     pre: str | None                 # byte-level BPE: tokenizer.ggml.pre the converter is told; None: SentencePiece
     split: str = ""                 # BPE: the pre-tokenizer regex the HF tokenizer uses
     kw: dict = field(default_factory=dict)
-    vocab_multiple: int = 1         # the vocabulary padded as the converter pads it (Mamba: 8, Mamba-2: 16)
+    vocab_multiple: int = 1         # the vocabulary padded as the converter pads it (Mamba, Granite: 8; Mamba-2: 16)
+    config_patch: dict = field(default_factory=dict)   # config.json values renamed for the converter
 
 
 ARCHS = {
@@ -79,6 +80,21 @@ ARCHS = {
     "mamba2": Arch("Mamba2Config", "gpt-2", GPT2_SPLIT, dict(
         num_heads=8, head_dim=16, expand=2, n_groups=2, state_size=16, conv_kernel=4, use_bias=False,
         use_conv_bias=True, layer_norm_epsilon=1e-5, chunk_size=64, tie_word_embeddings=False), vocab_multiple=16),
+    "jamba": Arch("JambaConfig", None, kw=dict(
+        num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        num_experts=4, num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+        mamba_conv_bias=True, mamba_proj_bias=False, use_mamba_kernels=False, tie_word_embeddings=False)),
+    "falcon-h1": Arch("FalconH1Config", "gpt-2", GPT2_SPLIT, dict(
+        head_dim=16, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16,
+        mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=64, mamba_conv_bias=True, mamba_proj_bias=False,
+        mamba_rms_norm=False, projectors_bias=False, tie_word_embeddings=False)),
+    "granitehybrid": Arch("GraniteMoeHybridConfig", "gpt-2", GPT2_SPLIT, dict(
+        shared_intermediate_size=128, num_local_experts=0, num_experts_per_tok=0, layer_types=["mamba", "attention"],
+        mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+        mamba_chunk_size=64, mamba_conv_bias=True, mamba_proj_bias=False, position_embedding_type="nope",
+        embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.5,
+        tie_word_embeddings=False),
+        vocab_multiple=8, config_patch={"full_attention": "attention", "linear_attention": "mamba"}),
 }
 
 
@@ -144,6 +160,13 @@ def make_model(arch: Arch, vocab: tuple[int, int, int], directory: Path):
                 p.normal_(0.0, 0.1)
     model.eval()
     model.save_pretrained(directory)
+    if arch.config_patch:     # e.g. Granite hybrid's layer_types, saved in names this converter does not know
+        path = directory / "config.json"
+        cfg_json = json.loads(path.read_text())
+        for key, value in cfg_json.items():
+            if isinstance(value, list):
+                cfg_json[key] = [arch.config_patch.get(v, v) if isinstance(v, str) else v for v in value]
+        path.write_text(json.dumps(cfg_json))
     return model
 
 

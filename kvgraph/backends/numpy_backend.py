@@ -286,6 +286,27 @@ def _k_ssm_scan2(t, out, h0, x, dt, a, b, c):
     return run
 
 
+def _k_moe_ffn(t, out, x, router, up, gate, down):
+    k, norm = t.p["n_used"], t.p["norm_weights"]
+
+    def run():
+        logits = x @ router.T
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        chosen = np.argsort(-probs, axis=1, kind="stable")[:, :k]          # [n, k], most probable first
+        weights = np.take_along_axis(probs, chosen, axis=1)
+        if norm:
+            weights /= np.maximum(weights.sum(axis=1, keepdims=True), np.float32(6.103515625e-5))
+        out.fill(0.0)
+        for expert in np.unique(chosen):
+            rows, slot = np.nonzero(chosen == expert)
+            xe = x[rows]
+            g = xe @ gate[expert].T
+            h = g / (np.float32(1.0) + np.exp(-g)) * (xe @ up[expert].T)             # silu(gate x) * up x
+            out[rows] += weights[rows, slot][:, None] * (h @ down[expert].T)
+    return run
+
+
 def rope_inv_freq(p: dict) -> np.ndarray:
     """A rope node's per-pair frequencies, freq_scale / base^(2i / n_dims) / freq_factor_i, in float32 (every
     backend's)."""
@@ -360,7 +381,7 @@ KERNELS: dict[str, Callable[..., Kernel]] = {
     "softcap": _k_softcap,
     "geglu": _k_geglu, "softmax": _k_softmax, "flash_attn": _k_flash_attn, "set_rows": _k_set_rows,
     "concat_rows": _k_concat_rows, "ssm_conv": _k_ssm_conv, "ssm_scan": _k_ssm_scan,
-    "ssm_scan2": _k_ssm_scan2,
+    "ssm_scan2": _k_ssm_scan2, "moe_ffn": _k_moe_ffn,
 }
 
 

@@ -551,7 +551,7 @@ KERNELS: dict[str, Callable[..., Kernel]] = {
     # state writes, recurrent ops and row gathers of activations: the numpy kernels (cheap, exact)
     "get_rows": npb._k_get_rows, "set_rows": npb._k_set_rows, "concat_rows": npb._k_concat_rows,
     "ssm_conv": npb._k_ssm_conv, "ssm_scan": npb._k_ssm_scan, "softcap": npb._k_softcap,
-    "ssm_scan2": npb._k_ssm_scan2,
+    "ssm_scan2": npb._k_ssm_scan2, "moe_ffn": npb._k_moe_ffn,
 }
 
 

@@ -40,6 +40,7 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
     cfg = read_config(gf.metadata, arch, str(gf.path))
     cls = ARCHITECTURES[arch]
     cfg = dataclasses.replace(cfg, extra=cls.read_extra(MetadataView(gf.metadata, arch, str(gf.path))))
+    cfg = dataclasses.replace(cfg, extra=cfg.extra | cls.read_layout(cfg, frozenset(gf.tensors)))
     model = cls(cfg)
     constants = _read_constants(gf, model)
     if constants:

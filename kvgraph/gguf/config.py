@@ -76,7 +76,14 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
     if n_head == 0:        # no attention at all (Mamba): no attention hyper-parameters either
         n_head_kv = head_dim_k = head_dim_v = 0
     else:
-        n_head_kv = m.int("attention.head_count_kv", n_head)
+        kv = md.get(f"{arch}.attention.head_count_kv")
+        if isinstance(kv, list):    # per layer (Jamba, Granite hybrid): 0 marks a layer without attention
+            kv_heads = m.int_list("attention.head_count_kv")
+            if len(kv_heads) != m.int("block_count", required=True) or min(kv_heads) < 0 or not max(kv_heads):
+                raise GGUFError(f"{source}: attention.head_count_kv {kv_heads} does not fit the layers.")
+            n_head_kv = max(kv_heads)
+        else:
+            n_head_kv = m.int("attention.head_count_kv", n_head)
         head_dim_k = m.int("attention.key_length", n_embd // n_head)
         head_dim_v = m.int("attention.value_length", n_embd // n_head)
         if n_embd % n_head or n_head % n_head_kv:

@@ -275,6 +275,20 @@ class GraphBuilder:
             raise ValueError(f"ssm_scan2: h0 {h0.shape} x {x.shape} dt {dt.shape} a {a.shape} b {b.shape} c {c.shape}")
         return self._node("ssm_scan2", (h0, x, dt, a, b, c), (n_seqs, n + h0.shape[1], d))
 
+    def moe_ffn(self, x: Tensor, router: Tensor, up: Tensor, gate: Tensor, down: Tensor, n_used: int,
+                norm_weights: bool) -> Tensor:
+        """A mixture-of-experts SwiGLU FFN: per token, softmax(router x) picks the n_used most probable
+        experts; the output is their down(silu(gate x) * up x), weighted by those probabilities
+        (renormalised to sum 1 when norm_weights). x [n, e], router [E, e], up/gate [E, f, e], down [E, e, f]."""
+        n, e = x.shape
+        n_exp, f = up.shape[0], up.shape[1]
+        if (router.shape != (n_exp, e) or up.shape != (n_exp, f, e) or gate.shape != up.shape
+                or down.shape != (n_exp, e, f) or not 0 < n_used <= n_exp):
+            raise ValueError(f"moe_ffn: x {x.shape} router {router.shape} up {up.shape} gate {gate.shape} "
+                             f"down {down.shape} n_used {n_used}")
+        return self._node("moe_ffn", (x, router, up, gate, down), (n, e), n_used=int(n_used),
+                          norm_weights=bool(norm_weights))
+
     def concat_rows(self, a: Tensor, b: Tensor, axis: int = 0) -> Tensor:
         """[a; b] along axis (default 0)."""
         if a.ndim != b.ndim or not 0 <= axis < a.ndim or \

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from .base import BuildIO, Model
+from .falcon_h1 import FalconH1Model
 from .gemma2 import Gemma2Model
 from .gemma3 import Gemma3Model
+from .granite_hybrid import GraniteHybridModel
 from .hybrid import HybridModel
+from .jamba import JambaModel
 from .llama import LlamaModel
 from .mamba import MambaModel
 from .mamba2 import Mamba2Model
@@ -22,8 +25,11 @@ ARCHITECTURES: dict[str, type[Model]] = {
     Gemma2Model.arch: Gemma2Model,
     MambaModel.arch: MambaModel,
     Mamba2Model.arch: Mamba2Model,
+    JambaModel.arch: JambaModel,
+    FalconH1Model.arch: FalconH1Model,
+    GraniteHybridModel.arch: GraniteHybridModel,
 }
 
 __all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel", "Gemma3Model", "Qwen2Model",
            "Qwen3Model", "Phi3Model", "Gemma2Model",
-           "MambaModel", "Mamba2Model"]
+           "MambaModel", "Mamba2Model", "JambaModel", "FalconH1Model", "GraniteHybridModel"]

@@ -75,6 +75,12 @@ class Model:
         """Architecture-specific hyper-parameters, stored in ModelConfig.extra."""
         return {}
 
+    @classmethod
+    def read_layout(cls, cfg: ModelConfig, tensor_names: frozenset[str]) -> dict[str, Any]:
+        """Structure the file says by the tensors it holds rather than by metadata (as llama.cpp's optional
+        tensors do: a layer with ffn_gate_inp is a mixture of experts), stored in ModelConfig.extra."""
+        return {}
+
     def create_memories(self, n_ctx: int, n_ubatch: int, alloc: Callable, flash_attn: bool) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -76,7 +76,7 @@ def rms_norm(g: GraphBuilder, x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, bias: bool = False,
                    qk_norm: bool = False, freq_factors=None, memory: str = "kv", rope_base: float | None = None,
-                   scale: float | None = None, softcap: float | None = None) -> Tensor:
+                   scale: float | None = None, softcap: float | None = None, rope: bool = True) -> Tensor:
     """Layer i's attention of the normed input h [n, n_embd] over a KV memory ("kv", or a sliding-window
     one): projections (+ biases), per-head q/k norm, RoPE (rope_base: the layer's own base), attention
     (scale: default 1/sqrt(head_dim); softcap: Gemma 2's score capping, on the non-flash path); returns
@@ -90,9 +90,10 @@ def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, 
     if qk_norm:
         q = rms_norm(g, q, w(f"blk.{i}.attn_q_norm.weight"), c.rms_eps)
         k = rms_norm(g, k, w(f"blk.{i}.attn_k_norm.weight"), c.rms_eps)
-    base = c.rope_base if rope_base is None else rope_base
-    q, k = (g.rope(t, io.pos, c.rope_dims, base, neox=neox, freq_scale=c.rope_freq_scale,
-                   freq_factors=freq_factors) for t in (q, k))
+    if rope:    # rope=False: no positional encoding in this layer (NoPE: Jamba, Granite hybrid)
+        base = c.rope_base if rope_base is None else rope_base
+        q, k = (g.rope(t, io.pos, c.rope_dims, base, neox=neox, freq_scale=c.rope_freq_scale,
+                       freq_factors=freq_factors) for t in (q, k))
     return attention(g, io.memory(memory), i, q, k, v, scale or 1.0 / math.sqrt(c.head_dim_k),
                      io.key.flash_attn and not softcap, softcap)
 
@@ -117,10 +118,10 @@ def decoder(g: GraphBuilder, w, io, c, attn) -> None:
     g.output("logits", g.matmul(rms_norm(g, x, w("output_norm.weight"), c.rms_eps), w("output.weight")))
 
 
-def kv_memory(c, n_ctx: int, alloc, flash_attn: bool) -> dict:
-    """One KV cache for every layer."""
-    return {"kv": KVCache("kv", range(c.n_layer), n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v,
-                          v_trans=not flash_attn, alloc=alloc)}
+def kv_memory(c, n_ctx: int, alloc, flash_attn: bool, layers=None) -> dict:
+    """One KV cache for every layer (or for the given attention layers)."""
+    return {"kv": KVCache("kv", range(c.n_layer) if layers is None else layers, n_ctx, c.n_head_kv, c.head_dim_k,
+                          c.head_dim_v, v_trans=not flash_attn, alloc=alloc)}
 
 
 def swa_pattern(m, default: int) -> tuple[bool, ...]:
@@ -190,11 +191,13 @@ def mamba_state(c, layers, alloc, conv_channels: int | None = None) -> Recurrent
     return RecurrentState("rs", layers, MAX_SEQUENCES, row, alloc)
 
 
-def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool = False) -> Tensor:
+def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool = False,
+                dt_b_c_norms: bool = False) -> Tensor:
     """Layer i's Mamba-1 mixer of the normed input h [n, n_embd] (the ubatch's S sequences, t tokens each,
     grouped): in_proj, causal depthwise conv (+ bias, SiLU) over each sequence's carried window, dt/B/C from
-    x_proj (optionally RMS-normed, Falcon-Mamba), selective scan from each carried state, + D x, gated by
-    SiLU(z), out_proj. Both states are written back."""
+    x_proj (RMS-normed: without weights for Falcon-Mamba, with ssm_{dt,b,c}_norm weights for Jamba),
+    selective scan from each carried state, + D x, gated by SiLU(z), out_proj. Both states are written
+    back."""
     e = c.extra
     d, s, k = e["d_inner"], e["d_state"], e["d_conv"]
     rs = io.memory("rs")
@@ -209,7 +212,10 @@ def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool =
     xc = g.silu(g.add(g.ssm_conv(conv_x, w(f"blk.{i}.ssm_conv1d.weight")), w(f"blk.{i}.ssm_conv1d.bias")))
     xc_rows = g.reshape(xc, (n, d))
     dt, b, cc = (g.matmul(xc_rows, w(f"blk.{i}.ssm_x.{part}")) for part in ("dt", "b", "c"))
-    if dt_b_c_rms:
+    if dt_b_c_norms:
+        dt, b, cc = (rms_norm(g, x, w(f"blk.{i}.ssm_{part}_norm.weight"), c.rms_eps)
+                     for x, part in ((dt, "dt"), (b, "b"), (cc, "c")))
+    elif dt_b_c_rms:
         dt, b, cc = (g.rms_norm(x, c.rms_eps) for x in (dt, b, cc))
     dt = g.add(g.matmul(dt, w(f"blk.{i}.ssm_dt.weight")), w(f"blk.{i}.ssm_dt.bias"))
     scan = g.ssm_scan(ssm_state, xc, seqs(dt, d), w(f"blk.{i}.ssm_a"), seqs(b, s), seqs(cc, s))
@@ -226,26 +232,29 @@ def mamba2_channels(c) -> int:
     return e["d_inner"] + 2 * e["n_group"] * e["d_state"]
 
 
-def mamba2_tensors(c, i: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, int, int]]]:
-    """(shapes, derived parts) of layer i's Mamba-2 mixer: in_proj holds z, xBC and dt (one per head)."""
+def mamba2_tensors(c, i: int, gated_norm: bool = True) -> tuple[dict[str, tuple[int, ...]],
+                                                                  dict[str, tuple[str, int, int]]]:
+    """(shapes, derived parts) of layer i's Mamba-2 mixer: in_proj holds z, xBC and dt (one per head);
+    gated_norm: the grouped RMSNorm's weight (ssm_norm; Falcon-H1 has none)."""
     e = c.extra
     d, k, n_head, ng = e["d_inner"], e["d_conv"], e["dt_rank"], e["n_group"]
     dc = mamba2_channels(c)
     p = f"blk.{i}."
     shapes = {p + "ssm_in.z": (d, c.n_embd), p + "ssm_in.xbc": (dc, c.n_embd), p + "ssm_in.dt": (n_head, c.n_embd),
               p + "ssm_conv1d.weight": (dc, k), p + "ssm_conv1d.bias": (dc,), p + "ssm_dt.bias": (n_head,),
-              p + "ssm_a": (n_head, 1), p + "ssm_d": (n_head, 1), p + "ssm_norm.weight": (ng, d // ng),
-              p + "ssm_out.weight": (c.n_embd, d)}
+              p + "ssm_a": (n_head, 1), p + "ssm_d": (n_head, 1), p + "ssm_out.weight": (c.n_embd, d)}
+    if gated_norm:
+        shapes[p + "ssm_norm.weight"] = (ng, d // ng)
     src = p + "ssm_in.weight"
     derived = {p + "ssm_in.z": (src, 0, d), p + "ssm_in.xbc": (src, d, dc), p + "ssm_in.dt": (src, d + dc, n_head)}
     return shapes, derived
 
 
-def mamba2_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
+def mamba2_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, gated_norm: bool = True) -> Tensor:
     """Layer i's Mamba-2 mixer of the normed input h [n, n_embd] (S sequences of t tokens, grouped): z, xBC
     and dt from in_proj; causal conv (+ bias, SiLU) over xBC with each sequence's carried window; the
     multi-head selective scan (a scalar decay per head, B and C per group) from each carried state; + D x;
-    gated by SiLU(z); RMSNorm per group; out_proj."""
+    gated by SiLU(z); RMSNorm per group (gated_norm); out_proj."""
     e = c.extra
     d, s, k, n_head, ng = e["d_inner"], e["d_state"], e["d_conv"], e["dt_rank"], e["n_group"]
     dc = mamba2_channels(c)
@@ -268,5 +277,21 @@ def mamba2_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
     y = g.add(g.reshape(g.cont(g.slice_rows(scan, 0, t, axis=1)), heads),
               g.mul(g.reshape(g.cont(x), heads), w(f"blk.{i}.ssm_d")))
     y = g.swiglu(g.matmul(h, w(f"blk.{i}.ssm_in.z")), g.reshape(y, (n, d)))       # silu(z) * y
-    y = rms_norm(g, g.reshape(y, (n, ng, d // ng)), w(f"blk.{i}.ssm_norm.weight"), c.rms_eps)
-    return g.matmul(g.reshape(y, (n, d)), w(f"blk.{i}.ssm_out.weight"))
+    if gated_norm:
+        y = g.reshape(rms_norm(g, g.reshape(y, (n, ng, d // ng)), w(f"blk.{i}.ssm_norm.weight"), c.rms_eps), (n, d))
+    return g.matmul(y, w(f"blk.{i}.ssm_out.weight"))
+
+
+# ---- mixture of experts -------------------------------------------------------------------------------------------
+def moe_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
+    """Layer i's expert FFN: router (ffn_gate_inp) and the experts' stacked gate/up/down."""
+    n_exp, p = c.extra["n_expert"], f"blk.{i}."
+    return {p + "ffn_norm.weight": (c.n_embd,), p + "ffn_gate_inp.weight": (n_exp, c.n_embd),
+            p + "ffn_gate_exps.weight": (n_exp, c.n_ff, c.n_embd), p + "ffn_up_exps.weight": (n_exp, c.n_ff, c.n_embd),
+            p + "ffn_down_exps.weight": (n_exp, c.n_embd, c.n_ff)}
+
+
+def moe_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Tensor:
+    p = f"blk.{i}."
+    return g.moe_ffn(h, w(p + "ffn_gate_inp.weight"), w(p + "ffn_up_exps.weight"), w(p + "ffn_gate_exps.weight"),
+                     w(p + "ffn_down_exps.weight"), c.extra["n_expert_used"], norm_weights)

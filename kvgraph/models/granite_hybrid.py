@@ -1,0 +1,73 @@
+"""granitehybrid (Granite 4.0 hybrid): Mamba-2 layers and attention layers (no positional encoding unless
+rope.scaling.finetuned says otherwise), the pattern from the per-layer head_count_kv (0: Mamba), Granite's
+scales (embedding, residual, attention, logits), SwiGLU FFN (or experts, as the tensors say)."""
+from __future__ import annotations
+
+from ..gguf.config import MetadataView
+from ..graph.ir import GraphBuilder
+from .base import BuildIO, Model
+from .layers import (attention_tensors, ffn_tensors, gated_ffn, kv_memory, mamba2_channels, mamba2_mixer,
+                     mamba2_tensors, mamba_sizes, mamba_state, moe_ffn, moe_tensors, output_tensors, rms_norm,
+                     self_attention)
+
+
+class GraniteHybridModel(Model):
+    arch = "granitehybrid"
+    optional_tensors = frozenset({"output.weight"})
+
+    @classmethod
+    def read_extra(cls, m: MetadataView):
+        kv = m.int_list("attention.head_count_kv") or [m.int("attention.head_count_kv", 1)] * m.int("block_count")
+        return mamba_sizes(m) | {
+            "attention_layers": tuple(i for i, n in enumerate(kv) if n),
+            "rope": bool(m.md.get(f"{m.arch}.rope.scaling.finetuned", True)),   # llama.cpp's switch for RoPE
+            "embedding_scale": m.float("embedding_scale"), "residual_scale": m.float("residual_scale"),
+            "attention_scale": m.float("attention.scale"), "logit_scale": m.float("logit_scale"),
+            "n_expert": m.int("expert_count", 0, minimum=0), "n_expert_used": m.int("expert_used_count", 0, minimum=0)}
+
+    @classmethod
+    def read_layout(cls, cfg, tensor_names):
+        return {"moe_layers": tuple(i for i in range(cfg.n_layer) if f"blk.{i}.ffn_gate_inp.weight" in tensor_names)}
+
+    def tensor_shapes(self):
+        c, e = self.cfg, self.cfg.extra
+        shapes = output_tensors(c)
+        for i in range(c.n_layer):
+            if i in e["attention_layers"]:
+                shapes |= attention_tensors(c, i)
+            else:
+                shapes |= {f"blk.{i}.attn_norm.weight": (c.n_embd,)} | mamba2_tensors(c, i)[0]
+            shapes |= moe_tensors(c, i) if i in e["moe_layers"] else ffn_tensors(c, i)
+        return shapes
+
+    def derived_tensors(self):
+        e = self.cfg.extra
+        return {k: v for i in range(self.cfg.n_layer) if i not in e["attention_layers"]
+                for k, v in mamba2_tensors(self.cfg, i)[1].items()}
+
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+        c, attn = self.cfg, self.cfg.extra["attention_layers"]
+        mems = {"rs": mamba_state(c, [i for i in range(c.n_layer) if i not in attn], alloc, mamba2_channels(c))}
+        return mems | (kv_memory(c, n_ctx, alloc, flash_attn, attn) if attn else {})
+
+    def build(self, g: GraphBuilder, io: BuildIO) -> None:
+        c, e = self.cfg, self.cfg.extra
+        w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
+        x = g.get_rows(w("token_embd.weight"), io.tokens)
+        if e["embedding_scale"]:
+            x = g.scale(x, e["embedding_scale"])
+        for i in range(c.n_layer):
+            h = rms_norm(g, x, w(f"blk.{i}.attn_norm.weight"), c.rms_eps)
+            if i in e["attention_layers"]:
+                y = g.matmul(self_attention(g, w, io, c, i, h, neox=False, rope=e["rope"],
+                                            scale=e["attention_scale"]), w(f"blk.{i}.attn_output.weight"))
+            else:
+                y = mamba2_mixer(g, w, io, c, i, h)
+            if i == c.n_layer - 1:
+                y, x = io.select_outputs(y), io.select_outputs(x)
+            x = g.add(x, g.scale(y, e["residual_scale"]) if e["residual_scale"] else y)
+            h = rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)
+            y = moe_ffn(g, w, c, i, h, norm_weights=True) if i in e["moe_layers"] else gated_ffn(g, w, i, h)
+            x = g.add(x, g.scale(y, e["residual_scale"]) if e["residual_scale"] else y)
+        logits = g.matmul(rms_norm(g, x, w("output_norm.weight"), c.rms_eps), w("output.weight"))
+        g.output("logits", g.scale(logits, 1.0 / e["logit_scale"]) if e["logit_scale"] else logits)
