@@ -16,7 +16,7 @@ REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
 
 
 def test_every_fixture_is_here():
-    assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid"}
+    assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2"}
 
 
 def rel_diff(got: np.ndarray, ref: np.ndarray) -> float:

@@ -95,6 +95,9 @@ ARCHS = {
         embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.5,
         tie_word_embeddings=False),
         vocab_multiple=8, config_patch={"full_attention": "attention", "linear_attention": "mamba"}),
+    "lfm2": Arch("Lfm2Config", "gpt-2", GPT2_SPLIT, dict(
+        layer_types=["conv", "full_attention"], conv_L_cache=3, conv_bias=False, block_auto_adjust_ff_dim=False,
+        block_ff_dim=128, norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=True)),
 }
 
 

@@ -8,6 +8,7 @@ from .gemma3 import Gemma3Model
 from .granite_hybrid import GraniteHybridModel
 from .hybrid import HybridModel
 from .jamba import JambaModel
+from .lfm2 import Lfm2Model
 from .llama import LlamaModel
 from .mamba import MambaModel
 from .mamba2 import Mamba2Model
@@ -28,8 +29,10 @@ ARCHITECTURES: dict[str, type[Model]] = {
     JambaModel.arch: JambaModel,
     FalconH1Model.arch: FalconH1Model,
     GraniteHybridModel.arch: GraniteHybridModel,
+    Lfm2Model.arch: Lfm2Model,
 }
 
 __all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel", "Gemma3Model", "Qwen2Model",
            "Qwen3Model", "Phi3Model", "Gemma2Model",
-           "MambaModel", "Mamba2Model", "JambaModel", "FalconH1Model", "GraniteHybridModel"]
+           "MambaModel", "Mamba2Model", "JambaModel", "FalconH1Model", "GraniteHybridModel",
+           "Lfm2Model"]

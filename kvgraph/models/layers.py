@@ -295,3 +295,35 @@ def moe_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Ten
     p = f"blk.{i}."
     return g.moe_ffn(h, w(p + "ffn_gate_inp.weight"), w(p + "ffn_up_exps.weight"), w(p + "ffn_gate_exps.weight"),
                      w(p + "ffn_down_exps.weight"), c.extra["n_expert_used"], norm_weights)
+
+
+# ---- LFM2's gated short convolution -------------------------------------------------------------------------------
+def shortconv_tensors(c, i: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, int, int]]]:
+    """(shapes, derived parts) of layer i's short-conv block: in_proj holds B, C and x."""
+    e, p, k = c.n_embd, f"blk.{i}.shortconv.", c.extra["conv_cache"]
+    shapes = {p + "in_b": (e, e), p + "in_c": (e, e), p + "in_x": (e, e), p + "conv.weight": (e, k),
+              p + "out_proj.weight": (e, e)}
+    src = p + "in_proj.weight"
+    return shapes, {p + "in_b": (src, 0, e), p + "in_c": (src, e, e), p + "in_x": (src, 2 * e, e)}
+
+
+def shortconv_state(c, layers, alloc) -> RecurrentState:
+    """One row per sequence and layer: the last conv_cache - 1 inputs of the convolution."""
+    return RecurrentState("rs", layers, MAX_SEQUENCES, (c.extra["conv_cache"] - 1) * c.n_embd, alloc)
+
+
+def shortconv_block(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
+    """Layer i's gated short convolution of the normed input h [n, n_embd] (S sequences of t tokens,
+    grouped): B, C, x from in_proj; a causal depthwise conv (no bias, no activation) of B * x over each
+    sequence's carried window; C * conv; out_proj."""
+    e, k = c.n_embd, c.extra["conv_cache"]
+    p = f"blk.{i}.shortconv."
+    rs = io.memory("rs")
+    n, n_seqs = h.shape[0], io.key.n_seqs
+    t = n // n_seqs
+    bx = g.mul(g.matmul(h, w(p + "in_b")), g.matmul(h, w(p + "in_x")))
+    window = g.reshape(rs.read(i), (n_seqs, k - 1, e))
+    conv_x = g.concat_rows(window, g.reshape(bx, (n_seqs, t, e)), axis=1)
+    rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)
+    y = g.mul(g.matmul(h, w(p + "in_c")), g.reshape(g.ssm_conv(conv_x, w(p + "conv.weight")), (n, e)))
+    return g.matmul(y, w(p + "out_proj.weight"))

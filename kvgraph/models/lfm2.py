@@ -1,0 +1,60 @@
+"""lfm2 (LFM2): gated short-convolution layers and attention layers (per-head q/k norm, NEOX RoPE), the
+pattern from the per-layer head_count_kv (0: convolution); SwiGLU FFN; the final norm is stored as
+token_embd_norm; output tied to the embedding."""
+from __future__ import annotations
+
+from ..gguf.config import MetadataView
+from ..graph.ir import GraphBuilder
+from .base import BuildIO, Model
+from .layers import (attention_tensors, ffn_tensors, gated_ffn, kv_memory, rms_norm, self_attention,
+                     shortconv_block, shortconv_state, shortconv_tensors)
+
+
+class Lfm2Model(Model):
+    arch = "lfm2"
+    optional_tensors = frozenset({"output.weight"})
+
+    @classmethod
+    def read_extra(cls, m: MetadataView):
+        kv = m.int_list("attention.head_count_kv") or [m.int("attention.head_count_kv", 1)] * m.int("block_count")
+        return {"attention_layers": tuple(i for i, n in enumerate(kv) if n),
+                "conv_cache": m.int("shortconv.l_cache", required=True, minimum=2)}
+
+    def tensor_shapes(self):
+        c, e = self.cfg, self.cfg.extra
+        shapes = {"token_embd.weight": (c.n_vocab, c.n_embd), "token_embd_norm.weight": (c.n_embd,),
+                  "output.weight": (c.n_vocab, c.n_embd)}
+        for i in range(c.n_layer):
+            if i in e["attention_layers"]:
+                shapes |= attention_tensors(c, i, qk_norm=True)
+            else:
+                shapes |= {f"blk.{i}.attn_norm.weight": (c.n_embd,)} | shortconv_tensors(c, i)[0]
+            shapes |= ffn_tensors(c, i)
+        return shapes
+
+    def derived_tensors(self):
+        e = self.cfg.extra
+        return {k: v for i in range(self.cfg.n_layer) if i not in e["attention_layers"]
+                for k, v in shortconv_tensors(self.cfg, i)[1].items()}
+
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+        c, attn = self.cfg, self.cfg.extra["attention_layers"]
+        mems = {"rs": shortconv_state(c, [i for i in range(c.n_layer) if i not in attn], alloc)}
+        return mems | (kv_memory(c, n_ctx, alloc, flash_attn, attn) if attn else {})
+
+    def build(self, g: GraphBuilder, io: BuildIO) -> None:
+        c, e = self.cfg, self.cfg.extra
+        w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
+        x = g.get_rows(w("token_embd.weight"), io.tokens)
+        for i in range(c.n_layer):
+            h = rms_norm(g, x, w(f"blk.{i}.attn_norm.weight"), c.rms_eps)
+            if i in e["attention_layers"]:
+                y = g.matmul(self_attention(g, w, io, c, i, h, neox=True, qk_norm=True),
+                             w(f"blk.{i}.attn_output.weight"))
+            else:
+                y = shortconv_block(g, w, io, c, i, h)
+            if i == c.n_layer - 1:
+                y, x = io.select_outputs(y), io.select_outputs(x)
+            x = g.add(x, y)
+            x = g.add(x, gated_ffn(g, w, i, rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)))
+        g.output("logits", g.matmul(rms_norm(g, x, w("token_embd_norm.weight"), c.rms_eps), w("output.weight")))
