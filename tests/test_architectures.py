@@ -3,7 +3,7 @@ llama.cpp's convert_hf_to_gguf.py, with HF's float32 logits (tests/data/arch, ma
 tools/make_arch_fixtures.py). Per architecture: the numpy backend equals HF in one ubatch, in several, and
 token by token through cached decode graphs (across the KV window's 256-cell padding); the graph cache on,
 off and verified gives identical logits; four sequences decoded together equal each decoded alone; the
-quantized backends meet the DESIGN §6 rule on Q8_0 and Q4_0 copies."""
+quantized backends meet the design.md §7 rule on Q8_0 and Q4_0 copies."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +16,8 @@ REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
 
 
 def test_every_fixture_is_here():
-    assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2"}
+    assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2",
+                              "falcon-mamba"}
 
 
 def rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
@@ -82,7 +83,7 @@ def quantized(tmp_path_factory):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_quantized_backends_meet_the_rule(quantized, name, qtype, backend):
-    """DESIGN §6's rule for quantized compute, against the f32 (numpy) run of the same quantized file:
+    """design.md §7's rule for quantized compute, against the f32 (numpy) run of the same quantized file:
     teacher-forced argmax agrees on >= 90% of the positions, and only where the reference margin is < 0.5."""
     path = quantized(name, qtype)
     tokens = fixture(name)[1]
@@ -104,7 +105,8 @@ def test_a_file_with_tensors_the_architecture_does_not_use_is_refused(tmp_path):
         LLM(str(path), backend="numpy")
 
 
-RECURRENT = [n for n in FIXTURES if n in ("mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2")]
+RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid",
+                                         "lfm2")]
 
 
 @pytest.mark.parametrize("name", RECURRENT)

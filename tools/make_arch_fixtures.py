@@ -77,6 +77,11 @@ ARCHS = {
     "mamba": Arch("MambaConfig", "gpt-2", GPT2_SPLIT, dict(
         state_size=16, expand=2, conv_kernel=4, time_step_rank=4, use_bias=False, use_conv_bias=True,
         layer_norm_epsilon=1e-5, tie_word_embeddings=True), vocab_multiple=8),
+    # A GGUF holds one RMS epsilon, which llama.cpp (and kvgraph) also use for Falcon-Mamba's dt/B/C norms;
+    # HF uses mixer_rms_eps there (1e-6 by default), so the fixture sets both alike.
+    "falcon-mamba": Arch("FalconMambaConfig", "gpt-2", GPT2_SPLIT, dict(
+        state_size=16, expand=2, conv_kernel=4, time_step_rank=4, use_bias=False, use_conv_bias=True,
+        layer_norm_epsilon=1e-5, mixer_rms_eps=1e-5, tie_word_embeddings=False), vocab_multiple=8),
     "mamba2": Arch("Mamba2Config", "gpt-2", GPT2_SPLIT, dict(
         num_heads=8, head_dim=16, expand=2, n_groups=2, state_size=16, conv_kernel=4, use_bias=False,
         use_conv_bias=True, layer_norm_epsilon=1e-5, chunk_size=64, tie_word_embeddings=False), vocab_multiple=16),
