@@ -1,4 +1,4 @@
-"""Comparing kvgraph with the HF transformers reference outputs in shared/reference (design.md §7)."""
+"""Comparing kvgraph with the HF transformers reference outputs in tests/data/reference (design.md §7)."""
 from __future__ import annotations
 
 import numpy as np

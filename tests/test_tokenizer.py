@@ -286,3 +286,34 @@ def test_missing_pre_means_llama_cpp_default():
     assert tok.pre is None
     # llama.cpp's 'default' cuts digit runs into threes (gpt2's regex keeps '1234' whole).
     assert tok.encode("1234") == [tok.tokens.index("123"), tok.tokens.index("4")]
+
+
+# ------------------------------------------------------------------ llama.cpp's own test vectors
+# Every causal-LM vocabulary llama.cpp ships with test vectors (bert-bge is an embedding model's WordPiece).
+LLAMA_VOCABS = ["command-r", "deepseek-coder", "deepseek-llm", "falcon", "gemma-4", "gpt-2", "llama-bpe",
+                "llama-spm", "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder"]
+
+
+@pytest.fixture(scope="module")
+def llama_vocab_dir():
+    from llama_vocabs import vocab_dir
+    return vocab_dir()
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("name", LLAMA_VOCABS)
+def test_llama_cpp_tokenizer_test_vectors(llama_vocab_dir, name):
+    """kvgraph's tokenizer gives exactly llama.cpp's ids (test-tokenizer-0: no BOS, specials as text)."""
+    from llama_vocabs import cases
+    path = llama_vocab_dir / f"ggml-vocab-{name}.gguf"
+    tok = Tokenizer.from_metadata(read_metadata(path))
+    pairs = cases(path)
+    assert len(pairs) >= 40
+    for text, want in pairs:
+        assert tok.encode(text, add_bos=False, parse_special=False) == want, text
+
+
+@pytest.mark.real_model
+def test_every_causal_vocabulary_with_vectors_is_listed(llama_vocab_dir):
+    have = {p.name[len("ggml-vocab-"):-len(".gguf.inp")] for p in llama_vocab_dir.glob("ggml-vocab-*.gguf.inp")}
+    assert have - {"bert-bge"} == set(LLAMA_VOCABS)

@@ -49,6 +49,26 @@ _QWEN2 = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+_QWEN35 = (
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"   # DeepSeek's CJK / Hangul runs
+# DeepSeek LLM's letter runs: the cased-letter ranges llama.cpp lists (its regex, verbatim).
+_DEEPSEEK_LETTERS = (
+    "\\s?[A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
+    "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481"
+    "\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-"
+    "\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57"
+    "\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-"
+    "\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-"
+    "\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184"
+    "\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-"
+    "\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-"
+    "\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2"
+    "\U000118a0-\U000118df\U0001e900-\U0001e943]+"
+)
+
 
 def _alias(names: str, pre: PreTokenizer) -> dict[str, PreTokenizer]:
     return {name: pre for name in names.split()}
@@ -64,6 +84,10 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     **_alias("llama3 llama-v3 llama-bpe falcon3", PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)),
     **_alias("qwen2 deepseek-r1-qwen stablelm2 megrez", PreTokenizer((_QWEN2,))),
     "falcon": PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, r"[0-9][0-9][0-9]")),
+    "deepseek-llm": PreTokenizer((r"[\r\n]", _DEEPSEEK_LETTERS, "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+                                  r"\s+$", _CJK, r"\p{N}+")),
+    "deepseek-coder": PreTokenizer((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}")),
+    "qwen35": PreTokenizer((_QWEN35,)),
 }
 
 
@@ -95,10 +119,7 @@ def _add_vocab_tokens(tok: HFTokenizer, tokens: Sequence[str], types: Sequence[i
         tok.add_tokens(user)
 
 
-def build_gpt2(
-    tokens: Sequence[str], types: Sequence[int], merges: Sequence[str], pre: PreTokenizer
-) -> HFTokenizer:
-    vocab = {t: i for i, t in enumerate(tokens)}
+def _merge_pairs(vocab: dict[str, int], merges: Sequence[str]) -> list[tuple[str, str]]:
     pairs = []
     for m in merges:
         # llama.cpp splits at the first space after position 0 (a merge side is never empty).
@@ -112,6 +133,14 @@ def build_gpt2(
         # HF rejects merges over unknown tokens; llama.cpp would never produce such a symbol either.
         if a in vocab and b in vocab and a + b in vocab:
             pairs.append((a, b))
+    return pairs
+
+
+def build_gpt2(
+    tokens: Sequence[str], types: Sequence[int], merges: Sequence[str], pre: PreTokenizer
+) -> HFTokenizer:
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = _merge_pairs(vocab, merges)
     tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
@@ -191,6 +220,19 @@ def build_spm(
     if add_space_prefix:
         norm.insert(0, normalizers.Prepend(SPM_SPACE))
     tok.normalizer = normalizers.Sequence(norm)
+    tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    _add_vocab_tokens(tok, tokens, types)
+    return tok
+
+
+def build_gemma4(tokens: Sequence[str], types: Sequence[int], merges: Sequence[str]) -> HFTokenizer:
+    """Gemma 4's tokenizer (tokenizer.ggml.model 'gemma4'): SentencePiece-style BPE by merges over raw UTF-8
+    characters, spaces escaped as '▁', split only at newline runs, unknown characters as <0xXX> byte
+    tokens (llama.cpp's LLAMA_VOCAB_PRE_TYPE_GEMMA4)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_merge_pairs(vocab, merges), byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", SPM_SPACE)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[^\n]+|[\n]+"), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     _add_vocab_tokens(tok, tokens, types)
     return tok

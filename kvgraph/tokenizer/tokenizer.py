@@ -23,6 +23,7 @@ from .build import (
     SPM_SPACE,
     UNKNOWN,
     USER_DEFINED,
+    build_gemma4,
     build_gpt2,
     build_spm,
     bytes_to_unicode,
@@ -30,7 +31,7 @@ from .build import (
 from .chat import ChatTemplate, pick_template
 from .stream import StreamDecoder
 
-MODEL_KINDS = ("gpt2", "llama")
+MODEL_KINDS = ("gpt2", "llama", "gemma4")
 
 # Token texts that end generation wherever they exist (llama.cpp marks the same ones EOG by text).
 EOG_TEXTS = (
@@ -128,7 +129,8 @@ class Tokenizer:
         if model not in MODEL_KINDS:
             raise TokenizerError(
                 f"tokenizer model {model!r} (tokenizer.ggml.model) is not supported; kvgraph supports "
-                "'gpt2' (byte-level BPE) and 'llama' (SentencePiece). Use a model with one of those tokenizers."
+                "'gpt2' (byte-level BPE), 'llama' (SentencePiece) and 'gemma4'. Use a model with one of those "
+                "tokenizers."
             )
         tokens = _list(md, "tokenizer.ggml.tokens", str)
         if not tokens:
@@ -164,6 +166,12 @@ class Tokenizer:
                     raise _bad("tokenizer.ggml.merges", "missing (a gpt2 BPE tokenizer needs its merges)")
                 add_bos = _flag(md, "tokenizer.ggml.add_bos_token", PRE_TOKENIZERS[pre_name].add_bos)
                 hf = build_gpt2(tokens, types, merges, PRE_TOKENIZERS[pre_name])
+            elif model == "gemma4":
+                merges = _list(md, "tokenizer.ggml.merges", str)
+                if merges is None:
+                    raise _bad("tokenizer.ggml.merges", "missing (a gemma4 BPE tokenizer needs its merges)")
+                add_bos = True    # llama.cpp forces it for Gemma 4, whatever the file says
+                hf = build_gemma4(tokens, types, merges)
             else:
                 scores = _list(md, "tokenizer.ggml.scores", (int, float), n)
                 if scores is None:
@@ -256,7 +264,7 @@ class Tokenizer:
         if kind == BYTE and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             return bytes([int(text[3:5], 16)])
         if kind == NORMAL:
-            if self.model_kind == "llama":
+            if self.model_kind in ("llama", "gemma4"):     # raw UTF-8 pieces, '▁' for a space
                 return text.replace(SPM_SPACE, " ").encode("utf-8")
             # Byte-level BPE: each char stands for one byte (a char outside the map is kept as UTF-8).
             return b"".join(bytes([_BYTE_DECODER[c]]) if c in _BYTE_DECODER else c.encode("utf-8") for c in text)
