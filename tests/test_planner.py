@@ -112,3 +112,22 @@ def test_views_share_their_base_buffer():
     y = g.silu(x)
     v = g.reshape(y, (8,))
     assert base_of(v) is y
+
+
+def test_matmuls_of_one_input_are_planned_together_whatever_the_statement_order():
+    """q = x Wq; q2 = norm(q); k = x Wk; v = x Wv: the compilers stack x's weight matmuls into one only if
+    nothing reads a member before the last runs, so the plan puts them side by side."""
+    from kvgraph.graph.ir import GraphBuilder
+    g = GraphBuilder()
+    x = g.input("x", (3, 8))
+    q = g.matmul(x, g.weight("wq", (8, 8)))
+    q2 = g.rms_norm(q, 1e-5)
+    k = g.matmul(x, g.weight("wk", (4, 8)))
+    v = g.matmul(g.rms_norm(x, 1e-5), g.weight("wv", (4, 8)))      # another input: not a sibling
+    g.output("o", g.add(g.add(q2, g.matmul(k, g.weight("wo", (8, 4)))), g.matmul(v, g.weight("wp", (8, 4)))))
+    order = list(plan_graph(g.graph).order)
+    assert order.index(k.id) == order.index(q.id) + 2          # q, then k's weight leaf, then k
+    assert order.index(q2.id) > order.index(k.id)
+    nodes = {t.id: t for t in g.graph.nodes}
+    for i, tid in enumerate(order):                            # still topological
+        assert all(order.index(s.id) < i for s in nodes[tid].srcs)

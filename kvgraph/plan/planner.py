@@ -89,8 +89,41 @@ class _FreeList:
         self.free = merged
 
 
+def _weight_matmul_input(t: Tensor) -> int | None:
+    """The input's id when t is a matmul of an activation by a weight matrix (the compilers' fusion case)."""
+    if t.op == "matmul" and t.srcs[1].op == "weight" and t.p.get("transpose_b"):
+        return t.srcs[0].id
+    return None
+
+
+def group_sibling_matmuls(nodes: list[Tensor]) -> list[Tensor]:
+    """nodes (topologically ordered) with every weight matmul of one input moved up to the first of them,
+    each with its weight leaf: the compilers stack such matmuls into one, and whether they can must not
+    depend on the order in which a model file happened to write its statements (q = ...; norm(q); k = ...).
+    Still a topological order: a sibling needs only the shared input, ready at the first one's step."""
+    siblings: dict[int, list[Tensor]] = {}
+    for t in nodes:
+        x = _weight_matmul_input(t)
+        if x is not None:
+            siblings.setdefault(x, []).append(t)
+    out: list[Tensor] = []
+    placed: set[int] = set()
+    for t in nodes:
+        if t.id in placed:
+            continue
+        x = _weight_matmul_input(t)
+        for s in siblings[x] if x is not None else (t,):
+            for leaf in ((s.srcs[1],) if x is not None else ()):
+                if leaf.id not in placed:
+                    out.append(leaf)
+                    placed.add(leaf.id)
+            out.append(s)
+            placed.add(s.id)
+    return out
+
+
 def plan_graph(graph: Graph) -> Plan:
-    nodes = live_nodes(graph)
+    nodes = group_sibling_matmuls(live_nodes(graph))
     step = {t.id: i for i, t in enumerate(nodes)}
     owners = [t for t in nodes if not t.is_leaf and t.op not in VIEW_OPS]
     last_use = {t.id: step[t.id] for t in owners}
