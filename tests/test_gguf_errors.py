@@ -130,3 +130,11 @@ def test_vocabulary_size_that_disagrees_with_the_tokens(tmp_path, delta):
     write_tiny_llama(path, TinySpec(n_layer=1, extra_kv={"llama.vocab_size": n_tokens + delta}))
     with pytest.raises(GGUFError, match=f"vocab_size is {n_tokens + delta} but tokenizer.ggml.tokens has {n_tokens}"):
         open_model(path)
+
+
+def test_rope_scaling_kvgraph_does_not_implement_is_refused(tmp_path):
+    from kvgraph.errors import UnsupportedModelError
+    path = tmp_path / "yarn.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1, extra_kv={"llama.rope.scaling.type": "yarn"}))
+    with pytest.raises(UnsupportedModelError, match="RoPE scaling 'yarn'"):
+        open_model(path)

@@ -190,6 +190,20 @@ def test_a_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypa
     np.testing.assert_array_equal(quantized(x).q, quantize_ref(x)[0])
 
 
+def test_the_library_cache_is_keyed_by_the_instruction_sets_it_was_built_for(monkeypatch, tmp_path):
+    """A KVGRAPH_HOME shared by two machines: the other CPU's -march=native build is never loaded here."""
+    monkeypatch.setenv("KVGRAPH_HOME", str(tmp_path))
+    cc = native._compiler()
+    here = native._build(cc)
+    monkeypatch.setattr(native, "_target", lambda cc, flags: "-mavx512f -mamx-tile (another machine)")
+    other = native._build(cc)
+    assert here != other and here.exists() and other.exists()
+    monkeypatch.undo()
+    portable = [f for f in native.FLAGS if not f.startswith("-march")]
+    assert native._target(cc, native.FLAGS) != native._target(cc, portable)   # native: this CPU's sets
+    assert "-mno-amx-tile" in native.FLAGS                                     # AMX faults on these VMs
+
+
 # ---- the other ops, in both builds (the simd build's vector loops have scalar tails: odd sizes) --------------
 def test_rms_norm_with_and_without_weight(variant):
     x, w = RNG.standard_normal((3, 40), dtype=np.float32), RNG.standard_normal(40, dtype=np.float32)

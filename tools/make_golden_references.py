@@ -85,7 +85,7 @@ def greedy_case(model, ids: list[int], n_new: int, eog: set[int]) -> dict:
     step_logits = np.stack([full[i] for i in range(n_new)])
     greedy_full = step_logits.argmax(-1)
     return {"greedy_ids": new, "steps": steps, "prompt_top5": steps[0]["top5"],
-            "prompt_logits_l2": r4(np.linalg.norm(first.astype(np.float64))), "prompt_logits_mean": r4(first.mean()),
+            "prompt_logits_l2": r4(torch.from_numpy(first).norm()), "prompt_logits_mean": r4(first.mean()),
             "first_eog_step": next((i for i, t in enumerate(new) if t in eog), None),
             "min_margin": min(s["margin"] for s in steps),
             "recompute_argmax_same": bool((greedy_full == np.array(new)).all())}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..errors import GGUFError
+from ..errors import GGUFError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,11 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
         if n_embd % n_head or n_head % n_head_kv:
             raise GGUFError(f"{source}: {n_head} attention heads / {n_head_kv} kv heads do not divide "
                             f"embedding length {n_embd}; the file is corrupt.")
+    scaling = md.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        # YaRN / LongRoPE change every position's frequencies: refused rather than run silently wrong.
+        raise UnsupportedModelError(f"{source}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) is not "
+                                    "supported; kvgraph runs 'none' and 'linear' (and llama3 frequency factors).")
     tokens = md.get("tokenizer.ggml.tokens")
     n_vocab = m.int("vocab_size", len(tokens) if isinstance(tokens, list) else None)
     if n_vocab is None:
@@ -114,8 +119,7 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
         rope_dims=m.int("rope.dimension_count", head_dim_k, minimum=0),
         rope_base=m.float("rope.freq_base", 10000.0),
         rope_base_swa=m.float("rope.freq_base_swa", 10000.0),
-        rope_freq_scale=1.0 / m.float("rope.scaling.factor", 1.0)
-        if md.get(f"{arch}.rope.scaling.type", "none") == "linear" else 1.0,
+        rope_freq_scale=1.0 / m.float("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0,
         sliding_window=m.int("attention.sliding_window", minimum=0) or None,   # 0: no window (Phi-3's files)
         final_logit_softcap=m.float("final_logit_softcapping"),
     )

@@ -1,7 +1,7 @@
 """kvgraph's own CPU kernels (kernels.c), compiled with the system C compiler on first use and loaded with ctypes.
 
-The shared library is cached under $KVGRAPH_HOME/native/<hash of source, compiler and flags>/, so it is built
-once per machine (about a second). Without a C compiler, or with KVGRAPH_NATIVE=0, `library()` returns None
+The shared library is cached under $KVGRAPH_HOME/native/<hash of source, compiler, flags and the instruction
+sets they enable here>/, so it is built once per machine (about a second) and never loaded on another CPU. Without a C compiler, or with KVGRAPH_NATIVE=0, `library()` returns None
 and the torch backend uses torch's own quantized kernels instead (slower at batch size 1, same rules).
 
 Each kernel takes one pointer to int64 argument slots (see kernels.c); `bind` packs the slots once, at
@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,9 @@ import numpy as np
 from ...errors import IndexOutOfRangeError
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# AMX tile instructions fault on some virtual machines whose CPUs advertise them: never emit them.
+FLAGS = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-fopenmp", "-shared", "-fPIC",
+         "-std=c11"]
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_rms_norm",
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows")
 
@@ -42,10 +45,32 @@ def _cache_dir() -> Path:
     return model_home() / "native"
 
 
+def _target(cc: str, flags: list[str]) -> str:
+    """What the flags compile for on this machine: with -march=native, the instruction sets the compiler
+    enables here (so a KVGRAPH_HOME shared by two machines never loads a library built for the other's CPU);
+    the CPU's own flags where the compiler cannot say."""
+    if not any(f.startswith("-march=native") for f in flags):
+        return platform.machine()
+    try:
+        out = subprocess.run([cc, *[f for f in flags if f.startswith("-m")], "-Q", "--help=target"],
+                             capture_output=True, text=True, timeout=30).stdout
+        enabled = sorted(line.split()[0] for line in out.splitlines() if line.strip().endswith("[enabled]"))
+        if enabled:
+            return " ".join(enabled)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        return next((line for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def _build(cc: str, flags: list[str] = FLAGS) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    tag = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    key = src + " ".join(flags).encode() + version.encode() + _target(cc, flags).encode()
+    tag = hashlib.sha256(key).hexdigest()[:16]
     out = _cache_dir() / tag / "libkvgraph_native.so"
     if out.exists():
         return out
