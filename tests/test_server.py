@@ -144,19 +144,29 @@ def metric(server, name) -> float:
     raise KeyError(name)
 
 
-def test_client_disconnect_mid_stream_frees_its_slot(server):
-    before = metric(server, "kvgraph_requests_cancelled_total")
-    with httpx.stream("POST", server + "/v1/completions",
-                      json={"prompt": "the cat", "max_tokens": 120, "stream": True, "ignore_eos": True}) as r:
+@pytest.fixture(scope="module")
+def long_server(tiny_llama):
+    """One slot with a 32k-token context: a request asking for all of it takes seconds even on a fast
+    machine, so a client that leaves after the first chunk is always gone before generation ends."""
+    proc, base = start_server(tiny_llama[0], "--parallel", "1", "-c", "32768")
+    yield base
+    stop(proc)
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(long_server):
+    before = metric(long_server, "kvgraph_requests_cancelled_total")
+    with httpx.stream("POST", long_server + "/v1/completions",
+                      json={"prompt": "the cat", "max_tokens": 32000, "stream": True, "ignore_eos": True}) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break       # leave after the first chunk
-    deadline = time.time() + 20
-    while time.time() < deadline and (metric(server, "kvgraph_active_slots") > 0 or
-                                      metric(server, "kvgraph_requests_cancelled_total") <= before):
+    deadline = time.time() + 60      # a bound for a hang, not a speed check: the slot frees within ~0.25 s
+    while time.time() < deadline and (metric(long_server, "kvgraph_active_slots") > 0 or
+                                      metric(long_server, "kvgraph_requests_cancelled_total") <= before):
         time.sleep(0.1)
-    assert metric(server, "kvgraph_active_slots") == 0
-    assert metric(server, "kvgraph_requests_cancelled_total") == before + 1
+    assert metric(long_server, "kvgraph_active_slots") == 0
+    assert metric(long_server, "kvgraph_requests_cancelled_total") == before + 1
+    assert metric(long_server, "kvgraph_generated_tokens_total") < 32000    # cancelled, not finished
 
 
 def test_metrics_are_prometheus_text(server):
