@@ -13,6 +13,7 @@ from .engine.sampling import REPEAT_PENALTY_RANGE, SamplingParams
 from .errors import InvalidArgumentError, short_repr
 
 MAX_STOP = 4
+SYSTEM_FINGERPRINT = "kvgraph"
 DEFAULT_MAX_BODY = 8 << 20   # bytes: the server's default request body limit (--max-body)
 
 
@@ -23,6 +24,24 @@ class GenParams:
     stop: list[str]
     stream: bool
     ignore_eos: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+
+# Request fields that change what a client gets back and that kvgraph does not do yet: a 400 naming the field
+# (never a silent ignore: a client asking for JSON must not get prose), unless the value asks for nothing.
+UNSUPPORTED_FIELDS = {
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "grammar": (None, ""), "json_schema": (None,),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "top_logprobs": (None, 0),
+    "logprobs": (None, False, 0), "n_probs": (None, 0), "prediction": (None,), "audio": (None,),
+    "modalities": (None, ["text"]),
+}
+
+
+def refuse_unsupported(body: Mapping[str, Any]) -> None:
+    for key, harmless in UNSUPPORTED_FIELDS.items():
+        if key in body and not any(body[key] == h and type(body[key]) is type(h) for h in harmless):
+            raise InvalidArgumentError(f"'{key}' is not supported by this server yet; remove it from the request.")
 
 
 def _num(body: Mapping[str, Any], key: str, default, kind=float, lo=None, hi=None):
@@ -70,8 +89,7 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
         raise InvalidArgumentError("the request body must be a JSON object.")
     n = _num(body, "n", 1, int, 1, 1)
     del n  # only n=1 is supported; larger values were rejected above
-    if body.get("logprobs") not in (None, False, 0):
-        raise InvalidArgumentError("'logprobs' is not supported.")
+    refuse_unsupported(body)
     for key in ("frequency_penalty", "presence_penalty"):
         if _num(body, key, 0.0, float, -2.0, 2.0) != 0.0:
             raise InvalidArgumentError(f"'{key}' is not supported; use 'repeat_penalty'.")
@@ -90,6 +108,10 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise InvalidArgumentError(f"'seed' must be an integer, got {short_repr(seed)}.")
     stream = flag(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, Mapping):
+        raise InvalidArgumentError("'stream_options' must be an object.")
+    include_usage = flag(options or {}, "include_usage", False)
     sampling = SamplingParams(
         temperature=_num(body, "temperature", 1.0, float, 0.0, 2.0),
         top_p=_num(body, "top_p", 1.0, float, 0.0, 1.0) or 1.0,
@@ -97,7 +119,7 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
         min_p=_num(body, "min_p", 0.0, float, 0.0, 1.0),
         repeat_penalty=_num(body, "repeat_penalty", 1.0, float, *REPEAT_PENALTY_RANGE),
         seed=seed, logit_bias=parse_logit_bias(body.get("logit_bias"))).validate(n_vocab)
-    return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False))
+    return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False), include_usage)
 
 
 def parse_prompt(body: Mapping[str, Any]) -> str | list[int]:
@@ -143,18 +165,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
                completion_tokens: int) -> dict:
     return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def completion_chunk(id: str, model: str, text: str, finish_reason: str | None = None) -> dict:
     return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
 
 
 def chat_completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
                     completion_tokens: int) -> dict:
     return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
@@ -162,7 +187,15 @@ def chat_completion(id: str, model: str, text: str, finish_reason: str | None, p
 
 def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
     return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk of a stream asked for with stream_options.include_usage: no choices, the usage."""
+    return {"id": id, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,

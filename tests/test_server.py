@@ -75,7 +75,7 @@ def reference(tiny_llama):
 
 
 def test_models_and_health(client, server):
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny", "tiny-llama"]     # --model-id, the file stem
     assert httpx.get(server + "/health").json()["slots"] == 4
 
 
@@ -119,7 +119,8 @@ def test_concurrent_requests_equal_sequential_results(client, reference):
     ({"prompt": "x" * 2000, "max_tokens": 10}, "context"),
     ({"prompt": "x", "temperature": "hot"}, "'temperature' must be a number"),
     ({"prompt": "x", "top_p": 5}, "'top_p' must be between"),
-    ({"prompt": "x", "model": "gpt-9"}, "not served here"),
+    ({"prompt": "x", "response_format": {"type": "json_object"}}, "'response_format' is not supported"),
+    ({"prompt": "x", "logprobs": 2}, "'logprobs' is not supported"),
     ({"max_tokens": 3}, "'prompt' must be"),
     ({"prompt": "x", "n": 3}, "'n' must be between"),
 ])
@@ -213,3 +214,100 @@ def test_sigterm_drains_in_flight_requests(tiny_llama):
     assert lines[-1] == "[DONE]"
     chunks = [json.loads(x)["choices"][0] for x in lines[:-1]]
     assert chunks[-1]["finish_reason"] == "length" and "".join(c["text"] for c in chunks)
+
+
+# ---- what clients of llama-server and vLLM expect ----------------------------------------------------------------
+def test_any_model_name_is_served_and_strict_mode_answers_404(tiny_llama, server):
+    r = httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "model": "gpt-3.5-turbo"})
+    assert r.status_code == 200 and r.json()["model"] == "tiny"
+    r = httpx.post(server + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "model": "tiny-llama"})
+    assert r.status_code == 200 and r.json()["model"] == "tiny-llama"
+    proc, base = start_server(tiny_llama[0], "--strict-model-names", "--alias", "my-model", "--alias", "other")
+    try:
+        assert [m["id"] for m in httpx.get(base + "/models").json()["data"]] == ["tiny", "tiny-llama", "my-model",
+                                                                                "other"]
+        assert httpx.post(base + "/completions", json={"prompt": "x", "max_tokens": 1,
+                                                       "model": "my-model"}).status_code == 200
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                            "model": "gpt-3.5-turbo"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    finally:
+        stop(proc)
+
+
+def test_routes_without_v1(server):
+    assert httpx.get(server + "/models").json()["data"][0]["id"] == "tiny"
+    r = httpx.post(server + "/completions", json={"prompt": "the cat", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["object"] == "text_completion"
+    r = httpx.post(server + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                       "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+
+
+def test_max_tokens_zero_answers_at_once_and_frees_the_slot(server):
+    r = httpx.post(server + "/v1/completions", json={"prompt": "the cat", "max_tokens": 0}, timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["choices"][0]["text"] == "" and body["usage"]["completion_tokens"] == 0
+    assert metric(server, "kvgraph_active_slots") == 0
+
+
+def test_stream_shape_role_first_fingerprint_and_usage(server):
+    with httpx.stream("POST", server + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+    assert all(c["system_fingerprint"] == "kvgraph" for c in chunks)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_several_host_addresses(tiny_llama):
+    import socket as sk
+    if not sk.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvgraph.cli.main", "serve", "-m", str(tiny_llama[0]),
+                             "--host", "127.0.0.1,::1", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        try:
+            v6 = httpx.get(f"http://[::1]:{port}/health", timeout=5).status_code
+        except httpx.ConnectError:
+            pytest.skip("::1 is not reachable on this machine")
+        assert v6 == 200
+    finally:
+        stop(proc)
+
+
+def test_sigterm_ends_running_requests_after_the_shutdown_timeout(tiny_llama):
+    """A request that would run for minutes: after --shutdown-timeout it ends with finish_reason 'shutdown',
+    its response completes, and the process exits."""
+    proc, base = start_server(tiny_llama[0], "--parallel", "1", "-c", "32768", "--shutdown-timeout", "1")
+    lines: list[str] = []
+    started = threading.Event()
+
+    def consume():
+        with httpx.stream("POST", base + "/v1/completions", timeout=120,
+                          json={"prompt": "the cat", "max_tokens": 32000, "stream": True, "ignore_eos": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    started.set()
+    t = threading.Thread(target=consume)
+    t.start()
+    assert started.wait(30)
+    proc.send_signal(signal.SIGTERM)
+    t.join(120)
+    assert proc.wait(60) in (0, -signal.SIGTERM)
+    assert lines[-1] == "[DONE]"
+    assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "shutdown"

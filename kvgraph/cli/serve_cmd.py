@@ -1,20 +1,42 @@
 """`kvgraph serve`: the OpenAI-compatible server with continuous batching."""
 from __future__ import annotations
 
+import argparse
+import socket
 import sys
+import threading
+from pathlib import Path
 
 from ..errors import InvalidArgumentError, KvgraphError
 from ..openai_compat import DEFAULT_MAX_BODY
 from .args import NON_NEGATIVE, POSITIVE, port_arg
 
 
+def seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 86400 seconds, got {text}")
+    return value
+
+
 def add_serve_parser(sub, add_model_args) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address(es) to bind, comma-separated (default 127.0.0.1; e.g. 127.0.0.1,::1)")
     p.add_argument("--port", type=port_arg, default=8080, help="port (default 8080)")
     p.add_argument("--parallel", "-np", type=POSITIVE, default=4, help="sequences decoded together (default 4)")
     p.add_argument("--queue", type=NON_NEGATIVE, default=64, help="requests that may wait for a slot (default 64)")
     p.add_argument("--model-id", default=None, help="name clients use in 'model' (default: the file name)")
+    p.add_argument("--alias", action="append", default=[], metavar="NAME",
+                   help="another name /v1/models lists and requests may use (repeatable)")
+    p.add_argument("--strict-model-names", action="store_true",
+                   help="a request naming a model not served here gets 404 model_not_found (default: served anyway)")
+    p.add_argument("--shutdown-timeout", type=seconds_arg, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, how long running requests may finish before they are ended with "
+                        "finish_reason 'shutdown' (default 10)")
     p.add_argument("--max-body", type=POSITIVE, default=DEFAULT_MAX_BODY, metavar="BYTES",
                    help=f"largest request body accepted; larger ones get 413 (default {DEFAULT_MAX_BODY >> 20} MiB)")
     add_model_args(p)
@@ -39,8 +61,38 @@ def build_server(args):
                   verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn)
     llm.ctx = ctx  # the single-stream context is not used by the server; free its KV cache
     sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue)
-    state = ServerState(sched, llm.tokenizer, args.model_id or llm.model_name, args.max_body)
+    # Names: --model-id (else the file stem), the -m name as typed (when it is a name, not a path), the stem, aliases.
+    typed = [args.model] if args.model and not Path(args.model).expanduser().exists() else []
+    aliases = tuple(typed + [llm.model_name] + list(args.alias))
+    state = ServerState(sched, llm.tokenizer, args.model_id or llm.model_name, args.max_body, aliases,
+                        args.strict_model_names)
     return create_app(state), sched
+
+
+def _bind(hosts: str, port: int) -> list[socket.socket]:
+    """A listening socket per address (IPv4 or IPv6), all on port; the first failure is a clear error."""
+    socks = []
+    try:
+        for host in [h.strip().strip("[]") for h in hosts.split(",") if h.strip()]:
+            try:
+                family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+                sock = socket.socket(family, kind, proto)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(2048)
+                socks.append(sock)
+            except OSError as exc:
+                raise KvgraphError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port "
+                                   "or --host.") from None
+    except KvgraphError:
+        for sock in socks:
+            sock.close()
+        raise
+    if not socks:
+        raise InvalidArgumentError("--host names no address.")
+    return socks
 
 
 def cmd_serve(args) -> int:
@@ -49,13 +101,43 @@ def cmd_serve(args) -> int:
     except ImportError:
         raise KvgraphError("the server needs FastAPI and uvicorn: pip install 'kvgraph[server]'.") from None
     app, sched = build_server(args)
-    print(f"kvgraph: serving {app.state.kv.model_id} on http://{args.host}:{args.port} "
+    socks = _bind(args.host, args.port)
+    where = ", ".join(f"http://{h.strip()}:{args.port}" for h in args.host.split(",") if h.strip())
+    print(f"kvgraph: serving {app.state.kv.model_id} on {where} "
           f"({args.parallel} slots, {sched.n_ctx_per_seq} tokens each)", file=sys.stderr)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    server = _DrainingServer(config, sched, args.shutdown_timeout)
     try:
-        # uvicorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish, then returns.
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=None)
-    except OSError as exc:
-        raise KvgraphError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pick another --port.") from None
+        server.run(sockets=socks)
     finally:
-        sched.shutdown(drain=True, timeout=60)
+        sched.shutdown(drain=False, timeout=10)
+        for sock in socks:
+            sock.close()
     return 0
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, whose SIGTERM/Ctrl-C drain is bounded: it stops accepting at once, lets running
+        requests go on for shutdown_timeout seconds, then ends them (finish_reason 'shutdown'), so their
+        responses complete and the process exits."""
+
+        def __init__(self, config, sched, shutdown_timeout: float):
+            super().__init__(config)
+            self.sched, self.shutdown_timeout = sched, shutdown_timeout
+            self._deadline: threading.Timer | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self._deadline is None:
+                self._deadline = threading.Timer(self.shutdown_timeout, self.sched.shutdown,
+                                                 kwargs={"drain": False, "timeout": 0})
+                self._deadline.daemon = True
+                self._deadline.start()
+            super().handle_exit(sig, frame)
+    return DrainingServer
+
+
+def _DrainingServer(config, sched, shutdown_timeout: float):  # noqa: N802 (a class, built lazily)
+    return _draining_server_class()(config, sched, shutdown_timeout)

@@ -68,8 +68,11 @@ class Request:
     events: "queue.Queue[Event]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    cancel_reason: str = "cancelled"   # the finish reason a cancelled request reports
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled") -> None:
+        if not self.cancelled.is_set():
+            self.cancel_reason = reason
         self.cancelled.set()
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
@@ -169,7 +172,8 @@ class BatchScheduler:
         return len(self._slots)
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Stop taking requests; with drain, finish the queued and running ones first."""
+        """Stop taking requests; with drain, finish the queued and running ones first; without, queued
+        requests fail and running ones end now with finish reason 'shutdown' (what they generated stays)."""
         with self._lock:
             self._stopping = True
             if not drain:
@@ -177,7 +181,7 @@ class BatchScheduler:
                     req.events.put(Event("error", error=ShuttingDownError("the server shut down.")))
                 self._queue.clear()
                 for slot in self._slots.values():
-                    slot.req.cancel()
+                    slot.req.cancel("shutdown")
             self._lock.notify()
         self._thread.join(timeout)
 
@@ -220,11 +224,15 @@ class BatchScheduler:
                 self.stats.requests_failed += 1
                 req.events.put(Event("error", error=_user_facing(exc)))
                 free.insert(0, seq)
+                continue
+            if self._slots[seq].out.done:      # max_tokens 0: nothing to generate, answer at once
+                self._finish(seq)
+                free.insert(0, seq)
 
     def _drop_cancelled(self) -> None:
         for seq, slot in list(self._slots.items()):
             if slot.req.cancelled.is_set():
-                slot.out.cancel()
+                slot.out.cancel(slot.req.cancel_reason)
                 self.stats.requests_cancelled += 1
                 self._release(seq, Event("done"))
 

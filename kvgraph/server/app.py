@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .. import openai_compat as oa
 from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
-from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids
+from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids, short_repr
 
 POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
 log = logging.getLogger("kvgraph.server")
@@ -34,9 +34,18 @@ class BodyTooLargeError(KvgraphError):
     """A request body over --max-body (413)."""
 
 
+class ModelNotServedError(KvgraphError):
+    """A request names a model this server does not serve, with --strict-model-names (404)."""
+
+
 class ServerState:
-    def __init__(self, scheduler: BatchScheduler, tokenizer, model_id: str, max_body: int = oa.DEFAULT_MAX_BODY):
+    def __init__(self, scheduler: BatchScheduler, tokenizer, model_id: str, max_body: int = oa.DEFAULT_MAX_BODY,
+                 aliases: tuple[str, ...] = (), strict_model_names: bool = False):
         self.scheduler, self.tokenizer, self.model_id = scheduler, tokenizer, model_id
+        # Every name /v1/models lists; a request naming another model is served with this one anyway (as
+        # llama-server does) unless strict_model_names.
+        self.model_names = list(dict.fromkeys((model_id, *aliases)))
+        self.strict_model_names = strict_model_names
         self.max_body = max_body
         self.http_requests: dict[str, int] = {}
         self.started = time.time()
@@ -57,6 +66,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(ShuttingDownError)
     async def _draining(request, exc):
         return _error(503, str(exc), "server_busy", "shutting_down")
+
+    @app.exception_handler(ModelNotServedError)
+    async def _no_such_model(request, exc):
+        return _error(404, str(exc), code="model_not_found")
 
     @app.exception_handler(BodyTooLargeError)
     async def _too_large(request, exc):
@@ -86,9 +99,9 @@ def create_app(state: ServerState) -> FastAPI:
         if not isinstance(body, dict):
             raise KvgraphError("the request body must be a JSON object.")
         model = body.get("model")
-        if model is not None and model != state.model_id:
-            raise KvgraphError(f"model {model!r} is not served here; this server serves {state.model_id!r} "
-                               "(see /v1/models).")
+        if model is not None and state.strict_model_names and model not in state.model_names:
+            raise ModelNotServedError(f"the model {short_repr(model)} does not exist here; this server serves "
+                                      f"{', '.join(map(repr, state.model_names))} (see /v1/models).")
         return body
 
     @app.get("/health")
@@ -98,9 +111,10 @@ def create_app(state: ServerState) -> FastAPI:
                 "slots": sched.parallel}
 
     @app.get("/v1/models")
+    @app.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": int(state.started),
-                                            "owned_by": "kvgraph"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(state.started),
+                                            "owned_by": "kvgraph"} for name in state.model_names]}
 
     @app.get("/metrics")
     async def metrics():
@@ -109,18 +123,23 @@ def create_app(state: ServerState) -> FastAPI:
     n_vocab = state.scheduler.ctx.n_vocab
     per_seq = state.scheduler.n_ctx_per_seq
 
-    def completion_input(body: dict) -> tuple[list[int], oa.GenParams]:
+    def served_name(body: dict) -> str:
+        """The name a response reports: the requested one when this server has it, else its own."""
+        model = body.get("model")
+        return model if model in state.model_names else state.model_id
+
+    def completion_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
         params = oa.parse_params(body, chat=False, n_vocab=n_vocab)
         prompt = oa.parse_prompt(body)
         if isinstance(prompt, str):
-            return state.tokenizer.encode(prompt, max_tokens=per_seq), params
+            return state.tokenizer.encode(prompt, max_tokens=per_seq), params, served_name(body)
         if len(prompt) > per_seq:
             raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but each sequence holds {per_seq}.")
-        return check_token_ids(prompt, n_vocab), params
+        return check_token_ids(prompt, n_vocab), params, served_name(body)
 
-    def chat_input(body: dict) -> tuple[list[int], oa.GenParams]:
+    def chat_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
         params = oa.parse_params(body, chat=True, n_vocab=n_vocab)
-        return state.tokenizer.encode_chat(oa.parse_messages(body), True, per_seq), params
+        return state.tokenizer.encode_chat(oa.parse_messages(body), True, per_seq), params, served_name(body)
 
     def tokenize_result(body: dict) -> dict:
         content = body.get("content")
@@ -142,11 +161,14 @@ def create_app(state: ServerState) -> FastAPI:
         instant, and the event loop must stay free for /health and the other streams."""
         return await asyncio.to_thread(work, await _body(request))
 
+    # Every OpenAI route also without /v1, as llama-server has them and many clients call them.
     @app.post("/v1/completions")
+    @app.post("/completions")
     async def completions(request: Request):
         return await _serve(request, *await _in_worker(request, completion_input), chat=False)
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat_completions(request: Request):
         return await _serve(request, *await _in_worker(request, chat_input), chat=True)
 
@@ -158,7 +180,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def detokenize(request: Request):
         return await _in_worker(request, detokenize_result)
 
-    async def _serve(request: Request, ids: list[int], params: oa.GenParams, chat: bool):
+    async def _serve(request: Request, ids: list[int], params: oa.GenParams, model: str, chat: bool):
         sched = state.scheduler
         max_tokens = params.max_tokens
         if max_tokens is None:
@@ -166,7 +188,8 @@ def create_app(state: ServerState) -> FastAPI:
         req = sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos))
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
         if params.stream:
-            return StreamingResponse(_sse(request, req, rid, chat), media_type="text/event-stream",
+            return StreamingResponse(_sse(request, req, rid, chat, model, params.include_usage),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
             async for _ in _events(request, req):
@@ -175,21 +198,21 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(500, f"generation failed: {exc}", "server_error")
         res = req.result
         shape = oa.chat_completion if chat else oa.completion
-        return shape(rid, state.model_id, res.text, res.finish_reason, len(ids), len(res.ids))
+        return shape(rid, model, res.text, res.finish_reason, len(ids), len(res.ids))
 
-    async def _sse(request: Request, req: GenRequest, rid: str, chat: bool):
-        model = state.model_id
-
+    async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool):
         def frame(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
         try:
-            if chat:
-                yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+            if chat:     # the role first, with no content yet (as OpenAI and llama-server send it)
+                yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": None}))
             async for text in _events(request, req):
                 yield frame(oa.chat_chunk(rid, model, {"content": text}) if chat
                             else oa.completion_chunk(rid, model, text))
             fin = req.result.finish_reason
             yield frame(oa.chat_chunk(rid, model, {}, fin) if chat else oa.completion_chunk(rid, model, "", fin))
+            if include_usage:
+                yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids), len(req.result.ids)))
             yield "data: [DONE]\n\n"
         except KvgraphError as exc:
             yield frame(oa.error_body(f"generation failed: {exc}", "server_error"))
