@@ -27,7 +27,7 @@ def free_port() -> int:
 def start_server(model_path, *extra) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "kvgraph.cli.main", "serve", "-m", str(model_path),
-                             "--port", str(port), "--model-id", "tiny", *extra],
+                             "--port", str(port), "--model-id", "tiny", "--metrics", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -311,3 +311,54 @@ def test_sigterm_ends_running_requests_after_the_shutdown_timeout(tiny_llama):
     assert proc.wait(60) in (0, -signal.SIGTERM)
     assert lines[-1] == "[DONE]"
     assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "shutdown"
+
+
+def test_api_key_cors_and_switchable_endpoints(tiny_llama, monkeypatch):
+    monkeypatch.setenv("KVGRAPH_API_KEY", "s3cret")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kvgraph.cli.main", "serve", "-m", str(tiny_llama[0]),
+                             "--port", str(port), "--cors-origin", "http://localhost:3000", "--no-slots"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:     # /health needs no key
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        body = {"prompt": "x", "max_tokens": 1}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = httpx.post(base + "/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(base + "/v1/models").status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert httpx.post(base + "/v1/completions", json=body, headers=ok).status_code == 200
+        client = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert client.models.list().data[0].id == "tiny-llama"
+        # CORS: the configured origin is allowed (preflight needs no key), any other gets no CORS headers
+        pre = httpx.options(base + "/v1/completions", headers={
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+        r = httpx.get(base + "/props", headers=ok | {"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in r.headers and r.json()["total_slots"] == 4
+        assert httpx.get(base + "/slots", headers=ok).status_code == 501          # --no-slots
+        assert httpx.get(base + "/metrics", headers=ok).status_code == 501        # no --metrics
+    finally:
+        stop(proc)
+
+
+def test_props_slots_apply_template_and_metrics_paths(server):
+    slots = httpx.get(server + "/slots").json()
+    assert [s["id"] for s in slots] == [0, 1, 2, 3] and not any(s["is_processing"] for s in slots)
+    props = httpx.get(server + "/props").json()
+    assert props["n_ctx"] == 128 and props["model_alias"] == "tiny" and "im_start" in props["chat_template"]
+    r = httpx.post(server + "/apply-template", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.json()["prompt"] == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    for i in range(50):                                   # made-up paths do not grow the metrics table
+        httpx.get(server + f"/no/such/path/{i}")
+    text = httpx.get(server + "/metrics").text
+    assert 'path="other"' in text and "/no/such/path" not in text

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import threading
@@ -34,6 +35,13 @@ def add_serve_parser(sub, add_model_args) -> None:
                    help="another name /v1/models lists and requests may use (repeatable)")
     p.add_argument("--strict-model-names", action="store_true",
                    help="a request naming a model not served here gets 404 model_not_found (default: served anyway)")
+    p.add_argument("--api-key", default=os.environ.get("KVGRAPH_API_KEY") or None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $KVGRAPH_API_KEY)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="an origin browsers may call from, e.g. http://localhost:3000, or '*' (repeatable; "
+                        "default: none, so browsers block cross-origin calls)")
+    p.add_argument("--metrics", action="store_true", help="serve Prometheus metrics on /metrics (default: 501)")
+    p.add_argument("--no-slots", action="store_true", help="turn the /slots endpoint off (501)")
     p.add_argument("--shutdown-timeout", type=seconds_arg, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, how long running requests may finish before they are ended with "
                         "finish_reason 'shutdown' (default 10)")
@@ -47,7 +55,7 @@ def build_server(args):
     """(app, scheduler) for the parsed arguments; loads the model."""
     from ..engine.batching import BatchScheduler, bucket_sizes
     from ..engine.context import Context
-    from ..server.app import ServerState, create_app
+    from ..server.app import ServerOptions, ServerState, create_app
     from .main import open_llm
 
     if args.parallel < 1 or args.queue < 0:
@@ -64,8 +72,10 @@ def build_server(args):
     # Names: --model-id (else the file stem), the -m name as typed (when it is a name, not a path), the stem, aliases.
     typed = [args.model] if args.model and not Path(args.model).expanduser().exists() else []
     aliases = tuple(typed + [llm.model_name] + list(args.alias))
+    options = ServerOptions(api_key=args.api_key, cors_origins=tuple(args.cors_origin), metrics=args.metrics,
+                            slots=not args.no_slots)
     state = ServerState(sched, llm.tokenizer, args.model_id or llm.model_name, args.max_body, aliases,
-                        args.strict_model_names)
+                        args.strict_model_names, options)
     return create_app(state), sched
 
 

@@ -163,6 +163,19 @@ class BatchScheduler:
             self._lock.notify()
         return req
 
+    def slot_info(self) -> list[dict]:
+        """What each sequence slot is doing (llama-server's /slots)."""
+        running = dict(self._slots)          # a snapshot: the engine thread changes the dict as it goes
+        out = []
+        for seq in range(self.parallel):
+            slot = running.get(seq)
+            info = {"id": seq, "n_ctx": self.n_ctx_per_seq, "is_processing": slot is not None}
+            if slot is not None:
+                info |= {"id_task": slot.req.id, "n_prompt_tokens": len(slot.req.prompt_ids),
+                         "n_prompt_processed": slot.prefilled, "n_decoded": len(slot.req.result.ids)}
+            out.append(info)
+        return out
+
     @property
     def queue_depth(self) -> int:
         return len(self._queue)

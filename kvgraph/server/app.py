@@ -12,16 +12,20 @@ no request can stall /health or the other streams.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import queue
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from .. import __version__
 from .. import openai_compat as oa
 from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
 from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids, short_repr
@@ -38,9 +42,21 @@ class ModelNotServedError(KvgraphError):
     """A request names a model this server does not serve, with --strict-model-names (404)."""
 
 
+@dataclass
+class ServerOptions:
+    """The server's switches (each a `kvgraph serve` flag)."""
+
+    api_key: str | None = None            # Bearer token required on every route but /health
+    cors_origins: tuple[str, ...] = ()    # origins browsers may call from (none: no CORS headers)
+    metrics: bool = False                 # /metrics on (off: 501, as llama-server without --metrics)
+    slots: bool = True                    # /slots on (off: 501, as llama-server with --no-slots)
+
+
 class ServerState:
     def __init__(self, scheduler: BatchScheduler, tokenizer, model_id: str, max_body: int = oa.DEFAULT_MAX_BODY,
-                 aliases: tuple[str, ...] = (), strict_model_names: bool = False):
+                 aliases: tuple[str, ...] = (), strict_model_names: bool = False,
+                 options: ServerOptions | None = None):
+        self.options = options or ServerOptions()
         self.scheduler, self.tokenizer, self.model_id = scheduler, tokenizer, model_id
         # Every name /v1/models lists; a request naming another model is served with this one anyway (as
         # llama-server does) unless strict_model_names.
@@ -88,9 +104,19 @@ def create_app(state: ServerState) -> FastAPI:
     async def _validation(request, exc):
         return _error(422, f"invalid request: {exc.errors()[:3]}")
 
+    routes = set()   # filled below: counting only known paths keeps a path-spraying client from growing the table
+
     @app.middleware("http")
-    async def _count(request: Request, call_next):
-        state.http_requests[request.url.path] = state.http_requests.get(request.url.path, 0) + 1
+    async def _count_and_authorize(request: Request, call_next):
+        path = request.url.path if request.url.path in routes else "other"
+        state.http_requests[path] = state.http_requests.get(path, 0) + 1
+        key = state.options.api_key
+        if key and request.url.path != "/health" and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                              code="invalid_api_key")
         return await call_next(request)
 
     async def _body(request: Request) -> dict:
@@ -118,7 +144,31 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
+        if not state.options.metrics:
+            return _error(501, "the metrics endpoint is off; start the server with --metrics.", "not_supported_error")
         return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    @app.get("/slots")
+    async def slots():
+        if not state.options.slots:
+            return _error(501, "the slots endpoint is off (--no-slots).", "not_supported_error")
+        return state.scheduler.slot_info()
+
+    @app.get("/props")
+    async def props():
+        tok = state.tokenizer
+        return {"model_alias": state.model_id, "model_names": state.model_names,
+                "total_slots": state.scheduler.parallel, "n_ctx": state.scheduler.n_ctx_per_seq,
+                "chat_template": tok.chat_template, "chat_template_source": tok.chat_template_source,
+                "bos_token": tok.tokens[tok.bos_id] if tok.bos_id is not None else None,
+                "eos_token": tok.tokens[tok.eos_id] if tok.eos_id is not None else None,
+                "build_info": f"kvgraph {__version__}", "modalities": {"vision": False, "audio": False}}
+
+    @app.post("/apply-template")
+    async def apply_template(request: Request):
+        messages = oa.parse_messages(await _body(request))
+        max_chars = state.tokenizer.max_chars(per_seq)
+        return {"prompt": await asyncio.to_thread(state.tokenizer.apply_chat_template, messages, True, max_chars)}
 
     n_vocab = state.scheduler.ctx.n_vocab
     per_seq = state.scheduler.n_ctx_per_seq
@@ -219,6 +269,10 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             req.cancel()
 
+    routes.update(r.path for r in app.routes)
+    if state.options.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.options.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
     return app
 
 

@@ -304,8 +304,9 @@ class Tokenizer:
         """'gguf' when the model file carries the template, else 'builtin:<name>'."""
         return self._template.origin
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self._template.render(messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            max_chars: int | None = None) -> str:
+        return self._template.render(messages, add_generation_prompt, max_chars)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     max_tokens: int | None = None) -> list[int]:
