@@ -153,6 +153,42 @@ def parse_messages(body: Mapping[str, Any]) -> list[dict]:
     return out
 
 
+def timings(result) -> dict:
+    """A generation's timings as llama-server reports them (an engine GenerationResult in): the prompt
+    phase ends with the first token, the predicted phase holds the rest."""
+    t, n = result.timings, len(result.ids)
+
+    def rate(count, s):
+        return count / s if s > 0 else 0.0
+    return {"prompt_n": t.n_prompt, "prompt_ms": t.prompt_s * 1e3,
+            "prompt_per_token_ms": t.prompt_s * 1e3 / t.n_prompt if t.n_prompt else 0.0,
+            "prompt_per_second": rate(t.n_prompt, t.prompt_s), "predicted_n": n,
+            "predicted_ms": t.decode_s * 1e3, "predicted_per_token_ms": t.decode_s * 1e3 / n if n else 0.0,
+            "predicted_per_second": rate(t.n_decode, t.decode_s)}
+
+
+# llama-server's native /completion: its field names, mapped onto the OpenAI ones parse_params reads.
+LLAMA_FIELDS = {"n_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                "min_p": "min_p", "repeat_penalty": "repeat_penalty", "seed": "seed", "stop": "stop",
+                "stream": "stream", "ignore_eos": "ignore_eos", "logit_bias": "logit_bias"}
+
+
+def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> GenParams:
+    """/completion's request (n_predict -1: until the context is full; temperature 0.8 by default; n_probs
+    not supported yet)."""
+    if body.get("n_probs") not in (None, 0):
+        raise InvalidArgumentError("'n_probs' is not supported by this server yet; remove it from the request.")
+    mapped = {oa_key: body[key] for key, oa_key in LLAMA_FIELDS.items() if key in body}
+    if mapped.get("max_tokens") == -1:
+        mapped["max_tokens"] = None
+    mapped.setdefault("temperature", 0.8)
+    if isinstance(mapped.get("logit_bias"), list):      # llama-server also takes [[id, bias], ...]
+        mapped["logit_bias"] = {str(pair[0]): pair[1] for pair in mapped["logit_bias"]
+                                if isinstance(pair, list) and len(pair) == 2}
+    params = parse_params(mapped, chat=True, n_vocab=n_vocab)     # chat=True: no max_tokens default of 16
+    return params
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 

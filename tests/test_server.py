@@ -362,3 +362,51 @@ def test_props_slots_apply_template_and_metrics_paths(server):
         httpx.get(server + f"/no/such/path/{i}")
     text = httpx.get(server + "/metrics").text
     assert 'path="other"' in text and "/no/such/path" not in text
+
+
+def test_llama_server_native_completion(server, reference):
+    want = reference[0]("the cat sat", 8)
+    r = httpx.post(server + "/completion", json={"prompt": "the cat sat", "n_predict": 8, "temperature": 0,
+                                                 "ignore_eos": True, "return_tokens": True, "cache_prompt": True})
+    body = r.json()
+    assert r.status_code == 200 and body["content"] == want and body["stop"] is True
+    assert body["tokens_predicted"] == 8 == len(body["tokens"]) and body["stop_type"] == "limit"
+    assert body["timings"]["predicted_n"] == 8 and body["timings"]["prompt_n"] == body["tokens_evaluated"]
+    ids = httpx.post(server + "/tokenize", json={"content": "the cat sat"}).json()["tokens"]
+    by_ids = httpx.post(server + "/completion", json={"prompt": ids, "n_predict": 8, "temperature": 0,
+                                                      "ignore_eos": True}).json()
+    assert by_ids["content"] == want
+    with httpx.stream("POST", server + "/completion", json={"prompt": "the cat sat", "n_predict": 8,
+                                                            "temperature": 0, "ignore_eos": True,
+                                                            "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert "".join(e["content"] for e in events) == want and events[-1]["stop"] and not events[0]["stop"]
+    stopped = httpx.post(server + "/completion", json={"prompt": "the cat sat", "n_predict": 8, "temperature": 0,
+                                                       "ignore_eos": True, "stop": [want[2:5]]}).json()
+    assert stopped["stop_type"] == "word" and stopped["stopping_word"] == want[2:5]
+    assert httpx.post(server + "/completion", json={"prompt": "x", "n_probs": 3}).status_code == 400
+
+
+def test_openai_responses_carry_timings(client):
+    r = client.completions.create(model="tiny", prompt="the cat", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.model_extra["timings"]["predicted_n"] == 3
+
+
+def test_server_side_defaults_and_chat_template_file(tiny_llama, tmp_path, reference):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    proc, base = start_server(tiny_llama[0], "--temp", "0", "--n-predict", "5", "--seed", "3",
+                              "--chat-template-file", str(template))
+    try:
+        r = httpx.post(base + "/v1/completions", json={"prompt": "the cat sat", "ignore_eos": True}).json()
+        assert r["usage"]["completion_tokens"] == 5 and r["choices"][0]["text"] == reference[0]("the cat sat", 5)
+        native = httpx.post(base + "/completion", json={"prompt": "the cat sat", "ignore_eos": True}).json()
+        assert native["tokens_predicted"] == 5 and native["content"] == r["choices"][0]["text"]
+        prompt = httpx.post(base + "/apply-template", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert prompt.json()["prompt"] == "[user] hi\n"
+        assert httpx.get(base + "/props").json()["chat_template_source"] == "file:t.jinja"
+    finally:
+        stop(proc)
+    bad = subprocess.run([sys.executable, "-m", "kvgraph.cli.main", "serve", "-m", str(tiny_llama[0]),
+                          "--chat-template", "nope"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "unknown template 'nope'" in bad.stderr and "Traceback" not in bad.stderr

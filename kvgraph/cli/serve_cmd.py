@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError, KvgraphError
 from ..openai_compat import DEFAULT_MAX_BODY
-from .args import NON_NEGATIVE, POSITIVE, port_arg
+from ..tokenizer.chat import BUILTIN_TEMPLATES
+from .args import NON_NEGATIVE, POSITIVE, int_in, port_arg, seed_arg
 
 
 def seconds_arg(text: str) -> float:
@@ -40,6 +41,14 @@ def add_serve_parser(sub, add_model_args) -> None:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="an origin browsers may call from, e.g. http://localhost:3000, or '*' (repeatable; "
                         "default: none, so browsers block cross-origin calls)")
+    g = p.add_argument_group("defaults for requests that leave them out (as llama-server's)")
+    g.add_argument("--temp", type=float, default=None, help="temperature (default: the API's, 1.0; /completion 0.8)")
+    g.add_argument("--seed", type=seed_arg, default=None, help="seed (-1: random)")
+    g.add_argument("--n-predict", "-n", type=int_in(-1), default=None,
+                   help="tokens to generate (-1: until the context is full)")
+    g.add_argument("--chat-template", default=None, metavar="NAME",
+                   help=f"a built-in chat template instead of the model's ({', '.join(BUILTIN_TEMPLATES)})")
+    g.add_argument("--chat-template-file", default=None, metavar="FILE", help="a jinja chat template file")
     p.add_argument("--metrics", action="store_true", help="serve Prometheus metrics on /metrics (default: 501)")
     p.add_argument("--no-slots", action="store_true", help="turn the /slots endpoint off (501)")
     p.add_argument("--shutdown-timeout", type=seconds_arg, default=10.0, metavar="SECONDS",
@@ -72,11 +81,33 @@ def build_server(args):
     # Names: --model-id (else the file stem), the -m name as typed (when it is a name, not a path), the stem, aliases.
     typed = [args.model] if args.model and not Path(args.model).expanduser().exists() else []
     aliases = tuple(typed + [llm.model_name] + list(args.alias))
+    if args.temp is not None and not 0.0 <= args.temp <= 2.0:
+        raise InvalidArgumentError(f"--temp must be between 0 and 2, got {args.temp}.")
+    _set_chat_template(llm.tokenizer, args)
+    defaults = {"temperature": args.temp, "seed": args.seed,
+                "max_tokens": None if args.n_predict == -1 else args.n_predict}
     options = ServerOptions(api_key=args.api_key, cors_origins=tuple(args.cors_origin), metrics=args.metrics,
-                            slots=not args.no_slots)
+                            slots=not args.no_slots, defaults={k: v for k, v in defaults.items() if v is not None})
     state = ServerState(sched, llm.tokenizer, args.model_id or llm.model_name, args.max_body, aliases,
                         args.strict_model_names, options)
     return create_app(state), sched
+
+
+def _set_chat_template(tokenizer, args) -> None:
+    if args.chat_template and args.chat_template_file:
+        raise InvalidArgumentError("give --chat-template or --chat-template-file, not both.")
+    if args.chat_template:
+        if args.chat_template not in BUILTIN_TEMPLATES:
+            raise InvalidArgumentError(f"--chat-template: unknown template {args.chat_template!r}; built in: "
+                                       f"{', '.join(BUILTIN_TEMPLATES)} (or pass a file with --chat-template-file).")
+        tokenizer.set_chat_template(BUILTIN_TEMPLATES[args.chat_template], f"builtin:{args.chat_template}")
+    elif args.chat_template_file:
+        try:
+            source = Path(args.chat_template_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgumentError(f"--chat-template-file: cannot read {args.chat_template_file!r} ({exc}).") \
+                from None
+        tokenizer.set_chat_template(source, f"file:{Path(args.chat_template_file).name}")
 
 
 def _bind(hosts: str, port: int) -> list[socket.socket]:

@@ -101,6 +101,8 @@ class _Slot:
         self.sampler = Sampler(req.sampling, n_vocab)
         self.out = OutputTracker(tokenizer, req.result, req.max_tokens, req.stop, req.ignore_eos)
         self.prefilled = 0          # prompt tokens already in the cache
+        self.admitted = time.perf_counter()
+        self.first_token_at: float | None = None
         self.last_token: int | None = None
         self.n_past = 0
 
@@ -251,6 +253,9 @@ class BatchScheduler:
 
     def _release(self, seq: int, event: Event) -> None:
         slot = self._slots.pop(seq)
+        tm, now = slot.req.result.timings, time.perf_counter()    # wall times of this request in the batch
+        tm.prompt_s = (slot.first_token_at or now) - slot.admitted
+        tm.decode_s = now - (slot.first_token_at or now)
         self.ctx.seq_rm(seq)
         slot.req.events.put(event)
 
@@ -289,6 +294,7 @@ class BatchScheduler:
         self.stats.prompt_tokens_total += len(chunk)
         if slot.prefilled == len(ids):
             slot.n_past = len(ids)
+            slot.first_token_at = time.perf_counter()
             if slot.out.done:          # max_tokens == 0
                 self._finish(slot.seq)
             else:

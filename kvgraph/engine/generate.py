@@ -40,6 +40,7 @@ class GenerationResult:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = ""    # 'stop' (end token or stop string), 'length' (max tokens)
+    stop_word: str = ""        # the stop string that ended it, if one did
     timings: Timings = field(default_factory=Timings)
 
 
@@ -185,6 +186,7 @@ class OutputTracker:
         self.text += self.decoder.feed(tok)
         cut = _find_stop(self.text, self.stops, self.emitted)
         if cut is not None:
+            self.res.stop_word = next(s for s in self.stops if self.text.startswith(s, cut))
             self.text, self.res.finish_reason = self.text[:cut], "stop"
             return self._finish(flush=False)
         if len(self.res.ids) >= self.max_tokens:

@@ -17,7 +17,7 @@ import json
 import logging
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,6 +50,7 @@ class ServerOptions:
     cors_origins: tuple[str, ...] = ()    # origins browsers may call from (none: no CORS headers)
     metrics: bool = False                 # /metrics on (off: 501, as llama-server without --metrics)
     slots: bool = True                    # /slots on (off: 501, as llama-server with --no-slots)
+    defaults: dict = field(default_factory=dict)   # request fields a request leaves out (--temp, --seed, ...)
 
 
 class ServerState:
@@ -178,17 +179,26 @@ def create_app(state: ServerState) -> FastAPI:
         model = body.get("model")
         return model if model in state.model_names else state.model_id
 
-    def completion_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
-        params = oa.parse_params(body, chat=False, n_vocab=n_vocab)
+    def prompt_ids(body: dict) -> list[int]:
         prompt = oa.parse_prompt(body)
         if isinstance(prompt, str):
-            return state.tokenizer.encode(prompt, max_tokens=per_seq), params, served_name(body)
+            return state.tokenizer.encode(prompt, max_tokens=per_seq)
         if len(prompt) > per_seq:
             raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but each sequence holds {per_seq}.")
-        return check_token_ids(prompt, n_vocab), params, served_name(body)
+        return check_token_ids(prompt, n_vocab)
+
+    defaults = state.options.defaults
+    llama_defaults = {({"max_tokens": "n_predict"}).get(k, k): v for k, v in defaults.items()}
+
+    def completion_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
+        params = oa.parse_params(defaults | body, chat=False, n_vocab=n_vocab)
+        return prompt_ids(body), params, served_name(body)
+
+    def llama_input(body: dict) -> tuple[list[int], oa.GenParams]:
+        return prompt_ids(body), oa.parse_llama_params(llama_defaults | body, n_vocab)
 
     def chat_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
-        params = oa.parse_params(body, chat=True, n_vocab=n_vocab)
+        params = oa.parse_params(defaults | body, chat=True, n_vocab=n_vocab)
         return state.tokenizer.encode_chat(oa.parse_messages(body), True, per_seq), params, served_name(body)
 
     def tokenize_result(body: dict) -> dict:
@@ -222,6 +232,47 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request):
         return await _serve(request, *await _in_worker(request, chat_input), chat=True)
 
+    @app.post("/completion")
+    async def llama_completion(request: Request):
+        """llama-server's native completion endpoint: its request fields and its response shape."""
+        body = await _body(request)
+        ids, params = await asyncio.to_thread(llama_input, body)
+        req = _submit(ids, params)
+        model = served_name(body)
+
+        def final(res) -> dict:
+            stop_type = "limit" if res.finish_reason == "length" else ("word" if res.stop_word else "eos")
+            if res.finish_reason not in ("length", "stop"):
+                stop_type = res.finish_reason
+            return {"content": "", "stop": True, "model": model, "tokens_predicted": len(res.ids),
+                    "tokens_evaluated": len(ids), "stop_type": stop_type, "stopping_word": res.stop_word,
+                    "truncated": False, "timings": oa.timings(res),
+                    "tokens": res.ids if body.get("return_tokens") else []}
+        if params.stream:
+            async def sse():
+                try:
+                    async for text in _events(request, req):
+                        yield f"data: {json.dumps({'content': text, 'stop': False}, ensure_ascii=False)}\n\n"
+                    yield f"data: {json.dumps(final(req.result), ensure_ascii=False)}\n\n"
+                except KvgraphError as exc:
+                    yield f"data: {json.dumps(oa.error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
+                finally:
+                    req.cancel()
+            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            async for _ in _events(request, req):
+                pass
+        except KvgraphError as exc:
+            return _error(500, f"generation failed: {exc}", "server_error")
+        return final(req.result) | {"content": req.result.text}
+
+    def _submit(ids: list[int], params: oa.GenParams) -> GenRequest:
+        sched = state.scheduler
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max(0, sched.n_ctx_per_seq - len(ids))
+        return sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos))
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         return await _in_worker(request, tokenize_result)
@@ -231,11 +282,7 @@ def create_app(state: ServerState) -> FastAPI:
         return await _in_worker(request, detokenize_result)
 
     async def _serve(request: Request, ids: list[int], params: oa.GenParams, model: str, chat: bool):
-        sched = state.scheduler
-        max_tokens = params.max_tokens
-        if max_tokens is None:
-            max_tokens = max(0, sched.n_ctx_per_seq - len(ids))
-        req = sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos))
+        req = _submit(ids, params)
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
         if params.stream:
             return StreamingResponse(_sse(request, req, rid, chat, model, params.include_usage),
@@ -248,7 +295,8 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(500, f"generation failed: {exc}", "server_error")
         res = req.result
         shape = oa.chat_completion if chat else oa.completion
-        return shape(rid, model, res.text, res.finish_reason, len(ids), len(res.ids))
+        return shape(rid, model, res.text, res.finish_reason, len(ids), len(res.ids)) | {
+            "timings": oa.timings(res)}
 
     async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool):
         def frame(obj: Any) -> str:
@@ -260,7 +308,8 @@ def create_app(state: ServerState) -> FastAPI:
                 yield frame(oa.chat_chunk(rid, model, {"content": text}) if chat
                             else oa.completion_chunk(rid, model, text))
             fin = req.result.finish_reason
-            yield frame(oa.chat_chunk(rid, model, {}, fin) if chat else oa.completion_chunk(rid, model, "", fin))
+            last = oa.chat_chunk(rid, model, {}, fin) if chat else oa.completion_chunk(rid, model, "", fin)
+            yield frame(last | {"timings": oa.timings(req.result)})
             if include_usage:
                 yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids), len(req.result.ids)))
             yield "data: [DONE]\n\n"

@@ -304,6 +304,11 @@ class Tokenizer:
         """'gguf' when the model file carries the template, else 'builtin:<name>'."""
         return self._template.origin
 
+    def set_chat_template(self, source: str, origin: str) -> None:
+        """Use another chat template (a server's --chat-template / --chat-template-file)."""
+        self._template = ChatTemplate(source, origin, self._template._vars["bos_token"],
+                                      self._template._vars["eos_token"], self._template.limits)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             max_chars: int | None = None) -> str:
         return self._template.render(messages, add_generation_prompt, max_chars)
