@@ -13,6 +13,7 @@ from .engine.sampling import REPEAT_PENALTY_RANGE, SamplingParams
 from .errors import InvalidArgumentError, short_repr
 
 MAX_STOP = 4
+MAX_LOGPROBS = 20          # alternatives per token (OpenAI allows 20 in chat, 5 in completions)
 SYSTEM_FINGERPRINT = "kvgraph"
 DEFAULT_MAX_BODY = 8 << 20   # bytes: the server's default request body limit (--max-body)
 
@@ -25,6 +26,8 @@ class GenParams:
     stream: bool
     ignore_eos: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    logprobs: int | None = None  # None: off; k: each token's logprob and its k most probable alternatives
+    echo: bool = False           # completions: the prompt back, with its tokens' logprobs
 
 
 # Request fields that change what a client gets back and that kvgraph does not do yet: a 400 naming the field
@@ -32,8 +35,7 @@ class GenParams:
 UNSUPPORTED_FIELDS = {
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "grammar": (None, ""), "json_schema": (None,),
-    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "top_logprobs": (None, 0),
-    "logprobs": (None, False, 0), "n_probs": (None, 0), "prediction": (None,), "audio": (None,),
+    "suffix": (None, ""), "best_of": (None, 1), "n_probs": (None, 0), "prediction": (None,), "audio": (None,),
     "modalities": (None, ["text"]),
 }
 
@@ -119,7 +121,16 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
         min_p=_num(body, "min_p", 0.0, float, 0.0, 1.0),
         repeat_penalty=_num(body, "repeat_penalty", 1.0, float, *REPEAT_PENALTY_RANGE),
         seed=seed, logit_bias=parse_logit_bias(body.get("logit_bias"))).validate(n_vocab)
-    return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False), include_usage)
+    if chat:     # logprobs: true, top_logprobs: k
+        logprobs = _num(body, "top_logprobs", 0, int, 0, MAX_LOGPROBS) if flag(body, "logprobs", False) else None
+        if body.get("top_logprobs") not in (None, 0) and logprobs is None:
+            raise InvalidArgumentError("'top_logprobs' needs 'logprobs': true.")
+        echo = False
+    else:        # logprobs: k (the legacy completions field), echo
+        logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
+        echo = flag(body, "echo", False)
+    return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False), include_usage, logprobs,
+                     echo)
 
 
 def parse_prompt(body: Mapping[str, Any]) -> str | list[int]:
@@ -189,6 +200,27 @@ def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> G
     return params
 
 
+def completion_logprobs(tokenizer, ids: list[int], lps: list, offset: int = 0) -> dict:
+    """The legacy completions logprobs object for these tokens: tokens, token_logprobs, top_logprobs,
+    text_offset (characters, from offset)."""
+    tokens, offsets = [], []
+    for i in ids:
+        offsets.append(offset)
+        tokens.append(tokenizer.decode([i]))
+        offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [lp[0] if lp else None for lp in lps],
+            "top_logprobs": [{tokenizer.decode([t]): v for t, v in lp[1]} if lp else None for lp in lps],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, ids: list[int], lps: list) -> dict:
+    """The chat logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(t: int, v: float) -> dict:
+        return {"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
+    return {"content": [entry(t, lp[0]) | {"top_logprobs": [entry(a, v) for a, v in lp[1]]}
+                        for t, lp in zip(ids, lps)]}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -199,32 +231,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-               completion_tokens: int) -> dict:
+               completion_tokens: int, logprobs: dict | None = None) -> dict:
     return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def completion_chunk(id: str, model: str, text: str, finish_reason: str | None = None) -> dict:
+def completion_chunk(id: str, model: str, text: str, finish_reason: str | None = None,
+                     logprobs: dict | None = None) -> dict:
     return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def chat_completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-                    completion_tokens: int) -> dict:
+                    completion_tokens: int, logprobs: dict | None = None) -> dict:
     return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
+                         "logprobs": logprobs, "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = None) -> dict:
+def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = None,
+               logprobs: dict | None = None) -> dict:
     return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def usage_chunk(id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -120,7 +120,8 @@ def test_concurrent_requests_equal_sequential_results(client, reference):
     ({"prompt": "x", "temperature": "hot"}, "'temperature' must be a number"),
     ({"prompt": "x", "top_p": 5}, "'top_p' must be between"),
     ({"prompt": "x", "response_format": {"type": "json_object"}}, "'response_format' is not supported"),
-    ({"prompt": "x", "logprobs": 2}, "'logprobs' is not supported"),
+    ({"prompt": "x", "echo": 1}, "'echo' must be true or false"),
+    ({"prompt": "x", "logprobs": 99}, "'logprobs' must be between 0 and 20"),
     ({"max_tokens": 3}, "'prompt' must be"),
     ({"prompt": "x", "n": 3}, "'n' must be between"),
 ])
@@ -410,3 +411,38 @@ def test_server_side_defaults_and_chat_template_file(tiny_llama, tmp_path, refer
     bad = subprocess.run([sys.executable, "-m", "kvgraph.cli.main", "serve", "-m", str(tiny_llama[0]),
                           "--chat-template", "nope"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "unknown template 'nope'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_logprobs_and_echo(server, reference):
+    """Token logprobs equal log-softmax of the reference logits; echo gives the prompt's (what
+    lm-evaluation-harness's local-completions needs for log-likelihoods)."""
+    import numpy as np
+    _, llm = reference
+    ids = llm.tokenize("the cat sat on")
+    full = llm.logits(ids)
+    lsm = full - np.log(np.exp(full - full.max(-1, keepdims=True)).sum(-1, keepdims=True)) - full.max(-1, keepdims=True)
+    r = httpx.post(server + "/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2,
+                                                     "temperature": 0}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert r["choices"][0]["text"] == llm.detokenize(ids) and lp["token_logprobs"][0] is None
+    assert len(lp["tokens"]) == len(ids) and lp["text_offset"][0] == 0
+    np.testing.assert_allclose(lp["token_logprobs"][1:], [lsm[i, ids[i + 1]] for i in range(len(ids) - 1)], atol=1e-4)
+    assert all(1 <= len(t) <= 2 for t in lp["top_logprobs"][1:])   # keyed by text: pieces may collide
+    # generated tokens: chat, plain and streamed agree
+    msgs = [{"role": "user", "content": "hi"}]
+    plain = httpx.post(server + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 4, "temperature": 0,
+                                                              "ignore_eos": True, "logprobs": True,
+                                                              "top_logprobs": 3}).json()
+    content = plain["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(len(c["top_logprobs"]) == 3 for c in content)
+    assert all(c["top_logprobs"][0]["logprob"] >= c["logprob"] - 1e-6 for c in content)    # greedy: the best
+    with httpx.stream("POST", server + "/v1/chat/completions", json={
+            "messages": msgs, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": True,
+            "top_logprobs": 3, "stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    streamed = [c for ch in chunks if ch["choices"] and ch["choices"][0]["logprobs"]
+                for c in ch["choices"][0]["logprobs"]["content"]]
+    assert [c["token"] for c in streamed] == [c["token"] for c in content]
+    np.testing.assert_allclose([c["logprob"] for c in streamed], [c["logprob"] for c in content], atol=1e-5)
+    bad = httpx.post(server + "/v1/chat/completions", json={"messages": msgs, "top_logprobs": 2})
+    assert bad.status_code == 400 and "needs 'logprobs'" in bad.json()["error"]["message"]

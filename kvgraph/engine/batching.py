@@ -25,7 +25,7 @@ from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, c
 from ..graph.inputs import UBatch
 from .context import Context
 from .generate import GenerationResult, OutputTracker, check_max_tokens
-from .sampling import GREEDY, Sampler, SamplingParams
+from .sampling import GREEDY, Sampler, SamplingParams, token_logprobs
 
 
 class QueueFullError(KvgraphError):
@@ -69,6 +69,8 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     cancel_reason: str = "cancelled"   # the finish reason a cancelled request reports
+    logprobs: int | None = None        # None: off; k: each token's logprob and the k most probable tokens
+    echo: bool = False                 # with logprobs: the prompt tokens' logprobs too (result.prompt_logprobs)
 
     def cancel(self, reason: str = "cancelled") -> None:
         if not self.cancelled.is_set():
@@ -102,6 +104,7 @@ class _Slot:
         self.out = OutputTracker(tokenizer, req.result, req.max_tokens, req.stop, req.ignore_eos)
         self.prefilled = 0          # prompt tokens already in the cache
         self.admitted = time.perf_counter()
+        self.pending_logprob = None     # the logprobs of the token being emitted
         self.first_token_at: float | None = None
         self.last_token: int | None = None
         self.n_past = 0
@@ -240,8 +243,8 @@ class BatchScheduler:
                 req.events.put(Event("error", error=_user_facing(exc)))
                 free.insert(0, seq)
                 continue
-            if self._slots[seq].out.done:      # max_tokens 0: nothing to generate, answer at once
-                self._finish(seq)
+            if self._slots[seq].out.done and not self._wants_prompt_logprobs(req):
+                self._finish(seq)               # max_tokens 0: nothing to generate, answer at once
                 free.insert(0, seq)
 
     def _drop_cancelled(self) -> None:
@@ -272,6 +275,9 @@ class BatchScheduler:
         n_before = len(slot.req.result.ids)
         chunk = slot.out.push(tok)
         self.stats.generated_tokens_total += len(slot.req.result.ids) - n_before
+        if slot.pending_logprob is not None and len(slot.req.result.ids) > n_before:   # an end token adds none
+            slot.req.result.logprobs.append(slot.pending_logprob)
+        slot.pending_logprob = None
         if chunk:
             slot.req.events.put(Event("token", chunk))
         if slot.out.done:
@@ -279,16 +285,25 @@ class BatchScheduler:
         else:
             slot.last_token = tok
 
+    @staticmethod
+    def _wants_prompt_logprobs(req: Request) -> bool:
+        return req.echo and req.logprobs is not None
+
     def _prefill_one(self) -> None:
-        slot = next((s for s in self._slots.values() if s.last_token is None and not s.out.done), None)
+        slot = next((s for s in self._slots.values() if s.last_token is None and
+                     (not s.out.done or self._wants_prompt_logprobs(s.req) and s.prefilled < len(s.req.prompt_ids))),
+                    None)
         if slot is None:
             return
         ids = slot.req.prompt_ids
         start = slot.prefilled
         chunk = ids[start:start + self.ctx.n_ubatch]
-        logits = self._guarded(slot.seq, self.ctx.decode, UBatch.single(chunk, start, slot.seq))
+        echo = self._wants_prompt_logprobs(slot.req)
+        logits = self._guarded(slot.seq, self.ctx.decode, UBatch.single(chunk, start, slot.seq, all_outputs=echo))
         if logits is None:
             return
+        if echo:
+            self._guarded(slot.seq, self._record_prompt_logprobs, slot, start, logits)
         slot.prefilled += len(chunk)
         slot.req.result.timings.n_prompt += len(chunk)
         self.stats.prompt_tokens_total += len(chunk)
@@ -329,4 +344,16 @@ class BatchScheduler:
             self._guarded(slot.seq, self._sample_and_emit, slot, logits[i])
 
     def _sample_and_emit(self, slot: _Slot, logits: np.ndarray) -> None:
-        self._emit(slot.seq, slot.sampler.sample(logits, slot.out.history))
+        tok = slot.sampler.sample(logits, slot.out.history)
+        if slot.req.logprobs is not None:
+            slot.pending_logprob = token_logprobs(logits, tok, slot.req.logprobs)
+        self._emit(slot.seq, tok)
+
+    def _record_prompt_logprobs(self, slot: _Slot, start: int, logits: np.ndarray) -> None:
+        """Row i of a prefill chunk predicts prompt token start + i + 1."""
+        ids, lps = slot.req.prompt_ids, slot.req.result.prompt_logprobs
+        if start == 0:
+            lps.append(None)
+        for i in range(logits.shape[0]):
+            if start + i + 1 < len(ids):
+                lps.append(token_logprobs(logits[i], ids[start + i + 1], slot.req.logprobs))

@@ -41,6 +41,10 @@ class GenerationResult:
     text: str = ""
     finish_reason: str = ""    # 'stop' (end token or stop string), 'length' (max tokens)
     stop_word: str = ""        # the stop string that ended it, if one did
+    # With logprobs asked for: per generated token (logprob, [(id, logprob) of the top alternatives]); with
+    # echo, the same for the prompt's tokens (None for the first, which nothing predicts).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
 
 

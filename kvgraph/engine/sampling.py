@@ -144,3 +144,18 @@ class Sampler:
 
 _NON_FINITE = ("the model produced non-finite logits (NaN or infinity) for this sequence, so no token can be "
                "sampled; the model file's weights are likely broken.")
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under the model's distribution (softmax of the raw logits) and the `top` most probable
+    tokens with theirs, best first (ties to the lowest id)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    lse = m + math.log(np.exp(x - m).sum())
+    best = []
+    if top > 0:
+        k = min(top, x.shape[0])
+        cand = np.argpartition(-x, k - 1)[:k]
+        cand = cand[np.lexsort((cand, -x[cand]))]
+        best = [(int(i), float(x[i] - lse)) for i in cand]
+    return float(x[token] - lse), best

@@ -190,9 +190,11 @@ def create_app(state: ServerState) -> FastAPI:
     defaults = state.options.defaults
     llama_defaults = {({"max_tokens": "n_predict"}).get(k, k): v for k, v in defaults.items()}
 
-    def completion_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
+    def completion_input(body: dict) -> tuple[list[int], oa.GenParams, str, str]:
         params = oa.parse_params(defaults | body, chat=False, n_vocab=n_vocab)
-        return prompt_ids(body), params, served_name(body)
+        ids = prompt_ids(body)
+        prompt = oa.parse_prompt(body)
+        return ids, params, served_name(body), prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)
 
     def llama_input(body: dict) -> tuple[list[int], oa.GenParams]:
         return prompt_ids(body), oa.parse_llama_params(llama_defaults | body, n_vocab)
@@ -225,7 +227,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions(request: Request):
-        return await _serve(request, *await _in_worker(request, completion_input), chat=False)
+        ids, params, model, prompt_text = await _in_worker(request, completion_input)
+        return await _serve(request, ids, params, model, False, prompt_text)
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
@@ -271,7 +274,8 @@ def create_app(state: ServerState) -> FastAPI:
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = max(0, sched.n_ctx_per_seq - len(ids))
-        return sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos))
+        return sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos,
+                                       logprobs=params.logprobs, echo=params.echo))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -281,11 +285,27 @@ def create_app(state: ServerState) -> FastAPI:
     async def detokenize(request: Request):
         return await _in_worker(request, detokenize_result)
 
-    async def _serve(request: Request, ids: list[int], params: oa.GenParams, model: str, chat: bool):
+    def logprobs_of(res, chat: bool, start: int = 0, end: int | None = None, echo_prompt: str | None = None):
+        """The response's logprobs object for generated tokens [start, end) (echo_prompt: the prompt's first)."""
+        tok = state.tokenizer
+        end = len(res.logprobs) if end is None else end
+        ids, lps = res.ids[start:end], res.logprobs[start:end]
+        if chat:
+            return oa.chat_logprobs(tok, ids, lps)
+        if echo_prompt is not None:
+            prompt = oa.completion_logprobs(tok, res.prompt_ids, res.prompt_logprobs)
+            rest = oa.completion_logprobs(tok, ids, lps, len(echo_prompt))
+            return {k: prompt[k] + rest[k] for k in prompt}
+        return oa.completion_logprobs(tok, ids, lps)
+
+    async def _serve(request: Request, ids: list[int], params: oa.GenParams, model: str, chat: bool,
+                     prompt_text: str | None = None):
         req = _submit(ids, params)
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
+        echo = prompt_text if params.echo else None
         if params.stream:
-            return StreamingResponse(_sse(request, req, rid, chat, model, params.include_usage),
+            return StreamingResponse(_sse(request, req, rid, chat, model, params.include_usage,
+                                          params.logprobs is not None, echo),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -295,18 +315,38 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(500, f"generation failed: {exc}", "server_error")
         res = req.result
         shape = oa.chat_completion if chat else oa.completion
-        return shape(rid, model, res.text, res.finish_reason, len(ids), len(res.ids)) | {
+        lps = logprobs_of(res, chat, echo_prompt=echo) if params.logprobs is not None else None
+        return shape(rid, model, (echo or "") + res.text, res.finish_reason, len(ids), len(res.ids), lps) | {
             "timings": oa.timings(res)}
 
-    async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool):
+    async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool,
+                   logprobs: bool, echo: str | None):
         def frame(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        sent = 0     # tokens whose logprobs went out
+
+        def new_logprobs():
+            nonlocal sent
+            if not logprobs:
+                return None
+            end = len(req.result.logprobs)
+            out, sent = logprobs_of(req.result, chat, sent, end), end
+            return out
+        def echo_frame() -> str:     # the prompt back, sent once its logprobs are known (prefill done)
+            res = req.result
+            lps = oa.completion_logprobs(state.tokenizer, res.prompt_ids, res.prompt_logprobs) if logprobs else None
+            return frame(oa.completion_chunk(rid, model, echo, logprobs=lps))
         try:
             if chat:     # the role first, with no content yet (as OpenAI and llama-server send it)
                 yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": None}))
             async for text in _events(request, req):
-                yield frame(oa.chat_chunk(rid, model, {"content": text}) if chat
-                            else oa.completion_chunk(rid, model, text))
+                if echo is not None:
+                    yield echo_frame()
+                    echo = None
+                yield frame(oa.chat_chunk(rid, model, {"content": text}, logprobs=new_logprobs()) if chat
+                            else oa.completion_chunk(rid, model, text, logprobs=new_logprobs()))
+            if echo is not None:
+                yield echo_frame()
             fin = req.result.finish_reason
             last = oa.chat_chunk(rid, model, {}, fin) if chat else oa.completion_chunk(rid, model, "", fin)
             yield frame(last | {"timings": oa.timings(req.result)})
