@@ -13,6 +13,7 @@ from .engine.sampling import REPEAT_PENALTY_RANGE, SamplingParams
 from .errors import InvalidArgumentError, short_repr
 
 MAX_STOP = 4
+MAX_CHOICES = 128
 MAX_LOGPROBS = 20          # alternatives per token (OpenAI allows 20 in chat, 5 in completions)
 SYSTEM_FINGERPRINT = "kvgraph"
 DEFAULT_MAX_BODY = 8 << 20   # bytes: the server's default request body limit (--max-body)
@@ -28,6 +29,7 @@ class GenParams:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     logprobs: int | None = None  # None: off; k: each token's logprob and its k most probable alternatives
     echo: bool = False           # completions: the prompt back, with its tokens' logprobs
+    n: int = 1                   # choices, sharing one prefill of the prompt
 
 
 # Request fields that change what a client gets back and that kvgraph does not do yet: a 400 naming the field
@@ -89,8 +91,7 @@ def parse_logit_bias(value: Any) -> dict[int, float] | None:
 def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None) -> GenParams:
     if not isinstance(body, Mapping):
         raise InvalidArgumentError("the request body must be a JSON object.")
-    n = _num(body, "n", 1, int, 1, 1)
-    del n  # only n=1 is supported; larger values were rejected above
+    n = _num(body, "n", 1, int, 1, MAX_CHOICES)      # the scheduler also bounds it by its slots
     refuse_unsupported(body)
     for key in ("frequency_penalty", "presence_penalty"):
         if _num(body, key, 0.0, float, -2.0, 2.0) != 0.0:
@@ -130,7 +131,7 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
         logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
         echo = flag(body, "echo", False)
     return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False), include_usage, logprobs,
-                     echo)
+                     echo, n)
 
 
 def parse_prompt(body: Mapping[str, Any]) -> str | list[int]:
@@ -230,6 +231,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def choice(index: int, chat: bool, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    if chat:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def response(id: str, model: str, chat: bool, choices: list[dict], prompt_tokens: int,
+             completion_tokens: int) -> dict:
+    return {"id": id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
 def completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
                completion_tokens: int, logprobs: dict | None = None) -> dict:
     return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
@@ -239,10 +254,10 @@ def completion(id: str, model: str, text: str, finish_reason: str | None, prompt
 
 
 def completion_chunk(id: str, model: str, text: str, finish_reason: str | None = None,
-                     logprobs: dict | None = None) -> dict:
+                     logprobs: dict | None = None, index: int = 0) -> dict:
     return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def chat_completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
@@ -255,10 +270,10 @@ def chat_completion(id: str, model: str, text: str, finish_reason: str | None, p
 
 
 def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = None,
-               logprobs: dict | None = None) -> dict:
+               logprobs: dict | None = None, index: int = 0) -> dict:
     return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
 def usage_chunk(id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int) -> dict:

@@ -123,7 +123,8 @@ def test_concurrent_requests_equal_sequential_results(client, reference):
     ({"prompt": "x", "echo": 1}, "'echo' must be true or false"),
     ({"prompt": "x", "logprobs": 99}, "'logprobs' must be between 0 and 20"),
     ({"max_tokens": 3}, "'prompt' must be"),
-    ({"prompt": "x", "n": 3}, "'n' must be between"),
+    ({"prompt": "x", "n": 9}, "n = 9 choices need as many sequence slots"),
+    ({"prompt": "x", "n": 0}, "'n' must be between"),
 ])
 def test_bad_requests_get_openai_error_bodies(server, body, needle):
     r = httpx.post(server + "/v1/completions", json=body)
@@ -446,3 +447,24 @@ def test_logprobs_and_echo(server, reference):
     np.testing.assert_allclose([c["logprob"] for c in streamed], [c["logprob"] for c in content], atol=1e-5)
     bad = httpx.post(server + "/v1/chat/completions", json={"messages": msgs, "top_logprobs": 2})
     assert bad.status_code == 400 and "needs 'logprobs'" in bad.json()["error"]["message"]
+
+
+def test_n_choices_share_one_prefill_and_are_reproducible_per_seed(server, reference):
+    greedy = reference[0]("the cat sat", 6)
+    r = httpx.post(server + "/v1/completions", json={"prompt": "the cat sat", "max_tokens": 6, "n": 3,
+                                                     "temperature": 0, "ignore_eos": True}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2] and all(c["text"] == greedy for c in r["choices"])
+    assert r["usage"]["completion_tokens"] == 18
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "n": 3, "temperature": 1.0,
+            "seed": 42, "ignore_eos": True}
+    a = httpx.post(server + "/v1/chat/completions", json=body).json()["choices"]
+    b = httpx.post(server + "/v1/chat/completions", json=body).json()["choices"]
+    assert [c["message"]["content"] for c in a] == [c["message"]["content"] for c in b]      # per-choice seeds
+    assert len({c["message"]["content"] for c in a}) > 1                                     # ... that differ
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body | {"stream": True}) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    texts = ["", "", ""]
+    for ch in chunks:
+        texts[ch["choices"][0]["index"]] += ch["choices"][0]["delta"].get("content") or ""
+    assert texts == [c["message"]["content"] for c in a]
+    assert metric(server, "kvgraph_active_slots") == 0

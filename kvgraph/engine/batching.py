@@ -11,6 +11,7 @@ at the next step.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -40,6 +41,16 @@ def _user_facing(exc: BaseException) -> KvgraphError:
     return exc if isinstance(exc, KvgraphError) else KvgraphError(f"internal error during a batch step: {exc!r}")
 
 
+def _choice(req: "Request", i: int) -> "Request":
+    """Choice i of a request: its own result and sampler seed (seed + i, so each choice is reproducible),
+    the request's event queue (events carry the choice index)."""
+    seed = req.sampling.seed
+    sampling = req.sampling if seed is None or seed == -1 else dataclasses.replace(req.sampling,
+                                                                                  seed=(seed + i) % (1 << 64))
+    return Request(req.prompt_ids, req.max_tokens, sampling, req.stop, req.ignore_eos, id=f"{req.id}.{i}",
+                   events=req.events, cancelled=req.cancelled, logprobs=req.logprobs, echo=req.echo, index=i)
+
+
 def bucket_sizes(parallel: int) -> tuple[int, ...]:
     sizes, b = [], 1
     while b < parallel:
@@ -53,6 +64,7 @@ class Event:
     kind: str                    # 'token' (text chunk), 'done', 'error'
     text: str = ""
     error: BaseException | None = None
+    index: int = 0               # which choice of the request (n > 1)
 
 
 @dataclass
@@ -71,22 +83,28 @@ class Request:
     cancel_reason: str = "cancelled"   # the finish reason a cancelled request reports
     logprobs: int | None = None        # None: off; k: each token's logprob and the k most probable tokens
     echo: bool = False                 # with logprobs: the prompt tokens' logprobs too (result.prompt_logprobs)
+    n: int = 1                         # choices: the prompt is prefilled once, then forked into n sequences
+    index: int = 0                     # this request's choice number (the others are in `choices`)
+    choices: list["Request"] = field(default_factory=list)   # every choice, this one first (set by submit)
 
     def cancel(self, reason: str = "cancelled") -> None:
-        if not self.cancelled.is_set():
-            self.cancel_reason = reason
-        self.cancelled.set()
+        for req in self.choices or [self]:
+            if not req.cancelled.is_set():
+                req.cancel_reason = reason
+            req.cancelled.set()
 
     def stream(self, timeout: float | None = None) -> Iterator[str]:
-        """Text chunks until the request ends; raises the request's error if it failed."""
-        while True:
+        """Text chunks until the request ends (every choice: their events share one queue); raises the
+        request's error if it failed."""
+        open_choices = max(1, len(self.choices))
+        while open_choices:
             ev = self.events.get(timeout=timeout)
             if ev.kind == "token":
                 yield ev.text
             elif ev.kind == "error":
                 raise ev.error
             else:
-                return
+                open_choices -= 1
 
     def wait(self, timeout: float | None = None) -> GenerationResult:
         for _ in self.stream(timeout):
@@ -105,6 +123,8 @@ class _Slot:
         self.prefilled = 0          # prompt tokens already in the cache
         self.admitted = time.perf_counter()
         self.pending_logprob = None     # the logprobs of the token being emitted
+        self.followers: list["_Slot"] = []   # n > 1: the other choices, forked from this one after its prefill
+        self.waiting = False            # a follower whose leader has not finished the prompt yet
         self.first_token_at: float | None = None
         self.last_token: int | None = None
         self.n_past = 0
@@ -155,6 +175,10 @@ class BatchScheduler:
                 f"prompt of {len(req.prompt_ids)} tokens plus max_tokens {req.max_tokens} needs {need} tokens of "
                 f"context, but each sequence has {self.n_ctx_per_seq}; shorten the prompt or lower max_tokens.")
         req.sampling.validate(self.ctx.n_vocab)   # now, in the caller's thread, not in the engine thread
+        if not 1 <= req.n <= self.parallel:
+            raise InvalidArgumentError(f"n = {req.n} choices need as many sequence slots; this server has "
+                                       f"{self.parallel} (--parallel).")
+        req.choices = [req] + [_choice(req, i) for i in range(1, req.n)]
         with self._lock:
             if self._stopping:
                 self.stats.requests_rejected += 1
@@ -232,20 +256,28 @@ class BatchScheduler:
 
     def _admit(self) -> None:
         free = [s for s in range(self.parallel) if s not in self._slots]
-        while free and self._queue:
+        while self._queue and len(free) >= len(self._queue[0].choices or [None]):
             req = self._queue.popleft()
-            seq = free.pop(0)
-            self.ctx.seq_rm(seq)
+            choices = req.choices or [req]
+            seqs, free = free[:len(choices)], free[len(choices):]
             try:
-                self._slots[seq] = _Slot(seq, req, self.tokenizer, self.ctx.n_vocab)
+                slots = [_Slot(seq, choice, self.tokenizer, self.ctx.n_vocab) for seq, choice in zip(seqs, choices)]
             except Exception as exc:
                 self.stats.requests_failed += 1
                 req.events.put(Event("error", error=_user_facing(exc)))
-                free.insert(0, seq)
+                free[:0] = seqs
                 continue
-            if self._slots[seq].out.done and not self._wants_prompt_logprobs(req):
-                self._finish(seq)               # max_tokens 0: nothing to generate, answer at once
-                free.insert(0, seq)
+            for slot in slots:
+                self.ctx.seq_rm(slot.seq)
+                self._slots[slot.seq] = slot
+            leader = slots[0]
+            leader.followers = slots[1:]      # they wait for the leader's prefill, then fork its cells
+            for follower in leader.followers:
+                follower.waiting = True
+            if leader.out.done and not self._wants_prompt_logprobs(req):
+                for slot in slots:              # max_tokens 0: nothing to generate, answer at once
+                    self._finish(slot.seq)
+                free[:0] = seqs
 
     def _drop_cancelled(self) -> None:
         for seq, slot in list(self._slots.items()):
@@ -264,11 +296,15 @@ class BatchScheduler:
 
     def _fail(self, seq: int, exc: BaseException) -> None:
         self.stats.requests_failed += 1
-        self._release(seq, Event("error", error=_user_facing(exc)))
+        slot = self._slots.get(seq)
+        self._release(seq, Event("error", error=_user_facing(exc), index=slot.req.index if slot else 0))
+        for follower in slot.followers if slot else ():
+            if follower.waiting and self._slots.get(follower.seq) is follower:
+                self._fail(follower.seq, exc)
 
     def _finish(self, seq: int) -> None:
         self.stats.requests_finished += 1
-        self._release(seq, Event("done"))
+        self._release(seq, Event("done", index=self._slots[seq].req.index))
 
     def _emit(self, seq: int, tok: int) -> None:
         slot = self._slots[seq]
@@ -279,7 +315,7 @@ class BatchScheduler:
             slot.req.result.logprobs.append(slot.pending_logprob)
         slot.pending_logprob = None
         if chunk:
-            slot.req.events.put(Event("token", chunk))
+            slot.req.events.put(Event("token", chunk, index=slot.req.index))
         if slot.out.done:
             self._finish(seq)
         else:
@@ -290,7 +326,7 @@ class BatchScheduler:
         return req.echo and req.logprobs is not None
 
     def _prefill_one(self) -> None:
-        slot = next((s for s in self._slots.values() if s.last_token is None and
+        slot = next((s for s in self._slots.values() if s.last_token is None and not s.waiting and
                      (not s.out.done or self._wants_prompt_logprobs(s.req) and s.prefilled < len(s.req.prompt_ids))),
                     None)
         if slot is None:
@@ -308,12 +344,19 @@ class BatchScheduler:
         slot.req.result.timings.n_prompt += len(chunk)
         self.stats.prompt_tokens_total += len(chunk)
         if slot.prefilled == len(ids):
-            slot.n_past = len(ids)
-            slot.first_token_at = time.perf_counter()
-            if slot.out.done:          # max_tokens == 0
-                self._finish(slot.seq)
-            else:
-                self._guarded(slot.seq, self._sample_and_emit, slot, logits[-1])
+            for choice in [slot] + [f for f in slot.followers if self._slots.get(f.seq) is f]:
+                if choice is not slot:            # a fork of the leader's cells: the prompt is not run again
+                    self._guarded(choice.seq, self.ctx.seq_cp, slot.seq, choice.seq)
+                    if self._slots.get(choice.seq) is not choice:     # the copy failed: that choice ended
+                        continue
+                    choice.waiting, choice.prefilled = False, len(ids)
+                    choice.req.result.prompt_logprobs = list(slot.req.result.prompt_logprobs)
+                choice.n_past = len(ids)
+                choice.first_token_at = time.perf_counter()
+                if choice.out.done:          # max_tokens == 0
+                    self._finish(choice.seq)
+                else:
+                    self._guarded(choice.seq, self._sample_and_emit, choice, logits[-1])
 
     def _decode_step(self) -> None:
         self._decode_rows([s for s in self._slots.values() if s.last_token is not None])

@@ -62,6 +62,12 @@ class Context:
         the caller must then remove the whole sequence."""
         return all([mem.seq_rm(seq, p0, p1) for mem in self.memories.values()])
 
+    def seq_cp(self, src: int, dst: int) -> None:
+        """dst becomes a copy of src in every memory (dst's old contents are dropped)."""
+        self.seq_rm(dst)
+        for mem in self.memories.values():
+            mem.seq_cp(src, dst)
+
     @property
     def memory_bytes(self) -> int:
         return sum(mem.nbytes for mem in self.memories.values())

@@ -67,6 +67,25 @@ class KVCache:
         self.cell_seq[sel] = -1
         return True
 
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Give dst a copy of src's cells (positions and K/V rows in every layer): a forked sequence, such
+        as the choices of one prompt, goes on from the same cache without recomputing it."""
+        cells = np.flatnonzero(self.cell_seq == src)
+        free = np.flatnonzero(self.cell_pos < 0)
+        if free.shape[0] < cells.shape[0]:
+            raise ContextOverflowError(f"the context is full: copying a sequence of {cells.shape[0]} tokens needs "
+                                       f"that many free cells, {free.shape[0]} are free.")
+        new = free[: cells.shape[0]]
+        self.cell_pos[new] = self.cell_pos[cells]
+        self.cell_seq[new] = dst
+        for il in self.layers:
+            k, v = self.buffers[self.k_name(il)], self.buffers[self.v_name(il)]
+            k[new] = k[cells]
+            if self.v_trans:
+                v[:, new] = v[:, cells]
+            else:
+                v[new] = v[cells]
+
     def _prune_sliding(self, ub: UBatch) -> None:
         """Free cells that no token of this ubatch, nor any later one, can see through the window."""
         for s in ub.seq_ids:

@@ -49,6 +49,19 @@ class RecurrentState:
             return True
         return False
 
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Give dst a copy of src's state (every layer's row) in a slot of its own."""
+        self.seq_rm(dst)
+        if src not in self.slot_of:
+            return
+        free = sorted(set(range(self.n_slots)) - set(self.slot_of.values()))
+        if not free:
+            raise ContextOverflowError(f"all {self.n_slots} recurrent state slots are in use; finish a sequence "
+                                       "first or allow more sequences.")
+        self.slot_of[dst], self.pos_next[dst] = free[0], self.pos_next[src]
+        for buf in self.buffers.values():
+            buf[free[0]] = buf[self.slot_of[src]]
+
     def prepare(self, ub: UBatch) -> None:
         seqs, starts = _grouped_sequences(ub)
         for seq in seqs:

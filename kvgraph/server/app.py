@@ -254,8 +254,8 @@ def create_app(state: ServerState) -> FastAPI:
         if params.stream:
             async def sse():
                 try:
-                    async for text in _events(request, req):
-                        yield f"data: {json.dumps({'content': text, 'stop': False}, ensure_ascii=False)}\n\n"
+                    async for ev in _events(request, req):
+                        yield f"data: {json.dumps({'content': ev.text, 'stop': False}, ensure_ascii=False)}\n\n"
                     yield f"data: {json.dumps(final(req.result), ensure_ascii=False)}\n\n"
                 except KvgraphError as exc:
                     yield f"data: {json.dumps(oa.error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
@@ -275,7 +275,7 @@ def create_app(state: ServerState) -> FastAPI:
         if max_tokens is None:
             max_tokens = max(0, sched.n_ctx_per_seq - len(ids))
         return sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos,
-                                       logprobs=params.logprobs, echo=params.echo))
+                                       logprobs=params.logprobs, echo=params.echo, n=params.n))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -313,45 +313,54 @@ def create_app(state: ServerState) -> FastAPI:
                 pass
         except KvgraphError as exc:
             return _error(500, f"generation failed: {exc}", "server_error")
-        res = req.result
-        shape = oa.chat_completion if chat else oa.completion
-        lps = logprobs_of(res, chat, echo_prompt=echo) if params.logprobs is not None else None
-        return shape(rid, model, (echo or "") + res.text, res.finish_reason, len(ids), len(res.ids), lps) | {
-            "timings": oa.timings(res)}
+        results = [choice.result for choice in req.choices]
+        choices = [oa.choice(i, chat, (echo or "") + res.text, res.finish_reason,
+                             logprobs_of(res, chat, echo_prompt=echo) if params.logprobs is not None else None)
+                   for i, res in enumerate(results)]
+        return oa.response(rid, model, chat, choices, len(ids), sum(len(r.ids) for r in results)) | {
+            "timings": oa.timings(results[0])}
 
     async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool,
                    logprobs: bool, echo: str | None):
         def frame(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-        sent = 0     # tokens whose logprobs went out
+        sent = [0] * len(req.choices)       # tokens of each choice whose logprobs went out
 
-        def new_logprobs():
-            nonlocal sent
+        def new_logprobs(i: int):
             if not logprobs:
                 return None
-            end = len(req.result.logprobs)
-            out, sent = logprobs_of(req.result, chat, sent, end), end
+            res = req.choices[i].result
+            end = len(res.logprobs)
+            out, sent[i] = logprobs_of(res, chat, sent[i], end), end
             return out
-        def echo_frame() -> str:     # the prompt back, sent once its logprobs are known (prefill done)
-            res = req.result
+
+        def chunk(i: int, text: str, finish: str | None = None, lps=None) -> dict:
+            if chat:
+                return oa.chat_chunk(rid, model, {"content": text} if text or finish is None else {}, finish, lps, i)
+            return oa.completion_chunk(rid, model, text, finish, lps, i)
+
+        echo_pending = [echo is not None] * len(req.choices)
+
+        def echo_frame(i: int) -> str:     # the prompt back, sent once its logprobs are known (prefill done)
+            res = req.choices[i].result
             lps = oa.completion_logprobs(state.tokenizer, res.prompt_ids, res.prompt_logprobs) if logprobs else None
-            return frame(oa.completion_chunk(rid, model, echo, logprobs=lps))
+            echo_pending[i] = False
+            return frame(chunk(i, echo, lps=lps))
         try:
             if chat:     # the role first, with no content yet (as OpenAI and llama-server send it)
-                yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": None}))
-            async for text in _events(request, req):
-                if echo is not None:
-                    yield echo_frame()
-                    echo = None
-                yield frame(oa.chat_chunk(rid, model, {"content": text}, logprobs=new_logprobs()) if chat
-                            else oa.completion_chunk(rid, model, text, logprobs=new_logprobs()))
-            if echo is not None:
-                yield echo_frame()
-            fin = req.result.finish_reason
-            last = oa.chat_chunk(rid, model, {}, fin) if chat else oa.completion_chunk(rid, model, "", fin)
-            yield frame(last | {"timings": oa.timings(req.result)})
+                for i in range(len(req.choices)):
+                    yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": None}, index=i))
+            async for ev in _events(request, req):
+                if echo_pending[ev.index]:
+                    yield echo_frame(ev.index)
+                yield frame(chunk(ev.index, ev.text, lps=new_logprobs(ev.index)))
+            for i, choice in enumerate(req.choices):
+                if echo_pending[i]:
+                    yield echo_frame(i)
+                yield frame(chunk(i, "", choice.result.finish_reason) | {"timings": oa.timings(choice.result)})
             if include_usage:
-                yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids), len(req.result.ids)))
+                yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids),
+                                           sum(len(c.result.ids) for c in req.choices)))
             yield "data: [DONE]\n\n"
         except KvgraphError as exc:
             yield frame(oa.error_body(f"generation failed: {exc}", "server_error"))
@@ -393,9 +402,11 @@ def _parse_json(raw: bytes) -> Any:
 
 
 async def _events(request: Request, req: GenRequest):
-    """Text chunks of req as they come; cancels it when the client disconnects."""
+    """The 'token' events of req (every choice's) as they come, until every choice has ended; cancels it when
+    the client disconnects."""
+    open_choices = len(req.choices) or 1
     try:
-        while True:
+        while open_choices:
             try:
                 ev: Event = await asyncio.to_thread(req.events.get, True, POLL_S)
             except queue.Empty:
@@ -404,11 +415,11 @@ async def _events(request: Request, req: GenRequest):
                     return
                 continue
             if ev.kind == "token":
-                yield ev.text
+                yield ev
             elif ev.kind == "error":
                 raise ev.error if isinstance(ev.error, KvgraphError) else KvgraphError(str(ev.error))
             else:
-                return
+                open_choices -= 1
     finally:
         req.cancel()   # a no-op once the request has finished; frees the slot if the client went away
 
