@@ -30,13 +30,14 @@ class GenParams:
     logprobs: int | None = None  # None: off; k: each token's logprob and its k most probable alternatives
     echo: bool = False           # completions: the prompt back, with its tokens' logprobs
     n: int = 1                   # choices, sharing one prefill of the prompt
+    grammar: str | None = None   # structured output: the compiled grammar every choice must follow
+    constraint: Any = None       # ... and the maker of its per-sequence state (set by the server)
 
 
 # Request fields that change what a client gets back and that kvgraph does not do yet: a 400 naming the field
 # (never a silent ignore: a client asking for JSON must not get prose), unless the value asks for nothing.
 UNSUPPORTED_FIELDS = {
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "function_call": (None, "none"), "grammar": (None, ""), "json_schema": (None,),
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "suffix": (None, ""), "best_of": (None, 1), "n_probs": (None, 0), "prediction": (None,), "audio": (None,),
     "modalities": (None, ["text"]),
 }
@@ -131,7 +132,38 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
         logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
         echo = flag(body, "echo", False)
     return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False), include_usage, logprobs,
-                     echo, n)
+                     echo, n, parse_grammar(body))
+
+
+def parse_grammar(body: Mapping[str, Any]) -> str | None:
+    """The grammar a request asks for: OpenAI's response_format (json_object, json_schema) or llama.cpp's
+    grammar (GBNF) / json_schema fields; a 400 when it does not compile or several are given."""
+    from .engine.constraints import compile_grammar
+
+    asked = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, Mapping) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise InvalidArgumentError("'response_format' must be {\"type\": \"text\" | \"json_object\" | "
+                                       "\"json_schema\", ...}.")
+        if fmt["type"] == "json_object":
+            asked.append(("json_object", None))
+        elif fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
+                raise InvalidArgumentError("'response_format.json_schema' must be {\"name\": ..., \"schema\": {...}}.")
+            asked.append(("json_schema", spec.get("schema", {})))
+    if body.get("json_schema") is not None:
+        if not isinstance(body["json_schema"], Mapping):
+            raise InvalidArgumentError("'json_schema' must be a JSON schema object.")
+        asked.append(("json_schema", body["json_schema"]))
+    if body.get("grammar") not in (None, ""):
+        if not isinstance(body["grammar"], str):
+            raise InvalidArgumentError("'grammar' must be a GBNF grammar string.")
+        asked.append(("gbnf", body["grammar"]))
+    if len(asked) > 1:
+        raise InvalidArgumentError("give one of response_format, json_schema and grammar.")
+    return compile_grammar(*asked[0]) if asked else None
 
 
 def parse_prompt(body: Mapping[str, Any]) -> str | list[int]:
@@ -182,7 +214,8 @@ def timings(result) -> dict:
 # llama-server's native /completion: its field names, mapped onto the OpenAI ones parse_params reads.
 LLAMA_FIELDS = {"n_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "min_p": "min_p", "repeat_penalty": "repeat_penalty", "seed": "seed", "stop": "stop",
-                "stream": "stream", "ignore_eos": "ignore_eos", "logit_bias": "logit_bias"}
+                "stream": "stream", "ignore_eos": "ignore_eos", "logit_bias": "logit_bias", "grammar": "grammar",
+                "json_schema": "json_schema"}
 
 
 def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> GenParams:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -48,7 +48,8 @@ def _choice(req: "Request", i: int) -> "Request":
     sampling = req.sampling if seed is None or seed == -1 else dataclasses.replace(req.sampling,
                                                                                   seed=(seed + i) % (1 << 64))
     return Request(req.prompt_ids, req.max_tokens, sampling, req.stop, req.ignore_eos, id=f"{req.id}.{i}",
-                   events=req.events, cancelled=req.cancelled, logprobs=req.logprobs, echo=req.echo, index=i)
+                   events=req.events, cancelled=req.cancelled, logprobs=req.logprobs, echo=req.echo, index=i,
+                   constraint=req.constraint)
 
 
 def bucket_sizes(parallel: int) -> tuple[int, ...]:
@@ -84,6 +85,7 @@ class Request:
     logprobs: int | None = None        # None: off; k: each token's logprob and the k most probable tokens
     echo: bool = False                 # with logprobs: the prompt tokens' logprobs too (result.prompt_logprobs)
     n: int = 1                         # choices: the prompt is prefilled once, then forked into n sequences
+    constraint: Any = None             # structured output: a maker of a fresh Constraint per sequence
     index: int = 0                     # this request's choice number (the others are in `choices`)
     choices: list["Request"] = field(default_factory=list)   # every choice, this one first (set by submit)
 
@@ -124,6 +126,7 @@ class _Slot:
         self.admitted = time.perf_counter()
         self.pending_logprob = None     # the logprobs of the token being emitted
         self.followers: list["_Slot"] = []   # n > 1: the other choices, forked from this one after its prefill
+        self.constraint = req.constraint() if req.constraint is not None else None   # its own grammar state
         self.waiting = False            # a follower whose leader has not finished the prompt yet
         self.first_token_at: float | None = None
         self.last_token: int | None = None
@@ -289,6 +292,7 @@ class BatchScheduler:
     def _release(self, seq: int, event: Event) -> None:
         slot = self._slots.pop(seq)
         tm, now = slot.req.result.timings, time.perf_counter()    # wall times of this request in the batch
+        tm.constraint_s = slot.constraint.seconds if slot.constraint is not None else 0.0
         tm.prompt_s = (slot.first_token_at or now) - slot.admitted
         tm.decode_s = now - (slot.first_token_at or now)
         self.ctx.seq_rm(seq)
@@ -387,7 +391,10 @@ class BatchScheduler:
             self._guarded(slot.seq, self._sample_and_emit, slot, logits[i])
 
     def _sample_and_emit(self, slot: _Slot, logits: np.ndarray) -> None:
-        tok = slot.sampler.sample(logits, slot.out.history)
+        allowed = slot.constraint.apply(logits) if slot.constraint is not None else logits
+        tok = slot.sampler.sample(allowed, slot.out.history)
+        if slot.constraint is not None:
+            slot.constraint.consume(tok)
         if slot.req.logprobs is not None:
             slot.pending_logprob = token_logprobs(logits, tok, slot.req.logprobs)
         self._emit(slot.seq, tok)

@@ -24,6 +24,7 @@ class Timings:
     n_decode: int = 0          # decode steps run
     decode_s: float = 0.0
     sample_s: float = 0.0
+    constraint_s: float = 0.0  # computing grammar masks (structured output)
 
     @property
     def prompt_tps(self) -> float:

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from .. import __version__
 from .. import openai_compat as oa
 from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
+from ..engine.constraints import Grammars
 from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids, short_repr
 
 POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
@@ -58,6 +59,7 @@ class ServerState:
                  aliases: tuple[str, ...] = (), strict_model_names: bool = False,
                  options: ServerOptions | None = None):
         self.options = options or ServerOptions()
+        self.grammars = Grammars(tokenizer)
         self.scheduler, self.tokenizer, self.model_id = scheduler, tokenizer, model_id
         # Every name /v1/models lists; a request naming another model is served with this one anyway (as
         # llama-server does) unless strict_model_names.
@@ -190,17 +192,24 @@ def create_app(state: ServerState) -> FastAPI:
     defaults = state.options.defaults
     llama_defaults = {({"max_tokens": "n_predict"}).get(k, k): v for k, v in defaults.items()}
 
+    def with_constraint(params: oa.GenParams) -> oa.GenParams:
+        """The grammar's per-sequence constraint maker (its vocabulary view is built here, in a worker thread,
+        the first time: ~0.2 s for 49k tokens)."""
+        if params.grammar is not None:
+            params.constraint = state.grammars.factory(params.grammar)
+        return params
+
     def completion_input(body: dict) -> tuple[list[int], oa.GenParams, str, str]:
-        params = oa.parse_params(defaults | body, chat=False, n_vocab=n_vocab)
+        params = with_constraint(oa.parse_params(defaults | body, chat=False, n_vocab=n_vocab))
         ids = prompt_ids(body)
         prompt = oa.parse_prompt(body)
         return ids, params, served_name(body), prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)
 
     def llama_input(body: dict) -> tuple[list[int], oa.GenParams]:
-        return prompt_ids(body), oa.parse_llama_params(llama_defaults | body, n_vocab)
+        return prompt_ids(body), with_constraint(oa.parse_llama_params(llama_defaults | body, n_vocab))
 
     def chat_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
-        params = oa.parse_params(defaults | body, chat=True, n_vocab=n_vocab)
+        params = with_constraint(oa.parse_params(defaults | body, chat=True, n_vocab=n_vocab))
         return state.tokenizer.encode_chat(oa.parse_messages(body), True, per_seq), params, served_name(body)
 
     def tokenize_result(body: dict) -> dict:
@@ -275,7 +284,8 @@ def create_app(state: ServerState) -> FastAPI:
         if max_tokens is None:
             max_tokens = max(0, sched.n_ctx_per_seq - len(ids))
         return sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos,
-                                       logprobs=params.logprobs, echo=params.echo, n=params.n))
+                                       logprobs=params.logprobs, echo=params.echo, n=params.n,
+                                       constraint=params.constraint))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
