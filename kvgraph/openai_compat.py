@@ -3,7 +3,9 @@ HTTP server. Parsing validates every field and raises InvalidArgumentError namin
 server turns into a 400 with an OpenAI-style error body."""
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,13 +33,14 @@ class GenParams:
     echo: bool = False           # completions: the prompt back, with its tokens' logprobs
     n: int = 1                   # choices, sharing one prefill of the prompt
     grammar: str | None = None   # structured output: the compiled grammar every choice must follow
+    tools: list | None = None    # chat: the tools offered to the model (None: none, or tool_choice "none")
     constraint: Any = None       # ... and the maker of its per-sequence state (set by the server)
 
 
 # Request fields that change what a client gets back and that kvgraph does not do yet: a 400 naming the field
 # (never a silent ignore: a client asking for JSON must not get prose), unless the value asks for nothing.
 UNSUPPORTED_FIELDS = {
-    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"),
     "suffix": (None, ""), "best_of": (None, 1), "n_probs": (None, 0), "prediction": (None,), "audio": (None,),
     "modalities": (None, ["text"]),
 }
@@ -131,8 +134,14 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
     else:        # logprobs: k (the legacy completions field), echo
         logprobs = _num(body, "logprobs", None, int, 0, MAX_LOGPROBS)
         echo = flag(body, "echo", False)
+    grammar = parse_grammar(body)
+    if not chat and body.get("tools") not in (None, []):
+        raise InvalidArgumentError("'tools' works with chat completions (/v1/chat/completions) only.")
+    tools, tool_grammar = parse_tools(body) if chat else (None, None)
+    if grammar is not None and tool_grammar is not None:
+        raise InvalidArgumentError("give response_format / grammar or a forced tool_choice, not both.")
     return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False), include_usage, logprobs,
-                     echo, n, parse_grammar(body))
+                     echo, n, grammar or tool_grammar, tools)
 
 
 def parse_grammar(body: Mapping[str, Any]) -> str | None:
@@ -191,10 +200,97 @@ def parse_messages(body: Mapping[str, Any]) -> list[dict]:
                        for p in content):
                 raise InvalidArgumentError(f"messages[{i}].content: only text parts are supported.")
             content = "".join(p["text"] for p in content)
+        calls = m.get("tool_calls")
+        if content is None and calls:        # an assistant turn that only called tools
+            content = ""
         if not isinstance(content, str):
             raise InvalidArgumentError(f"messages[{i}].content must be a string.")
-        out.append({"role": m["role"], "content": content})
+        msg = {"role": m["role"], "content": content}
+        if calls is not None:
+            msg["tool_calls"] = _tool_calls_for_template(calls, i)
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
     return out
+
+
+def _tool_calls_for_template(calls: Any, i: int) -> list[dict]:
+    """An assistant message's tool_calls as chat templates read them (arguments as an object)."""
+    if not isinstance(calls, list):
+        raise InvalidArgumentError(f"messages[{i}].tool_calls must be a list.")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise InvalidArgumentError(f"messages[{i}].tool_calls: each needs function.name.")
+        args = fn.get("arguments", "{}")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            raise InvalidArgumentError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} are not JSON.") \
+                from None
+        out.append({"id": call.get("id", ""), "type": "function", "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+# ---- tools (function calling) ---------------------------------------------------------------------------------
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def parse_tools(body: Mapping[str, Any]) -> tuple[list[dict] | None, str | None]:
+    """(tools for the chat template, or None; the grammar forcing a call, or None) from tools and
+    tool_choice: "none" hides the tools, "auto" lets the model choose, "required" or a named function makes
+    it call one, its arguments following the function's JSON schema."""
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
+    if tools in (None, []):
+        if choice not in (None, "none", "auto"):
+            raise InvalidArgumentError("'tool_choice' needs 'tools'.")
+        return None, None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, Mapping) and t.get("type") == "function" and isinstance(t.get("function"), Mapping)
+            and isinstance(t["function"].get("name"), str) for t in tools):
+        raise InvalidArgumentError("'tools' must be a list of {\"type\": \"function\", \"function\": {\"name\": ...}}.")
+    functions = {t["function"]["name"]: t["function"] for t in tools}
+    if choice == "none":
+        return None, None
+    if choice == "auto":
+        return list(tools), None
+    if choice == "required":
+        forced = list(functions)
+    elif isinstance(choice, Mapping) and isinstance(choice.get("function"), Mapping) and \
+            choice["function"].get("name") in functions:
+        forced = [choice["function"]["name"]]
+    else:
+        raise InvalidArgumentError("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                                   "{\"type\": \"function\", \"function\": {\"name\": <one of the tools>}}.")
+    from .engine.constraints import compile_grammar
+
+    calls = [{"type": "object", "properties": {"name": {"const": name},
+                                                "arguments": functions[name].get("parameters") or {"type": "object"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for name in forced]
+    schema = {"anyOf": calls} if len(calls) > 1 else calls[0]
+    return list(tools), compile_grammar("tool_call", schema)
+
+
+def split_tool_calls(text: str) -> tuple[str | None, list[dict]]:
+    """(the content left, OpenAI tool_calls) from a reply in the Hermes / Qwen format, <tool_call>{"name":
+    ..., "arguments": {...}}</tool_call>; calls that are not valid JSON stay in the content."""
+    calls, kept, last = [], [], 0
+    for m in TOOL_CALL.finditer(text):
+        try:
+            call = json.loads(m.group(1))
+        except ValueError:
+            continue
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            continue
+        kept.append(text[last:m.start()])
+        last = m.end()
+        calls.append({"id": new_id("call"), "type": "function",
+                      "function": {"name": call["name"], "arguments": json.dumps(call.get("arguments", {}),
+                                                                                 ensure_ascii=False)}})
+    content = ("".join(kept) + text[last:]).strip() if calls else text
+    return (content or None) if calls else text, calls
 
 
 def timings(result) -> dict:

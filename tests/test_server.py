@@ -119,7 +119,8 @@ def test_concurrent_requests_equal_sequential_results(client, reference):
     ({"prompt": "x" * 2000, "max_tokens": 10}, "context"),
     ({"prompt": "x", "temperature": "hot"}, "'temperature' must be a number"),
     ({"prompt": "x", "top_p": 5}, "'top_p' must be between"),
-    ({"prompt": "x", "tools": [{"type": "function"}]}, "'tools' is not supported"),
+    ({"prompt": "x", "tools": [{"type": "function"}]}, "'tools' works with chat completions"),
+    ({"prompt": "x", "suffix": "y"}, "'suffix' is not supported"),
     ({"prompt": "x", "echo": 1}, "'echo' must be true or false"),
     ({"prompt": "x", "logprobs": 99}, "'logprobs' must be between 0 and 20"),
     ({"max_tokens": 3}, "'prompt' must be"),
@@ -502,3 +503,43 @@ def test_structured_output_json_schema_json_object_and_gbnf(server):
                 {"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}):
         r = httpx.post(server + "/v1/completions", json={"prompt": "x"} | bad)
         assert r.status_code == 400, (bad, r.text)
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def test_tools_forced_calls_follow_the_function_schema(long_server):
+    # the tools' description makes a long prompt for the tiny byte-level vocabulary: the 32k-context server
+    client = openai.OpenAI(base_url=long_server + "/v1", api_key="none", max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "weather in Paris?"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, tools=WEATHER, max_tokens=300, seed=2,
+                                       tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls[0].function.name == "get_weather"
+    args = json.loads(choice.message.tool_calls[0].function.arguments)
+    assert set(args) == {"city", "unit"} and args["unit"] in ("c", "f")
+    # the call goes back into the conversation with its result, through the chat template
+    follow = msgs + [choice.message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "sunny"}]
+    again = client.chat.completions.create(model="tiny", messages=follow, tools=WEATHER, max_tokens=5)
+    assert again.choices[0].finish_reason in ("length", "stop", "tool_calls")
+    required = client.chat.completions.create(model="tiny", messages=msgs, tools=WEATHER, max_tokens=300, seed=5,
+                                              tool_choice="required", stream=True)
+    parts = list(required)
+    calls = [tc for p in parts if p.choices and p.choices[0].delta.tool_calls for tc in p.choices[0].delta.tool_calls]
+    assert calls and calls[0].function.name in ("get_weather", "noop")
+    assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == "tool_calls"
+
+
+def test_tool_calls_are_parsed_from_hermes_format():
+    from kvgraph.openai_compat import split_tool_calls
+    content, calls = split_tool_calls('Let me look.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n'
+                                      '</tool_call>\n<tool_call>{"name": "g", "arguments": {}}</tool_call>')
+    assert content == "Let me look." and [c["function"]["name"] for c in calls] == ["f", "g"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
+    assert split_tool_calls("no <tool_call>{bad json}</tool_call>") == ("no <tool_call>{bad json}</tool_call>", [])

@@ -29,8 +29,9 @@ def _llguidance():
 
 
 def compile_grammar(kind: str, source: Any) -> str:
-    """llguidance's grammar for kind 'json_schema' (a schema object), 'json_object' (any JSON object) or
-    'gbnf' (llama.cpp's grammar text); GrammarError naming the problem when it does not compile."""
+    """llguidance's grammar for kind 'json_schema' (a schema object), 'json_object' (any JSON object), 'gbnf'
+    (llama.cpp's grammar text) or 'tool_call' (a <tool_call> block whose JSON follows a schema); GrammarError
+    naming the problem when it does not compile."""
     ll = _llguidance()
     try:
         if kind in ("json_object", "json_schema"):
@@ -41,6 +42,10 @@ def compile_grammar(kind: str, source: Any) -> str:
             grammar = ll.grammar_from("json_schema", json.dumps(schema))
         elif kind == "gbnf":
             grammar = ll.grammar_from("gbnf", source)
+        elif kind == "tool_call":     # a Hermes-style call whose JSON follows the schema (tool_choice)
+            schema = dict(source) | {"x-guidance": {"whitespace_flexible": False}}
+            grammar = ll.grammar_from("lark", 'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json '
+                                      + json.dumps(schema))
         else:
             raise GrammarError(f"unknown grammar kind {kind!r}.")
     except (ValueError, TypeError) as exc:

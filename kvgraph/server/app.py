@@ -210,7 +210,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     def chat_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
         params = with_constraint(oa.parse_params(defaults | body, chat=True, n_vocab=n_vocab))
-        return state.tokenizer.encode_chat(oa.parse_messages(body), True, per_seq), params, served_name(body)
+        ids = state.tokenizer.encode_chat(oa.parse_messages(body), True, per_seq, params.tools)
+        return ids, params, served_name(body)
 
     def tokenize_result(body: dict) -> dict:
         content = body.get("content")
@@ -315,7 +316,7 @@ def create_app(state: ServerState) -> FastAPI:
         echo = prompt_text if params.echo else None
         if params.stream:
             return StreamingResponse(_sse(request, req, rid, chat, model, params.include_usage,
-                                          params.logprobs is not None, echo),
+                                          params.logprobs is not None, echo, params.tools is not None),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -327,11 +328,17 @@ def create_app(state: ServerState) -> FastAPI:
         choices = [oa.choice(i, chat, (echo or "") + res.text, res.finish_reason,
                              logprobs_of(res, chat, echo_prompt=echo) if params.logprobs is not None else None)
                    for i, res in enumerate(results)]
+        if params.tools is not None:        # calls the model wrote become tool_calls
+            for c in choices:
+                content, calls = oa.split_tool_calls(c["message"]["content"])
+                if calls:
+                    c["message"] |= {"content": content, "tool_calls": calls}
+                    c["finish_reason"] = "tool_calls"
         return oa.response(rid, model, chat, choices, len(ids), sum(len(r.ids) for r in results)) | {
             "timings": oa.timings(results[0])}
 
     async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool,
-                   logprobs: bool, echo: str | None):
+                   logprobs: bool, echo: str | None, tools: bool = False):
         def frame(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
         sent = [0] * len(req.choices)       # tokens of each choice whose logprobs went out
@@ -361,13 +368,24 @@ def create_app(state: ServerState) -> FastAPI:
                 for i in range(len(req.choices)):
                     yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": None}, index=i))
             async for ev in _events(request, req):
+                if tools:           # a reply may turn out to be tool calls: it is sent whole at the end
+                    continue
                 if echo_pending[ev.index]:
                     yield echo_frame(ev.index)
                 yield frame(chunk(ev.index, ev.text, lps=new_logprobs(ev.index)))
             for i, choice in enumerate(req.choices):
                 if echo_pending[i]:
                     yield echo_frame(i)
-                yield frame(chunk(i, "", choice.result.finish_reason) | {"timings": oa.timings(choice.result)})
+                finish = choice.result.finish_reason
+                if tools:
+                    content, calls = oa.split_tool_calls(choice.result.text)
+                    if content:
+                        yield frame(chunk(i, content, lps=new_logprobs(i)))
+                    if calls:
+                        finish = "tool_calls"
+                        deltas = [{"index": j} | call for j, call in enumerate(calls)]
+                        yield frame(oa.chat_chunk(rid, model, {"tool_calls": deltas}, index=i))
+                yield frame(chunk(i, "", finish) | {"timings": oa.timings(choice.result)})
             if include_usage:
                 yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids),
                                            sum(len(c.result.ids) for c in req.choices)))

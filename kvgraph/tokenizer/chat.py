@@ -318,6 +318,22 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
+TOOL_INSTRUCTIONS = (
+    "You may call one or more functions to assist with the user query. The functions, as JSON signatures, "
+    "are within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\nFor each function call, return a JSON "
+    "object with the function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    "{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>")
+
+
+def with_tool_instructions(messages: list[dict], tools: list) -> list[dict]:
+    """messages with the tools described in the system message, in the Hermes / Qwen format, for a
+    template that does not render tools itself."""
+    text = TOOL_INSTRUCTIONS.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + text}] + list(messages[1:])
+    return [{"role": "system", "content": text}] + list(messages)
+
+
 def validate_messages(messages: Any) -> list[dict]:
     if not isinstance(messages, (list, tuple)) or not messages:
         got = "an empty list" if isinstance(messages, (list, tuple)) else type(messages).__name__
@@ -328,7 +344,7 @@ def validate_messages(messages: Any) -> list[dict]:
         if not isinstance(m, dict):
             raise TokenizerError(f"chat message {i} must be a dict with 'role' and 'content', got {type(m).__name__}.")
         for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
+            if not isinstance(m.get(key), str) and not (key == "content" and m.get("tool_calls")):
                 raise TokenizerError(
                     f"chat message {i} needs a string {key!r} (got {type(m.get(key)).__name__}); "
                     "pass messages like {'role': 'user', 'content': 'Hello'}."
@@ -356,7 +372,13 @@ class ChatTemplate:
             self._compiled = env.from_string(ast)
         return self._compiled
 
-    def render(self, messages: Any, add_generation_prompt: bool = True, max_chars: int | None = None) -> str:
+    @property
+    def knows_tools(self) -> bool:
+        """Whether the template renders a `tools` list itself (else the caller describes the tools)."""
+        return "tools" in self.source
+
+    def render(self, messages: Any, add_generation_prompt: bool = True, max_chars: int | None = None,
+               tools: list | None = None) -> str:
         """The prompt text. max_chars: a tighter cap on its length than limits.chars (the caller knows
         how much text could possibly fit its context)."""
         messages = validate_messages(messages)
@@ -367,7 +389,7 @@ class ChatTemplate:
             # tools/documents passed as None like transformers does, so `is not none` checks behave the same.
             chunks, n = [], 0
             for chunk in self._template().generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                   tools=None, documents=None, **self._vars):
+                                                   tools=tools, documents=None, **self._vars):
                 n += len(chunk)
                 if n > cap:
                     raise TemplateLimitError(f"the rendered prompt is over {cap:,} characters, more than the "

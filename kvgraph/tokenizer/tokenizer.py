@@ -28,7 +28,7 @@ from .build import (
     build_spm,
     bytes_to_unicode,
 )
-from .chat import ChatTemplate, pick_template
+from .chat import ChatTemplate, pick_template, with_tool_instructions
 from .stream import StreamDecoder
 
 MODEL_KINDS = ("gpt2", "llama", "gemma4")
@@ -314,12 +314,15 @@ class Tokenizer:
         return self._template.render(messages, add_generation_prompt, max_chars)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    max_tokens: int | None = None) -> list[int]:
+                    max_tokens: int | None = None, tools: list | None = None) -> list[int]:
         """Render then tokenize. Templates often write the BOS themselves ('<bos>...'); it is then parsed
         as the BOS token and not added a second time. max_tokens: as for encode (it also caps the length
         of the rendered text)."""
         max_chars = None if max_tokens is None else self.max_chars(max_tokens)
-        text = self._template.render(messages, add_generation_prompt, max_chars)
+        if tools and not self._template.knows_tools:
+            messages = with_tool_instructions(messages, tools)
+            tools = None
+        text = self._template.render(messages, add_generation_prompt, max_chars, tools)
         ids = self.encode(text, add_bos=False, max_tokens=max_tokens)
         if self.add_bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
