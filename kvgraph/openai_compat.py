@@ -175,15 +175,31 @@ def parse_grammar(body: Mapping[str, Any]) -> str | None:
     return compile_grammar(*asked[0]) if asked else None
 
 
-def parse_prompt(body: Mapping[str, Any]) -> str | list[int]:
+MAX_PROMPTS = 64          # prompts one completions request may batch
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def parse_prompts(body: Mapping[str, Any]) -> list[str | list[int]]:
+    """OpenAI's completions prompt: a string, token ids, or a batch of either (a list of strings or of id
+    lists), each answered with its own choices."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    raise InvalidArgumentError("'prompt' must be a string or a list of token ids (one prompt per request).")
+    if isinstance(prompt, str) or _is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise InvalidArgumentError(f"'prompt' batches at most {MAX_PROMPTS} prompts, got {len(prompt)}.")
+        return list(prompt)
+    raise InvalidArgumentError("'prompt' must be a string, a list of token ids, or a list of either.")
+
+
+def parse_prompt(body: Mapping[str, Any]) -> str | list[int]:
+    prompts = parse_prompts(body)
+    if len(prompts) != 1:
+        raise InvalidArgumentError("'prompt' takes one prompt here (a string or a list of token ids).")
+    return prompts[0]
 
 
 def parse_messages(body: Mapping[str, Any]) -> list[dict]:

@@ -157,6 +157,14 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(501, "the slots endpoint is off (--no-slots).", "not_supported_error")
         return state.scheduler.slot_info()
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():      # vLLM's: what clients need to tokenize through /tokenize remotely
+        tok = state.tokenizer
+        name = lambda i: tok.tokens[i] if i is not None else None  # noqa: E731
+        return {"tokenizer_class": f"kvgraph-{tok.model_kind}", "eos_token": name(tok.eos_id),
+                "bos_token": name(tok.bos_id), "pad_token": None, "add_bos_token": tok.add_bos,
+                "chat_template": tok.chat_template, "model_max_length": per_seq, "vocab_size": tok.vocab_size}
+
     @app.get("/props")
     async def props():
         tok = state.tokenizer
@@ -181,8 +189,8 @@ def create_app(state: ServerState) -> FastAPI:
         model = body.get("model")
         return model if model in state.model_names else state.model_id
 
-    def prompt_ids(body: dict) -> list[int]:
-        prompt = oa.parse_prompt(body)
+    def prompt_ids(body: dict, prompt=None) -> list[int]:
+        prompt = oa.parse_prompt(body) if prompt is None else prompt
         if isinstance(prompt, str):
             return state.tokenizer.encode(prompt, max_tokens=per_seq)
         if len(prompt) > per_seq:
@@ -199,11 +207,16 @@ def create_app(state: ServerState) -> FastAPI:
             params.constraint = state.grammars.factory(params.grammar)
         return params
 
-    def completion_input(body: dict) -> tuple[list[int], oa.GenParams, str, str]:
+    def completion_input(body: dict) -> tuple[list[tuple[list[int], str]], oa.GenParams, str]:
+        """Each prompt of the request as (ids, text), the parameters, the model name."""
         params = with_constraint(oa.parse_params(defaults | body, chat=False, n_vocab=n_vocab))
-        ids = prompt_ids(body)
-        prompt = oa.parse_prompt(body)
-        return ids, params, served_name(body), prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)
+        prompts = []
+        for prompt in oa.parse_prompts(body):
+            ids = prompt_ids(body, prompt)
+            prompts.append((ids, prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)))
+        if len(prompts) > 1 and params.stream:
+            raise InvalidArgumentError("stream one prompt at a time ('prompt' holds a batch of prompts).")
+        return prompts, params, served_name(body)
 
     def llama_input(body: dict) -> tuple[list[int], oa.GenParams]:
         return prompt_ids(body), with_constraint(oa.parse_llama_params(llama_defaults | body, n_vocab))
@@ -214,10 +227,15 @@ def create_app(state: ServerState) -> FastAPI:
         return ids, params, served_name(body)
 
     def tokenize_result(body: dict) -> dict:
-        content = body.get("content")
+        """llama-server's {content, add_special, with_pieces} or vLLM's {prompt, add_special_tokens}."""
+        vllm = "prompt" in body and "content" not in body
+        content = body.get("prompt" if vllm else "content")
         if not isinstance(content, str):
-            raise InvalidArgumentError("'content' must be a string.")
-        ids = state.tokenizer.encode(content, oa.flag(body, "add_special", False), True, per_seq)
+            raise InvalidArgumentError("'content' (or vLLM's 'prompt') must be a string.")
+        special = oa.flag(body, "add_special_tokens" if vllm else "add_special", False)
+        ids = state.tokenizer.encode(content, special, True, per_seq)
+        if vllm:
+            return {"tokens": ids, "count": len(ids), "max_model_len": per_seq}
         if not oa.flag(body, "with_pieces", False):
             return {"tokens": ids}
         return {"tokens": [{"id": i, "piece": state.tokenizer.decode([i])} for i in ids]}
@@ -226,7 +244,8 @@ def create_app(state: ServerState) -> FastAPI:
         tokens = body.get("tokens")
         if not isinstance(tokens, list):
             raise InvalidArgumentError("'tokens' must be a list of token ids.")
-        return {"content": state.tokenizer.decode(check_token_ids(tokens, min(n_vocab, state.tokenizer.vocab_size)))}
+        text = state.tokenizer.decode(check_token_ids(tokens, min(n_vocab, state.tokenizer.vocab_size)))
+        return {"content": text, "prompt": text}          # llama-server's key and vLLM's
 
     async def _in_worker(request: Request, work):
         """work(body) in a worker thread: parsing, template rendering and tokenizing are bounded but not
@@ -237,13 +256,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     @app.post("/completions")
     async def completions(request: Request):
-        ids, params, model, prompt_text = await _in_worker(request, completion_input)
-        return await _serve(request, ids, params, model, False, prompt_text)
+        prompts, params, model = await _in_worker(request, completion_input)
+        return await _serve(request, prompts, params, model, False)
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
-        return await _serve(request, *await _in_worker(request, chat_input), chat=True)
+        ids, params, model = await _in_worker(request, chat_input)
+        return await _serve(request, [(ids, None)], params, model, True)
 
     @app.post("/completion")
     async def llama_completion(request: Request):
@@ -309,32 +329,49 @@ def create_app(state: ServerState) -> FastAPI:
             return {k: prompt[k] + rest[k] for k in prompt}
         return oa.completion_logprobs(tok, ids, lps)
 
-    async def _serve(request: Request, ids: list[int], params: oa.GenParams, model: str, chat: bool,
-                     prompt_text: str | None = None):
-        req = _submit(ids, params)
+    async def _serve(request: Request, prompts: list[tuple[list[int], str | None]], params: oa.GenParams,
+                     model: str, chat: bool):
+        """Generate for each prompt (a completions request may batch several; chat has one) and answer with
+        every prompt's choices, indexed prompt by prompt."""
+        reqs = []
+        try:
+            for ids, _ in prompts:
+                reqs.append(_submit(ids, params))
+        except KvgraphError:
+            for req in reqs:
+                req.cancel()
+            raise
         rid = oa.new_id("chatcmpl" if chat else "cmpl")
-        echo = prompt_text if params.echo else None
         if params.stream:
-            return StreamingResponse(_sse(request, req, rid, chat, model, params.include_usage,
+            echo = prompts[0][1] if params.echo else None
+            return StreamingResponse(_sse(request, reqs[0], rid, chat, model, params.include_usage,
                                           params.logprobs is not None, echo, params.tools is not None),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        choices, results = [], []
         try:
-            async for _ in _events(request, req):
-                pass
+            for req, (ids, text) in zip(reqs, prompts):
+                async for _ in _events(request, req):
+                    pass
+                echo = text if params.echo else None
+                for choice_req in req.choices:
+                    res = choice_req.result
+                    results.append(res)
+                    lps = logprobs_of(res, chat, echo_prompt=echo) if params.logprobs is not None else None
+                    choices.append(oa.choice(len(choices), chat, (echo or "") + res.text, res.finish_reason, lps))
         except KvgraphError as exc:
             return _error(500, f"generation failed: {exc}", "server_error")
-        results = [choice.result for choice in req.choices]
-        choices = [oa.choice(i, chat, (echo or "") + res.text, res.finish_reason,
-                             logprobs_of(res, chat, echo_prompt=echo) if params.logprobs is not None else None)
-                   for i, res in enumerate(results)]
+        finally:
+            for req in reqs:
+                req.cancel()
         if params.tools is not None:        # calls the model wrote become tool_calls
             for c in choices:
                 content, calls = oa.split_tool_calls(c["message"]["content"])
                 if calls:
                     c["message"] |= {"content": content, "tool_calls": calls}
                     c["finish_reason"] = "tool_calls"
-        return oa.response(rid, model, chat, choices, len(ids), sum(len(r.ids) for r in results)) | {
+        n_prompt = sum(len(ids) for ids, _ in prompts)
+        return oa.response(rid, model, chat, choices, n_prompt, sum(len(r.ids) for r in results)) | {
             "timings": oa.timings(results[0])}
 
     async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool,
