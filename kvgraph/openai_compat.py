@@ -41,7 +41,7 @@ class GenParams:
 # (never a silent ignore: a client asking for JSON must not get prose), unless the value asks for nothing.
 UNSUPPORTED_FIELDS = {
     "functions": (None, []), "function_call": (None, "none"),
-    "suffix": (None, ""), "best_of": (None, 1), "n_probs": (None, 0), "prediction": (None,), "audio": (None,),
+    "suffix": (None, ""), "best_of": (None, 1), "prediction": (None,), "audio": (None,),
     "modalities": (None, ["text"]),
 }
 
@@ -331,11 +331,10 @@ LLAMA_FIELDS = {"n_predict": "max_tokens", "temperature": "temperature", "top_k"
 
 
 def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> GenParams:
-    """/completion's request (n_predict -1: until the context is full; temperature 0.8 by default; n_probs
-    not supported yet)."""
-    if body.get("n_probs") not in (None, 0):
-        raise InvalidArgumentError("'n_probs' is not supported by this server yet; remove it from the request.")
+    """/completion's request (n_predict -1: until the context is full; temperature 0.8 by default; n_probs:
+    each token's probability and its n most probable alternatives)."""
     mapped = {oa_key: body[key] for key, oa_key in LLAMA_FIELDS.items() if key in body}
+    n_probs = _num(body, "n_probs", 0, int, 0, MAX_LOGPROBS)
     if mapped.get("max_tokens") == -1:
         mapped["max_tokens"] = None
     mapped.setdefault("temperature", 0.8)
@@ -343,7 +342,15 @@ def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> G
         mapped["logit_bias"] = {str(pair[0]): pair[1] for pair in mapped["logit_bias"]
                                 if isinstance(pair, list) and len(pair) == 2}
     params = parse_params(mapped, chat=True, n_vocab=n_vocab)     # chat=True: no max_tokens default of 16
+    params.logprobs = n_probs or None
     return params
+
+
+def completion_probabilities(tokenizer, ids: list[int], lps: list) -> list[dict]:
+    """llama-server's completion_probabilities: per token its id, text, logprob and bytes, and the top ones."""
+    def entry(t: int, v: float) -> dict:
+        return {"id": t, "token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
+    return [entry(t, lp[0]) | {"top_logprobs": [entry(a, v) for a, v in lp[1]]} for t, lp in zip(ids, lps)]
 
 
 def completion_logprobs(tokenizer, ids: list[int], lps: list, offset: int = 0) -> dict:

@@ -387,7 +387,11 @@ def test_llama_server_native_completion(server, reference):
     stopped = httpx.post(server + "/completion", json={"prompt": "the cat sat", "n_predict": 8, "temperature": 0,
                                                        "ignore_eos": True, "stop": [want[2:5]]}).json()
     assert stopped["stop_type"] == "word" and stopped["stopping_word"] == want[2:5]
-    assert httpx.post(server + "/completion", json={"prompt": "x", "n_probs": 3}).status_code == 400
+    probs = httpx.post(server + "/completion", json={"prompt": "the cat sat", "n_predict": 3, "temperature": 0,
+                                                     "ignore_eos": True, "n_probs": 2}).json()
+    cp = probs["completion_probabilities"]
+    assert len(cp) == 3 and all(len(p["top_logprobs"]) == 2 and p["top_logprobs"][0]["id"] == p["id"] for p in cp)
+    assert httpx.post(server + "/completion", json={"prompt": "x", "n_probs": 99}).status_code == 400
 
 
 def test_openai_responses_carry_timings(client):
@@ -543,3 +547,20 @@ def test_tool_calls_are_parsed_from_hermes_format():
     assert content == "Let me look." and [c["function"]["name"] for c in calls] == ["f", "g"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1}
     assert split_tool_calls("no <tool_call>{bad json}</tool_call>") == ("no <tool_call>{bad json}</tool_call>", [])
+
+
+def test_the_openai_client_with_logprobs_n_and_json_schema(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                       n=2, logprobs=True, top_logprobs=2, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert len(r.choices) == 2 and r.choices[0].message.content == r.choices[1].message.content
+    assert all(len(c.logprobs.content) == 4 for c in r.choices)
+    c = client.completions.create(model="tiny", prompt="the cat", max_tokens=3, logprobs=1, echo=True,
+                                  temperature=0)
+    assert c.choices[0].text.startswith("the cat") and c.choices[0].logprobs.token_logprobs[0] is None
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    j = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=20,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "answer", "schema": schema, "strict": True}})
+    assert isinstance(json.loads(j.choices[0].message.content)["ok"], bool)

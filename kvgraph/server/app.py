@@ -277,15 +277,25 @@ def create_app(state: ServerState) -> FastAPI:
             stop_type = "limit" if res.finish_reason == "length" else ("word" if res.stop_word else "eos")
             if res.finish_reason not in ("length", "stop"):
                 stop_type = res.finish_reason
-            return {"content": "", "stop": True, "model": model, "tokens_predicted": len(res.ids),
-                    "tokens_evaluated": len(ids), "stop_type": stop_type, "stopping_word": res.stop_word,
-                    "truncated": False, "timings": oa.timings(res),
-                    "tokens": res.ids if body.get("return_tokens") else []}
+            out = {"content": "", "stop": True, "model": model, "tokens_predicted": len(res.ids),
+                   "tokens_evaluated": len(ids), "stop_type": stop_type, "stopping_word": res.stop_word,
+                   "truncated": False, "timings": oa.timings(res),
+                   "tokens": res.ids if body.get("return_tokens") else []}
+            if params.logprobs is not None and not params.stream:
+                out["completion_probabilities"] = oa.completion_probabilities(state.tokenizer, res.ids, res.logprobs)
+            return out
         if params.stream:
             async def sse():
+                sent = 0
                 try:
                     async for ev in _events(request, req):
-                        yield f"data: {json.dumps({'content': ev.text, 'stop': False}, ensure_ascii=False)}\n\n"
+                        chunk = {"content": ev.text, "stop": False}
+                        if params.logprobs is not None:
+                            res, end = req.result, len(req.result.logprobs)
+                            chunk["completion_probabilities"] = oa.completion_probabilities(
+                                state.tokenizer, res.ids[sent:end], res.logprobs[sent:end])
+                            sent = end
+                        yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                     yield f"data: {json.dumps(final(req.result), ensure_ascii=False)}\n\n"
                 except KvgraphError as exc:
                     yield f"data: {json.dumps(oa.error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
