@@ -1,4 +1,4 @@
-"""Comparing kvgraph with the HF transformers reference outputs in tests/data/reference (design.md §7)."""
+"""Comparing kvgraph with the HF transformers reference outputs in tests/data/reference (design.md §8)."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +30,7 @@ def greedy_trace(ctx: Context, tokenizer, prompt_ids: list[int], n_new: int) -> 
 
 
 def compare_greedy(case: dict, ids: list[int], logits: np.ndarray, margin_limit: float, top5_atol: float | None):
-    """Assert the design.md §7 rule; returns the number of steps compared."""
+    """Assert the design.md §8 rule; returns the number of steps compared."""
     for i, step in enumerate(case["steps"]):
         if top5_atol is not None:
             got = logits[i][[t for t, _ in step["top5"]]]
@@ -56,7 +56,7 @@ def trace_cases(loaded, cases: list[dict], configs: dict[str, dict], n_ctx: int 
     return out
 
 
-# ---- the rule for backends that compute with quantized weights / activations (design.md §7) -----------------
+# ---- the rule for backends that compute with quantized weights / activations (design.md §8) -----------------
 def teacher_forced_agreement(loaded, cases) -> float:
     agree = total = 0
     for case in cases:

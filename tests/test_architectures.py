@@ -3,7 +3,7 @@ llama.cpp's convert_hf_to_gguf.py, with HF's float32 logits (tests/data/arch, ma
 tools/make_arch_fixtures.py). Per architecture: the numpy backend equals HF in one ubatch, in several, and
 token by token through cached decode graphs (across the KV window's 256-cell padding); the graph cache on,
 off and verified gives identical logits; four sequences decoded together equal each decoded alone; the
-quantized backends meet the design.md §7 rule on Q8_0 and Q4_0 copies."""
+quantized backends meet the design.md §8 rule on Q8_0 and Q4_0 copies."""
 from __future__ import annotations
 
 import numpy as np
@@ -83,7 +83,7 @@ def quantized(tmp_path_factory):
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
 @pytest.mark.parametrize("backend", ["native", "torch"])
 def test_quantized_backends_meet_the_rule(quantized, name, qtype, backend):
-    """design.md §7's rule for quantized compute, against the f32 (numpy) run of the same quantized file:
+    """design.md §8's rule for quantized compute, against the f32 (numpy) run of the same quantized file:
     teacher-forced argmax agrees on >= 90% of the positions, and only where the reference margin is < 0.5."""
     path = quantized(name, qtype)
     tokens = fixture(name)[1]

@@ -1,5 +1,5 @@
 """Gemma3-270M (Q4_K_M) on the numpy backend against HF transformers f32 reference outputs, including
-prompts longer than the 512-token sliding window: prompt ids exact (SPM, BOS), greedy ids per design.md §7,
+prompts longer than the 512-token sliding window: prompt ids exact (SPM, BOS), greedy ids per design.md §8,
 top-5 logits within 1e-2, and the graph cache changing nothing."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """SmolLM2-135M-Instruct (Q4_1) on the numpy backend against HF transformers f32 reference outputs:
-prompt ids exact, greedy ids per design.md §7, top-5 logits within 1e-2, and the graph cache changing nothing."""
+prompt ids exact, greedy ids per design.md §8, top-5 logits within 1e-2, and the graph cache changing nothing."""
 from __future__ import annotations
 
 import numpy as np

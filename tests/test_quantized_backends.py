@@ -1,5 +1,5 @@
 """The backends that compute with quantized weights and activations -- torch and native -- on the real
-models, by design.md §7's rule for quantized-compute backends; and the native backend (C kernels over numpy,
+models, by design.md §8's rule for quantized-compute backends; and the native backend (C kernels over numpy,
 no torch) on tiny models against the numpy reference."""
 from __future__ import annotations
 
