@@ -137,3 +137,23 @@ def test_interleaved_or_unequal_sequences_are_refused_by_recurrent_layers(name):
                     np.array(seqs, np.int32), np.arange(4, dtype=np.int32))
         with pytest.raises(InvalidArgumentError, match="whole, equally long sequences"):
             llm.ctx.decode(ub)
+
+
+def test_recurrent_state_slots_follow_the_number_of_sequences():
+    """A server with more slots than the default 8 sizes its recurrent memories to match (--parallel 12)."""
+    from kvgraph.engine.batching import BatchScheduler, Request, bucket_sizes
+    from kvgraph.engine.context import Context
+    path, tokens, _ = fixture("mamba")
+    llm = LLM(str(path), backend="numpy", n_ctx=32)
+    parallel = 12
+    ctx = Context(llm.loaded, n_ctx=32, n_seq_max=parallel + max(bucket_sizes(parallel)))
+    assert ctx.memories["rs"].n_slots == 24
+    sched = BatchScheduler(ctx, llm.tokenizer, parallel=parallel, n_ctx_per_seq=32)
+    try:
+        reqs = [sched.submit(Request(tokens[i:i + 3].tolist(), max_tokens=4, ignore_eos=True)) for i in range(12)]
+        got = [r.wait(timeout=120).ids for r in reqs]
+    finally:
+        sched.shutdown()
+    for i, ids in enumerate(got):
+        llm.session.reset()
+        assert ids == llm.generate(tokens[i:i + 3].tolist(), max_tokens=4, ignore_eos=True).ids

@@ -75,7 +75,8 @@ def build_server(args):
     cells = per_seq * args.parallel + max(bucket_sizes(args.parallel))
     ctx = Context(llm.loaded, n_ctx=cells, n_ubatch=args.ubatch, graph_cache=not args.no_graph_cache,
                   cache_capacity=max(args.graph_cache_size, 2 * len(bucket_sizes(args.parallel)) + 4),
-                  verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn)
+                  verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn,
+                  n_seq_max=args.parallel + max(bucket_sizes(args.parallel)))
     llm.ctx = ctx  # the single-stream context is not used by the server; free its KV cache
     sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue)
     # Names: --model-id (else the file stem), the -m name as typed (when it is a name, not a path), the stem, aliases.

@@ -20,12 +20,13 @@ from .loader import LoadedModel
 
 DEFAULT_N_CTX_CAP = 4096
 DEFAULT_N_UBATCH = 512
+DEFAULT_N_SEQ_MAX = 8      # sequences alive at once in a recurrent memory (each has a state slot)
 
 
 class Context:
     def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
                  graph_cache: bool = True, cache_capacity: int = DEFAULT_CAPACITY, verify: bool = False,
-                 flash_attn: bool | None = None):
+                 flash_attn: bool | None = None, n_seq_max: int = DEFAULT_N_SEQ_MAX):
         cfg = loaded.config
         if n_ctx is None:
             n_ctx = min(cfg.n_ctx_train, DEFAULT_N_CTX_CAP)
@@ -44,7 +45,11 @@ class Context:
         enabled = graph_cache and not env_flag("KVGRAPH_NO_GRAPH_CACHE")
         self.cache = GraphCache(cache_capacity, enabled=enabled,
                                 verify=verify or env_flag("KVGRAPH_GRAPH_CACHE_VERIFY"))
-        self.memories = self.model.create_memories(n_ctx, n_ubatch, self.backend.alloc_state, self.flash_attn)
+        if n_seq_max < 1:
+            raise InvalidArgumentError(f"n_seq_max must be positive, got {n_seq_max}.")
+        self.n_seq_max = n_seq_max
+        self.memories = self.model.create_memories(n_ctx, n_ubatch, self.backend.alloc_state, self.flash_attn,
+                                                   n_seq_max)
         self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
         self.peak_arena_bytes = 0   # largest compute buffer any program used
 

@@ -81,7 +81,10 @@ class Model:
         tensors do: a layer with ffn_gate_inp is a mixture of experts), stored in ModelConfig.extra."""
         return {}
 
-    def create_memories(self, n_ctx: int, n_ubatch: int, alloc: Callable, flash_attn: bool) -> dict[str, Any]:
+    def create_memories(self, n_ctx: int, n_ubatch: int, alloc: Callable, flash_attn: bool,
+                        n_seq_max: int) -> dict[str, Any]:
+        """The model's memories: KV caches of n_ctx cells, recurrent states with n_seq_max slots (sequences
+        that may be alive at once)."""
         raise NotImplementedError
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:

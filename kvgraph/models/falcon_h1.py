@@ -34,9 +34,9 @@ class FalconH1Model(Model):
     def derived_tensors(self):
         return {k: v for i in range(self.cfg.n_layer) for k, v in mamba2_tensors(self.cfg, i)[1].items()}
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         c = self.cfg
-        return {"rs": mamba_state(c, range(c.n_layer), alloc, mamba2_channels(c))} | \
+        return {"rs": mamba_state(c, range(c.n_layer), alloc, n_seq_max, mamba2_channels(c))} | \
             kv_memory(c, n_ctx, alloc, flash_attn)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:

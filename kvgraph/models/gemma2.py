@@ -36,7 +36,7 @@ class Gemma2Model(Model):
                 f"blk.{i}.post_attention_norm.weight": (c.n_embd,), f"blk.{i}.post_ffw_norm.weight": (c.n_embd,)}
         return shapes
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         e = self.cfg.extra
         # Soft-capped scores take the non-flash path, whose V cache is transposed.
         return swa_memories(self.cfg, e["swa_layers"], e["sliding_window"], n_ctx, n_ubatch, alloc,

@@ -53,7 +53,7 @@ class Gemma3Model(Model):
     def swa_layers(self) -> tuple[bool, ...]:
         return self.cfg.extra["swa_layers"]
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         return swa_memories(self.cfg, self.swa_layers, self.cfg.extra["sliding_window"], n_ctx, n_ubatch, alloc,
                             flash_attn)
 

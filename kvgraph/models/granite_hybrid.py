@@ -45,9 +45,10 @@ class GraniteHybridModel(Model):
         return {k: v for i in range(self.cfg.n_layer) if i not in e["attention_layers"]
                 for k, v in mamba2_tensors(self.cfg, i)[1].items()}
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         c, attn = self.cfg, self.cfg.extra["attention_layers"]
-        mems = {"rs": mamba_state(c, [i for i in range(c.n_layer) if i not in attn], alloc, mamba2_channels(c))}
+        mems = {"rs": mamba_state(c, [i for i in range(c.n_layer) if i not in attn], alloc, n_seq_max,
+                                  mamba2_channels(c))}
         return mems | (kv_memory(c, n_ctx, alloc, flash_attn, attn) if attn else {})
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:

@@ -18,7 +18,6 @@ from ..memory.recurrent import RecurrentState
 from .base import BuildIO, Model
 from .layers import attention, split_heads
 
-MAX_SEQUENCES = 4
 
 
 class HybridModel(Model):
@@ -61,7 +60,7 @@ class HybridModel(Model):
                            f"blk.{i}.ssm_out.weight": (c.n_embd, d)}
         return shapes
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         c, e = self.cfg, self.cfg.extra
         recurrent = [i for i in range(c.n_layer) if i not in self.attention_layers]
         row = (e["d_conv"] - 1) * e["d_inner"] + e["d_state"] * e["d_inner"]
@@ -70,7 +69,7 @@ class HybridModel(Model):
             mems["kv"] = KVCache("kv", self.attention_layers, n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v,
                                  v_trans=not flash_attn, alloc=alloc)
         if recurrent:
-            mems["rs"] = RecurrentState("rs", recurrent, MAX_SEQUENCES, row, alloc)
+            mems["rs"] = RecurrentState("rs", recurrent, n_seq_max, row, alloc)
         return mems
 
     def _recurrent(self, g: GraphBuilder, io: BuildIO, i: int, h: Tensor) -> Tensor:

@@ -156,7 +156,6 @@ def swa_memories(c, swa_layers, window: int, n_ctx: int, n_ubatch: int, alloc, f
 
 
 # ---- Mamba (selective state space) ----------------------------------------------------------------------------
-MAX_SEQUENCES = 8   # recurrent state slots: sequences that can be alive at once
 
 
 def mamba_sizes(m) -> dict[str, int]:
@@ -182,13 +181,13 @@ def mamba_tensors(c, i: int) -> tuple[dict[str, tuple[int, ...]], dict[str, tupl
     return shapes, derived
 
 
-def mamba_state(c, layers, alloc, conv_channels: int | None = None) -> RecurrentState:
+def mamba_state(c, layers, alloc, n_slots: int, conv_channels: int | None = None) -> RecurrentState:
     """One state row per sequence and layer: [conv window ((d_conv - 1) x conv channels) | ssm state
     (d_state x d_inner)], written through state slot inputs like the KV cache's cells. conv_channels:
     d_inner (Mamba-1) or d_inner + 2 n_group d_state (Mamba-2 convolves x, B and C)."""
     e = c.extra
     row = (e["d_conv"] - 1) * (conv_channels or e["d_inner"]) + e["d_state"] * e["d_inner"]
-    return RecurrentState("rs", layers, MAX_SEQUENCES, row, alloc)
+    return RecurrentState("rs", layers, n_slots, row, alloc)
 
 
 def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool = False,
@@ -307,9 +306,9 @@ def shortconv_tensors(c, i: int) -> tuple[dict[str, tuple[int, ...]], dict[str, 
     return shapes, {p + "in_b": (src, 0, e), p + "in_c": (src, e, e), p + "in_x": (src, 2 * e, e)}
 
 
-def shortconv_state(c, layers, alloc) -> RecurrentState:
+def shortconv_state(c, layers, alloc, n_slots: int) -> RecurrentState:
     """One row per sequence and layer: the last conv_cache - 1 inputs of the convolution."""
-    return RecurrentState("rs", layers, MAX_SEQUENCES, (c.extra["conv_cache"] - 1) * c.n_embd, alloc)
+    return RecurrentState("rs", layers, n_slots, (c.extra["conv_cache"] - 1) * c.n_embd, alloc)
 
 
 def shortconv_block(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ class LlamaModel(Model):
     def constant_shapes(self):
         return {"rope_freqs.weight": (self.cfg.rope_dims // 2,)}
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         return kv_memory(self.cfg, n_ctx, alloc, flash_attn)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:

@@ -27,8 +27,8 @@ class MambaModel(Model):
     def derived_tensors(self):
         return {k: v for i in range(self.cfg.n_layer) for k, v in mamba_tensors(self.cfg, i)[1].items()}
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
-        return {"rs": mamba_state(self.cfg, range(self.cfg.n_layer), alloc)}
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
+        return {"rs": mamba_state(self.cfg, range(self.cfg.n_layer), alloc, n_seq_max)}
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c = self.cfg

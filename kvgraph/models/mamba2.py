@@ -27,8 +27,8 @@ class Mamba2Model(Model):
     def derived_tensors(self):
         return {k: v for i in range(self.cfg.n_layer) for k, v in mamba2_tensors(self.cfg, i)[1].items()}
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
-        return {"rs": mamba_state(self.cfg, range(self.cfg.n_layer), alloc, mamba2_channels(self.cfg))}
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
+        return {"rs": mamba_state(self.cfg, range(self.cfg.n_layer), alloc, n_seq_max, mamba2_channels(self.cfg))}
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c = self.cfg

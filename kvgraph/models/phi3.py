@@ -30,7 +30,7 @@ class Phi3Model(Model):
                     f"blk.{i}.ffn_gate.weight": (up, 0, c.n_ff), f"blk.{i}.ffn_up.weight": (up, c.n_ff, c.n_ff)}
         return out
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         return kv_memory(self.cfg, n_ctx, alloc, flash_attn)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:

@@ -17,7 +17,7 @@ class Qwen2Model(Model):
             shapes |= attention_tensors(c, i, bias=True) | ffn_tensors(c, i)
         return shapes
 
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn):
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         return kv_memory(self.cfg, n_ctx, alloc, flash_attn)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
