@@ -35,6 +35,7 @@ class GenParams:
     grammar: str | None = None   # structured output: the compiled grammar every choice must follow
     tools: list | None = None    # chat: the tools offered to the model (None: none, or tool_choice "none")
     constraint: Any = None       # ... and the maker of its per-sequence state (set by the server)
+    cache_prompt: bool = True    # may start from an idle slot's cells sharing a prefix (llama.cpp's cache_prompt)
 
 
 # Request fields that change what a client gets back and that kvgraph does not do yet: a 400 naming the field
@@ -141,7 +142,7 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
     if grammar is not None and tool_grammar is not None:
         raise InvalidArgumentError("give response_format / grammar or a forced tool_choice, not both.")
     return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False), include_usage, logprobs,
-                     echo, n, grammar or tool_grammar, tools)
+                     echo, n, grammar or tool_grammar, tools, cache_prompt=flag(body, "cache_prompt", True))
 
 
 def parse_grammar(body: Mapping[str, Any]) -> str | None:
@@ -316,7 +317,7 @@ def timings(result) -> dict:
 
     def rate(count, s):
         return count / s if s > 0 else 0.0
-    return {"prompt_n": t.n_prompt, "prompt_ms": t.prompt_s * 1e3,
+    return {"cache_n": t.n_cached, "prompt_n": t.n_prompt, "prompt_ms": t.prompt_s * 1e3,
             "prompt_per_token_ms": t.prompt_s * 1e3 / t.n_prompt if t.n_prompt else 0.0,
             "prompt_per_second": rate(t.n_prompt, t.prompt_s), "predicted_n": n,
             "predicted_ms": t.decode_s * 1e3, "predicted_per_token_ms": t.decode_s * 1e3 / n if n else 0.0,
@@ -327,7 +328,7 @@ def timings(result) -> dict:
 LLAMA_FIELDS = {"n_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
                 "min_p": "min_p", "repeat_penalty": "repeat_penalty", "seed": "seed", "stop": "stop",
                 "stream": "stream", "ignore_eos": "ignore_eos", "logit_bias": "logit_bias", "grammar": "grammar",
-                "json_schema": "json_schema"}
+                "json_schema": "json_schema", "cache_prompt": "cache_prompt"}
 
 
 def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> GenParams:
@@ -378,9 +379,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage; cached_tokens: prompt tokens taken from the prefix cache instead of being run."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def choice(index: int, chat: bool, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
@@ -391,10 +394,10 @@ def choice(index: int, chat: bool, text: str, finish_reason: str | None, logprob
 
 
 def response(id: str, model: str, chat: bool, choices: list[dict], prompt_tokens: int,
-             completion_tokens: int) -> dict:
+             completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"id": id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
@@ -428,11 +431,12 @@ def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = Non
             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def usage_chunk(id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk(id: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0) -> dict:
     """The last chunk of a stream asked for with stream_options.include_usage: no choices, the usage."""
     return {"id": id, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
             "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,

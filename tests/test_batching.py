@@ -110,3 +110,89 @@ def test_recurrent_models_decode_their_sequences_together(tmp_path):
     assert [r.wait(timeout=60).ids for r in reqs] == expected
     sched.shutdown()
     assert sched.stats.batch_rows_total > sched.stats.decode_steps
+
+
+def _sequential(sched, prompts_ids, n):
+    out = []
+    for ids in prompts_ids:
+        out.append(sched.submit(Request(ids, max_tokens=n, ignore_eos=True)).wait(timeout=60))
+    return out
+
+
+def _conversation(llm, sched, n_turns=3, n=5):
+    """Each turn's prompt is the previous prompt, its reply and a new user line (a chat client's pattern)."""
+    ids, results = llm.tokenize("the cat sat on the mat"), []
+    for turn in range(n_turns):
+        res = sched.submit(Request(list(ids), max_tokens=n, ignore_eos=True)).wait(timeout=60)
+        results.append((list(ids), res))
+        ids = ids + res.ids + llm.tokenize(f" and then {turn}", add_bos=False)
+    return results
+
+
+@pytest.mark.parametrize("model", ["llama", "hybrid"])
+def test_prefix_cache_reuses_an_idle_slots_cells_and_changes_nothing(llm, tmp_path, model):
+    """A follow-up prompt runs only its new tokens (the prompt and reply so far stay in the slot's cells;
+    a recurrent state goes on from where it stopped) and the reply equals running the whole prompt cold."""
+    if model == "hybrid":
+        from tiny_models import write_tiny_hybrid
+        write_tiny_hybrid(tmp_path / "hybrid.gguf")
+        llm = LLM(str(tmp_path / "hybrid.gguf"), n_ctx=64)
+    sched = scheduler(llm, 2)
+    turns = _conversation(llm, sched)
+    sched.shutdown()
+    for i, (ids, res) in enumerate(turns):
+        llm.session.reset()
+        assert res.ids == llm.generate(ids, max_tokens=5, ignore_eos=True).ids
+        assert res.timings.n_cached + res.timings.n_prompt == len(ids)
+        if i:    # the previous turn's prompt and reply were in the cells (all but the last reply token, never fed)
+            prev_ids, prev = turns[i - 1]
+            assert res.timings.n_cached == len(prev_ids) + len(prev.ids) - 1
+    assert sched.stats.prompt_tokens_cached == sum(r.timings.n_cached for _, r in turns) > 0
+    assert sched.stats.prompt_tokens_total == sum(r.timings.n_prompt for _, r in turns)
+
+
+def test_prefix_cache_keeps_a_shared_prefix_and_drops_the_rest(llm):
+    """A prompt that shares only its start with a cached one keeps those cells, drops the others, and still
+    matches a cold run; the last prompt token always runs (its logits pick the first reply token)."""
+    a, b = llm.tokenize("the cat sat on the mat and"), llm.tokenize("the cat sat in an hour")
+    sched = scheduler(llm, 1)
+    first, second, again = _sequential(sched, [a, b, list(b)], 4)
+    sched.shutdown()
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    assert first.timings.n_cached == 0 and second.timings.n_cached == common
+    assert again.timings.n_cached == len(b) - 1 and again.timings.n_prompt == 1
+    for ids, res in [(a, first), (b, second), (b, again)]:
+        assert res.ids == alone_ids(llm, ids, 4)
+
+
+def alone_ids(llm, ids, n):
+    llm.session.reset()
+    return llm.generate(ids, max_tokens=n, ignore_eos=True).ids
+
+
+def test_prefix_cache_prefers_the_matching_slot_and_can_be_turned_off(llm):
+    a, b = llm.tokenize("the cat sat on the mat"), llm.tokenize("a dog ran in the sun")
+    sched = scheduler(llm, 2)
+    _sequential(sched, [a, b], 3)                  # slot 0 holds a, slot 1 holds b
+    res_b, res_a = _sequential(sched, [b + [5], a + [6]], 3)
+    assert res_b.timings.n_cached == len(b) and res_a.timings.n_cached == len(a)
+    assert {s["n_cached_tokens"] for s in sched.slot_info()} == {len(a) + 3, len(b) + 3}
+    no = sched.submit(Request(a + [6], max_tokens=3, ignore_eos=True, cache_prompt=False)).wait(timeout=60)
+    assert no.timings.n_cached == 0 and no.ids == res_a.ids
+    sched.shutdown()
+    off = BatchScheduler(Context(llm.loaded, n_ctx=130, n_ubatch=8), llm.tokenizer, parallel=2,
+                         n_ctx_per_seq=64, prefix_cache=False)
+    assert [r.timings.n_cached for r in _sequential(off, [a, a + [6]], 3)] == [0, 0]
+    off.shutdown()
+
+
+def test_no_prefix_cache_where_a_sliding_window_shares_its_cells():
+    """Sliding-window layers keep one window of cells for every sequence: an idle slot's cells are freed."""
+    from pathlib import Path
+    gemma2 = LLM(str(Path(__file__).parent / "data" / "arch" / "gemma2.gguf"), n_ctx=64)
+    sched = BatchScheduler(Context(gemma2.loaded, n_ctx=130, n_ubatch=8), gemma2.tokenizer, parallel=2,
+                           n_ctx_per_seq=64)
+    ids = list(range(1, 9))
+    assert not sched.prefix_cache
+    assert [r.timings.n_cached for r in _sequential(sched, [ids, ids + [9]], 2)] == [0, 0]
+    sched.shutdown()

@@ -51,6 +51,9 @@ def add_serve_parser(sub, add_model_args) -> None:
     g.add_argument("--chat-template-file", default=None, metavar="FILE", help="a jinja chat template file")
     p.add_argument("--metrics", action="store_true", help="serve Prometheus metrics on /metrics (default: 501)")
     p.add_argument("--no-slots", action="store_true", help="turn the /slots endpoint off (501)")
+    p.add_argument("--no-prompt-cache", action="store_true",
+                   help="run every prompt in full instead of reusing the cells of an idle slot that holds the same "
+                        "prefix (a request can also ask for that with cache_prompt: false)")
     p.add_argument("--shutdown-timeout", type=seconds_arg, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, how long running requests may finish before they are ended with "
                         "finish_reason 'shutdown' (default 10)")
@@ -78,7 +81,8 @@ def build_server(args):
                   verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn,
                   n_seq_max=args.parallel + max(bucket_sizes(args.parallel)))
     llm.ctx = ctx  # the single-stream context is not used by the server; free its KV cache
-    sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue)
+    sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue,
+                           prefix_cache=not args.no_prompt_cache)
     # Names: --model-id (else the file stem), the -m name as typed (when it is a name, not a path), the stem, aliases.
     typed = [args.model] if args.model and not Path(args.model).expanduser().exists() else []
     aliases = tuple(typed + [llm.model_name] + list(args.alias))

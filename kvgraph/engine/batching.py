@@ -86,6 +86,7 @@ class Request:
     echo: bool = False                 # with logprobs: the prompt tokens' logprobs too (result.prompt_logprobs)
     n: int = 1                         # choices: the prompt is prefilled once, then forked into n sequences
     constraint: Any = None             # structured output: a maker of a fresh Constraint per sequence
+    cache_prompt: bool = True          # may start from an idle slot's cells that share a prefix of the prompt
     index: int = 0                     # this request's choice number (the others are in `choices`)
     choices: list["Request"] = field(default_factory=list)   # every choice, this one first (set by submit)
 
@@ -141,6 +142,7 @@ class SchedulerStats:
     requests_cancelled: int = 0
     requests_rejected: int = 0
     prompt_tokens_total: int = 0
+    prompt_tokens_cached: int = 0       # prompt tokens found in an idle slot's cells (not run again)
     generated_tokens_total: int = 0
     decode_steps: int = 0
     decode_seconds: float = 0.0
@@ -149,7 +151,8 @@ class SchedulerStats:
 
 
 class BatchScheduler:
-    def __init__(self, ctx: Context, tokenizer, parallel: int, n_ctx_per_seq: int, max_queue: int = 64):
+    def __init__(self, ctx: Context, tokenizer, parallel: int, n_ctx_per_seq: int, max_queue: int = 64,
+                 prefix_cache: bool = True):
         if parallel < 1:
             raise InvalidArgumentError(f"parallel must be >= 1, got {parallel}.")
         self.ctx, self.tokenizer = ctx, tokenizer
@@ -157,6 +160,13 @@ class BatchScheduler:
         self.n_ctx_per_seq = n_ctx_per_seq
         self.max_queue = max_queue
         self.buckets = bucket_sizes(parallel)
+        # Prefix caching: an idle slot keeps its cells, and a new prompt goes to the idle slot sharing its
+        # longest prefix, running only the rest (llama.cpp's cache_prompt). Memories with a sliding window
+        # hold one window of cells for all sequences, so there a finished sequence's cells are freed instead.
+        self.prefix_cache = prefix_cache and not any(getattr(m, "sliding_window", None)
+                                                     for m in ctx.memories.values())
+        self._cached: dict[int, list[int]] = {}     # idle slot -> the tokens its cells hold, in order
+        self._released: dict[int, float] = {}       # idle slot -> when it was released
         self.stats = SchedulerStats()
         self._queue: deque[Request] = deque()
         self._slots: dict[int, _Slot] = {}
@@ -198,10 +208,12 @@ class BatchScheduler:
     def slot_info(self) -> list[dict]:
         """What each sequence slot is doing (llama-server's /slots)."""
         running = dict(self._slots)          # a snapshot: the engine thread changes the dict as it goes
+        cached = dict(self._cached)
         out = []
         for seq in range(self.parallel):
             slot = running.get(seq)
-            info = {"id": seq, "n_ctx": self.n_ctx_per_seq, "is_processing": slot is not None}
+            info = {"id": seq, "n_ctx": self.n_ctx_per_seq, "is_processing": slot is not None,
+                    "n_cached_tokens": len(cached.get(seq, ()))}
             if slot is not None:
                 info |= {"id_task": slot.req.id, "n_prompt_tokens": len(slot.req.prompt_ids),
                          "n_prompt_processed": slot.prefilled, "n_decoded": len(slot.req.result.ids)}
@@ -257,12 +269,33 @@ class BatchScheduler:
                 self._fail(seq, exc)
             return None
 
+    def _reuse(self, free: list[int], req: Request) -> tuple[int, int]:
+        """(the free slot to prefill req in, how many of its prompt tokens are already in that slot's cells):
+        the idle slot whose cached tokens share the longest prefix with the prompt."""
+        # with no shared prefix, take a slot that caches nothing, else the one idle longest
+        unused = [s for s in free if s not in self._cached]
+        best = (unused[0] if unused else min(free, key=lambda s: self._released.get(s, 0.0)), 0)
+        if not self.prefix_cache or not req.cache_prompt or self._wants_prompt_logprobs(req):
+            return best
+        ids = req.prompt_ids
+        for seq in free:
+            cached = self._cached.get(seq, ())
+            n = 0
+            limit = min(len(cached), len(ids) - 1)      # the last prompt token always runs: its logits
+            while n < limit and cached[n] == ids[n]:
+                n += 1
+            if n > best[1]:
+                best = (seq, n)
+        return best
+
     def _admit(self) -> None:
         free = [s for s in range(self.parallel) if s not in self._slots]
         while self._queue and len(free) >= len(self._queue[0].choices or [None]):
             req = self._queue.popleft()
             choices = req.choices or [req]
-            seqs, free = free[:len(choices)], free[len(choices):]
+            first, reused = self._reuse(free, req)
+            free.remove(first)
+            seqs, free = [first] + free[:len(choices) - 1], free[len(choices) - 1:]
             try:
                 slots = [_Slot(seq, choice, self.tokenizer, self.ctx.n_vocab) for seq, choice in zip(seqs, choices)]
             except Exception as exc:
@@ -271,16 +304,26 @@ class BatchScheduler:
                 free[:0] = seqs
                 continue
             for slot in slots:
-                self.ctx.seq_rm(slot.seq)
+                self._cached.pop(slot.seq, None)
                 self._slots[slot.seq] = slot
             leader = slots[0]
+            # Keep the reused prefix, drop the rest (a recurrent state cannot rewind: unless the prompt goes on
+            # exactly where it stopped, that sequence starts over).
+            if not (reused and self.ctx.seq_rm(leader.seq, reused)):
+                self.ctx.seq_rm(leader.seq)
+                reused = 0
+            leader.prefilled = reused
+            leader.req.result.timings.n_cached = reused
+            self.stats.prompt_tokens_cached += reused
+            for follower in slots[1:]:
+                self.ctx.seq_rm(follower.seq)
             leader.followers = slots[1:]      # they wait for the leader's prefill, then fork its cells
             for follower in leader.followers:
                 follower.waiting = True
             if leader.out.done and not self._wants_prompt_logprobs(req):
                 for slot in slots:              # max_tokens 0: nothing to generate, answer at once
                     self._finish(slot.seq)
-                free[:0] = seqs
+                free[:0] = [s for s in seqs if s not in self._slots]
 
     def _drop_cancelled(self) -> None:
         for seq, slot in list(self._slots.items()):
@@ -289,19 +332,26 @@ class BatchScheduler:
                 self.stats.requests_cancelled += 1
                 self._release(seq, Event("done"))
 
-    def _release(self, seq: int, event: Event) -> None:
+    def _release(self, seq: int, event: Event, keep_cache: bool = True) -> None:
         slot = self._slots.pop(seq)
         tm, now = slot.req.result.timings, time.perf_counter()    # wall times of this request in the batch
         tm.constraint_s = slot.constraint.seconds if slot.constraint is not None else 0.0
         tm.prompt_s = (slot.first_token_at or now) - slot.admitted
         tm.decode_s = now - (slot.first_token_at or now)
-        self.ctx.seq_rm(seq)
+        if keep_cache and self.prefix_cache and not slot.waiting:
+            # what the cells hold: the prompt as far as it ran, then every generated token fed back
+            held = slot.n_past if slot.first_token_at is not None else slot.prefilled
+            self._cached[seq] = slot.out.history[:held]
+            self._released[seq] = now
+        else:
+            self.ctx.seq_rm(seq)
         slot.req.events.put(event)
 
     def _fail(self, seq: int, exc: BaseException) -> None:
         self.stats.requests_failed += 1
         slot = self._slots.get(seq)
-        self._release(seq, Event("error", error=_user_facing(exc), index=slot.req.index if slot else 0))
+        self._release(seq, Event("error", error=_user_facing(exc), index=slot.req.index if slot else 0),
+                      keep_cache=False)
         for follower in slot.followers if slot else ():
             if follower.waiting and self._slots.get(follower.seq) is follower:
                 self._fail(follower.seq, exc)

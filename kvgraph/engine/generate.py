@@ -20,6 +20,7 @@ from .sampling import GREEDY, Sampler, SamplingParams
 @dataclass
 class Timings:
     n_prompt: int = 0          # prompt tokens actually processed (after prefix reuse)
+    n_cached: int = 0          # prompt tokens reused from the cache (not processed)
     prompt_s: float = 0.0
     n_decode: int = 0          # decode steps run
     decode_s: float = 0.0

@@ -309,6 +309,10 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(500, f"generation failed: {exc}", "server_error")
         return final(req.result) | {"content": req.result.text}
 
+    def _n_cached(req: GenRequest) -> int:
+        """Prompt tokens the request took from the prefix cache (its first choice prefills for all)."""
+        return (req.choices or [req])[0].result.timings.n_cached
+
     def _submit(ids: list[int], params: oa.GenParams) -> GenRequest:
         sched = state.scheduler
         max_tokens = params.max_tokens
@@ -316,7 +320,7 @@ def create_app(state: ServerState) -> FastAPI:
             max_tokens = max(0, sched.n_ctx_per_seq - len(ids))
         return sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos,
                                        logprobs=params.logprobs, echo=params.echo, n=params.n,
-                                       constraint=params.constraint))
+                                       constraint=params.constraint, cache_prompt=params.cache_prompt))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -381,7 +385,8 @@ def create_app(state: ServerState) -> FastAPI:
                     c["message"] |= {"content": content, "tool_calls": calls}
                     c["finish_reason"] = "tool_calls"
         n_prompt = sum(len(ids) for ids, _ in prompts)
-        return oa.response(rid, model, chat, choices, n_prompt, sum(len(r.ids) for r in results)) | {
+        return oa.response(rid, model, chat, choices, n_prompt, sum(len(r.ids) for r in results),
+                           sum(_n_cached(req) for req in reqs)) | {
             "timings": oa.timings(results[0])}
 
     async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool,
@@ -435,7 +440,7 @@ def create_app(state: ServerState) -> FastAPI:
                 yield frame(chunk(i, "", finish) | {"timings": oa.timings(choice.result)})
             if include_usage:
                 yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids),
-                                           sum(len(c.result.ids) for c in req.choices)))
+                                           sum(len(c.result.ids) for c in req.choices), _n_cached(req)))
             yield "data: [DONE]\n\n"
         except KvgraphError as exc:
             yield frame(oa.error_body(f"generation failed: {exc}", "server_error"))
