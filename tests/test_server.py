@@ -100,6 +100,7 @@ def test_prefix_cache_in_usage_and_slots(client, server):
     assert first.choices[0].message.content == again.choices[0].message.content == cold.choices[0].message.content
     slots = httpx.get(server + "/slots").json()
     assert max(s["n_cached_tokens"] for s in slots) >= n
+    assert metric(server, "kvgraph_prompt_tokens_cached_total") >= n - 1
 
 
 def test_chat_stream_equals_plain(client):

@@ -54,8 +54,8 @@ def main() -> None:
     total_on, total_off = sum(r[2] for r in on), sum(r[2] for r in off)
     print(f"prompt time, all turns: {total_on * 1e3:.0f} ms with the prefix cache, {total_off * 1e3:.0f} ms "
           f"without ({total_off / total_on:.1f}x); replies identical: {same}"
-          + ("" if same else f" (first difference in turn {first}: the native kernels round a prompt run in "
-                              "pieces differently; see docs/design.md, prefix caching)"))
+          + ("" if same else f" (first difference in turn {first}: this backend rounds a prompt run in pieces "
+                              "differently; see docs/design.md, prefix caching)"))
 
 
 if __name__ == "__main__":

@@ -515,6 +515,8 @@ def render_metrics(state: ServerState) -> str:
         ("kvgraph_requests_cancelled_total", "counter", "requests cancelled (client gone)", st.requests_cancelled),
         ("kvgraph_requests_rejected_total", "counter", "requests refused (queue full, draining)", st.requests_rejected),
         ("kvgraph_prompt_tokens_total", "counter", "prompt tokens processed", st.prompt_tokens_total),
+        ("kvgraph_prompt_tokens_cached_total", "counter", "prompt tokens reused from the prefix cache",
+         st.prompt_tokens_cached),
         ("kvgraph_generated_tokens_total", "counter", "tokens generated", st.generated_tokens_total),
         ("kvgraph_decode_tokens_per_second", "gauge", "generated tokens per second of decode time", round(tps, 3)),
         ("kvgraph_decode_batch_rows_avg", "gauge", "average sequences per decode step",
