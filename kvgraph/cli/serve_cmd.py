@@ -51,6 +51,15 @@ def add_serve_parser(sub, add_model_args) -> None:
     g.add_argument("--chat-template-file", default=None, metavar="FILE", help="a jinja chat template file")
     p.add_argument("--metrics", action="store_true", help="serve Prometheus metrics on /metrics (default: 501)")
     p.add_argument("--no-slots", action="store_true", help="turn the /slots endpoint off (501)")
+    c = p.add_argument_group("running on Ray Serve (pip install 'kvgraph[cluster]')")
+    c.add_argument("--replicas", type=POSITIVE, default=None, metavar="N",
+                   help="serve N replicas behind Ray Serve's router, each with its own model and batcher "
+                        "(default: one process, no Ray)")
+    c.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="an existing Ray cluster to deploy on (e.g. 'auto' or ray://head:10001; default: start "
+                        "a local Ray instance)")
+    c.add_argument("--replica-cpus", type=float, default=1.0, metavar="N",
+                   help="CPUs Ray reserves for each replica; also its kernel threads unless --threads (default 1)")
     p.add_argument("--no-prompt-cache", action="store_true",
                    help="run every prompt in full instead of reusing the cells of an idle slot that holds the same "
                         "prefix (a request can also ask for that with cache_prompt: false)")
@@ -142,6 +151,11 @@ def _bind(hosts: str, port: int) -> list[socket.socket]:
 
 
 def cmd_serve(args) -> int:
+    if args.replicas is not None or args.ray_address is not None:
+        from ..cluster import run
+        if args.replicas is None:
+            args.replicas = 1
+        return run(args)
     try:
         import uvicorn
     except ImportError:
