@@ -212,14 +212,15 @@ def test_full_queue_answers_503(tiny_llama):
         sched.shutdown()
 
 
-def test_sigterm_drains_in_flight_requests(tiny_llama):
-    proc, base = start_server(tiny_llama[0], "--parallel", "2")
+def sigterm_mid_stream(proc, base, max_tokens: int) -> list[str]:
+    """Stream a completion, SIGTERM the server once tokens flow; the SSE payloads received, and the
+    server has exited (uvicorn re-raises the signal after the drain: a SIGTERM exit is fine too)."""
     lines: list[str] = []
     started = threading.Event()
 
     def consume():
-        with httpx.stream("POST", base + "/v1/completions", timeout=60,
-                          json={"prompt": "the cat", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+        with httpx.stream("POST", base + "/v1/completions", timeout=120, json={
+                "prompt": "the cat", "max_tokens": max_tokens, "stream": True, "ignore_eos": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     lines.append(line[6:])
@@ -228,9 +229,14 @@ def test_sigterm_drains_in_flight_requests(tiny_llama):
     t.start()
     assert started.wait(30)
     proc.send_signal(signal.SIGTERM)
-    t.join(60)
-    # uvicorn finishes in-flight requests, then re-raises the signal: a SIGTERM exit after the drain
+    t.join(120)
     assert proc.wait(60) in (0, -signal.SIGTERM)
+    return lines
+
+
+def test_sigterm_drains_in_flight_requests(tiny_llama):
+    proc, base = start_server(tiny_llama[0], "--parallel", "2")
+    lines = sigterm_mid_stream(proc, base, 200)
     assert lines[-1] == "[DONE]"
     chunks = [json.loads(x)["choices"][0] for x in lines[:-1]]
     assert chunks[-1]["finish_reason"] == "length" and "".join(c["text"] for c in chunks)
@@ -313,22 +319,7 @@ def test_sigterm_ends_running_requests_after_the_shutdown_timeout(tiny_llama):
     """A request that would run for minutes: after --shutdown-timeout it ends with finish_reason 'shutdown',
     its response completes, and the process exits."""
     proc, base = start_server(tiny_llama[0], "--parallel", "1", "-c", "32768", "--shutdown-timeout", "1")
-    lines: list[str] = []
-    started = threading.Event()
-
-    def consume():
-        with httpx.stream("POST", base + "/v1/completions", timeout=120,
-                          json={"prompt": "the cat", "max_tokens": 32000, "stream": True, "ignore_eos": True}) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    lines.append(line[6:])
-                    started.set()
-    t = threading.Thread(target=consume)
-    t.start()
-    assert started.wait(30)
-    proc.send_signal(signal.SIGTERM)
-    t.join(120)
-    assert proc.wait(60) in (0, -signal.SIGTERM)
+    lines = sigterm_mid_stream(proc, base, 32000)
     assert lines[-1] == "[DONE]"
     assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "shutdown"
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_tensors, ffn_tensors, gated_ffn, kv_memory, mamba_mixer, mamba_sizes, mamba_state,
-                     mamba_tensors, moe_ffn, moe_tensors, output_tensors, rms_norm, self_attention)
+from .layers import (attention_tensors, ffn_tensors, gated_ffn, hybrid_derived, hybrid_memories, mamba_mixer,
+                     mamba_sizes, mamba_state, mamba_tensors, moe_ffn, moe_tensors, output_tensors, rms_norm,
+                     self_attention)
 
 
 class JambaModel(Model):
@@ -40,14 +41,10 @@ class JambaModel(Model):
         return shapes
 
     def derived_tensors(self):
-        e = self.cfg.extra
-        return {k: v for i in range(self.cfg.n_layer) if i not in e["attention_layers"]
-                for k, v in mamba_tensors(self.cfg, i)[1].items()}
+        return hybrid_derived(self.cfg, mamba_tensors)
 
     def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
-        c, attn = self.cfg, self.cfg.extra["attention_layers"]
-        mems = {"rs": mamba_state(c, [i for i in range(c.n_layer) if i not in attn], alloc, n_seq_max)}
-        return mems | (kv_memory(c, n_ctx, alloc, flash_attn, attn) if attn else {})
+        return hybrid_memories(self.cfg, mamba_state, n_ctx, alloc, flash_attn, n_seq_max)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c, e = self.cfg, self.cfg.extra

@@ -118,6 +118,19 @@ def decoder(g: GraphBuilder, w, io, c, attn) -> None:
     g.output("logits", g.matmul(rms_norm(g, x, w("output_norm.weight"), c.rms_eps), w("output.weight")))
 
 
+def hybrid_memories(c, state, n_ctx: int, alloc, flash_attn: bool, n_seq_max: int, *state_args) -> dict:
+    """A hybrid model's memories: `state` (mamba_state, shortconv_state, ...) for the layers without
+    attention, a KV cache for extra["attention_layers"]."""
+    attn = c.extra["attention_layers"]
+    mems = {"rs": state(c, [i for i in range(c.n_layer) if i not in attn], alloc, n_seq_max, *state_args)}
+    return mems | (kv_memory(c, n_ctx, alloc, flash_attn, attn) if attn else {})
+
+
+def hybrid_derived(c, tensors) -> dict:
+    """The derived tensors (`tensors(c, i)[1]`) of every layer without attention."""
+    return {k: v for i in range(c.n_layer) if i not in c.extra["attention_layers"] for k, v in tensors(c, i)[1].items()}
+
+
 def kv_memory(c, n_ctx: int, alloc, flash_attn: bool, layers=None) -> dict:
     """One KV cache for every layer (or for the given attention layers)."""
     return {"kv": KVCache("kv", range(c.n_layer) if layers is None else layers, n_ctx, c.n_head_kv, c.head_dim_k,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_tensors, ffn_tensors, gated_ffn, kv_memory, rms_norm, self_attention,
-                     shortconv_block, shortconv_state, shortconv_tensors)
+from .layers import (attention_tensors, ffn_tensors, gated_ffn, hybrid_derived, hybrid_memories, rms_norm,
+                     self_attention, shortconv_block, shortconv_state, shortconv_tensors)
 
 
 class Lfm2Model(Model):
@@ -33,14 +33,10 @@ class Lfm2Model(Model):
         return shapes
 
     def derived_tensors(self):
-        e = self.cfg.extra
-        return {k: v for i in range(self.cfg.n_layer) if i not in e["attention_layers"]
-                for k, v in shortconv_tensors(self.cfg, i)[1].items()}
+        return hybrid_derived(self.cfg, shortconv_tensors)
 
     def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
-        c, attn = self.cfg, self.cfg.extra["attention_layers"]
-        mems = {"rs": shortconv_state(c, [i for i in range(c.n_layer) if i not in attn], alloc, n_seq_max)}
-        return mems | (kv_memory(c, n_ctx, alloc, flash_attn, attn) if attn else {})
+        return hybrid_memories(self.cfg, shortconv_state, n_ctx, alloc, flash_attn, n_seq_max)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c, e = self.cfg, self.cfg.extra
