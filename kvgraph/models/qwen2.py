@@ -9,12 +9,13 @@ from .layers import attention_tensors, decoder, ffn_tensors, kv_memory, output_t
 class Qwen2Model(Model):
     arch = "qwen2"
     optional_tensors = frozenset({"output.weight"})
+    attention = {"bias": True}       # what the attention block has beyond llama's (Qwen3 differs here only)
 
     def tensor_shapes(self):
         c = self.cfg
         shapes = output_tensors(c)
         for i in range(c.n_layer):
-            shapes |= attention_tensors(c, i, bias=True) | ffn_tensors(c, i)
+            shapes |= attention_tensors(c, i, **self.attention) | ffn_tensors(c, i)
         return shapes
 
     def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
@@ -23,4 +24,4 @@ class Qwen2Model(Model):
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c = self.cfg
         w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
-        decoder(g, w, io, c, lambda i, h: self_attention(g, w, io, c, i, h, neox=True, bias=True))
+        decoder(g, w, io, c, lambda i, h: self_attention(g, w, io, c, i, h, neox=True, **self.attention))

@@ -1,27 +1,10 @@
-"""qwen3 (dense Qwen3): the llama block with per-head q/k RMSNorm before NEOX RoPE and an explicit head
-size (attention.key_length, which need not be n_embd / n_head)."""
+"""qwen3 (dense Qwen3): Qwen2's block without biases, with per-head q/k RMSNorm before NEOX RoPE and an
+explicit head size (attention.key_length, which need not be n_embd / n_head)."""
 from __future__ import annotations
 
-from ..graph.ir import GraphBuilder
-from .base import BuildIO, Model
-from .layers import attention_tensors, decoder, ffn_tensors, kv_memory, output_tensors, self_attention
+from .qwen2 import Qwen2Model
 
 
-class Qwen3Model(Model):
+class Qwen3Model(Qwen2Model):
     arch = "qwen3"
-    optional_tensors = frozenset({"output.weight"})
-
-    def tensor_shapes(self):
-        c = self.cfg
-        shapes = output_tensors(c)
-        for i in range(c.n_layer):
-            shapes |= attention_tensors(c, i, qk_norm=True) | ffn_tensors(c, i)
-        return shapes
-
-    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
-        return kv_memory(self.cfg, n_ctx, alloc, flash_attn)
-
-    def build(self, g: GraphBuilder, io: BuildIO) -> None:
-        c = self.cfg
-        w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
-        decoder(g, w, io, c, lambda i, h: self_attention(g, w, io, c, i, h, neox=True, qk_norm=True))
+    attention = {"qk_norm": True}
