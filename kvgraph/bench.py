@@ -61,9 +61,27 @@ class BenchRow:
         return asdict(self)
 
 
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window, so a row's peak is its own and not every earlier row's (Linux: writing
+    5 to /proc/self/clear_refs resets VmHWM). False where the system cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory since the last reset_peak_rss (VmHWM), else since the process started."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # KiB on Linux
 
 
 def physical_cores() -> int:

@@ -76,6 +76,41 @@ def test_bench_compare_with_llama_bench(tiny_llama, capsys, tmp_path):
     assert "ratio" in md.splitlines()[0]
 
 
+def test_bench_compare_says_when_llama_bench_crashes_and_goes_on(tiny_llama, capsys, tmp_path):
+    """A llama-bench that dies of SIGILL on the prompt tests (as the AMX build does here) but runs tg."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/usr/bin/env python3\nimport os, signal, sys\na = sys.argv\np = int(a[a.index('-p') + 1]); "
+                    "n = int(a[a.index('-n') + 1])\n"
+                    "if p: os.kill(os.getpid(), signal.SIGILL)\n"
+                    "print('{\"n_prompt\": %d, \"n_gen\": %d, \"avg_ts\": 10.0}' % (p, n))\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    rc = main(["bench", "-m", str(tiny_llama[0]), "-p", "4", "-n", "2", "-r", "1", "-o", "json",
+               "--compare", str(fake)])
+    out = capsys.readouterr()
+    rows = {r["test"]: r["llama_cpp_ts"] for r in json.loads(out.out)}
+    assert rc == 0 and rows == {"pp4": None, "tg2": 10.0}
+    assert "llama-bench crashed with SIGILL on pp4" in out.err and "-mno-amx-tile" in out.err
+
+
+def test_bench_flash_attn_auto_in_a_list(tiny_llama, capsys):
+    rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "-fa", "auto,off"))
+    assert len(rows) == 4 and [r["flash_attn"] for r in rows][2:] == [False, False]
+    assert main(["bench", "-m", str(tiny_llama[0]), "-fa", "auto,maybe"]) != 0
+    assert "expected auto/on/off values" in capsys.readouterr().err
+
+
+def test_peak_rss_is_per_window():
+    """bench resets the peak before each model, so a row does not report what earlier rows used."""
+    from kvgraph.bench import peak_rss_mb, reset_peak_rss
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs on this system")
+    big = np.ones(64 << 20, np.float32)          # 256 MiB, touched
+    with_big = peak_rss_mb()
+    del big
+    assert reset_peak_rss()
+    assert peak_rss_mb() < with_big - 200
+
+
 def test_bench_compare_skips_missing_binary(tiny_llama, capsys):
     rc = main(["bench", "-m", str(tiny_llama[0]), "-p", "4", "-n", "0", "-r", "1", "-o", "json",
                "--compare", "/nonexistent/llama-bench"])

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,16 +29,19 @@ def _int_list(flag: str, text: str, minimum: int = 0) -> list[int]:
     return values
 
 
-def _on_off_list(flag: str, text: str) -> list[bool]:
+def _on_off_list(flag: str, text: str, auto: bool = False) -> list[bool | None]:
+    """on/off values, comma-separated; with auto, 'auto' too (None: the backend's choice)."""
     out = []
     for v in text.split(","):
         v = v.strip().lower()
-        if v in ("on", "1", "true", "yes"):
+        if auto and v == "auto":
+            out.append(None)
+        elif v in ("on", "1", "true", "yes"):
             out.append(True)
         elif v in ("off", "0", "false", "no"):
             out.append(False)
         else:
-            raise InvalidArgumentError(f"{flag}: expected on/off values, got {text!r}.")
+            raise InvalidArgumentError(f"{flag}: expected {'auto/' if auto else ''}on/off values, got {text!r}.")
     return out
 
 
@@ -106,6 +110,16 @@ def _llama_bench(binary: str, model_path: str, test, reps: int, threads: int, fl
             continue
         if row.get("n_prompt") == test.n_prompt and row.get("n_gen") == test.n_gen:
             return float(row["avg_ts"])
+    if proc.returncode < 0:
+        try:
+            how = f"crashed with {signal.Signals(-proc.returncode).name}"
+        except ValueError:
+            how = f"was killed by signal {-proc.returncode}"
+        hint = (" SIGILL: that build uses instructions this CPU does not run (AMX on these machines: build it "
+                "with -mno-amx-tile -mno-amx-int8 -mno-amx-bf16)." if proc.returncode == -signal.SIGILL else "")
+        print(f"--compare: llama-bench {how} on {test.name}; no ratio for it (going on with the other "
+              f"tests).{hint}", file=err)
+        return None
     print(f"--compare: llama-bench gave no result for {test.name} (exit {proc.returncode}): "
           f"{(proc.stderr.strip().splitlines() or [''])[-1]}", file=err)
     return None
@@ -115,7 +129,9 @@ def cmd_bench(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..api import LLM
-    from ..bench import BenchRow, BenchTest, measure, physical_cores
+    import gc as gc_module
+
+    from ..bench import BenchRow, BenchTest, measure, physical_cores, reset_peak_rss
     from ..registry import resolve_model
 
     err = sys.stderr
@@ -128,7 +144,7 @@ def cmd_bench(args) -> int:
     if not prompts and not gens:
         raise InvalidArgumentError("nothing to measure: give -p and/or -n values above 0.")
     caches = _on_off_list("--graph-cache", args.graph_cache)
-    fas = [None] if args.flash_attn.strip().lower() == "auto" else _on_off_list("--flash-attn", args.flash_attn)
+    fas = _on_off_list("--flash-attn", args.flash_attn, auto=True)
     backends = [b.strip() for b in args.backend.split(",")] if args.backend else [None]
     models = [m.strip() for m in args.model.split(",")] if args.model else [None]
     tests = [BenchTest(p, 0, d) for d in depths for p in prompts] + [BenchTest(0, n, d) for d in depths for n in gens]
@@ -155,6 +171,8 @@ def cmd_bench(args) -> int:
                     for fa in fas:
                         for gc in caches:
                             n_ctx = max(depths) + max(prompts + gens) + 1
+                            gc_module.collect()             # the previous rows' model is gone: a new peak window
+                            reset_peak_rss()
                             llm = LLM(str(path), n_ctx=n_ctx, n_ubatch=args.ubatch, backend=backend, threads=n_threads,
                                       graph_cache=gc, flash_attn=fa)
                             fa_used = llm.ctx.flash_attn         # auto resolved: rows and llama-bench use it
