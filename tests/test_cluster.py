@@ -38,7 +38,8 @@ def cluster(tiny_llama, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("ray") / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "kvgraph.cli.main", "serve", "-m", str(tiny_llama[0]),
                              "--port", str(port), "--model-id", "tiny", "--replicas", "2", "-c", "128",
-                             "--parallel", "2"], stdout=log, stderr=subprocess.STDOUT, text=True)
+                             "--parallel", "2", "--replica-cpus", "0.5"],    # fits a 1-core runner too
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + START_S
     while True:
@@ -139,3 +140,9 @@ def test_ray_application_builder_reads_serve_flags(tiny_llama):
     assert dep.name == "kvgraph" and dep.num_replicas == 2
     with pytest.raises((KvgraphError, SystemExit)):
         build_app({"model": str(tiny_llama[0]), "replicas": "0"})
+
+
+def test_replicas_take_one_host(tiny_llama, capsys):
+    from kvgraph.cli.main import main
+    assert main(["serve", "-m", str(tiny_llama[0]), "--replicas", "2", "--host", "127.0.0.1,::1"]) != 0
+    assert "--host takes one address" in capsys.readouterr().err
