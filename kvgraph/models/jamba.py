@@ -6,9 +6,8 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_tensors, ffn_tensors, gated_ffn, hybrid_derived, hybrid_memories, mamba_mixer,
-                     mamba_sizes, mamba_state, mamba_tensors, moe_ffn, moe_tensors, output_tensors, rms_norm,
-                     self_attention)
+from .layers import (attention_tensors, decoder, ffn_tensors, gated_ffn, hybrid_derived, hybrid_memories, mamba_mixer,
+                     mamba_sizes, mamba_state, mamba_tensors, moe_ffn, moe_tensors, output_tensors, self_attention)
 
 
 class JambaModel(Model):
@@ -49,17 +48,13 @@ class JambaModel(Model):
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c, e = self.cfg, self.cfg.extra
         w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
-        x = g.get_rows(w("token_embd.weight"), io.tokens)
-        for i in range(c.n_layer):
-            h = rms_norm(g, x, w(f"blk.{i}.attn_norm.weight"), c.rms_eps)
+
+        def mixer(i, h):
             if i in e["attention_layers"]:
-                y = g.matmul(self_attention(g, w, io, c, i, h, neox=False, rope=False),
-                             w(f"blk.{i}.attn_output.weight"))
-            else:
-                y = mamba_mixer(g, w, io, c, i, h, dt_b_c_norms=True)
-            if i == c.n_layer - 1:
-                y, x = io.select_outputs(y), io.select_outputs(x)
-            x = g.add(x, y)
-            h = rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)
-            x = g.add(x, moe_ffn(g, w, c, i, h, norm_weights=False) if i in e["moe_layers"] else gated_ffn(g, w, i, h))
-        g.output("logits", g.matmul(rms_norm(g, x, w("output_norm.weight"), c.rms_eps), w("output.weight")))
+                return g.matmul(self_attention(g, w, io, c, i, h, neox=False, rope=False),
+                                w(f"blk.{i}.attn_output.weight"))
+            return mamba_mixer(g, w, io, c, i, h, dt_b_c_norms=True)
+
+        def ffn(i, h):
+            return moe_ffn(g, w, c, i, h, norm_weights=False) if i in e["moe_layers"] else gated_ffn(g, w, i, h)
+        decoder(g, w, io, c, mixer, ffn, project=False)

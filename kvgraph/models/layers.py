@@ -104,18 +104,22 @@ def gated_ffn(g: GraphBuilder, w, i: int, h: Tensor, act: str = "swiglu") -> Ten
     return g.matmul(getattr(g, act)(gate, up), w(f"blk.{i}.ffn_down.weight"))
 
 
-def decoder(g: GraphBuilder, w, io, c, attn) -> None:
-    """The pre-norm decoder stack: x += attn_output(attn(i, norm(x))); x += ffn(norm(x)); then the output
-    norm and projection as 'logits'. attn(i, h) is the architecture's attention (self_attention with its
-    options); after the last attention only the output rows go on."""
+def decoder(g: GraphBuilder, w, io, c, mixer, ffn=None, project: bool = True,
+            output_norm: str = "output_norm.weight") -> None:
+    """The pre-norm decoder stack: x += mixer(i, norm(x)); x += ffn(i, norm(x)); then the output norm and
+    projection as 'logits'. mixer(i, h) is layer i's token mixer: the architecture's attention
+    (self_attention with its options), or for hybrid models a recurrent block on the other layers; with
+    project its result goes through blk.i.attn_output. ffn(i, h): default the gated FFN. After the last
+    mixer only the output rows go on."""
     x = g.get_rows(w("token_embd.weight"), io.tokens)
     for i in range(c.n_layer):
-        a = attn(i, rms_norm(g, x, w(f"blk.{i}.attn_norm.weight"), c.rms_eps))
+        y = mixer(i, rms_norm(g, x, w(f"blk.{i}.attn_norm.weight"), c.rms_eps))
         if i == c.n_layer - 1:
-            a, x = io.select_outputs(a), io.select_outputs(x)
-        x = g.add(x, g.matmul(a, w(f"blk.{i}.attn_output.weight")))
-        x = g.add(x, gated_ffn(g, w, i, rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)))
-    g.output("logits", g.matmul(rms_norm(g, x, w("output_norm.weight"), c.rms_eps), w("output.weight")))
+            y, x = io.select_outputs(y), io.select_outputs(x)
+        x = g.add(x, g.matmul(y, w(f"blk.{i}.attn_output.weight")) if project else y)
+        h = rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)
+        x = g.add(x, ffn(i, h) if ffn is not None else gated_ffn(g, w, i, h))
+    g.output("logits", g.matmul(rms_norm(g, x, w(output_norm), c.rms_eps), w("output.weight")))
 
 
 def hybrid_memories(c, state, n_ctx: int, alloc, flash_attn: bool, n_seq_max: int, *state_args) -> dict:

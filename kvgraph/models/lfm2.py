@@ -6,8 +6,8 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_tensors, ffn_tensors, gated_ffn, hybrid_derived, hybrid_memories, rms_norm,
-                     self_attention, shortconv_block, shortconv_state, shortconv_tensors)
+from .layers import (attention_tensors, decoder, ffn_tensors, hybrid_derived, hybrid_memories, self_attention,
+                     shortconv_block, shortconv_state, shortconv_tensors)
 
 
 class Lfm2Model(Model):
@@ -41,16 +41,10 @@ class Lfm2Model(Model):
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c, e = self.cfg, self.cfg.extra
         w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
-        x = g.get_rows(w("token_embd.weight"), io.tokens)
-        for i in range(c.n_layer):
-            h = rms_norm(g, x, w(f"blk.{i}.attn_norm.weight"), c.rms_eps)
+
+        def mixer(i, h):
             if i in e["attention_layers"]:
-                y = g.matmul(self_attention(g, w, io, c, i, h, neox=True, qk_norm=True),
-                             w(f"blk.{i}.attn_output.weight"))
-            else:
-                y = shortconv_block(g, w, io, c, i, h)
-            if i == c.n_layer - 1:
-                y, x = io.select_outputs(y), io.select_outputs(x)
-            x = g.add(x, y)
-            x = g.add(x, gated_ffn(g, w, i, rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)))
-        g.output("logits", g.matmul(rms_norm(g, x, w("token_embd_norm.weight"), c.rms_eps), w("output.weight")))
+                return g.matmul(self_attention(g, w, io, c, i, h, neox=True, qk_norm=True),
+                                w(f"blk.{i}.attn_output.weight"))
+            return shortconv_block(g, w, io, c, i, h)
+        decoder(g, w, io, c, mixer, project=False, output_norm="token_embd_norm.weight")
