@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, KvgraphError
@@ -70,15 +69,6 @@ def add_bench_parser(sub) -> None:
                         "and add a ratio column")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="plot t/s against depth (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
-
-
-@dataclass
-class _Combo:
-    model: str
-    backend: str
-    threads: int
-    flash_attn: bool
-    graph_cache: bool
 
 
 def _model_type(info) -> str:
