@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids
 from ..graph.inputs import UBatch
 from .context import Context
-from .generate import GenerationResult, OutputTracker, check_max_tokens
+from .generate import GenerationResult, OutputTracker, check_max_tokens, reusable_prefix
 from .sampling import GREEDY, Sampler, SamplingParams, token_logprobs
 
 
@@ -165,8 +165,8 @@ class BatchScheduler:
         # hold one window of cells for all sequences, so there a finished sequence's cells are freed instead.
         self.prefix_cache = prefix_cache and not any(getattr(m, "sliding_window", None)
                                                      for m in ctx.memories.values())
-        self._cached: dict[int, list[int]] = {}     # idle slot -> the tokens its cells hold, in order
-        self._released: dict[int, float] = {}       # idle slot -> when it was released
+        # idle slot -> the tokens its cells hold, in order; in release order (a slot leaves it when admitted)
+        self._cached: dict[int, list[int]] = {}
         self.stats = SchedulerStats()
         self._queue: deque[Request] = deque()
         self._slots: dict[int, _Slot] = {}
@@ -272,18 +272,14 @@ class BatchScheduler:
     def _reuse(self, free: list[int], req: Request) -> tuple[int, int]:
         """(the free slot to prefill req in, how many of its prompt tokens are already in that slot's cells):
         the idle slot whose cached tokens share the longest prefix with the prompt."""
-        # with no shared prefix, take a slot that caches nothing, else the one idle longest
+        # with no shared prefix, take a slot that caches nothing, else the one idle longest (every cached
+        # slot is free, and the first in _cached was released first)
         unused = [s for s in free if s not in self._cached]
-        best = (unused[0] if unused else min(free, key=lambda s: self._released.get(s, 0.0)), 0)
+        best = (unused[0] if unused else next(iter(self._cached)), 0)
         if not self.prefix_cache or not req.cache_prompt or self._wants_prompt_logprobs(req):
             return best
-        ids = req.prompt_ids
-        for seq in free:
-            cached = self._cached.get(seq, ())
-            n = 0
-            limit = min(len(cached), len(ids) - 1)      # the last prompt token always runs: its logits
-            while n < limit and cached[n] == ids[n]:
-                n += 1
+        for seq, cached in self._cached.items():
+            n = reusable_prefix(cached, req.prompt_ids)
             if n > best[1]:
                 best = (seq, n)
         return best
@@ -309,10 +305,7 @@ class BatchScheduler:
             leader = slots[0]
             # Keep the reused prefix, drop the rest (a recurrent state cannot rewind: unless the prompt goes on
             # exactly where it stopped, that sequence starts over).
-            if not (reused and self.ctx.seq_rm(leader.seq, reused)):
-                self.ctx.seq_rm(leader.seq)
-                reused = 0
-            leader.prefilled = reused
+            reused = leader.prefilled = self.ctx.keep_prefix(leader.seq, reused)
             leader.req.result.timings.n_cached = reused
             self.stats.prompt_tokens_cached += reused
             for follower in slots[1:]:
@@ -342,7 +335,6 @@ class BatchScheduler:
             # what the cells hold: the prompt as far as it ran, then every generated token fed back
             held = slot.n_past if slot.first_token_at is not None else slot.prefilled
             self._cached[seq] = slot.out.history[:held]
-            self._released[seq] = now
         else:
             self.ctx.seq_rm(seq)
         slot.req.events.put(event)

@@ -67,6 +67,14 @@ class Context:
         the caller must then remove the whole sequence."""
         return all([mem.seq_rm(seq, p0, p1) for mem in self.memories.values()])
 
+    def keep_prefix(self, seq: int, n: int) -> int:
+        """Keep the first n positions of seq and forget the rest; returns how many are kept: n, or 0 where a
+        memory cannot rewind (a recurrent state then starts the sequence over)."""
+        if n and self.seq_rm(seq, n):
+            return n
+        self.seq_rm(seq)
+        return 0
+
     def seq_cp(self, src: int, dst: int) -> None:
         """dst becomes a copy of src in every memory (dst's old contents are dropped)."""
         self.seq_rm(dst)

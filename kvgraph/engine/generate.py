@@ -17,6 +17,15 @@ from .context import Context
 from .sampling import GREEDY, Sampler, SamplingParams
 
 
+def reusable_prefix(cached: Sequence[int], ids: Sequence[int]) -> int:
+    """How many leading tokens of ids are already in cells holding `cached`, in order: their common prefix,
+    short of the last prompt token, which always runs (its logits pick the first new token)."""
+    n, limit = 0, min(len(cached), len(ids) - 1)
+    while n < limit and cached[n] == ids[n]:
+        n += 1
+    return n
+
+
 @dataclass
 class Timings:
     n_prompt: int = 0          # prompt tokens actually processed (after prefix reuse)
@@ -90,14 +99,7 @@ class Session:
             raise InvalidArgumentError(f"ubatch_size must be between 1 and n_ubatch={self.ctx.n_ubatch}, got {step}.")
         if not ids:
             raise InvalidArgumentError("the prompt is empty (no tokens); give some text.")
-        common = 0
-        if not all_logits:
-            limit = min(len(self.cached), len(ids) - 1)   # re-run at least the last token for its logits
-            while common < limit and self.cached[common] == ids[common]:
-                common += 1
-        if not self.ctx.seq_rm(self.seq, common):
-            self.ctx.seq_rm(self.seq)   # recurrent state cannot rewind: start the sequence over
-            common = 0
+        common = self.ctx.keep_prefix(self.seq, 0 if all_logits else reusable_prefix(self.cached, ids))
         self.cached = self.cached[:common]
         self.n_processed = len(ids) - common
         outs = []
