@@ -130,8 +130,8 @@ class LLM:
         if not stream:
             for _ in chunks:
                 pass
-            shape = oa.chat_completion if chat else oa.completion
-            return shape(rid, model, result.text, result.finish_reason, len(ids), len(result.ids))
+            return oa.response(rid, model, chat, [oa.choice(0, chat, result.text, result.finish_reason)],
+                               len(ids), len(result.ids))
 
         def gen():
             if chat:

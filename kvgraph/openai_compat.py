@@ -400,28 +400,11 @@ def response(id: str, model: str, chat: bool, choices: list[dict], prompt_tokens
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
-def completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-               completion_tokens: int, logprobs: dict | None = None) -> dict:
-    return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
 def completion_chunk(id: str, model: str, text: str, finish_reason: str | None = None,
                      logprobs: dict | None = None, index: int = 0) -> dict:
     return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
             "system_fingerprint": SYSTEM_FINGERPRINT,
             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-
-
-def chat_completion(id: str, model: str, text: str, finish_reason: str | None, prompt_tokens: int,
-                    completion_tokens: int, logprobs: dict | None = None) -> dict:
-    return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "system_fingerprint": SYSTEM_FINGERPRINT,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": logprobs, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chat_chunk(id: str, model: str, delta: dict, finish_reason: str | None = None,

@@ -160,9 +160,8 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/tokenizer_info")
     async def tokenizer_info():      # vLLM's: what clients need to tokenize through /tokenize remotely
         tok = state.tokenizer
-        name = lambda i: tok.tokens[i] if i is not None else None  # noqa: E731
-        return {"tokenizer_class": f"kvgraph-{tok.model_kind}", "eos_token": name(tok.eos_id),
-                "bos_token": name(tok.bos_id), "pad_token": None, "add_bos_token": tok.add_bos,
+        return {"tokenizer_class": f"kvgraph-{tok.model_kind}", "eos_token": _token_text(tok, tok.eos_id),
+                "bos_token": _token_text(tok, tok.bos_id), "pad_token": None, "add_bos_token": tok.add_bos,
                 "chat_template": tok.chat_template, "model_max_length": per_seq, "vocab_size": tok.vocab_size}
 
     @app.get("/props")
@@ -171,8 +170,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"model_alias": state.model_id, "model_names": state.model_names,
                 "total_slots": state.scheduler.parallel, "n_ctx": state.scheduler.n_ctx_per_seq,
                 "chat_template": tok.chat_template, "chat_template_source": tok.chat_template_source,
-                "bos_token": tok.tokens[tok.bos_id] if tok.bos_id is not None else None,
-                "eos_token": tok.tokens[tok.eos_id] if tok.eos_id is not None else None,
+                "bos_token": _token_text(tok, tok.bos_id), "eos_token": _token_text(tok, tok.eos_id),
                 "build_info": f"kvgraph {__version__}", "modalities": {"vision": False, "audio": False}}
 
     @app.post("/apply-template")
@@ -309,10 +307,6 @@ def create_app(state: ServerState) -> FastAPI:
             return _error(500, f"generation failed: {exc}", "server_error")
         return final(req.result) | {"content": req.result.text}
 
-    def _n_cached(req: GenRequest) -> int:
-        """Prompt tokens the request took from the prefix cache (its first choice prefills for all)."""
-        return (req.choices or [req])[0].result.timings.n_cached
-
     def _submit(ids: list[int], params: oa.GenParams) -> GenRequest:
         sched = state.scheduler
         max_tokens = params.max_tokens
@@ -386,7 +380,7 @@ def create_app(state: ServerState) -> FastAPI:
                     c["finish_reason"] = "tool_calls"
         n_prompt = sum(len(ids) for ids, _ in prompts)
         return oa.response(rid, model, chat, choices, n_prompt, sum(len(r.ids) for r in results),
-                           sum(_n_cached(req) for req in reqs)) | {
+                           sum(req.result.timings.n_cached for req in reqs)) | {
             "timings": oa.timings(results[0])}
 
     async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool,
@@ -440,7 +434,8 @@ def create_app(state: ServerState) -> FastAPI:
                 yield frame(chunk(i, "", finish) | {"timings": oa.timings(choice.result)})
             if include_usage:
                 yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids),
-                                           sum(len(c.result.ids) for c in req.choices), _n_cached(req)))
+                                           sum(len(c.result.ids) for c in req.choices),
+                                           req.result.timings.n_cached))
             yield "data: [DONE]\n\n"
         except KvgraphError as exc:
             yield frame(oa.error_body(f"generation failed: {exc}", "server_error"))
@@ -452,6 +447,11 @@ def create_app(state: ServerState) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(state.options.cors_origins), allow_methods=["*"],
                            allow_headers=["*"])
     return app
+
+
+def _token_text(tokenizer, token_id: int | None) -> str | None:
+    """A special token's text as /props and /tokenizer_info report it (None: the model has none)."""
+    return tokenizer.tokens[token_id] if token_id is not None else None
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
