@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 
+from .cli.serve_cmd import host_list
 from .errors import InvalidArgumentError, KvgraphError
 
 REPLICA_HEADER = "x-kvgraph-replica"     # which replica answered (host:pid): logs, tests, load checks
@@ -46,6 +47,7 @@ def application(args: argparse.Namespace):
     """The Ray Serve application for parsed `kvgraph serve` arguments: args.replicas replicas, each loading the
     model itself when Ray starts it (so a model name is pulled on whichever node the replica lands)."""
     _, serve = _require_ray()
+    args.replicas = args.replicas or 1      # --ray-address alone: one replica
     cpus = float(args.replica_cpus)
     if cpus <= 0:
         raise InvalidArgumentError(f"--replica-cpus must be > 0, got {cpus}.")
@@ -80,10 +82,7 @@ def build_app(options: dict) -> object:
             argv += ["-m", str(value)]
         else:
             argv += [flag, str(value)]
-    args = build_parser().parse_args(argv)
-    if args.replicas is None:
-        args.replicas = 1
-    return application(args)
+    return application(build_parser().parse_args(argv))
 
 
 def __getattr__(name: str):
@@ -96,11 +95,9 @@ def run(args: argparse.Namespace) -> int:
     """`kvgraph serve --replicas N`: deploy on Ray (a local instance, or --ray-address's cluster) and serve
     until SIGTERM / Ctrl-C, then take the application down."""
     ray, serve = _require_ray()
-    hosts = [h.strip() for h in args.host.split(",") if h.strip()]
+    hosts = host_list(args.host)
     if len(hosts) != 1:
         raise InvalidArgumentError("with --replicas, --host takes one address (Ray Serve's proxy binds one).")
-    if args.replicas < 1:
-        raise InvalidArgumentError(f"--replicas must be >= 1, got {args.replicas}.")
     ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False,
              configure_logging=False, ignore_reinit_error=True)
     try:

@@ -124,11 +124,16 @@ def _set_chat_template(tokenizer, args) -> None:
         tokenizer.set_chat_template(source, f"file:{Path(args.chat_template_file).name}")
 
 
+def host_list(hosts: str) -> list[str]:
+    """--host's comma-separated addresses."""
+    return [h.strip() for h in hosts.split(",") if h.strip()]
+
+
 def _bind(hosts: str, port: int) -> list[socket.socket]:
     """A listening socket per address (IPv4 or IPv6), all on port; the first failure is a clear error."""
     socks = []
     try:
-        for host in [h.strip().strip("[]") for h in hosts.split(",") if h.strip()]:
+        for host in [h.strip("[]") for h in host_list(hosts)]:
             try:
                 family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
                 sock = socket.socket(family, kind, proto)
@@ -153,8 +158,6 @@ def _bind(hosts: str, port: int) -> list[socket.socket]:
 def cmd_serve(args) -> int:
     if args.replicas is not None or args.ray_address is not None:
         from ..cluster import run
-        if args.replicas is None:
-            args.replicas = 1
         return run(args)
     try:
         import uvicorn
@@ -162,7 +165,7 @@ def cmd_serve(args) -> int:
         raise KvgraphError("the server needs FastAPI and uvicorn: pip install 'kvgraph[server]'.") from None
     app, sched = build_server(args)
     socks = _bind(args.host, args.port)
-    where = ", ".join(f"http://{h.strip()}:{args.port}" for h in args.host.split(",") if h.strip())
+    where = ", ".join(f"http://{h}:{args.port}" for h in host_list(args.host))
     print(f"kvgraph: serving {app.state.kv.model_id} on {where} "
           f"({args.parallel} slots, {sched.n_ctx_per_seq} tokens each)", file=sys.stderr)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout + 5)
