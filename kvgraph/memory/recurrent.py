@@ -50,29 +50,31 @@ class RecurrentState:
         return False
 
     def seq_cp(self, src: int, dst: int) -> None:
-        """Give dst a copy of src's state (every layer's row) in a slot of its own."""
-        self.seq_rm(dst)
+        """Give dst (which holds nothing: Context.seq_cp removes it first) a copy of src's state, every
+        layer's row, in a slot of its own."""
         if src not in self.slot_of:
             return
+        slot = self._claim_slot(dst, self.pos_next[src])
+        for buf in self.buffers.values():
+            buf[slot] = buf[self.slot_of[src]]
+
+    def _claim_slot(self, seq: int, pos_next: int) -> int:
+        """A free state slot for seq, which goes on at position pos_next; a clear error when every slot
+        holds a sequence."""
         free = sorted(set(range(self.n_slots)) - set(self.slot_of.values()))
         if not free:
-            raise ContextOverflowError(f"all {self.n_slots} recurrent state slots are in use; finish a sequence "
-                                       "first or allow more sequences.")
-        self.slot_of[dst], self.pos_next[dst] = free[0], self.pos_next[src]
-        for buf in self.buffers.values():
-            buf[free[0]] = buf[self.slot_of[src]]
+            raise ContextOverflowError(f"all {self.n_slots} recurrent state slots are in use; "
+                                       "finish a sequence first or allow more sequences.")
+        self.slot_of[seq], self.pos_next[seq] = free[0], pos_next
+        return free[0]
 
     def prepare(self, ub: UBatch) -> None:
         seqs, starts = _grouped_sequences(ub)
         for seq in seqs:
             if seq not in self.slot_of:
-                free = sorted(set(range(self.n_slots)) - set(self.slot_of.values()))
-                if not free:
-                    raise ContextOverflowError(f"all {self.n_slots} recurrent state slots are in use; "
-                                               "finish a sequence first or allow more sequences.")
-                self.slot_of[seq], self.pos_next[seq] = free[0], 0
+                slot = self._claim_slot(seq, 0)
                 for buf in self.buffers.values():
-                    buf[free[0]] = 0            # a new sequence starts from a zero state
+                    buf[slot] = 0               # a new sequence starts from a zero state
         per_seq = ub.n_tokens // len(seqs)
         for seq, start in zip(seqs, starts):
             pos = ub.pos[start:start + per_seq]
