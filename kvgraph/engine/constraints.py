@@ -6,6 +6,7 @@ of a SmolLM2 decode step, so it runs inline before sampling.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -100,16 +101,13 @@ class Constraint:
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """A copy of logits with every token the grammar forbids next at -inf."""
-        import time
-
         t0 = time.perf_counter()
         self._lln.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
         allowed = np.unpackbits(self.bitmask[0].view(np.uint8), bitorder="little")[: logits.shape[0]].astype(bool)
         self.seconds += time.perf_counter() - t0
         if not allowed.any():
             raise KvgraphError(f"the grammar allows no next token ({self.matcher.get_error() or 'dead end'}).")
-        out = np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
-        return out
+        return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):

@@ -119,9 +119,7 @@ class Sampler:
                 raise SamplingError(_NON_FINITE)
             return tok
         # Candidates sorted by logit, best first; top-k bounds the sort.
-        k = logits.shape[0] if p.top_k <= 0 else min(p.top_k, logits.shape[0])
-        cand = np.argpartition(-logits, k - 1)[:k] if k < logits.shape[0] else np.arange(logits.shape[0])
-        cand = cand[np.lexsort((cand, -logits[cand]))]
+        cand = top_candidates(logits, logits.shape[0] if p.top_k <= 0 else min(p.top_k, logits.shape[0]))
         vals = logits[cand].astype(np.float64)
         if not math.isfinite(vals[0]):          # the best candidate is +inf, or every logit is NaN
             raise SamplingError(_NON_FINITE)
@@ -152,10 +150,11 @@ def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, lis
     x = np.asarray(logits, dtype=np.float64)
     m = x.max()
     lse = m + math.log(np.exp(x - m).sum())
-    best = []
-    if top > 0:
-        k = min(top, x.shape[0])
-        cand = np.argpartition(-x, k - 1)[:k]
-        cand = cand[np.lexsort((cand, -x[cand]))]
-        best = [(int(i), float(x[i] - lse)) for i in cand]
+    best = [(int(i), float(x[i] - lse)) for i in top_candidates(x, min(top, x.shape[0]))] if top > 0 else []
     return float(x[token] - lse), best
+
+
+def top_candidates(logits: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the k largest logits, best first, ties to the lowest id."""
+    cand = np.argpartition(-logits, k - 1)[:k] if k < logits.shape[0] else np.arange(logits.shape[0])
+    return cand[np.lexsort((cand, -logits[cand]))]
