@@ -61,9 +61,7 @@ def check_token_ids(ids, n_vocab: int, what: str = "token id") -> list[int]:
     /detokenize, the Python API) passes here or through Context.decode's check, so no kernel ever reads an
     unchecked index."""
     if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" and ids.ndim == 1:
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n_vocab):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise IndexOutOfRangeError(f"{what} {bad} is outside the vocabulary (valid ids: 0..{n_vocab - 1}).")
+        check_token_array(ids, n_vocab, what)
         return ids.tolist()
     out = []
     for i in ids:
@@ -74,3 +72,20 @@ def check_token_ids(ids, n_vocab: int, what: str = "token id") -> list[int]:
                                        f"0..{n_vocab - 1}).")
         out.append(int(i))
     return out
+
+
+def out_of_range(idx: np.ndarray, n: int) -> int | None:
+    """An entry of the integer array idx outside [0, n) (its minimum if negative, else its maximum), or None."""
+    if not idx.size:
+        return None
+    lo, hi = int(idx.min()), int(idx.max())
+    return lo if lo < 0 else hi if hi >= n else None
+
+
+def check_token_array(ids: np.ndarray, n_vocab: int, what: str = "token id") -> None:
+    """check_token_ids for an array, in place (no copy: the per-step check of every ubatch)."""
+    if ids.dtype.kind not in "iu":
+        raise IndexOutOfRangeError(f"{what}s must be integers, got an array of {ids.dtype}.")
+    bad = out_of_range(ids, n_vocab)
+    if bad is not None:
+        raise IndexOutOfRangeError(f"{what} {bad} is outside the vocabulary (valid ids: 0..{n_vocab - 1}).")

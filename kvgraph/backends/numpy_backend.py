@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..errors import IndexOutOfRangeError
+from ..errors import IndexOutOfRangeError, out_of_range
 from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 
@@ -44,8 +44,8 @@ def _k_matmul(t: Tensor, out, a, b):
 def check_indices(idx: np.ndarray, n: int, where: str) -> None:
     """Refuse indices outside [0, n): numpy would wrap a negative one to another row (and a torch or C
     kernel would read past the table), so every indexing kernel checks before it reads or writes."""
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+    bad = out_of_range(idx, n)
+    if bad is not None:
         raise IndexOutOfRangeError(f"index {bad} outside a table of {n} rows reached {where}; the step was "
                                    "refused (an out-of-range token id or cache slot).")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, check_token_ids
+from ..errors import InvalidArgumentError, check_token_array
 from .ir import I32, GraphBuilder, Tensor
 
 
@@ -43,7 +43,7 @@ class UBatch:
         if not (self.tokens.ndim == self.pos.ndim == self.seq.ndim == self.out_rows.ndim == 1
                 and self.pos.shape[0] == self.seq.shape[0] == n):
             raise InvalidArgumentError("a ubatch needs one position and one sequence id per token.")
-        check_token_ids(self.tokens, n_vocab)
+        check_token_array(self.tokens, n_vocab)
         if n and (int(self.pos.min()) < 0 or int(self.seq.min()) < 0):
             raise InvalidArgumentError("positions and sequence ids must be >= 0.")
         if self.out_rows.shape[0] and not (0 <= int(self.out_rows.min()) and int(self.out_rows.max()) < n):
