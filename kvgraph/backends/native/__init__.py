@@ -2,7 +2,8 @@
 
 The shared library is cached under $KVGRAPH_HOME/native/<hash of source, compiler, flags and the instruction
 sets they enable here>/, so it is built once per machine (about a second) and never loaded on another CPU.
-Without a C compiler, or with KVGRAPH_NATIVE=0, `library()` returns None and the torch backend uses torch's own quantized kernels instead (slower at batch size 1, same rules).
+Without a C compiler, or with KVGRAPH_NATIVE=0, `library()` returns None and the torch backend uses torch's
+own quantized kernels instead (slower at batch size 1, same rules).
 
 Each kernel takes one pointer to int64 argument slots (see kernels.c); `bind` packs the slots once, at
 compile time, and returns a closure that costs one ctypes call per run.
