@@ -174,12 +174,9 @@ class _Joiner(jinja2.utils.Joiner):
         return "<joiner>"
 
 
-def _counted(iterable: Any) -> Any:
-    """What every {% for %} iterates: the template's own sequence, one step per item."""
-    return _CountedIterable(iterable)
-
-
 class _CountedIterable:
+    """What every {% for %} iterates: the template's own sequence, one step per item."""
+
     def __init__(self, iterable: Any):
         self.iterable = iterable
 
@@ -275,7 +272,7 @@ def _finalize(value: Any) -> Any:
 
 
 class _BoundLoops(NodeTransformer):
-    """Every for-loop iterates through _counted and every ~ concatenation is size-checked: the two costs a
+    """Every for-loop iterates through _CountedIterable and every ~ concatenation is size-checked: the two costs a
     template can run up without a call, a look-up or an operator, which the sandbox hooks count."""
 
     def visit_For(self, node: nodes.For) -> nodes.For:
@@ -314,7 +311,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
         range=SafeFunction(_range, "range"), cycler=_Cycler, joiner=_Joiner,
         raise_exception=SafeFunction(_raise_exception, "raise_exception"),
         strftime_now=SafeFunction(_strftime_now, "strftime_now"),
-        __kvg_counted=_counted, __kvg_sized=_sized)
+        __kvg_counted=_CountedIterable, __kvg_sized=_sized)
     return env
 
 
