@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .engine.sampling import REPEAT_PENALTY_RANGE, SamplingParams
+from .engine.sampling import LOGIT_BIAS_MAX, REPEAT_PENALTY_RANGE, SamplingParams
 from .errors import InvalidArgumentError, short_repr
 
 MAX_STOP = 4
@@ -87,8 +87,10 @@ def parse_logit_bias(value: Any) -> dict[int, float] | None:
         key_s = str(key)
         if not (key_s.isascii() and key_s.isdigit() and len(key_s) <= 12):
             raise InvalidArgumentError(f"'logit_bias' keys must be token ids, got {short_repr(key)}.")
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
-            raise InvalidArgumentError(f"'logit_bias' values must be numbers in [-100, 100], got {short_repr(bias)}.")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not \
+                -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX:
+            raise InvalidArgumentError(f"'logit_bias' values must be numbers in [-{LOGIT_BIAS_MAX:g}, "
+                                       f"{LOGIT_BIAS_MAX:g}], got {short_repr(bias)}.")
         out[int(key_s)] = float(bias)
     return out
 
@@ -347,10 +349,14 @@ def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> G
     return params
 
 
+def _token_logprob(tokenizer, t: int, v: float) -> dict:
+    return {"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
+
+
 def completion_probabilities(tokenizer, ids: list[int], lps: list) -> list[dict]:
     """llama-server's completion_probabilities: per token its id, text, logprob and bytes, and the top ones."""
     def entry(t: int, v: float) -> dict:
-        return {"id": t, "token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
+        return {"id": t} | _token_logprob(tokenizer, t, v)
     return [entry(t, lp[0]) | {"top_logprobs": [entry(a, v) for a, v in lp[1]]} for t, lp in zip(ids, lps)]
 
 
@@ -369,10 +375,8 @@ def completion_logprobs(tokenizer, ids: list[int], lps: list, offset: int = 0) -
 
 def chat_logprobs(tokenizer, ids: list[int], lps: list) -> dict:
     """The chat logprobs object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-    def entry(t: int, v: float) -> dict:
-        return {"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
-    return {"content": [entry(t, lp[0]) | {"top_logprobs": [entry(a, v) for a, v in lp[1]]}
-                        for t, lp in zip(ids, lps)]}
+    return {"content": [_token_logprob(tokenizer, t, lp[0]) | {
+        "top_logprobs": [_token_logprob(tokenizer, a, v) for a, v in lp[1]]} for t, lp in zip(ids, lps)]}
 
 
 def new_id(prefix: str) -> str:
