@@ -212,11 +212,11 @@ def measure_parallel(loaded, n_parallel: int, n_gen: int, reps: int, row: BenchR
     """Aggregate decode throughput of n_parallel concurrent streams through the continuous-batching
     scheduler: each request has a 16-token prompt and generates n_gen tokens; t/s counts every stream's
     tokens over the scheduler's decode time (prefill excluded), after one warm-up round."""
-    from .engine.batching import BatchScheduler, Request, bucket_sizes
+    from .engine.batching import BatchScheduler, Request, scheduler_context
 
     per_seq = PARALLEL_PROMPT + n_gen + 1
-    ctx = Context(loaded, n_ctx=per_seq * n_parallel + max(bucket_sizes(n_parallel)), n_ubatch=row.n_ubatch,
-                  graph_cache=graph_cache, flash_attn=flash_attn, cache_capacity=16)
+    ctx = scheduler_context(loaded, n_parallel, per_seq, n_ubatch=row.n_ubatch, graph_cache=graph_cache,
+                            flash_attn=flash_attn, cache_capacity=16)
     vocab = loaded.config.n_vocab
 
     def one_round(seed: int) -> tuple[float, int]:

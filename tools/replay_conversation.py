@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 
 from kvgraph.api import LLM
-from kvgraph.engine.batching import BatchScheduler, Request, bucket_sizes
-from kvgraph.engine.context import Context
+from kvgraph.engine.batching import BatchScheduler, Request, scheduler_context
 from kvgraph.registry import DEFAULT_MODEL, resolve_model
 
 QUESTIONS = ["What is a graph cache?", "Why does it help decoding?", "And for prefill?", "Give an example.",
@@ -17,8 +16,7 @@ QUESTIONS = ["What is a graph cache?", "Why does it help decoding?", "And for pr
 
 def replay(llm: LLM, turns: int, max_tokens: int, prefix_cache: bool, parallel: int = 2):
     per_seq = llm.ctx.n_ctx
-    ctx = Context(llm.loaded, n_ctx=per_seq * parallel + max(bucket_sizes(parallel)), n_ubatch=llm.ctx.n_ubatch,
-                  n_seq_max=parallel + max(bucket_sizes(parallel)))
+    ctx = scheduler_context(llm.loaded, parallel, per_seq, n_ubatch=llm.ctx.n_ubatch)
     sched = BatchScheduler(ctx, llm.tokenizer, parallel, per_seq, prefix_cache=prefix_cache)
     messages, rows = [{"role": "system", "content": "You are a concise assistant."}], []
     for i in range(turns):

@@ -74,8 +74,7 @@ def add_serve_parser(sub, add_model_args) -> None:
 
 def build_server(args):
     """(app, scheduler) for the parsed arguments; loads the model."""
-    from ..engine.batching import BatchScheduler, bucket_sizes
-    from ..engine.context import Context
+    from ..engine.batching import BatchScheduler, bucket_sizes, scheduler_context
     from ..server.app import ServerOptions, ServerState, create_app
     from .main import open_llm
 
@@ -83,12 +82,10 @@ def build_server(args):
         raise InvalidArgumentError("--parallel must be >= 1 and --queue >= 0.")
     llm = open_llm(args)
     per_seq = llm.ctx.n_ctx
-    # Every slot gets a full context; padding rows of a decode bucket need one cell each for a step.
-    cells = per_seq * args.parallel + max(bucket_sizes(args.parallel))
-    ctx = Context(llm.loaded, n_ctx=cells, n_ubatch=args.ubatch, graph_cache=not args.no_graph_cache,
-                  cache_capacity=max(args.graph_cache_size, 2 * len(bucket_sizes(args.parallel)) + 4),
-                  verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn,
-                  n_seq_max=args.parallel + max(bucket_sizes(args.parallel)))
+    ctx = scheduler_context(llm.loaded, args.parallel, per_seq, n_ubatch=args.ubatch,
+                            graph_cache=not args.no_graph_cache,
+                            cache_capacity=max(args.graph_cache_size, 2 * len(bucket_sizes(args.parallel)) + 4),
+                            verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn)
     llm.ctx = ctx  # the single-stream context is not used by the server; free its KV cache
     sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue,
                            prefix_cache=not args.no_prompt_cache)

@@ -60,6 +60,14 @@ def bucket_sizes(parallel: int) -> tuple[int, ...]:
     return tuple(sizes) + (parallel,)
 
 
+def scheduler_context(loaded, parallel: int, n_ctx_per_seq: int, **kw) -> Context:
+    """The Context a BatchScheduler of `parallel` slots needs: a full n_ctx_per_seq context per slot, plus one
+    KV cell and one recurrent state slot per padding row of the largest decode bucket (kw: Context's other
+    options)."""
+    pad = max(bucket_sizes(parallel))
+    return Context(loaded, n_ctx=n_ctx_per_seq * parallel + pad, n_seq_max=parallel + pad, **kw)
+
+
 @dataclass
 class Event:
     kind: str                    # 'token' (text chunk), 'done', 'error'
