@@ -6,9 +6,9 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_tensors, ffn_tensors, gated_ffn, hybrid_derived, hybrid_memories, mamba2_channels,
-                     mamba2_mixer, mamba2_tensors, mamba_sizes, mamba_state, moe_ffn, moe_tensors, output_tensors,
-                     rms_norm, self_attention)
+from .layers import (attention_layers, attention_tensors, ffn_or_moe, ffn_or_moe_tensors, hybrid_derived,
+                     hybrid_memories, mamba2_channels, mamba2_mixer, mamba2_tensors, mamba_sizes, mamba_state,
+                     moe_layout, moe_sizes, output_tensors, rms_norm, self_attention)
 
 
 class GraniteHybridModel(Model):
@@ -17,17 +17,15 @@ class GraniteHybridModel(Model):
 
     @classmethod
     def read_extra(cls, m: MetadataView):
-        kv = m.int_list("attention.head_count_kv") or [m.int("attention.head_count_kv", 1)] * m.int("block_count")
-        return mamba_sizes(m) | {
-            "attention_layers": tuple(i for i, n in enumerate(kv) if n),
+        return mamba_sizes(m) | moe_sizes(m) | {
+            "attention_layers": attention_layers(m),
             "rope": bool(m.md.get(f"{m.arch}.rope.scaling.finetuned", True)),   # llama.cpp's switch for RoPE
             "embedding_scale": m.float("embedding_scale"), "residual_scale": m.float("residual_scale"),
-            "attention_scale": m.float("attention.scale"), "logit_scale": m.float("logit_scale"),
-            "n_expert": m.int("expert_count", 0, minimum=0), "n_expert_used": m.int("expert_used_count", 0, minimum=0)}
+            "attention_scale": m.float("attention.scale"), "logit_scale": m.float("logit_scale")}
 
     @classmethod
     def read_layout(cls, cfg, tensor_names):
-        return {"moe_layers": tuple(i for i in range(cfg.n_layer) if f"blk.{i}.ffn_gate_inp.weight" in tensor_names)}
+        return moe_layout(cfg, tensor_names)
 
     def tensor_shapes(self):
         c, e = self.cfg, self.cfg.extra
@@ -37,7 +35,7 @@ class GraniteHybridModel(Model):
                 shapes |= attention_tensors(c, i)
             else:
                 shapes |= {f"blk.{i}.attn_norm.weight": (c.n_embd,)} | mamba2_tensors(c, i)[0]
-            shapes |= moe_tensors(c, i) if i in e["moe_layers"] else ffn_tensors(c, i)
+            shapes |= ffn_or_moe_tensors(c, i)
         return shapes
 
     def derived_tensors(self):
@@ -63,7 +61,7 @@ class GraniteHybridModel(Model):
                 y, x = io.select_outputs(y), io.select_outputs(x)
             x = g.add(x, g.scale(y, e["residual_scale"]) if e["residual_scale"] else y)
             h = rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)
-            y = moe_ffn(g, w, c, i, h, norm_weights=True) if i in e["moe_layers"] else gated_ffn(g, w, i, h)
+            y = ffn_or_moe(g, w, c, i, h, norm_weights=True)
             x = g.add(x, g.scale(y, e["residual_scale"]) if e["residual_scale"] else y)
         logits = g.matmul(rms_norm(g, x, w("output_norm.weight"), c.rms_eps), w("output.weight"))
         g.output("logits", g.scale(logits, 1.0 / e["logit_scale"]) if e["logit_scale"] else logits)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_tensors, decoder, ffn_tensors, gated_ffn, hybrid_derived, hybrid_memories, mamba_mixer,
-                     mamba_sizes, mamba_state, mamba_tensors, moe_ffn, moe_tensors, output_tensors, self_attention)
+from .layers import (attention_layers, attention_tensors, decoder, ffn_or_moe, ffn_or_moe_tensors, hybrid_derived,
+                     hybrid_memories, mamba_mixer, mamba_sizes, mamba_state, mamba_tensors, moe_layout, moe_sizes,
+                     output_tensors, self_attention)
 
 
 class JambaModel(Model):
@@ -16,14 +17,11 @@ class JambaModel(Model):
 
     @classmethod
     def read_extra(cls, m: MetadataView):
-        kv = m.int_list("attention.head_count_kv") or [m.int("attention.head_count_kv", 1)] * m.int("block_count")
-        return mamba_sizes(m) | {"attention_layers": tuple(i for i, n in enumerate(kv) if n),
-                                 "n_expert": m.int("expert_count", 0, minimum=0),
-                                 "n_expert_used": m.int("expert_used_count", 0, minimum=0)}
+        return mamba_sizes(m) | moe_sizes(m) | {"attention_layers": attention_layers(m)}
 
     @classmethod
     def read_layout(cls, cfg, tensor_names):
-        return {"moe_layers": tuple(i for i in range(cfg.n_layer) if f"blk.{i}.ffn_gate_inp.weight" in tensor_names)}
+        return moe_layout(cfg, tensor_names)
 
     def tensor_shapes(self):
         c, e = self.cfg, self.cfg.extra
@@ -36,7 +34,7 @@ class JambaModel(Model):
                 shapes |= {f"blk.{i}.attn_norm.weight": (c.n_embd,), f"blk.{i}.ssm_dt_norm.weight": (r,),
                            f"blk.{i}.ssm_b_norm.weight": (s,), f"blk.{i}.ssm_c_norm.weight": (s,)}
                 shapes |= mamba_tensors(c, i)[0]
-            shapes |= moe_tensors(c, i) if i in e["moe_layers"] else ffn_tensors(c, i)
+            shapes |= ffn_or_moe_tensors(c, i)
         return shapes
 
     def derived_tensors(self):
@@ -55,6 +53,4 @@ class JambaModel(Model):
                                 w(f"blk.{i}.attn_output.weight"))
             return mamba_mixer(g, w, io, c, i, h, dt_b_c_norms=True)
 
-        def ffn(i, h):
-            return moe_ffn(g, w, c, i, h, norm_weights=False) if i in e["moe_layers"] else gated_ffn(g, w, i, h)
-        decoder(g, w, io, c, mixer, ffn, project=False)
+        decoder(g, w, io, c, mixer, lambda i, h: ffn_or_moe(g, w, c, i, h, norm_weights=False), project=False)

@@ -122,6 +122,12 @@ def decoder(g: GraphBuilder, w, io, c, mixer, ffn=None, project: bool = True,
     g.output("logits", g.matmul(rms_norm(g, x, w(output_norm), c.rms_eps), w("output.weight")))
 
 
+def attention_layers(m) -> tuple[int, ...]:
+    """A hybrid file's layers with attention: those whose attention.head_count_kv entry (per layer) is not 0."""
+    kv = m.int_list("attention.head_count_kv") or [m.int("attention.head_count_kv", 1)] * m.int("block_count")
+    return tuple(i for i, n in enumerate(kv) if n)
+
+
 def hybrid_memories(c, state, n_ctx: int, alloc, flash_attn: bool, n_seq_max: int, *state_args) -> dict:
     """A hybrid model's memories: `state` (mamba_state, shortconv_state, ...) for the layers without
     attention, a KV cache for extra["attention_layers"]."""
@@ -311,6 +317,25 @@ def moe_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Ten
     p = f"blk.{i}."
     return g.moe_ffn(h, w(p + "ffn_gate_inp.weight"), w(p + "ffn_up_exps.weight"), w(p + "ffn_gate_exps.weight"),
                      w(p + "ffn_down_exps.weight"), c.extra["n_expert_used"], norm_weights)
+
+
+def moe_sizes(m) -> dict[str, int]:
+    return {"n_expert": m.int("expert_count", 0, minimum=0), "n_expert_used": m.int("expert_used_count", 0, minimum=0)}
+
+
+def moe_layout(cfg, tensor_names) -> dict[str, tuple[int, ...]]:
+    """Which layers are mixtures of experts: those whose file holds a router (ffn_gate_inp), as llama.cpp
+    reads it (Model.read_layout)."""
+    return {"moe_layers": tuple(i for i in range(cfg.n_layer) if f"blk.{i}.ffn_gate_inp.weight" in tensor_names)}
+
+
+def ffn_or_moe_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
+    return moe_tensors(c, i) if i in c.extra["moe_layers"] else ffn_tensors(c, i)
+
+
+def ffn_or_moe(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Tensor:
+    """Layer i's FFN: the experts where moe_layout found a router, else the gated FFN."""
+    return moe_ffn(g, w, c, i, h, norm_weights) if i in c.extra["moe_layers"] else gated_ffn(g, w, i, h)
 
 
 # ---- LFM2's gated short convolution -------------------------------------------------------------------------------

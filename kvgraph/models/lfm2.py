@@ -6,8 +6,8 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_tensors, decoder, ffn_tensors, hybrid_derived, hybrid_memories, self_attention,
-                     shortconv_block, shortconv_state, shortconv_tensors)
+from .layers import (attention_layers, attention_tensors, decoder, ffn_tensors, hybrid_derived, hybrid_memories,
+                     self_attention, shortconv_block, shortconv_state, shortconv_tensors)
 
 
 class Lfm2Model(Model):
@@ -16,8 +16,7 @@ class Lfm2Model(Model):
 
     @classmethod
     def read_extra(cls, m: MetadataView):
-        kv = m.int_list("attention.head_count_kv") or [m.int("attention.head_count_kv", 1)] * m.int("block_count")
-        return {"attention_layers": tuple(i for i, n in enumerate(kv) if n),
+        return {"attention_layers": attention_layers(m),
                 "conv_cache": m.int("shortconv.l_cache", required=True, minimum=2)}
 
     def tensor_shapes(self):
