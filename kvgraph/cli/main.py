@@ -40,7 +40,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("-n", "--n-predict", type=NON_NEGATIVE, default=n_default, help=f"tokens to generate (default {n_default})")
+    g.add_argument("-n", "--n-predict", type=NON_NEGATIVE, default=n_default,
+                   help=f"tokens to generate (default {n_default})")
     g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 disables (default 40)")
     g.add_argument("--top-p", type=float, default=0.95, help="1.0 disables (default 0.95)")
