@@ -141,8 +141,7 @@ def test_prefix_cache_reuses_an_idle_slots_cells_and_changes_nothing(llm, tmp_pa
     turns = _conversation(llm, sched)
     sched.shutdown()
     for i, (ids, res) in enumerate(turns):
-        llm.session.reset()
-        assert res.ids == llm.generate(ids, max_tokens=5, ignore_eos=True).ids
+        assert res.ids == alone(llm, ids, 5)
         assert res.timings.n_cached + res.timings.n_prompt == len(ids)
         if i:    # the previous turn's prompt and reply were in the cells (all but the last reply token, never fed)
             prev_ids, prev = turns[i - 1]
@@ -162,12 +161,7 @@ def test_prefix_cache_keeps_a_shared_prefix_and_drops_the_rest(llm):
     assert first.timings.n_cached == 0 and second.timings.n_cached == common
     assert again.timings.n_cached == len(b) - 1 and again.timings.n_prompt == 1
     for ids, res in [(a, first), (b, second), (b, again)]:
-        assert res.ids == alone_ids(llm, ids, 4)
-
-
-def alone_ids(llm, ids, n):
-    llm.session.reset()
-    return llm.generate(ids, max_tokens=n, ignore_eos=True).ids
+        assert res.ids == alone(llm, ids, 4)
 
 
 def test_prefix_cache_prefers_the_matching_slot_and_can_be_turned_off(llm):
