@@ -17,12 +17,13 @@ RNG = np.random.default_rng(7)
 Q = gguf.GGMLQuantizationType
 
 
-@pytest.fixture(params=["simd", "portable"])
+@pytest.fixture(params=native.ISAS)
 def variant(request, monkeypatch):
-    """The kernels as built for this CPU (AVX2 where it has it) and the plain-C build any CPU gets."""
-    if request.param == "portable":
-        monkeypatch.setattr(native, "_lib", native.build_portable())
-        assert native.library().kvg_simd() == 0
+    """Each build of the kernels this CPU runs (AVX-512 VNNI, AVX2, portable C), in turn."""
+    if request.param not in native.runnable_isas():
+        pytest.skip(f"this CPU does not run {native.ISA_NAMES[request.param]}")
+    monkeypatch.setattr(native, "_lib", native.build(request.param))
+    assert native.isa_of(native.library()) == request.param
     return request.param
 
 
@@ -80,30 +81,36 @@ def random_q4(n: int, k: int, half: bool, levels: int = 16):
 @pytest.mark.parametrize("fmt", ["q4h", "q4", "q5h", "q8"])
 @pytest.mark.parametrize("n, k, m", [(1, 32, 1), (67, 96, 1), (64, 576, 5), (13, 256, 9), (8, 64, 4)])
 def test_matmul_equals_the_exact_product_of_dequantized_operands(fmt, n, k, m, variant):
-    """Odd group counts (96 = 3 groups), rows not a multiple of the 4-row tile, and activation rows not
-    a multiple of the 4-row tile all take their own paths."""
+    """Rows not a multiple of the 16-row tile (zero-padded), activation rows not a multiple of the 4-row
+    pass, odd group counts (96 = 3 groups) and extreme int8 values (Q8's +128 offset) all give the exact
+    product."""
     if fmt == "q8":
         qw, d = quantize_blocks_q8(RNG.standard_normal((n, k), dtype=np.float32))
+        qw[0, :QK] = 127
+        qw[-1, -QK:] = -127
         rows, w = pack_q8(qw, d), qw.astype(np.float64) * np.repeat(d.astype(np.float64), QK, 1)
     else:
         rows, w = random_q4(n, k, half=fmt != "q4", levels=32 if fmt == "q5h" else 16)
-    act = quantized(RNG.standard_normal((m, k), dtype=np.float32))
+    x = RNG.standard_normal((m, k), dtype=np.float32)
+    x[0, :QK] = 3.0                       # a block of all +127 and one of all -127
+    x[-1, -QK:] = -3.0
+    act = quantized(x)
     y = np.full((m, n), np.nan, np.float32)
     ends, outs = np.array([n], np.int64), np.array([ptr(y)], np.int64)
     bind(f"kvg_matmul_{fmt}", ptr(rows), n, k, ptr(act.q), ptr(act.d), ptr(act.s), m, 1, ptr(ends), ptr(outs),
-         rows.strides[0])()
+         rows.strides[0], ptr(act.i))()
     ref = matmul_ref(w, act)
     np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
 
 
 def test_split_matmul_writes_each_member_into_its_own_buffer(variant):
-    rows, w = random_q4(40, 64, half=True)
+    rows, w = random_q4(58, 64, half=True)
     act = quantized(RNG.standard_normal((3, 64), dtype=np.float32))
-    outs = [np.zeros((3, 8), np.float32), np.zeros((3, 30), np.float32), np.zeros((3, 2), np.float32)]
-    ends = np.array([8, 38, 40], np.int64)
+    outs = [np.zeros((3, 16), np.float32), np.zeros((3, 32), np.float32), np.zeros((3, 10), np.float32)]
+    ends = np.array([16, 48, 58], np.int64)
     ptrs = np.array([ptr(o) for o in outs], np.int64)
-    bind("kvg_matmul_q4h", ptr(rows), 40, 64, ptr(act.q), ptr(act.d), ptr(act.s), 3, 3, ptr(ends), ptr(ptrs),
-         rows.strides[0])()
+    bind("kvg_matmul_q4h", ptr(rows), 58, 64, ptr(act.q), ptr(act.d), ptr(act.s), 3, 3, ptr(ends), ptr(ptrs),
+         rows.strides[0], ptr(act.i))()
     np.testing.assert_allclose(np.concatenate(outs, 1), matmul_ref(w, act), rtol=2e-5, atol=1e-5)
 
 
@@ -137,22 +144,26 @@ def test_repacked_weights_are_gguf_exact_or_within_half_an_int8_step(type_name):
 
 
 def test_scales_are_stored_as_float16_exactly_when_that_loses_nothing():
-    q41 = NativeMat(gguf_matrix("Q4_1", 8, 64), "Q4_1", (8, 64))
-    assert q41.fmt == "q4h" and q41.nbytes == 8 * 64 * 20 // 32          # the file's own 20 bytes per block
-    q4k = NativeMat(gguf_matrix("Q4_K", 8, 256), "Q4_K", (8, 256))
+    q41 = NativeMat(gguf_matrix("Q4_1", 16, 64), "Q4_1", (16, 64))
+    assert q41.fmt == "q4h" and q41.nbytes == 16 * 64 * 20 // 32        # the file's own 20 bytes per block
+    q4k = NativeMat(gguf_matrix("Q4_K", 16, 256), "Q4_K", (16, 256))
     assert q4k.fmt == "q4"                                              # d * sc products need float32
-    q8 = NativeMat(gguf_matrix("Q8_0", 8, 64), "Q8_0", (8, 64))
-    assert q8.fmt == "q8" and q8.nbytes == 8 * 64 * 34 // 32
-    q5 = NativeMat(gguf_matrix("Q5_0", 8, 64), "Q5_0", (8, 64))
-    assert q5.fmt == "q5h" and q5.nbytes == 8 * 64 * 24 // 32          # the file's 22 + 2 for m = -16 d
+    q8 = NativeMat(gguf_matrix("Q8_0", 16, 64), "Q8_0", (16, 64))
+    assert q8.fmt == "q8" and q8.nbytes == 16 * 64 * 34 // 32
+    q5 = NativeMat(gguf_matrix("Q5_0", 16, 64), "Q5_0", (16, 64))
+    assert q5.fmt == "q5h" and q5.nbytes == 16 * 64 * 24 // 32         # the file's 22 + 2 for m = -16 d
+    assert NativeMat(gguf_matrix("Q4_1", 17, 64), "Q4_1", (17, 64)).nbytes == 32 * 64 * 20 // 32  # padded tile
 
 
 def test_stacked_matrices_share_rows_with_their_members():
-    mats = [NativeMat(gguf_matrix("Q4_0", n, 64), "Q4_0", (n, 64)) for n in (8, 24)]
+    mats = [NativeMat(gguf_matrix("Q4_0", n, 64), "Q4_0", (n, 64)) for n in (16, 48)]
     before = [m.dequantize() for m in mats]
+    assert NativeMat.can_fuse(mats) and not NativeMat.can_fuse(mats + [NativeMat(gguf_matrix("Q4_0", 8, 64),
+                                                                                 "Q4_0", (8, 64))])
     fused = NativeMat.fuse(mats)
     np.testing.assert_array_equal(fused.dequantize(), np.concatenate(before))
-    assert all(np.shares_memory(m.rows, fused.rows) for m in mats)
+    assert all(np.shares_memory(m.tiles, fused.tiles) for m in mats)
+    np.testing.assert_array_equal(mats[1].dequantize(), before[1])
 
 
 def test_disabled_by_environment_variable(monkeypatch):
@@ -175,10 +186,10 @@ def test_a_broken_compiler_falls_back_with_one_line_saying_why(monkeypatch, tmp_
 def test_a_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypatch, tmp_path, capsys):
     real_build = native._build
 
-    def no_openmp(cc, flags=native.FLAGS):
+    def no_openmp(cc, flags, source=native.SOURCE):
         if "-fopenmp" in flags:
             raise OSError("unsupported option '-fopenmp'")
-        return real_build(cc, flags)
+        return real_build(cc, flags, source)
 
     monkeypatch.setenv("KVGRAPH_HOME", str(tmp_path))
     monkeypatch.setattr(native, "_build", no_openmp)
@@ -190,21 +201,32 @@ def test_a_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypa
     np.testing.assert_array_equal(quantized(x).q, quantize_ref(x)[0])
 
 
-def test_the_library_cache_is_keyed_by_the_instruction_sets_it_was_built_for(monkeypatch, tmp_path):
-    """A KVGRAPH_HOME shared by two machines: the other CPU's -march=native build is never loaded here."""
+def test_the_best_build_the_cpu_runs_is_loaded_and_never_one_it_does_not(monkeypatch, tmp_path, capsys):
+    """Each instruction set is its own build (cached apart); the CPU probe picks the best one it runs, and
+    KVGRAPH_ISA may pick a lower one but never one the CPU lacks."""
     monkeypatch.setenv("KVGRAPH_HOME", str(tmp_path))
     cc = native._compiler()
-    here = native._build(cc)
-    monkeypatch.setattr(native, "_target", lambda cc, flags: "-mavx512f -mamx-tile (another machine)")
-    other = native._build(cc)
-    assert here != other and here.exists() and other.exists()
-    monkeypatch.undo()
-    portable = [f for f in native.FLAGS if not f.startswith("-march")]
-    assert native._target(cc, native.FLAGS) != native._target(cc, portable)   # native: this CPU's sets
-    assert "-mno-amx-tile" in native.FLAGS                                     # AMX faults on these VMs
+    paths = {isa: native._build(cc, native.FLAGS + native.ISA_FLAGS[isa]) for isa in ("portable", "avx2")}
+    assert paths["portable"] != paths["avx2"] and all(p.exists() for p in paths.values())
+
+    def fresh(level):
+        monkeypatch.setattr(native, "_lib", None)
+        monkeypatch.setattr(native, "_why_not", None)
+        monkeypatch.setattr(native, "_level", level)
+        return native.library()
+
+    if native.cpu_level() >= 1:            # a CPU without AVX-512: the AVX2 build
+        assert native.isa_of(fresh(1)) == "avx2"
+    assert native.isa_of(fresh(0)) == "portable"
+    monkeypatch.setenv("KVGRAPH_ISA", "avx512")
+    assert fresh(1) is None and "does not run AVX-512 VNNI" in native.why_not()
+    assert "the C kernels are off" in capsys.readouterr().err
+    monkeypatch.setenv("KVGRAPH_ISA", "portable")
+    assert native.isa_of(fresh(2)) == "portable"
+    monkeypatch.setenv("KVGRAPH_ISA", "sse9")
+    assert fresh(2) is None and "not one of auto, portable, avx2, avx512" in native.why_not()
 
 
-# ---- the other ops, in both builds (the simd build's vector loops have scalar tails: odd sizes) --------------
 def test_rms_norm_with_and_without_weight(variant):
     x, w = RNG.standard_normal((3, 40), dtype=np.float32), RNG.standard_normal(40, dtype=np.float32)
     ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-5)

@@ -1,9 +1,12 @@
 """kvgraph's own CPU kernels (kernels.c), compiled with the system C compiler on first use and loaded with ctypes.
 
-The shared library is cached under $KVGRAPH_HOME/native/<hash of source, compiler, flags and the instruction
-sets they enable here>/, so it is built once per machine (about a second) and never loaded on another CPU.
-Without a C compiler, or with KVGRAPH_NATIVE=0, `library()` returns None and the torch backend uses torch's
-own quantized kernels instead (slower at batch size 1, same rules).
+kernels.c is built for one instruction set at a time -- AVX-512 (F, BW, VL, VNNI), AVX2 (+ FMA, F16C) or
+portable C -- with explicit flags, never -march=native (which would tie a build to one machine and, on
+virtual machines whose CPUs advertise AMX that faults, emit AMX). At run time a probe (cpu.c, built with
+no instruction-set flags) says which sets the CPU runs, and the best of those builds is loaded;
+KVGRAPH_ISA=avx512|avx2|portable forces one. Builds are cached under $KVGRAPH_HOME/native/<hash of source,
+compiler and flags>/, each about a second, once per machine. Without a C compiler, or with
+KVGRAPH_NATIVE=0, `library()` returns None and the torch backend uses torch's own quantized kernels instead.
 
 Each kernel takes one pointer to int64 argument slots (see kernels.c); `bind` packs the slots once, at
 compile time, and returns a closure that costs one ctypes call per run.
@@ -26,14 +29,23 @@ import numpy as np
 from ...errors import IndexOutOfRangeError
 
 SOURCE = Path(__file__).with_name("kernels.c")
-# AMX tile instructions fault on some virtual machines whose CPUs advertise them: never emit them.
-FLAGS = ["-O3", "-march=native", "-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16", "-fopenmp", "-shared", "-fPIC",
-         "-std=c11"]
+PROBE = Path(__file__).with_name("cpu.c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# The builds, in the order of cpu.c's levels; each one's flags are all it may assume of the CPU.
+ISA_FLAGS = {
+    "portable": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+               "-mprefer-vector-width=512"],
+}
+ISAS = tuple(ISA_FLAGS)
+ISA_NAMES = {"portable": "portable C", "avx2": "AVX2", "avx512": "AVX-512 VNNI"}
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_rms_norm",
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
+_level: int | None = None
 
 
 def _compiler() -> str | None:
@@ -46,33 +58,12 @@ def _cache_dir() -> Path:
     return model_home() / "native"
 
 
-def _target(cc: str, flags: list[str]) -> str:
-    """What the flags compile for on this machine: with -march=native, the instruction sets the compiler
-    enables here (so a KVGRAPH_HOME shared by two machines never loads a library built for the other's CPU);
-    the CPU's own flags where the compiler cannot say."""
-    if not any(f.startswith("-march=native") for f in flags):
-        return platform.machine()
-    try:
-        out = subprocess.run([cc, *[f for f in flags if f.startswith("-m")], "-Q", "--help=target"],
-                             capture_output=True, text=True, timeout=30).stdout
-        enabled = sorted(line.split()[0] for line in out.splitlines() if line.strip().endswith("[enabled]"))
-        if enabled:
-            return " ".join(enabled)
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        return next((line for line in cpuinfo.splitlines() if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _build(cc: str, flags: list[str] = FLAGS) -> Path:
-    src = SOURCE.read_bytes()
+def _build(cc: str, flags: list[str], source: Path = SOURCE) -> Path:
+    """The shared library of `source` built with `flags` (cached by source, flags and compiler version)."""
+    src = source.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = src + " ".join(flags).encode() + version.encode() + _target(cc, flags).encode()
-    tag = hashlib.sha256(key).hexdigest()[:16]
-    out = _cache_dir() / tag / "libkvgraph_native.so"
+    tag = hashlib.sha256(src + " ".join(flags).encode() + version.encode()).hexdigest()[:16]
+    out = _cache_dir() / tag / f"lib{source.stem}.so"
     if out.exists():
         return out
     try:
@@ -84,12 +75,54 @@ def _build(cc: str, flags: list[str] = FLAGS) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp_out), "-lm"], capture_output=True, text=True,
+        r = subprocess.run([cc, *flags, str(source), "-o", str(tmp_out), "-lm"], capture_output=True, text=True,
                            timeout=300)
         if r.returncode != 0:
             raise OSError(f"{cc} failed: {r.stderr.strip()[-2000:]}")
         os.replace(tmp_out, out)       # atomic: a concurrent build of the same source is harmless
     return out
+
+
+def cpu_level() -> int:
+    """How far up ISAS this CPU goes (cpu.c's probe; 0, portable, where it cannot be built or run)."""
+    global _level
+    if _level is None:
+        _level = 0
+        cc = _compiler()
+        if cc is not None and platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            try:
+                probe = ctypes.CDLL(str(_build(cc, ["-O2", "-shared", "-fPIC"], PROBE)))
+                _level = int(probe.kvg_cpu_level())
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return _level
+
+
+def runnable_isas() -> tuple[str, ...]:
+    """The builds this CPU runs, slowest first."""
+    return ISAS[: cpu_level() + 1]
+
+
+def _chosen_isa() -> str:
+    """KVGRAPH_ISA's choice, checked against the CPU, or the best build it runs. Raises OSError."""
+    want = os.environ.get("KVGRAPH_ISA", "auto").strip().lower()
+    runs = runnable_isas()
+    if want in ("", "auto"):
+        return runs[-1]
+    if want not in ISAS:
+        raise OSError(f"KVGRAPH_ISA={want!r} is not one of auto, {', '.join(ISAS)}")
+    if want not in runs:
+        raise OSError(f"KVGRAPH_ISA={want}, but this CPU does not run {ISA_NAMES[want]} (it runs: {', '.join(runs)})")
+    return want
+
+
+def build(isa: str, openmp: bool = True) -> ctypes.CDLL:
+    """The kernels built for one instruction set (ISAS), loaded. The caller makes sure the CPU runs it."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC or install gcc)")
+    flags = [f for f in FLAGS if openmp or f != "-fopenmp"] + ISA_FLAGS[isa]
+    return load(_build(cc, flags))
 
 
 def library() -> ctypes.CDLL | None:
@@ -100,28 +133,25 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("KVGRAPH_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         _why_not = "disabled by KVGRAPH_NATIVE=0"
         return None
-    cc = _compiler()
-    if cc is None:
+    if _compiler() is None:
         _why_not = "no C compiler found (set CC or install gcc)"
         return None
     try:
-        _lib = load(_build(cc))
+        isa = _chosen_isa()
+    except OSError as exc:
+        _why_not = str(exc)
+        print(f"kvgraph: {_why_not}; the C kernels are off", file=sys.stderr)
+        return None
+    try:
+        _lib = build(isa)
     except (OSError, subprocess.SubprocessError) as exc:
         try:        # a compiler without OpenMP (Apple's clang): the same kernels, one thread each
-            _lib = load(_build(cc, [f for f in FLAGS if f != "-fopenmp"]))
-            print(f"kvgraph: {cc} has no OpenMP; the C kernels run single-threaded", file=sys.stderr)
+            _lib = build(isa, openmp=False)
+            print(f"kvgraph: {_compiler()} has no OpenMP; the C kernels run single-threaded", file=sys.stderr)
         except (OSError, subprocess.SubprocessError):
             _why_not = f"could not build the native kernels: {exc}"
             print(f"kvgraph: {_why_not}; falling back to torch's kernels (or numpy)", file=sys.stderr)
     return _lib
-
-
-def build_portable() -> ctypes.CDLL:
-    """The kernels built for any x86-64 / other CPU (no AVX2: the plain-C loops), for tests."""
-    cc = _compiler()
-    if cc is None:
-        raise OSError("no C compiler")
-    return load(_build(cc, [f for f in FLAGS if not f.startswith("-march")]))
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -136,12 +166,17 @@ def load(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def isa_of(lib: ctypes.CDLL) -> str:
+    """The instruction set a loaded build was compiled for."""
+    return ISAS[lib.kvg_simd()]
+
+
 def describe() -> str:
     """One line on the kernels in use: instruction set and threads, or why there are none."""
     lib = library()
     if lib is None:
         return f"no C kernels ({why_not()})"
-    return f"kvgraph C kernels ({'AVX2' if lib.kvg_simd() else 'portable C'}, {lib.kvg_threads()} threads)"
+    return f"kvgraph C kernels ({ISA_NAMES[isa_of(lib)]}, {lib.kvg_threads()} threads)"
 
 
 def why_not() -> str | None:
@@ -253,35 +288,78 @@ def f16_exact(x: np.ndarray) -> bool:
         return bool(np.array_equal(x.astype(np.float16).astype(np.float32), x))
 
 
-def pack_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool) -> np.ndarray:
-    """q uint8 [N, K] in [0, 15], d / m float32 [N, K/32] (w = q d + m) -> Q4 rows [N, row_bytes] uint8,
-    scales as float16 when half (the caller checks f16_exact) else float32."""
+TR = 16                                   # weight rows per tile
+# format -> (bytes per group record, where d starts, scale dtype, whether m follows d); see kernels.c
+FORMATS = {"q4h": (320, 256, np.float16, True), "q4": (384, 256, np.float32, True),
+           "q5h": (384, 320, np.float16, True), "q8": (544, 512, np.float16, False)}
+
+
+def _padded(a: np.ndarray) -> np.ndarray:
+    """a with zero rows appended up to a multiple of TR rows."""
+    extra = -a.shape[0] % TR
+    return a if not extra else np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)])
+
+
+def _chunk_vectors(q: np.ndarray) -> np.ndarray:
+    """[N, K] bytes (N a multiple of TR) -> [T, G, 8, 64]: chunk vector c of group g of tile t holds weights
+    4c..4c+3 of the group for each of the tile's rows i, at bytes 4i..4i+3."""
     n, k = q.shape
-    g = k // QK
-    groups = q.reshape(n, g, QK)
-    pairs = groups[:, : g - g % 2].reshape(n, g // 2, 2, QK)
-    parts = [(pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, -1)]
-    if g % 2:
-        last = groups[:, -1]
-        parts.append(last[:, :16] | (last[:, 16:] << 4))
+    return q.reshape(n // TR, TR, k // QK, 8, 4).transpose(0, 2, 3, 1, 4).reshape(n // TR, k // QK, 8, 4 * TR)
+
+
+def _tile_scales(d: np.ndarray, dtype) -> np.ndarray:
+    """[N, G] -> [T, G, TR * itemsize] bytes: each group's scales of the tile's rows."""
+    n, g = d.shape
+    s = np.ascontiguousarray(d.astype(dtype).reshape(n // TR, TR, g).transpose(0, 2, 1))
+    return s.view(np.uint8)
+
+
+def _records(parts: list[np.ndarray]) -> np.ndarray:
+    t, g = parts[0].shape[:2]
+    return np.ascontiguousarray(np.concatenate([p.reshape(t, g, -1) for p in parts], axis=2).reshape(t, -1))
+
+
+def pack_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool) -> np.ndarray:
+    """q uint8 [N, K] in [0, 15], d / m float32 [N, K/32] (w = q d + m) -> Q4 tiles [ceil(N/16), bytes] uint8,
+    scales as float16 when half (the caller checks f16_exact) else float32."""
+    cv = _chunk_vectors(_padded(q))
     sdt = np.float16 if half else np.float32
-    parts += [np.ascontiguousarray(d.astype(sdt)).view(np.uint8), np.ascontiguousarray(m.astype(sdt)).view(np.uint8)]
-    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+    return _records([cv[:, :, :4] | (cv[:, :, 4:] << 4), _tile_scales(_padded(d), sdt), _tile_scales(_padded(m), sdt)])
 
 
 def pack_q5(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """q uint8 [N, K] in [0, 31], d / m float16-exact float32 [N, K/32] (w = q d + m) -> Q5 rows: Q4's nibble
-    layout of the low four bits, then the fifth bits (4 bytes per group, bit j = element j), then scales."""
-    n, k = q.shape
-    q4 = pack_q4(q & 15, d, m, half=True)
-    bits = np.packbits((q >> 4).astype(np.uint8).reshape(n, k // QK, QK), axis=2, bitorder="little")
-    return np.ascontiguousarray(np.concatenate([q4[:, : k // 2], bits.reshape(n, -1), q4[:, k // 2:]], axis=1))
+    """q uint8 [N, K] in [0, 31], d / m float16-exact float32 [N, K/32] (w = q d + m) -> Q5 tiles: Q4's nibbles
+    of the low four bits, the fifth bits (64 per chunk vector, bit b = byte b), then float16 scales."""
+    cv = _chunk_vectors(_padded(q))
+    nib = (cv[:, :, :4] & 15) | ((cv[:, :, 4:] & 15) << 4)
+    bits = np.packbits(cv >> 4, axis=3, bitorder="little")
+    return _records([nib, bits, _tile_scales(_padded(d), np.float16), _tile_scales(_padded(m), np.float16)])
 
 
 def pack_q8(q: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """q int8 [N, K], d float16 [N, K/32] (w = q d) -> Q8 rows [N, row_bytes] uint8."""
-    return np.ascontiguousarray(np.concatenate([q.view(np.uint8), np.ascontiguousarray(d, np.float16).view(np.uint8)],
-                                               axis=1))
+    """q int8 [N, K], d float16 [N, K/32] (w = q d) -> Q8 tiles."""
+    return _records([_chunk_vectors(_padded(q).view(np.uint8)), _tile_scales(_padded(d), np.float16)])
+
+
+def unpack(tiles: np.ndarray, fmt: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The inverse of pack_*: (q [n, K] int32, d [n, K/32] float32, m or None)."""
+    rec, doff, sdt, has_m = FORMATS[fmt]
+    t, g = tiles.shape[0], k // QK
+    r = tiles.reshape(t, g, rec)
+    if fmt == "q8":
+        cv = r[:, :, :512].view(np.int8).reshape(t, g, 8, 4 * TR).astype(np.int32)
+    else:
+        nib = r[:, :, :256].reshape(t, g, 4, 4 * TR)
+        cv = np.concatenate([nib & 15, nib >> 4], axis=2).astype(np.int32)
+        if fmt == "q5h":
+            cv |= np.unpackbits(r[:, :, 256:320].reshape(t, g, 8, 8), axis=3, bitorder="little").astype(np.int32) << 4
+    q = cv.reshape(t, g, 8, TR, 4).transpose(0, 3, 1, 2, 4).reshape(t * TR, k)[:n]
+    size = TR * np.dtype(sdt).itemsize
+
+    def scales(off: int) -> np.ndarray:
+        s = np.ascontiguousarray(r[:, :, off: off + size]).view(sdt).astype(np.float32)
+        return s.transpose(0, 2, 1).reshape(t * TR, g)[:n]
+    return q, scales(doff), scales(doff + size) if has_m else None
 
 
 def quantize_blocks_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
  * Why C: at batch size 1 a token is ~600 small ops. torch's int4 matvec dequantizes every weight to float
  * and its per-op dispatch costs microseconds, so a SmolLM2 token took ~28 ms where llama.cpp needs ~10.
  * These kernels do what ggml does on the CPU -- activations quantized to int8 in blocks of 32, weights
- * kept 4- or 8-bit, integer dot products (AVX2 maddubs) scaled once per block -- over a layout repacked
+ * kept 4- or 8-bit, integer dot products (AVX-512 VNNI dpbusd, AVX2 maddubs) scaled once per block -- over a layout repacked
  * at load for streaming, and each op is one call with no allocation.
  *
  * Every kernel takes one argument, `const int64_t *a`: its parameters as 64-bit slots (pointers, sizes, and
@@ -11,17 +11,23 @@
  * then converts a single pointer. Matmuls split output rows across OpenMP threads with a static schedule,
  * so results do not depend on timing: a replayed Program is bit-identical to a freshly compiled one.
  *
- * Weight layouts (row-major, one contiguous record per output row; K is a multiple of 32, G = K / 32):
- *   Q4 (from Q4_0 / Q4_1 / Q4_K, exact):  w = q * d[g] + m[g],  q in [0, 15]
- *       K/2 bytes of nibbles: groups in pairs, 32 bytes per pair, byte j = q[2p][j] | q[2p+1][j] << 4;
- *       an odd last group takes 16 bytes, byte j = q[j] | q[j + 16] << 4;
- *       then d[G], then m[G]: float16 ("q4h", when every value is exactly a float16, as Q4_0 / Q4_1's
- *       are) or float32 ("q4"; Q4_K's d * sc products usually need it).
- *   Q5 ("q5h", from Q5_0 / Q5_1, exact):  w = q * d[g] + m[g],  q in [0, 31]: Q4's nibbles, then K/8 bytes of
- *       fifth bits (4 per group, bit j = element j), then float16 d[G] and m[G] (Q5_0: m = -16 d).
- *   Q8 (from Q8_0 exact, other types re-quantized per block):  w = q * d[g],  q in [-127, 127]
- *       K bytes of int8, then d[G] float16 -- Q8_0's own layout, split into planes.
- * Activations (quantize_q8): per block of 32, d = max|x| / 127, q = round(x / d), s = d * sum(q).
+ * Instruction sets: the same source is built three times -- AVX-512 (F/BW/VL/VNNI), AVX2 (+FMA, F16C) and
+ * portable C -- and native/__init__.py loads the best one the CPU runs (KVGRAPH_ISA forces one). kvg_simd()
+ * says which this build is.
+ *
+ * Weight layouts: tiles of 16 output rows (N is padded to a multiple of 16 with zero rows). A tile holds,
+ * group by group (G = K / 32 groups of 32 weights per row), one record: eight "chunk vectors" of 64 bytes,
+ * chunk vector c holding weights 4c..4c+3 of each row i at bytes 4i..4i+3, then the group's scales for the
+ * 16 rows. Per record:
+ *   Q4 ("q4h" / "q4", from Q4_0 / Q4_1 / Q4_K, exact):  w = q * d + m,  q in [0, 15]
+ *       256 bytes: block c (c < 4) = chunk vector c in the low nibbles, chunk vector c + 4 in the high;
+ *       then d[16], m[16] as float16 ("q4h": when every value is exactly a float16, as Q4_0 / Q4_1's are;
+ *       320 bytes, the file's size) or float32 ("q4": Q4_K's d * sc products; 384 bytes).
+ *   Q5 ("q5h", from Q5_0 / Q5_1, exact):  Q4's 256 bytes of low four bits, then 8 words of 64 bits (word c:
+ *       bit b = fifth bit of byte b of chunk vector c), then float16 d[16] and m[16] (384 bytes).
+ *   Q8 (from Q8_0 exact, other types re-quantized per block):  w = q * d, the eight chunk vectors as int8
+ *       (512 bytes), then float16 d[16] (544 bytes).
+ * Activations (quantize_q8): per block of 32, d = max|x| / 127, q = round(x / d), i = sum(q), s = d * i.
  */
 #include <math.h>
 #include <stdint.h>
@@ -32,6 +38,11 @@
 #else
 #define KVG_AVX2 0
 #endif
+#if KVG_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define KVG_AVX512 1
+#else
+#define KVG_AVX512 0
+#endif
 
 #define QK 32
 
@@ -41,7 +52,7 @@ static inline float f_arg(int64_t bits) {
     return (float)d;
 }
 
-int kvg_simd(void) { return KVG_AVX2; }
+int kvg_simd(void) { return KVG_AVX512 ? 2 : KVG_AVX2; }   /* 2: AVX-512, 1: AVX2, 0: portable */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -65,18 +76,14 @@ static inline float h2f(uint16_t h) {          /* IEEE half -> float, exact */
 #endif
 }
 
-/* scale i of a row's scale array (float16 when H, else float32) */
-static inline __attribute__((always_inline)) float ld_scale(const uint8_t *base, int64_t i, const int H) {
-    return H ? h2f(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
 /* ---- activations -------------------------------------------------------------------------------------- */
-/* a: x, M, K, ldx (floats), xq (int8 [M, K]), xd (float [M, G]), xs (float [M, G]) */
+/* a: x, M, K, ldx (floats), xq (int8 [M, K]), xd (float [M, G]), xs (float [M, G]), xi (int32 [M, G]) */
 void kvg_quantize_q8(const int64_t *a) {
     const float *x = (const float *)a[0];
     const int64_t m_rows = a[1], k = a[2], ldx = a[3], g_n = k / QK;
     int8_t *xq = (int8_t *)a[4];
     float *xd = (float *)a[5], *xs = (float *)a[6];
+    int32_t *xi = (int32_t *)a[7];
     for (int64_t m = 0; m < m_rows; m++) {
         const float *xr = x + m * ldx;
         for (int64_t g = 0; g < g_n; g++) {
@@ -108,6 +115,7 @@ void kvg_quantize_q8(const int64_t *a) {
             p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256((__m256i *)q, p);
             xd[m * g_n + g] = d;
+            xi[m * g_n + g] = _mm_cvtsi128_si32(s4);
             xs[m * g_n + g] = d * (float)_mm_cvtsi128_si32(s4);
 #else
             float amax = 0.0f;
@@ -119,6 +127,7 @@ void kvg_quantize_q8(const int64_t *a) {
                 sum += q[j];
             }
             xd[m * g_n + g] = d;
+            xi[m * g_n + g] = sum;
             xs[m * g_n + g] = d * (float)sum;
 #endif
         }
@@ -126,354 +135,267 @@ void kvg_quantize_q8(const int64_t *a) {
 }
 
 /* ---- matmul: y[m, n] = sum_k x[m, k] w[n, k] ------------------------------------------------------------ */
-/* Output rows (weight rows) may be split into segments written to different buffers: a fused q/k/v matmul
- * writes each member's columns straight into that member's output. */
-typedef struct {
-    int64_t n_seg;
-    const int64_t *seg_end;   /* cumulative row counts */
-    float *const *seg_out;    /* [M, rows of the segment] row-major */
-} segs_t;
+/* Weights are stored in tiles of TR = 16 output rows (layout in the header comment): a 64-byte "chunk
+ * vector" holds four consecutive weights of each of the 16 rows, so one integer dot instruction
+ * (AVX-512 VNNI dpbusd, or AVX2 maddubs + madd) against four activation bytes broadcast to every lane
+ * advances all 16 rows at once, with no horizontal sums and one scale multiply per block for all rows.
+ * Output rows may be split into segments written to different buffers (a fused q/k/v matmul writes each
+ * member's columns straight into that member's output); segments hold whole tiles. */
+#define TR 16
+enum { F_Q4H, F_Q4F, F_Q5H, F_Q8 };
+/* bytes per group (32 weights of each of the tile's 16 rows) and where its scales start */
+#define REC(F) ((F) == F_Q4H ? 320 : (F) == F_Q4F ? 384 : (F) == F_Q5H ? 384 : 544)
+#define DOFF(F) ((F) == F_Q5H ? 320 : (F) == F_Q8 ? 512 : 256)
+#define MOFF(F) (DOFF(F) + ((F) == F_Q4F ? 64 : 32))
 
-static inline float *out_at(const segs_t *s, int64_t row, int64_t m) {
-    int64_t i = 0, start = 0;
-    while (row >= s->seg_end[i]) start = s->seg_end[i++];
-    return s->seg_out[i] + m * (s->seg_end[i] - start) + (row - start);
-}
-
-#if KVG_AVX2
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* The block loops take eight blocks at a time: their eight float16 weight scales convert in one
- * instruction and multiply the activations' eight scales in one more (sc8). Blocks 2 pp and 2 pp + 1 of
- * those eight leave madd as 8 + 8 int32 partial sums (i0, i1), which hadd folds into one vector (lanes
- * 0,1,4,5 the first block; 2,3,6,7 the second), so one convert and one fma, with the two scales permuted
- * into the same lanes, finish both blocks. */
-static inline __attribute__((always_inline)) __m256 fma_two_blocks(__m256i i0, __m256i i1, __m256 sc8, int pp,
-                                                                   __m256 acc) {
-    const int a = 2 * pp, b = 2 * pp + 1;
-    const __m256i idx = _mm256_setr_epi32(a, a, b, b, a, a, b, b);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(i0, i1)), _mm256_permutevar8x32_ps(sc8, idx), acc);
-}
-
-/* Dot products of RB weight rows with MB activation rows, Q4 (or, H & 2, Q5) weights; H & 1: float16 scales.
- * always_inline so that each (RB, MB, H) instance is unrolled with its accumulators in registers. */
-static inline __m256i high_bits(const uint8_t *row, int64_t k, int64_t g) {
-    /* Q5's fifth bits of group g (bit j: element j) as bytes 0x10 / 0 (ggml's bytes_from_bits_32). */
-    uint32_t bits;
-    memcpy(&bits, row + k / 2 + 4 * g, 4);
-    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
-    const __m256i b = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf),
-                                      _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-    return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
-}
-
-static inline __attribute__((always_inline)) void q4_tile(
-        const uint8_t *w, int64_t rb, int64_t k, const int8_t *xq, const float *xd, const float *xs,
-        int64_t g_n, const int RB, const int MB, float *res /* [RB][MB] */, const int H) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    const int HS = H & 1, B5 = H & 2;
-    const int64_t so = k / 2 + (B5 ? k / 8 : 0);      /* where a row's scales start */
-    __m256 acc[4][4];
-    for (int r = 0; r < RB; r++)
-        for (int j = 0; j < MB; j++) acc[r][j] = _mm256_setzero_ps();
-    int64_t p = 0;
-    if (HS) {                            /* eight groups at a time: see fma_two_blocks */
-        for (; 2 * p + 8 <= g_n; p += 4) {
-            const int64_t g = 2 * p;
-            __m256 xd8[4];
-#pragma GCC unroll 4
-            for (int j = 0; j < MB; j++) xd8[j] = _mm256_loadu_ps(xd + j * g_n + g);
-#pragma GCC unroll 4
-            for (int r = 0; r < RB; r++) {
-                const uint8_t *row = w + r * rb;
-                const __m256 wd8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + so + 2 * g)));
-                __m256 sc[4];
-#pragma GCC unroll 4
-                for (int j = 0; j < MB; j++) sc[j] = _mm256_mul_ps(wd8, xd8[j]);
-#pragma GCC unroll 4
-                for (int pp = 0; pp < 4; pp++) {
-                    const __m256i qb = _mm256_loadu_si256((const __m256i *)(row + 32 * (p + pp)));
-                    __m256i q0 = _mm256_and_si256(qb, m4);
-                    __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
-                    if (B5) {
-                        q0 = _mm256_or_si256(q0, high_bits(row, k, 2 * (p + pp)));
-                        q1 = _mm256_or_si256(q1, high_bits(row, k, 2 * (p + pp) + 1));
-                    }
-#pragma GCC unroll 4
-                    for (int j = 0; j < MB; j++) {
-                        const int8_t *xj = xq + j * k + 64 * (p + pp);
-                        const __m256i i0 = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(q0, _mm256_loadu_si256((const __m256i *)xj)), ones);
-                        const __m256i i1 = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(q1, _mm256_loadu_si256((const __m256i *)(xj + 32))), ones);
-                        acc[r][j] = fma_two_blocks(i0, i1, sc[j], pp, acc[r][j]);
-                    }
-                }
-            }
-        }
-    }
-    const int64_t pairs = g_n / 2;
-    for (; p < pairs; p++) {
-        __m256i x0[4], x1[4];
-        float d0[4], d1[4];
-#pragma GCC unroll 4
-        for (int j = 0; j < MB; j++) {
-            x0[j] = _mm256_loadu_si256((const __m256i *)(xq + j * k + 64 * p));
-            x1[j] = _mm256_loadu_si256((const __m256i *)(xq + j * k + 64 * p + 32));
-            d0[j] = xd[j * g_n + 2 * p];
-            d1[j] = xd[j * g_n + 2 * p + 1];
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < RB; r++) {
-            const uint8_t *row = w + r * rb;
-            const uint8_t *wd = row + so;
-            const __m256i qb = _mm256_loadu_si256((const __m256i *)(row + 32 * p));
-            __m256i q0 = _mm256_and_si256(qb, m4);
-            __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(qb, 4), m4);
-            if (B5) {
-                q0 = _mm256_or_si256(q0, high_bits(row, k, 2 * p));
-                q1 = _mm256_or_si256(q1, high_bits(row, k, 2 * p + 1));
-            }
-            const float s0 = ld_scale(wd, 2 * p, HS), s1 = ld_scale(wd, 2 * p + 1, HS);
-#pragma GCC unroll 4
-            for (int j = 0; j < MB; j++) {
-                const __m256i i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(q0, x0[j]), ones);
-                const __m256i i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(q1, x1[j]), ones);
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(s0 * d0[j]), acc[r][j]);
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(s1 * d1[j]), acc[r][j]);
-            }
-        }
-    }
-    if (g_n & 1) {                       /* odd last group: 16 bytes, low nibbles first */
-        const int64_t g = g_n - 1;
-        for (int r = 0; r < RB; r++) {
-            const uint8_t *row = w + r * rb;
-            const uint8_t *wd = row + so;
-            const __m128i b = _mm_loadu_si128((const __m128i *)(row + 16 * g));
-            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), m4);
-            if (B5) q = _mm256_or_si256(q, high_bits(row, k, g));
-            for (int j = 0; j < MB; j++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + j * k + QK * g));
-                const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
-                const __m256 sc = _mm256_set1_ps(ld_scale(wd, g, HS) * xd[j * g_n + g]);
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), sc, acc[r][j]);
-            }
-        }
-    }
-    for (int r = 0; r < RB; r++) {
-        const uint8_t *wm = w + r * rb + so + g_n * (HS ? 2 : 4);
-        for (int j = 0; j < MB; j++) {
-            __m256 mt = _mm256_setzero_ps();
-            int64_t g = 0;
-            for (; g + 8 <= g_n; g += 8) {
-                const __m256 mv = HS ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + 2 * g)))
-                                    : _mm256_loadu_ps((const float *)wm + g);
-                mt = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xs + j * g_n + g), mt);
-            }
-            float s = hsum(acc[r][j]) + hsum(mt);
-            for (; g < g_n; g++) s += ld_scale(wm, g, HS) * xs[j * g_n + g];
-            res[r * MB + j] = s;
-        }
-    }
-}
-
-static inline __attribute__((always_inline)) void q8_tile(
-        const uint8_t *w, int64_t rb, int64_t k, const int8_t *xq, const float *xd, const float *xs,
-        int64_t g_n, const int RB, const int MB, float *res, const int H) {
-    (void)H;
-    (void)xs;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[4][4];
-    for (int r = 0; r < RB; r++)
-        for (int j = 0; j < MB; j++) acc[r][j] = _mm256_setzero_ps();
-    int64_t g = 0;
-    /* Eight groups at a time: see fma_two_blocks. */
-    for (; g + 8 <= g_n; g += 8) {
-        __m256 xd8[4];
-#pragma GCC unroll 4
-        for (int j = 0; j < MB; j++) xd8[j] = _mm256_loadu_ps(xd + j * g_n + g);
-#pragma GCC unroll 4
-        for (int r = 0; r < RB; r++) {
-            const uint8_t *row = w + r * rb;
-            const __m256 wd8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k + 2 * g)));
-            __m256 sc[4];
-#pragma GCC unroll 4
-            for (int j = 0; j < MB; j++) sc[j] = _mm256_mul_ps(wd8, xd8[j]);
-#pragma GCC unroll 4
-            for (int pp = 0; pp < 4; pp++) {
-                const __m256i q0 = _mm256_loadu_si256((const __m256i *)(row + QK * (g + 2 * pp)));
-                const __m256i q1 = _mm256_loadu_si256((const __m256i *)(row + QK * (g + 2 * pp + 1)));
-                const __m256i a0 = _mm256_sign_epi8(q0, q0), a1 = _mm256_sign_epi8(q1, q1);
-#pragma GCC unroll 4
-                for (int j = 0; j < MB; j++) {
-                    const int8_t *xj = xq + j * k + QK * (g + 2 * pp);
-                    const __m256i i0 = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(a0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xj), q0)), ones);
-                    const __m256i i1 = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(a1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xj + QK)), q1)),
-                        ones);
-                    acc[r][j] = fma_two_blocks(i0, i1, sc[j], pp, acc[r][j]);
-                }
-            }
-        }
-    }
-    for (; g < g_n; g++) {
-        __m256i x[4];
-        float dx[4];
-#pragma GCC unroll 4
-        for (int j = 0; j < MB; j++) {
-            x[j] = _mm256_loadu_si256((const __m256i *)(xq + j * k + QK * g));
-            dx[j] = xd[j * g_n + g];
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < RB; r++) {
-            const uint8_t *row = w + r * rb;
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(row + QK * g));
-            const __m256i aq = _mm256_sign_epi8(q, q);
-            const float s = ld_scale(row + k, g, 1);
-#pragma GCC unroll 4
-            for (int j = 0; j < MB; j++) {
-                const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(x[j], q)), ones);
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s * dx[j]), acc[r][j]);
-            }
-        }
-    }
-    for (int r = 0; r < RB; r++)
-        for (int j = 0; j < MB; j++) res[r * MB + j] = hsum(acc[r][j]);
-}
-#else
-/* Portable versions: the same sums, block by block, in plain C. */
-static inline void q4_tile(const uint8_t *w, int64_t rb, int64_t k, const int8_t *xq, const float *xd,
-                           const float *xs, int64_t g_n, const int RB, const int MB, float *res, const int H) {
-    const int HS = H & 1, B5 = H & 2;
-    for (int r = 0; r < RB; r++) {
-        const uint8_t *row = w + r * rb;
-        const uint8_t *wd = row + k / 2 + (B5 ? k / 8 : 0), *wm = wd + g_n * (HS ? 2 : 4);
-        for (int j = 0; j < MB; j++) {
-            float s = 0.0f;
-            for (int64_t g = 0; g < g_n; g++) {
-                const int8_t *x = xq + j * k + QK * g;
-                int sum = 0;
-                for (int e = 0; e < QK; e++) {
-                    int q;
-                    if (g_n % 2 == 1 && g == g_n - 1)
-                        q = e < 16 ? row[16 * g + e] & 15 : row[16 * g + e - 16] >> 4;
-                    else
-                        q = g % 2 == 0 ? row[32 * (g / 2) + e] & 15 : row[32 * (g / 2) + e] >> 4;
-                    if (B5) q |= ((row[k / 2 + 4 * g + e / 8] >> (e % 8)) & 1) << 4;
-                    sum += q * x[e];
-                }
-                s += (float)sum * (ld_scale(wd, g, HS) * xd[j * g_n + g]) + ld_scale(wm, g, HS) * xs[j * g_n + g];
-            }
-            res[r * MB + j] = s;
-        }
-    }
-}
-
-static inline void q8_tile(const uint8_t *w, int64_t rb, int64_t k, const int8_t *xq, const float *xd,
-                           const float *xs, int64_t g_n, const int RB, const int MB, float *res, const int H) {
-    (void)xs;
-    (void)H;
-    for (int r = 0; r < RB; r++) {
-        const uint8_t *row = w + r * rb;
-        const int8_t *q = (const int8_t *)row;
-        const uint8_t *wd = row + k;
-        for (int j = 0; j < MB; j++) {
-            float s = 0.0f;
-            for (int64_t g = 0; g < g_n; g++) {
-                int sum = 0;
-                for (int e = 0; e < QK; e++) sum += q[QK * g + e] * xq[j * k + QK * g + e];
-                s += (float)sum * (ld_scale(wd, g, 1) * xd[j * g_n + g]);
-            }
-            res[r * MB + j] = s;
-        }
-    }
-}
-#endif
-
-#define RB 4   /* weight rows per tile: one activation block load serves four rows */
-#ifndef M_TILE /* activation rows per tile (prefill / batched decode), <= 4: one weight unpack serves them */
+#ifndef M_TILE /* activation rows per pass over a tile (prefill / batched decode), <= 4 */
 #define M_TILE 4
 #endif
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 2048
 #endif
 
-/* Which tile shapes exist (each a fully unrolled instance), for scale storage H. */
-#define TILE_CASES(NAME, FN, H)                                                               \
-    static void NAME(int rb_n, int mb_n, const uint8_t *w, int64_t rb, int64_t k,             \
-                     const int8_t *xq, const float *xd, const float *xs, int64_t g_n,         \
-                     float *res) {                                                            \
-        switch (rb_n * 8 + mb_n) {                                                            \
-        case 4 * 8 + 1: FN(w, rb, k, xq, xd, xs, g_n, 4, 1, res, H); break;                   \
-        case 4 * 8 + 2: FN(w, rb, k, xq, xd, xs, g_n, 4, 2, res, H); break;                   \
-        case 4 * 8 + 3: FN(w, rb, k, xq, xd, xs, g_n, 4, 3, res, H); break;                   \
-        case 4 * 8 + 4: FN(w, rb, k, xq, xd, xs, g_n, 4, 4, res, H); break;                   \
-        case 1 * 8 + 1: FN(w, rb, k, xq, xd, xs, g_n, 1, 1, res, H); break;                   \
-        case 1 * 8 + 2: FN(w, rb, k, xq, xd, xs, g_n, 1, 2, res, H); break;                   \
-        case 1 * 8 + 3: FN(w, rb, k, xq, xd, xs, g_n, 1, 3, res, H); break;                   \
-        default: FN(w, rb, k, xq, xd, xs, g_n, 1, 4, res, H); break;                          \
-        }                                                                                     \
-    }
-TILE_CASES(q4f_dispatch, q4_tile, 0)
-TILE_CASES(q4h_dispatch, q4_tile, 1)
-TILE_CASES(q5h_dispatch, q4_tile, 3)
-TILE_CASES(q8_dispatch, q8_tile, 1)
+static inline int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
 
-typedef void (*dispatch_fn)(int, int, const uint8_t *, int64_t, int64_t, const int8_t *, const float *,
-                            const float *, int64_t, float *);
-
-/* a: w, N, K, xq, xd, xs, M, n_seg, seg_end*, seg_out*, row stride of w in bytes (the packed array's own,
- * so the layout's size lives in one place: the Python packer) */
-static void matmul(const int64_t *a, dispatch_fn tile) {
-    const uint8_t *w = (const uint8_t *)a[0];
-    const int64_t rb = a[10];
-    const int64_t n = a[1], k = a[2], m_rows = a[6], g_n = k / QK;
-    const int8_t *xq = (const int8_t *)a[3];
-    const float *xd = (const float *)a[4], *xs = (const float *)a[5];
-    const segs_t segs = {a[7], (const int64_t *)a[8], (float *const *)a[9]};
-    const int64_t n_tiles = (n + RB - 1) / RB;
-    const int64_t ahead = PREFETCH_BYTES / (RB * rb) + 1;
-    (void)ahead;                       /* used by the SIMD build's prefetch */
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < n_tiles; t++) {
-        const int64_t r0 = t * RB, rows = n - r0 < RB ? n - r0 : RB;
-        float res[RB * M_TILE];
-#if KVG_AVX2
-        /* Weights stream from memory once per token: ask for the tile ~PREFETCH_BYTES ahead now (a single
-         * core's hardware prefetcher alone reaches ~6 GB/s here; with this, 2 threads reach ~18 GB/s). */
-        if (t + ahead < n_tiles) {
-            const char *next = (const char *)(w + (r0 + ahead * RB) * rb);
-            for (int64_t off = 0; off < RB * rb; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
-        }
-#endif
-        for (int64_t m0 = 0; m0 < m_rows; m0 += M_TILE) {
-            const int mb_n = (int)(m_rows - m0 < M_TILE ? m_rows - m0 : M_TILE);
-            const int8_t *xqm = xq + m0 * k;
-            const float *xdm = xd + m0 * g_n, *xsm = xs + m0 * g_n;
-            if (rows == RB) {
-                tile(RB, mb_n, w + r0 * rb, rb, k, xqm, xdm, xsm, g_n, res);
-                for (int r = 0; r < RB; r++)
-                    for (int j = 0; j < mb_n; j++) *out_at(&segs, r0 + r, m0 + j) = res[r * mb_n + j];
-            } else {
-                for (int64_t r = 0; r < rows; r++) {
-                    tile(1, mb_n, w + (r0 + r) * rb, rb, k, xqm, xdm, xsm, g_n, res);
-                    for (int j = 0; j < mb_n; j++) *out_at(&segs, r0 + r, m0 + j) = res[j];
+#if KVG_AVX512
+/* One tile against MB activation rows: res[j * 16 + r] = dot(row r, activation j). */
+static inline __attribute__((always_inline)) void tile_dot(
+        const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t k, const float *xd, const float *xs,
+        const int32_t *xi, const int F, const int MB, float *res) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80), b16 = _mm512_set1_epi8(16);
+    __m512 acc[4];
+    for (int j = 0; j < MB; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < g_n; g++) {
+        const uint8_t *r = t + g * REC(F);
+        for (int off = 0; off < REC(F); off += 64) _mm_prefetch((const char *)(r + PREFETCH_BYTES + off), _MM_HINT_T0);
+        __m512i v[8];
+        if (F == F_Q8) {          /* int8 weights made unsigned (+128); the 128 * sum(x) this adds is taken back */
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) v[c] = _mm512_xor_si512(_mm512_loadu_si512(r + 64 * c), flip);
+        } else {
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                const __m512i l = _mm512_loadu_si512(r + 64 * c);
+                v[c] = _mm512_and_si512(l, m4);
+                v[c + 4] = _mm512_and_si512(_mm512_srli_epi16(l, 4), m4);
+            }
+            if (F == F_Q5H) {
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; c++) {
+                    uint64_t bits;
+                    memcpy(&bits, r + 256 + 8 * c, 8);
+                    v[c] = _mm512_mask_add_epi8(v[c], _cvtu64_mask64(bits), v[c], b16);
                 }
+            }
+        }
+        const __m512 d16 = F == F_Q4F ? _mm512_loadu_ps(r + DOFF(F))
+                                      : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + DOFF(F))));
+        __m512 m16 = _mm512_setzero_ps();
+        if (F != F_Q8)
+            m16 = F == F_Q4F ? _mm512_loadu_ps(r + MOFF(F))
+                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + MOFF(F))));
+#pragma GCC unroll 4
+        for (int j = 0; j < MB; j++) {
+            const int8_t *x = xq + j * k + QK * g;
+            __m512i s0 = F == F_Q8 ? _mm512_set1_epi32(-128 * xi[j * g_n + g]) : _mm512_setzero_si512();
+            __m512i s1 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int c = 0; c < 8; c += 2) {
+                s0 = _mm512_dpbusd_epi32(s0, v[c], _mm512_set1_epi32(ld32(x + 4 * c)));
+                s1 = _mm512_dpbusd_epi32(s1, v[c + 1], _mm512_set1_epi32(ld32(x + 4 * c + 4)));
+            }
+            const __m512 sc = _mm512_mul_ps(d16, _mm512_set1_ps(xd[j * g_n + g]));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[j]);
+            if (F != F_Q8) acc[j] = _mm512_fmadd_ps(m16, _mm512_set1_ps(xs[j * g_n + g]), acc[j]);
+        }
+    }
+    for (int j = 0; j < MB; j++) _mm512_storeu_ps(res + TR * j, acc[j]);
+}
+#elif KVG_AVX2
+static inline __m256i fifth_bits(const uint8_t *p) {
+    /* 32 bits (bit b: byte b) as bytes 0x10 / 0 (ggml's bytes_from_bits_32) */
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    const __m256i b = _mm256_or_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(ld32(p)), shuf),
+                                      _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
+}
+
+/* The same layout eight rows at a time (the two 32-byte halves of every chunk vector). maddubs leaves
+ * int16 pairs; Q4's (at most 2 * 15 * 127) can be summed eight deep before widening, Q5's four deep, and
+ * Q8 (sign trick, up to 2 * 127 * 127) widens each. */
+static inline __attribute__((always_inline)) void tile_dot(
+        const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t k, const float *xd, const float *xs,
+        const int32_t *xi, const int F, const int MB, float *res) {
+    (void)xi;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4];
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < MB; j++) acc[h][j] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < g_n; g++) {
+        const uint8_t *r = t + g * REC(F);
+        for (int off = 0; off < REC(F); off += 64) _mm_prefetch((const char *)(r + PREFETCH_BYTES + off), _MM_HINT_T0);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m256i v[8];
+            if (F == F_Q8) {
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; c++) v[c] = _mm256_loadu_si256((const __m256i *)(r + 64 * c + 32 * h));
+            } else {
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) {
+                    const __m256i l = _mm256_loadu_si256((const __m256i *)(r + 64 * c + 32 * h));
+                    v[c] = _mm256_and_si256(l, m4);
+                    v[c + 4] = _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
+                }
+                if (F == F_Q5H) {
+#pragma GCC unroll 8
+                    for (int c = 0; c < 8; c++) v[c] = _mm256_or_si256(v[c], fifth_bits(r + 256 + 8 * c + 4 * h));
+                }
+            }
+            const __m256 d8 = F == F_Q4F ? _mm256_loadu_ps((const float *)(r + DOFF(F)) + 8 * h)
+                                         : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + DOFF(F) + 16 * h)));
+            __m256 m8 = _mm256_setzero_ps();
+            if (F != F_Q8)
+                m8 = F == F_Q4F ? _mm256_loadu_ps((const float *)(r + MOFF(F)) + 8 * h)
+                                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + MOFF(F) + 16 * h)));
+#pragma GCC unroll 4
+            for (int j = 0; j < MB; j++) {
+                const int8_t *x = xq + j * k + QK * g;
+                __m256i s;
+                if (F == F_Q4H || F == F_Q4F) {
+                    __m256i p = _mm256_maddubs_epi16(v[0], _mm256_set1_epi32(ld32(x)));
+#pragma GCC unroll 8
+                    for (int c = 1; c < 8; c++)
+                        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(v[c], _mm256_set1_epi32(ld32(x + 4 * c))));
+                    s = _mm256_madd_epi16(p, ones);
+                } else if (F == F_Q5H) {
+                    __m256i p0 = _mm256_maddubs_epi16(v[0], _mm256_set1_epi32(ld32(x)));
+                    __m256i p1 = _mm256_maddubs_epi16(v[4], _mm256_set1_epi32(ld32(x + 16)));
+#pragma GCC unroll 3
+                    for (int c = 1; c < 4; c++) {
+                        p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(v[c], _mm256_set1_epi32(ld32(x + 4 * c))));
+                        p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(v[c + 4], _mm256_set1_epi32(ld32(x + 16 + 4 * c))));
+                    }
+                    s = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
+                } else {
+                    s = _mm256_setzero_si256();
+#pragma GCC unroll 8
+                    for (int c = 0; c < 8; c++) {
+                        const __m256i xb = _mm256_set1_epi32(ld32(x + 4 * c));
+                        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(v[c], v[c]),
+                                                                                      _mm256_sign_epi8(xb, v[c])), ones));
+                    }
+                }
+                const __m256 sc = _mm256_mul_ps(d8, _mm256_set1_ps(xd[j * g_n + g]));
+                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[h][j]);
+                if (F != F_Q8) acc[h][j] = _mm256_fmadd_ps(m8, _mm256_set1_ps(xs[j * g_n + g]), acc[h][j]);
+            }
+        }
+    }
+    for (int h = 0; h < 2; h++)
+        for (int j = 0; j < MB; j++) _mm256_storeu_ps(res + TR * j + 8 * h, acc[h][j]);
+}
+#else
+static inline float ld_f16(const uint8_t *p, int i) {
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return h2f(h);
+}
+
+/* Portable: the same sums in plain C. Weight e of row i in group g sits in chunk vector c = e / 4 at byte
+ * b = 4 i + e % 4 (Q4 / Q5: chunk vectors 0-3 in the low nibbles of the four 64-byte blocks, 4-7 in the
+ * high ones; Q5's fifth bit is bit b of the c-th 8-byte word after them). */
+static inline void tile_dot(const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t k, const float *xd,
+                            const float *xs, const int32_t *xi, const int F, const int MB, float *res) {
+    (void)xi;
+    for (int j = 0; j < MB; j++)
+        for (int i = 0; i < TR; i++) res[TR * j + i] = 0.0f;
+    for (int64_t g = 0; g < g_n; g++) {
+        const uint8_t *r = t + g * REC(F);
+        for (int i = 0; i < TR; i++) {
+            int w[QK];
+            for (int e = 0; e < QK; e++) {
+                const int c = e / 4, b = 4 * i + e % 4;
+                if (F == F_Q8) {
+                    w[e] = (int8_t)r[64 * c + b];
+                } else {
+                    w[e] = (r[64 * (c % 4) + b] >> (c >= 4 ? 4 : 0)) & 15;
+                    if (F == F_Q5H) w[e] |= ((r[256 + 8 * c + b / 8] >> (b % 8)) & 1) << 4;
+                }
+            }
+            float d, m = 0.0f;
+            if (F == F_Q4F) {
+                memcpy(&d, r + DOFF(F) + 4 * i, 4);
+                memcpy(&m, r + MOFF(F) + 4 * i, 4);
+            } else {
+                d = ld_f16(r + DOFF(F), i);
+                if (F != F_Q8) m = ld_f16(r + MOFF(F), i);
+            }
+            for (int j = 0; j < MB; j++) {
+                const int8_t *x = xq + j * k + QK * g;
+                int sum = 0;
+                for (int e = 0; e < QK; e++) sum += w[e] * x[e];
+                res[TR * j + i] += (float)sum * (d * xd[j * g_n + g]) + m * xs[j * g_n + g];
             }
         }
     }
 }
+#endif
 
-void kvg_matmul_q4(const int64_t *a) { matmul(a, q4f_dispatch); }
-void kvg_matmul_q4h(const int64_t *a) { matmul(a, q4h_dispatch); }
-void kvg_matmul_q5h(const int64_t *a) { matmul(a, q5h_dispatch); }
-void kvg_matmul_q8(const int64_t *a) { matmul(a, q8_dispatch); }
+/* Each (format, rows) instance fully unrolled, accumulators in registers. */
+#define TILE_CASES(NAME, F)                                                                                 \
+    static void NAME(int mb, const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t k, const float *xd,     \
+                     const float *xs, const int32_t *xi, float *res) {                                        \
+        switch (mb) {                                                                                         \
+        case 1: tile_dot(t, g_n, xq, k, xd, xs, xi, F, 1, res); break;                                        \
+        case 2: tile_dot(t, g_n, xq, k, xd, xs, xi, F, 2, res); break;                                        \
+        case 3: tile_dot(t, g_n, xq, k, xd, xs, xi, F, 3, res); break;                                        \
+        default: tile_dot(t, g_n, xq, k, xd, xs, xi, F, 4, res); break;                                       \
+        }                                                                                                     \
+    }
+TILE_CASES(q4h_tiles, F_Q4H)
+TILE_CASES(q4f_tiles, F_Q4F)
+TILE_CASES(q5h_tiles, F_Q5H)
+TILE_CASES(q8_tiles, F_Q8)
+
+typedef void (*tiles_fn)(int, const uint8_t *, int64_t, const int8_t *, int64_t, const float *, const float *,
+                         const int32_t *, float *);
+
+/* a: w (tiles), N, K, xq, xd, xs, M, n_seg, seg_end*, seg_out*, bytes per tile (the packed array's own
+ * stride, so the layout's size lives in one place: the Python packer), xi (int32 [M, G]: sum of each block's q) */
+static void matmul(const int64_t *a, tiles_fn tiles) {
+    const uint8_t *w = (const uint8_t *)a[0];
+    const int64_t n = a[1], k = a[2], m_rows = a[6], n_seg = a[7], tb = a[10], g_n = k / QK;
+    const int8_t *xq = (const int8_t *)a[3];
+    const float *xd = (const float *)a[4], *xs = (const float *)a[5];
+    const int64_t *seg_end = (const int64_t *)a[8];
+    float *const *seg_out = (float *const *)a[9];
+    const int32_t *xi = (const int32_t *)a[11];
+    const int64_t n_tiles = (n + TR - 1) / TR;
+#pragma omp parallel for schedule(static)
+    for (int64_t ti = 0; ti < n_tiles; ti++) {
+        const int64_t r0 = ti * TR, rows = n - r0 < TR ? n - r0 : TR;
+        int64_t s = 0, start = 0;
+        while (s + 1 < n_seg && r0 >= seg_end[s]) start = seg_end[s++];
+        float *out = seg_out[s] + (r0 - start);
+        const int64_t ldo = seg_end[s] - start;
+        float res[TR * M_TILE];
+        for (int64_t m0 = 0; m0 < m_rows; m0 += M_TILE) {
+            const int mb = (int)(m_rows - m0 < M_TILE ? m_rows - m0 : M_TILE);
+            tiles(mb, w + ti * tb, g_n, xq + m0 * k, k, xd + m0 * g_n, xs + m0 * g_n, xi + m0 * g_n, res);
+            for (int j = 0; j < mb; j++) memcpy(out + (m0 + j) * ldo, res + TR * j, (size_t)rows * sizeof(float));
+        }
+    }
+}
+
+void kvg_matmul_q4h(const int64_t *a) { matmul(a, q4h_tiles); }
+void kvg_matmul_q4(const int64_t *a) { matmul(a, q4f_tiles); }
+void kvg_matmul_q5h(const int64_t *a) { matmul(a, q5h_tiles); }
+void kvg_matmul_q8(const int64_t *a) { matmul(a, q8_tiles); }
 
 /* ---- elementwise and attention kernels (single-threaded unless noted: their work is microseconds) --------- */
 static inline float dotf(const float *a, const float *b, int64_t n) {
