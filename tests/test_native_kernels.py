@@ -263,14 +263,22 @@ def test_rope_rotates_pairs_or_halves_and_copies_the_rest(neox, variant):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_attention_skips_masked_cells_and_groups_heads(variant):
-    n, nh, nhkv, d, n_kv = 2, 4, 2, 16, 7
-    q, k, v = (RNG.standard_normal(s, dtype=np.float32) for s in ((n, nh, d), (n_kv, nhkv, d), (n_kv, nhkv, d)))
-    mask = np.zeros((n, n_kv), np.float32)
+@pytest.mark.parametrize("n, n_kv, dv", [(2, 7, 16), (19, 150, 24)])
+def test_attention_skips_masked_cells_and_groups_heads(n, n_kv, dv, variant):
+    """One token at a time (decode) and blocks of tokens against chunks of cells (prompts: 19 tokens = a
+    block of 16 and a partial one, 150 cells = two chunks of 64 and a partial one, the middle chunk hidden
+    from every token)."""
+    nh, nhkv, d = 4, 2, 16
+    q, k = (RNG.standard_normal(s, dtype=np.float32) for s in ((n, nh, d), (n_kv, nhkv, d)))
+    v = RNG.standard_normal((n_kv, nhkv, dv), dtype=np.float32)
+    mask = np.where(RNG.random((n, n_kv)) < 0.3, -np.inf, 0).astype(np.float32)
     mask[0, 3:] = -np.inf
     mask[1, [0, 5]] = -np.inf
+    mask[:, 5] = -np.inf
+    mask[:, 64:128] = -np.inf
     k[5] = np.nan                        # a cell masked for every token: its garbage never reaches the result
-    out = np.empty((n, nh, d), np.float32)
+    v[5] = np.nan
+    out = np.empty((n, nh, dv), np.float32)
     native_ops.attention(q, k, v, mask, 0.25, out)()
     for t in range(n):
         for h in range(nh):

@@ -31,6 +31,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -549,9 +550,95 @@ void kvg_set_rows(const int64_t *a) {
  * its valid cells. v element (cell c, head j, dim e) is at c*vs0 + j*vs1 + e*vs2. (token, head) pairs are
  * split across threads. */
 #define ATTN_CHUNK 128
+#ifndef ATTN_BLOCKED_MIN  /* ubatches of at least this many tokens take attention_blocked */
+#define ATTN_BLOCKED_MIN 4
+#endif
 #ifndef ATTN_PARALLEL_MIN
 #define ATTN_PARALLEL_MIN 100000000
 #endif
+/* Prompt attention: blocks of QB tokens x the query heads of one KV head against chunks of KC cells. Each
+ * chunk of K is transposed once into kt[d][KC], so every query's KC scores come from plain vector FMAs (no
+ * horizontal sums) and the chunk is reused by every query of the block; chunks the mask hides from the
+ * whole block are skipped. Same online softmax as below, per query. */
+#define QB 16
+#define KC 64
+static void attention_blocked(const float *q, int64_t n, int64_t nh, int64_t d, int64_t qs0, int64_t qs1,
+                              const float *k, int64_t n_kv, int64_t nhkv, int64_t ks0, int64_t ks1,
+                              const float *v, int64_t dv, int64_t vs0, int64_t vs1, int64_t vs2,
+                              const float *mask, int64_t ms0, float scale, float *out, int64_t os0, int64_t os1) {
+    const int64_t group = nh / nhkv, n_tb = (n + QB - 1) / QB;
+#pragma omp parallel
+    {
+        float *kt = malloc(sizeof(float) * (size_t)(d * KC));
+        float *acc = malloc(sizeof(float) * (size_t)(QB * group * dv));
+        float *mx = malloc(sizeof(float) * (size_t)(QB * group)), *sum = malloc(sizeof(float) * (size_t)(QB * group));
+#pragma omp for schedule(static, 1)
+        for (int64_t it = 0; it < n_tb * nhkv; it++) {
+            const int64_t tb = n_tb - 1 - it / nhkv, j = it % nhkv;   /* the longest (latest) blocks first */
+            const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
+            for (int64_t i = 0; i < nq * dv; i++) acc[i] = 0.0f;
+            for (int64_t i = 0; i < nq; i++) mx[i] = -INFINITY, sum[i] = 0.0f;
+            for (int64_t c0 = 0; c0 < n_kv; c0 += KC) {
+                const int64_t nc = n_kv - c0 < KC ? n_kv - c0 : KC;
+                int any = 0;
+                for (int64_t t = t0; t < t0 + nt && !any; t++)
+                    for (int64_t c = 0; c < nc; c++)
+                        if (mask[t * ms0 + c0 + c] != -INFINITY) { any = 1; break; }
+                if (!any) continue;
+                for (int64_t c = 0; c < KC; c++)
+                    for (int64_t e = 0; e < d; e++) kt[e * KC + c] = c < nc ? k[(c0 + c) * ks0 + j * ks1 + e] : 0.0f;
+                for (int64_t qi = 0; qi < nq; qi++) {
+                    const int64_t t = t0 + qi / group, h = j * group + qi % group;
+                    const float *qv = q + t * qs0 + h * qs1, *mrow = mask + t * ms0 + c0;
+                    float sc[KC];
+                    for (int c = 0; c < KC; c++) sc[c] = 0.0f;
+                    for (int64_t e = 0; e < d; e++) {
+                        const float qe = qv[e];
+                        const float *kr = kt + e * KC;
+#pragma omp simd
+                        for (int c = 0; c < KC; c++) sc[c] += qe * kr[c];
+                    }
+                    float cmx = -INFINITY;
+                    for (int64_t c = 0; c < nc; c++) {
+                        sc[c] = mrow[c] == -INFINITY ? -INFINITY : sc[c] * scale + mrow[c];
+                        cmx = sc[c] > cmx ? sc[c] : cmx;
+                    }
+                    if (cmx == -INFINITY) continue;
+                    float *a = acc + qi * dv;
+                    if (cmx > mx[qi]) {
+                        const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
+                        sum[qi] *= r;
+                        for (int64_t e = 0; e < dv; e++) a[e] *= r;
+                        mx[qi] = cmx;
+                    }
+                    for (int64_t c = 0; c < nc; c++) {
+                        if (sc[c] == -INFINITY) continue;
+                        const float p = expf(sc[c] - mx[qi]);
+                        const float *vc = v + (c0 + c) * vs0 + j * vs1;
+                        sum[qi] += p;
+                        if (vs2 == 1) {
+#pragma omp simd
+                            for (int64_t e = 0; e < dv; e++) a[e] += p * vc[e];
+                        } else {
+                            for (int64_t e = 0; e < dv; e++) a[e] += p * vc[e * vs2];
+                        }
+                    }
+                }
+            }
+            for (int64_t qi = 0; qi < nq; qi++) {
+                const int64_t t = t0 + qi / group, h = j * group + qi % group;
+                float *o = out + t * os0 + h * os1;
+                const float inv = sum[qi] > 0.0f ? 1.0f / sum[qi] : 0.0f;
+                for (int64_t e = 0; e < dv; e++) o[e] = acc[qi * dv + e] * inv;
+            }
+        }
+        free(kt);
+        free(acc);
+        free(mx);
+        free(sum);
+    }
+}
+
 void kvg_attention(const int64_t *a) {
     const float *q = (const float *)a[0], *k = (const float *)a[6], *v = (const float *)a[11];
     const float *mask = (const float *)a[16];
@@ -561,6 +648,11 @@ void kvg_attention(const int64_t *a) {
     const float scale = f_arg(a[18]);
     float *out = (float *)a[19];
     const int64_t os0 = a[20], os1 = a[21], group = nh / nhkv;
+    if (n >= ATTN_BLOCKED_MIN && d <= 256) {
+        attention_blocked(q, n, nh, d, qs0, qs1, k, n_kv, nhkv, ks0, ks1, v, dv, vs0, vs1, vs2, mask, ms0, scale, out,
+                          os0, os1);
+        return;
+    }
 #pragma omp parallel for schedule(static) if (n * nh > 1 && n * n_kv * nh * d >= ATTN_PARALLEL_MIN)
     for (int64_t th = 0; th < n * nh; th++) {
         const int64_t t = th / nh, h = th % nh, j = h / group;
