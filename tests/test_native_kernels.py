@@ -289,6 +289,20 @@ def test_attention_skips_masked_cells_and_groups_heads(n, n_kv, dv, variant):
             np.testing.assert_allclose(out[t, h], p @ vv / p.sum(), rtol=1e-5, atol=1e-5)
 
 
+def test_attention_of_a_token_does_not_depend_on_its_ubatch(variant):
+    """A prompt run in one ubatch and the same tokens run one by one (a prompt continued from cached cells)
+    give bit-identical outputs."""
+    n, nh, nhkv, d, n_kv = 21, 6, 2, 32, 90
+    q, k, v = (RNG.standard_normal(s, dtype=np.float32) for s in ((n, nh, d), (n_kv, nhkv, d), (n_kv, nhkv, d)))
+    mask = np.where(np.arange(n_kv)[None, :] <= np.arange(n)[:, None] + n_kv - n, 0, -np.inf).astype(np.float32)
+    whole = np.empty((n, nh, d), np.float32)
+    native_ops.attention(q, k, v, mask, 0.2, whole)()
+    for t in range(n):
+        one = np.empty((1, nh, d), np.float32)
+        native_ops.attention(q[t: t + 1], k, v, mask[t: t + 1], 0.2, one)()
+        np.testing.assert_array_equal(one[0], whole[t])
+
+
 def test_set_rows_writes_rows_columns_and_column_ranges(variant):
     src, idx = RNG.standard_normal((2, 3), dtype=np.float32), np.array([4, 1], np.int32)
     rows, cols, wide = np.zeros((6, 3), np.float32), np.zeros((3, 6), np.float32), np.zeros((6, 7), np.float32)

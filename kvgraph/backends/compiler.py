@@ -192,7 +192,7 @@ class FusingCompiler:
         k = native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None
         return k or npb._k_set_rows(t, buf, *args)
 
-    def c_kernel(self, t: Tensor, out: np.ndarray, srcs: list, attn_max_tokens: int | None = None) -> Kernel | None:
+    def c_kernel(self, t: Tensor, out: np.ndarray, srcs: list) -> Kernel | None:
         """kvgraph's C kernel for node t (the fused norm x weight, the embedding lookup, or an op of
         native_ops.for_node) when the backend uses them and there is one for its buffers, else None."""
         if not self.backend.native:
@@ -203,7 +203,7 @@ class FusingCompiler:
         if t.op == "get_rows" and t.srcs[0].op == "weight":
             return native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
         if t.op in native_ops.OPS:
-            return native_ops.for_node(t, out, [self.arr(s) for s in srcs], attn_max_tokens)
+            return native_ops.for_node(t, out, [self.arr(s) for s in srcs])
         return None
 
     def emit(self, t: Tensor, step: int) -> None:

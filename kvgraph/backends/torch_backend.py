@@ -1,10 +1,9 @@
 """The torch backend: quantized weights repacked once at load, a flat list of preallocated kernels.
 
 Where kvgraph's C kernels can be built (backends/native; the usual case) they run the quantized matmuls,
-RMSNorm, RoPE, the gated FFN, KV writes, residual adds, the embedding lookup and decode attention, with
-weights in their formats (native/mats.py) -- a cached SmolLM2 decode step is then one C call, measured
-1.1-1.3x llama.cpp's speed on this CPU, where torch's own int4pack kernel alone took ~14 ms per token
-(0.45x). torch keeps prompt attention (batched matmuls), F32 matrices and anything else.
+RMSNorm, RoPE, the gated FFN, KV writes, residual adds, the embedding lookup and attention, with weights in
+their formats (native/mats.py) -- a cached decode step is then one C call, where torch's own int4pack
+kernel alone took ~14 ms per SmolLM2 token. torch keeps F32 matrices and anything else.
 
 Without the C kernels (no compiler, or KVGRAPH_NATIVE=0), torch's own quantized kernels are used:
 
@@ -70,9 +69,6 @@ Kernel = Callable[[], None]
 OUTPUT_TENSORS = frozenset({"output.weight", "token_embd.weight"})
 # add / mul / cont on tensors with at most this many elements run in numpy (lower per-call overhead).
 SMALL = 16384
-# Attention over ubatches up to this many tokens runs in the C kernel (one pass over the valid cells);
-# longer ones (prompt processing) in torch's batched matmuls, measured faster there (pp128: 55 vs 72 ms).
-NATIVE_ATTN_MAX_TOKENS = 16
 
 
 # ---- weights -------------------------------------------------------------------------------------------------
@@ -591,7 +587,7 @@ class _Compiler(FusingCompiler):
         if t.id in self.fused_norm or t.op in ("rms_norm", "swiglu", "geglu"):
             if self._dst(t, step).dtype != torch.float32:     # writes a bf16 staging buffer: torch's kernel
                 return None
-        return self.c_kernel(t, out, srcs, NATIVE_ATTN_MAX_TOKENS)
+        return self.c_kernel(t, out, srcs)
 
     def emit(self, t: Tensor, step: int) -> None:
         bufs, kernels = self.bufs, self.kernels

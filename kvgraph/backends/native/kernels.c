@@ -544,30 +544,75 @@ void kvg_set_rows(const int64_t *a) {
 /* a: q, n, H, d, qs0, qs1,  k, n_kv, Hkv, ks0, ks1,  v, dv, vs0, vs1, vs2,  mask, ms0,  scale (f64 bits),
  *    out, os0, os1
  * out[t, h] = softmax(q[t, h] . k[:, h / (H / Hkv)] * scale + mask[t]) @ v[:, h / (H / Hkv)]
- * Cells are taken in chunks: a chunk's scores, its maximum, their exponentials (vectorized) and its share
- * of the weighted V sum, with the running sum rescaled when the maximum grows (online softmax), so no
- * buffer grows with the context. Cells whose mask is -inf are skipped, so a padded KV window costs only
- * its valid cells. v element (cell c, head j, dim e) is at c*vs0 + j*vs1 + e*vs2. (token, head) pairs are
- * split across threads. */
-#define ATTN_CHUNK 128
-#ifndef ATTN_BLOCKED_MIN  /* ubatches of at least this many tokens take attention_blocked */
-#define ATTN_BLOCKED_MIN 4
-#endif
-#ifndef ATTN_PARALLEL_MIN
-#define ATTN_PARALLEL_MIN 100000000
-#endif
-/* Prompt attention: blocks of QB tokens x the query heads of one KV head against chunks of KC cells. Each
- * chunk of K is transposed once into kt[d][KC], so every query's KC scores come from plain vector FMAs (no
- * horizontal sums) and the chunk is reused by every query of the block; chunks the mask hides from the
- * whole block are skipped. Same online softmax as below, per query. */
+ * One algorithm for every ubatch size, so a token's result does not depend on how many tokens share its
+ * ubatch (a prompt continued from cached cells equals the same prompt run cold). Work items are blocks of
+ * up to QB tokens x one KV head; each takes the cells in chunks of KC: the chunk of K is transposed once
+ * into kt[d][KC], so every query of the block gets its KC scores from plain vector multiply-adds (no
+ * horizontal sums); then the chunk's maximum, its exponentials (vectorized) and its share of the weighted V
+ * sum, with the running sum rescaled when the maximum grows (online softmax), so no buffer grows with the
+ * context. Chunks the mask hides from the whole block are skipped (a padded KV window costs only its valid
+ * cells), and cells masked -inf never reach the sums. v element (cell c, head j, dim e) is at
+ * c*vs0 + j*vs1 + e*vs2. */
 #define QB 16
 #define KC 64
-static void attention_blocked(const float *q, int64_t n, int64_t nh, int64_t d, int64_t qs0, int64_t qs1,
-                              const float *k, int64_t n_kv, int64_t nhkv, int64_t ks0, int64_t ks1,
-                              const float *v, int64_t dv, int64_t vs0, int64_t vs1, int64_t vs2,
-                              const float *mask, int64_t ms0, float scale, float *out, int64_t os0, int64_t os1) {
-    const int64_t group = nh / nhkv, n_tb = (n + QB - 1) / QB;
-#pragma omp parallel
+
+/* kt[e * KC + c] = k[c * ks0 + e] for c < nc (rows past nc are zero), e < d */
+static void transpose_chunk(float *kt, const float *k, int64_t ks0, int64_t nc, int64_t d) {
+    int64_t c = 0;
+#if KVG_AVX2
+    if (d % 8 == 0) {
+        for (; c + 8 <= nc; c += 8)
+            for (int64_t e = 0; e < d; e += 8) {
+                __m256 r[8], t[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(k + (c + i) * ks0 + e);
+                for (int i = 0; i < 8; i += 2) {
+                    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+                }
+                for (int i = 0; i < 8; i += 4) {
+                    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+                }
+                for (int i = 0; i < 4; i++) {
+                    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+                    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+                }
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (e + i) * KC + c, t[i]);   /* t[i]: dim e + i */
+            }
+    }
+#endif
+    for (; c < nc; c++)
+        for (int64_t e = 0; e < d; e++) kt[e * KC + c] = k[c * ks0 + e];
+    for (; c < KC; c++)
+        for (int64_t e = 0; e < d; e++) kt[e * KC + c] = 0.0f;
+}
+
+/* s[c] = exp(s[c] - mx) for cells not masked, 0 for masked ones (s[c] == -inf) */
+static void exp_chunk(float *s, int64_t nc, float mx) {
+    int64_t c = 0;
+#if KVG_AVX2
+    const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+    for (; c + 8 <= nc; c += 8) {
+        const __m256 x = _mm256_loadu_ps(s + c);
+        const __m256 e = exp8(_mm256_sub_ps(x, vmx));
+        _mm256_storeu_ps(s + c, _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), e));
+    }
+#endif
+    for (; c < nc; c++) s[c] = s[c] == -INFINITY ? 0.0f : expf(s[c] - mx);
+}
+
+void kvg_attention(const int64_t *a) {
+    const float *q = (const float *)a[0], *k = (const float *)a[6], *v = (const float *)a[11];
+    const float *mask = (const float *)a[16];
+    const int64_t n = a[1], nh = a[2], d = a[3], qs0 = a[4], qs1 = a[5];
+    const int64_t n_kv = a[7], nhkv = a[8], ks0 = a[9], ks1 = a[10];
+    const int64_t dv = a[12], vs0 = a[13], vs1 = a[14], vs2 = a[15], ms0 = a[17];
+    const float scale = f_arg(a[18]);
+    float *out = (float *)a[19];
+    const int64_t os0 = a[20], os1 = a[21], group = nh / nhkv, n_tb = (n + QB - 1) / QB;
+#pragma omp parallel if (n_tb * nhkv > 1)
     {
         float *kt = malloc(sizeof(float) * (size_t)(d * KC));
         float *acc = malloc(sizeof(float) * (size_t)(QB * group * dv));
@@ -585,8 +630,7 @@ static void attention_blocked(const float *q, int64_t n, int64_t nh, int64_t d, 
                     for (int64_t c = 0; c < nc; c++)
                         if (mask[t * ms0 + c0 + c] != -INFINITY) { any = 1; break; }
                 if (!any) continue;
-                for (int64_t c = 0; c < KC; c++)
-                    for (int64_t e = 0; e < d; e++) kt[e * KC + c] = c < nc ? k[(c0 + c) * ks0 + j * ks1 + e] : 0.0f;
+                transpose_chunk(kt, k + c0 * ks0 + j * ks1, ks0, nc, d);
                 for (int64_t qi = 0; qi < nq; qi++) {
                     const int64_t t = t0 + qi / group, h = j * group + qi % group;
                     const float *qv = q + t * qs0 + h * qs1, *mrow = mask + t * ms0 + c0;
@@ -604,23 +648,24 @@ static void attention_blocked(const float *q, int64_t n, int64_t nh, int64_t d, 
                         cmx = sc[c] > cmx ? sc[c] : cmx;
                     }
                     if (cmx == -INFINITY) continue;
-                    float *a = acc + qi * dv;
-                    if (cmx > mx[qi]) {
+                    float *acq = acc + qi * dv;
+                    if (cmx > mx[qi]) {                   /* rescale what is summed so far to the new maximum */
                         const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
                         sum[qi] *= r;
-                        for (int64_t e = 0; e < dv; e++) a[e] *= r;
+                        for (int64_t e = 0; e < dv; e++) acq[e] *= r;
                         mx[qi] = cmx;
                     }
+                    exp_chunk(sc, nc, mx[qi]);
                     for (int64_t c = 0; c < nc; c++) {
-                        if (sc[c] == -INFINITY) continue;
-                        const float p = expf(sc[c] - mx[qi]);
+                        const float p = sc[c];
+                        if (p == 0.0f) continue;
                         const float *vc = v + (c0 + c) * vs0 + j * vs1;
                         sum[qi] += p;
                         if (vs2 == 1) {
 #pragma omp simd
-                            for (int64_t e = 0; e < dv; e++) a[e] += p * vc[e];
+                            for (int64_t e = 0; e < dv; e++) acq[e] += p * vc[e];
                         } else {
-                            for (int64_t e = 0; e < dv; e++) a[e] += p * vc[e * vs2];
+                            for (int64_t e = 0; e < dv; e++) acq[e] += p * vc[e * vs2];
                         }
                     }
                 }
@@ -636,71 +681,6 @@ static void attention_blocked(const float *q, int64_t n, int64_t nh, int64_t d, 
         free(acc);
         free(mx);
         free(sum);
-    }
-}
-
-void kvg_attention(const int64_t *a) {
-    const float *q = (const float *)a[0], *k = (const float *)a[6], *v = (const float *)a[11];
-    const float *mask = (const float *)a[16];
-    const int64_t n = a[1], nh = a[2], d = a[3], qs0 = a[4], qs1 = a[5];
-    const int64_t n_kv = a[7], nhkv = a[8], ks0 = a[9], ks1 = a[10];
-    const int64_t dv = a[12], vs0 = a[13], vs1 = a[14], vs2 = a[15], ms0 = a[17];
-    const float scale = f_arg(a[18]);
-    float *out = (float *)a[19];
-    const int64_t os0 = a[20], os1 = a[21], group = nh / nhkv;
-    if (n >= ATTN_BLOCKED_MIN && d <= 256) {
-        attention_blocked(q, n, nh, d, qs0, qs1, k, n_kv, nhkv, ks0, ks1, v, dv, vs0, vs1, vs2, mask, ms0, scale, out,
-                          os0, os1);
-        return;
-    }
-#pragma omp parallel for schedule(static) if (n * nh > 1 && n * n_kv * nh * d >= ATTN_PARALLEL_MIN)
-    for (int64_t th = 0; th < n * nh; th++) {
-        const int64_t t = th / nh, h = th % nh, j = h / group;
-        const float *qi = q + t * qs0 + h * qs1, *mrow = mask + t * ms0;
-        float acc[1024];                      /* dv <= 1024: checked when the kernel is bound */
-        float s[ATTN_CHUNK];
-        int32_t cell[ATTN_CHUNK];
-        for (int64_t e = 0; e < dv; e++) acc[e] = 0.0f;
-        float mx = -INFINITY, sum = 0.0f;
-        for (int64_t c0 = 0; c0 < n_kv; c0 += ATTN_CHUNK) {
-            const int64_t c1 = c0 + ATTN_CHUNK < n_kv ? c0 + ATTN_CHUNK : n_kv;
-            int nc = 0;
-            float cmx = -INFINITY;
-            for (int64_t c = c0; c < c1; c++) {
-                if (mrow[c] == -INFINITY) continue;
-                const float sc = dotf(qi, k + c * ks0 + j * ks1, d) * scale + mrow[c];
-                cmx = sc > cmx ? sc : cmx;
-                s[nc] = sc;
-                cell[nc++] = (int32_t)(c - c0);
-            }
-            if (nc == 0) continue;
-            if (cmx > mx) {                   /* rescale what is summed so far to the new maximum */
-                const float r = expf(mx - cmx);     /* 0 on the first valid chunk */
-                sum *= r;
-                for (int64_t e = 0; e < dv; e++) acc[e] *= r;
-                mx = cmx;
-            }
-            int i = 0;
-#if KVG_AVX2
-            const __m256 vmx = _mm256_set1_ps(mx);
-            for (; i + 8 <= nc; i += 8) _mm256_storeu_ps(s + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), vmx)));
-#endif
-            for (; i < nc; i++) s[i] = expf(s[i] - mx);
-            for (i = 0; i < nc; i++) {
-                const float p = s[i];
-                const float *vc = v + (c0 + cell[i]) * vs0 + j * vs1;
-                sum += p;
-                if (vs2 == 1) {
-#pragma omp simd
-                    for (int64_t e = 0; e < dv; e++) acc[e] += p * vc[e];
-                } else {
-                    for (int64_t e = 0; e < dv; e++) acc[e] += p * vc[e * vs2];
-                }
-            }
-        }
-        float *o = out + t * os0 + h * os1;
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        for (int64_t e = 0; e < dv; e++) o[e] = acc[e] * inv;
     }
 }
 

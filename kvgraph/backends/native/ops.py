@@ -13,17 +13,16 @@ F4 = 4      # bytes per float32 / int32
 OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale"})  # for_node's
 
 
-def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray], attn_max_tokens: int | None = None):
+def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
     """The C kernel for graph node t (its output buffer and its sources as numpy arrays), or None when its op
-    has none here (matmuls, state writes and the fused norm x weight are bound by the compilers).
-    attn_max_tokens: leave attention over longer ubatches to the caller (None: take every ubatch)."""
+    has none here (matmuls, state writes and the fused norm x weight are bound by the compilers)."""
     if t.op == "rms_norm":
         return rms_norm(srcs[0], None, t.p["eps"], out)
     if t.op in ("swiglu", "geglu"):
         return gated(t.op, srcs[0], srcs[1], out)
     if t.op == "rope":
         return rope(srcs[0], srcs[1], out, t.p["n_dims"], rope_inv_freq(t.p), t.p["neox"])
-    if t.op == "flash_attn" and (attn_max_tokens is None or t.shape[0] <= attn_max_tokens):
+    if t.op == "flash_attn":
         return attention(*srcs, t.p["scale"], out)
     if t.op == "add":
         return add(*srcs, out)
