@@ -81,18 +81,52 @@ def _q4_1(raw: np.ndarray):
     return _nibbles(blocks[..., 4:]), _f16(blocks, 0)[..., 0], _f16(blocks, 2)[..., 0]
 
 
-def _q4_k(raw: np.ndarray):
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, 144)
-    d, dmin = _f16(blocks, 0), _f16(blocks, 2)                   # [rows, nb, 1]
-    s = blocks[..., 4:16]                                       # 12 bytes of packed 6-bit scales and mins
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 bytes of packed 6-bit scales and mins -> (sc, mn) uint8 [..., 8] (gguf's get_scale_min)."""
     sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
     mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
-    scale = d * sc.astype(np.float32)                           # [rows, nb, 8], as gguf computes it
-    low = -(dmin * mn.astype(np.float32))
-    qs = blocks[..., 16:].reshape(rows, -1, 4, 32)              # 4 chunks of 32 bytes = 2 sub-blocks each
-    q = np.stack([qs & 0x0F, qs >> 4], axis=3)                  # [rows, nb, 4, 2, 32]: low nibbles first
-    return q.reshape(rows, -1, GROUP), scale.reshape(rows, -1), low.reshape(rows, -1)
+    return sc, mn
+
+
+def _k_nibbles(qs: np.ndarray, rows: int) -> np.ndarray:
+    """128 bytes per super-block: 4 chunks of 32 bytes, each the low nibbles of one sub-block and the high
+    nibbles of the next -> [rows, nb * 256] in order."""
+    qs = qs.reshape(rows, -1, 4, 32)
+    return np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(rows, -1)
+
+
+def kquant_parts(raw: np.ndarray, type_name: str) -> dict[str, np.ndarray]:
+    """A Q4_K / Q5_K / Q6_K matrix's blocks as they are stored (raw bytes [rows, bytes_per_row]):
+    q uint8 [rows, K] (Q4_K 0..15, Q5_K 0..31, Q6_K 0..63), the super-blocks' float16 d (and dmin) [rows, nb],
+    and the sub-block scales: sc, mn uint8 [rows, nb * 8] (Q4_K / Q5_K), sc int8 [rows, nb * 16] (Q6_K).
+    gguf: Q4_K / Q5_K  w = (d sc) q - dmin mn;  Q6_K  w = (d sc) (q - 32)."""
+    rows = raw.shape[0]
+    if type_name == "Q6_K":
+        b = raw.reshape(rows, -1, 210)
+        ql = b[..., :128].reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
+        ql = (ql & 0x0F).reshape(rows, -1, 4, 32)
+        qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+        qh = (qh & 0x03).reshape(rows, -1, 4, 32)
+        q = (ql.reshape(rows, -1, 8, 32) | (qh.reshape(rows, -1, 8, 32) << 4)).reshape(rows, -1)
+        return {"q": q, "d": b[..., 208:210].copy().view(np.float16)[..., 0],
+                "sc": np.ascontiguousarray(b[..., 192:208]).view(np.int8).reshape(rows, -1)}
+    size = 144 if type_name == "Q4_K" else 176
+    b = raw.reshape(rows, -1, size)
+    sc, mn = _k_scales(b[..., 4:16])
+    q = _k_nibbles(b[..., size - 128:], rows)
+    if type_name == "Q5_K":
+        qh = b[..., 16:48].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)
+        q |= ((qh & 1) << 4).reshape(rows, -1)
+    return {"q": q, "d": b[..., 0:2].copy().view(np.float16)[..., 0], "dmin": b[..., 2:4].copy().view(np.float16)[..., 0],
+            "sc": sc.reshape(rows, -1), "mn": mn.reshape(rows, -1)}
+
+
+def _q4_k(raw: np.ndarray):
+    p = kquant_parts(raw, "Q4_K")
+    rows, nb = p["d"].shape
+    scale = p["d"].astype(np.float32)[..., None] * p["sc"].reshape(rows, nb, 8).astype(np.float32)
+    low = -(p["dmin"].astype(np.float32)[..., None] * p["mn"].reshape(rows, nb, 8).astype(np.float32))
+    return p["q"].reshape(rows, -1, GROUP), scale.reshape(rows, -1), low.reshape(rows, -1)
 
 
 _INT4 = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q4_K": _q4_k}
@@ -115,6 +149,7 @@ def _q5_1(raw: np.ndarray):
 
 
 INT5_TYPES = frozenset({"Q5_0", "Q5_1"})
+KQUANT_TYPES = frozenset({"Q4_K", "Q5_K", "Q6_K"})
 _BLOCKS = {**_INT4, "Q5_0": _q5_0, "Q5_1": _q5_1}
 
 
@@ -139,6 +174,14 @@ def int4_groups(data: np.ndarray, type_name: str, chunk_rows: int | None = None
     i.e. scale = d and zero = m + 8 d (exactly 0 for Q4_0)."""
     for r0, q, d, m in int4_blocks(data, type_name, chunk_rows):
         yield r0, q, d, m + np.float32(8) * d
+
+
+def kquant_blocks(data: np.ndarray, type_name: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Row chunks of a K-quant matrix as (first row, kquant_parts)."""
+    for r0 in range(0, data.shape[0], CHUNK_ROWS):
+        part = data[r0: r0 + CHUNK_ROWS]
+        yield r0, kquant_parts(np.ascontiguousarray(part), type_name)
+        release_pages(part)
 
 
 def dequant_rows(data: np.ndarray, type_name: str, shape: tuple[int, ...], chunk_rows: int | None = None

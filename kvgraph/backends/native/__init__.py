@@ -40,7 +40,8 @@ ISA_FLAGS = {
 }
 ISAS = tuple(ISA_FLAGS)
 ISA_NAMES = {"portable": "portable C", "avx2": "AVX2", "avx512": "AVX-512 VNNI"}
-KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_rms_norm",
+KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_matmul_q4k",
+           "kvg_matmul_q5k", "kvg_matmul_q6k", "kvg_rms_norm",
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows")
 
 _lib: ctypes.CDLL | None = None
@@ -289,9 +290,15 @@ def f16_exact(x: np.ndarray) -> bool:
 
 
 TR = 16                                   # weight rows per tile
-# format -> (bytes per group record, where d starts, scale dtype, whether m follows d); see kernels.c
-FORMATS = {"q4h": (320, 256, np.float16, True), "q4": (384, 256, np.float32, True),
-           "q5h": (384, 320, np.float16, True), "q8": (544, 512, np.float16, False)}
+# format -> (bytes per group record, bytes of a super-block header: K-quants keep 8 records per super-block
+# after a header of its float16 scales); the record layouts are kernels.c's
+FORMATS = {"q4h": (320, 0), "q4": (384, 0), "q5h": (384, 0), "q8": (544, 0), "q4k": (288, 64), "q5k": (352, 64),
+           "q6k": (416, 32)}
+
+
+def tile_bytes(fmt: str, k: int) -> int:
+    rec, hdr = FORMATS[fmt]
+    return k // QK * rec + k // 256 * hdr
 
 
 def _padded(a: np.ndarray) -> np.ndarray:
@@ -301,65 +308,120 @@ def _padded(a: np.ndarray) -> np.ndarray:
 
 
 def _chunk_vectors(q: np.ndarray) -> np.ndarray:
-    """[N, K] bytes (N a multiple of TR) -> [T, G, 8, 64]: chunk vector c of group g of tile t holds weights
-    4c..4c+3 of the group for each of the tile's rows i, at bytes 4i..4i+3."""
+    """[N, K] bytes -> [T, G, 8, 64] (rows padded to whole tiles): chunk vector c of group g of tile t holds
+    weights 4c..4c+3 of the group for each of the tile's rows i, at bytes 4i..4i+3."""
+    q = _padded(q)
     n, k = q.shape
     return q.reshape(n // TR, TR, k // QK, 8, 4).transpose(0, 2, 3, 1, 4).reshape(n // TR, k // QK, 8, 4 * TR)
 
 
 def _tile_scales(d: np.ndarray, dtype) -> np.ndarray:
-    """[N, G] -> [T, G, TR * itemsize] bytes: each group's scales of the tile's rows."""
-    n, g = d.shape
-    s = np.ascontiguousarray(d.astype(dtype).reshape(n // TR, TR, g).transpose(0, 2, 1))
-    return s.view(np.uint8)
+    """[N, B] -> [T, B, TR * itemsize] bytes: each block's values for the tile's rows."""
+    d = _padded(np.asarray(d))
+    n, b = d.shape
+    return np.ascontiguousarray(d.astype(dtype).reshape(n // TR, TR, b).transpose(0, 2, 1)).view(np.uint8)
 
 
-def _records(parts: list[np.ndarray]) -> np.ndarray:
+def _records(parts: list[np.ndarray], header: list[np.ndarray] | None = None) -> np.ndarray:
+    """Per-group parts [T, G, ...] -> tiles [T, bytes]; with a header ([T, G / 8, ...] parts), each super-block
+    of eight records follows its header."""
     t, g = parts[0].shape[:2]
-    return np.ascontiguousarray(np.concatenate([p.reshape(t, g, -1) for p in parts], axis=2).reshape(t, -1))
+    rec = np.concatenate([p.reshape(t, g, -1) for p in parts], axis=2)
+    if header is not None:
+        hdr = np.concatenate([h.reshape(t, g // 8, -1) for h in header], axis=2)
+        rec = np.concatenate([hdr, rec.reshape(t, g // 8, -1)], axis=2)
+    return np.ascontiguousarray(rec.reshape(t, -1))
+
+
+def _nibbles(cv: np.ndarray) -> np.ndarray:
+    """Chunk vectors' low four bits, 0-3 in the low nibbles of four 64-byte blocks and 4-7 in the high."""
+    return (cv[:, :, :4] & 15) | ((cv[:, :, 4:] & 15) << 4)
+
+
+def _fifth_bits(cv: np.ndarray) -> np.ndarray:
+    """Bit 4 of every byte of the chunk vectors: 64 bits per chunk vector (bit b = byte b)."""
+    return np.packbits((cv >> 4) & 1, axis=3, bitorder="little")
 
 
 def pack_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool) -> np.ndarray:
     """q uint8 [N, K] in [0, 15], d / m float32 [N, K/32] (w = q d + m) -> Q4 tiles [ceil(N/16), bytes] uint8,
     scales as float16 when half (the caller checks f16_exact) else float32."""
-    cv = _chunk_vectors(_padded(q))
     sdt = np.float16 if half else np.float32
-    return _records([cv[:, :, :4] | (cv[:, :, 4:] << 4), _tile_scales(_padded(d), sdt), _tile_scales(_padded(m), sdt)])
+    return _records([_nibbles(_chunk_vectors(q)), _tile_scales(d, sdt), _tile_scales(m, sdt)])
 
 
 def pack_q5(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     """q uint8 [N, K] in [0, 31], d / m float16-exact float32 [N, K/32] (w = q d + m) -> Q5 tiles: Q4's nibbles
-    of the low four bits, the fifth bits (64 per chunk vector, bit b = byte b), then float16 scales."""
-    cv = _chunk_vectors(_padded(q))
-    nib = (cv[:, :, :4] & 15) | ((cv[:, :, 4:] & 15) << 4)
-    bits = np.packbits(cv >> 4, axis=3, bitorder="little")
-    return _records([nib, bits, _tile_scales(_padded(d), np.float16), _tile_scales(_padded(m), np.float16)])
+    of the low four bits, the fifth bits, then float16 scales."""
+    cv = _chunk_vectors(q)
+    return _records([_nibbles(cv), _fifth_bits(cv), _tile_scales(d, np.float16), _tile_scales(m, np.float16)])
 
 
 def pack_q8(q: np.ndarray, d: np.ndarray) -> np.ndarray:
     """q int8 [N, K], d float16 [N, K/32] (w = q d) -> Q8 tiles."""
-    return _records([_chunk_vectors(_padded(q).view(np.uint8)), _tile_scales(_padded(d), np.float16)])
+    return _records([_chunk_vectors(q.view(np.uint8)), _tile_scales(d, np.float16)])
 
 
-def unpack(tiles: np.ndarray, fmt: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The inverse of pack_*: (q [n, K] int32, d [n, K/32] float32, m or None)."""
-    rec, doff, sdt, has_m = FORMATS[fmt]
+def pack_kquant(fmt: str, p: dict[str, np.ndarray]) -> np.ndarray:
+    """A K-quant matrix's parts (quant_repack.kquant_parts) -> "q4k" / "q5k" / "q6k" tiles, the file's own
+    numbers: 6-bit q plus int8 scales per 16 (Q6_K), 4/5-bit q plus 6-bit sc / mn per 32 (Q4_K / Q5_K),
+    float16 super-block scales."""
+    cv = _chunk_vectors(p["q"])
+    if fmt == "q6k":
+        hi = cv >> 4
+        planes = [hi[:, :, 4 * i] | (hi[:, :, 4 * i + 1] << 2) | (hi[:, :, 4 * i + 2] << 4) | (hi[:, :, 4 * i + 3] << 6)
+                  for i in (0, 1)]
+        sc = _tile_scales(p["sc"].view(np.uint8), np.uint8)           # [T, 2G, 16]: sub-blocks A, B of each group
+        return _records([_nibbles(cv), *planes, sc.reshape(sc.shape[0], -1, 2 * TR)], [_tile_scales(p["d"], np.float16)])
+    parts = [_nibbles(cv)] + ([_fifth_bits(cv)] if fmt == "q5k" else [])
+    parts += [_tile_scales(p["sc"], np.uint8), _tile_scales(p["mn"], np.uint8)]
+    return _records(parts, [_tile_scales(p["d"], np.float16), _tile_scales(p["dmin"], np.float16)])
+
+
+def dequantize_tiles(tiles: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
+    """The float32 weights [n, K] that tiles of format fmt hold, computed as gguf computes them."""
+    rec, hdr = FORMATS[fmt]
     t, g = tiles.shape[0], k // QK
-    r = tiles.reshape(t, g, rec)
-    if fmt == "q8":
-        cv = r[:, :, :512].view(np.int8).reshape(t, g, 8, 4 * TR).astype(np.int32)
+    if hdr:
+        r = tiles.reshape(t, g // 8, hdr + 8 * rec)
+        head, recs = r[:, :, :hdr], r[:, :, hdr:].reshape(t, g, rec)
     else:
-        nib = r[:, :, :256].reshape(t, g, 4, 4 * TR)
-        cv = np.concatenate([nib & 15, nib >> 4], axis=2).astype(np.int32)
-        if fmt == "q5h":
-            cv |= np.unpackbits(r[:, :, 256:320].reshape(t, g, 8, 8), axis=3, bitorder="little").astype(np.int32) << 4
-    q = cv.reshape(t, g, 8, TR, 4).transpose(0, 3, 1, 2, 4).reshape(t * TR, k)[:n]
-    size = TR * np.dtype(sdt).itemsize
+        head, recs = None, tiles.reshape(t, g, rec)
 
-    def scales(off: int) -> np.ndarray:
-        s = np.ascontiguousarray(r[:, :, off: off + size]).view(sdt).astype(np.float32)
-        return s.transpose(0, 2, 1).reshape(t * TR, g)[:n]
-    return q, scales(doff), scales(doff + size) if has_m else None
+    def rows(a: np.ndarray, dtype) -> np.ndarray:
+        """[T, B, TR * itemsize] bytes -> [n, B] values"""
+        v = np.ascontiguousarray(a).view(dtype)
+        return v.transpose(0, 2, 1).reshape(t * TR, -1)[:n]
+
+    if fmt == "q8":
+        cv = recs[:, :, :512].view(np.int8).reshape(t, g, 8, 4 * TR).astype(np.int32)
+    else:
+        nib = recs[:, :, :256].reshape(t, g, 4, 4 * TR)
+        cv = np.concatenate([nib & 15, nib >> 4], axis=2).astype(np.int32)
+        if fmt in ("q5h", "q5k"):
+            cv |= np.unpackbits(recs[:, :, 256:320].reshape(t, g, 8, 8), axis=3, bitorder="little").astype(np.int32) << 4
+        if fmt == "q6k":
+            planes = recs[:, :, 256:384].reshape(t, g, 2, 1, 4 * TR) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)
+            cv |= ((planes & 3).reshape(t, g, 8, 4 * TR)).astype(np.int32) << 4
+    q = cv.reshape(t, g, 8, TR, 4).transpose(0, 3, 1, 2, 4).reshape(t * TR, k)[:n].astype(np.float32)
+    f32 = np.float32
+    if fmt == "q6k":
+        d = rows(head[:, :, :32], np.float16).astype(f32)                              # [n, K/256]
+        sc = rows(recs[:, :, 384:416].reshape(t, 2 * g, TR), np.int8).astype(f32)    # [n, K/16]
+        scale = np.repeat(d, 16, axis=1) * sc
+        return (scale[..., None] * (q - f32(32)).reshape(n, -1, 16)).reshape(n, k)
+    if fmt in ("q4k", "q5k"):
+        so = 320 if fmt == "q5k" else 256
+        d, dmin = (np.repeat(rows(head[:, :, o: o + 32], np.float16).astype(f32), 8, axis=1) for o in (0, 32))
+        scale = d * rows(recs[:, :, so: so + 16], np.uint8).astype(f32)
+        low = dmin * rows(recs[:, :, so + 16: so + 32], np.uint8).astype(f32)
+        return (scale[..., None] * q.reshape(n, g, QK) - low[..., None]).reshape(n, k)
+    sdt, so = (np.float32, 256) if fmt == "q4" else (np.float16, {"q4h": 256, "q5h": 320, "q8": 512}[fmt])
+    size = TR * np.dtype(sdt).itemsize
+    w = q.reshape(n, g, QK) * rows(recs[:, :, so: so + size], sdt).astype(f32)[..., None]
+    if fmt != "q8":
+        w = w + rows(recs[:, :, so + size: so + 2 * size], sdt).astype(f32)[..., None]
+    return w.reshape(n, k)
 
 
 def quantize_blocks_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,16 @@
  *       bit b = fifth bit of byte b of chunk vector c), then float16 d[16] and m[16] (384 bytes).
  *   Q8 (from Q8_0 exact, other types re-quantized per block):  w = q * d, the eight chunk vectors as int8
  *       (512 bytes), then float16 d[16] (544 bytes).
- * Activations (quantize_q8): per block of 32, d = max|x| / 127, q = round(x / d), i = sum(q), s = d * i.
+ *   K-quants, the file's own numbers: super-blocks of 8 groups, each a header of float16 scales for the 16
+ *   rows, then its 8 records.
+ *     "q4k" (Q4_K):  w = (d sc) q - dmin mn.  Header d[16], dmin[16]; record: Q4's 256 bytes of nibbles, then
+ *       uint8 sc[16] and mn[16] (288 bytes).
+ *     "q5k" (Q5_K):  the same with Q5's fifth-bit plane after the nibbles (352 bytes).
+ *     "q6k" (Q6_K):  w = (d sc) (q - 32), q in [0, 63], sc int8 per 16 weights.  Header d[16]; record: the
+ *       low four bits as Q4's nibbles, then two 64-byte planes of the two high bits (plane p, bits 2i..2i+1 of
+ *       byte b: chunk vector 4p + i), then int8 sc[16] of weights 0-15 and sc[16] of 16-31 (416 bytes).
+ * Activations (quantize_q8): per block of 32, d = max|x| / 127, q = round(x / d), s = d * sum(q), and the
+ * integer sums of q over each half block (h).
  */
 #include <math.h>
 #include <stdint.h>
@@ -78,13 +87,13 @@ static inline float h2f(uint16_t h) {          /* IEEE half -> float, exact */
 }
 
 /* ---- activations -------------------------------------------------------------------------------------- */
-/* a: x, M, K, ldx (floats), xq (int8 [M, K]), xd (float [M, G]), xs (float [M, G]), xi (int32 [M, G]) */
+/* a: x, M, K, ldx (floats), xq (int8 [M, K]), xd (float [M, G]), xs (float [M, G]), xh (int32 [M, 2G]) */
 void kvg_quantize_q8(const int64_t *a) {
     const float *x = (const float *)a[0];
     const int64_t m_rows = a[1], k = a[2], ldx = a[3], g_n = k / QK;
     int8_t *xq = (int8_t *)a[4];
     float *xd = (float *)a[5], *xs = (float *)a[6];
-    int32_t *xi = (int32_t *)a[7];
+    int32_t *xh = (int32_t *)a[7];
     for (int64_t m = 0; m < m_rows; m++) {
         const float *xr = x + m * ldx;
         for (int64_t g = 0; g < g_n; g++) {
@@ -108,28 +117,31 @@ void kvg_quantize_q8(const int64_t *a) {
             __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, vid), rnd));
             __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, vid), rnd));
             __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, vid), rnd));
-            __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
-            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-            s4 = _mm_hadd_epi32(s4, s4);
-            s4 = _mm_hadd_epi32(s4, s4);
+            /* the two half sums (elements 0-15, 16-31): lanes 0-3 and 4-7 of lo + hi */
+            __m256i sum = _mm256_hadd_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+            sum = _mm256_hadd_epi32(sum, sum);
+            const int32_t h0 = _mm256_extract_epi32(sum, 0) + _mm256_extract_epi32(sum, 4);
+            const int32_t h1 = _mm256_extract_epi32(sum, 1) + _mm256_extract_epi32(sum, 5);
             __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
             p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256((__m256i *)q, p);
             xd[m * g_n + g] = d;
-            xi[m * g_n + g] = _mm_cvtsi128_si32(s4);
-            xs[m * g_n + g] = d * (float)_mm_cvtsi128_si32(s4);
+            xh[m * 2 * g_n + 2 * g] = h0;
+            xh[m * 2 * g_n + 2 * g + 1] = h1;
+            xs[m * g_n + g] = d * (float)(h0 + h1);
 #else
             float amax = 0.0f;
             for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
             const float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
-            int sum = 0;
+            int sum[2] = {0, 0};
             for (int j = 0; j < QK; j++) {
                 q[j] = (int8_t)nearbyintf(v[j] * id);
-                sum += q[j];
+                sum[j / 16] += q[j];
             }
             xd[m * g_n + g] = d;
-            xi[m * g_n + g] = sum;
-            xs[m * g_n + g] = d * (float)sum;
+            xh[m * 2 * g_n + 2 * g] = sum[0];
+            xh[m * 2 * g_n + 2 * g + 1] = sum[1];
+            xs[m * g_n + g] = d * (float)(sum[0] + sum[1]);
 #endif
         }
     }
@@ -143,11 +155,25 @@ void kvg_quantize_q8(const int64_t *a) {
  * Output rows may be split into segments written to different buffers (a fused q/k/v matmul writes each
  * member's columns straight into that member's output); segments hold whole tiles. */
 #define TR 16
-enum { F_Q4H, F_Q4F, F_Q5H, F_Q8 };
-/* bytes per group (32 weights of each of the tile's 16 rows) and where its scales start */
-#define REC(F) ((F) == F_Q4H ? 320 : (F) == F_Q4F ? 384 : (F) == F_Q5H ? 384 : 544)
-#define DOFF(F) ((F) == F_Q5H ? 320 : (F) == F_Q8 ? 512 : 256)
+enum { F_Q4H, F_Q4F, F_Q5H, F_Q8, F_Q4K, F_Q5K, F_Q6K };
+/* Bytes per group record (32 weights of each of the tile's 16 rows). K-quant records come eight to a
+ * super-block, after a header holding the super-block's float16 scales for the 16 rows. */
+#define REC(F) ((F) == F_Q4H ? 320 : (F) == F_Q4F ? 384 : (F) == F_Q5H ? 384 : (F) == F_Q8 ? 544 \
+                : (F) == F_Q4K ? 288 : (F) == F_Q5K ? 352 : 416)
+#define HDR(F) ((F) == F_Q4K || (F) == F_Q5K ? 64 : (F) == F_Q6K ? 32 : 0)
+#define FIFTH(F) ((F) == F_Q5H || (F) == F_Q5K)         /* a plane of fifth bits at byte 256 */
+#define KQ(F) (HDR(F) != 0)
+#define DOFF(F) ((F) == F_Q5H ? 320 : (F) == F_Q8 ? 512 : 256)   /* d[16] (Q4K / Q5K: sc[16], then mn[16]) */
 #define MOFF(F) (DOFF(F) + ((F) == F_Q4F ? 64 : 32))
+#define KSC(F) ((F) == F_Q5K ? 320 : 256)                /* Q4K / Q5K: where sc[16] (u8) starts; mn[16] follows */
+
+static inline const uint8_t *hdr_at(const uint8_t *t, int64_t g, const int F) {
+    return t + (g >> 3) * (HDR(F) + 8 * REC(F));
+}
+
+static inline const uint8_t *rec_at(const uint8_t *t, int64_t g, const int F) {
+    return KQ(F) ? hdr_at(t, g, F) + HDR(F) + (g & 7) * REC(F) : t + g * REC(F);
+}
 
 #ifndef M_TILE /* activation rows per pass over a tile (prefill / batched decode), <= 4 */
 #define M_TILE 4
@@ -162,17 +188,38 @@ static inline int32_t ld32(const void *p) {
     return v;
 }
 
+/* tile_dot: one tile against MB activation rows, res[j * 16 + r] = dot(row r, activation j). xh: each
+ * activation block's half sums (int32 [M, 2G]: elements 0-15, 16-31), for the offsets that integer dots
+ * with unsigned weights leave (Q8's +128, Q6_K's -32). */
 #if KVG_AVX512
-/* One tile against MB activation rows: res[j * 16 + r] = dot(row r, activation j). */
+static inline __m512 cvt_u8(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+static inline __m512 cvt_i8(const uint8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+static inline __m512 cvt_h16(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+/* Q6_K's two high bits of chunk vector c (c < 4 in H0, the rest in H1, two bits each) at bits 4-5 */
+static inline __m512i q6_high(__m512i h, int c) {
+    const __m512i m = _mm512_set1_epi8(0x30);
+    switch (c & 3) {
+    case 0: return _mm512_and_si512(_mm512_slli_epi16(h, 4), m);
+    case 1: return _mm512_and_si512(_mm512_slli_epi16(h, 2), m);
+    case 2: return _mm512_and_si512(h, m);
+    default: return _mm512_and_si512(_mm512_srli_epi16(h, 2), m);
+    }
+}
+
 static inline __attribute__((always_inline)) void tile_dot(
         const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t k, const float *xd, const float *xs,
-        const int32_t *xi, const int F, const int MB, float *res) {
+        const int32_t *xh, const int F, const int MB, float *res) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80), b16 = _mm512_set1_epi8(16);
-    __m512 acc[4];
+    __m512 acc[4], sd = _mm512_setzero_ps(), smin = _mm512_setzero_ps();
     for (int j = 0; j < MB; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t g = 0; g < g_n; g++) {
-        const uint8_t *r = t + g * REC(F);
+        const uint8_t *r = rec_at(t, g, F);
         for (int off = 0; off < REC(F); off += 64) _mm_prefetch((const char *)(r + PREFETCH_BYTES + off), _MM_HINT_T0);
+        if (KQ(F) && (g & 7) == 0) {     /* a new super-block: its scales for the 16 rows */
+            sd = cvt_h16(hdr_at(t, g, F));
+            if (F != F_Q6K) smin = cvt_h16(hdr_at(t, g, F) + 32);
+        }
         __m512i v[8];
         if (F == F_Q8) {          /* int8 weights made unsigned (+128); the 128 * sum(x) this adds is taken back */
 #pragma GCC unroll 8
@@ -184,7 +231,7 @@ static inline __attribute__((always_inline)) void tile_dot(
                 v[c] = _mm512_and_si512(l, m4);
                 v[c + 4] = _mm512_and_si512(_mm512_srli_epi16(l, 4), m4);
             }
-            if (F == F_Q5H) {
+            if (FIFTH(F)) {
 #pragma GCC unroll 8
                 for (int c = 0; c < 8; c++) {
                     uint64_t bits;
@@ -192,25 +239,53 @@ static inline __attribute__((always_inline)) void tile_dot(
                     v[c] = _mm512_mask_add_epi8(v[c], _cvtu64_mask64(bits), v[c], b16);
                 }
             }
+            if (F == F_Q6K) {
+                const __m512i h0 = _mm512_loadu_si512(r + 256), h1 = _mm512_loadu_si512(r + 320);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) {
+                    v[c] = _mm512_or_si512(v[c], q6_high(h0, c));
+                    v[c + 4] = _mm512_or_si512(v[c + 4], q6_high(h1, c));
+                }
+            }
         }
-        const __m512 d16 = F == F_Q4F ? _mm512_loadu_ps(r + DOFF(F))
-                                      : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + DOFF(F))));
-        __m512 m16 = _mm512_setzero_ps();
-        if (F != F_Q8)
-            m16 = F == F_Q4F ? _mm512_loadu_ps(r + MOFF(F))
-                             : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(r + MOFF(F))));
+        __m512 d16, m16 = _mm512_setzero_ps(), e16 = _mm512_setzero_ps();
+        if (F == F_Q4F) {
+            d16 = _mm512_loadu_ps(r + DOFF(F));
+            m16 = _mm512_loadu_ps(r + MOFF(F));
+        } else if (F == F_Q4K || F == F_Q5K) {        /* d * sc and -(dmin * mn), as gguf computes them */
+            d16 = _mm512_mul_ps(sd, cvt_u8(r + KSC(F)));
+            m16 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(smin, cvt_u8(r + KSC(F) + 16)));
+        } else if (F == F_Q6K) {                      /* d * sc of the group's two sub-blocks of 16 */
+            d16 = _mm512_mul_ps(sd, cvt_i8(r + 384));
+            e16 = _mm512_mul_ps(sd, cvt_i8(r + 400));
+        } else {
+            d16 = cvt_h16(r + DOFF(F));
+            if (F != F_Q8) m16 = cvt_h16(r + MOFF(F));
+        }
 #pragma GCC unroll 4
         for (int j = 0; j < MB; j++) {
             const int8_t *x = xq + j * k + QK * g;
-            __m512i s0 = F == F_Q8 ? _mm512_set1_epi32(-128 * xi[j * g_n + g]) : _mm512_setzero_si512();
+            const int32_t h0 = xh[j * 2 * g_n + 2 * g], h1 = xh[j * 2 * g_n + 2 * g + 1];
+            const __m512 xdj = _mm512_set1_ps(xd[j * g_n + g]);
+            if (F == F_Q6K) {     /* q in [0, 63], w = d sc (q - 32): each half's 32 * sum(x) taken back */
+                __m512i s0 = _mm512_set1_epi32(-32 * h0), s1 = _mm512_set1_epi32(-32 * h1);
+#pragma GCC unroll 4
+                for (int c = 0; c < 4; c++) {
+                    s0 = _mm512_dpbusd_epi32(s0, v[c], _mm512_set1_epi32(ld32(x + 4 * c)));
+                    s1 = _mm512_dpbusd_epi32(s1, v[c + 4], _mm512_set1_epi32(ld32(x + 16 + 4 * c)));
+                }
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_mul_ps(d16, xdj), acc[j]);
+                acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_mul_ps(e16, xdj), acc[j]);
+                continue;
+            }
+            __m512i s0 = F == F_Q8 ? _mm512_set1_epi32(-128 * (h0 + h1)) : _mm512_setzero_si512();
             __m512i s1 = _mm512_setzero_si512();
 #pragma GCC unroll 4
             for (int c = 0; c < 8; c += 2) {
                 s0 = _mm512_dpbusd_epi32(s0, v[c], _mm512_set1_epi32(ld32(x + 4 * c)));
                 s1 = _mm512_dpbusd_epi32(s1, v[c + 1], _mm512_set1_epi32(ld32(x + 4 * c + 4)));
             }
-            const __m512 sc = _mm512_mul_ps(d16, _mm512_set1_ps(xd[j * g_n + g]));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[j]);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(d16, xdj), acc[j]);
             if (F != F_Q8) acc[j] = _mm512_fmadd_ps(m16, _mm512_set1_ps(xs[j * g_n + g]), acc[j]);
         }
     }
@@ -225,20 +300,46 @@ static inline __m256i fifth_bits(const uint8_t *p) {
     return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
 }
 
+static inline __m256i q6_high(__m256i h, int c) {
+    const __m256i m = _mm256_set1_epi8(0x30);
+    switch (c & 3) {
+    case 0: return _mm256_and_si256(_mm256_slli_epi16(h, 4), m);
+    case 1: return _mm256_and_si256(_mm256_slli_epi16(h, 2), m);
+    case 2: return _mm256_and_si256(h, m);
+    default: return _mm256_and_si256(_mm256_srli_epi16(h, 2), m);
+    }
+}
+
+static inline __m256 cvt_u8x8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+static inline __m256 cvt_i8x8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+static inline __m256 cvt_h8(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* maddubs of n consecutive chunk vectors from c0 against their activation bytes, summed as int16 (the
+ * caller keeps n within int16: Q4 eight deep, Q5 four, Q6 two) and widened to int32 */
+static inline __attribute__((always_inline)) __m256i dot_chunks(const __m256i *v, const int8_t *x, int c0, int n) {
+    __m256i p = _mm256_maddubs_epi16(v[c0], _mm256_set1_epi32(ld32(x + 4 * c0)));
+    for (int c = c0 + 1; c < c0 + n; c++) p = _mm256_add_epi16(p, _mm256_maddubs_epi16(v[c], _mm256_set1_epi32(ld32(x + 4 * c))));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
 /* The same layout eight rows at a time (the two 32-byte halves of every chunk vector). maddubs leaves
- * int16 pairs; Q4's (at most 2 * 15 * 127) can be summed eight deep before widening, Q5's four deep, and
- * Q8 (sign trick, up to 2 * 127 * 127) widens each. */
+ * int16 pairs, summed as deep as their range allows before widening; Q8 uses the sign trick. */
 static inline __attribute__((always_inline)) void tile_dot(
         const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t k, const float *xd, const float *xs,
-        const int32_t *xi, const int F, const int MB, float *res) {
-    (void)xi;
+        const int32_t *xh, const int F, const int MB, float *res) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[2][4];
+    __m256 acc[2][4], sd[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, smin[2] = {sd[0], sd[0]};
     for (int h = 0; h < 2; h++)
         for (int j = 0; j < MB; j++) acc[h][j] = _mm256_setzero_ps();
     for (int64_t g = 0; g < g_n; g++) {
-        const uint8_t *r = t + g * REC(F);
+        const uint8_t *r = rec_at(t, g, F);
         for (int off = 0; off < REC(F); off += 64) _mm_prefetch((const char *)(r + PREFETCH_BYTES + off), _MM_HINT_T0);
+        if (KQ(F) && (g & 7) == 0) {
+            for (int h = 0; h < 2; h++) {
+                sd[h] = cvt_h8(hdr_at(t, g, F) + 16 * h);
+                if (F != F_Q6K) smin[h] = cvt_h8(hdr_at(t, g, F) + 32 + 16 * h);
+            }
+        }
 #pragma GCC unroll 2
         for (int h = 0; h < 2; h++) {
             __m256i v[8];
@@ -252,37 +353,50 @@ static inline __attribute__((always_inline)) void tile_dot(
                     v[c] = _mm256_and_si256(l, m4);
                     v[c + 4] = _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
                 }
-                if (F == F_Q5H) {
+                if (FIFTH(F)) {
 #pragma GCC unroll 8
                     for (int c = 0; c < 8; c++) v[c] = _mm256_or_si256(v[c], fifth_bits(r + 256 + 8 * c + 4 * h));
                 }
+                if (F == F_Q6K) {
+                    const __m256i h0 = _mm256_loadu_si256((const __m256i *)(r + 256 + 32 * h));
+                    const __m256i h1 = _mm256_loadu_si256((const __m256i *)(r + 320 + 32 * h));
+#pragma GCC unroll 4
+                    for (int c = 0; c < 4; c++) {
+                        v[c] = _mm256_or_si256(v[c], q6_high(h0, c));
+                        v[c + 4] = _mm256_or_si256(v[c + 4], q6_high(h1, c));
+                    }
+                }
             }
-            const __m256 d8 = F == F_Q4F ? _mm256_loadu_ps((const float *)(r + DOFF(F)) + 8 * h)
-                                         : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + DOFF(F) + 16 * h)));
-            __m256 m8 = _mm256_setzero_ps();
-            if (F != F_Q8)
-                m8 = F == F_Q4F ? _mm256_loadu_ps((const float *)(r + MOFF(F)) + 8 * h)
-                                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + MOFF(F) + 16 * h)));
+            __m256 d8, m8 = _mm256_setzero_ps(), e8 = _mm256_setzero_ps();
+            if (F == F_Q4F) {
+                d8 = _mm256_loadu_ps((const float *)(r + DOFF(F)) + 8 * h);
+                m8 = _mm256_loadu_ps((const float *)(r + MOFF(F)) + 8 * h);
+            } else if (F == F_Q4K || F == F_Q5K) {
+                d8 = _mm256_mul_ps(sd[h], cvt_u8x8(r + KSC(F) + 8 * h));
+                m8 = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(smin[h], cvt_u8x8(r + KSC(F) + 16 + 8 * h)));
+            } else if (F == F_Q6K) {
+                d8 = _mm256_mul_ps(sd[h], cvt_i8x8(r + 384 + 8 * h));
+                e8 = _mm256_mul_ps(sd[h], cvt_i8x8(r + 400 + 8 * h));
+            } else {
+                d8 = cvt_h8(r + DOFF(F) + 16 * h);
+                if (F != F_Q8) m8 = cvt_h8(r + MOFF(F) + 16 * h);
+            }
 #pragma GCC unroll 4
             for (int j = 0; j < MB; j++) {
                 const int8_t *x = xq + j * k + QK * g;
+                const int32_t h0 = xh[j * 2 * g_n + 2 * g], h1 = xh[j * 2 * g_n + 2 * g + 1];
+                const __m256 xdj = _mm256_set1_ps(xd[j * g_n + g]);
+                if (F == F_Q6K) {
+                    const __m256i s0 = _mm256_add_epi32(_mm256_add_epi32(dot_chunks(v, x, 0, 2), dot_chunks(v, x, 2, 2)),
+                                                        _mm256_set1_epi32(-32 * h0));
+                    const __m256i s1 = _mm256_add_epi32(_mm256_add_epi32(dot_chunks(v, x, 4, 2), dot_chunks(v, x, 6, 2)),
+                                                        _mm256_set1_epi32(-32 * h1));
+                    acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), _mm256_mul_ps(d8, xdj), acc[h][j]);
+                    acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), _mm256_mul_ps(e8, xdj), acc[h][j]);
+                    continue;
+                }
                 __m256i s;
-                if (F == F_Q4H || F == F_Q4F) {
-                    __m256i p = _mm256_maddubs_epi16(v[0], _mm256_set1_epi32(ld32(x)));
-#pragma GCC unroll 8
-                    for (int c = 1; c < 8; c++)
-                        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(v[c], _mm256_set1_epi32(ld32(x + 4 * c))));
-                    s = _mm256_madd_epi16(p, ones);
-                } else if (F == F_Q5H) {
-                    __m256i p0 = _mm256_maddubs_epi16(v[0], _mm256_set1_epi32(ld32(x)));
-                    __m256i p1 = _mm256_maddubs_epi16(v[4], _mm256_set1_epi32(ld32(x + 16)));
-#pragma GCC unroll 3
-                    for (int c = 1; c < 4; c++) {
-                        p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(v[c], _mm256_set1_epi32(ld32(x + 4 * c))));
-                        p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(v[c + 4], _mm256_set1_epi32(ld32(x + 16 + 4 * c))));
-                    }
-                    s = _mm256_add_epi32(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones));
-                } else {
+                if (F == F_Q8) {
                     s = _mm256_setzero_si256();
 #pragma GCC unroll 8
                     for (int c = 0; c < 8; c++) {
@@ -290,9 +404,12 @@ static inline __attribute__((always_inline)) void tile_dot(
                         s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(v[c], v[c]),
                                                                                       _mm256_sign_epi8(xb, v[c])), ones));
                     }
+                } else if (FIFTH(F)) {
+                    s = _mm256_add_epi32(dot_chunks(v, x, 0, 4), dot_chunks(v, x, 4, 4));
+                } else {
+                    s = dot_chunks(v, x, 0, 8);
                 }
-                const __m256 sc = _mm256_mul_ps(d8, _mm256_set1_ps(xd[j * g_n + g]));
-                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), sc, acc[h][j]);
+                acc[h][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d8, xdj), acc[h][j]);
                 if (F != F_Q8) acc[h][j] = _mm256_fmadd_ps(m8, _mm256_set1_ps(xs[j * g_n + g]), acc[h][j]);
             }
         }
@@ -308,15 +425,15 @@ static inline float ld_f16(const uint8_t *p, int i) {
 }
 
 /* Portable: the same sums in plain C. Weight e of row i in group g sits in chunk vector c = e / 4 at byte
- * b = 4 i + e % 4 (Q4 / Q5: chunk vectors 0-3 in the low nibbles of the four 64-byte blocks, 4-7 in the
- * high ones; Q5's fifth bit is bit b of the c-th 8-byte word after them). */
+ * b = 4 i + e % 4 (chunk vectors 0-3 in the low nibbles of the four 64-byte blocks, 4-7 in the high ones;
+ * a fifth bit is bit b of the c-th 8-byte word after them; Q6_K's two high bits sit at bits 2 (c % 4) of
+ * byte b of the (c / 4)-th 64-byte block after them). */
 static inline void tile_dot(const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t k, const float *xd,
-                            const float *xs, const int32_t *xi, const int F, const int MB, float *res) {
-    (void)xi;
+                            const float *xs, const int32_t *xh, const int F, const int MB, float *res) {
     for (int j = 0; j < MB; j++)
         for (int i = 0; i < TR; i++) res[TR * j + i] = 0.0f;
     for (int64_t g = 0; g < g_n; g++) {
-        const uint8_t *r = t + g * REC(F);
+        const uint8_t *r = rec_at(t, g, F), *hd = hdr_at(t, g, F);
         for (int i = 0; i < TR; i++) {
             int w[QK];
             for (int e = 0; e < QK; e++) {
@@ -325,49 +442,64 @@ static inline void tile_dot(const uint8_t *t, int64_t g_n, const int8_t *xq, int
                     w[e] = (int8_t)r[64 * c + b];
                 } else {
                     w[e] = (r[64 * (c % 4) + b] >> (c >= 4 ? 4 : 0)) & 15;
-                    if (F == F_Q5H) w[e] |= ((r[256 + 8 * c + b / 8] >> (b % 8)) & 1) << 4;
+                    if (FIFTH(F)) w[e] |= ((r[256 + 8 * c + b / 8] >> (b % 8)) & 1) << 4;
+                    if (F == F_Q6K) w[e] = (w[e] | ((r[256 + 64 * (c / 4) + b] >> (2 * (c % 4))) & 3) << 4) - 32;
                 }
             }
-            float d, m = 0.0f;
+            float d, m = 0.0f, d2 = 0.0f;
             if (F == F_Q4F) {
                 memcpy(&d, r + DOFF(F) + 4 * i, 4);
                 memcpy(&m, r + MOFF(F) + 4 * i, 4);
+            } else if (F == F_Q4K || F == F_Q5K) {
+                d = ld_f16(hd, i) * (float)r[KSC(F) + i];
+                m = -(ld_f16(hd + 32, i) * (float)r[KSC(F) + 16 + i]);
+            } else if (F == F_Q6K) {
+                d = ld_f16(hd, i) * (float)(int8_t)r[384 + i];
+                d2 = ld_f16(hd, i) * (float)(int8_t)r[400 + i];
             } else {
                 d = ld_f16(r + DOFF(F), i);
                 if (F != F_Q8) m = ld_f16(r + MOFF(F), i);
             }
             for (int j = 0; j < MB; j++) {
                 const int8_t *x = xq + j * k + QK * g;
-                int sum = 0;
-                for (int e = 0; e < QK; e++) sum += w[e] * x[e];
-                res[TR * j + i] += (float)sum * (d * xd[j * g_n + g]) + m * xs[j * g_n + g];
+                int sum = 0, sum2 = 0;
+                for (int e = 0; e < QK; e++) {
+                    if (F == F_Q6K && e >= 16) sum2 += w[e] * x[e];
+                    else sum += w[e] * x[e];
+                }
+                const float dx = xd[j * g_n + g];
+                res[TR * j + i] += (float)sum * (d * dx) + (F == F_Q6K ? (float)sum2 * (d2 * dx) : m * xs[j * g_n + g]);
             }
         }
     }
+    (void)xh;
 }
 #endif
 
 /* Each (format, rows) instance fully unrolled, accumulators in registers. */
 #define TILE_CASES(NAME, F)                                                                                 \
     static void NAME(int mb, const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t k, const float *xd,     \
-                     const float *xs, const int32_t *xi, float *res) {                                        \
+                     const float *xs, const int32_t *xh, float *res) {                                        \
         switch (mb) {                                                                                         \
-        case 1: tile_dot(t, g_n, xq, k, xd, xs, xi, F, 1, res); break;                                        \
-        case 2: tile_dot(t, g_n, xq, k, xd, xs, xi, F, 2, res); break;                                        \
-        case 3: tile_dot(t, g_n, xq, k, xd, xs, xi, F, 3, res); break;                                        \
-        default: tile_dot(t, g_n, xq, k, xd, xs, xi, F, 4, res); break;                                       \
+        case 1: tile_dot(t, g_n, xq, k, xd, xs, xh, F, 1, res); break;                                        \
+        case 2: tile_dot(t, g_n, xq, k, xd, xs, xh, F, 2, res); break;                                        \
+        case 3: tile_dot(t, g_n, xq, k, xd, xs, xh, F, 3, res); break;                                        \
+        default: tile_dot(t, g_n, xq, k, xd, xs, xh, F, 4, res); break;                                       \
         }                                                                                                     \
     }
 TILE_CASES(q4h_tiles, F_Q4H)
 TILE_CASES(q4f_tiles, F_Q4F)
 TILE_CASES(q5h_tiles, F_Q5H)
 TILE_CASES(q8_tiles, F_Q8)
+TILE_CASES(q4k_tiles, F_Q4K)
+TILE_CASES(q5k_tiles, F_Q5K)
+TILE_CASES(q6k_tiles, F_Q6K)
 
 typedef void (*tiles_fn)(int, const uint8_t *, int64_t, const int8_t *, int64_t, const float *, const float *,
                          const int32_t *, float *);
 
 /* a: w (tiles), N, K, xq, xd, xs, M, n_seg, seg_end*, seg_out*, bytes per tile (the packed array's own
- * stride, so the layout's size lives in one place: the Python packer), xi (int32 [M, G]: sum of each block's q) */
+ * stride, so the layout's size lives in one place: the Python packer), xh (int32 [M, 2G]) */
 static void matmul(const int64_t *a, tiles_fn tiles) {
     const uint8_t *w = (const uint8_t *)a[0];
     const int64_t n = a[1], k = a[2], m_rows = a[6], n_seg = a[7], tb = a[10], g_n = k / QK;
@@ -375,7 +507,7 @@ static void matmul(const int64_t *a, tiles_fn tiles) {
     const float *xd = (const float *)a[4], *xs = (const float *)a[5];
     const int64_t *seg_end = (const int64_t *)a[8];
     float *const *seg_out = (float *const *)a[9];
-    const int32_t *xi = (const int32_t *)a[11];
+    const int32_t *xh = (const int32_t *)a[11];
     const int64_t n_tiles = (n + TR - 1) / TR;
 #pragma omp parallel for schedule(static)
     for (int64_t ti = 0; ti < n_tiles; ti++) {
@@ -387,7 +519,7 @@ static void matmul(const int64_t *a, tiles_fn tiles) {
         float res[TR * M_TILE];
         for (int64_t m0 = 0; m0 < m_rows; m0 += M_TILE) {
             const int mb = (int)(m_rows - m0 < M_TILE ? m_rows - m0 : M_TILE);
-            tiles(mb, w + ti * tb, g_n, xq + m0 * k, k, xd + m0 * g_n, xs + m0 * g_n, xi + m0 * g_n, res);
+            tiles(mb, w + ti * tb, g_n, xq + m0 * k, k, xd + m0 * g_n, xs + m0 * g_n, xh + 2 * m0 * g_n, res);
             for (int j = 0; j < mb; j++) memcpy(out + (m0 + j) * ldo, res + TR * j, (size_t)rows * sizeof(float));
         }
     }
@@ -397,6 +529,9 @@ void kvg_matmul_q4h(const int64_t *a) { matmul(a, q4h_tiles); }
 void kvg_matmul_q4(const int64_t *a) { matmul(a, q4f_tiles); }
 void kvg_matmul_q5h(const int64_t *a) { matmul(a, q5h_tiles); }
 void kvg_matmul_q8(const int64_t *a) { matmul(a, q8_tiles); }
+void kvg_matmul_q4k(const int64_t *a) { matmul(a, q4k_tiles); }
+void kvg_matmul_q5k(const int64_t *a) { matmul(a, q5k_tiles); }
+void kvg_matmul_q6k(const int64_t *a) { matmul(a, q6k_tiles); }
 
 /* ---- elementwise and attention kernels (single-threaded unless noted: their work is microseconds) --------- */
 static inline float dotf(const float *a, const float *b, int64_t n) {

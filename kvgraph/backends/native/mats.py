@@ -1,11 +1,12 @@
 """Weights and activations in the native kernels' formats (see kernels.c), and the matmul kernels over them.
 
-* Q4_0 / Q4_1 / Q4_K matrices -> Q4 tiles, exact: w = q d + m per block of 32 (int4_blocks gives d and m
-  exactly as gguf.quants computes them).
-  Scales are stored as float16 when that is exact (Q4_0 / Q4_1 always; 20 bytes per 32 weights, as in
-  the file) and as float32 otherwise (Q4_K's products d * sc; 24 bytes).
+* Q4_0 / Q4_1 matrices -> Q4 tiles, exact: w = q d + m per block of 32 (int4_blocks gives d and m exactly as
+  gguf.quants computes them), scales as float16 (20 bytes per 32 weights, as in the file; float32 in the
+  unlikely case one is not exactly a float16, such as -8 d overflowing).
 * Q5_0 / Q5_1 -> Q5 tiles, exact: Q4's layout plus a plane of fifth bits (24 bytes per 32 weights).
-* Q8_0 -> Q8 tiles, exact (34 bytes per 32 weights). Every other type (Q6_K, Q5_K, F16, ...) is dequantized
+* Q4_K / Q5_K / Q6_K -> their own tile formats, exact, the file's numbers (6-bit scales and mins, float16
+  super-block scales): 4.625 / 5.625 / 6.5625 bits per weight (the file: 4.5 / 5.5 / 6.5625).
+* Q8_0 -> Q8 tiles, exact (34 bytes per 32 weights). Every other type (F16, BF16, Q2_K, ...) is dequantized
   and re-quantized to Q8 per block of 32 (symmetric, as Q8_0 is made): error at most half a step of
   max|w| / 127 per block, as llama.cpp's own Q8_0 files have.
 * Activations are quantized per row and block of 32 to int8 before each matmul (Q8Act), once per source
@@ -15,31 +16,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..quant_repack import CHUNK_ROWS, INT4_TYPES, INT5_TYPES, dequant_rows, int4_blocks, release_pages
-from . import FORMATS, QK, TR, bind, f16_exact, pack_q4, pack_q5, pack_q8, ptr, quantize_blocks_q8, unpack
+from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, INT5_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
+                            release_pages)
+from . import (QK, TR, bind, dequantize_tiles, f16_exact, pack_kquant, pack_q4, pack_q5, pack_q8, ptr, quantize_blocks_q8,
+               tile_bytes)
 
 
 class Q8Act:
-    """An activation [M, K] quantized for the native matmuls: q int8 [M, K]; per block of 32, d float32,
-    i = sum q int32 and s = d * i float32 [M, K/32]."""
+    """An activation [M, K] quantized for the native matmuls: q int8 [M, K]; per block of 32, d and s = d * sum q
+    float32 [M, K/32]; h int32 [M, K/16], the sums of q over each half block."""
 
     def __init__(self, m: int, k: int):
         self.m, self.k = m, k
         self.q = np.empty((m, k), np.int8)
         self.d = np.empty((m, k // QK), np.float32)
         self.s = np.empty((m, k // QK), np.float32)
-        self.i = np.empty((m, k // QK), np.int32)
+        self.h = np.empty((m, 2 * (k // QK)), np.int32)
 
     @property
     def nbytes(self) -> int:
-        return self.q.nbytes + self.d.nbytes + self.s.nbytes + self.i.nbytes
+        return self.q.nbytes + self.d.nbytes + self.s.nbytes + self.h.nbytes
 
     def quantize_kernel(self, x: np.ndarray):
         """Kernel quantizing x (float32 [M, K], rows may be strided) into this buffer."""
         if x.shape != (self.m, self.k) or x.strides[1] != 4:
             raise ValueError(f"quantize: x {x.shape} strides {x.strides} for a [{self.m}, {self.k}] buffer")
         return bind("kvg_quantize_q8", ptr(x), self.m, self.k, x.strides[0] // 4, ptr(self.q), ptr(self.d),
-                    ptr(self.s), ptr(self.i), keep=(x, self))
+                    ptr(self.s), ptr(self.h), keep=(x, self))
 
 
 def _q8_0_blocks(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +60,11 @@ class NativeMat:
     def __init__(self, data: np.ndarray, type_name: str, shape: tuple[int, int]):
         n, k = shape
         self.n, self.k = n, k
+        if type_name in KQUANT_TYPES and k % 256 == 0:
+            self._alloc(type_name.lower().replace("_", ""))
+            for r0, parts in kquant_blocks(data, type_name):
+                self._put(r0, pack_kquant(self.fmt, parts))
+            return
         if type_name in INT4_TYPES:
             self._pack_q4(data, type_name, half=True) or self._pack_q4(data, type_name, half=False)
             return
@@ -74,7 +82,7 @@ class NativeMat:
 
     def _alloc(self, fmt: str) -> None:
         self.fmt = fmt
-        self.tiles = np.empty((-(-self.n // TR), self.k // QK * FORMATS[fmt][0]), np.uint8)
+        self.tiles = np.empty((-(-self.n // TR), tile_bytes(fmt, self.k)), np.uint8)
 
     def _put(self, r0: int, tiles: np.ndarray) -> None:
         self.tiles[r0 // TR: r0 // TR + tiles.shape[0]] = tiles      # chunks start at multiples of TR rows
@@ -121,12 +129,7 @@ class NativeMat:
 
     def dequantize(self) -> np.ndarray:
         """The float32 weight the kernel computes with (for tests)."""
-        q, d, m = unpack(self.tiles, self.fmt, self.n, self.k)
-        g = self.k // QK
-        w = q.reshape(self.n, g, QK) * d[..., None]
-        if m is not None:
-            w = w + m[..., None]
-        return w.reshape(self.n, self.k).astype(np.float32)
+        return dequantize_tiles(self.tiles, self.fmt, self.n, self.k)
 
     def _bind(self, x: Q8Act, outs: list[np.ndarray]):
         ends = np.cumsum([o.shape[-1] for o in outs]).astype(np.int64)
@@ -135,7 +138,7 @@ class NativeMat:
             raise ValueError(f"matmul outputs {[o.shape for o in outs]} for [{x.m}, {self.n}]")
         outp = np.array([ptr(o) for o in outs], np.int64)
         return bind(f"kvg_matmul_{self.fmt}", ptr(self.tiles), self.n, self.k, ptr(x.q), ptr(x.d), ptr(x.s), x.m,
-                    len(outs), ptr(ends), ptr(outp), self.tiles.strides[0], ptr(x.i),
+                    len(outs), ptr(ends), ptr(outp), self.tiles.strides[0], ptr(x.h),
                     keep=(self.tiles, x, outs, ends, outp))
 
     def kernel(self, x: Q8Act, out: np.ndarray):
