@@ -31,13 +31,14 @@ class LLM:
     def __init__(self, model: str | None = None, *, n_ctx: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
                  backend: str | None = None, threads: int | None = None, graph_cache: bool = True,
                  graph_cache_size: int = DEFAULT_CAPACITY, verify_graph_cache: bool = False,
-                 flash_attn: bool | None = None, progress: bool = False):
+                 flash_attn: bool | None = None, cache_type: str | None = None, progress: bool = False):
         from .registry import resolve_model
 
         path = resolve_model(model, progress=progress)
         self.loaded: LoadedModel = load_model(path, get_backend(backend, threads))
         self.ctx = Context(self.loaded, n_ctx=n_ctx, n_ubatch=n_ubatch, graph_cache=graph_cache,
-                           cache_capacity=graph_cache_size, verify=verify_graph_cache, flash_attn=flash_attn)
+                           cache_capacity=graph_cache_size, verify=verify_graph_cache, flash_attn=flash_attn,
+                           cache_type=cache_type)
         self.session = Session(self.ctx, self.tokenizer)
 
     @property

@@ -29,6 +29,7 @@ class BenchRow:
     n_threads: int
     n_ubatch: int
     flash_attn: bool
+    cache_type: str
     graph_cache: bool
     n_prompt: int
     n_gen: int
@@ -208,7 +209,8 @@ PARALLEL_PROMPT = 16
 
 
 def measure_parallel(loaded, n_parallel: int, n_gen: int, reps: int, row: BenchRow, graph_cache: bool,
-                     flash_attn: bool, on_rep: Callable[[], None] | None = None) -> BenchRow:
+                     flash_attn: bool, cache_type: str | None = None,
+                     on_rep: Callable[[], None] | None = None) -> BenchRow:
     """Aggregate decode throughput of n_parallel concurrent streams through the continuous-batching
     scheduler: each request has a 16-token prompt and generates n_gen tokens; t/s counts every stream's
     tokens over the scheduler's decode time (prefill excluded), after one warm-up round."""
@@ -216,7 +218,7 @@ def measure_parallel(loaded, n_parallel: int, n_gen: int, reps: int, row: BenchR
 
     per_seq = PARALLEL_PROMPT + n_gen + 1
     ctx = scheduler_context(loaded, n_parallel, per_seq, n_ubatch=row.n_ubatch, graph_cache=graph_cache,
-                            flash_attn=flash_attn, cache_capacity=16)
+                            flash_attn=flash_attn, cache_type=cache_type, cache_capacity=16)
     vocab = loaded.config.n_vocab
 
     def one_round(seed: int) -> tuple[float, int]:

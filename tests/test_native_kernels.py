@@ -334,6 +334,33 @@ def test_set_rows_writes_rows_columns_and_column_ranges(variant):
     assert np.count_nonzero(wide) == np.count_nonzero(src)
 
 
+def test_float16_cache_writes_round_as_numpy_does(variant):
+    """A float16 KV cache row is numpy's float16 of the float32 row, bit for bit: ties to even, subnormals,
+    overflow to infinity, signed zeros."""
+    edge = np.array([0.0, -0.0, 1.0, 65504.0, 65519.0, 65520.0, -1e6, 6.1e-5, 5.96e-8, 2.98e-8, 1e-9,
+                     1.00048828125, 1.0009765625 + 2 ** -12, 3.14159, -2.71828, 1e-4], np.float32)
+    src = np.concatenate([edge, RNG.standard_normal(48).astype(np.float32) * 100]).reshape(4, 16)
+    idx = np.array([2, 0, 5, 3], np.int32)
+    for transposed in (False, True):
+        dst = np.zeros((16, 6) if transposed else (6, 16), np.float16)
+        native_ops.set_rows(dst, src, idx, transposed, 0)()
+        got = dst[:, idx].T if transposed else dst[idx]
+        with np.errstate(over="ignore"):
+            want = src.astype(np.float16)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_attention_over_a_float16_cache_equals_float32_over_the_same_values(variant):
+    n, nh, nhkv, d, n_kv = 5, 4, 2, 24, 70
+    q = RNG.standard_normal((n, nh, d), dtype=np.float32)
+    k, v = (RNG.standard_normal((n_kv, nhkv, d)).astype(np.float16) for _ in range(2))
+    mask = np.where(RNG.random((n, n_kv)) < 0.2, -np.inf, 0).astype(np.float32)
+    half, single = np.empty((n, nh, d), np.float32), np.empty((n, nh, d), np.float32)
+    native_ops.attention(q, k, v, mask, 0.3, half)()
+    native_ops.attention(q, k.astype(np.float32), v.astype(np.float32), mask, 0.3, single)()
+    np.testing.assert_array_equal(half, single)
+
+
 def test_embedding_rows_of_a_q8_0_table_are_bit_identical_to_gguf(variant):
     raw = gguf.quants.quantize(RNG.standard_normal((50, 96), dtype=np.float32), Q.Q8_0)
     ids, out = np.array([3, 49, 3, 0], np.int32), np.empty((4, 96), np.float32)

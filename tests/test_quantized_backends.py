@@ -108,6 +108,38 @@ def test_native_backend_defaults_to_flash_attention_and_replays_the_layers_as_on
 
 
 @needs_native
+def test_the_kv_cache_is_float16_where_the_c_kernels_run_attention_and_float32_on_request(tmp_path):
+    """llama.cpp's default f16 K/V: half the bytes attention reads per token of context. The transposed
+    (non-flash) V layout, the numpy reference's default and torch without the C kernels stay float32."""
+    from kvgraph.errors import InvalidArgumentError
+
+    path = tmp_path / "t.gguf"
+    write_tiny_llama(path, TinySpec(weight_type="Q4_0"))
+    loaded = load_model(path, get_backend("native"))
+
+    def kv_dtypes(ctx):
+        return {buf.dtype for buf in ctx.memories["kv"].buffers.values()}
+
+    ctx = Context(loaded, n_ctx=32)
+    assert ctx.cache_type == "f16" and kv_dtypes(ctx) == {np.float16}
+    assert kv_dtypes(Context(loaded, n_ctx=32, cache_type="f32")) == {np.float32}
+    assert kv_dtypes(Context(loaded, n_ctx=32, flash_attn=False)) == {np.float32}
+    half = logits_trace(path, "native", True)
+    single = logits_trace(path, "native", True, cache_type="f32")
+    assert 0 < np.abs(half - single).max() < 1e-2                     # f16 rounding of K and V, nothing more
+    numpy_loaded = load_model(path, get_backend("numpy"))
+    assert Context(numpy_loaded, n_ctx=32).cache_type == "f32"
+    assert kv_dtypes(Context(numpy_loaded, n_ctx=32, flash_attn=True, cache_type="f16")) == {np.float16}
+    with pytest.raises(InvalidArgumentError, match="--cache-type f16"):
+        Context(loaded, n_ctx=32, cache_type="q8_0")
+    if torch_available():
+        from kvgraph.backends.torch_backend import TorchBackend
+
+        with pytest.raises(InvalidArgumentError, match="keeps the KV cache as f32"):
+            Context(load_model(path, TorchBackend(native_kernels=False)), n_ctx=32, cache_type="f16")
+
+
+@needs_native
 def test_native_backend_never_imports_torch(tmp_path):
     path = tmp_path / "t.gguf"
     write_tiny_llama(path, TinySpec(weight_type="Q4_0"))

@@ -16,7 +16,8 @@ QUESTIONS = ["What is a graph cache?", "Why does it help decoding?", "And for pr
 
 def replay(llm: LLM, turns: int, max_tokens: int, prefix_cache: bool, parallel: int = 2):
     per_seq = llm.ctx.n_ctx
-    ctx = scheduler_context(llm.loaded, parallel, per_seq, n_ubatch=llm.ctx.n_ubatch)
+    ctx = scheduler_context(llm.loaded, parallel, per_seq, n_ubatch=llm.ctx.n_ubatch, flash_attn=llm.ctx.flash_attn,
+                            cache_type=llm.ctx.cache_type)
     sched = BatchScheduler(ctx, llm.tokenizer, parallel, per_seq, prefix_cache=prefix_cache)
     messages, rows = [{"role": "system", "content": "You are a concise assistant."}], []
     for i in range(turns):

@@ -102,6 +102,7 @@ class NativeBackend(PackedWeightsBackend, npb.NumpyBackend):
     name = "native"
     native = True                  # the compilers' switch for kvgraph's C kernels (see TorchBackend.native)
     flash_attn_default = True      # the C attention kernel reads the row-major (flash) V cache
+    cache_types = ("f16", "f32")   # float16 K/V: half the bytes per token of context, as llama.cpp keeps them
 
     def __init__(self, threads: int | None = None):
         from ..bench import physical_cores

@@ -17,7 +17,7 @@ from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 
 Kernel = Callable[[], None]
-NP_DTYPES = {"f32": np.float32, "i32": np.int32}
+NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32}
 
 
 class Program:
@@ -410,6 +410,7 @@ def _view(t: Tensor, src: np.ndarray) -> np.ndarray:
 class NumpyBackend:
     name = "numpy"
     flash_attn_default = False     # the reference runs ggml's non-flash path unless asked
+    cache_types = ("f32", "f16")   # KV cache storage this backend reads; the first is its default
 
     def __init__(self, threads: int | None = None):
         self.n_threads = threads
@@ -440,8 +441,8 @@ class NumpyBackend:
     def to_numpy(self, x: np.ndarray) -> np.ndarray:
         return np.array(x, dtype=np.float32, copy=True)
 
-    def alloc_state(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, np.float32)
+    def alloc_state(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        return np.zeros(shape, dtype)
 
     def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, np.ndarray],
                 states: Mapping[str, np.ndarray]) -> Program:

@@ -681,8 +681,10 @@ class TorchBackend(PackedWeightsBackend):
         self.native = native_kernels is not False and native.library() is not None
         if self.native:
             native.set_threads(self.n_threads)        # the same OpenMP runtime as torch's: a no-op there
-        # The C attention kernel reads the row-major (flash) V cache: the fast default when it exists.
+        # The C attention kernel reads the row-major (flash) V cache, in float16 too: the fast defaults when it
+        # exists. torch's own attention ops take float32 only.
         self.flash_attn_default = self.native
+        self.cache_types = ("f16", "f32") if self.native else ("f32",)
 
     def describe(self) -> str:
         kernels = native.describe() if self.native else "torch's int4pack / int8 kernels"
@@ -706,8 +708,8 @@ class TorchBackend(PackedWeightsBackend):
             return x.detach().to(torch.float32).numpy().copy()
         return np.array(x, dtype=np.float32, copy=True)
 
-    def alloc_state(self, shape: tuple[int, ...]) -> np.ndarray:
-        return np.zeros(shape, np.float32)
+    def alloc_state(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+        return np.zeros(shape, dtype)
 
     # ---- compile ----------------------------------------------------------------------------------------
     def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, TorchWeight],

@@ -59,6 +59,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--flash-attn", "-fa", default="auto",
                    help="on, off, auto or a list such as on,off (default auto: on where the backend has a fused "
                         "kernel, i.e. torch and native)")
+    p.add_argument("--cache-type", "-ctk", choices=("auto", "f16", "f32"), default="auto",
+                   help="KV cache storage, K and V (default auto: the backend's, f16 where the C kernels run "
+                        "attention); --compare passes it to llama-bench as -ctk / -ctv")
     p.add_argument("--parallel", default=None,
                    help="concurrent streams, e.g. 1,2,4,8: measure aggregate decode t/s through continuous "
                         "batching for each -n (replaces the pp/tg tests)")
@@ -83,10 +86,11 @@ def _model_type(info) -> str:
     return f"{info.get('general.architecture', '?')} {label or '?'} {ftype_name}"
 
 
-def _llama_bench(binary: str, model_path: str, test, reps: int, threads: int, flash_attn: bool,
+def _llama_bench(binary: str, model_path: str, test, reps: int, threads: int, flash_attn: bool, cache_type: str,
                  err) -> float | None:
     """avg t/s llama-bench reports for the same test, or None (with a note on stderr) when it fails."""
     cmd = [binary, "-m", model_path, "-r", str(reps), "-t", str(threads), "-fa", "1" if flash_attn else "0",
+           "-ctk", cache_type, "-ctv", cache_type,
            "-p", str(test.n_prompt), "-n", str(test.n_gen), "-d", str(test.n_depth), "-o", "jsonl"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -164,8 +168,10 @@ def cmd_bench(args) -> int:
                             gc_module.collect()             # the previous rows' model is gone: a new peak window
                             reset_peak_rss()
                             llm = LLM(str(path), n_ctx=n_ctx, n_ubatch=args.ubatch, backend=backend, threads=n_threads,
-                                      graph_cache=gc, flash_attn=fa)
+                                      graph_cache=gc, flash_attn=fa,
+                                      cache_type=None if args.cache_type == "auto" else args.cache_type)
                             fa_used = llm.ctx.flash_attn         # auto resolved: rows and llama-bench use it
+                            kv_type = llm.ctx.cache_type
                             meta = llm.loaded.file.metadata
                             for test in tests:
                                 progress.update(task, description=f"{Path(path).name} {llm.loaded.backend.name} "
@@ -176,7 +182,8 @@ def cmd_bench(args) -> int:
                                     model_size=llm.loaded.file.file_size,
                                     model_n_params=sum(t.n_elements for t in llm.loaded.file.tensors.values()),
                                     backend=llm.loaded.backend.name, n_threads=n_threads, n_ubatch=args.ubatch,
-                                    flash_attn=fa_used, graph_cache=gc, n_prompt=test.n_prompt, n_gen=test.n_gen,
+                                    flash_attn=fa_used, cache_type=kv_type, graph_cache=gc, n_prompt=test.n_prompt,
+                                    n_gen=test.n_gen,
                                     n_depth=test.n_depth, test=test.name,
                                     weights_mb=llm.loaded.backend.weights_nbytes(llm.loaded.weights) / 1e6)
                                 if parallel:
@@ -189,7 +196,7 @@ def cmd_bench(args) -> int:
                                 if compare:
                                     progress.update(task, description=f"llama-bench {test.name}")
                                     row.llama_cpp_ts = _llama_bench(compare, str(path), test, args.repetitions,
-                                                                    n_threads, fa_used, err)
+                                                                    n_threads, fa_used, kv_type, err)
                                 rows.append(row)
                             del llm
     sys.stdout.write(render(rows, args.output))
@@ -210,7 +217,7 @@ def _parallel_rows(llm, template, test, parallel, args, gc, fa, progress, task):
         row = replace(template, n_parallel=n_par, test=f"tg{test.n_gen} x{n_par}", samples_ns=[], samples_ts=[])
         progress.update(task, description=f"{row.model_type} {row.backend} cache={'on' if gc else 'off'} {row.test}")
         with llm.loaded.backend.threads(row.n_threads):
-            measure_parallel(llm.loaded, n_par, test.n_gen, args.repetitions, row, gc, fa,
+            measure_parallel(llm.loaded, n_par, test.n_gen, args.repetitions, row, gc, fa, llm.ctx.cache_type,
                              on_rep=lambda: progress.advance(task))
         progress.advance(task)
         out.append(row)
@@ -242,14 +249,14 @@ def render(rows, fmt: str) -> str:
 
 def render_markdown(rows) -> str:
     compare = any(r.llama_cpp_ts is not None for r in rows)
-    head = ["model", "size", "params", "backend", "threads", "fa", "graph cache", "test", "t/s",
+    head = ["model", "size", "params", "backend", "threads", "fa", "kv", "graph cache", "test", "t/s",
             "host ms/tok", "build+plan+compile ms/tok", "peak RSS MiB"]
     if compare:
         head += ["llama.cpp t/s", "ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i >= 4 else "---" for i in range(len(head))) + "|"]
     for r in rows:
         cells = [r.model_type, f"{r.model_size / 2**20:.2f} MiB", f"{r.model_n_params / 1e6:.2f} M", r.backend,
-                 str(r.n_threads), "on" if r.flash_attn else "off", "on" if r.graph_cache else "off", r.test,
+                 str(r.n_threads), "on" if r.flash_attn else "off", r.cache_type, "on" if r.graph_cache else "off", r.test,
                  f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}", f"{r.host_ms_per_token:.3f}",
                  f"{r.build_ms + r.plan_ms + r.compile_ms:.3f}", f"{r.peak_rss_mb:.0f}"]
         if compare:

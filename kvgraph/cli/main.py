@@ -31,6 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default="auto",
                    help="fused attention over a row-major V cache (on) or ggml's non-flash path (off); "
                         "auto (default): on where the backend has a fused kernel (torch, native), off on numpy")
+    g.add_argument("--cache-type", "-ctk", choices=("f16", "f32"), default=None,
+                   help="KV cache storage (K and V, flash-attention layout): f16 halves the bytes attention reads "
+                        "per token of context; default: f16 where the C kernels run attention, else f32")
     g.add_argument("--no-graph-cache", action="store_true",
                    help="rebuild the graph every step (same results; also KVGRAPH_NO_GRAPH_CACHE=1)")
     g.add_argument("--graph-cache-size", type=POSITIVE, default=8, help="cached graphs kept (LRU, default 8)")
@@ -88,7 +91,8 @@ def open_llm(args, **overrides):
     path = resolve_model(args.model, progress=True)
     kw = dict(n_ctx=args.ctx_size, n_ubatch=args.ubatch, backend=args.backend, threads=args.threads,
               graph_cache=not args.no_graph_cache, graph_cache_size=args.graph_cache_size,
-              verify_graph_cache=args.verify_graph_cache, flash_attn=flash_attn_arg(args.flash_attn)) | overrides
+              verify_graph_cache=args.verify_graph_cache, flash_attn=flash_attn_arg(args.flash_attn),
+              cache_type=args.cache_type) | overrides
     spinner = _stderr_console().status(f"loading {Path(path).name}", spinner="dots")
     with spinner if sys.stderr.isatty() else contextlib.nullcontext():
         return LLM(str(path), **kw)

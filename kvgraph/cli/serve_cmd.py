@@ -85,7 +85,7 @@ def build_server(args):
     ctx = scheduler_context(llm.loaded, args.parallel, per_seq, n_ubatch=args.ubatch,
                             graph_cache=not args.no_graph_cache,
                             cache_capacity=max(args.graph_cache_size, 2 * len(bucket_sizes(args.parallel)) + 4),
-                            verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn)
+                            verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn, cache_type=llm.ctx.cache_type)
     llm.ctx = ctx  # the single-stream context is not used by the server; free its KV cache
     sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue,
                            prefix_cache=not args.no_prompt_cache)

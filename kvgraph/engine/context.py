@@ -26,7 +26,7 @@ DEFAULT_N_SEQ_MAX = 8      # sequences alive at once in a recurrent memory (each
 class Context:
     def __init__(self, loaded: LoadedModel, n_ctx: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
                  graph_cache: bool = True, cache_capacity: int = DEFAULT_CAPACITY, verify: bool = False,
-                 flash_attn: bool | None = None, n_seq_max: int = DEFAULT_N_SEQ_MAX):
+                 flash_attn: bool | None = None, n_seq_max: int = DEFAULT_N_SEQ_MAX, cache_type: str | None = None):
         cfg = loaded.config
         if n_ctx is None:
             n_ctx = min(cfg.n_ctx_train, DEFAULT_N_CTX_CAP)
@@ -48,8 +48,18 @@ class Context:
         if n_seq_max < 1:
             raise InvalidArgumentError(f"n_seq_max must be positive, got {n_seq_max}.")
         self.n_seq_max = n_seq_max
-        self.memories = self.model.create_memories(n_ctx, n_ubatch, self.backend.alloc_state, self.flash_attn,
-                                                   n_seq_max)
+        # KV cache storage (llama.cpp's --cache-type-k/v): None takes the backend's default. It applies to
+        # the flash-attention layout; the transposed V layout (and recurrent states) stay float32.
+        types = self.backend.cache_types
+        self.cache_type = types[0] if cache_type is None else str(cache_type).lower()
+        if self.cache_type not in types:
+            raise InvalidArgumentError(f"the {self.backend.name} backend keeps the KV cache as "
+                                       f"{' or '.join(types)}, not {cache_type!r}; use --cache-type {types[0]}.")
+        cache_dtype = np.float16 if self.cache_type == "f16" else np.float32
+
+        def alloc(shape, cache: bool = False):
+            return self.backend.alloc_state(shape, cache_dtype if cache else np.float32)
+        self.memories = self.model.create_memories(n_ctx, n_ubatch, alloc, self.flash_attn, n_seq_max)
         self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
         self.peak_arena_bytes = 0   # largest compute buffer any program used
 

@@ -20,6 +20,7 @@ LEAF_OPS = frozenset({"weight", "state", "input"})
 VIEW_OPS = frozenset({"reshape", "permute", "view_rows", "view_cols", "slice_rows", "set_rows"})
 
 F32 = "f32"
+F16 = "f16"      # KV cache storage only: ops read it, compute in f32
 I32 = "i32"
 
 
@@ -118,8 +119,8 @@ class GraphBuilder:
     def weight(self, name: str, shape: Sequence[int]) -> Tensor:
         return self._leaf("weight", name, shape, F32)
 
-    def state(self, name: str, shape: Sequence[int]) -> Tensor:
-        return self._leaf("state", name, shape, F32)
+    def state(self, name: str, shape: Sequence[int], dtype: str = F32) -> Tensor:
+        return self._leaf("state", name, shape, dtype)
 
     def input(self, name: str, shape: Sequence[int], dtype: str = F32) -> Tensor:
         return self._leaf("input", name, shape, dtype)
@@ -214,32 +215,32 @@ class GraphBuilder:
         shape = tuple(shape)
         if math.prod(shape) != x.n_elements:
             raise ValueError(f"reshape {x.shape} -> {shape}")
-        return self._node("reshape", (x,), shape)
+        return self._node("reshape", (x,), shape, x.dtype)
 
     def permute(self, x: Tensor, axes: Sequence[int]) -> Tensor:
         axes = tuple(axes)
         if sorted(axes) != list(range(len(x.shape))):
             raise ValueError(f"permute {x.shape} by {axes}")
-        return self._node("permute", (x,), tuple(x.shape[a] for a in axes), axes=axes)
+        return self._node("permute", (x,), tuple(x.shape[a] for a in axes), x.dtype, axes=axes)
 
     def view_rows(self, x: Tensor, n: int) -> Tensor:
         """The first n rows (axis 0) of x: a KV window over cache cells."""
         if not 0 < n <= x.shape[0]:
             raise ValueError(f"view_rows {n} of {x.shape}")
-        return self._node("view_rows", (x,), (n,) + x.shape[1:], n=int(n))
+        return self._node("view_rows", (x,), (n,) + x.shape[1:], x.dtype, n=int(n))
 
     def view_cols(self, x: Tensor, n: int) -> Tensor:
         """The first n columns (last axis) of x: a window over a transposed (non-flash-attention) V cache."""
         if not 0 < n <= x.shape[-1]:
             raise ValueError(f"view_cols {n} of {x.shape}")
-        return self._node("view_cols", (x,), x.shape[:-1] + (n,), n=int(n))
+        return self._node("view_cols", (x,), x.shape[:-1] + (n,), x.dtype, n=int(n))
 
     def slice_rows(self, x: Tensor, start: int, n: int, axis: int = 0) -> Tensor:
         """Rows [start, start + n) of x along axis (default 0), as a view."""
         if not (0 <= axis < x.ndim and 0 <= start and 0 < n and start + n <= x.shape[axis]):
             raise ValueError(f"slice_rows [{start}, {start + n}) of axis {axis} of {x.shape}")
         shape = x.shape[:axis] + (n,) + x.shape[axis + 1:]
-        return self._node("slice_rows", (x,), shape, start=int(start), n=int(n), axis=int(axis))
+        return self._node("slice_rows", (x,), shape, x.dtype, start=int(start), n=int(n), axis=int(axis))
 
     def set_rows(self, dst: Tensor, src: Tensor, idx: Tensor, transposed: bool = False, col: int = 0) -> Tensor:
         """Write src's rows into dst at row indices idx (an int32 input); returns dst after the write.
@@ -257,7 +258,7 @@ class GraphBuilder:
                 or idx.dtype != I32 or (col and transposed)):
             raise ValueError(f"set_rows: dst {dst.shape} src {src.shape} idx {idx.shape} transposed={transposed} "
                              f"col={col}")
-        return self._node("set_rows", (dst, src, idx), dst.shape, transposed=bool(transposed), col=int(col))
+        return self._node("set_rows", (dst, src, idx), dst.shape, dst.dtype, transposed=bool(transposed), col=int(col))
 
     # ---- recurrent (Mamba-like) layers ------------------------------------------------------------------
     def ssm_scan2(self, h0: Tensor, x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:

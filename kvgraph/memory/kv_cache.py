@@ -5,7 +5,9 @@ Which cells a ubatch writes is decided here (`prepare`) and handed to the graph 
 the first `n_kv` cells, padded up to `pad` cells so the graph key stays the same for many tokens.
 
 V is stored row-major ([cell, head*dim], the flash-attention layout) or transposed ([head*dim, cell], the
-non-flash ggml layout, so that softmax(QK) @ V reads V with unit stride along cells).
+non-flash ggml layout, so that softmax(QK) @ V reads V with unit stride along cells). In the flash layout
+K and V are stored in the context's cache type (float16 halves the bytes attention reads per token; the
+kernels compute in float32); the transposed layout stays float32.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from ..errors import ContextOverflowError
 from ..graph.inputs import GraphInput, UBatch
-from ..graph.ir import F32, I32, GraphBuilder, Tensor
+from ..graph.ir import F16, F32, I32, GraphBuilder, Tensor
 
 NEG_INF = np.float32(-np.inf)
 
@@ -33,9 +35,9 @@ class KVCache:
         self.pad = pad
         k_row, v_row = n_head_kv * head_dim_k, n_head_kv * head_dim_v
         self.buffers = {}
-        for il in self.layers:
-            self.buffers[self.k_name(il)] = alloc((n_cells, k_row))
-            self.buffers[self.v_name(il)] = alloc((v_row, n_cells) if v_trans else (n_cells, v_row))
+        for il in self.layers:    # alloc(shape, cache=True): in the context's cache type
+            self.buffers[self.k_name(il)] = alloc((n_cells, k_row), cache=not v_trans)
+            self.buffers[self.v_name(il)] = alloc((v_row, n_cells) if v_trans else (n_cells, v_row), cache=not v_trans)
         self.cell_pos = np.full(n_cells, -1, np.int32)
         self.cell_seq = np.full(n_cells, -1, np.int32)
         self.slots = np.zeros(0, np.int32)   # cells reserved for the ubatch being processed
@@ -170,8 +172,9 @@ class KVAttention:
         row-major, or [hkv, dv, n_kv] when the cache stores V transposed)."""
         g, kv, n_kv = self.g, self.kv, self.n_kv
         n = k.shape[0]
-        k_state = g.state(kv.k_name(il), kv.buffers[kv.k_name(il)].shape)
-        v_state = g.state(kv.v_name(il), kv.buffers[kv.v_name(il)].shape)
+        k_buf, v_buf = kv.buffers[kv.k_name(il)], kv.buffers[kv.v_name(il)]
+        k_state = g.state(kv.k_name(il), k_buf.shape, F16 if k_buf.dtype == np.float16 else F32)
+        v_state = g.state(kv.v_name(il), v_buf.shape, F16 if v_buf.dtype == np.float16 else F32)
         k_all = g.set_rows(k_state, g.reshape(k, (n, k.shape[1] * k.shape[2])), self.slots.tensor)
         v_rows = g.reshape(v, (n, v.shape[1] * v.shape[2]))
         k_win = g.reshape(g.view_rows(k_all, n_kv), (n_kv, kv.n_head_kv, kv.head_dim_k))

@@ -86,6 +86,27 @@ static inline float h2f(uint16_t h) {          /* IEEE half -> float, exact */
 #endif
 }
 
+static inline uint16_t f2h(float f) {          /* float -> IEEE half, round to nearest even (as numpy, F16C) */
+#if KVG_AVX2
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return sign | 0x7c00 | (ax > 0x7f800000u ? 0x200 : 0);   /* inf, nan */
+    if (ax >= 0x477ff000u) return sign | 0x7c00;                                    /* rounds past 65504 */
+    if (ax < 0x38800000u) {                                                         /* a half subnormal */
+        float a;
+        memcpy(&a, &ax, 4);
+        return sign | (uint16_t)nearbyintf(a * 16777216.0f);
+    }
+    uint32_t m = ax - 0x38000000u;                                                  /* rebias 127 -> 15 */
+    m += 0xfffu + ((m >> 13) & 1u);
+    return sign | (uint16_t)(m >> 13);
+#endif
+}
+
 /* ---- activations -------------------------------------------------------------------------------------- */
 /* a: x, M, K, ldx (floats), xq (int8 [M, K]), xd (float [M, G]), xs (float [M, G]), xh (int32 [M, 2G]) */
 void kvg_quantize_q8(const int64_t *a) {
@@ -658,17 +679,27 @@ static inline int in_range(int32_t i, int64_t n) {
     return 0;
 }
 
-/* a: dst, dst_s0, dst_s1, src, n, width, src_s0, idx (int32 [n]), n_dst (rows idx may name):
+/* a: dst, dst_s0, dst_s1, src, n, width, src_s0, idx (int32 [n]), n_dst (rows idx may name), dst is float16:
  * dst[idx[i] * dst_s0 + j * dst_s1] = src[i * src_s0 + j]  (dst_s1 = 1: rows; dst_s0 = 1: columns) */
 void kvg_set_rows(const int64_t *a) {
-    float *dst = (float *)a[0];
     const float *src = (const float *)a[3];
-    const int64_t s0 = a[1], s1 = a[2], n = a[4], width = a[5], ss0 = a[6], n_dst = a[8];
+    const int64_t s0 = a[1], s1 = a[2], n = a[4], width = a[5], ss0 = a[6], n_dst = a[8], half = a[9];
     const int32_t *idx = (const int32_t *)a[7];
     for (int64_t i = 0; i < n; i++) {
         if (!in_range(idx[i], n_dst)) continue;
-        float *o = dst + (int64_t)idx[i] * s0;
         const float *v = src + i * ss0;
+        if (half) {
+            uint16_t *o = (uint16_t *)a[0] + (int64_t)idx[i] * s0;
+            int64_t j = 0;
+#if KVG_AVX2
+            if (s1 == 1)
+                for (; j + 8 <= width; j += 8)
+                    _mm_storeu_si128((__m128i *)(o + j), _mm256_cvtps_ph(_mm256_loadu_ps(v + j), _MM_FROUND_TO_NEAREST_INT));
+#endif
+            for (; j < width; j++) o[j * s1] = f2h(v[j]);
+            continue;
+        }
+        float *o = (float *)a[0] + (int64_t)idx[i] * s0;
         if (s1 == 1)
             memcpy(o, v, (size_t)width * sizeof(float));
         else
@@ -677,7 +708,7 @@ void kvg_set_rows(const int64_t *a) {
 }
 
 /* a: q, n, H, d, qs0, qs1,  k, n_kv, Hkv, ks0, ks1,  v, dv, vs0, vs1, vs2,  mask, ms0,  scale (f64 bits),
- *    out, os0, os1
+ *    out, os0, os1, kv_f16 (K and V float16; strides count elements)
  * out[t, h] = softmax(q[t, h] . k[:, h / (H / Hkv)] * scale + mask[t]) @ v[:, h / (H / Hkv)]
  * One algorithm for every ubatch size, so a token's result does not depend on how many tokens share its
  * ubatch (a prompt continued from cached cells equals the same prompt run cold). Work items are blocks of
@@ -691,15 +722,23 @@ void kvg_set_rows(const int64_t *a) {
 #define QB 16
 #define KC 64
 
-/* kt[e * KC + c] = k[c * ks0 + e] for c < nc (rows past nc are zero), e < d */
-static void transpose_chunk(float *kt, const float *k, int64_t ks0, int64_t nc, int64_t d) {
+/* element i of a K / V buffer of floats or, H, float16 */
+static inline float ld_kv(const void *p, int64_t i, const int H) {
+    return H ? h2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* kt[e * KC + c] = k[c * ks0 + e] for c < nc (rows past nc are zero), e < d; k float16 when H */
+static inline __attribute__((always_inline)) void transpose_chunk(float *kt, const void *k, int64_t ks0, int64_t nc,
+                                                                  int64_t d, const int H) {
     int64_t c = 0;
 #if KVG_AVX2
     if (d % 8 == 0) {
         for (; c + 8 <= nc; c += 8)
             for (int64_t e = 0; e < d; e += 8) {
                 __m256 r[8], t[8];
-                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(k + (c + i) * ks0 + e);
+                for (int i = 0; i < 8; i++)
+                    r[i] = H ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)k + (c + i) * ks0 + e)))
+                             : _mm256_loadu_ps((const float *)k + (c + i) * ks0 + e);
                 for (int i = 0; i < 8; i += 2) {
                     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
                     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -719,7 +758,7 @@ static void transpose_chunk(float *kt, const float *k, int64_t ks0, int64_t nc, 
     }
 #endif
     for (; c < nc; c++)
-        for (int64_t e = 0; e < d; e++) kt[e * KC + c] = k[c * ks0 + e];
+        for (int64_t e = 0; e < d; e++) kt[e * KC + c] = ld_kv(k, c * ks0 + e, H);
     for (; c < KC; c++)
         for (int64_t e = 0; e < d; e++) kt[e * KC + c] = 0.0f;
 }
@@ -738,9 +777,35 @@ static void exp_chunk(float *s, int64_t nc, float mx) {
     for (; c < nc; c++) s[c] = s[c] == -INFINITY ? 0.0f : expf(s[c] - mx);
 }
 
-void kvg_attention(const int64_t *a) {
-    const float *q = (const float *)a[0], *k = (const float *)a[6], *v = (const float *)a[11];
+/* acc[e] += p * v[e * vs2], e < dv (v float16 when H) */
+static inline __attribute__((always_inline)) void add_scaled(float *acc, float p, const void *v, int64_t dv,
+                                                             int64_t vs2, const int H) {
+    if (vs2 != 1) {
+        for (int64_t e = 0; e < dv; e++) acc[e] += p * ld_kv(v, e * vs2, H);
+        return;
+    }
+    if (!H) {
+        const float *vf = (const float *)v;
+#pragma omp simd
+        for (int64_t e = 0; e < dv; e++) acc[e] += p * vf[e];
+        return;
+    }
+    int64_t e = 0;
+#if KVG_AVX2
+    const __m256 pv = _mm256_set1_ps(p);
+    for (; e + 8 <= dv; e += 8) {
+        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v + e)));
+        _mm256_storeu_ps(acc + e, _mm256_add_ps(_mm256_loadu_ps(acc + e), _mm256_mul_ps(pv, x)));
+    }
+#endif
+    for (; e < dv; e++) acc[e] += p * ld_kv(v, e, H);
+}
+
+static inline __attribute__((always_inline)) void attention(const int64_t *a, const int H) {
+    const float *q = (const float *)a[0];
+    const void *k = (const void *)a[6], *v = (const void *)a[11];
     const float *mask = (const float *)a[16];
+    const int64_t es = H ? 2 : 4;                /* bytes per K / V element */
     const int64_t n = a[1], nh = a[2], d = a[3], qs0 = a[4], qs1 = a[5];
     const int64_t n_kv = a[7], nhkv = a[8], ks0 = a[9], ks1 = a[10];
     const int64_t dv = a[12], vs0 = a[13], vs1 = a[14], vs2 = a[15], ms0 = a[17];
@@ -765,7 +830,7 @@ void kvg_attention(const int64_t *a) {
                     for (int64_t c = 0; c < nc; c++)
                         if (mask[t * ms0 + c0 + c] != -INFINITY) { any = 1; break; }
                 if (!any) continue;
-                transpose_chunk(kt, k + c0 * ks0 + j * ks1, ks0, nc, d);
+                transpose_chunk(kt, (const char *)k + es * (c0 * ks0 + j * ks1), ks0, nc, d, H);
                 for (int64_t qi = 0; qi < nq; qi++) {
                     const int64_t t = t0 + qi / group, h = j * group + qi % group;
                     const float *qv = q + t * qs0 + h * qs1, *mrow = mask + t * ms0 + c0;
@@ -794,14 +859,8 @@ void kvg_attention(const int64_t *a) {
                     for (int64_t c = 0; c < nc; c++) {
                         const float p = sc[c];
                         if (p == 0.0f) continue;
-                        const float *vc = v + (c0 + c) * vs0 + j * vs1;
                         sum[qi] += p;
-                        if (vs2 == 1) {
-#pragma omp simd
-                            for (int64_t e = 0; e < dv; e++) acq[e] += p * vc[e];
-                        } else {
-                            for (int64_t e = 0; e < dv; e++) acq[e] += p * vc[e * vs2];
-                        }
+                        add_scaled(acq, p, (const char *)v + es * ((c0 + c) * vs0 + j * vs1), dv, vs2, H);
                     }
                 }
             }
@@ -817,6 +876,14 @@ void kvg_attention(const int64_t *a) {
         free(mx);
         free(sum);
     }
+}
+
+/* a[22]: K and V are float16 */
+void kvg_attention(const int64_t *a) {
+    if (a[22])
+        attention(a, 1);
+    else
+        attention(a, 0);
 }
 
 /* a: x, y, out, n:  out = x + y (contiguous, same length) */

@@ -98,8 +98,8 @@ def gated(kind: str, gate: np.ndarray, up: np.ndarray, out: np.ndarray):
                 keep=(gate, up, out))
 
 
-def _heads(x: np.ndarray) -> bool:
-    return x.dtype == np.float32 and x.ndim == 3 and x.strides[2] == F4
+def _heads(x: np.ndarray, dtype=np.float32) -> bool:
+    return x.dtype == dtype and x.ndim == 3 and x.strides[2] == x.itemsize
 
 
 def rope(x: np.ndarray, pos: np.ndarray, out: np.ndarray, n_dims: int, inv_freq: np.ndarray, neox: bool):
@@ -112,36 +112,40 @@ def rope(x: np.ndarray, pos: np.ndarray, out: np.ndarray, n_dims: int, inv_freq:
 
 
 def set_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray, transposed: bool, col: int):
-    """dst[idx[i]] = src[i] (dst 2-D; transposed: dst[:, idx[i]] = src[i]; col: first column written)."""
-    if dst.dtype != np.float32 or src.dtype != np.float32 or dst.ndim != 2 or idx.dtype != np.int32:
+    """dst[idx[i]] = src[i] (dst 2-D, float32 or float16: rounded to nearest even, as numpy does;
+    transposed: dst[:, idx[i]] = src[i]; col: first column written)."""
+    if dst.dtype not in (np.float32, np.float16) or src.dtype != np.float32 or dst.ndim != 2 or idx.dtype != np.int32:
         return None
+    es = dst.itemsize
     s = src.reshape(src.shape[0], -1) if src.flags.c_contiguous else None
     if s is None or s.strides[1] != F4:
         return None
     if transposed:
         if col or s.shape[1] != dst.shape[0]:
             return None
-        s0, s1, base, n_dst = dst.strides[1] // F4, dst.strides[0] // F4, dst, dst.shape[1]
+        s0, s1, base, n_dst = dst.strides[1] // es, dst.strides[0] // es, dst, dst.shape[1]
     else:
-        if dst.strides[1] != F4 or col + s.shape[1] > dst.shape[1]:
+        if dst.strides[1] != es or col + s.shape[1] > dst.shape[1]:
             return None
-        s0, s1, base, n_dst = dst.strides[0] // F4, 1, dst[:, col:], dst.shape[0]
+        s0, s1, base, n_dst = dst.strides[0] // es, 1, dst[:, col:], dst.shape[0]
     return bind("kvg_set_rows", ptr(base), s0, s1, ptr(s), s.shape[0], s.shape[1], s.strides[0] // F4, ptr(idx),
-                n_dst, keep=(dst, src, idx), indexes=True)
+                n_dst, int(es == 2), keep=(dst, src, idx), indexes=True)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, out: np.ndarray):
     """out [n, H, dv] = softmax(q k^T * scale + mask) v per head group. q [n, H, d], k [n_kv, Hkv, d], v
-    [n_kv, Hkv, dv], mask [n, n_kv]."""
-    if not (_heads(q) and _heads(k) and _heads(out)) or mask.dtype != np.float32 or mask.strides[-1] != F4:
+    [n_kv, Hkv, dv] (k and v both float32 or both float16), mask [n, n_kv]."""
+    if not (_heads(q) and _heads(k, k.dtype) and _heads(out)) or mask.dtype != np.float32 or mask.strides[-1] != F4:
         return None
     n, nh, d = q.shape
     n_kv, nhkv, _ = k.shape
     n_kv_v, nhkv_v, dv = v.shape
-    vs0, vs1, vs2 = v.strides[0] // F4, v.strides[1] // F4, v.strides[2] // F4
-    if (n_kv_v, nhkv_v) != (n_kv, nhkv) or dv > 1024 or v.dtype != np.float32 or nh % nhkv:
+    es = k.itemsize
+    if (k.dtype not in (np.float32, np.float16) or v.dtype != k.dtype or any(st % es for st in v.strides)
+            or (n_kv_v, nhkv_v) != (n_kv, nhkv) or dv > 1024 or nh % nhkv):
         return None
+    vs0, vs1, vs2 = (st // es for st in v.strides)
     return bind("kvg_attention", ptr(q), n, nh, d, q.strides[0] // F4, q.strides[1] // F4,
-                ptr(k), n_kv, nhkv, k.strides[0] // F4, k.strides[1] // F4,
+                ptr(k), n_kv, nhkv, k.strides[0] // es, k.strides[1] // es,
                 ptr(v), dv, vs0, vs1, vs2, ptr(mask), mask.strides[0] // F4, f64_bits(scale),
-                ptr(out), out.strides[0] // F4, out.strides[1] // F4, keep=(q, k, v, mask, out))
+                ptr(out), out.strides[0] // F4, out.strides[1] // F4, int(es == 2), keep=(q, k, v, mask, out))
