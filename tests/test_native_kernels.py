@@ -282,19 +282,22 @@ def test_rope_rotates_pairs_or_halves_and_copies_the_rest(neox, variant):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("n, n_kv, dv", [(2, 7, 16), (19, 150, 24)])
+@pytest.mark.parametrize("n, n_kv, dv", [(2, 7, 16), (19, 150, 24), (3, 700, 40)])
 def test_attention_skips_masked_cells_and_groups_heads(n, n_kv, dv, variant):
     """One token at a time (decode) and blocks of tokens against chunks of cells (prompts: 19 tokens = a
     block of 16 and a partial one, 150 cells = two chunks of 64 and a partial one, the middle chunk hidden
-    from every token)."""
+    from every token; 700 cells = three segments merged, cells 256-511 hidden: one segment empty)."""
     nh, nhkv, d = 4, 2, 16
     q, k = (RNG.standard_normal(s, dtype=np.float32) for s in ((n, nh, d), (n_kv, nhkv, d)))
     v = RNG.standard_normal((n_kv, nhkv, dv), dtype=np.float32)
     mask = np.where(RNG.random((n, n_kv)) < 0.3, -np.inf, 0).astype(np.float32)
+    mask[:, 1] = 0                       # every token sees at least cell 1
     mask[0, 3:] = -np.inf
     mask[1, [0, 5]] = -np.inf
     mask[:, 5] = -np.inf
     mask[:, 64:128] = -np.inf
+    if n_kv > 512:
+        mask[:, 256:512] = -np.inf
     k[5] = np.nan                        # a cell masked for every token: its garbage never reaches the result
     v[5] = np.nan
     out = np.empty((n, nh, dv), np.float32)
@@ -311,7 +314,7 @@ def test_attention_skips_masked_cells_and_groups_heads(n, n_kv, dv, variant):
 def test_attention_of_a_token_does_not_depend_on_its_ubatch(variant):
     """A prompt run in one ubatch and the same tokens run one by one (a prompt continued from cached cells)
     give bit-identical outputs."""
-    n, nh, nhkv, d, n_kv = 21, 6, 2, 32, 90
+    n, nh, nhkv, d, n_kv = 21, 6, 2, 32, 600
     q, k, v = (RNG.standard_normal(s, dtype=np.float32) for s in ((n, nh, d), (n_kv, nhkv, d), (n_kv, nhkv, d)))
     mask = np.where(np.arange(n_kv)[None, :] <= np.arange(n)[:, None] + n_kv - n, 0, -np.inf).astype(np.float32)
     whole = np.empty((n, nh, d), np.float32)

@@ -711,16 +711,21 @@ void kvg_set_rows(const int64_t *a) {
  *    out, os0, os1, kv_f16 (K and V float16; strides count elements)
  * out[t, h] = softmax(q[t, h] . k[:, h / (H / Hkv)] * scale + mask[t]) @ v[:, h / (H / Hkv)]
  * One algorithm for every ubatch size, so a token's result does not depend on how many tokens share its
- * ubatch (a prompt continued from cached cells equals the same prompt run cold). Work items are blocks of
- * up to QB tokens x one KV head; each takes the cells in chunks of KC: the chunk of K is transposed once
- * into kt[d][KC], so every query of the block gets its KC scores from plain vector multiply-adds (no
- * horizontal sums); then the chunk's maximum, its exponentials (vectorized) and its share of the weighted V
- * sum, with the running sum rescaled when the maximum grows (online softmax), so no buffer grows with the
- * context. Chunks the mask hides from the whole block are skipped (a padded KV window costs only its valid
- * cells), and cells masked -inf never reach the sums. v element (cell c, head j, dim e) is at
- * c*vs0 + j*vs1 + e*vs2. */
+ * ubatch (a prompt continued from cached cells equals the same prompt run cold). The window is cut into
+ * segments of SEG cells; a task is (block of up to QB tokens, one KV head, one segment), so one token's
+ * decode still spreads over every thread, and the segments' partial results are merged in order at the
+ * end (the cut depends only on the window, never on the ubatch or the threads). A task takes its cells in
+ * chunks of KC: the chunk of K is transposed once into kt[d][KC], so every query of the block gets its KC
+ * scores from vector multiply-adds (no horizontal sums); then the chunk's maximum, its exponentials
+ * (vectorized) and its share of the weighted V sum, with the running sum rescaled when the maximum grows
+ * (online softmax). Chunks the mask hides from the whole block are skipped (a padded KV window costs only
+ * its valid cells), cells masked -inf never reach the sums, and the next chunk's rows are prefetched.
+ * v element (cell c, head j, dim e) is at c*vs0 + j*vs1 + e*vs2. Work items come in waves whose partial
+ * results fit PART_BYTES. */
 #define QB 16
 #define KC 64
+#define SEG 256                 /* cells per segment (a multiple of KC) */
+#define PART_BYTES (8 << 20)    /* partial results of one wave of work items, at most */
 
 /* element i of a K / V buffer of floats or, H, float16 */
 static inline float ld_kv(const void *p, int64_t i, const int H) {
@@ -777,28 +782,92 @@ static void exp_chunk(float *s, int64_t nc, float mx) {
     for (; c < nc; c++) s[c] = s[c] == -INFINITY ? 0.0f : expf(s[c] - mx);
 }
 
-/* acc[e] += p * v[e * vs2], e < dv (v float16 when H) */
-static inline __attribute__((always_inline)) void add_scaled(float *acc, float p, const void *v, int64_t dv,
-                                                             int64_t vs2, const int H) {
-    if (vs2 != 1) {
-        for (int64_t e = 0; e < dv; e++) acc[e] += p * ld_kv(v, e * vs2, H);
-        return;
-    }
-    if (!H) {
-        const float *vf = (const float *)v;
-#pragma omp simd
-        for (int64_t e = 0; e < dv; e++) acc[e] += p * vf[e];
-        return;
-    }
-    int64_t e = 0;
+/* Ask for n rows of row_bytes, stride bytes apart, to be brought into cache (no-op where not available). */
+static inline void prefetch_rows(const char *p, int64_t stride, int64_t n, int64_t row_bytes) {
 #if KVG_AVX2
-    const __m256 pv = _mm256_set1_ps(p);
-    for (; e + 8 <= dv; e += 8) {
-        const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v + e)));
-        _mm256_storeu_ps(acc + e, _mm256_add_ps(_mm256_loadu_ps(acc + e), _mm256_mul_ps(pv, x)));
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t off = 0; off < row_bytes; off += 64) _mm_prefetch(p + r * stride + off, _MM_HINT_T0);
+#else
+    (void)p, (void)stride, (void)n, (void)row_bytes;
+#endif
+}
+
+/* sc[c] = sum_e q[e] kt[e * KC + c] for the KC cells of a transposed chunk: the accumulators stay in registers */
+static inline void chunk_scores(float *sc, const float *q, const float *kt, int64_t d) {
+#if KVG_AVX512
+    __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t e = 0; e < d; e++) {
+        const __m512 qe = _mm512_set1_ps(q[e]);
+        for (int i = 0; i < 4; i++) a[i] = _mm512_fmadd_ps(qe, _mm512_loadu_ps(kt + e * KC + 16 * i), a[i]);
+    }
+    for (int i = 0; i < 4; i++) _mm512_storeu_ps(sc + 16 * i, a[i]);
+#elif KVG_AVX2
+    __m256 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+    for (int64_t e = 0; e < d; e++) {
+        const __m256 qe = _mm256_set1_ps(q[e]);
+        for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qe, _mm256_loadu_ps(kt + e * KC + 8 * i), a[i]);
+    }
+    for (int i = 0; i < 8; i++) _mm256_storeu_ps(sc + 8 * i, a[i]);
+#else
+    for (int c = 0; c < KC; c++) sc[c] = 0.0f;
+    for (int64_t e = 0; e < d; e++)
+        for (int c = 0; c < KC; c++) sc[c] += q[e] * kt[e * KC + c];
+#endif
+}
+
+#if KVG_AVX512
+#define PV_W 16                                  /* floats per vector register */
+typedef __m512 pv_vec;
+static inline pv_vec pv_load(const void *v, int64_t i, const int H) {
+    return H ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)v + i))) : _mm512_loadu_ps((const float *)v + i);
+}
+#define PV_ACC(acc, p, x) _mm512_fmadd_ps(_mm512_set1_ps(p), (x), (acc))
+#define PV_LD(p) _mm512_loadu_ps(p)
+#define PV_ST(p, x) _mm512_storeu_ps((p), (x))
+#elif KVG_AVX2
+#define PV_W 8
+typedef __m256 pv_vec;
+static inline pv_vec pv_load(const void *v, int64_t i, const int H) {
+    return H ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v + i))) : _mm256_loadu_ps((const float *)v + i);
+}
+#define PV_ACC(acc, p, x) _mm256_fmadd_ps(_mm256_set1_ps(p), (x), (acc))
+#define PV_LD(p) _mm256_loadu_ps(p)
+#define PV_ST(p, x) _mm256_storeu_ps((p), (x))
+#endif
+
+/* acc[e] += p[c] v[c][e] over the chunk's cells in order (cells with p[c] == 0 skipped), e < dv; v[c][e] at
+ * v + c * vs0 + e * vs2 elements (float16 when H). Four vector registers of acc at a time stay in registers
+ * across all the cells. */
+static inline __attribute__((always_inline)) void chunk_pv(float *acc, const float *p, int64_t nc, const void *v,
+                                                           int64_t vs0, int64_t dv, int64_t vs2, const int H) {
+    const int64_t es = H ? 2 : 4;
+    int64_t e0 = 0;
+#ifdef PV_W
+    if (vs2 == 1) {
+        for (; e0 + 4 * PV_W <= dv; e0 += 4 * PV_W) {
+            pv_vec r[4];
+            for (int i = 0; i < 4; i++) r[i] = PV_LD(acc + e0 + PV_W * i);
+            for (int64_t c = 0; c < nc; c++) {
+                if (p[c] == 0.0f) continue;
+                const char *vc = (const char *)v + es * c * vs0;
+                for (int i = 0; i < 4; i++) r[i] = PV_ACC(r[i], p[c], pv_load(vc, e0 + PV_W * i, H));
+            }
+            for (int i = 0; i < 4; i++) PV_ST(acc + e0 + PV_W * i, r[i]);
+        }
+        for (; e0 + PV_W <= dv; e0 += PV_W) {
+            pv_vec r = PV_LD(acc + e0);
+            for (int64_t c = 0; c < nc; c++)
+                if (p[c] != 0.0f) r = PV_ACC(r, p[c], pv_load((const char *)v + es * c * vs0, e0, H));
+            PV_ST(acc + e0, r);
+        }
     }
 #endif
-    for (; e < dv; e++) acc[e] += p * ld_kv(v, e, H);
+    for (int64_t c = 0; c < nc; c++) {
+        if (p[c] == 0.0f) continue;
+        const char *vc = (const char *)v + es * c * vs0;
+        for (int64_t e = e0; e < dv; e++) acc[e] += p[c] * ld_kv(vc, e * vs2, H);
+    }
 }
 
 static inline __attribute__((always_inline)) void attention(const int64_t *a, const int H) {
@@ -812,70 +881,94 @@ static inline __attribute__((always_inline)) void attention(const int64_t *a, co
     const float scale = f_arg(a[18]);
     float *out = (float *)a[19];
     const int64_t os0 = a[20], os1 = a[21], group = nh / nhkv, n_tb = (n + QB - 1) / QB;
-#pragma omp parallel if (n_tb * nhkv > 1)
-    {
-        float *kt = malloc(sizeof(float) * (size_t)(d * KC));
-        float *acc = malloc(sizeof(float) * (size_t)(QB * group * dv));
-        float *mx = malloc(sizeof(float) * (size_t)(QB * group)), *sum = malloc(sizeof(float) * (size_t)(QB * group));
-#pragma omp for schedule(static, 1)
-        for (int64_t it = 0; it < n_tb * nhkv; it++) {
-            const int64_t tb = n_tb - 1 - it / nhkv, j = it % nhkv;   /* the longest (latest) blocks first */
-            const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
-            for (int64_t i = 0; i < nq * dv; i++) acc[i] = 0.0f;
-            for (int64_t i = 0; i < nq; i++) mx[i] = -INFINITY, sum[i] = 0.0f;
-            for (int64_t c0 = 0; c0 < n_kv; c0 += KC) {
-                const int64_t nc = n_kv - c0 < KC ? n_kv - c0 : KC;
-                int any = 0;
-                for (int64_t t = t0; t < t0 + nt && !any; t++)
-                    for (int64_t c = 0; c < nc; c++)
-                        if (mask[t * ms0 + c0 + c] != -INFINITY) { any = 1; break; }
-                if (!any) continue;
-                transpose_chunk(kt, (const char *)k + es * (c0 * ks0 + j * ks1), ks0, nc, d, H);
-                for (int64_t qi = 0; qi < nq; qi++) {
-                    const int64_t t = t0 + qi / group, h = j * group + qi % group;
-                    const float *qv = q + t * qs0 + h * qs1, *mrow = mask + t * ms0 + c0;
-                    float sc[KC];
-                    for (int c = 0; c < KC; c++) sc[c] = 0.0f;
-                    for (int64_t e = 0; e < d; e++) {
-                        const float qe = qv[e];
-                        const float *kr = kt + e * KC;
-#pragma omp simd
-                        for (int c = 0; c < KC; c++) sc[c] += qe * kr[c];
+    const int64_t items = n_tb * nhkv, n_sg = (n_kv + SEG - 1) / SEG, nq_max = QB * group;
+    const int64_t part_floats = nq_max * (dv + 2);             /* acc, max, sum of one (item, segment) */
+    int64_t wave = (int64_t)(PART_BYTES / sizeof(float)) / (part_floats * n_sg);
+    wave = wave < 1 ? 1 : wave > items ? items : wave;
+    float *part = malloc(sizeof(float) * (size_t)(wave * n_sg * part_floats));
+    for (int64_t w0 = 0; w0 < items; w0 += wave) {
+        const int64_t nw = items - w0 < wave ? items - w0 : wave;
+#pragma omp parallel if (nw * n_sg > 1)
+        {
+            float *kt = malloc(sizeof(float) * (size_t)(d * KC));
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < nw * n_sg; task++) {
+                const int64_t it = w0 + task / n_sg, sg = task % n_sg;
+                const int64_t tb = n_tb - 1 - it / nhkv, j = it % nhkv;   /* the longest (latest) blocks first */
+                const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
+                float *acc = part + task * part_floats, *mx = acc + nq_max * dv, *sum = mx + nq_max;
+                for (int64_t i = 0; i < nq * dv; i++) acc[i] = 0.0f;
+                for (int64_t i = 0; i < nq; i++) mx[i] = -INFINITY, sum[i] = 0.0f;
+                const int64_t c_end = (sg + 1) * SEG < n_kv ? (sg + 1) * SEG : n_kv;
+                for (int64_t c0 = sg * SEG; c0 < c_end; c0 += KC) {
+                    const int64_t nc = c_end - c0 < KC ? c_end - c0 : KC;
+                    int any = 0;
+                    for (int64_t t = t0; t < t0 + nt && !any; t++)
+                        for (int64_t c = 0; c < nc; c++)
+                            if (mask[t * ms0 + c0 + c] != -INFINITY) { any = 1; break; }
+                    if (!any) continue;
+                    if (c0 + KC < c_end) {   /* the next chunk's K and V rows stream in while this one is computed */
+                        const int64_t nn = c_end - c0 - KC < KC ? c_end - c0 - KC : KC;
+                        prefetch_rows((const char *)k + es * ((c0 + KC) * ks0 + j * ks1), es * ks0, nn, es * d);
+                        prefetch_rows((const char *)v + es * ((c0 + KC) * vs0 + j * vs1), es * vs0, nn, es * dv);
                     }
-                    float cmx = -INFINITY;
-                    for (int64_t c = 0; c < nc; c++) {
-                        sc[c] = mrow[c] == -INFINITY ? -INFINITY : sc[c] * scale + mrow[c];
-                        cmx = sc[c] > cmx ? sc[c] : cmx;
-                    }
-                    if (cmx == -INFINITY) continue;
-                    float *acq = acc + qi * dv;
-                    if (cmx > mx[qi]) {                   /* rescale what is summed so far to the new maximum */
-                        const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
-                        sum[qi] *= r;
-                        for (int64_t e = 0; e < dv; e++) acq[e] *= r;
-                        mx[qi] = cmx;
-                    }
-                    exp_chunk(sc, nc, mx[qi]);
-                    for (int64_t c = 0; c < nc; c++) {
-                        const float p = sc[c];
-                        if (p == 0.0f) continue;
-                        sum[qi] += p;
-                        add_scaled(acq, p, (const char *)v + es * ((c0 + c) * vs0 + j * vs1), dv, vs2, H);
+                    transpose_chunk(kt, (const char *)k + es * (c0 * ks0 + j * ks1), ks0, nc, d, H);
+                    for (int64_t qi = 0; qi < nq; qi++) {
+                        const int64_t t = t0 + qi / group, h = j * group + qi % group;
+                        const float *qv = q + t * qs0 + h * qs1, *mrow = mask + t * ms0 + c0;
+                        float sc[KC];
+                        chunk_scores(sc, qv, kt, d);
+                        float cmx = -INFINITY;
+                        for (int64_t c = 0; c < nc; c++) {
+                            sc[c] = mrow[c] == -INFINITY ? -INFINITY : sc[c] * scale + mrow[c];
+                            cmx = sc[c] > cmx ? sc[c] : cmx;
+                        }
+                        if (cmx == -INFINITY) continue;
+                        float *acq = acc + qi * dv;
+                        if (cmx > mx[qi]) {                   /* rescale what is summed so far to the new maximum */
+                            const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
+                            sum[qi] *= r;
+                            for (int64_t e = 0; e < dv; e++) acq[e] *= r;
+                            mx[qi] = cmx;
+                        }
+                        exp_chunk(sc, nc, mx[qi]);
+                        for (int64_t c = 0; c < nc; c++) sum[qi] += sc[c];
+                        chunk_pv(acq, sc, nc, (const char *)v + es * (c0 * vs0 + j * vs1), vs0, dv, vs2, H);
                     }
                 }
             }
-            for (int64_t qi = 0; qi < nq; qi++) {
-                const int64_t t = t0 + qi / group, h = j * group + qi % group;
-                float *o = out + t * os0 + h * os1;
-                const float inv = sum[qi] > 0.0f ? 1.0f / sum[qi] : 0.0f;
-                for (int64_t e = 0; e < dv; e++) o[e] = acc[qi * dv + e] * inv;
+            /* merge each query's segments in order: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M) */
+#pragma omp for schedule(static)
+            for (int64_t iw = 0; iw < nw; iw++) {
+                const int64_t it = w0 + iw, tb = n_tb - 1 - it / nhkv, j = it % nhkv;
+                const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
+                const float *p0 = part + iw * n_sg * part_floats;
+                for (int64_t qi = 0; qi < nq; qi++) {
+                    const int64_t t = t0 + qi / group, h = j * group + qi % group;
+                    float *o = out + t * os0 + h * os1;
+                    float m = -INFINITY, l = 0.0f;
+                    for (int64_t sg = 0; sg < n_sg; sg++) {
+                        const float ms = p0[sg * part_floats + nq_max * dv + qi];
+                        m = ms > m ? ms : m;
+                    }
+                    for (int64_t e = 0; e < dv; e++) o[e] = 0.0f;
+                    if (m == -INFINITY) continue;                  /* no cell visible: zeros */
+                    for (int64_t sg = 0; sg < n_sg; sg++) {
+                        const float *ps = p0 + sg * part_floats;
+                        const float ms = ps[nq_max * dv + qi];
+                        if (ms == -INFINITY) continue;
+                        const float r = expf(ms - m);
+                        l += ps[nq_max * dv + nq_max + qi] * r;
+                        for (int64_t e = 0; e < dv; e++) o[e] += ps[qi * dv + e] * r;
+                    }
+                    const float inv = 1.0f / l;
+                    for (int64_t e = 0; e < dv; e++) o[e] *= inv;
+                }
             }
+            free(kt);
         }
-        free(kt);
-        free(acc);
-        free(mx);
-        free(sum);
     }
+    free(part);
 }
 
 /* a[22]: K and V are float16 */
