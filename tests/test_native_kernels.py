@@ -174,6 +174,30 @@ def test_scales_are_stored_as_float16_exactly_when_that_loses_nothing():
     assert NativeMat(gguf_matrix("Q4_1", 17, 64), "Q4_1", (17, 64)).nbytes == 32 * 64 * 20 // 32  # padded tile
 
 
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_tiles_moved_from_the_files_bytes_equal_tiles_packed_from_decoded_values(type_name):
+    from kvgraph.backends.native import pack_blocks
+    from kvgraph.backends.quant_repack import int4_blocks
+
+    raw = gguf_matrix(type_name, 32, 96)
+    if type_name == "Q8_0":
+        blocks = raw.reshape(32, 3, 34)
+        want = pack_q8(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(32, 96),
+                       blocks[..., :2].copy().view(np.float16)[..., 0])
+    else:
+        _, q, d, m = next(int4_blocks(raw, type_name))
+        want = pack_q5(q, d, m) if type_name.startswith("Q5") else pack_q4(q, d, m, half=True)
+    np.testing.assert_array_equal(pack_blocks(raw, type_name), want)
+
+
+def test_a_q4_0_scale_whose_offset_is_no_float16_keeps_float32_scales():
+    raw = gguf_matrix("Q4_0", 16, 64).reshape(16, 2, 18)
+    raw[0, 0, :2] = np.frombuffer(np.float16(20000).tobytes(), np.uint8)      # -8 d = -160000: no float16
+    mat = NativeMat(raw.reshape(16, -1), "Q4_0", (16, 64))
+    assert mat.fmt == "q4"
+    np.testing.assert_array_equal(mat.dequantize(), gguf.quants.dequantize(raw.reshape(16, -1), Q.Q4_0).reshape(16, 64))
+
+
 def test_stacked_matrices_share_rows_with_their_members():
     mats = [NativeMat(gguf_matrix("Q4_0", n, 64), "Q4_0", (n, 64)) for n in (16, 48)]
     before = [m.dequantize() for m in mats]

@@ -378,6 +378,50 @@ def pack_kquant(fmt: str, p: dict[str, np.ndarray]) -> np.ndarray:
     return _records(parts, [_tile_scales(p["d"], np.float16), _tile_scales(p["dmin"], np.float16)])
 
 
+# GGUF block layouts whose bytes go into tiles unchanged: (block bytes, d at, m at (None: m = -k d), k, qh at,
+# qs at, format). A block's nibbles byte j = q[j] | q[j + 16] << 4 is exactly a tile's byte for chunk
+# vectors j / 4 and j / 4 + 4, so 4-byte words move as they are; Q8_0's int8 bytes likewise.
+BLOCK_LAYOUTS = {"Q4_0": (18, 0, None, 8, None, 2, "q4h"), "Q4_1": (20, 0, 2, 0, None, 4, "q4h"),
+                 "Q5_0": (22, 0, None, 16, 2, 6, "q5h"), "Q5_1": (24, 0, 2, 0, 4, 8, "q5h"),
+                 "Q8_0": (34, 0, None, 0, None, 2, "q8")}
+
+
+def pack_blocks(raw: np.ndarray, type_name: str) -> np.ndarray | None:
+    """Rows of a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrix (raw bytes [N, bytes per row]) -> its tiles, moving
+    the file's bytes without decoding them (the same tiles pack_q4 / pack_q5 / pack_q8 make from decoded
+    values). None when a derived scale (Q4_0's -8 d, Q5_0's -16 d) is not exactly a float16."""
+    size, d_at, m_at, k_m, qh_at, qs_at, fmt = BLOCK_LAYOUTS[type_name]
+    b = _padded(raw)
+    n, g = b.shape[0], b.shape[1] // size
+    t = n // TR
+    b = b.reshape(n, g, size)
+    d = b[..., d_at: d_at + 2].view(np.float16)[..., 0]
+    if fmt != "q8":
+        if m_at is None:
+            m32 = np.float32(-k_m) * d.astype(np.float32)
+            if not f16_exact(m32):
+                return None
+            m = m32.astype(np.float16)
+        else:
+            m = b[..., m_at: m_at + 2].view(np.float16)[..., 0]
+    out = np.empty((t, g, FORMATS[fmt][0]), np.uint8)
+    nw = 8 if fmt == "q8" else 4                       # 4-byte words of q per block
+    words = b[..., qs_at: qs_at + 4 * nw].view(np.uint32).reshape(t, TR, g, nw)
+    out[..., : 64 * nw].view(np.uint32).reshape(t, g, nw, TR)[...] = words.transpose(0, 2, 3, 1)
+    at = 64 * nw
+    if qh_at is not None:                              # fifth bits: chunk vector c, bit 4 r + e = element 4 c + e
+        qh = b[..., qh_at: qh_at + 4].view(np.uint32)[..., 0].reshape(t, TR, g).astype(np.uint64)
+        shifts = (4 * np.arange(TR, dtype=np.uint64)).reshape(1, TR, 1)
+        planes = out[..., at: at + 64].view(np.uint64)                  # [t, g, 8]
+        for c in range(8):
+            planes[..., c] = np.bitwise_or.reduce(((qh >> np.uint64(4 * c)) & np.uint64(15)) << shifts, axis=1)
+        at += 64
+    for s in ((d,) if fmt == "q8" else (d, m)):
+        out[..., at: at + 2 * TR] = np.ascontiguousarray(s.reshape(t, TR, g).transpose(0, 2, 1)).view(np.uint8)
+        at += 2 * TR
+    return out.reshape(t, -1)
+
+
 def dequantize_tiles(tiles: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
     """The float32 weights [n, K] that tiles of format fmt hold, computed as gguf computes them."""
     rec, hdr = FORMATS[fmt]

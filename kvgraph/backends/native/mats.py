@@ -18,8 +18,8 @@ import numpy as np
 
 from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, INT5_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
                             release_pages)
-from . import (QK, TR, bind, dequantize_tiles, f16_exact, pack_kquant, pack_q4, pack_q5, pack_q8, ptr, quantize_blocks_q8,
-               tile_bytes)
+from . import (BLOCK_LAYOUTS, QK, TR, bind, dequantize_tiles, f16_exact, pack_blocks, pack_kquant, pack_q4, pack_q5,
+               pack_q8, ptr, quantize_blocks_q8, tile_bytes)
 
 
 class Q8Act:
@@ -45,12 +45,6 @@ class Q8Act:
                     ptr(self.s), ptr(self.h), keep=(x, self))
 
 
-def _q8_0_blocks(raw: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    blocks = raw.reshape(raw.shape[0], k // QK, 34)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    return np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(raw.shape[0], k), d
-
-
 class NativeMat:
     """One weight matrix [N, K] in Q4, Q5 or Q8 tiles of 16 rows (kernels.c). act_dtype "q8": its input is
     staged as a Q8Act."""
@@ -65,20 +59,16 @@ class NativeMat:
             for r0, parts in kquant_blocks(data, type_name):
                 self._put(r0, pack_kquant(self.fmt, parts))
             return
-        if type_name in INT4_TYPES:
-            self._pack_q4(data, type_name, half=True) or self._pack_q4(data, type_name, half=False)
+        if type_name in BLOCK_LAYOUTS and self._pack_blocks(data, type_name):
+            return
+        if type_name in INT4_TYPES:   # a Q4_0 whose -8 d is no float16 (huge scales): float32 scales
+            self._pack_q4(data, type_name, half=False)
             return
         if type_name in INT5_TYPES and self._pack_q5(data, type_name):
             return
         self._alloc("q8")
-        if type_name == "Q8_0":
-            for r0 in range(0, n, CHUNK_ROWS):
-                part = data[r0: r0 + CHUNK_ROWS]
-                self._put(r0, pack_q8(*_q8_0_blocks(np.ascontiguousarray(part), k)))
-                release_pages(part)
-        else:
-            for r0, w in dequant_rows(data, type_name, shape):
-                self._put(r0, pack_q8(*quantize_blocks_q8(w)))
+        for r0, w in dequant_rows(data, type_name, shape):
+            self._put(r0, pack_q8(*quantize_blocks_q8(w)))
 
     def _alloc(self, fmt: str) -> None:
         self.fmt = fmt
@@ -86,6 +76,18 @@ class NativeMat:
 
     def _put(self, r0: int, tiles: np.ndarray) -> None:
         self.tiles[r0 // TR: r0 // TR + tiles.shape[0]] = tiles      # chunks start at multiples of TR rows
+
+    def _pack_blocks(self, data: np.ndarray, type_name: str) -> bool:
+        """Tiles straight from the file's blocks (False where a derived scale is no float16)."""
+        self._alloc(BLOCK_LAYOUTS[type_name][-1])
+        for r0 in range(0, self.n, CHUNK_ROWS):
+            part = data[r0: r0 + CHUNK_ROWS]
+            tiles = pack_blocks(np.ascontiguousarray(part), type_name)
+            release_pages(part)
+            if tiles is None:
+                return False
+            self._put(r0, tiles)
+        return True
 
     def _pack_q4(self, data: np.ndarray, type_name: str, half: bool) -> bool:
         """Q4 tiles with float16 scales (False if some scale is not exactly a float16) or float32 ones."""
