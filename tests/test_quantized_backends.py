@@ -160,11 +160,13 @@ def test_backends_describe_the_kernels_they_run():
 
 
 @needs_native
-def test_without_torch_the_default_backend_is_native(monkeypatch):
+def test_the_default_backend_is_native_where_the_c_kernels_build_then_torch_then_numpy(monkeypatch):
     import kvgraph.backends as backends
 
-    monkeypatch.setattr(backends, "torch_available", lambda: False)
     assert backends.default_backend() == "native" and backends.get_backend(None).name == "native"
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_why_not", "no C compiler found")
+    monkeypatch.setattr(backends, "torch_available", lambda: True)
+    assert backends.default_backend() == "torch"
+    monkeypatch.setattr(backends, "torch_available", lambda: False)
     assert backends.default_backend() == "numpy"

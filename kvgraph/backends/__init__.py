@@ -1,10 +1,9 @@
 """Executors: each compiles a (graph, plan) into a Program.
 
+* native: kvgraph's C kernels over numpy buffers -- the default wherever a C compiler builds them.
+* torch (`pip install 'kvgraph[fast]'`): the same C kernels plus torch for float matrices (its BLAS), or
+  torch's own quantized kernels where no C compiler exists; the home of a future GPU path.
 * numpy: the float32 reference, always present.
-* torch: the fast path (`pip install 'kvgraph[fast]'`), the default when torch is installed. It runs
-  kvgraph's C kernels (backends/native) where they can be built, torch's own kernels elsewhere.
-* native: the C kernels over numpy buffers, without torch (the smallest memory footprint); the default
-  when torch is not installed but a C compiler is.
 torch is imported only when the torch backend is asked for, so the core runs without it."""
 from __future__ import annotations
 
@@ -21,11 +20,13 @@ def torch_available() -> bool:
 
 
 def default_backend() -> str:
-    if torch_available():
-        return "torch"
+    """native where kvgraph's C kernels build (the fastest CPU path, no torch import: ~1.5 s and ~200 MB
+    less at start), else torch's own quantized kernels if installed, else the numpy reference."""
     from . import native
 
-    return "native" if native.library() is not None else "numpy"
+    if native.library() is not None:
+        return "native"
+    return "torch" if torch_available() else "numpy"
 
 
 def get_backend(name: str | None = None, threads: int | None = None):

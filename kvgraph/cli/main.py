@@ -25,8 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="context size in tokens (default: the model's, at most 4096)")
     g.add_argument("--ubatch", type=POSITIVE, default=512, help="prompt tokens per graph run (default 512)")
     g.add_argument("--backend", default=None,
-                   help="executor: torch (default when installed), native (kvgraph's C kernels, no torch; the "
-                        "default without torch) or numpy (the f32 reference)")
+                   help="executor: native (kvgraph's C kernels; the default where they build), torch (the C "
+                        "kernels plus torch for float matrices; torch's own kernels without a C compiler) or "
+                        "numpy (the f32 reference)")
     g.add_argument("-t", "--threads", type=POSITIVE, default=None, help="compute threads (default: physical cores)")
     g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default="auto",
                    help="fused attention over a row-major V cache (on) or ggml's non-flash path (off); "
