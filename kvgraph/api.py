@@ -36,7 +36,8 @@ class LLM:
 
         path = resolve_model(model, progress=progress)
         self.loaded: LoadedModel = load_model(path, get_backend(backend, threads))
-        self.ctx = Context(self.loaded, n_ctx=n_ctx, n_ubatch=n_ubatch, graph_cache=graph_cache,
+        # One stream: one sequence alive (a server's scheduler makes its own context for its slots).
+        self.ctx = Context(self.loaded, n_ctx=n_ctx, n_ubatch=n_ubatch, graph_cache=graph_cache, n_seq_max=1,
                            cache_capacity=graph_cache_size, verify=verify_graph_cache, flash_attn=flash_attn,
                            cache_type=cache_type)
         self.session = Session(self.ctx, self.tokenizer)

@@ -111,9 +111,11 @@ RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "ja
 
 @pytest.mark.parametrize("name", RECURRENT)
 def test_removing_a_sequence_frees_its_recurrent_state(name):
+    from kvgraph.engine.context import Context
     from kvgraph.graph.inputs import UBatch
     path, tokens, ref = fixture(name)
     llm = LLM(str(path), backend="numpy", n_ctx=64)
+    llm.ctx = Context(llm.loaded, n_ctx=64, n_seq_max=8)     # the API's own context serves one sequence
     rs = llm.ctx.memories["rs"]
     for seq in range(rs.n_slots):             # every slot taken
         llm.ctx.decode(UBatch.single(tokens[:5], 0, seq))

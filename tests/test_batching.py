@@ -180,6 +180,25 @@ def test_prefix_cache_prefers_the_matching_slot_and_can_be_turned_off(llm):
     off.shutdown()
 
 
+def test_a_sliding_window_cache_holds_a_window_for_every_slot():
+    """Nine slots of a 32-token-window model each keep up to a window of cells at once (288 cells, more
+    than one window cache's 256): the window cache is sized per slot, nothing overflows, and every reply
+    equals its run alone."""
+    from pathlib import Path
+
+    from kvgraph.engine.batching import scheduler_context
+    gemma2 = LLM(str(Path(__file__).parent / "data" / "arch" / "gemma2.gguf"), n_ctx=64)
+    ctx = scheduler_context(gemma2.loaded, 9, 40, n_ubatch=8)
+    assert ctx.memories["kv_swa"].n_cells >= 9 * 32
+    sched = BatchScheduler(ctx, gemma2.tokenizer, parallel=9, n_ctx_per_seq=40)
+    prompts = [[(7 * i + j) % 200 + 1 for j in range(24)] for i in range(9)]
+    pending = [sched.submit(Request(p, max_tokens=16, ignore_eos=True)) for p in prompts]
+    results = [r.wait(timeout=120) for r in pending]
+    sched.shutdown()
+    for p, res in zip(prompts, results):
+        assert res.ids == alone(gemma2, p, 16)
+
+
 def test_no_prefix_cache_where_a_sliding_window_shares_its_cells():
     """Sliding-window layers keep one window of cells for every sequence: an idle slot's cells are freed."""
     from pathlib import Path

@@ -40,7 +40,7 @@ class Gemma2Model(Model):
         e = self.cfg.extra
         # Soft-capped scores take the non-flash path, whose V cache is transposed.
         return swa_memories(self.cfg, e["swa_layers"], e["sliding_window"], n_ctx, n_ubatch, alloc,
-                            flash_attn and not e["attn_softcap"])
+                            flash_attn and not e["attn_softcap"], n_seq_max)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c, e = self.cfg, self.cfg.extra

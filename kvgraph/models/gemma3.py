@@ -55,7 +55,7 @@ class Gemma3Model(Model):
 
     def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         return swa_memories(self.cfg, self.swa_layers, self.cfg.extra["sliding_window"], n_ctx, n_ubatch, alloc,
-                            flash_attn)
+                            flash_attn, n_seq_max)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c, e = self.cfg, self.cfg.extra

@@ -161,9 +161,11 @@ def swa_pattern(m, default: int) -> tuple[bool, ...]:
     raise GGUFError(f"{m.source}: bad attention.sliding_window_pattern {pattern!r}.")
 
 
-def swa_memories(c, swa_layers, window: int, n_ctx: int, n_ubatch: int, alloc, flash_attn: bool) -> dict:
+def swa_memories(c, swa_layers, window: int, n_ctx: int, n_ubatch: int, alloc, flash_attn: bool,
+                 n_seq_max: int = 1) -> dict:
     """Interleaved sliding-window attention: the global layers' full KV cache ("kv") and the local layers'
-    window-sized one ("kv_swa"), both ordinary KV memories with their own write indices and masks."""
+    window-sized one ("kv_swa"), both ordinary KV memories with their own write indices and masks. The
+    window cache holds a window plus a ubatch per sequence that may be alive at once (capped by n_ctx)."""
     local = [i for i in range(c.n_layer) if swa_layers[i]]
     full = [i for i in range(c.n_layer) if not swa_layers[i]]
     mems = {}
@@ -171,8 +173,8 @@ def swa_memories(c, swa_layers, window: int, n_ctx: int, n_ubatch: int, alloc, f
         mems["kv"] = KVCache("kv", full, n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v, v_trans=not flash_attn,
                              alloc=alloc)
     if local:
-        # A ubatch needs the window's previous tokens plus its own: window + n_ubatch cells, padded.
-        cells = min(n_ctx, -(-(window + n_ubatch) // 256) * 256)
+        # A sequence's ubatch needs the window's previous tokens plus its own: window + n_ubatch cells each.
+        cells = min(n_ctx, -(-(n_seq_max * (window + n_ubatch)) // 256) * 256)
         mems["kv_swa"] = KVCache("kv_swa", local, cells, c.n_head_kv, c.head_dim_k, c.head_dim_v,
                                  v_trans=not flash_attn, alloc=alloc, sliding_window=window)
     return mems
