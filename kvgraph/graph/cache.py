@@ -81,9 +81,8 @@ class GraphCache:
     def record_hit(self) -> None:
         self.stats.hits += 1
 
-    def record_miss(self, key: GraphKey, reason: str | None = None) -> None:
-        if reason is None:
-            reason = "disabled" if not self.enabled else ("evicted" if key in self._evicted else "new key")
+    def record_miss(self, key: GraphKey) -> None:
+        reason = "disabled" if not self.enabled else ("evicted" if key in self._evicted else "new key")
         self.stats.misses += 1
         self.stats.reasons[reason] += 1
         self.stats.last_miss = f"{reason}: {key.describe()}"

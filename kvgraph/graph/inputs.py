@@ -1,8 +1,8 @@
 """Graph inputs: every per-step fact is an input tensor, filled before each run.
 
-As in llama.cpp's `llm_graph_input_*`, each input knows how to fill its buffer from a ubatch (`set`) and
-whether a cached graph built for one key can take a given ubatch (`can_reuse`). A cache hit whose inputs
-refuse the ubatch is treated as a miss: a replay is never silently wrong.
+As in llama.cpp's `llm_graph_input_*`, each input knows how to fill its buffer from a ubatch (`set`). Its
+shape is fixed by the graph key (tokens, outputs, sequences, windows), so a graph found by key always takes
+the ubatch: there is no second, per-input reuse check (verify mode rebuilds and compares instead).
 """
 from __future__ import annotations
 
@@ -69,8 +69,6 @@ class GraphInput:
     def set(self, ub: UBatch, memory: Any, buf: np.ndarray) -> None:
         raise NotImplementedError
 
-    def can_reuse(self, ub: UBatch, memory: Any) -> bool:
-        raise NotImplementedError
 
 
 class TokenInput(GraphInput):
@@ -80,9 +78,6 @@ class TokenInput(GraphInput):
     def set(self, ub, memory, buf):
         buf[:] = ub.tokens
 
-    def can_reuse(self, ub, memory):
-        return ub.n_tokens == self.tensor.shape[0]
-
 
 class PositionInput(GraphInput):
     def __init__(self, g: GraphBuilder, n_tokens: int):
@@ -90,9 +85,6 @@ class PositionInput(GraphInput):
 
     def set(self, ub, memory, buf):
         buf[:] = ub.pos
-
-    def can_reuse(self, ub, memory):
-        return ub.n_tokens == self.tensor.shape[0]
 
 
 class OutputRowsInput(GraphInput):
@@ -103,6 +95,3 @@ class OutputRowsInput(GraphInput):
 
     def set(self, ub, memory, buf):
         buf[:] = ub.out_rows
-
-    def can_reuse(self, ub, memory):
-        return ub.n_outputs == self.tensor.shape[0]

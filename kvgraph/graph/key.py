@@ -14,7 +14,6 @@ class GraphKey:
     equal_seqs: bool                       # every sequence contributes the same number of tokens
     windows: tuple[tuple[str, int], ...]   # padded window (cells) of each memory the graph reads
     n_outputs: int                         # rows that produce logits
-    embd_input: bool = False               # embeddings instead of token ids
     flash_attn: bool = False               # fused attention over a row-major V cache
 
     def window(self, memory: str) -> int:
@@ -23,4 +22,4 @@ class GraphKey:
     def describe(self) -> str:
         wins = ",".join(f"{m}={n}" for m, n in self.windows)
         return (f"tokens={self.n_tokens} seqs={self.n_seqs}{'(eq)' if self.equal_seqs else ''} kv[{wins}] "
-                f"out={self.n_outputs}{' embd' if self.embd_input else ''}{' fa' if self.flash_attn else ''}")
+                f"out={self.n_outputs}{' fa' if self.flash_attn else ''}")

@@ -136,9 +136,6 @@ class KVSlotsInput(GraphInput):
     def set(self, ub, memory, buf):
         buf[:] = memory.slots
 
-    def can_reuse(self, ub, memory):
-        return ub.n_tokens == self.tensor.shape[0]
-
 
 class KVMaskInput(GraphInput):
     """[n_tokens, n_kv] additive mask: 0 where a token may attend to a cell, -inf elsewhere."""
@@ -148,9 +145,6 @@ class KVMaskInput(GraphInput):
 
     def set(self, ub, memory, buf):
         memory.fill_mask(ub, buf)
-
-    def can_reuse(self, ub, memory):
-        return (ub.n_tokens, memory.window()) == self.tensor.shape
 
 
 class KVAttention:

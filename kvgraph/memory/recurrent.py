@@ -113,9 +113,6 @@ class StateSlotInput(GraphInput):
     def set(self, ub, memory, buf):
         buf[:] = memory.slots
 
-    def can_reuse(self, ub, memory):
-        return memory.slots.shape[0] == self.tensor.shape[0]
-
 
 class RecurrentView:
     """Build-time access to the state rows of the ubatch's n_seqs sequences: `read` them (old values),
