@@ -4,7 +4,6 @@ this test writes (the openai client is exercised throughout test_server.py)."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest

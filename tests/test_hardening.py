@@ -94,22 +94,22 @@ def test_native_indexing_kernels_refuse_out_of_range_rows():
 
 def test_numpy_indexing_kernels_refuse_negative_and_large_indices():
     """numpy would wrap -1 to the last row: the reference kernels check instead."""
-    from kvgraph.backends import numpy_backend as npb
+    from kvgraph.backends.reference import KERNELS
     from kvgraph.backends.quant_repack import AnyRows, Q8_0Rows
 
     class Node:
         def __init__(self, **p):
             self.p = p
     table, out = np.arange(20, dtype=np.float32).reshape(5, 4), np.zeros((1, 4), np.float32)
-    readers = [lambda ids: npb._k_get_rows(None, out, table, ids),
+    readers = [lambda ids: KERNELS["get_rows"](None, out, table, ids),
                lambda ids: Q8_0Rows(np.zeros((5, 34), np.uint8), (5, 32)).kernel(ids, np.zeros((1, 32), np.float32)),
                lambda ids: AnyRows(table, "F32", (5, 4)).kernel(ids, out),
                lambda ids: AnyRows(table.astype(np.float16), "F16", (5, 4)).kernel(ids, out),
                lambda ids: AnyRows(np.zeros((5, 34), np.uint8), "Q8_0", (5, 32)).kernel(
                    ids, np.zeros((1, 32), np.float32))]
-    writers = [lambda idx: npb._k_set_rows(Node(transposed=False, col=0), None, table, out, idx),
-               lambda idx: npb._k_set_rows(Node(transposed=False, col=1), None, table, out[:, :2], idx),
-               lambda idx: npb._k_set_rows(Node(transposed=True, col=0), None, table.T.copy(), out, idx)]
+    writers = [lambda idx: KERNELS["set_rows"](Node(transposed=False, col=0), None, table, out, idx),
+               lambda idx: KERNELS["set_rows"](Node(transposed=False, col=1), None, table, out[:, :2], idx),
+               lambda idx: KERNELS["set_rows"](Node(transposed=True, col=0), None, table.T.copy(), out, idx)]
     for bad in (-1, 5, 2 ** 31 - 1):
         ids = np.array([bad], np.int32)
         for make in readers + writers:

@@ -152,6 +152,21 @@ def test_native_backend_never_imports_torch(tmp_path):
 
 
 @needs_native
+def test_every_backend_meets_the_backend_protocol_and_compiles_through_one_loop(tmp_path):
+    from kvgraph.backends import Backend
+
+    path = tmp_path / "t.gguf"
+    write_tiny_llama(path, TinySpec(weight_type="Q4_0"))
+    for name in ["numpy", "native"] + (["torch"] if torch_available() else []):
+        backend = get_backend(name)
+        assert isinstance(backend, Backend), name
+        ctx = Context(load_model(path, backend), n_ctx=32)
+        ctx.decode(UBatch.single([1, 2, 3], 0))
+        assert ctx.stats.misses == 1
+        assert isinstance(ctx.cache.entries[next(iter(ctx.cache.entries))].program.kernels, list)
+
+
+@needs_native
 def test_backends_describe_the_kernels_they_run():
     assert "C kernels" in get_backend("native").describe()
     assert get_backend("numpy").describe().startswith("numpy")

@@ -8,11 +8,41 @@ torch is imported only when the torch backend is asked for, so the core runs wit
 from __future__ import annotations
 
 import importlib.util
+from typing import Any, ContextManager, Mapping, Protocol, runtime_checkable
+
+import numpy as np
 
 from ..errors import InvalidArgumentError
 from .numpy_backend import NumpyBackend
 
 BACKENDS = ("numpy", "torch", "native")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the engine asks of an executor. A backend chooses kernels for graph nodes; it never knows a model.
+    Compiling is compiler.Compiler's loop with the backend's kernel choosers."""
+
+    name: str
+    native: bool                    # runs kvgraph's C kernels
+    flash_attn_default: bool        # -fa auto: on where a fused attention kernel exists
+    cache_types: tuple[str, ...]    # KV cache storage it reads ("f16", "f32"); the first is its default
+
+    def describe(self) -> str: ...
+
+    def load_weight(self, gguf_file, name: str) -> Any: ...
+
+    def tie_output(self, embedding: Any) -> Any: ...
+
+    def weights_nbytes(self, weights: Mapping[str, Any]) -> int: ...
+
+    def threads(self, n: int | None) -> ContextManager: ...
+
+    def to_numpy(self, x: Any) -> np.ndarray: ...
+
+    def alloc_state(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray: ...
+
+    def compile(self, graph, plan, weights: Mapping[str, Any], states: Mapping[str, np.ndarray]): ...
 
 
 def torch_available() -> bool:
@@ -29,7 +59,7 @@ def default_backend() -> str:
     return "torch" if torch_available() else "numpy"
 
 
-def get_backend(name: str | None = None, threads: int | None = None):
+def get_backend(name: str | None = None, threads: int | None = None) -> Backend:
     name = (name or "auto").lower()
     if name == "auto":
         name = default_backend()

@@ -1,5 +1,6 @@
-"""What the quantized backends' compilers share (torch and native): binding buffers in plan order, and two
-compile-time fusions, each applied only where the plan makes it safe:
+"""The one compile loop of every backend (`Compiler`), and what the quantized backends add to it
+(`FusingCompiler`, torch and native): staging, and two compile-time fusions, each applied only where the
+plan makes it safe:
 
 * rms_norm -> mul(weight): one kernel, when nothing runs in between and the multiply's buffer either is
   the norm's input buffer exactly (the plan reuses it once the norm is its last reader; the fused kernels
@@ -8,7 +9,8 @@ compile-time fusions, each applied only where the plan makes it safe:
   weights stacked along N, run at the last member's step when no member's result is read before it.
 
 Matmul inputs a kernel reads in another form (int8 blocks, bfloat16) are staged once per source in a
-StagingPool. A subclass emits the kernels (`emit`) and chooses the Program class. Plain numpy, no torch.
+StagingPool. A backend's compiler lists its kernel choosers in order (`choosers`: kvgraph's C kernels, then
+torch, then the numpy reference); each node gets the first kernel offered. Plain numpy, no torch.
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ import numpy as np
 
 from ..graph.ir import VIEW_OPS, Graph, Tensor
 from ..plan.planner import Plan, base_of
-from . import native
-from . import numpy_backend as npb
+from . import native, reference
 from .native import ops as native_ops
 from .native.mats import Q8Act, as_rows
 
@@ -74,22 +75,94 @@ class PackedWeightsBackend:
         return cache[key][1]
 
 
-class FusingCompiler:
-    program_class = npb.Program
+class Compiler:
+    """Compile (graph, plan) into a Program: walk the plan in order, bind weights, states and inputs, resolve
+    views, carve every other node's buffer out of one arena, and for each computing node append the first
+    kernel the choosers offer. The numpy backend uses it as it is (only the reference chooser)."""
+
+    program_class = reference.Program
 
     def __init__(self, backend, graph: Graph, plan: Plan, weights, states):
         self.backend, self.graph, self.plan, self.weights, self.states = backend, graph, plan, weights, states
         self.nodes = graph.nodes
+        self.kernels: list[Kernel] = []
+        self.bufs: dict[int, Any] = {}
+        self.inputs: dict[str, np.ndarray] = {}
+        self.skip: set[int] = set()                   # nodes a fused kernel computes
+        self.rope = reference.RopeTables()
+
+    def choosers(self) -> list[Callable[[Tensor, int, Any, list], Kernel | None]]:
+        """Kernel choosers, (node, step, out, srcs) -> kernel or None, in the order they are asked."""
+        return [self.reference_kernel]
+
+    def staged_bytes(self) -> int:
+        return 0
+
+    def compile(self):
+        plan, nodes, bufs = self.plan, self.nodes, self.bufs
+        arena = np.empty(plan.arena_size, np.uint8)
+        for step, tid in enumerate(plan.order):
+            t = nodes[tid]
+            if t.op in ("weight", "state"):
+                buf = bufs[tid] = (self.weights if t.op == "weight" else self.states)[t.name]
+                if buf.shape != t.shape:
+                    raise ValueError(f"{t.op} {t.name!r}: bound array has shape {buf.shape}, graph expects {t.shape}")
+            elif t.op == "input":
+                bufs[tid] = self.inputs[t.name] = np.zeros(t.shape, reference.NP_DTYPES[t.dtype])
+            elif tid not in plan.offsets:              # a view (or set_rows) of its first source
+                buf = bufs[tid] = reference.view(t, self.arr(bufs[t.srcs[0].id]))
+                if t.op == "set_rows":
+                    self.kernels.append(self.set_rows_kernel(t, buf, [self.arr(bufs[s.id]) for s in t.srcs]))
+            else:
+                off = plan.offsets[tid]
+                bufs[tid] = arena[off: off + plan.nbytes[tid]].view(reference.NP_DTYPES[t.dtype]).reshape(t.shape)
+                if tid not in self.skip:
+                    self.emit(t, step)
+        outputs = {name: bufs[o.id] for name, o in self.graph.outputs.items()}
+        return self.program_class(native.batch(self.kernels), self.inputs, outputs,
+                                  plan.arena_size + self.staged_bytes())
+
+    def emit(self, t: Tensor, step: int) -> None:
+        out, srcs = self.bufs[t.id], [self.bufs[s.id] for s in t.srcs]
+        for choose in self.choosers():
+            k = choose(t, step, out, srcs)
+            if k is not None:
+                self.kernels.append(k)
+                return
+        raise AssertionError(f"no kernel chooser took {t.op}")
+
+    def reference_kernel(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel:
+        """The numpy reference kernel (rope with cos / sin tables shared by the run's rope ops)."""
+        arrays = [self.arr(s) for s in srcs]
+        if t.op == "rope":
+            cos, sin, table_kernel = self.rope.get(t, arrays[1])
+            if table_kernel is not None:
+                self.kernels.append(table_kernel)
+            return reference.rope_kernel(t, out, arrays[0], cos, sin)
+        return reference.KERNELS[t.op](t, out, *arrays)
+
+    @staticmethod
+    def arr(x) -> np.ndarray:
+        """A bound buffer as a numpy array (a weight's float32 values for a non-matmul use)."""
+        return x.array() if hasattr(x, "array") else x
+
+    def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
+        k = native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None
+        return k or reference.KERNELS["set_rows"](t, buf, *args)
+
+
+class FusingCompiler(Compiler):
+    """The quantized backends' compiler: matmul inputs staged once per source, rms_norm x weight and matmul
+    groups fused (see the module docstring), kvgraph's C kernels offered first."""
+
+    def __init__(self, backend, graph: Graph, plan: Plan, weights, states):
+        super().__init__(backend, graph, plan, weights, states)
         self.step_of = {tid: i for i, tid in enumerate(plan.order)}
         self.readers: dict[int, list[Tensor]] = {}
         for tid in plan.order:
             for src in self.nodes[tid].srcs:
                 self.readers.setdefault(base_of(src).id, []).append(self.nodes[tid])
         self.outputs_base = {base_of(o).id for o in graph.outputs.values()}
-        self.kernels: list[Kernel] = []
-        self.bufs: dict[int, Any] = {}
-        self.inputs: dict[str, np.ndarray] = {}
-        self.skip: set[int] = set()
         self.fused_norm: dict[int, Tensor] = {}       # mul node id -> the rms_norm it absorbs
         self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
         self.last_use: dict[tuple[int, Any], int] = {}  # (matmul input id, activation format) -> last step
@@ -144,35 +217,8 @@ class FusingCompiler:
             self.skip.update(m.id for m in members[:-1])
 
     # ---- emission ---------------------------------------------------------------------------------------
-    def compile(self):
-        plan, nodes, bufs = self.plan, self.nodes, self.bufs
-        arena = np.empty(plan.arena_size, np.uint8)
-        for step, tid in enumerate(plan.order):
-            t = nodes[tid]
-            if t.op == "weight":
-                w = self.weights[t.name]
-                if w.shape != t.shape:
-                    raise ValueError(f"weight {t.name!r}: bound array has shape {w.shape}, graph expects {t.shape}")
-                bufs[tid] = w
-            elif t.op == "state":
-                buf = self.states[t.name]
-                if buf.shape != t.shape:
-                    raise ValueError(f"state {t.name!r}: bound array has shape {buf.shape}, graph expects {t.shape}")
-                bufs[tid] = buf
-            elif t.op == "input":
-                bufs[tid] = self.inputs[t.name] = np.zeros(t.shape, npb.NP_DTYPES[t.dtype])
-            elif tid not in plan.offsets:              # a view (or set_rows) of its first source
-                buf = bufs[tid] = npb._view(t, self.arr(bufs[t.srcs[0].id]))
-                if t.op == "set_rows":
-                    self.kernels.append(self.set_rows_kernel(t, buf, [self.arr(bufs[s.id]) for s in t.srcs]))
-            else:
-                off = plan.offsets[tid]
-                bufs[tid] = arena[off: off + plan.nbytes[tid]].view(npb.NP_DTYPES[t.dtype]).reshape(t.shape)
-                if tid not in self.skip:
-                    self.emit(t, step)
-        outputs = {name: bufs[o.id] for name, o in self.graph.outputs.items()}
-        return self.program_class(native.batch(self.kernels), self.inputs, outputs,
-                                  plan.arena_size + self.staging.nbytes)
+    def staged_bytes(self) -> int:
+        return self.staging.nbytes
 
     def q8_input(self, src: Tensor, step: int) -> Q8Act:
         """Matmul input src quantized for the native kernels (the quantize kernel is added once per source)."""
@@ -183,16 +229,7 @@ class FusingCompiler:
             self.kernels.append(act.quantize_kernel(x))
         return act
 
-    @staticmethod
-    def arr(x) -> np.ndarray:
-        """A bound buffer as a numpy array (a weight's float32 values for a non-matmul use)."""
-        return x.array() if hasattr(x, "array") else x
-
-    def set_rows_kernel(self, t: Tensor, buf: np.ndarray, args: list[np.ndarray]) -> Kernel:
-        k = native_ops.set_rows(*args, t.p["transposed"], t.p["col"]) if self.backend.native else None
-        return k or npb._k_set_rows(t, buf, *args)
-
-    def c_kernel(self, t: Tensor, out: np.ndarray, srcs: list) -> Kernel | None:
+    def c_kernel(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """kvgraph's C kernel for node t (the fused norm x weight, the embedding lookup, or an op of
         native_ops.for_node) when the backend uses them and there is one for its buffers, else None."""
         if not self.backend.native:
@@ -205,6 +242,3 @@ class FusingCompiler:
         if t.op in native_ops.OPS:
             return native_ops.for_node(t, out, [self.arr(s) for s in srcs])
         return None
-
-    def emit(self, t: Tensor, step: int) -> None:
-        raise NotImplementedError

@@ -17,10 +17,10 @@ import numpy as np
 from ..errors import InvalidArgumentError
 from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
-from . import native
-from . import numpy_backend as npb
+from . import native, reference
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
 from .native.mats import NativeMat
+from .numpy_backend import NumpyBackend
 from .quant_repack import GROUP, dequant_rows
 from .weights import PackedWeight
 
@@ -55,9 +55,8 @@ class NativeWeight(PackedWeight):
 
 
 class _Compiler(FusingCompiler):
-    def __init__(self, backend, graph: Graph, plan: Plan, weights, states):
-        super().__init__(backend, graph, plan, weights, states)
-        self.rope = npb._RopeTables()
+    def choosers(self):
+        return [self.c_kernel, self.packed_matmul, self.weight_rows, self.norm_times_weight, self.reference_kernel]
 
     def _input(self, src: Tensor, mat, step: int):
         if mat.act_dtype == "q8":
@@ -65,40 +64,37 @@ class _Compiler(FusingCompiler):
         a = self.bufs[src.id]
         return a.reshape(-1, a.shape[-1])
 
-    def emit(self, t: Tensor, step: int) -> None:
-        out = self.bufs[t.id]
-        srcs = [self.bufs[s.id] for s in t.srcs]
-        k = self.c_kernel(t, out, srcs)
-        if k is not None:
-            self.kernels.append(k)
-        elif t.id in self.groups:
+    def packed_matmul(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
+        """A matmul against a repacked weight, alone or as the last member of a stacked group."""
+        if t.id in self.groups:
             members = self.groups[t.id]
             mats = [self.weights[m.srcs[1].name].matrix() for m in members]
             fused = self.backend.fused(mats)
             x = self._input(members[0].srcs[0], fused, step)
-            self.kernels.append(fused.kernel_split(x, [self.bufs[m.id].reshape(-1, mat.n)
-                                                       for m, mat in zip(members, mats)]))
-        elif self.weight_matmul(t):
+            return fused.kernel_split(x, [self.bufs[m.id].reshape(-1, mat.n) for m, mat in zip(members, mats)])
+        if self.weight_matmul(t):
             mat = srcs[1].matrix()
-            self.kernels.append(mat.kernel(self._input(t.srcs[0], mat, step), out.reshape(-1, mat.n)))
-        elif t.op == "get_rows" and t.srcs[0].op == "weight":
-            self.kernels.append(srcs[0].rows().kernel(srcs[1], out))
-        elif t.id in self.fused_norm:      # a layout the C norm does not take: numpy's, into a scratch row
-            r = self.fused_norm[t.id]      # (numpy's norm is not in-place safe, and out may be x's buffer)
-            tmp, w = np.empty(out.shape, np.float32), srcs[1].dense
-            norm = npb.KERNELS["rms_norm"](r, tmp, self.bufs[r.srcs[0].id])
-            self.kernels.append(lambda: (norm(), np.multiply(tmp, w, out=out)))
-        elif t.op == "rope":
-            arrays = [self.arr(s) for s in srcs]
-            cos, sin, table_kernel = self.rope.get(t, arrays[1])
-            if table_kernel is not None:
-                self.kernels.append(table_kernel)
-            self.kernels.append(npb._rope_kernel(t, out, arrays[0], cos, sin))
-        else:
-            self.kernels.append(npb.KERNELS[t.op](t, out, *[self.arr(s) for s in srcs]))
+            return mat.kernel(self._input(t.srcs[0], mat, step), out.reshape(-1, mat.n))
+        return None
+
+    def weight_rows(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
+        """A row lookup in a weight (the embedding) that the C kernel does not take: gguf's dequantize."""
+        if t.op == "get_rows" and t.srcs[0].op == "weight":
+            return srcs[0].rows().kernel(srcs[1], out)
+        return None
+
+    def norm_times_weight(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
+        """A fused rms_norm x weight the C norm does not take: numpy's, into a scratch row (numpy's norm is
+        not in-place safe, and out may be x's buffer)."""
+        if t.id not in self.fused_norm:
+            return None
+        r = self.fused_norm[t.id]
+        tmp, w = np.empty(out.shape, np.float32), srcs[1].dense
+        norm = reference.KERNELS["rms_norm"](r, tmp, self.bufs[r.srcs[0].id])
+        return lambda: (norm(), np.multiply(tmp, w, out=out))
 
 
-class NativeBackend(PackedWeightsBackend, npb.NumpyBackend):
+class NativeBackend(PackedWeightsBackend, NumpyBackend):
     name = "native"
     native = True                  # the compilers' switch for kvgraph's C kernels (see TorchBackend.native)
     flash_attn_default = True      # the C attention kernel reads the row-major (flash) V cache
@@ -136,5 +132,5 @@ class NativeBackend(PackedWeightsBackend, npb.NumpyBackend):
             native.set_threads(self.n_threads)
 
     def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, NativeWeight],
-                states: Mapping[str, np.ndarray]) -> npb.Program:
+                states: Mapping[str, np.ndarray]) -> reference.Program:
         return _Compiler(self, graph, plan, weights, states).compile()

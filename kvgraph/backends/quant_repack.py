@@ -30,7 +30,7 @@ from typing import Iterator
 import gguf
 import numpy as np
 
-from .numpy_backend import check_indices
+from .reference import check_indices
 
 GROUP = 32                  # int4pack group size: Q4_0 / Q4_1 blocks, Q4_K sub-blocks
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})

@@ -1,47 +1,23 @@
-"""The torch backend: quantized weights repacked once at load, a flat list of preallocated kernels.
+"""The torch backend: kvgraph's C kernels where they build, plus torch for what it does better on a CPU
+(float matrices through its BLAS) or where there is no C compiler (its own quantized kernels).
 
-Where kvgraph's C kernels can be built (backends/native; the usual case) they run the quantized matmuls,
-RMSNorm, RoPE, the gated FFN, KV writes, residual adds, the embedding lookup and attention, with weights in
-their formats (native/mats.py) -- a cached decode step is then one C call, where torch's own int4pack
-kernel alone took ~14 ms per SmolLM2 token. torch keeps F32 matrices and anything else.
+With the C kernels (the usual case) quantized matmuls, RMSNorm, RoPE, the gated FFN, KV writes, residual
+adds, the embedding lookup and attention run in C, exactly as on the native backend; torch keeps F32 / F16
+matrices and any other op. Without them (no compiler, or KVGRAPH_NATIVE=0):
 
-Without the C kernels (no compiler, or KVGRAPH_NATIVE=0), torch's own quantized kernels are used:
-
-* Q4_0, Q4_1, Q4_K -> torch's CPU int4pack (`_weight_int4pack_mm_for_cpu`, group size 32). Its dequant
-  formula is  w = (q - 8) * scale + zero  with q the unsigned nibble and one (scale, zero) pair per 32
-  weights, stored as scales_and_zeros[K/32, N, 2] (see quant_repack.py for each GGUF type's mapping).
-  The kernel wants bfloat16 activations, scales and zeros and returns bfloat16 (its float32 path is a
-  scalar loop, ~50x slower here); on AVX2 it computes fma(q, scale, fma(scale, -8, zero)) in float32.
-  So the weight it multiplies by is the GGUF weight with only scale and zero rounded to bf16 (relative
-  2^-9), which tests/test_torch_backend.py checks bit for bit through the kernel itself.
+* Q4_0, Q4_1, Q4_K -> torch's CPU int4pack (`_weight_int4pack_mm_for_cpu`, group size 32), which computes
+  w = (q - 8) * scale + zero; quant_repack.py maps each GGUF type onto it, and the only loss is the
+  bfloat16 rounding of scale and zero (tests/test_torch_backend.py checks it bit for bit through the kernel).
 * Q8_0, Q5_0, Q6_K, F16, BF16 matrices -> per-row int8 (`_weight_int8pack_mm`, bf16 activations, bf16
-  scales chosen so they are exact). Measured on this 2-core AVX2 machine (2 threads, ms per call):
+  scales chosen so they are exact); the vocabulary projection is column-equalized before quantizing
+  (Int8Mat col_scale), which keeps long-prompt perplexity within 0.2% of the reference.
+* F32 tensors and every 1-D tensor stay float32 (F32 data is used straight from the memory-mapped file);
+  the token embedding keeps no dense table (get_rows dequantizes the rows of each ubatch's tokens).
 
-      shape (N x K)      M   int8pack  bf16 mm  fbgemm fp16
-      49152 x 576        1     4.6      4.5       3.0       accuracy, SmolLM2 teacher-forced logits vs
-      49152 x 576      128     172      489        87       numpy over the 8 reference cases: mean |d|
-      2048 x 640         1     0.11     0.20      0.10      0.094 (int8) vs 0.070 (bf16); argmax agrees
-      2048 x 640       128     6.3     22.6       3.0       with the reference on 98% of steps for both.
-
-  int8 is as fast as bf16 or faster (2-3x at M = 128), at half the memory and the same accuracy. fbgemm's
-  fp16 GEMM is faster still but keeps ~4 bytes per weight resident here (it pads K to multiples of 512),
-  more than the memory target allows. The vocabulary projection (the tied token_embd, or output.weight)
-  is column-equalized before quantizing (Int8Mat col_scale): plain per-row int8 put SmolLM2's long-prompt
-  perplexity 1.14% above the float32 reference, equalized it is +0.2% (Gemma3: +0.7% -> -0.01%).
-* F32 tensors and every 1-D tensor stay float32 (F32 data is used straight from the memory-mapped file).
-* The token embedding keeps no dense table: get_rows gathers the raw GGUF rows of this ubatch's tokens
-  from the memory-mapped file and dequantizes just those (bit-identical to gguf.quants). When the file
-  ties the output to token_embd, `tie_output` builds the output matmul's own repacked form.
-
-Programs follow DESIGN §4: every intermediate lives in one numpy arena laid out by the Plan (torch
-tensors are zero-copy views of it; inputs are numpy arrays the input classes fill), views are resolved at
-compile time, and `run` calls a flat list of closures under torch.inference_mode. Tiny binary ops use
-numpy (a ufunc call is ~1.2 us, a torch op 1.5-3 us), everything else torch with out= buffers. Compile-time
-fusions cut calls per token, each only where the Plan makes it safe (see _Compiler): rms_norm x weight is
-one kernel; matmuls of one input against several weights of one format run as one matmul against the
-weights stacked along N (q/k/v, gate/up: the members keep views of the stacked copy, no second copy); a
-producer whose only readers are bf16 matmuls writes bf16 directly; decode attention is baddbmm + softmax
-+ bmm on views of the KV window, with no copies.
+Programs are the reference's (one numpy arena laid out by the Plan, torch tensors are zero-copy views of
+it); tiny binary ops use numpy (a ufunc call costs less than a torch op). The compile-time fusions are
+compiler.FusingCompiler's; a producer whose only readers are bf16 matmuls writes bf16 directly. Measured
+choices are in docs/backends.md.
 """
 from __future__ import annotations
 
@@ -54,8 +30,7 @@ import numpy as np
 
 from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
-from . import native
-from . import numpy_backend as npb
+from . import native, reference
 from .compiler import FusingCompiler, PackedWeightsBackend
 from .native.mats import NativeMat
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
@@ -477,11 +452,11 @@ class _RopeTables:
 
     def get(self, t: Tensor, pos: np.ndarray) -> tuple[dict[str, Any], Kernel | None]:
         p = t.p
-        key = npb.rope_table_key(t)
+        key = reference.rope_table_key(t)
         if key in self.tables:
             return self.tables[key], None
         half = p["n_dims"] // 2
-        inv_freq = torch.from_numpy(npb.rope_inv_freq(p))
+        inv_freq = torch.from_numpy(reference.rope_inv_freq(p))
         n = pos.shape[0]
         theta = torch.empty((n, 1, half), dtype=torch.float32)
         cos = torch.empty((n, 1, half), dtype=torch.float32)
@@ -544,15 +519,11 @@ def _rope_kernel(t: Tensor, out: np.ndarray, x: np.ndarray, tab: dict[str, Any])
 KERNELS: dict[str, Callable[..., Kernel]] = {
     "add": _k_add, "mul": _k_mul, "scale": _k_scale, "cont": _k_cont, "rms_norm": _k_rms_norm,
     "silu": _k_silu, "gelu": _k_gelu, "swiglu": _k_swiglu, "geglu": _k_geglu, "softmax": _k_softmax,
-    # state writes, recurrent ops and row gathers of activations: the numpy kernels (cheap, exact)
-    "get_rows": npb._k_get_rows, "set_rows": npb._k_set_rows, "concat_rows": npb._k_concat_rows,
-    "ssm_conv": npb._k_ssm_conv, "ssm_scan": npb._k_ssm_scan, "softcap": npb._k_softcap,
-    "ssm_scan2": npb._k_ssm_scan2, "moe_ffn": npb._k_moe_ffn,
-}
+}   # every other op (state writes, recurrent ops, row gathers of activations): the numpy reference
 
 
 # ---- program ---------------------------------------------------------------------------------------------------
-class Program(npb.Program):
+class Program(reference.Program):
     """The numpy backend's Program (input buffers are numpy, shared with torch) run in inference mode
     (unless every kernel is a C call, as a cached decode step's usually is: then there is no torch op)."""
 
@@ -578,7 +549,10 @@ class _Compiler(FusingCompiler):
 
     def __init__(self, backend: "TorchBackend", graph: Graph, plan: Plan, weights, states):
         super().__init__(backend, graph, plan, weights, states)
-        self.rope, self.masks = _RopeTables(), _Masks()
+        self.torch_rope, self.masks = _RopeTables(), _Masks()
+
+    def choosers(self):
+        return [self._native, self.torch_kernel, self.reference_kernel]
 
     def _native(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """kvgraph's C kernel for node t when there is one for its op and buffers, else None."""
@@ -587,42 +561,40 @@ class _Compiler(FusingCompiler):
         if t.id in self.fused_norm or t.op in ("rms_norm", "swiglu", "geglu"):
             if self._dst(t, step).dtype != torch.float32:     # writes a bf16 staging buffer: torch's kernel
                 return None
-        return self.c_kernel(t, out, srcs)
+        return self.c_kernel(t, step, out, srcs)
 
-    def emit(self, t: Tensor, step: int) -> None:
-        bufs, kernels = self.bufs, self.kernels
-        out = bufs[t.id]
-        srcs = [bufs[s.id] for s in t.srcs]
-        k = self._native(t, step, out, srcs)
-        if k is not None:
-            kernels.append(k)
-        elif t.id in self.groups:
-            kernels.append(self._group_matmul(self.groups[t.id], step))
-        elif self.weight_matmul(t):
+    def torch_kernel(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
+        """torch's kernel for node t (torch's quantized matmuls without the C kernels, float matrices,
+        attention without the C kernel, elementwise ops), or None: the numpy reference then."""
+        if t.id in self.groups:
+            return self._group_matmul(self.groups[t.id], step)
+        if self.weight_matmul(t):
             mat = srcs[1].matrix()
             x = self._staged(t.srcs[0], mat.act_dtype, step)
-            kernels.append(mat.kernel(x, out.reshape(-1, mat.n) if mat.act_dtype == "q8" else _t(out).view(-1, mat.n)))
-        elif t.op == "get_rows" and t.srcs[0].op == "weight":
-            kernels.append(srcs[0].rows().kernel(srcs[1], out))
-        elif t.id in self.fused_norm:
+            return mat.kernel(x, out.reshape(-1, mat.n) if mat.act_dtype == "q8" else _t(out).view(-1, mat.n))
+        if t.op == "get_rows" and t.srcs[0].op == "weight":
+            return srcs[0].rows().kernel(srcs[1], out)
+        if t.id in self.fused_norm:
             r = self.fused_norm[t.id]
-            kernels.append(_rms_norm_mul(self._dst(t, step), bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"]))
-        elif t.op in ("swiglu", "geglu") and srcs[0].shape == srcs[1].shape == out.shape:
+            return _rms_norm_mul(self._dst(t, step), self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"])
+        if t.op in ("swiglu", "geglu") and srcs[0].shape == srcs[1].shape == out.shape:
             act = _silu_out if t.op == "swiglu" else _gelu_out
-            kernels.append(_gated(act, self._dst(t, step), self.arr(srcs[0]), self.arr(srcs[1])))
-        elif t.op == "rope":
-            tab, table_kernel = self.rope.get(t, srcs[1])
+            return _gated(act, self._dst(t, step), self.arr(srcs[0]), self.arr(srcs[1]))
+        if t.op == "rope":
+            tab, table_kernel = self.torch_rope.get(t, srcs[1])
             if table_kernel is not None:
-                kernels.append(table_kernel)
-            kernels.append(_rope_kernel(t, out, srcs[0], tab))
-        elif t.op == "flash_attn":
+                self.kernels.append(table_kernel)
+            return _rope_kernel(t, out, srcs[0], tab)
+        if t.op == "flash_attn":
             q, k, v, mask = (self.arr(s) for s in srcs)
-            mrep = self.masks.get(t.srcs[3].id, mask, t.shape[1] // v.shape[1], kernels) if t.shape[0] > 1 else None
-            kernels.append(_k_flash_attn(t, out, q, k, v, mask, mrep))
-        elif t.op == "matmul":
-            kernels.append(_k_matmul_act(t, out, *[self.arr(s) for s in srcs]))
-        else:
-            kernels.append(KERNELS[t.op](t, out, *[self.arr(s) for s in srcs]))
+            mrep = (self.masks.get(t.srcs[3].id, mask, t.shape[1] // v.shape[1], self.kernels) if t.shape[0] > 1
+                    else None)
+            return _k_flash_attn(t, out, q, k, v, mask, mrep)
+        if t.op == "matmul":
+            return _k_matmul_act(t, out, *[self.arr(s) for s in srcs])
+        if t.op in KERNELS:
+            return KERNELS[t.op](t, out, *[self.arr(s) for s in srcs])
+        return None
 
     def _dst(self, t: Tensor, step: int) -> torch.Tensor:
         """Where node t's kernel writes: its f32 buffer, or, when every reader of t is a matmul that wants

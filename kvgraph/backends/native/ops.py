@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...graph.ir import Tensor
-from ..numpy_backend import rope_inv_freq
+from ..reference import rope_inv_freq
 from ..quant_repack import Q8_0Rows
 from . import bind, f64_bits, ptr
 
