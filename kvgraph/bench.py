@@ -57,6 +57,7 @@ class BenchRow:
     compute_buffer_mb: float = 0.0
     peak_rss_mb: float = 0.0
     llama_cpp_ts: float | None = None
+    llama_cpp_bench: str | None = None       # which llama-bench gave llama_cpp_ts (the fastest of --compare's)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

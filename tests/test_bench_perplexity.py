@@ -92,6 +92,25 @@ def test_bench_compare_says_when_llama_bench_crashes_and_goes_on(tiny_llama, cap
     assert "llama-bench crashed with SIGILL on pp4" in out.err and "-mno-amx-tile" in out.err
 
 
+def test_bench_compare_takes_the_faster_of_several_llama_bench_builds(tiny_llama, capsys, tmp_path):
+    """As issue 13's yardstick: per test, the faster of the builds that runs it (one crashes on prompts)."""
+    def fake(name, ts, crash_on_prompts):
+        f = tmp_path / name
+        f.write_text("#!/usr/bin/env python3\nimport os, signal, sys\na = sys.argv\n"
+                     "p = int(a[a.index('-p') + 1]); n = int(a[a.index('-n') + 1])\n"
+                     f"if p and {crash_on_prompts}: os.kill(os.getpid(), signal.SIGILL)\n"
+                     f"print('{{\"n_prompt\": %d, \"n_gen\": %d, \"avg_ts\": {ts}}}' % (p, n))\n")
+        f.chmod(f.stat().st_mode | stat.S_IEXEC)
+        return str(f)
+    native, plain = fake("native-bench", 12.0, True), fake("plain-bench", 10.0, False)
+    rc = main(["bench", "-m", str(tiny_llama[0]), "-p", "4", "-n", "2", "-r", "1", "-o", "json",
+               "--compare", f"{native},{plain},/nonexistent/llama-bench"])
+    out = capsys.readouterr()
+    rows = {r["test"]: (r["llama_cpp_ts"], r["llama_cpp_bench"]) for r in json.loads(out.out)}
+    assert rc == 0 and rows == {"pp4": (10.0, plain), "tg2": (12.0, native)}
+    assert "not found at '/nonexistent/llama-bench'" in out.err
+
+
 def test_bench_flash_attn_auto_in_a_list(tiny_llama, capsys):
     rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "-fa", "auto,off"))
     assert len(rows) == 4 and [r["flash_attn"] for r in rows][2:] == [False, False]

@@ -68,8 +68,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--ubatch", type=int, default=512, help="prompt tokens per graph run (default 512)")
     p.add_argument("-o", "--output", choices=OUTPUTS, default="md", help="output format (default md)")
     p.add_argument("--compare", metavar="LLAMA_BENCH", default=None,
-                   help="path to llama.cpp's llama-bench: run it on the same file and tests, interleaved, "
-                        "and add a ratio column")
+                   help="path to llama.cpp's llama-bench (or several, comma-separated: the faster per test "
+                        "counts): run it on the same file and tests, interleaved, and add a ratio column")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="plot t/s against depth (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
@@ -147,10 +147,12 @@ def cmd_bench(args) -> int:
         if not gens:
             raise InvalidArgumentError("--parallel measures generation: give -n.")
         tests = [BenchTest(0, n, 0) for n in gens]
-    compare = args.compare
-    if compare and not (Path(compare).is_file() or shutil.which(compare)):
-        print(f"--compare: llama-bench not found at {compare!r}; skipping the llama.cpp comparison.", file=err)
-        compare = None
+    compare = []
+    for binary in (b.strip() for b in (args.compare or "").split(",") if b.strip()):
+        if Path(binary).is_file() or shutil.which(binary):
+            compare.append(binary)
+        else:
+            print(f"--compare: llama-bench not found at {binary!r}; skipping it.", file=err)
 
     rows: list[BenchRow] = []
     total = (len(models) * len(backends) * len(threads) * len(fas) * len(caches) * len(tests) * (args.repetitions + 1)
@@ -195,8 +197,11 @@ def cmd_bench(args) -> int:
                                 progress.advance(task)
                                 if compare:
                                     progress.update(task, description=f"llama-bench {test.name}")
-                                    row.llama_cpp_ts = _llama_bench(compare, str(path), test, args.repetitions,
-                                                                    n_threads, fa_used, kv_type, err)
+                                    runs = [(ts, b) for b in compare
+                                            if (ts := _llama_bench(b, str(path), test, args.repetitions, n_threads,
+                                                                   fa_used, kv_type, err)) is not None]
+                                    if runs:               # the faster build that ran it is the reference
+                                        row.llama_cpp_ts, row.llama_cpp_bench = max(runs)
                                 rows.append(row)
                             del llm
     sys.stdout.write(render(rows, args.output))
