@@ -165,7 +165,7 @@ class FusingCompiler(Compiler):
         self.outputs_base = {base_of(o).id for o in graph.outputs.values()}
         self.fused_norm: dict[int, Tensor] = {}       # mul node id -> the rms_norm it absorbs
         self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
-        self.last_use: dict[tuple[int, Any], int] = {}  # (matmul input id, activation format) -> last step
+        self.last_use: dict[tuple[int, str], int] = {}  # (matmul input id, input form) -> last step
         self.staging = StagingPool(self.last_use)
         self._plan_norm_fusion()
         self._plan_matmul_groups()
@@ -204,7 +204,7 @@ class FusingCompiler(Compiler):
             if self.weight_matmul(t):
                 by_input.setdefault(t.srcs[0].id, []).append(t)
                 mat = self.weights[t.srcs[1].name].matrix()
-                self.last_use[(t.srcs[0].id, mat.act_dtype)] = self.step_of[tid]
+                self.last_use[(t.srcs[0].id, mat.input_form)] = self.step_of[tid]
         for members in by_input.values():
             mats = [self.weights[m.srcs[1].name].matrix() for m in members]
             if len(members) < 2 or not hasattr(mats[0], "can_fuse") or not mats[0].can_fuse(mats):

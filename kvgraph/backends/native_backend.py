@@ -28,7 +28,7 @@ from .weights import PackedWeight
 class DenseMat:
     """A float32 matrix [N, K] (F32 files, or a width the block formats cannot take): numpy's matmul."""
 
-    act_dtype = np.float32
+    input_form = "f32"
 
     def __init__(self, w: np.ndarray):
         self.n, self.k = w.shape
@@ -59,7 +59,7 @@ class _Compiler(FusingCompiler):
         return [self.c_kernel, self.packed_matmul, self.weight_rows, self.norm_times_weight, self.reference_kernel]
 
     def _input(self, src: Tensor, mat, step: int):
-        if mat.act_dtype == "q8":
+        if mat.input_form == "q8":
             return self.q8_input(src, step)
         a = self.bufs[src.id]
         return a.reshape(-1, a.shape[-1])

@@ -39,6 +39,7 @@ from .weights import PackedWeight
 import torch  # noqa: E402  (this module is imported lazily, only when the torch backend is asked for)
 
 Kernel = Callable[[], None]
+TORCH_FORMS = {"f32": torch.float32, "bf16": torch.bfloat16}    # matmul input forms held as torch tensors
 
 # The vocabulary projection (its own tensor, or the tied embedding): its int8 form equalizes columns.
 OUTPUT_TENSORS = frozenset({"output.weight", "token_embd.weight"})
@@ -50,7 +51,7 @@ SMALL = 16384
 class Int4Mat:
     """int4pack: packed nibbles [N_pad, K/2] uint8, scales_and_zeros [K/32, N_pad, 2] bf16."""
 
-    act_dtype = torch.bfloat16
+    input_form = "bf16"
 
     def __init__(self, data: np.ndarray, type_name: str, shape: tuple[int, int]):
         n, k = shape
@@ -155,7 +156,7 @@ class Int8Mat:
     moves the long-prompt perplexity from +1.14% to +0.21% (SmolLM2) and +0.71% to -0.01% (Gemma3) of
     the float32 reference."""
 
-    act_dtype = torch.bfloat16
+    input_form = "bf16"
 
     def __init__(self, data: np.ndarray, type_name: str, shape: tuple[int, int], col_scale: bool = False):
         n, k = shape
@@ -220,7 +221,7 @@ class Int8Mat:
 class DenseMat:
     """float32 [N, K] (F32 files): torch.matmul straight into the output buffer."""
 
-    act_dtype = torch.float32
+    input_form = "f32"
 
     def __init__(self, w: np.ndarray):
         self.n, self.k = w.shape
@@ -570,8 +571,8 @@ class _Compiler(FusingCompiler):
             return self._group_matmul(self.groups[t.id], step)
         if self.weight_matmul(t):
             mat = srcs[1].matrix()
-            x = self._staged(t.srcs[0], mat.act_dtype, step)
-            return mat.kernel(x, out.reshape(-1, mat.n) if mat.act_dtype == "q8" else _t(out).view(-1, mat.n))
+            x = self._staged(t.srcs[0], mat.input_form, step)
+            return mat.kernel(x, out.reshape(-1, mat.n) if mat.input_form == "q8" else _t(out).view(-1, mat.n))
         if t.op == "get_rows" and t.srcs[0].op == "weight":
             return srcs[0].rows().kernel(srcs[1], out)
         if t.id in self.fused_norm:
@@ -600,27 +601,26 @@ class _Compiler(FusingCompiler):
         """Where node t's kernel writes: its f32 buffer, or, when every reader of t is a matmul that wants
         t converted (bf16), straight into that staging buffer (t's own buffer is then never used)."""
         readers = self.readers.get(t.id, ())
-        dtypes = {self.weights[r.srcs[1].name].matrix().act_dtype if self.weight_matmul(r) and r.srcs[0] is t
-                  else None for r in readers}
-        if (t.id in self.outputs_base or len(dtypes) != 1 or None in dtypes or torch.float32 in dtypes
-                or "q8" in dtypes):
+        forms = {self.weights[r.srcs[1].name].matrix().input_form if self.weight_matmul(r) and r.srcs[0] is t
+                 else None for r in readers}
+        if t.id in self.outputs_base or forms != {"bf16"}:
             return _t(self.bufs[t.id])
-        return self._converted((t.id, dtypes.pop()), _t(self.bufs[t.id]), step, copy=False)
+        return self._converted((t.id, "bf16"), _t(self.bufs[t.id]), step, copy=False)
 
-    def _staged(self, src: Tensor, dtype: torch.dtype, step: int) -> torch.Tensor:
-        """The matmul input as the 2-D [M, K] tensor the kernel wants: the f32 buffer itself when it can be,
-        else a staged (converted / contiguous) copy shared by every matmul reading it."""
+    def _staged(self, src: Tensor, form: str, step: int) -> torch.Tensor:
+        """The matmul input in the form its kernel reads ("q8" blocks, "f32" or "bf16" rows [M, K]): the f32
+        buffer itself when it can be, else a staged (converted / contiguous) copy shared by every reader."""
         a = self.bufs[src.id]
         k = a.shape[-1]
-        if dtype == "q8":
+        if form == "q8":
             return self.q8_input(src, step)
-        if dtype == torch.float32 and a.flags.c_contiguous:
+        if form == "f32" and a.flags.c_contiguous:
             return _t(a).view(-1, k)
-        return self._converted((src.id, dtype), _t(a), step).view(-1, k)
+        return self._converted((src.id, form), _t(a), step).view(-1, k)
 
-    def _converted(self, key: tuple[int, torch.dtype], x: torch.Tensor, step: int, copy: bool = True) -> torch.Tensor:
-        """The staged copy of x in dtype key[1] (copy=False: the producer writes it directly)."""
-        dtype = key[1]
+    def _converted(self, key: tuple[int, str], x: torch.Tensor, step: int, copy: bool = True) -> torch.Tensor:
+        """The staged copy of x in form key[1] (copy=False: the producer writes it directly)."""
+        dtype = TORCH_FORMS[key[1]]
         buf, new = self.staging.get(key, step, lambda b: isinstance(b, torch.Tensor) and b.shape == x.shape
                                     and b.dtype == dtype, lambda: torch.empty(x.shape, dtype=dtype))
         if new and copy:
@@ -630,8 +630,8 @@ class _Compiler(FusingCompiler):
     def _group_matmul(self, members: list[Tensor], step: int) -> Kernel:
         mats = [self.weights[m.srcs[1].name].matrix() for m in members]
         fused = self.backend.fused(mats)
-        x = self._staged(members[0].srcs[0], fused.act_dtype, step)
-        if fused.act_dtype == "q8":
+        x = self._staged(members[0].srcs[0], fused.input_form, step)
+        if fused.input_form == "q8":
             return fused.kernel_split(x, [self.bufs[m.id].reshape(-1, mat.n) for m, mat in zip(members, mats)])
         outs, c0 = [], 0
         for m, mat in zip(members, mats):

@@ -46,10 +46,10 @@ class Q8Act:
 
 
 class NativeMat:
-    """One weight matrix [N, K] in Q4, Q5 or Q8 tiles of 16 rows (kernels.c). act_dtype "q8": its input is
-    staged as a Q8Act."""
+    """One weight matrix [N, K] in Q4, Q5 or Q8 tiles of 16 rows (kernels.c). Its input is staged as a Q8Act
+    (input_form "q8")."""
 
-    act_dtype = "q8"
+    input_form = "q8"
 
     def __init__(self, data: np.ndarray, type_name: str, shape: tuple[int, int]):
         n, k = shape
