@@ -190,12 +190,15 @@ def test_tiles_moved_from_the_files_bytes_equal_tiles_packed_from_decoded_values
     np.testing.assert_array_equal(pack_blocks(raw, type_name), want)
 
 
-def test_a_q4_0_scale_whose_offset_is_no_float16_keeps_float32_scales():
+def test_a_scale_whose_offset_is_no_float16_keeps_float32_scales_or_goes_to_q8():
     raw = gguf_matrix("Q4_0", 16, 64).reshape(16, 2, 18)
     raw[0, 0, :2] = np.frombuffer(np.float16(20000).tobytes(), np.uint8)      # -8 d = -160000: no float16
     mat = NativeMat(raw.reshape(16, -1), "Q4_0", (16, 64))
     assert mat.fmt == "q4"
     np.testing.assert_array_equal(mat.dequantize(), gguf.quants.dequantize(raw.reshape(16, -1), Q.Q4_0).reshape(16, 64))
+    raw5 = gguf_matrix("Q5_0", 16, 64).reshape(16, 2, 22)
+    raw5[0, 0, :2] = np.frombuffer(np.float16(8000).tobytes(), np.uint8)      # -16 d: no float16 either
+    assert NativeMat(raw5.reshape(16, -1), "Q5_0", (16, 64)).fmt == "q8"    # re-quantized instead
 
 
 def test_stacked_matrices_share_rows_with_their_members():

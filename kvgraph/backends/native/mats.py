@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, INT5_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
+from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
                             release_pages)
-from . import (BLOCK_LAYOUTS, QK, TR, bind, dequantize_tiles, f16_exact, pack_blocks, pack_kquant, pack_q4, pack_q5,
-               pack_q8, ptr, quantize_blocks_q8, tile_bytes)
+from . import (BLOCK_LAYOUTS, QK, TR, bind, dequantize_tiles, pack_blocks, pack_kquant, pack_q4, pack_q8, ptr,
+               quantize_blocks_q8, tile_bytes)
 
 
 class Q8Act:
@@ -62,11 +62,11 @@ class NativeMat:
         if type_name in BLOCK_LAYOUTS and self._pack_blocks(data, type_name):
             return
         if type_name in INT4_TYPES:   # a Q4_0 whose -8 d is no float16 (huge scales): float32 scales
-            self._pack_q4(data, type_name, half=False)
+            self._alloc("q4")
+            for r0, q, d, m in int4_blocks(data, type_name):
+                self._put(r0, pack_q4(q, d, m, half=False))
             return
-        if type_name in INT5_TYPES and self._pack_q5(data, type_name):
-            return
-        self._alloc("q8")
+        self._alloc("q8")             # every other type (and a Q5_0 whose -16 d is no float16): re-quantized
         for r0, w in dequant_rows(data, type_name, shape):
             self._put(r0, pack_q8(*quantize_blocks_q8(w)))
 
@@ -87,24 +87,6 @@ class NativeMat:
             if tiles is None:
                 return False
             self._put(r0, tiles)
-        return True
-
-    def _pack_q4(self, data: np.ndarray, type_name: str, half: bool) -> bool:
-        """Q4 tiles with float16 scales (False if some scale is not exactly a float16) or float32 ones."""
-        self._alloc("q4h" if half else "q4")
-        for r0, q, d, m in int4_blocks(data, type_name):
-            if half and not (f16_exact(d) and f16_exact(m)):
-                return False
-            self._put(r0, pack_q4(q, d, m, half))
-        return True
-
-    def _pack_q5(self, data: np.ndarray, type_name: str) -> bool:
-        """Q5 tiles (float16 scales; False if one is not exactly a float16: then Q8 it is)."""
-        self._alloc("q5h")
-        for r0, q, d, m in int4_blocks(data, type_name):
-            if not (f16_exact(d) and f16_exact(m)):
-                return False
-            self._put(r0, pack_q5(q, d, m))
         return True
 
     @property
