@@ -34,6 +34,16 @@ def test_generate_streams_text_and_cache_flag_changes_nothing(tiny_llama, capsys
     assert "graph cache:" in err and "hits" in err and "decode:" in err and "backend: " in err
 
 
+def test_the_kv_cache_type_is_a_flag(tiny_llama, capsys):
+    args = ("the cat", "-n", "6", "--temp", "0", "--ignore-eos", "--json", "--backend", "numpy", "-fa", "on")
+    f32 = json.loads(gen(capsys, tiny_llama[0], *args, "--cache-type", "f32")[1])
+    f16 = json.loads(gen(capsys, tiny_llama[0], *args, "-ctk", "f16")[1])
+    assert len(f32["ids"]) == len(f16["ids"]) == 6
+    with pytest.raises(SystemExit) as exc:              # argparse: usage line, exit 2
+        gen(capsys, tiny_llama[0], *args, "--cache-type", "q4_0")
+    assert exc.value.code == 2 and "invalid choice: 'q4_0'" in capsys.readouterr().err
+
+
 def test_generate_with_messages_file(tiny_llama, capsys, tmp_path):
     msgs = tmp_path / "m.json"
     msgs.write_text(json.dumps([{"role": "user", "content": "hi"}]))

@@ -32,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default="auto",
                    help="fused attention over a row-major V cache (on) or ggml's non-flash path (off); "
                         "auto (default): on where the backend has a fused kernel (torch, native), off on numpy")
-    g.add_argument("--cache-type", "-ctk", choices=("f16", "f32"), default=None,
+    g.add_argument("--cache-type", "-ctk", "-ctv", choices=("f16", "f32"), default=None,
                    help="KV cache storage (K and V, flash-attention layout): f16 halves the bytes attention reads "
                         "per token of context; default: f16 where the C kernels run attention, else f32")
     g.add_argument("--no-graph-cache", action="store_true",
