@@ -284,7 +284,7 @@ def test_rms_norm_with_and_without_weight(variant):
 
 @pytest.mark.parametrize("kind", ["swiglu", "geglu"])
 def test_gated_activations(kind, variant):
-    g, u = RNG.standard_normal(13, dtype=np.float32) * 4, RNG.standard_normal(13, dtype=np.float32)
+    g, u = RNG.standard_normal(45, dtype=np.float32) * 4, RNG.standard_normal(45, dtype=np.float32)  # 16+16+8+5
     g[0], g[1] = -100, 100                                             # saturated ends
     g64 = g.astype(np.float64)
     act = g64 / (1 + np.exp(-g64)) if kind == "swiglu" else \

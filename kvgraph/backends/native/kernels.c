@@ -601,6 +601,25 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 #endif
+#if KVG_AVX512
+/* exp8 sixteen lanes wide: the same operations, so the same values lane for lane. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+#endif
 
 /* a: gate, up, out, n, kind (0: silu, 1: gelu tanh):  out = act(gate) * up, all contiguous */
 void kvg_gated(const int64_t *a) {
@@ -608,6 +627,22 @@ void kvg_gated(const int64_t *a) {
     float *o = (float *)a[2];
     const int64_t n = a[3], kind = a[4];
     int64_t i = 0;
+#if KVG_AVX512
+    const __m512 one16 = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(g + i);
+        __m512 act;
+        if (kind == 0) {
+            act = _mm512_div_ps(x, _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+        } else {
+            const __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f),
+                                           _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x),
+                                                           _mm512_mul_ps(x, x), x));
+            act = _mm512_div_ps(x, _mm512_add_ps(one16, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), z))));
+        }
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(act, _mm512_loadu_ps(u + i)));
+    }
+#endif
 #if KVG_AVX2
     const __m256 one = _mm256_set1_ps(1.0f);
     for (; i + 8 <= n; i += 8) {
@@ -771,6 +806,14 @@ static inline __attribute__((always_inline)) void transpose_chunk(float *kt, con
 /* s[c] = exp(s[c] - mx) for cells not masked, 0 for masked ones (s[c] == -inf) */
 static void exp_chunk(float *s, int64_t nc, float mx) {
     int64_t c = 0;
+#if KVG_AVX512
+    const __m512 vmx16 = _mm512_set1_ps(mx), ninf16 = _mm512_set1_ps(-INFINITY);
+    for (; c + 16 <= nc; c += 16) {
+        const __m512 x = _mm512_loadu_ps(s + c);
+        const __mmask16 live = _mm512_cmp_ps_mask(x, ninf16, _CMP_NEQ_UQ);
+        _mm512_storeu_ps(s + c, _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(x, vmx16))));
+    }
+#endif
 #if KVG_AVX2
     const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
     for (; c + 8 <= nc; c += 8) {
