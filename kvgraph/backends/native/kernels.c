@@ -582,42 +582,63 @@ void kvg_rms_norm(const int64_t *a) {
     }
 }
 
-#if KVG_AVX2
-/* exp(x) for 8 floats (Cephes' polynomial, relative error ~2e-7; inputs clamped to +-88). */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#endif
+/* The widest float vector the build has (16 lanes with AVX-512, 8 with AVX2), for the elementwise loops
+ * that are written once: exp, the gated activations, the attention softmax and weighted-V sums. */
 #if KVG_AVX512
-/* exp8 sixteen lanes wide: the same operations, so the same values lane for lane. */
-static inline __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+typedef __m512 vf;
+#define VF_W 16
+#define vf_set1 _mm512_set1_ps
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+#define vf_add _mm512_add_ps
+#define vf_sub _mm512_sub_ps
+#define vf_mul _mm512_mul_ps
+#define vf_div _mm512_div_ps
+#define vf_min _mm512_min_ps
+#define vf_max _mm512_max_ps
+#define vf_fmadd _mm512_fmadd_ps
+#define vf_fnmadd _mm512_fnmadd_ps
+#define vf_round(x) _mm512_roundscale_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vf_pow2(fx) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), \
+                                                                         _mm512_set1_epi32(127)), 23))
+#define vf_load_h(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))   /* 16 float16 */
+#define vf_keep_live(x, e) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((x), vf_set1(-INFINITY), _CMP_NEQ_UQ), (e))
+#elif KVG_AVX2
+typedef __m256 vf;
+#define VF_W 8
+#define vf_set1 _mm256_set1_ps
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+#define vf_add _mm256_add_ps
+#define vf_sub _mm256_sub_ps
+#define vf_mul _mm256_mul_ps
+#define vf_div _mm256_div_ps
+#define vf_min _mm256_min_ps
+#define vf_max _mm256_max_ps
+#define vf_fmadd _mm256_fmadd_ps
+#define vf_fnmadd _mm256_fnmadd_ps
+#define vf_round(x) _mm256_round_ps((x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vf_pow2(fx) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), \
+                                                                         _mm256_set1_epi32(127)), 23))
+#define vf_load_h(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))     /* 8 float16 */
+#define vf_keep_live(x, e) _mm256_andnot_ps(_mm256_cmp_ps((x), vf_set1(-INFINITY), _CMP_EQ_OQ), (e))
+#endif
+
+#ifdef VF_W
+/* exp(x) lane by lane (Cephes' polynomial, relative error ~2e-7; inputs clamped to +-88). */
+static inline vf vf_exp(vf x) {
+    x = vf_min(vf_max(x, vf_set1(-87.3f)), vf_set1(88.3f));
+    const vf fx = vf_round(vf_mul(x, vf_set1(1.44269504088896341f)));
+    x = vf_fnmadd(fx, vf_set1(0.693359375f), x);
+    x = vf_fnmadd(fx, vf_set1(-2.12194440e-4f), x);
+    vf y = vf_set1(1.9875691500e-4f);
+    y = vf_fmadd(y, x, vf_set1(1.3981999507e-3f));
+    y = vf_fmadd(y, x, vf_set1(8.3334519073e-3f));
+    y = vf_fmadd(y, x, vf_set1(4.1665795894e-2f));
+    y = vf_fmadd(y, x, vf_set1(1.6666665459e-1f));
+    y = vf_fmadd(y, x, vf_set1(5.0000001201e-1f));
+    y = vf_fmadd(y, vf_mul(x, x), vf_add(x, vf_set1(1.0f)));
+    return vf_mul(y, vf_pow2(fx));
 }
 #endif
 
@@ -627,36 +648,18 @@ void kvg_gated(const int64_t *a) {
     float *o = (float *)a[2];
     const int64_t n = a[3], kind = a[4];
     int64_t i = 0;
-#if KVG_AVX512
-    const __m512 one16 = _mm512_set1_ps(1.0f);
-    for (; i + 16 <= n; i += 16) {
-        const __m512 x = _mm512_loadu_ps(g + i);
-        __m512 act;
-        if (kind == 0) {
-            act = _mm512_div_ps(x, _mm512_add_ps(one16, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-        } else {
-            const __m512 z = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f),
-                                           _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x),
-                                                           _mm512_mul_ps(x, x), x));
-            act = _mm512_div_ps(x, _mm512_add_ps(one16, exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), z))));
-        }
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(act, _mm512_loadu_ps(u + i)));
-    }
-#endif
-#if KVG_AVX2
-    const __m256 one = _mm256_set1_ps(1.0f);
-    for (; i + 8 <= n; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + i);
-        __m256 act;
+#ifdef VF_W
+    const vf one = vf_set1(1.0f);
+    for (; i + VF_W <= n; i += VF_W) {
+        const vf x = vf_load(g + i);
+        vf act;
         if (kind == 0) {       /* x / (1 + e^-x) */
-            act = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+            act = vf_div(x, vf_add(one, vf_exp(vf_sub(vf_set1(0.0f), x))));
         } else {               /* 0.5 x (1 + tanh(z)) = x / (1 + e^-2z), z = sqrt(2/pi) (x + 0.044715 x^3) */
-            const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608f),
-                                           _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x),
-                                                           _mm256_mul_ps(x, x), x));
-            act = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), z))));
+            const vf z = vf_mul(vf_set1(0.7978845608f), vf_fmadd(vf_mul(vf_set1(0.044715f), x), vf_mul(x, x), x));
+            act = vf_div(x, vf_add(one, vf_exp(vf_mul(vf_set1(-2.0f), z))));
         }
-        _mm256_storeu_ps(o + i, _mm256_mul_ps(act, _mm256_loadu_ps(u + i)));
+        vf_store(o + i, vf_mul(act, vf_load(u + i)));
     }
 #endif
     for (; i < n; i++) {
@@ -806,20 +809,10 @@ static inline __attribute__((always_inline)) void transpose_chunk(float *kt, con
 /* s[c] = exp(s[c] - mx) for cells not masked, 0 for masked ones (s[c] == -inf) */
 static void exp_chunk(float *s, int64_t nc, float mx) {
     int64_t c = 0;
-#if KVG_AVX512
-    const __m512 vmx16 = _mm512_set1_ps(mx), ninf16 = _mm512_set1_ps(-INFINITY);
-    for (; c + 16 <= nc; c += 16) {
-        const __m512 x = _mm512_loadu_ps(s + c);
-        const __mmask16 live = _mm512_cmp_ps_mask(x, ninf16, _CMP_NEQ_UQ);
-        _mm512_storeu_ps(s + c, _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(x, vmx16))));
-    }
-#endif
-#if KVG_AVX2
-    const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
-    for (; c + 8 <= nc; c += 8) {
-        const __m256 x = _mm256_loadu_ps(s + c);
-        const __m256 e = exp8(_mm256_sub_ps(x, vmx));
-        _mm256_storeu_ps(s + c, _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), e));
+#ifdef VF_W
+    for (; c + VF_W <= nc; c += VF_W) {
+        const vf x = vf_load(s + c);
+        vf_store(s + c, vf_keep_live(x, vf_exp(vf_sub(x, vf_set1(mx)))));
     }
 #endif
     for (; c < nc; c++) s[c] = s[c] == -INFINITY ? 0.0f : expf(s[c] - mx);
@@ -859,24 +852,10 @@ static inline void chunk_scores(float *sc, const float *q, const float *kt, int6
 #endif
 }
 
-#if KVG_AVX512
-#define PV_W 16                                  /* floats per vector register */
-typedef __m512 pv_vec;
-static inline pv_vec pv_load(const void *v, int64_t i, const int H) {
-    return H ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)v + i))) : _mm512_loadu_ps((const float *)v + i);
+#ifdef VF_W
+static inline vf pv_load(const void *v, int64_t i, const int H) {    /* VF_W elements from i, as floats */
+    return H ? vf_load_h((const uint16_t *)v + i) : vf_load((const float *)v + i);
 }
-#define PV_ACC(acc, p, x) _mm512_fmadd_ps(_mm512_set1_ps(p), (x), (acc))
-#define PV_LD(p) _mm512_loadu_ps(p)
-#define PV_ST(p, x) _mm512_storeu_ps((p), (x))
-#elif KVG_AVX2
-#define PV_W 8
-typedef __m256 pv_vec;
-static inline pv_vec pv_load(const void *v, int64_t i, const int H) {
-    return H ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v + i))) : _mm256_loadu_ps((const float *)v + i);
-}
-#define PV_ACC(acc, p, x) _mm256_fmadd_ps(_mm256_set1_ps(p), (x), (acc))
-#define PV_LD(p) _mm256_loadu_ps(p)
-#define PV_ST(p, x) _mm256_storeu_ps((p), (x))
 #endif
 
 /* acc[e] += p[c] v[c][e] over the chunk's cells in order (cells with p[c] == 0 skipped), e < dv; v[c][e] at
@@ -886,23 +865,23 @@ static inline __attribute__((always_inline)) void chunk_pv(float *acc, const flo
                                                            int64_t vs0, int64_t dv, int64_t vs2, const int H) {
     const int64_t es = H ? 2 : 4;
     int64_t e0 = 0;
-#ifdef PV_W
+#ifdef VF_W
     if (vs2 == 1) {
-        for (; e0 + 4 * PV_W <= dv; e0 += 4 * PV_W) {
-            pv_vec r[4];
-            for (int i = 0; i < 4; i++) r[i] = PV_LD(acc + e0 + PV_W * i);
+        for (; e0 + 4 * VF_W <= dv; e0 += 4 * VF_W) {
+            vf r[4];
+            for (int i = 0; i < 4; i++) r[i] = vf_load(acc + e0 + VF_W * i);
             for (int64_t c = 0; c < nc; c++) {
                 if (p[c] == 0.0f) continue;
                 const char *vc = (const char *)v + es * c * vs0;
-                for (int i = 0; i < 4; i++) r[i] = PV_ACC(r[i], p[c], pv_load(vc, e0 + PV_W * i, H));
+                for (int i = 0; i < 4; i++) r[i] = vf_fmadd(vf_set1(p[c]), pv_load(vc, e0 + VF_W * i, H), r[i]);
             }
-            for (int i = 0; i < 4; i++) PV_ST(acc + e0 + PV_W * i, r[i]);
+            for (int i = 0; i < 4; i++) vf_store(acc + e0 + VF_W * i, r[i]);
         }
-        for (; e0 + PV_W <= dv; e0 += PV_W) {
-            pv_vec r = PV_LD(acc + e0);
+        for (; e0 + VF_W <= dv; e0 += VF_W) {
+            vf r = vf_load(acc + e0);
             for (int64_t c = 0; c < nc; c++)
-                if (p[c] != 0.0f) r = PV_ACC(r, p[c], pv_load((const char *)v + es * c * vs0, e0, H));
-            PV_ST(acc + e0, r);
+                if (p[c] != 0.0f) r = vf_fmadd(vf_set1(p[c]), pv_load((const char *)v + es * c * vs0, e0, H), r);
+            vf_store(acc + e0, r);
         }
     }
 #endif
