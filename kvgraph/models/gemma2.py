@@ -8,8 +8,7 @@ import math
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_tensors, ffn_tensors, gated_ffn, output_tensors, rms_norm, self_attention,
-                     swa_memories, swa_pattern)
+from .layers import decoder_tensors, gated_ffn, rms_norm, self_attention, swa_memories, swa_pattern
 
 DEFAULT_WINDOW = 4096   # Gemma 2's, when the file does not say
 
@@ -30,11 +29,8 @@ class Gemma2Model(Model):
 
     def tensor_shapes(self):
         c = self.cfg
-        shapes = output_tensors(c)
-        for i in range(c.n_layer):
-            shapes |= attention_tensors(c, i) | ffn_tensors(c, i) | {
-                f"blk.{i}.post_attention_norm.weight": (c.n_embd,), f"blk.{i}.post_ffw_norm.weight": (c.n_embd,)}
-        return shapes
+        return decoder_tensors(c) | {f"blk.{i}.{norm}.weight": (c.n_embd,) for i in range(c.n_layer)
+                                     for norm in ("post_attention_norm", "post_ffw_norm")}
 
     def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         e = self.cfg.extra

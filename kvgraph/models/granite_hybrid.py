@@ -6,8 +6,8 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_layers, attention_tensors, ffn_or_moe, ffn_or_moe_tensors, hybrid_derived,
-                     hybrid_memories, mamba2_channels, mamba2_mixer, mamba2_tensors, mamba_sizes, mamba_state,
+from .layers import (attention_layers, ffn_or_moe, ffn_or_moe_tensors, hybrid_derived, hybrid_memories,
+                     hybrid_tensors, mamba2_channels, mamba2_mixer, mamba2_tensors, mamba_sizes, mamba_state,
                      moe_layout, moe_sizes, output_tensors, rms_norm, self_attention)
 
 
@@ -28,15 +28,8 @@ class GraniteHybridModel(Model):
         return moe_layout(cfg, tensor_names)
 
     def tensor_shapes(self):
-        c, e = self.cfg, self.cfg.extra
-        shapes = output_tensors(c)
-        for i in range(c.n_layer):
-            if i in e["attention_layers"]:
-                shapes |= attention_tensors(c, i)
-            else:
-                shapes |= {f"blk.{i}.attn_norm.weight": (c.n_embd,)} | mamba2_tensors(c, i)[0]
-            shapes |= ffn_or_moe_tensors(c, i)
-        return shapes
+        c = self.cfg
+        return hybrid_tensors(c, output_tensors(c), lambda i: mamba2_tensors(c, i)[0], ffn_or_moe_tensors)
 
     def derived_tensors(self):
         return hybrid_derived(self.cfg, mamba2_tensors)

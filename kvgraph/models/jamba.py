@@ -6,8 +6,8 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_layers, attention_tensors, decoder, ffn_or_moe, ffn_or_moe_tensors, hybrid_derived,
-                     hybrid_memories, mamba_mixer, mamba_sizes, mamba_state, mamba_tensors, moe_layout, moe_sizes,
+from .layers import (attention_layers, decoder, ffn_or_moe, ffn_or_moe_tensors, hybrid_derived, hybrid_memories,
+                     hybrid_tensors, mamba_mixer, mamba_sizes, mamba_state, mamba_tensors, moe_layout, moe_sizes,
                      output_tensors, self_attention)
 
 
@@ -25,17 +25,12 @@ class JambaModel(Model):
 
     def tensor_shapes(self):
         c, e = self.cfg, self.cfg.extra
-        shapes = output_tensors(c)
-        for i in range(c.n_layer):
-            if i in e["attention_layers"]:
-                shapes |= attention_tensors(c, i)
-            else:
-                s, r = e["d_state"], e["dt_rank"]
-                shapes |= {f"blk.{i}.attn_norm.weight": (c.n_embd,), f"blk.{i}.ssm_dt_norm.weight": (r,),
-                           f"blk.{i}.ssm_b_norm.weight": (s,), f"blk.{i}.ssm_c_norm.weight": (s,)}
-                shapes |= mamba_tensors(c, i)[0]
-            shapes |= ffn_or_moe_tensors(c, i)
-        return shapes
+        s, r = e["d_state"], e["dt_rank"]
+
+        def mamba(i):          # Mamba-1 with dt / B / C normed by their own weights
+            return {f"blk.{i}.ssm_dt_norm.weight": (r,), f"blk.{i}.ssm_b_norm.weight": (s,),
+                    f"blk.{i}.ssm_c_norm.weight": (s,)} | mamba_tensors(c, i)[0]
+        return hybrid_tensors(c, output_tensors(c), mamba, ffn_or_moe_tensors)
 
     def derived_tensors(self):
         return hybrid_derived(self.cfg, mamba_tensors)

@@ -70,6 +70,28 @@ def output_tensors(c) -> dict[str, tuple[int, ...]]:
             "output.weight": (c.n_vocab, c.n_embd)}
 
 
+def decoder_tensors(c, **attention) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a plain decoder stack: embedding and output, and per layer attention (with the
+    `attention_tensors` options given) and gated FFN."""
+    shapes = output_tensors(c)
+    for i in range(c.n_layer):
+        shapes |= attention_tensors(c, i, **attention) | ffn_tensors(c, i)
+    return shapes
+
+
+def hybrid_tensors(c, base: dict, recurrent, ffn=ffn_tensors, **attention) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a hybrid stack: base (embedding, output), and per layer either attention (the layers
+    in extra["attention_layers"]) or the norm and recurrent block `recurrent(i)`, then `ffn(c, i)`."""
+    shapes = dict(base)
+    for i in range(c.n_layer):
+        if i in c.extra["attention_layers"]:
+            shapes |= attention_tensors(c, i, **attention)
+        else:
+            shapes |= {f"blk.{i}.attn_norm.weight": (c.n_embd,)} | recurrent(i)
+        shapes |= ffn(c, i)
+    return shapes
+
+
 def rms_norm(g: GraphBuilder, x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return g.mul(g.rms_norm(x, eps), weight)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import (attention_layers, attention_tensors, decoder, ffn_tensors, hybrid_derived, hybrid_memories,
-                     self_attention, shortconv_block, shortconv_state, shortconv_tensors)
+from .layers import (attention_layers, decoder, hybrid_derived, hybrid_memories, hybrid_tensors, self_attention,
+                     shortconv_block, shortconv_state, shortconv_tensors)
 
 
 class Lfm2Model(Model):
@@ -20,16 +20,10 @@ class Lfm2Model(Model):
                 "conv_cache": m.int("shortconv.l_cache", required=True, minimum=2)}
 
     def tensor_shapes(self):
-        c, e = self.cfg, self.cfg.extra
-        shapes = {"token_embd.weight": (c.n_vocab, c.n_embd), "token_embd_norm.weight": (c.n_embd,),
-                  "output.weight": (c.n_vocab, c.n_embd)}
-        for i in range(c.n_layer):
-            if i in e["attention_layers"]:
-                shapes |= attention_tensors(c, i, qk_norm=True)
-            else:
-                shapes |= {f"blk.{i}.attn_norm.weight": (c.n_embd,)} | shortconv_tensors(c, i)[0]
-            shapes |= ffn_tensors(c, i)
-        return shapes
+        c = self.cfg
+        base = {"token_embd.weight": (c.n_vocab, c.n_embd), "token_embd_norm.weight": (c.n_embd,),
+                "output.weight": (c.n_vocab, c.n_embd)}
+        return hybrid_tensors(c, base, lambda i: shortconv_tensors(c, i)[0], qk_norm=True)
 
     def derived_tensors(self):
         return hybrid_derived(self.cfg, shortconv_tensors)

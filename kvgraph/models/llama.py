@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import attention_tensors, decoder, ffn_tensors, kv_memory, output_tensors, self_attention
+from .layers import decoder, decoder_tensors, kv_memory, self_attention
 
 
 class LlamaModel(Model):
@@ -14,11 +14,7 @@ class LlamaModel(Model):
     optional_tensors = frozenset({"output.weight"})
 
     def tensor_shapes(self):
-        c = self.cfg
-        shapes = output_tensors(c)
-        for i in range(c.n_layer):
-            shapes |= attention_tensors(c, i) | ffn_tensors(c, i)
-        return shapes
+        return decoder_tensors(self.cfg)
 
     def constant_shapes(self):
         return {"rope_freqs.weight": (self.cfg.rope_dims // 2,)}

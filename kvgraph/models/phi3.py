@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import attention_tensors, decoder, ffn_tensors, kv_memory, output_tensors, self_attention
+from .layers import decoder, decoder_tensors, kv_memory, self_attention
 
 
 class Phi3Model(Model):
@@ -13,11 +13,7 @@ class Phi3Model(Model):
     optional_tensors = frozenset({"output.weight"})
 
     def tensor_shapes(self):
-        c = self.cfg
-        shapes = output_tensors(c)
-        for i in range(c.n_layer):
-            shapes |= attention_tensors(c, i) | ffn_tensors(c, i)
-        return shapes
+        return decoder_tensors(self.cfg)
 
     def derived_tensors(self):
         c = self.cfg

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import attention_tensors, decoder, ffn_tensors, kv_memory, output_tensors, self_attention
+from .layers import decoder, decoder_tensors, kv_memory, self_attention
 
 
 class Qwen2Model(Model):
@@ -12,11 +12,7 @@ class Qwen2Model(Model):
     attention = {"bias": True}       # what the attention block has beyond llama's (Qwen3 differs here only)
 
     def tensor_shapes(self):
-        c = self.cfg
-        shapes = output_tensors(c)
-        for i in range(c.n_layer):
-            shapes |= attention_tensors(c, i, **self.attention) | ffn_tensors(c, i)
-        return shapes
+        return decoder_tensors(self.cfg, **self.attention)
 
     def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         return kv_memory(self.cfg, n_ctx, alloc, flash_attn)
