@@ -123,7 +123,8 @@ def test_the_kv_cache_is_float16_where_the_c_kernels_run_attention_and_float32_o
     ctx = Context(loaded, n_ctx=32)
     assert ctx.cache_type == "f16" and kv_dtypes(ctx) == {np.float16}
     assert kv_dtypes(Context(loaded, n_ctx=32, cache_type="f32")) == {np.float32}
-    assert kv_dtypes(Context(loaded, n_ctx=32, flash_attn=False)) == {np.float32}
+    no_flash = Context(loaded, n_ctx=32, flash_attn=False)
+    assert kv_dtypes(no_flash) == {np.float32} and no_flash.cache_type == "f32"      # reported as stored
     half = logits_trace(path, "native", True)
     single = logits_trace(path, "native", True, cache_type="f32")
     # f16 rounding of K and V (grown a little by the int8 activations of this random model), nothing more

@@ -51,16 +51,18 @@ class Context:
         # KV cache storage (llama.cpp's --cache-type-k/v): None takes the backend's default. It applies to
         # the flash-attention layout; the transposed V layout (and recurrent states) stay float32.
         types = self.backend.cache_types
-        self.cache_type = types[0] if cache_type is None else str(cache_type).lower()
-        if self.cache_type not in types:
+        requested = types[0] if cache_type is None else str(cache_type).lower()
+        if requested not in types:
             raise InvalidArgumentError(f"the {self.backend.name} backend keeps the KV cache as "
                                        f"{' or '.join(types)}, not {cache_type!r}; use --cache-type {types[0]}.")
-        cache_dtype = np.float16 if self.cache_type == "f16" else np.float32
+        cache_dtype = np.float16 if requested == "f16" else np.float32
 
         def alloc(shape, cache: bool = False):
             return self.backend.alloc_state(shape, cache_dtype if cache else np.float32)
         self.memories = self.model.create_memories(n_ctx, n_ubatch, alloc, self.flash_attn, n_seq_max)
         self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
+        # What the K/V buffers really hold (-fa off, or a model's non-flash layout, keeps float32).
+        self.cache_type = "f16" if any(b.dtype == np.float16 for b in self.states.values()) else "f32"
         self.peak_arena_bytes = 0   # largest compute buffer any program used
 
     @property
