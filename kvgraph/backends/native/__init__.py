@@ -307,12 +307,20 @@ def _padded(a: np.ndarray) -> np.ndarray:
     return a if not extra else np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)])
 
 
+def _word_tiles(words: np.ndarray) -> np.ndarray:
+    """[N, G, W] 4-byte words (N a multiple of TR) -> [T, G, W, 64] bytes: vector w of group g of tile t holds
+    word w of each of the tile's rows i at bytes 4i..4i+3."""
+    n, g, nw = words.shape
+    out = np.empty((n // TR, g, nw, TR), np.uint32)
+    out[...] = words.reshape(n // TR, TR, g, nw).transpose(0, 2, 3, 1)
+    return out.view(np.uint8).reshape(n // TR, g, nw, 4 * TR)
+
+
 def _chunk_vectors(q: np.ndarray) -> np.ndarray:
     """[N, K] bytes -> [T, G, 8, 64] (rows padded to whole tiles): chunk vector c of group g of tile t holds
     weights 4c..4c+3 of the group for each of the tile's rows i, at bytes 4i..4i+3."""
-    q = _padded(q)
-    n, k = q.shape
-    return q.reshape(n // TR, TR, k // QK, 8, 4).transpose(0, 2, 3, 1, 4).reshape(n // TR, k // QK, 8, 4 * TR)
+    q = np.ascontiguousarray(_padded(q))
+    return _word_tiles(q.view(np.uint32).reshape(q.shape[0], q.shape[1] // QK, 8))
 
 
 def _tile_scales(d: np.ndarray, dtype) -> np.ndarray:
@@ -404,22 +412,14 @@ def pack_blocks(raw: np.ndarray, type_name: str) -> np.ndarray | None:
             m = m32.astype(np.float16)
         else:
             m = b[..., m_at: m_at + 2].view(np.float16)[..., 0]
-    out = np.empty((t, g, FORMATS[fmt][0]), np.uint8)
     nw = 8 if fmt == "q8" else 4                       # 4-byte words of q per block
-    words = b[..., qs_at: qs_at + 4 * nw].view(np.uint32).reshape(t, TR, g, nw)
-    out[..., : 64 * nw].view(np.uint32).reshape(t, g, nw, TR)[...] = words.transpose(0, 2, 3, 1)
-    at = 64 * nw
+    parts = [_word_tiles(b[..., qs_at: qs_at + 4 * nw].view(np.uint32))]
     if qh_at is not None:                              # fifth bits: chunk vector c, bit 4 r + e = element 4 c + e
         qh = b[..., qh_at: qh_at + 4].view(np.uint32)[..., 0].reshape(t, TR, g).astype(np.uint64)
         shifts = (4 * np.arange(TR, dtype=np.uint64)).reshape(1, TR, 1)
-        planes = out[..., at: at + 64].view(np.uint64)                  # [t, g, 8]
-        for c in range(8):
-            planes[..., c] = np.bitwise_or.reduce(((qh >> np.uint64(4 * c)) & np.uint64(15)) << shifts, axis=1)
-        at += 64
-    for s in ((d,) if fmt == "q8" else (d, m)):
-        out[..., at: at + 2 * TR] = np.ascontiguousarray(s.reshape(t, TR, g).transpose(0, 2, 1)).view(np.uint8)
-        at += 2 * TR
-    return out.reshape(t, -1)
+        parts.append(np.stack([np.bitwise_or.reduce(((qh >> np.uint64(4 * c)) & np.uint64(15)) << shifts, axis=1)
+                               for c in range(8)], axis=2).view(np.uint8))  # [t, g, 8] words of 64 bits
+    return _records(parts + [_tile_scales(s, np.float16) for s in ((d,) if fmt == "q8" else (d, m))])
 
 
 def dequantize_tiles(tiles: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:
