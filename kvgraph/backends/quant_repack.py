@@ -148,7 +148,6 @@ def _q5_1(raw: np.ndarray):
     return _nibbles(blocks[..., 8:]) | _fifth_bits(blocks[..., 4:8]), _f16(blocks, 0)[..., 0], _f16(blocks, 2)[..., 0]
 
 
-INT5_TYPES = frozenset({"Q5_0", "Q5_1"})
 KQUANT_TYPES = frozenset({"Q4_K", "Q5_K", "Q6_K"})
 _BLOCKS = {**_INT4, "Q5_0": _q5_0, "Q5_1": _q5_1}
 

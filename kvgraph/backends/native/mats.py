@@ -46,8 +46,8 @@ class Q8Act:
 
 
 class NativeMat:
-    """One weight matrix [N, K] in Q4, Q5 or Q8 tiles of 16 rows (kernels.c). Its input is staged as a Q8Act
-    (input_form "q8")."""
+    """One weight matrix [N, K] in tiles of 16 rows (kernels.c: Q4, Q5, Q8 or a K-quant's own format). Its
+    input is staged as a Q8Act (input_form "q8")."""
 
     input_form = "q8"
 
