@@ -229,6 +229,13 @@ class FusingCompiler(Compiler):
             self.kernels.append(act.quantize_kernel(x))
         return act
 
+    def weight_rows(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
+        """A row lookup in a weight (the embedding) that the C kernel does not take: the weight's own row
+        reader (gguf's dequantize of just those rows)."""
+        if t.op == "get_rows" and t.srcs[0].op == "weight":
+            return srcs[0].rows().kernel(srcs[1], out)
+        return None
+
     def c_kernel(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """kvgraph's C kernel for node t (the fused norm x weight, the embedding lookup, or an op of
         native_ops.for_node) when the backend uses them and there is one for its buffers, else None."""

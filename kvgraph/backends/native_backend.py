@@ -77,12 +77,6 @@ class _Compiler(FusingCompiler):
             return mat.kernel(self._input(t.srcs[0], mat, step), out.reshape(-1, mat.n))
         return None
 
-    def weight_rows(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
-        """A row lookup in a weight (the embedding) that the C kernel does not take: gguf's dequantize."""
-        if t.op == "get_rows" and t.srcs[0].op == "weight":
-            return srcs[0].rows().kernel(srcs[1], out)
-        return None
-
     def norm_times_weight(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """A fused rms_norm x weight the C norm does not take: numpy's, into a scratch row (numpy's norm is
         not in-place safe, and out may be x's buffer)."""

@@ -553,7 +553,7 @@ class _Compiler(FusingCompiler):
         self.torch_rope, self.masks = _RopeTables(), _Masks()
 
     def choosers(self):
-        return [self._native, self.torch_kernel, self.reference_kernel]
+        return [self._native, self.weight_rows, self.torch_kernel, self.reference_kernel]
 
     def _native(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """kvgraph's C kernel for node t when there is one for its op and buffers, else None."""
@@ -573,8 +573,6 @@ class _Compiler(FusingCompiler):
             mat = srcs[1].matrix()
             x = self._staged(t.srcs[0], mat.input_form, step)
             return mat.kernel(x, out.reshape(-1, mat.n) if mat.input_form == "q8" else _t(out).view(-1, mat.n))
-        if t.op == "get_rows" and t.srcs[0].op == "weight":
-            return srcs[0].rows().kernel(srcs[1], out)
         if t.id in self.fused_norm:
             r = self.fused_norm[t.id]
             return _rms_norm_mul(self._dst(t, step), self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"])
