@@ -332,3 +332,55 @@ def test_fuzz_building_blocks_make_valid_files(fuzz_base):
         gf = GGUFFile(path)
         assert gf.tensors and (expected is None or gf.metadata["k"] == expected)
     assert 0 < header_end < len(base)
+
+
+def test_the_format_type_tables_agree_with_the_gguf_package():
+    """kvgraph opens files without importing gguf (startup time): its own tables must be the format's."""
+    from kvgraph.gguf import types
+
+    for q in gguf.GGMLQuantizationType:
+        if int(q) in types.GGML_TYPES:
+            assert types.GGML_TYPES[int(q)] == (q.name, *gguf.GGML_QUANT_SIZES[q])
+        assert types.ggml_type(int(q)) == (q.name, *gguf.GGML_QUANT_SIZES[q])   # newer ids: asked of gguf
+    assert all(types.ggml_type(i) is not None for i in types.GGML_TYPES)
+    assert types.ggml_type(9999) is None
+    for v in gguf.GGUFValueType:
+        assert getattr(types, v.name) == int(v)
+    for f in gguf.LlamaFileType:
+        if int(f) in types.FILE_TYPES:
+            assert types.FILE_TYPES[int(f)] == f.name.replace("MOSTLY_", "")
+    assert set(types.FILE_TYPES) >= set(range(19)) - {4, 5, 6}   # every type llama.cpp still makes up to Q6_K
+
+
+def test_long_arrays_are_read_from_the_file_when_asked_for_and_checked_then(tmp_path):
+    """A vocabulary-sized array costs no Python objects until read (a benchmark never reads it), reads back
+    the same every time, and a bad string in it is still one clear GGUFError, at the read."""
+    from kvgraph.gguf.reader import LAZY_ARRAY_MIN, array_length
+
+    n = LAZY_ARRAY_MIN + 3
+    words = [f"w{i}▁" for i in range(n)]
+    path = tmp_path / "long.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_key_value("long.str", words, V.ARRAY, sub_type=V.STRING)
+    w.add_key_value("long.f32", [float(i) / 2 for i in range(n)], V.ARRAY, sub_type=V.FLOAT32)
+    w.add_key_value("long.bool", [i % 3 == 0 for i in range(n)], V.ARRAY, sub_type=V.BOOL)
+    w.add_key_value("after", 7, V.UINT32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    gf = GGUFFile(path)
+    assert array_length(gf.metadata, "long.str") == n and array_length(gf.metadata, "after") is None
+    assert gf.metadata["long.str"] == words == gf.metadata["long.str"]
+    assert gf.metadata["long.f32"] == [i / 2 for i in range(n)]
+    assert gf.metadata["long.bool"] == [i % 3 == 0 for i in range(n)] and gf.metadata["after"] == 7
+    assert read_metadata(path) == dict(gf.metadata) and type(read_metadata(path)) is dict
+
+    data = bytearray(path.read_bytes())
+    at = data.index("w1234▁".encode())
+    data[at: at + 2] = b"\xff\xfe"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    gf = GGUFFile(bad)                                   # opens: the strings are only walked
+    with pytest.raises(GGUFError, match=r"long\.str'\[1234\] is not valid UTF-8"):
+        gf.metadata["long.str"]

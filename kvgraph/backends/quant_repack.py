@@ -24,40 +24,17 @@ Chunks are small and each chunk's memory-mapped file pages are handed back to th
 """
 from __future__ import annotations
 
-import mmap
 from typing import Iterator
 
-import gguf
 import numpy as np
 
+from ..gguf.reader import release_pages
+from ..gguf.types import dequantize
 from .reference import check_indices
 
 GROUP = 32                  # int4pack group size: Q4_0 / Q4_1 blocks, Q4_K sub-blocks
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 CHUNK_ROWS = 4096           # rows dequantized at a time (a multiple of torch's 64-row packing blocks)
-_PAGE = mmap.PAGESIZE
-
-
-def release_pages(arr: np.ndarray) -> None:
-    """Drop the resident pages of a read-only memory-mapped array from this process (MADV_DONTNEED).
-    The data stays in the page cache and is faulted back in if read again; a no-op for other arrays."""
-    mm = getattr(arr, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    base = np.frombuffer(mm, np.uint8) if not mm.closed else None
-    if base is None:
-        return
-    start = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
-    end = start + arr.nbytes
-    del base
-    if start < 0 or end > len(mm):
-        return
-    lo = start // _PAGE * _PAGE
-    hi = min(len(mm), -(-end // _PAGE) * _PAGE)
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-    except (OSError, ValueError):
-        pass
 
 
 def _f16(raw: np.ndarray, at: int) -> np.ndarray:
@@ -193,7 +170,7 @@ def dequant_rows(data: np.ndarray, type_name: str, shape: tuple[int, ...], chunk
         if type_name == "F32":
             w = np.array(part, np.float32)
         else:
-            w = gguf.quants.dequantize(np.ascontiguousarray(part), gguf.GGMLQuantizationType[type_name])
+            w = dequantize(np.ascontiguousarray(part), type_name)
             w = w.astype(np.float32, copy=False).reshape(-1, k)
         release_pages(part)
         yield r0, w
@@ -263,12 +240,11 @@ class AnyRows:
                     np.copyto(out, tmp)
             return run_typed
         raw = np.empty((out.shape[0], data.shape[1]), data.dtype)
-        qtype = gguf.GGMLQuantizationType[self.type_name]
 
         def run():
             check_indices(ids, data.shape[0], "the embedding lookup")
             np.take(data, ids, axis=0, out=raw)
-            np.copyto(out, gguf.quants.dequantize(raw, qtype).reshape(out.shape))
+            np.copyto(out, dequantize(raw, self.type_name).reshape(out.shape))
         return run
 
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import GGUFError, UnsupportedModelError
+from .reader import array_length
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,14 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
         # YaRN / LongRoPE change every position's frequencies: refused rather than run silently wrong.
         raise UnsupportedModelError(f"{source}: RoPE scaling {scaling!r} ({arch}.rope.scaling.type) is not "
                                     "supported; kvgraph runs 'none' and 'linear' (and llama3 frequency factors).")
-    tokens = md.get("tokenizer.ggml.tokens")
-    n_vocab = m.int("vocab_size", len(tokens) if isinstance(tokens, list) else None)
+    n_tokens = array_length(md, "tokenizer.ggml.tokens")
+    n_vocab = m.int("vocab_size", n_tokens)
     if n_vocab is None:
         raise GGUFError(f"{source}: no vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens).")
-    if isinstance(tokens, list) and n_vocab != len(tokens):
+    if n_tokens is not None and n_vocab != n_tokens:
         # The embedding rows and the tokenizer's ids must be the same set (llama.cpp refuses such files too):
         # otherwise the tokenizer makes ids the model has no row for, or the model samples ids with no text.
-        raise GGUFError(f"{source}: {arch}.vocab_size is {n_vocab} but tokenizer.ggml.tokens has {len(tokens)} "
+        raise GGUFError(f"{source}: {arch}.vocab_size is {n_vocab} but tokenizer.ggml.tokens has {n_tokens} "
                         "tokens; the file is inconsistent.")
     return ModelConfig(
         arch=arch,

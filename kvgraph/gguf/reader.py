@@ -8,9 +8,10 @@ kvgraph parses the GGUF container itself instead of going through `gguf.GGUFRead
   anything is allocated or looped over, so a hostile file (an array of 2^40 entries, a 2^60-byte string,
   overlapping or out-of-file tensor data) fails at once with one clear `GGUFError`.
 
-The `gguf` package still supplies what it is good at: the value/tensor type enums, `GGML_QUANT_SIZES`
-and the dequantizers (`gguf.quants.dequantize`). `TensorInfo.data` is a read-only `np.memmap` view shaped
-as `GGUFReader` shapes it: typed elements for F32/F16/F64/I8..I64, `(rows..., bytes_per_row)` uint8 else.
+The `gguf` package still supplies what it is good at, the dequantizers (`gguf.quants.dequantize`); the
+format's type numbers are in `types.py` (checked against gguf's by a test). `TensorInfo.data` is a
+read-only `np.memmap` view shaped as `GGUFReader` shapes it: typed elements for F32/F16/F64/I8..I64,
+`(rows..., bytes_per_row)` uint8 else.
 
 Layout (little-endian): b'GGUF', u32 version, u64 tensor_count, u64 kv_count; kv_count x (string key,
 u32 value type, value); tensor_count x (string name, u32 n_dims, n_dims x u64 ne, u32 ggml type, u64 offset);
@@ -19,16 +20,18 @@ UTF-8 bytes; an array is u32 element type + u64 count + elements (arrays may nes
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-import gguf
 import numpy as np
 
 from ..errors import GGUFError, UnsupportedModelError
+from . import types as _V
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -42,7 +45,6 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_DEPTH = 8
 
-_V = gguf.GGUFValueType
 # Scalar value types: struct format (for single values) and numpy dtype (for arrays).
 _SCALARS: dict[int, tuple[struct.Struct, np.dtype]] = {
     int(t): (struct.Struct("<" + c), np.dtype("<" + c))
@@ -50,7 +52,7 @@ _SCALARS: dict[int, tuple[struct.Struct, np.dtype]] = {
                  (_V.INT32, "i"), (_V.FLOAT32, "f"), (_V.BOOL, "B"), (_V.UINT64, "Q"), (_V.INT64, "q"),
                  (_V.FLOAT64, "d")]
 }
-_STRING, _ARRAY, _BOOL, _UINT32 = int(_V.STRING), int(_V.ARRAY), int(_V.BOOL), int(_V.UINT32)
+_STRING, _ARRAY, _BOOL, _UINT32 = _V.STRING, _V.ARRAY, _V.BOOL, _V.UINT32
 # The fewest bytes one array element of each type takes: bounds a claimed count by the bytes left.
 _MIN_ELEM_BYTES = {**{t: s.size for t, (s, _) in _SCALARS.items()}, _STRING: 8, _ARRAY: 12}
 _MIN_KV_BYTES = 8 + 4 + 1  # key length (empty key), value type, 1-byte value
@@ -58,10 +60,10 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length (empty name), n_dims, 
 _HEADER = struct.Struct("<4sIQQ")
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
-_Q = gguf.GGMLQuantizationType
 # Element dtypes of the types GGUFReader exposes as typed arrays; every other type is exposed as raw bytes.
-_TYPED_DATA = {_Q.F32: np.float32, _Q.F16: np.float16, _Q.F64: np.float64, _Q.I8: np.int8,
-               _Q.I16: np.int16, _Q.I32: np.int32, _Q.I64: np.int64}
+_TYPED_DATA = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+               "I32": np.int32, "I64": np.int64}
+_PAGE = mmap.PAGESIZE
 _FIX = "The file is corrupt or truncated; re-download it (or re-convert the model with a current llama.cpp)."
 
 
@@ -93,8 +95,9 @@ def _corrupt(path: Path, what: str) -> GGUFError:
 class _Parser:
     """A cursor over the memory-mapped file that checks every read against the end of the file."""
 
-    def __init__(self, path: Path, buf: memoryview):
-        self.path, self.buf, self.size, self.pos = path, buf, len(buf), 24
+    def __init__(self, path: Path, mm: np.memmap):
+        self.path, self.mm, self.buf, self.pos = path, mm, memoryview(mm), 24
+        self.size = len(self.buf)
 
     def fail(self, what: str) -> GGUFError:
         return _corrupt(self.path, f"{what} (at byte {self.pos} of {self.size})")
@@ -141,7 +144,7 @@ class _Parser:
             v = bool(v)
         return v
 
-    def array(self, what: str, depth: int) -> list[Any]:
+    def array(self, what: str, depth: int) -> Any:
         if depth >= MAX_ARRAY_DEPTH:
             raise self.fail(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
         itype = self.u32(f"the element type of {what}")
@@ -152,36 +155,139 @@ class _Parser:
         if itype == _STRING:
             return self.strings(count, what)
         if itype == _ARRAY:
-            return [self.array(f"{what}[{i}]", depth + 1) for i in range(count)]
+            return [_loaded(self.array(f"{what}[{i}]", depth + 1)) for i in range(count)]
         arr = np.frombuffer(self.buf, dtype=_SCALARS[itype][1], count=count, offset=self.pos)
         self.pos += arr.nbytes
-        if itype == _BOOL:
-            if count and int(arr.max()) > 1:
-                raise self.fail(f"{what} holds a bool that is not 0 or 1")
-            return arr.astype(bool).tolist()
-        return arr.tolist()
+        if itype == _BOOL and count and int(arr.max()) > 1:
+            raise self.fail(f"{what} holds a bool that is not 0 or 1")
+        lazy = _LazyNumbers(arr, itype == _BOOL)
+        return lazy if count >= LAZY_ARRAY_MIN else lazy.load()
 
-    def strings(self, count: int, what: str) -> list[str]:
-        """`count` strings in one tight loop (Gemma3 has 262k of them)."""
+    def strings(self, count: int, what: str) -> list[str] | _LazyStrings:
+        """`count` strings; a long array (a vocabulary) is only walked here and decoded when it is read."""
         buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
-        out: list[str] = []
-        append = out.append
+        starts: list[int] = []
+        append = starts.append
         try:
             for i in range(count):
                 (n,) = unpack(buf, pos)
                 pos += 8
                 if n > size - pos:
                     break
-                append(str(buf[pos : pos + n], "utf-8"))
+                append(pos)
                 pos += n
-        except (struct.error, UnicodeDecodeError) as exc:
+        except struct.error:
+            pass
+        if len(starts) != count:
             self.pos = pos
-            bad = "is not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else "runs past the end of the file"
-            raise self.fail(f"{what}[{i}] {bad}") from None
-        self.pos = pos
-        if len(out) != count:
-            raise self.fail(f"{what}[{len(out)}] runs past the end of the file")
-        return out
+            raise self.fail(f"{what}[{len(starts)}] runs past the end of the file")
+        self.pos, first = pos, self.pos
+        lazy = _LazyStrings(self.path, what, self.mm[first:pos], np.array(starts, np.int64) - first)
+        return lazy if count >= LAZY_ARRAY_MIN else lazy.load()
+
+
+LAZY_ARRAY_MIN = 4096   # arrays this long (vocabularies, merges, scores) stay in the file until read
+
+
+class _LazyStrings:
+    """A long string array: where each string lies in the file, decoded only when the metadata key is read
+    (and not kept: Gemma3's 262k tokens are ~40 MB of Python strings, and only the tokenizer build needs
+    them)."""
+
+    def __init__(self, path: Path, what: str, region: np.ndarray, starts: np.ndarray):
+        self.path, self.what, self.region, self.starts = path, what, region, starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def load(self) -> list[str]:
+        region = self.region.tobytes()
+        release_pages(self.region)
+        ends = np.empty_like(self.starts)
+        ends[:-1] = self.starts[1:] - 8
+        ends[-1:] = len(region)
+        try:
+            return [region[a:b].decode() for a, b in zip(self.starts.tolist(), ends.tolist())]
+        except UnicodeDecodeError:
+            bad = next(i for i, (a, b) in enumerate(zip(self.starts.tolist(), ends.tolist()))
+                       if not _utf8(region[a:b]))
+            raise _corrupt(self.path, f"{self.what}[{bad}] is not valid UTF-8") from None
+
+
+class _LazyNumbers:
+    """A long numeric array: a view of the file, made a list only when read (as `_LazyStrings`)."""
+
+    def __init__(self, values: np.ndarray, as_bool: bool):
+        self.values, self.as_bool = values, as_bool
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def load(self) -> list:
+        return (self.values.astype(bool) if self.as_bool else self.values).tolist()
+
+
+def _loaded(value: Any) -> Any:
+    return value.load() if isinstance(value, (_LazyStrings, _LazyNumbers)) else value
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+class Metadata(Mapping[str, Any]):
+    """A file's key -> value metadata as plain Python values. Long arrays are decoded from the file each time
+    they are read, so what nobody reads (a benchmark never builds the tokenizer) costs no memory."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, key: str) -> Any:
+        return _loaded(self._values[key])
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __repr__(self) -> str:
+        return f"Metadata({len(self)} keys)"
+
+
+def array_length(md: Mapping[str, Any], key: str) -> int | None:
+    """The length of the array at key (None where there is none), without decoding a long one."""
+    value = md._values.get(key) if isinstance(md, Metadata) else md.get(key)
+    return len(value) if isinstance(value, (list, _LazyStrings, _LazyNumbers)) else None
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the resident pages of a read-only memory-mapped array from this process (MADV_DONTNEED).
+    The data stays in the page cache and is faulted back in if read again; a no-op for other arrays."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base = np.frombuffer(mm, np.uint8) if not mm.closed else None
+    if base is None:
+        return
+    start = arr.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    end = start + arr.nbytes
+    del base
+    if start < 0 or end > len(mm):
+        return
+    lo = start // _PAGE * _PAGE
+    hi = min(len(mm), -(-end // _PAGE) * _PAGE)
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError):
+        pass
 
 
 class GGUFFile:
@@ -217,8 +323,10 @@ class GGUFFile:
                 f"{self.path}: header claims {n_tensors} tensors and {n_kv} metadata entries, more than a "
                 f"{size}-byte file can hold; the file is corrupt or truncated. Re-download it."
             )
-        p = _Parser(self.path, memoryview(mm))
-        self.metadata: dict[str, Any] = {}
+        self._mm = mm
+        p = _Parser(self.path, mm)
+        self.metadata = Metadata()
+        values = self.metadata._values
         for i in range(n_kv):
             key = p.string(f"metadata key #{i}")
             if key in self.metadata:
@@ -226,7 +334,7 @@ class GGUFFile:
             vtype = p.u32(f"the value type of {key!r}")
             if key == "general.alignment" and vtype != _UINT32:
                 raise _corrupt(self.path, f"general.alignment has value type {vtype}, not uint32 ({_UINT32})")
-            self.metadata[key] = p.value(vtype, f"metadata {key!r}")
+            values[key] = p.value(vtype, f"metadata {key!r}")
         raw = [self._read_tensor_info(p, i) for i in range(n_tensors)]
         self.tensors: dict[str, TensorInfo] = {}
         self.views: dict[str, TensorInfo] = {}
@@ -265,22 +373,22 @@ class GGUFFile:
                     f"support (supported: {', '.join(sorted(SUPPORTED_TENSOR_TYPES))}). "
                     "Use a file quantized to one of those types."
                 )
+        release_pages(mm[:data_start])    # the header is parsed; long arrays fault their pages back if read
 
     def _tensor(self, mm: np.memmap, name: str, ne: tuple[int, ...], ggml_type: int, data_start: int, offset: int,
                 alignment: int) -> TensorInfo:
         def bad(what: str) -> GGUFError:
             return _corrupt(self.path, f"tensor {name!r} {what}")
 
-        try:
-            qtype = _Q(ggml_type)
-        except ValueError:
-            raise bad(f"has unknown ggml type {ggml_type}") from None
+        known = _V.ggml_type(ggml_type)
+        if known is None:
+            raise bad(f"has unknown ggml type {ggml_type}")
+        type_name, block, block_bytes = known
         n_elements = int(np.prod(ne, dtype=object))
         if 0 in ne or n_elements >= 2**63:
             raise bad(f"has dimensions {list(ne)} (a zero, or more elements than ggml can count)")
-        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
         if ne[0] % block:
-            raise bad(f"has row length {ne[0]}, not a multiple of the {qtype.name} block size {block}")
+            raise bad(f"has row length {ne[0]}, not a multiple of the {type_name} block size {block}")
         if offset % alignment:
             raise bad(f"has data offset {offset}, not a multiple of the alignment {alignment}")
         n_bytes = n_elements // block * block_bytes
@@ -288,10 +396,10 @@ class GGUFFile:
         if start + n_bytes > self.file_size:
             raise bad(f"needs {n_bytes} bytes of data at byte {start}, but the file ends at byte {self.file_size}")
         shape = tuple(reversed(ne))
-        dtype = _TYPED_DATA.get(qtype)
+        dtype = _TYPED_DATA.get(type_name)
         view_shape = shape if dtype else (*shape[:-1], shape[-1] // block * block_bytes)
         data = mm[start : start + n_bytes].view(dtype or np.uint8).reshape(view_shape)
-        return TensorInfo(name, qtype.name, shape, n_bytes, data)
+        return TensorInfo(name, type_name, shape, n_bytes, data)
 
     # ---- metadata helpers -------------------------------------------------------------------------------
     @property
@@ -309,6 +417,11 @@ class GGUFFile:
         file's own list."""
         self.views[info.name] = info
 
+    def release_resident(self) -> None:
+        """Drop every page of the file this process has resident (they stay in the page cache; whatever is
+        read again faults back in). Once the weights are repacked, the file is mostly not read again."""
+        release_pages(self._mm)
+
     def tensor(self, name: str) -> TensorInfo | None:
         """The tensor or view called name (None if there is none)."""
         return self.views.get(name) or self.tensors.get(name)
@@ -319,10 +432,10 @@ class GGUFFile:
         if info.type_name == "F32":
             arr = np.asarray(info.data, dtype=np.float32)
         else:
-            arr = gguf.quants.dequantize(info.data, _Q[info.type_name]).astype(np.float32, copy=False)
+            arr = _V.dequantize(info.data, info.type_name).astype(np.float32, copy=False)
         return np.ascontiguousarray(arr.reshape(info.shape))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Just the metadata of a GGUF file as plain Python values (strings, ints, floats, bools, lists)."""
-    return GGUFFile(path).metadata
+    return dict(GGUFFile(path).metadata)
