@@ -31,16 +31,24 @@ class LLM:
     def __init__(self, model: str | None = None, *, n_ctx: int | None = None, n_ubatch: int = DEFAULT_N_UBATCH,
                  backend: str | None = None, threads: int | None = None, graph_cache: bool = True,
                  graph_cache_size: int = DEFAULT_CAPACITY, verify_graph_cache: bool = False,
-                 flash_attn: bool | None = None, cache_type: str | None = None, progress: bool = False):
+                 flash_attn: bool | None = None, cache_type: str | None = None, progress: bool = False,
+                 tokenizer: bool = True):
+        """tokenizer=False builds the tokenizer on first use instead of now (a run on token ids never does)."""
         from .registry import resolve_model
 
         path = resolve_model(model, progress=progress)
-        self.loaded: LoadedModel = load_model(path, get_backend(backend, threads))
+        self.loaded: LoadedModel = load_model(path, get_backend(backend, threads), tokenizer=tokenizer)
         # One stream: one sequence alive (a server's scheduler makes its own context for its slots).
         self.ctx = Context(self.loaded, n_ctx=n_ctx, n_ubatch=n_ubatch, graph_cache=graph_cache, n_seq_max=1,
                            cache_capacity=graph_cache_size, verify=verify_graph_cache, flash_attn=flash_attn,
                            cache_type=cache_type)
-        self.session = Session(self.ctx, self.tokenizer)
+        self._session: Session | None = None
+
+    @property
+    def session(self) -> Session:
+        if self._session is None:
+            self._session = Session(self.ctx, self.tokenizer)
+        return self._session
 
     @property
     def tokenizer(self):

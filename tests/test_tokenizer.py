@@ -317,3 +317,37 @@ def test_llama_cpp_tokenizer_test_vectors(llama_vocab_dir, name):
 def test_every_causal_vocabulary_with_vectors_is_listed(llama_vocab_dir):
     have = {p.name[len("ggml-vocab-"):-len(".gguf.inp")] for p in llama_vocab_dir.glob("ggml-vocab-*.gguf.inp")}
     assert have - {"bert-bge"} == set(LLAMA_VOCABS)
+
+
+def test_merges_over_tokens_not_in_the_vocabulary_are_dropped_as_llama_cpp_never_applies_them():
+    good = Tokenizer.from_metadata(tiny_gpt2())
+    merges = ["h i", "zz q", "Ġ hi", "! !", "1 2", "12 3", "123 4", "h !"]   # unknown sides / unknown result
+    tok = Tokenizer.from_metadata(tiny_gpt2(**{"tokenizer.ggml.merges": merges}))
+    for text in ("hi hi!! 1234", "h! zzq"):
+        assert tok.encode(text) == good.encode(text)
+
+
+def test_a_model_loads_without_its_tokenizer_until_the_tokenizer_is_used(tmp_path):
+    """A run on token ids (bench) never builds the tokenizer; a broken vocabulary fails at load by default,
+    and at first use when the load deferred it."""
+    from kvgraph.backends import get_backend
+    from kvgraph.engine.context import Context
+    from kvgraph.engine.loader import load_model
+    from kvgraph.graph.inputs import UBatch
+    from tiny_models import TinySpec, write_tiny_llama
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1))
+    loaded = load_model(path, get_backend("numpy"), tokenizer=False)
+    assert loaded._tokenizer is None
+    Context(loaded, n_ctx=16).decode(UBatch.single([5, 6, 7], 0))
+    assert loaded._tokenizer is None
+    assert loaded.tokenizer is loaded.tokenizer and loaded.tokenizer.decode(loaded.tokenizer.encode(" the")) == " the"
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(path.read_bytes().replace(b"smollm", b"nopre!", 1))     # an unknown pre-tokenizer
+    with pytest.raises(TokenizerError, match="unknown pre-tokenizer type 'nopre!'"):
+        load_model(bad, get_backend("numpy"))
+    deferred = load_model(bad, get_backend("numpy"), tokenizer=False)
+    with pytest.raises(TokenizerError, match="unknown pre-tokenizer"):
+        deferred.tokenizer

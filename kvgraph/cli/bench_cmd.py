@@ -75,15 +75,12 @@ def add_bench_parser(sub) -> None:
 
 
 def _model_type(info) -> str:
-    import gguf
+    """llama-bench's model label, e.g. "llama 135M Q4_1"."""
+    from ..gguf.types import FILE_TYPES
 
-    label = info.get("general.size_label")
     ftype = info.get("general.file_type")
-    try:
-        ftype_name = gguf.LlamaFileType(ftype).name.replace("MOSTLY_", "") if ftype is not None else "?"
-    except ValueError:
-        ftype_name = str(ftype)
-    return f"{info.get('general.architecture', '?')} {label or '?'} {ftype_name}"
+    ftype_name = "?" if ftype is None else FILE_TYPES.get(ftype, str(ftype))
+    return f"{info.get('general.architecture', '?')} {info.get('general.size_label') or '?'} {ftype_name}"
 
 
 def _llama_bench(binary: str, model_path: str, test, reps: int, threads: int, flash_attn: bool, cache_type: str,
@@ -171,7 +168,8 @@ def cmd_bench(args) -> int:
                             reset_peak_rss()
                             llm = LLM(str(path), n_ctx=n_ctx, n_ubatch=args.ubatch, backend=backend, threads=n_threads,
                                       graph_cache=gc, flash_attn=fa,
-                                      cache_type=None if args.cache_type == "auto" else args.cache_type)
+                                      cache_type=None if args.cache_type == "auto" else args.cache_type,
+                                      tokenizer=False)
                             fa_used = llm.ctx.flash_attn         # auto resolved: rows and llama-bench use it
                             kv_type = llm.ctx.cache_type
                             meta = llm.loaded.file.metadata

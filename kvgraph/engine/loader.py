@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
 import numpy as np
 
 from ..errors import GGUFError, UnsupportedModelError
 from ..gguf.config import MetadataView, ModelConfig, read_config
 from ..gguf.reader import GGUFFile
+from ..gguf.types import dequantize
 from ..models import ARCHITECTURES, Model
+from .heap import return_freed_memory
 
 
 @dataclass
@@ -23,10 +25,24 @@ class LoadedModel:
     file: GGUFFile
     config: ModelConfig
     model: Model
-    tokenizer: Any
     backend: Any
     weights: dict[str, Any]
     load_seconds: float
+    _tokenizer: Any = dataclasses.field(default=None, repr=False)
+    _tokenizer_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def tokenizer(self):
+        """The file's tokenizer, built on first use (a benchmark, which feeds token ids, never pays for it)."""
+        return self._tokenizer or self.load_tokenizer()
+
+    def load_tokenizer(self):
+        with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from ..tokenizer import Tokenizer
+
+                self._tokenizer = Tokenizer.from_metadata(self.file.metadata)
+        return self._tokenizer
 
 
 def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Model]:
@@ -92,20 +108,23 @@ def _read_constants(gf: GGUFFile, model: Model) -> dict[str, tuple[float, ...]]:
         if tuple(info.shape) != tuple(shape):
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters say "
                             f"{shape}; the file is inconsistent.")
-        values = gguf.quants.dequantize(np.asarray(info.data), gguf.GGMLQuantizationType[info.type_name])
+        values = dequantize(np.asarray(info.data), info.type_name)
         if not np.isfinite(values).all():
             raise GGUFError(f"{gf.path}: tensor {name!r} holds non-finite values; the file is corrupt.")
         out[name] = tuple(float(v) for v in np.ravel(values))
     return out
 
 
-def load_model(path: str | os.PathLike[str], backend: Any) -> LoadedModel:
-    from ..tokenizer import Tokenizer
-
+def load_model(path: str | os.PathLike[str], backend: Any, *, tokenizer: bool = True) -> LoadedModel:
+    """The model at path with its weights in backend's form; tokenizer=False leaves the tokenizer to be
+    built on first use (a tokenizer error then surfaces there rather than here)."""
     t0 = time.perf_counter()
+    return_freed_memory()
     gf, cfg, model = open_model(path)
-    tokenizer = Tokenizer.from_metadata(gf.metadata)
-    weights: dict[str, Any] = {}
+    loaded = LoadedModel(Path(path), gf, cfg, model, backend, {}, 0.0)
+    if tokenizer:
+        loaded.load_tokenizer()    # before the weights: a broken vocabulary fails before the slow part
+    weights = loaded.weights
     for name in model.shapes:
         if gf.tensor(name) is not None:
             weights[name] = backend.load_weight(gf, name)
@@ -113,4 +132,6 @@ def load_model(path: str | os.PathLike[str], backend: Any) -> LoadedModel:
     for name in model.optional_tensors:
         if name not in weights and name == "output.weight":
             weights[name] = backend.tie_output(weights["token_embd.weight"])
-    return LoadedModel(Path(path), gf, cfg, model, tokenizer, backend, weights, time.perf_counter() - t0)
+    gf.release_resident()     # pages the repacking read (and their neighbours) no longer count as ours
+    loaded.load_seconds = time.perf_counter() - t0
+    return loaded

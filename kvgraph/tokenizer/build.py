@@ -120,19 +120,20 @@ def _add_vocab_tokens(tok: HFTokenizer, tokens: Sequence[str], types: Sequence[i
 
 
 def _merge_pairs(vocab: dict[str, int], merges: Sequence[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for m in merges:
-        # llama.cpp splits at the first space after position 0 (a merge side is never empty).
-        cut = m.find(" ", 1) if isinstance(m, str) else -1
-        if cut < 0:
-            raise TokenizerError(
-                f"malformed BPE merge {m!r} in tokenizer.ggml.merges (expected 'left right'); "
-                "the GGUF file is corrupt - re-convert it with a current llama.cpp."
-            )
-        a, b = m[:cut], m[cut + 1 :]
-        # HF rejects merges over unknown tokens; llama.cpp would never produce such a symbol either.
-        if a in vocab and b in vocab and a + b in vocab:
-            pairs.append((a, b))
+    # llama.cpp splits at the first space after position 0 (a merge side is never empty).
+    cuts = [m.find(" ", 1) for m in merges]
+    if -1 in cuts:
+        m = merges[cuts.index(-1)]
+        raise TokenizerError(
+            f"malformed BPE merge {m!r} in tokenizer.ggml.merges (expected 'left right'); "
+            "the GGUF file is corrupt - re-convert it with a current llama.cpp."
+        )
+    pairs = [(m[:c], m[c + 1 :]) for m, c in zip(merges, cuts)]
+    # HF rejects (panics on) merges over unknown tokens; llama.cpp would never produce such a symbol either.
+    # Checked as whole sets first (C speed), pair by pair only when some merge must go.
+    known = vocab.keys()
+    if not (known >= {a for a, _ in pairs} and known >= {b for _, b in pairs} and known >= {a + b for a, b in pairs}):
+        pairs = [(a, b) for a, b in pairs if a in vocab and b in vocab and a + b in vocab]
     return pairs
 
 
@@ -140,8 +141,7 @@ def build_gpt2(
     tokens: Sequence[str], types: Sequence[int], merges: Sequence[str], pre: PreTokenizer
 ) -> HFTokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
-    pairs = _merge_pairs(vocab, merges)
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_merge_pairs(vocab, merges), ignore_merges=pre.ignore_merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
