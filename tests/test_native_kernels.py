@@ -161,6 +161,29 @@ def test_repacked_weights_are_gguf_exact_or_within_half_an_int8_step(type_name):
         assert np.all(np.abs(got - ref).reshape(n, -1, QK) <= step * 0.5 * (1 + 2 ** -10) + 1e-12)
 
 
+@pytest.mark.parametrize("type_name", EXACT)
+def test_rows_read_back_out_of_tiles_are_bit_identical_to_gguf(type_name, variant):
+    """A tied embedding's lookup reads its rows out of the output matrix's tiles (no file pages touched)."""
+    n, k = 37, 512                                       # a partial last tile
+    raw = gguf_matrix(type_name, n, k)
+    mat = NativeMat(raw, type_name, (n, k))
+    ids = np.array([0, 36, 5, 16, 15, 36], np.int32)
+    out = np.full((len(ids), k), np.nan, np.float32)
+    mat.rows_kernel(ids, out)()
+    np.testing.assert_array_equal(out, gguf.quants.dequantize(raw, Q[type_name]).reshape(n, k)[ids])
+
+
+def test_rows_of_requantized_tiles_are_not_read_back_and_bad_ids_are_refused():
+    from kvgraph.errors import IndexOutOfRangeError
+
+    out = np.empty((1, 64), np.float32)
+    assert NativeMat(gguf_matrix("F16", 16, 64), "F16", (16, 64)).rows_kernel(np.zeros(1, np.int32), out) is None
+    mat = NativeMat(gguf_matrix("Q8_0", 16, 64), "Q8_0", (16, 64))
+    with pytest.raises(IndexOutOfRangeError):
+        mat.rows_kernel(np.array([16], np.int32), out)()
+    assert native.library().kvg_take_bad_indices() == 0
+
+
 def test_scales_are_stored_as_float16_exactly_when_that_loses_nothing():
     q41 = NativeMat(gguf_matrix("Q4_1", 16, 64), "Q4_1", (16, 64))
     assert q41.fmt == "q4h" and q41.nbytes == 16 * 64 * 20 // 32        # the file's own 20 bytes per block

@@ -245,7 +245,10 @@ class FusingCompiler(Compiler):
             r = self.fused_norm[t.id]
             return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"], out)
         if t.op == "get_rows" and t.srcs[0].op == "weight":
-            return native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
+            # out of the tiles where the weight has them (a tied embedding: its file pages stay untouched)
+            from_tiles = getattr(srcs[0].mat, "rows_kernel", None)
+            kernel = from_tiles(srcs[1], out) if from_tiles else None
+            return kernel or native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
         if t.op in native_ops.OPS:
             return native_ops.for_node(t, out, [self.arr(s) for s in srcs])
         return None

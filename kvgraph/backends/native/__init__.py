@@ -42,7 +42,8 @@ ISAS = tuple(ISA_FLAGS)
 ISA_NAMES = {"portable": "portable C", "avx2": "AVX2", "avx512": "AVX-512 VNNI"}
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_matmul_q4k",
            "kvg_matmul_q5k", "kvg_matmul_q6k", "kvg_rms_norm",
-           "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows")
+           "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows",
+           "kvg_tile_rows")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -330,15 +331,36 @@ def _tile_scales(d: np.ndarray, dtype) -> np.ndarray:
     return np.ascontiguousarray(d.astype(dtype).reshape(n // TR, TR, b).transpose(0, 2, 1)).view(np.uint8)
 
 
-def _records(parts: list[np.ndarray], header: list[np.ndarray] | None = None) -> np.ndarray:
-    """Per-group parts [T, G, ...] -> tiles [T, bytes]; with a header ([T, G / 8, ...] parts), each super-block
-    of eight records follows its header."""
+def _records(parts: list[np.ndarray], header: list[np.ndarray] | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """Per-group parts [T, G, ...] -> tiles [T, bytes], written into out (the weight's own tile rows: no
+    second copy) or a new array; with a header ([T, G / 8, ...] parts), each super-block of eight records
+    follows its header."""
     t, g = parts[0].shape[:2]
-    rec = np.concatenate([p.reshape(t, g, -1) for p in parts], axis=2)
-    if header is not None:
-        hdr = np.concatenate([h.reshape(t, g // 8, -1) for h in header], axis=2)
-        rec = np.concatenate([hdr, rec.reshape(t, g // 8, -1)], axis=2)
-    return np.ascontiguousarray(rec.reshape(t, -1))
+    parts = [p.reshape(t, g, -1) for p in parts]
+    rec = sum(p.shape[2] for p in parts)
+    header = [h.reshape(t, g // 8, -1) for h in header or ()]
+    hdr = sum(h.shape[2] for h in header)
+    if out is None:
+        out = np.empty((t, g * rec + g // 8 * hdr), np.uint8)
+    if header:
+        blocks = out.reshape(t, g // 8, hdr + 8 * rec)
+        _fill(blocks, header)
+        recs = blocks[:, :, hdr:]
+        recs.shape = (t, g // 8, 8, rec)                # a view (raises rather than copy)
+        parts = [p.reshape(t, g // 8, 8, -1) for p in parts]
+    else:
+        recs = out.reshape(t, g, rec)
+    _fill(recs, parts)
+    return out
+
+
+def _fill(dest: np.ndarray, parts: list[np.ndarray]) -> None:
+    """parts side by side along dest's last axis."""
+    at = 0
+    for p in parts:
+        dest[..., at: at + p.shape[-1]] = p
+        at += p.shape[-1]
 
 
 def _nibbles(cv: np.ndarray) -> np.ndarray:
@@ -351,11 +373,11 @@ def _fifth_bits(cv: np.ndarray) -> np.ndarray:
     return np.packbits((cv >> 4) & 1, axis=3, bitorder="little")
 
 
-def pack_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool) -> np.ndarray:
+def pack_q4(q: np.ndarray, d: np.ndarray, m: np.ndarray, half: bool, out: np.ndarray | None = None) -> np.ndarray:
     """q uint8 [N, K] in [0, 15], d / m float32 [N, K/32] (w = q d + m) -> Q4 tiles [ceil(N/16), bytes] uint8,
     scales as float16 when half (the caller checks f16_exact) else float32."""
     sdt = np.float16 if half else np.float32
-    return _records([_nibbles(_chunk_vectors(q)), _tile_scales(d, sdt), _tile_scales(m, sdt)])
+    return _records([_nibbles(_chunk_vectors(q)), _tile_scales(d, sdt), _tile_scales(m, sdt)], out=out)
 
 
 def pack_q5(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -365,12 +387,12 @@ def pack_q5(q: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     return _records([_nibbles(cv), _fifth_bits(cv), _tile_scales(d, np.float16), _tile_scales(m, np.float16)])
 
 
-def pack_q8(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+def pack_q8(q: np.ndarray, d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """q int8 [N, K], d float16 [N, K/32] (w = q d) -> Q8 tiles."""
-    return _records([_chunk_vectors(q.view(np.uint8)), _tile_scales(d, np.float16)])
+    return _records([_chunk_vectors(q.view(np.uint8)), _tile_scales(d, np.float16)], out=out)
 
 
-def pack_kquant(fmt: str, p: dict[str, np.ndarray]) -> np.ndarray:
+def pack_kquant(fmt: str, p: dict[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
     """A K-quant matrix's parts (quant_repack.kquant_parts) -> "q4k" / "q5k" / "q6k" tiles, the file's own
     numbers: 6-bit q plus int8 scales per 16 (Q6_K), 4/5-bit q plus 6-bit sc / mn per 32 (Q4_K / Q5_K),
     float16 super-block scales."""
@@ -380,10 +402,11 @@ def pack_kquant(fmt: str, p: dict[str, np.ndarray]) -> np.ndarray:
         planes = [hi[:, :, 4 * i] | (hi[:, :, 4 * i + 1] << 2) | (hi[:, :, 4 * i + 2] << 4) | (hi[:, :, 4 * i + 3] << 6)
                   for i in (0, 1)]
         sc = _tile_scales(p["sc"].view(np.uint8), np.uint8)           # [T, 2G, 16]: sub-blocks A, B of each group
-        return _records([_nibbles(cv), *planes, sc.reshape(sc.shape[0], -1, 2 * TR)], [_tile_scales(p["d"], np.float16)])
+        return _records([_nibbles(cv), *planes, sc.reshape(sc.shape[0], -1, 2 * TR)], [_tile_scales(p["d"], np.float16)],
+                        out)
     parts = [_nibbles(cv)] + ([_fifth_bits(cv)] if fmt == "q5k" else [])
     parts += [_tile_scales(p["sc"], np.uint8), _tile_scales(p["mn"], np.uint8)]
-    return _records(parts, [_tile_scales(p["d"], np.float16), _tile_scales(p["dmin"], np.float16)])
+    return _records(parts, [_tile_scales(p["d"], np.float16), _tile_scales(p["dmin"], np.float16)], out)
 
 
 # GGUF block layouts whose bytes go into tiles unchanged: (block bytes, d at, m at (None: m = -k d), k, qh at,
@@ -394,7 +417,7 @@ BLOCK_LAYOUTS = {"Q4_0": (18, 0, None, 8, None, 2, "q4h"), "Q4_1": (20, 0, 2, 0,
                  "Q8_0": (34, 0, None, 0, None, 2, "q8")}
 
 
-def pack_blocks(raw: np.ndarray, type_name: str) -> np.ndarray | None:
+def pack_blocks(raw: np.ndarray, type_name: str, out: np.ndarray | None = None) -> np.ndarray | None:
     """Rows of a Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 matrix (raw bytes [N, bytes per row]) -> its tiles, moving
     the file's bytes without decoding them (the same tiles pack_q4 / pack_q5 / pack_q8 make from decoded
     values). None when a derived scale (Q4_0's -8 d, Q5_0's -16 d) is not exactly a float16."""
@@ -419,7 +442,7 @@ def pack_blocks(raw: np.ndarray, type_name: str) -> np.ndarray | None:
         shifts = (4 * np.arange(TR, dtype=np.uint64)).reshape(1, TR, 1)
         parts.append(np.stack([np.bitwise_or.reduce(((qh >> np.uint64(4 * c)) & np.uint64(15)) << shifts, axis=1)
                                for c in range(8)], axis=2).view(np.uint8))  # [t, g, 8] words of 64 bits
-    return _records(parts + [_tile_scales(s, np.float16) for s in ((d,) if fmt == "q8" else (d, m))])
+    return _records(parts + [_tile_scales(s, np.float16) for s in ((d,) if fmt == "q8" else (d, m))], out=out)
 
 
 def dequantize_tiles(tiles: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:

@@ -203,6 +203,12 @@ static inline const uint8_t *rec_at(const uint8_t *t, int64_t g, const int F) {
 #define PREFETCH_BYTES 2048
 #endif
 
+static inline float ld_f16(const uint8_t *p, int i) {
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    return h2f(h);
+}
+
 static inline int32_t ld32(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -439,12 +445,6 @@ static inline __attribute__((always_inline)) void tile_dot(
         for (int j = 0; j < MB; j++) _mm256_storeu_ps(res + TR * j + 8 * h, acc[h][j]);
 }
 #else
-static inline float ld_f16(const uint8_t *p, int i) {
-    uint16_t h;
-    memcpy(&h, p + 2 * i, 2);
-    return h2f(h);
-}
-
 /* Portable: the same sums in plain C. Weight e of row i in group g sits in chunk vector c = e / 4 at byte
  * b = 4 i + e % 4 (chunk vectors 0-3 in the low nibbles of the four 64-byte blocks, 4-7 in the high ones;
  * a fifth bit is bit b of the c-th 8-byte word after them; Q6_K's two high bits sit at bits 2 (c % 4) of
@@ -1029,6 +1029,71 @@ void kvg_get_rows_q8_0(const int64_t *a) {
             const int8_t *q = (const int8_t *)(blk + 2);
             for (int e = 0; e < QK; e++) out[i * k + g * QK + e] = d * (float)q[e];
         }
+    }
+}
+
+/* a: tiles (uint8), format (F_*), tile stride (bytes), K, ids (int32 [n]), n, out (float [n, K]), n_rows:
+ * the embedding rows of this ubatch's tokens read back out of a weight's tiles (a tied embedding keeps no
+ * second copy, and its file pages are never touched again). Only for formats that hold the file's values
+ * exactly; each value is computed in gguf's order (-std=c11: no contraction into fma). */
+static inline int tile_q(const uint8_t *rec, int c, int b, const int F) {
+    if (F == F_Q8) return (int8_t)rec[c * 64 + b];
+    int q = c < 4 ? rec[c * 64 + b] & 15 : rec[(c - 4) * 64 + b] >> 4;
+    if (FIFTH(F)) q |= ((rec[256 + c * 8 + b / 8] >> (b % 8)) & 1) << 4;
+    if (F == F_Q6K) q |= ((rec[256 + (c / 4) * 64 + b] >> (2 * (c % 4))) & 3) << 4;
+    return q;
+}
+
+static inline void tile_row(const uint8_t *tile, int64_t k, int i, float *out, const int F) {
+    for (int64_t g = 0; g < k / QK; g++) {
+        const uint8_t *rec = rec_at(tile, g, F), *hdr = KQ(F) ? hdr_at(tile, g, F) : NULL;
+        for (int e = 0; e < QK; e++) {
+            const float q = (float)tile_q(rec, e / 4, 4 * i + e % 4, F);
+            float w;
+            if (F == F_Q6K) {
+                const float d = ld_f16(hdr, i) * (float)(int8_t)rec[384 + (e / 16) * 16 + i];
+                w = d * (q - 32.0f);
+            } else if (KQ(F)) {
+                const float d = ld_f16(hdr, i) * (float)rec[KSC(F) + i], m = ld_f16(hdr, 16 + i) * (float)rec[KSC(F) + 16 + i];
+                w = d * q - m;
+            } else if (F == F_Q8) {
+                w = q * ld_f16(rec + DOFF(F), i);
+            } else if (F == F_Q4F) {
+                float d, m;
+                memcpy(&d, rec + DOFF(F) + 4 * i, 4);
+                memcpy(&m, rec + MOFF(F) + 4 * i, 4);
+                w = q * d + m;
+            } else {
+                w = q * ld_f16(rec + DOFF(F), i) + ld_f16(rec + MOFF(F), i);
+            }
+            out[g * QK + e] = w;
+        }
+    }
+}
+
+static inline void tile_rows(const int64_t *a, const int F) {
+    const uint8_t *tiles = (const uint8_t *)a[0];
+    const int64_t stride = a[2], k = a[3], n = a[5], n_rows = a[7];
+    const int32_t *ids = (const int32_t *)a[4];
+    float *out = (float *)a[6];
+    for (int64_t r = 0; r < n; r++) {
+        if (!in_range(ids[r], n_rows)) {
+            memset(out + r * k, 0, (size_t)k * sizeof(float));
+            continue;
+        }
+        tile_row(tiles + (ids[r] / TR) * stride, k, ids[r] % TR, out + r * k, F);
+    }
+}
+
+void kvg_tile_rows(const int64_t *a) {
+    switch (a[1]) {
+    case F_Q4H: tile_rows(a, F_Q4H); break;
+    case F_Q4F: tile_rows(a, F_Q4F); break;
+    case F_Q5H: tile_rows(a, F_Q5H); break;
+    case F_Q8: tile_rows(a, F_Q8); break;
+    case F_Q4K: tile_rows(a, F_Q4K); break;
+    case F_Q5K: tile_rows(a, F_Q5K); break;
+    default: tile_rows(a, F_Q6K); break;
     }
 }
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
                             release_pages)
-from . import (BLOCK_LAYOUTS, QK, TR, bind, dequantize_tiles, pack_blocks, pack_kquant, pack_q4, pack_q8, ptr,
+from . import (BLOCK_LAYOUTS, FORMATS, QK, TR, bind, dequantize_tiles, pack_blocks, pack_kquant, pack_q4, pack_q8, ptr,
                quantize_blocks_q8, tile_bytes)
 
 
@@ -54,39 +54,41 @@ class NativeMat:
     def __init__(self, data: np.ndarray, type_name: str, shape: tuple[int, int]):
         n, k = shape
         self.n, self.k = n, k
+        self.exact = True             # the tiles hold the file's values (False: re-quantized to Q8)
         if type_name in KQUANT_TYPES and k % 256 == 0:
             self._alloc(type_name.lower().replace("_", ""))
             for r0, parts in kquant_blocks(data, type_name):
-                self._put(r0, pack_kquant(self.fmt, parts))
+                pack_kquant(self.fmt, parts, self._rows(r0, len(parts["q"])))
             return
         if type_name in BLOCK_LAYOUTS and self._pack_blocks(data, type_name):
             return
         if type_name in INT4_TYPES:   # a Q4_0 whose -8 d is no float16 (huge scales): float32 scales
             self._alloc("q4")
             for r0, q, d, m in int4_blocks(data, type_name):
-                self._put(r0, pack_q4(q, d, m, half=False))
+                pack_q4(q, d, m, half=False, out=self._rows(r0, len(q)))
             return
         self._alloc("q8")             # every other type (and a Q5_0 whose -16 d is no float16): re-quantized
+        self.exact = False
         for r0, w in dequant_rows(data, type_name, shape):
-            self._put(r0, pack_q8(*quantize_blocks_q8(w)))
+            pack_q8(*quantize_blocks_q8(w), out=self._rows(r0, len(w)))
 
     def _alloc(self, fmt: str) -> None:
         self.fmt = fmt
         self.tiles = np.empty((-(-self.n // TR), tile_bytes(fmt, self.k)), np.uint8)
 
-    def _put(self, r0: int, tiles: np.ndarray) -> None:
-        self.tiles[r0 // TR: r0 // TR + tiles.shape[0]] = tiles      # chunks start at multiples of TR rows
+    def _rows(self, r0: int, n: int) -> np.ndarray:
+        """The tiles that rows r0..r0+n-1 go to (chunks start at multiples of TR rows)."""
+        return self.tiles[r0 // TR: r0 // TR - (-n // TR)]
 
     def _pack_blocks(self, data: np.ndarray, type_name: str) -> bool:
         """Tiles straight from the file's blocks (False where a derived scale is no float16)."""
         self._alloc(BLOCK_LAYOUTS[type_name][-1])
         for r0 in range(0, self.n, CHUNK_ROWS):
             part = data[r0: r0 + CHUNK_ROWS]
-            tiles = pack_blocks(np.ascontiguousarray(part), type_name)
+            tiles = pack_blocks(np.ascontiguousarray(part), type_name, self._rows(r0, len(part)))
             release_pages(part)
             if tiles is None:
                 return False
-            self._put(r0, tiles)
         return True
 
     @property
@@ -103,7 +105,7 @@ class NativeMat:
     def fuse(cls, mats: list["NativeMat"]) -> "NativeMat":
         """One matrix stacking mats' tiles; the members keep views of it (no second copy)."""
         f = cls.__new__(cls)
-        f.n, f.k, f.fmt = sum(m.n for m in mats), mats[0].k, mats[0].fmt
+        f.n, f.k, f.fmt, f.exact = sum(m.n for m in mats), mats[0].k, mats[0].fmt, all(m.exact for m in mats)
         f.tiles = np.concatenate([m.tiles for m in mats])
         t0 = 0
         for m in mats:
@@ -114,6 +116,14 @@ class NativeMat:
     def dequantize(self) -> np.ndarray:
         """The float32 weight the kernel computes with (for tests)."""
         return dequantize_tiles(self.tiles, self.fmt, self.n, self.k)
+
+    def rows_kernel(self, ids: np.ndarray, out: np.ndarray):
+        """Rows `ids` of the matrix (float32 [n, K], zeros for an id out of range) read back out of the tiles:
+        a tied embedding's lookup with no second copy of the table. Only where the tiles are exact."""
+        if not self.exact or ids.dtype != np.int32 or out.dtype != np.float32 or not out.flags.c_contiguous:
+            return None
+        return bind("kvg_tile_rows", ptr(self.tiles), list(FORMATS).index(self.fmt), self.tiles.strides[0], self.k,
+                    ptr(ids), out.shape[0], ptr(out), self.n, keep=(self.tiles, ids, out), indexes=True)
 
     def _bind(self, x: Q8Act, outs: list[np.ndarray]):
         ends = np.cumsum([o.shape[-1] for o in outs]).astype(np.int64)
