@@ -184,6 +184,28 @@ def test_rows_of_requantized_tiles_are_not_read_back_and_bad_ids_are_refused():
     assert native.library().kvg_take_bad_indices() == 0
 
 
+def test_matrices_loaded_end_to_end_stack_without_a_copy_and_others_are_copied(variant):
+    from kvgraph.backends.native.mats import TileArena
+
+    arena, k = TileArena(), 256
+    raws = [gguf_matrix("Q4_K", n, k) for n in (32, 16, 48)]
+    mats = [NativeMat(r, "Q4_K", (r.shape[0], k), arena) for r in raws]
+    loose = [NativeMat(r, "Q4_K", (r.shape[0], k)) for r in raws]         # no arena: separate arrays
+    x = quantized(RNG.standard_normal((3, k), dtype=np.float32))
+    for group, shared in ((mats, True), (loose, False), ([mats[0], mats[2]], False), ([mats[1], mats[0]], False)):
+        before, addrs = [m.tiles.copy() for m in group], [m.tiles.ctypes.data for m in group]
+        fused = NativeMat.fuse(group)
+        assert (fused.tiles.ctypes.data == addrs[0]) == shared                 # a view of them, or a new stack
+        assert [m.tiles.ctypes.data for m in group] == addrs or not shared
+        outs = [np.empty((3, m.n), np.float32) for m in group]
+        fused.kernel_split(x, outs)()
+        for m, t, out in zip(group, before, outs):
+            np.testing.assert_array_equal(m.tiles, t)
+            alone = np.empty((3, m.n), np.float32)
+            m.kernel(x, alone)()
+            np.testing.assert_array_equal(out, alone)
+
+
 def test_scales_are_stored_as_float16_exactly_when_that_loses_nothing():
     q41 = NativeMat(gguf_matrix("Q4_1", 16, 64), "Q4_1", (16, 64))
     assert q41.fmt == "q4h" and q41.nbytes == 16 * 64 * 20 // 32        # the file's own 20 bytes per block

@@ -321,7 +321,7 @@ def test_every_causal_vocabulary_with_vectors_is_listed(llama_vocab_dir):
 
 def test_merges_over_tokens_not_in_the_vocabulary_are_dropped_as_llama_cpp_never_applies_them():
     good = Tokenizer.from_metadata(tiny_gpt2())
-    merges = ["h i", "zz q", "Ġ hi", "! !", "1 2", "12 3", "123 4", "h !"]   # unknown sides / unknown result
+    merges = ["h i", "zz q", "Ġ hi", "! !", "1 2", "12 3", "12 34", "123 4", "h !"]  # unknown sides / results
     tok = Tokenizer.from_metadata(tiny_gpt2(**{"tokenizer.ggml.merges": merges}))
     for text in ("hi hi!! 1234", "h! zzq"):
         assert tok.encode(text) == good.encode(text)

@@ -97,7 +97,7 @@ def run_both(build, inputs=(), weights: FakeFile | None = None, states=()):
         if isinstance(backend, NumpyBackend):
             w = {name: wfile.dequantize(name) for name in wfile.tensors}
         else:
-            w = {name: TorchWeight(wfile, name, backend.native) for name in wfile.tensors}
+            w = {name: TorchWeight(wfile, name, backend.arena) for name in wfile.tensors}
         st = {name: np.array(v, np.float32) for name, v in dict(states).items()}
         program = backend.compile(g.graph, plan_graph(g.graph), w, st)
         for name, value in dict(inputs).items():
@@ -227,7 +227,7 @@ def test_matmuls_sharing_an_input_are_stacked_into_one_with_identical_results(ty
             g.output(name, g.matmul(h, g.weight(name, (n, 256))))
 
     be = TorchBackend()
-    weights = {name: TorchWeight(f, name, be.native) for name in f.tensors}
+    weights = {name: TorchWeight(f, name, be.arena) for name in f.tensors}
     singles = {}
     for name in weights:                       # each alone, before stacking
         g = GraphBuilder()

@@ -10,6 +10,7 @@ resident memory is little more than the file-sized weights, the KV cache and Pyt
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Mapping
 
 import numpy as np
@@ -19,7 +20,7 @@ from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 from . import native, reference
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
-from .native.mats import NativeMat
+from .native.mats import NativeMat, TileArena
 from .numpy_backend import NumpyBackend
 from .quant_repack import GROUP, dequant_rows
 from .weights import PackedWeight
@@ -43,15 +44,15 @@ class DenseMat:
         return lambda: np.matmul(x, wt, out=out)
 
 
-def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name: str):
+def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name: str, arena: TileArena):
     if shape[1] % GROUP == 0:
-        return NativeMat(data, type_name, shape)
+        return NativeMat(data, type_name, shape, arena)
     return DenseMat(np.concatenate([w for _, w in dequant_rows(data, type_name, shape)]))
 
 
 class NativeWeight(PackedWeight):
-    def __init__(self, gguf_file, name: str):
-        super().__init__(gguf_file, name, _matrix_form, DenseMat)
+    def __init__(self, gguf_file, name: str, arena: TileArena):
+        super().__init__(gguf_file, name, functools.partial(_matrix_form, arena=arena), DenseMat)
 
 
 class _Compiler(FusingCompiler):
@@ -102,6 +103,7 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
             raise InvalidArgumentError(f"the native backend needs its C kernels, and {native.why_not()}; use "
                                        "--backend torch or numpy.")
         super().__init__(threads)
+        self.arena = TileArena()
         self.n_threads = threads or physical_cores()
         native.set_threads(self.n_threads)
         # numpy's BLAS keeps its worker threads spinning after each call; beside the OpenMP kernels they
@@ -114,7 +116,7 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
         return f"native: {native.describe()}"
 
     def load_weight(self, gguf_file, name: str) -> NativeWeight:
-        return NativeWeight(gguf_file, name)
+        return NativeWeight(gguf_file, name, self.arena)
 
     @contextlib.contextmanager
     def threads(self, n: int | None):

@@ -22,6 +22,7 @@ choices are in docs/backends.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import Any, Callable, Mapping
@@ -32,7 +33,7 @@ from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 from . import native, reference
 from .compiler import FusingCompiler, PackedWeightsBackend
-from .native.mats import NativeMat
+from .native.mats import NativeMat, TileArena
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
 from .weights import PackedWeight
 
@@ -242,9 +243,9 @@ class DenseMat:
         return lambda: torch.mm(x, wt, out=out)
 
 
-def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name: str, native: bool):
-    if native and shape[1] % GROUP == 0:
-        return NativeMat(data, type_name, shape)
+def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name: str, arena: TileArena | None):
+    if arena is not None and shape[1] % GROUP == 0:
+        return NativeMat(data, type_name, shape, arena)
     if type_name in INT4_TYPES:
         return Int4Mat(data, type_name, shape)
     return Int8Mat(data, type_name, shape, col_scale=name in OUTPUT_TENSORS)
@@ -253,9 +254,9 @@ def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name:
 class TorchWeight(PackedWeight):
     """A PackedWeight whose matmul forms are torch's (or, with native=True, kvgraph's C kernels')."""
 
-    def __init__(self, gguf_file, name: str, native: bool = False):
-        super().__init__(gguf_file, name, lambda data, type_name, shape, nm: _matrix_form(data, type_name, shape, nm,
-                                                                                          native), DenseMat)
+    def __init__(self, gguf_file, name: str, arena: TileArena | None = None):
+        """arena: where the C kernels' tiles go (None: torch's own matrix forms)."""
+        super().__init__(gguf_file, name, functools.partial(_matrix_form, arena=arena), DenseMat)
 
 
 # ---- elementwise kernels: numpy for small tensors, torch for large ones ----------------------------------
@@ -649,6 +650,7 @@ class TorchBackend(PackedWeightsBackend):
         # kvgraph's own C kernels (see backends/native) unless asked not to or they cannot be built; without
         # them matmuls use torch's int4pack / int8 kernels and every other op torch or numpy.
         self.native = native_kernels is not False and native.library() is not None
+        self.arena = TileArena() if self.native else None
         if self.native:
             native.set_threads(self.n_threads)        # the same OpenMP runtime as torch's: a no-op there
         # The C attention kernel reads the row-major (flash) V cache, in float16 too: the fast defaults when it
@@ -662,7 +664,7 @@ class TorchBackend(PackedWeightsBackend):
 
     # ---- weights ----------------------------------------------------------------------------------------
     def load_weight(self, gguf_file, name: str) -> TorchWeight:
-        return TorchWeight(gguf_file, name, self.native)
+        return TorchWeight(gguf_file, name, self.arena)
 
     @contextlib.contextmanager
     def threads(self, n: int | None):

@@ -129,19 +129,27 @@ def _merge_pairs(vocab: dict[str, int], merges: Sequence[str]) -> list[tuple[str
             "the GGUF file is corrupt - re-convert it with a current llama.cpp."
         )
     pairs = [(m[:c], m[c + 1 :]) for m, c in zip(merges, cuts)]
-    # HF rejects (panics on) merges over unknown tokens; llama.cpp would never produce such a symbol either.
-    # Checked as whole sets first (C speed), pair by pair only when some merge must go.
-    known = vocab.keys()
-    if not (known >= {a for a, _ in pairs} and known >= {b for _, b in pairs} and known >= {a + b for a, b in pairs}):
-        pairs = [(a, b) for a, b in pairs if a in vocab and b in vocab and a + b in vocab]
+    # llama.cpp never applies a merge whose result is not a token, and HF panics on one: checked as a whole
+    # set (C speed), pair by pair only when some merge must go. (A side that is not a token, HF refuses
+    # with an exception: _bpe drops those.)
+    if not vocab.keys() >= {a + b for a, b in pairs}:
+        pairs = [(a, b) for a, b in pairs if a + b in vocab]
     return pairs
+
+
+def _bpe(vocab: dict[str, int], merges: Sequence[str], **kw) -> models.BPE:
+    pairs = _merge_pairs(vocab, merges)
+    try:
+        return models.BPE(vocab=vocab, merges=pairs, **kw)
+    except Exception:   # a merge over a symbol that is not a token
+        return models.BPE(vocab=vocab, merges=[(a, b) for a, b in pairs if a in vocab and b in vocab], **kw)
 
 
 def build_gpt2(
     tokens: Sequence[str], types: Sequence[int], merges: Sequence[str], pre: PreTokenizer
 ) -> HFTokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_merge_pairs(vocab, merges), ignore_merges=pre.ignore_merges))
+    tok = HFTokenizer(_bpe(vocab, merges, ignore_merges=pre.ignore_merges))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -230,7 +238,7 @@ def build_gemma4(tokens: Sequence[str], types: Sequence[int], merges: Sequence[s
     characters, spaces escaped as '▁', split only at newline runs, unknown characters as <0xXX> byte
     tokens (llama.cpp's LLAMA_VOCAB_PRE_TYPE_GEMMA4)."""
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=_merge_pairs(vocab, merges), byte_fallback=True))
+    tok = HFTokenizer(_bpe(vocab, merges, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", SPM_SPACE)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("[^\n]+|[\n]+"), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.Replace(SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
