@@ -120,7 +120,22 @@ void kvg_quantize_q8(const int64_t *a) {
         for (int64_t g = 0; g < g_n; g++) {
             const float *v = xr + g * QK;
             int8_t *q = xq + m * k + g * QK;
-#if KVG_AVX2
+#if KVG_AVX512
+            /* the same values as the scalar loop below: |x| max, x * (127 / max) rounded half to even */
+            const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+            const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const float d = amax / 127.0f, id = d > 0.0f ? 127.0f / amax : 0.0f;
+            const __m512 vid = _mm512_set1_ps(id);
+            const __m512i i0 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i i1 = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, vid), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(i0));          /* |q| <= 127: exact */
+            _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(i1));
+            const int32_t h0 = _mm512_reduce_add_epi32(i0), h1 = _mm512_reduce_add_epi32(i1);
+            xd[m * g_n + g] = d;
+            xh[m * 2 * g_n + 2 * g] = h0;
+            xh[m * 2 * g_n + 2 * g + 1] = h1;
+            xs[m * g_n + g] = d * (float)(h0 + h1);
+#elif KVG_AVX2
             /* as ggml's quantize_row_q8_1: the same values as the scalar loop below (round half to even) */
             const __m256 sign = _mm256_set1_ps(-0.0f);
             __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
