@@ -1,31 +1,36 @@
-"""Host heap policy: large buffers always come from their own mappings, so freeing one returns its memory.
+"""Handing freed heap memory back to the system after the steps that free a lot of it.
 
-glibc raises its mmap threshold (up to 32 MB) each time a mapped block is freed, after which blocks below the
-new threshold come from the brk heap, where freed memory stays resident. Loading a model and compiling its
-first graphs free many multi-megabyte temporaries, and that raised threshold left ~18 MB of freed memory in
-SmolLM2's peak RSS. Fixing the threshold at glibc's default (128 KiB) turns the adjustment off. The hot path
-allocates nothing (replayed programs reuse their buffers), so this costs no speed.
+Loading a model and compiling a graph free many multi-megabyte temporaries. glibc raises its mmap
+threshold (up to 32 MB) each time a mapped block is freed, so later blocks of that size come from the brk
+heap, where freed memory stays resident: ~18 MB of SmolLM2's peak RSS. `malloc_trim` returns it. It runs
+only after a load and after a graph cache miss, never per token: the decode loop's own allocations (a
+logits copy per step) keep reusing the heap, as the raised threshold intends.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import sys
-
-M_MMAP_THRESHOLD = -3       # mallopt parameter numbers (malloc.h)
-MMAP_THRESHOLD = 128 * 1024
-
-_done = False
+from typing import Callable
 
 
-def return_freed_memory() -> bool:
-    """Apply the policy once per process (glibc on Linux; elsewhere nothing to do). True where applied."""
-    global _done
-    if _done or not sys.platform.startswith("linux"):
-        return _done
+def _trimmer() -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        _done = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):     # not glibc (musl has no mallopt)
-        _done = False
-    return _done
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):     # not glibc (musl has no malloc_trim)
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
+_TRIM = _trimmer()
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the system (glibc); False where there is no such call."""
+    if _TRIM is None:
+        return False
+    _TRIM()
+    return True

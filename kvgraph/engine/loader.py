@@ -16,7 +16,7 @@ from ..gguf.config import MetadataView, ModelConfig, read_config
 from ..gguf.reader import GGUFFile
 from ..gguf.types import dequantize
 from ..models import ARCHITECTURES, Model
-from .heap import return_freed_memory
+from .heap import release_free_heap
 
 
 @dataclass
@@ -119,7 +119,6 @@ def load_model(path: str | os.PathLike[str], backend: Any, *, tokenizer: bool = 
     """The model at path with its weights in backend's form; tokenizer=False leaves the tokenizer to be
     built on first use (a tokenizer error then surfaces there rather than here)."""
     t0 = time.perf_counter()
-    return_freed_memory()
     gf, cfg, model = open_model(path)
     loaded = LoadedModel(Path(path), gf, cfg, model, backend, {}, 0.0)
     if tokenizer:
@@ -133,5 +132,6 @@ def load_model(path: str | os.PathLike[str], backend: Any, *, tokenizer: bool = 
         if name not in weights and name == "output.weight":
             weights[name] = backend.tie_output(weights["token_embd.weight"])
     gf.release_resident()     # pages the repacking read (and their neighbours) no longer count as ours
+    release_free_heap()       # and the repacking's freed temporaries
     loaded.load_seconds = time.perf_counter() - t0
     return loaded

@@ -39,6 +39,7 @@
  * integer sums of q over each half block (h).
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -618,6 +619,9 @@ typedef __m512 vf;
                                                                          _mm512_set1_epi32(127)), 23))
 #define vf_load_h(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))   /* 16 float16 */
 #define vf_keep_live(x, e) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((x), vf_set1(-INFINITY), _CMP_NEQ_UQ), (e))
+#define vf_unless_masked(m, e) _mm512_mask_mov_ps(vf_set1(-INFINITY), _mm512_cmp_ps_mask((m), vf_set1(-INFINITY), \
+                                                                                        _CMP_NEQ_UQ), (e))
+#define vf_hmax _mm512_reduce_max_ps
 #elif KVG_AVX2
 typedef __m256 vf;
 #define VF_W 8
@@ -637,6 +641,13 @@ typedef __m256 vf;
                                                                          _mm256_set1_epi32(127)), 23))
 #define vf_load_h(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))     /* 8 float16 */
 #define vf_keep_live(x, e) _mm256_andnot_ps(_mm256_cmp_ps((x), vf_set1(-INFINITY), _CMP_EQ_OQ), (e))
+#define vf_unless_masked(m, e) _mm256_blendv_ps(vf_set1(-INFINITY), (e), _mm256_cmp_ps((m), vf_set1(-INFINITY), \
+                                                                                     _CMP_NEQ_UQ))
+static inline float vf_hmax(__m256 x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
 #endif
 
 #ifdef VF_W
@@ -833,6 +844,27 @@ static void exp_chunk(float *s, int64_t nc, float mx) {
     for (; c < nc; c++) s[c] = s[c] == -INFINITY ? 0.0f : expf(s[c] - mx);
 }
 
+/* s[c] = s[c] * scale + m[c] (two roundings, as the scalar tail: vector and scalar cells agree bit for bit),
+ * or -inf where m[c] is (masked); returns the largest (-inf if all are masked) */
+static inline float scale_mask_max(float *s, const float *m, int64_t nc, float scale) {
+    int64_t c = 0;
+    float mx = -INFINITY;
+#ifdef VF_W
+    vf vmx = vf_set1(-INFINITY);
+    for (; c + VF_W <= nc; c += VF_W) {
+        const vf mc = vf_load(m + c), x = vf_unless_masked(mc, vf_add(vf_mul(vf_load(s + c), vf_set1(scale)), mc));
+        vf_store(s + c, x);
+        vmx = vf_max(x, vmx);              /* a NaN score is passed over, as the comparison below does */
+    }
+    mx = vf_hmax(vmx);
+#endif
+    for (; c < nc; c++) {
+        s[c] = m[c] == -INFINITY ? -INFINITY : s[c] * scale + m[c];
+        mx = s[c] > mx ? s[c] : mx;
+    }
+    return mx;
+}
+
 /* Ask for n rows of row_bytes, stride bytes apart, to be brought into cache (no-op where not available). */
 static inline void prefetch_rows(const char *p, int64_t stride, int64_t n, int64_t row_bytes) {
 #if KVG_AVX2
@@ -873,13 +905,13 @@ static inline vf pv_load(const void *v, int64_t i, const int H) {    /* VF_W ele
 }
 #endif
 
-/* acc[e] += p[c] v[c][e] over the chunk's cells in order (cells with p[c] == 0 skipped), e < dv; v[c][e] at
+/* acc[e] += p[c] v[c][e] over the chunk's cells in order (cells with p[c] == 0 skipped), e0 <= e < dv; v[c][e] at
  * v + c * vs0 + e * vs2 elements (float16 when H). Four vector registers of acc at a time stay in registers
  * across all the cells. */
 static inline __attribute__((always_inline)) void chunk_pv(float *acc, const float *p, int64_t nc, const void *v,
-                                                           int64_t vs0, int64_t dv, int64_t vs2, const int H) {
+                                                           int64_t vs0, int64_t dv, int64_t vs2, int64_t e0,
+                                                           const int H) {
     const int64_t es = H ? 2 : 4;
-    int64_t e0 = 0;
 #ifdef VF_W
     if (vs2 == 1) {
         for (; e0 + 4 * VF_W <= dv; e0 += 4 * VF_W) {
@@ -907,6 +939,92 @@ static inline __attribute__((always_inline)) void chunk_pv(float *acc, const flo
     }
 }
 
+/* Queries of one work item that go through a chunk together (the GQA heads of a token, or the tokens of a
+ * prompt block): the chunk's transposed K and its V rows are loaded once for all of them. Each query's sums
+ * run in the same order as alone, so the results do not depend on the grouping. */
+#if KVG_AVX512
+#define QG 4
+#elif KVG_AVX2
+#define QG 2
+#else
+#define QG 1
+#endif
+
+static inline __attribute__((always_inline)) void chunk_scores_multi(float sc[][KC], const float *const *qv, int ng,
+                                                                     const float *kt, int64_t d) {
+#if KVG_AVX512
+    __m512 a[QG][4];
+    const float *qq[QG];
+    for (int g = 0; g < QG; g++) {
+        qq[g] = qv[g < ng ? g : 0];
+        for (int i = 0; i < 4; i++) a[g][i] = _mm512_setzero_ps();
+    }
+    for (int64_t e = 0; e < d; e++) {
+        __m512 k[4];
+        for (int i = 0; i < 4; i++) k[i] = _mm512_loadu_ps(kt + e * KC + 16 * i);
+        for (int g = 0; g < QG; g++) {
+            const __m512 qe = _mm512_set1_ps(qq[g][e]);
+            for (int i = 0; i < 4; i++) a[g][i] = _mm512_fmadd_ps(qe, k[i], a[g][i]);
+        }
+    }
+    for (int g = 0; g < ng; g++)
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(sc[g] + 16 * i, a[g][i]);
+#else
+    for (int g = 0; g < ng; g++) chunk_scores(sc[g], qv[g], kt, d);
+#endif
+}
+
+/* chunk_pv for ng queries at once (acc[g] += p[g][c] v[c] over the cells in order; a query's cell with
+ * p == 0 skipped, as alone): the vector slices of V are loaded once, the rest goes query by query. */
+static inline __attribute__((always_inline)) void chunk_pv_multi(float *const *acc, const float *const *p, int ng,
+                                                                 int64_t nc, const void *v, int64_t vs0, int64_t dv,
+                                                                 int64_t vs2, const int H) {
+    int64_t e0 = 0;
+#ifdef VF_W
+    const int64_t es = H ? 2 : 4;
+    if (vs2 == 1 && ng > 1) {
+        for (; e0 + 4 * VF_W <= dv; e0 += 4 * VF_W) {
+            vf r[QG][4];
+            for (int g = 0; g < ng; g++)
+                for (int i = 0; i < 4; i++) r[g][i] = vf_load(acc[g] + e0 + VF_W * i);
+            for (int64_t c = 0; c < nc; c++) {
+                const char *vc = (const char *)v + es * c * vs0;
+                vf x[4];
+                for (int i = 0; i < 4; i++) x[i] = pv_load(vc, e0 + VF_W * i, H);
+                for (int g = 0; g < ng; g++) {
+                    if (p[g][c] == 0.0f) continue;
+                    for (int i = 0; i < 4; i++) r[g][i] = vf_fmadd(vf_set1(p[g][c]), x[i], r[g][i]);
+                }
+            }
+            for (int g = 0; g < ng; g++)
+                for (int i = 0; i < 4; i++) vf_store(acc[g] + e0 + VF_W * i, r[g][i]);
+        }
+    }
+#endif
+    for (int g = 0; g < ng; g++) chunk_pv(acc[g], p[g], nc, v, vs0, dv, vs2, e0, H);
+}
+
+/* The calling thread's scratch, grown as needed and kept: attention's partial results are ~0.3-8 MB, and a
+ * fresh allocation per call is a fresh mapping whose pages fault in and are zeroed every decode step. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+typedef struct { size_t n; float f[]; } scratch_t;
+
+static void scratch_key_init(void) { pthread_key_create(&scratch_key, free); }
+
+static float *scratch_floats(size_t n) {
+    pthread_once(&scratch_once, scratch_key_init);
+    scratch_t *s = pthread_getspecific(scratch_key);
+    if (s == NULL || s->n < n) {
+        free(s);
+        s = malloc(sizeof(scratch_t) + n * sizeof(float));
+        if (s == NULL) return NULL;
+        s->n = n;
+        pthread_setspecific(scratch_key, s);
+    }
+    return s->f;
+}
+
 static inline __attribute__((always_inline)) void attention(const int64_t *a, const int H) {
     const float *q = (const float *)a[0];
     const void *k = (const void *)a[6], *v = (const void *)a[11];
@@ -922,7 +1040,7 @@ static inline __attribute__((always_inline)) void attention(const int64_t *a, co
     const int64_t part_floats = nq_max * (dv + 2);             /* acc, max, sum of one (item, segment) */
     int64_t wave = (int64_t)(PART_BYTES / sizeof(float)) / (part_floats * n_sg);
     wave = wave < 1 ? 1 : wave > items ? items : wave;
-    float *part = malloc(sizeof(float) * (size_t)(wave * n_sg * part_floats));
+    float *part = scratch_floats((size_t)(wave * n_sg * part_floats));
     for (int64_t w0 = 0; w0 < items; w0 += wave) {
         const int64_t nw = items - w0 < wave ? items - w0 : wave;
 #pragma omp parallel if (nw * n_sg > 1)
@@ -950,27 +1068,34 @@ static inline __attribute__((always_inline)) void attention(const int64_t *a, co
                         prefetch_rows((const char *)v + es * ((c0 + KC) * vs0 + j * vs1), es * vs0, nn, es * dv);
                     }
                     transpose_chunk(kt, (const char *)k + es * (c0 * ks0 + j * ks1), ks0, nc, d, H);
-                    for (int64_t qi = 0; qi < nq; qi++) {
-                        const int64_t t = t0 + qi / group, h = j * group + qi % group;
-                        const float *qv = q + t * qs0 + h * qs1, *mrow = mask + t * ms0 + c0;
-                        float sc[KC];
-                        chunk_scores(sc, qv, kt, d);
-                        float cmx = -INFINITY;
-                        for (int64_t c = 0; c < nc; c++) {
-                            sc[c] = mrow[c] == -INFINITY ? -INFINITY : sc[c] * scale + mrow[c];
-                            cmx = sc[c] > cmx ? sc[c] : cmx;
+                    for (int64_t qg = 0; qg < nq; qg += QG) {
+                        const int ng = nq - qg < QG ? (int)(nq - qg) : QG;
+                        float sc[QG][KC], *live_acc[QG];
+                        const float *qv[QG], *live_p[QG];
+                        int nl = 0;
+                        for (int g = 0; g < ng; g++) {
+                            const int64_t qi = qg + g, t = t0 + qi / group, h = j * group + qi % group;
+                            qv[g] = q + t * qs0 + h * qs1;
                         }
-                        if (cmx == -INFINITY) continue;
-                        float *acq = acc + qi * dv;
-                        if (cmx > mx[qi]) {                   /* rescale what is summed so far to the new maximum */
-                            const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
-                            sum[qi] *= r;
-                            for (int64_t e = 0; e < dv; e++) acq[e] *= r;
-                            mx[qi] = cmx;
+                        chunk_scores_multi(sc, qv, ng, kt, d);
+                        for (int g = 0; g < ng; g++) {
+                            const int64_t qi = qg + g, t = t0 + qi / group;
+                            const float cmx = scale_mask_max(sc[g], mask + t * ms0 + c0, nc, scale);
+                            if (cmx == -INFINITY) continue;
+                            float *acq = acc + qi * dv;
+                            if (cmx > mx[qi]) {               /* rescale what is summed so far to the new maximum */
+                                const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
+                                sum[qi] *= r;
+                                for (int64_t e = 0; e < dv; e++) acq[e] *= r;
+                                mx[qi] = cmx;
+                            }
+                            exp_chunk(sc[g], nc, mx[qi]);
+                            for (int64_t c = 0; c < nc; c++) sum[qi] += sc[g][c];
+                            live_acc[nl] = acq;
+                            live_p[nl++] = sc[g];
                         }
-                        exp_chunk(sc, nc, mx[qi]);
-                        for (int64_t c = 0; c < nc; c++) sum[qi] += sc[c];
-                        chunk_pv(acq, sc, nc, (const char *)v + es * (c0 * vs0 + j * vs1), vs0, dv, vs2, H);
+                        chunk_pv_multi(live_acc, live_p, nl, nc, (const char *)v + es * (c0 * vs0 + j * vs1), vs0, dv,
+                                       vs2, H);
                     }
                 }
             }
@@ -1005,7 +1130,6 @@ static inline __attribute__((always_inline)) void attention(const int64_t *a, co
             free(kt);
         }
     }
-    free(part);
 }
 
 /* a[22]: K and V are float16 */
