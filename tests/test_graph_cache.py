@@ -165,3 +165,35 @@ def test_stats_time_split_is_recorded(loaded):
     for field in ("build_ms", "plan_ms", "compile_ms", "set_inputs_ms", "compute_ms"):
         assert d[field] > 0
     assert "2 hits, 2 misses (new key: 2)" in ctx.stats.summary()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "native"])
+def test_a_contexts_programs_share_one_compute_buffer_without_changing_a_bit(tiny_llama, backend, monkeypatch):
+    """Programs of one context run one at a time, so they compute in one buffer (the largest graph's, not the
+    sum over the cached graphs); graphs of growing size interleaved with cached smaller ones give exactly
+    what programs with buffers of their own give."""
+    from kvgraph.backends import native
+
+    if backend == "native" and native.library() is None:
+        pytest.skip(native.why_not())
+    loaded = load_model(tiny_llama[0], get_backend(backend))
+
+    def run(ctx: Context) -> np.ndarray:
+        out = []
+        for prompt in ([7, 8], list(range(10, 50)), [7, 8], list(range(60, 130)), [9]):
+            ctx.clear()
+            ids, logits = greedy_run(ctx, 3, prompt)
+            out.append(logits)
+        return np.concatenate(out)
+
+    shared_ctx = Context(loaded, n_ctx=128)
+    shared = run(shared_ctx)
+    entries = list(shared_ctx.cache.entries.values())
+    plans = sum(e.plan.arena_size for e in entries)
+    buffers = {id(o.base if o.base is not None else o): o for e in entries for o in e.program.outputs.values()}
+    assert len(entries) >= 4 and len(buffers) < len(entries)           # programs share buffers
+    assert shared_ctx._arena.size < plans and shared_ctx._arena.size <= 2 * max(e.plan.arena_size for e in entries)
+
+    own_ctx = Context(loaded, n_ctx=128)
+    monkeypatch.setattr(own_ctx, "_arena_for", lambda plan: np.empty(plan.arena_size, np.uint8))
+    np.testing.assert_array_equal(shared, run(own_ctx))

@@ -42,7 +42,8 @@ class Backend(Protocol):
 
     def alloc_state(self, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray: ...
 
-    def compile(self, graph, plan, weights: Mapping[str, Any], states: Mapping[str, np.ndarray]): ...
+    def compile(self, graph, plan, weights: Mapping[str, Any], states: Mapping[str, np.ndarray],
+                arena: np.ndarray | None = None): ...
 
 
 def torch_available() -> bool:

@@ -98,9 +98,14 @@ class Compiler:
     def staged_bytes(self) -> int:
         return 0
 
-    def compile(self):
+    def compile(self, arena: np.ndarray | None = None):
+        """The Program. arena: the uint8 buffer the computed nodes live in (a context's programs share one,
+        as they run one at a time); a new one of the plan's size when None."""
         plan, nodes, bufs = self.plan, self.nodes, self.bufs
-        arena = np.empty(plan.arena_size, np.uint8)
+        if arena is None:
+            arena = np.empty(plan.arena_size, np.uint8)
+        elif arena.dtype != np.uint8 or arena.size < plan.arena_size:
+            raise ValueError(f"compute arena of {arena.size} bytes for a plan of {plan.arena_size}")
         for step, tid in enumerate(plan.order):
             t = nodes[tid]
             if t.op in ("weight", "state"):

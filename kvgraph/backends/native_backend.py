@@ -128,5 +128,5 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
             native.set_threads(self.n_threads)
 
     def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, NativeWeight],
-                states: Mapping[str, np.ndarray]) -> reference.Program:
-        return _Compiler(self, graph, plan, weights, states).compile()
+                states: Mapping[str, np.ndarray], arena: np.ndarray | None = None) -> reference.Program:
+        return _Compiler(self, graph, plan, weights, states).compile(arena)

@@ -51,5 +51,5 @@ class NumpyBackend:
         return np.zeros(shape, dtype)
 
     def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, np.ndarray],
-                states: Mapping[str, np.ndarray]) -> Program:
-        return Compiler(self, graph, plan, weights, states).compile()
+                states: Mapping[str, np.ndarray], arena: np.ndarray | None = None) -> Program:
+        return Compiler(self, graph, plan, weights, states).compile(arena)

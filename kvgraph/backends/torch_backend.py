@@ -685,5 +685,5 @@ class TorchBackend(PackedWeightsBackend):
 
     # ---- compile ----------------------------------------------------------------------------------------
     def compile(self, graph: Graph, plan: Plan, weights: Mapping[str, TorchWeight],
-                states: Mapping[str, np.ndarray]) -> Program:
-        return _Compiler(self, graph, plan, weights, states).compile()
+                states: Mapping[str, np.ndarray], arena: np.ndarray | None = None) -> Program:
+        return _Compiler(self, graph, plan, weights, states).compile(arena)

@@ -65,6 +65,10 @@ class Context:
         # What the K/V buffers really hold (-fa off, or a model's non-flash layout, keeps float32).
         self.cache_type = "f16" if any(b.dtype == np.float16 for b in self.states.values()) else "f32"
         self.peak_arena_bytes = 0   # largest compute buffer any program used
+        # The compute buffer the programs of this context compute in: they run one at a time, so the
+        # context holds about the largest graph's, not the sum over its cached graphs (8 prompt-sized graphs
+        # of a server's context each held their own).
+        self._arena: np.ndarray | None = None
 
     @property
     def stats(self):
@@ -119,7 +123,7 @@ class Context:
         t1 = time.perf_counter()
         plan = plan_graph(g.graph)
         t2 = time.perf_counter()
-        program = self.backend.compile(g.graph, plan, self.loaded.weights, self.states)
+        program = self.backend.compile(g.graph, plan, self.loaded.weights, self.states, self._arena_for(plan))
         release_free_heap()     # building and compiling freed megabytes that would otherwise stay resident
         t3 = time.perf_counter()
         st.build_s += t1 - t0
@@ -128,6 +132,15 @@ class Context:
         # An input the graph never reads (positions in a model without RoPE) was pruned: nothing to fill.
         inputs = [(inp, owner) for inp, owner in io.inputs if inp.name in program.inputs]
         return CacheEntry(key, g.graph, plan, program, inputs)
+
+    def _arena_for(self, plan) -> np.ndarray:
+        """The shared compute buffer, replaced by one at least twice as large where plan needs more. Programs
+        compiled over an old buffer keep it (no rebuild, no extra miss); with doubling, all buffers together
+        stay under twice the largest, and only the pages a run touches are resident."""
+        if self._arena is None or self._arena.size < plan.arena_size:
+            size = plan.arena_size if self._arena is None else max(plan.arena_size, 2 * self._arena.size)
+            self._arena = np.empty(size, np.uint8)
+        return self._arena
 
     def _verify(self, entry: CacheEntry) -> None:
         g = GraphBuilder()
