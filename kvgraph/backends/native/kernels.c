@@ -1149,6 +1149,14 @@ void kvg_add(const int64_t *a) {
     for (int64_t i = 0; i < n; i++) o[i] = x[i] + y[i];
 }
 
+/* A row lookup's row r of out [n, k]: 0 (row zeroed, the id counted as bad; see in_range) when ids[r] is out
+ * of range, else 1 */
+static inline int row_wanted(const int32_t *ids, int64_t r, int64_t n_rows, float *out, int64_t k) {
+    if (in_range(ids[r], n_rows)) return 1;
+    memset(out + r * k, 0, (size_t)k * sizeof(float));
+    return 0;
+}
+
 /* a: raw Q8_0 rows (uint8, row_bytes apart), row_bytes, ids (int32 [n]), n, K, out (float [n, K]), n_rows:
  * the embedding rows of this ubatch's tokens, dequantized exactly as gguf does (float(d) * q). */
 void kvg_get_rows_q8_0(const int64_t *a) {
@@ -1157,10 +1165,7 @@ void kvg_get_rows_q8_0(const int64_t *a) {
     const int32_t *ids = (const int32_t *)a[2];
     float *out = (float *)a[5];
     for (int64_t i = 0; i < n; i++) {
-        if (!in_range(ids[i], n_rows)) {
-            memset(out + i * k, 0, (size_t)k * sizeof(float));
-            continue;
-        }
+        if (!row_wanted(ids, i, n_rows, out, k)) continue;
         const uint8_t *row = raw + (int64_t)ids[i] * rb;
         for (int64_t g = 0; g < k / QK; g++) {
             const uint8_t *blk = row + g * 34;
@@ -1216,10 +1221,7 @@ static inline void tile_rows(const int64_t *a, const int F) {
     const int32_t *ids = (const int32_t *)a[4];
     float *out = (float *)a[6];
     for (int64_t r = 0; r < n; r++) {
-        if (!in_range(ids[r], n_rows)) {
-            memset(out + r * k, 0, (size_t)k * sizeof(float));
-            continue;
-        }
+        if (!row_wanted(ids, r, n_rows, out, k)) continue;
         tile_row(tiles + (ids[r] / TR) * stride, k, ids[r] % TR, out + r * k, F);
     }
 }
