@@ -10,7 +10,6 @@ import pytest
 
 from kvgraph.backends import get_backend, native
 from kvgraph.engine.context import Context
-from kvgraph.engine.heap import release_free_heap
 from kvgraph.engine.loader import load_model
 from kvgraph.graph.inputs import UBatch
 from tiny_models import TinySpec, write_tiny_llama

@@ -350,4 +350,4 @@ def test_a_model_loads_without_its_tokenizer_until_the_tokenizer_is_used(tmp_pat
         load_model(bad, get_backend("numpy"))
     deferred = load_model(bad, get_backend("numpy"), tokenizer=False)
     with pytest.raises(TokenizerError, match="unknown pre-tokenizer"):
-        deferred.tokenizer
+        deferred.load_tokenizer()
