@@ -5,7 +5,6 @@ from typing import Callable
 
 import numpy as np
 
-from ..gguf.reader import release_pages
 from .quant_repack import row_reader
 
 # Tensors whose main use is a row lookup: their matmul form is built only when asked for (tie_output).
@@ -27,10 +26,9 @@ class PackedWeight:
         if info.type_name == "F32" or len(self.shape) != 2:
             self.dense = gguf_file.dequantize(name)    # F32: the memory-mapped data itself, no copy
             if len(self.shape) == 1:
-                # a norm or bias, a few KB: copied, so that no file page (with the neighbours the kernel
-                # maps around a fault) stays resident for it
+                # a norm or bias, a few KB: copied, so that reading it every step maps no file page (with the
+                # neighbours the kernel maps around a fault) back in after the load hands the file's back
                 self.dense = self.dense.copy()
-                release_pages(info.data)
             if len(self.shape) == 2:
                 self.mat = dense_form(self.dense)
         elif name not in LOOKUP_TENSORS:

@@ -183,7 +183,7 @@ class _Parser:
             raise self.fail(f"{what}[{len(starts)}] runs past the end of the file")
         self.pos, first = pos, self.pos
         lazy = _LazyStrings(self.path, what, self.mm[first:pos], np.array(starts, np.int64) - first)
-        return lazy if count >= LAZY_ARRAY_MIN else lazy.load()
+        return lazy if count >= LAZY_ARRAY_MIN else lazy.decode()
 
 
 LAZY_ARRAY_MIN = 4096   # arrays this long (vocabularies, merges, scores) stay in the file until read
@@ -201,8 +201,14 @@ class _LazyStrings:
         return len(self.starts)
 
     def load(self) -> list[str]:
-        region = self.region.tobytes()
+        """The strings, read when the key is; their pages are handed back after (read again, they fault back
+        in), so reading a vocabulary after the model has loaded leaves none of the file resident."""
+        out = self.decode()
         release_pages(self.region)
+        return out
+
+    def decode(self) -> list[str]:
+        region = self.region.tobytes()
         ends = np.empty_like(self.starts)
         ends[:-1] = self.starts[1:] - 8
         ends[-1:] = len(region)
