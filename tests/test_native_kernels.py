@@ -241,6 +241,9 @@ def test_a_scale_whose_offset_is_no_float16_keeps_float32_scales_or_goes_to_q8()
     mat = NativeMat(raw.reshape(16, -1), "Q4_0", (16, 64))
     assert mat.fmt == "q4"
     np.testing.assert_array_equal(mat.dequantize(), gguf.quants.dequantize(raw.reshape(16, -1), Q.Q4_0).reshape(16, 64))
+    rows = np.empty((16, 64), np.float32)                                    # and rows read back out of them
+    mat.rows_kernel(np.arange(16, dtype=np.int32), rows)()
+    np.testing.assert_array_equal(rows, mat.dequantize())
     raw5 = gguf_matrix("Q5_0", 16, 64).reshape(16, 2, 22)
     raw5[0, 0, :2] = np.frombuffer(np.float16(8000).tobytes(), np.uint8)      # -16 d: no float16 either
     assert NativeMat(raw5.reshape(16, -1), "Q5_0", (16, 64)).fmt == "q8"    # re-quantized instead

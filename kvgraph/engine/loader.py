@@ -34,7 +34,7 @@ class LoadedModel:
     @property
     def tokenizer(self):
         """The file's tokenizer, built on first use (a benchmark, which feeds token ids, never pays for it)."""
-        return self._tokenizer or self.load_tokenizer()
+        return self._tokenizer if self._tokenizer is not None else self.load_tokenizer()
 
     def load_tokenizer(self):
         with self._tokenizer_lock:

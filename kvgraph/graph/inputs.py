@@ -70,7 +70,6 @@ class GraphInput:
         raise NotImplementedError
 
 
-
 class TokenInput(GraphInput):
     def __init__(self, g: GraphBuilder, n_tokens: int):
         self.tensor = g.input("inp_tokens", (n_tokens,), I32)

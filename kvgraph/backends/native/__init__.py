@@ -292,7 +292,8 @@ def f16_exact(x: np.ndarray) -> bool:
 
 TR = 16                                   # weight rows per tile
 # format -> (bytes per group record, bytes of a super-block header: K-quants keep 8 records per super-block
-# after a header of its float16 scales); the record layouts are kernels.c's
+# after a header of its float16 scales); the record layouts are kernels.c's, in its F_* order (kvg_tile_rows
+# takes a format's index here)
 FORMATS = {"q4h": (320, 0), "q4": (384, 0), "q5h": (384, 0), "q8": (544, 0), "q4k": (288, 64), "q5k": (352, 64),
            "q6k": (416, 32)}
 

@@ -153,7 +153,7 @@ class NativeMat:
         f.tiles = np.concatenate([m.tiles for m in mats])
         t0 = 0
         for m in mats:
-            m.tiles = f.tiles[t0: t0 + m.tiles.shape[0]]
+            m.tiles, m.block = f.tiles[t0: t0 + m.tiles.shape[0]], None
             t0 += m.tiles.shape[0]
         return f
 
