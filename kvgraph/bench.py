@@ -7,6 +7,7 @@ Each (model, backend, threads, flash-attn, graph-cache, test, depth) combination
 from __future__ import annotations
 
 import os
+import random
 import resource
 import statistics
 import time
@@ -105,8 +106,9 @@ def physical_cores() -> int:
 
 def _tokens(n: int, vocab: int, seed: int) -> list[int]:
     # Ordinary tokens (skip the first ids, usually control tokens), reproducible per test.
-    rng = np.random.default_rng(seed)
-    return [int(t) for t in rng.integers(min(100, vocab - 1), vocab, n)]
+    # (random, not numpy.random: importing that maps ~6 MB of extension modules into the measured process)
+    rng = random.Random(seed)
+    return [rng.randrange(min(100, vocab - 1), vocab) for _ in range(n)]
 
 
 def _fill_depth(ctx: Context, depth: int, vocab: int) -> None:

