@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, KvgraphError
@@ -116,9 +117,41 @@ def _llama_bench(binary: str, model_path: str, test, reps: int, threads: int, fl
     return None
 
 
-def cmd_bench(args) -> int:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+class _Status:
+    """The bench's progress line on stderr (what runs, steps done / total, seconds so far), redrawn in place
+    on a terminal and silent otherwise. Not rich's live display: the bench reports its own process's peak
+    memory, which rich's modules and refresh thread would raise by ~3.5 MB in every row."""
 
+    def __init__(self, total: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.done, self.what = total, 0, "bench"
+        self.live = self.stream.isatty()
+        self.t0 = time.monotonic()
+
+    def __enter__(self) -> _Status:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def update(self, what: str) -> None:
+        self.what = what
+        self._draw()
+
+    def advance(self) -> None:
+        self.done += 1
+        self._draw()
+
+    def _draw(self) -> None:
+        if self.live:
+            line = f"{self.what}  {self.done}/{self.total}  {time.monotonic() - self.t0:.0f} s"
+            self.stream.write("\r\x1b[K" + line[:shutil.get_terminal_size().columns - 1])
+            self.stream.flush()
+
+
+def cmd_bench(args) -> int:
     from ..api import LLM
     import gc as gc_module
 
@@ -154,9 +187,7 @@ def cmd_bench(args) -> int:
     rows: list[BenchRow] = []
     total = (len(models) * len(backends) * len(threads) * len(fas) * len(caches) * len(tests) * (args.repetitions + 1)
              * max(1, len(parallel)))
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=_err_console(), transient=True) as progress:
-        task = progress.add_task("bench", total=total)
+    with _Status(total) as progress:
         for model in models:
             path = resolve_model(model, progress=True)
             for backend in backends:
@@ -174,7 +205,7 @@ def cmd_bench(args) -> int:
                             kv_type = llm.ctx.cache_type
                             meta = llm.loaded.file.metadata
                             for test in tests:
-                                progress.update(task, description=f"{Path(path).name} {llm.loaded.backend.name} "
+                                progress.update(f"{Path(path).name} {llm.loaded.backend.name} "
                                                 f"t={n_threads} fa={'on' if fa_used else 'off'} "
                                                 f"cache={'on' if gc else 'off'} {test.name}")
                                 row = BenchRow(
@@ -187,14 +218,14 @@ def cmd_bench(args) -> int:
                                     n_depth=test.n_depth, test=test.name,
                                     weights_mb=llm.loaded.backend.weights_nbytes(llm.loaded.weights) / 1e6)
                                 if parallel:
-                                    rows.extend(_parallel_rows(llm, row, test, parallel, args, gc, fa_used, progress, task))
+                                    rows.extend(_parallel_rows(llm, row, test, parallel, args, gc, fa_used, progress))
                                     continue
                                 with llm.loaded.backend.threads(n_threads):
                                     measure(llm.ctx, test, args.repetitions, llm.loaded.config.n_vocab, row,
-                                            on_rep=lambda: progress.advance(task))
-                                progress.advance(task)
+                                            on_rep=lambda: progress.advance())
+                                progress.advance()
                                 if compare:
-                                    progress.update(task, description=f"llama-bench {test.name}")
+                                    progress.update(f"llama-bench {test.name}")
                                     runs = [(ts, b) for b in compare
                                             if (ts := _llama_bench(b, str(path), test, args.repetitions, n_threads,
                                                                    fa_used, kv_type, err)) is not None]
@@ -210,7 +241,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _parallel_rows(llm, template, test, parallel, args, gc, fa, progress, task):
+def _parallel_rows(llm, template, test, parallel, args, gc, fa, progress):
     from dataclasses import replace
 
     from ..bench import measure_parallel
@@ -218,19 +249,13 @@ def _parallel_rows(llm, template, test, parallel, args, gc, fa, progress, task):
     out = []
     for n_par in parallel:
         row = replace(template, n_parallel=n_par, test=f"tg{test.n_gen} x{n_par}", samples_ns=[], samples_ts=[])
-        progress.update(task, description=f"{row.model_type} {row.backend} cache={'on' if gc else 'off'} {row.test}")
+        progress.update(f"{row.model_type} {row.backend} cache={'on' if gc else 'off'} {row.test}")
         with llm.loaded.backend.threads(row.n_threads):
             measure_parallel(llm.loaded, n_par, test.n_gen, args.repetitions, row, gc, fa, llm.ctx.cache_type,
-                             on_rep=lambda: progress.advance(task))
-        progress.advance(task)
+                             on_rep=lambda: progress.advance())
+        progress.advance()
         out.append(row)
     return out
-
-
-def _err_console():
-    from rich.console import Console
-
-    return Console(stderr=True)
 
 
 def render(rows, fmt: str) -> str:
