@@ -197,3 +197,24 @@ def test_a_contexts_programs_share_one_compute_buffer_without_changing_a_bit(tin
     own_ctx = Context(loaded, n_ctx=128)
     monkeypatch.setattr(own_ctx, "_arena_for", lambda plan: np.empty(plan.arena_size, np.uint8))
     np.testing.assert_array_equal(shared, run(own_ctx))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "native", "torch"])
+def test_in_place_buffers_change_no_logit(tiny_llama, backend, monkeypatch):
+    """The planner's in-place reuse (a SwiGLU over its gate, a residual add over its sum) next to the
+    compilers' fusions (norm x weight, stacked q/k/v and gate/up) gives the logits of separate buffers."""
+    from functools import partial
+
+    from kvgraph.backends import native, torch_available
+
+    if backend == "native" and native.library() is None:
+        pytest.skip(native.why_not())
+    if backend == "torch" and not torch_available():
+        pytest.skip("torch is not installed")
+    loaded = load_model(tiny_llama[0], get_backend(backend))
+    prompts = ([7, 8], list(range(10, 50)))
+    inplace = [greedy_run(Context(loaded, n_ctx=96), 4, p)[1] for p in prompts]
+    monkeypatch.setattr(context_mod, "plan_graph", partial(context_mod.plan_graph, inplace=False))
+    separate = [greedy_run(Context(loaded, n_ctx=96), 4, p)[1] for p in prompts]
+    for a, b in zip(inplace, separate):
+        np.testing.assert_array_equal(a, b)

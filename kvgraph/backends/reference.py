@@ -127,18 +127,20 @@ def _k_softcap(t, out, x):
     return run
 
 
-def _k_swiglu(t, out, gate, up):
+def _gated(act, out, gate, up):
     def run():
-        _silu_into(gate, out)
-        np.multiply(out, up, out=out)
+        a = np.empty_like(out)      # not out: the plan may give out the gate's or the up's buffer (in place)
+        act(gate, a)
+        np.multiply(a, up, out=out)
     return run
+
+
+def _k_swiglu(t, out, gate, up):
+    return _gated(_silu_into, out, gate, up)
 
 
 def _k_geglu(t, out, gate, up):
-    def run():
-        _gelu_into(gate, out)
-        np.multiply(out, up, out=out)
-    return run
+    return _gated(_gelu_into, out, gate, up)
 
 
 def _softmax_inplace(s: np.ndarray, m: np.ndarray) -> None:

@@ -2,9 +2,11 @@
 
 Every computed (non-view, non-leaf) tensor gets a byte range in one arena. A range is reused as soon as
 the last reader of the tensor (or of any view of it) has run, so the arena is far smaller than the sum of
-all intermediates. A node's output is allocated before its inputs are released: an op never writes over
-its own sources. Graph outputs stay alive to the end. The plan is part of a graph-cache entry, so a cache
-hit does no planning and no allocation.
+all intermediates. A node's output is allocated before its inputs are released, so an op never writes over
+its own sources - except an elementwise op (INPLACE_OPS) whose source of its own shape dies at it: the
+output takes that source's range (ggml's in-place reuse; a SwiGLU writes over its gate, a residual add over
+its sum). Graph outputs stay alive to the end. The plan is part of a graph-cache entry, so a cache hit does
+no planning and no allocation.
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from ..graph.ir import VIEW_OPS, Graph, Tensor
 
 ALIGN = 64
 DTYPE_BYTES = {"f32": 4, "i32": 4}
+# Ops whose every backend kernel reads element i of each source before writing element i of the output (or
+# computes into a temporary first), so the output may be the very buffer of a dead source of the same shape.
+# tests/test_planner.py runs each backend on in-place and separate buffers and requires identical results.
+INPLACE_OPS = frozenset({"add", "mul", "scale", "swiglu", "geglu"})
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,21 @@ def group_sibling_matmuls(nodes: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def plan_graph(graph: Graph) -> Plan:
+def _donor(t: Tensor, step: int, last_use: dict[int, int], offsets: dict[int, int]) -> Tensor | None:
+    """The source whose range elementwise op t may write over at `step`: read directly (no view), of t's
+    shape and dtype, last read here, and the only source living in that range."""
+    if t.op not in INPLACE_OPS:
+        return None
+    bases = [base_of(s).id for s in t.srcs]
+    for s in t.srcs:
+        if (s.op not in VIEW_OPS and s.id in offsets and last_use.get(s.id) == step and s.shape == t.shape
+                and s.dtype == t.dtype and bases.count(s.id) == 1):
+            return s
+    return None
+
+
+def plan_graph(graph: Graph, inplace: bool = True) -> Plan:
+    """The plan of graph; inplace=False gives every computed tensor its own range (tests compare both)."""
     nodes = group_sibling_matmuls(live_nodes(graph))
     step = {t.id: i for i, t in enumerate(nodes)}
     owners = [t for t in nodes if not t.is_leaf and t.op not in VIEW_OPS]
@@ -145,11 +165,18 @@ def plan_graph(graph: Graph) -> Plan:
     alloc = _FreeList()
     offsets: dict[int, int] = {}
     nbytes: dict[int, int] = {}
+    handed_on: set[int] = set()        # tensors whose range a later in-place op took over (it frees it)
     for i, t in enumerate(nodes):
         if t.id in last_use:
             nbytes[t.id] = t.n_elements * DTYPE_BYTES[t.dtype]
-            offsets[t.id] = alloc.alloc(nbytes[t.id])
+            donor = _donor(t, i, last_use, offsets) if inplace else None
+            if donor is not None:
+                offsets[t.id] = offsets[donor.id]
+                handed_on.add(donor.id)
+            else:
+                offsets[t.id] = alloc.alloc(nbytes[t.id])
         for dead in releases.get(i, ()):
-            alloc.release(offsets[dead.id], nbytes[dead.id])
+            if dead.id not in handed_on:
+                alloc.release(offsets[dead.id], nbytes[dead.id])
     lifetimes = {tid: (step[tid], last_use[tid]) for tid in offsets}
     return Plan(tuple(t.id for t in nodes), offsets, nbytes, lifetimes, alloc.end)
