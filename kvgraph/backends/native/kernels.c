@@ -789,7 +789,7 @@ void kvg_set_rows(const int64_t *a) {
 #define QB 16
 #define KC 64
 #define SEG 256                 /* cells per segment (a multiple of KC) */
-#define PART_BYTES (8 << 20)    /* partial results of one wave of work items, at most */
+#define PART_BYTES (1 << 20)    /* partial results of one wave of work items, at most (resident for good) */
 
 /* element i of a K / V buffer of floats or, H, float16 */
 static inline float ld_kv(const void *p, int64_t i, const int H) {
@@ -1004,8 +1004,9 @@ static inline __attribute__((always_inline)) void chunk_pv_multi(float *const *a
     for (int g = 0; g < ng; g++) chunk_pv(acc[g], p[g], nc, v, vs0, dv, vs2, e0, H);
 }
 
-/* The calling thread's scratch, grown as needed and kept: attention's partial results are ~0.3-8 MB, and a
- * fresh allocation per call is a fresh mapping whose pages fault in and are zeroed every decode step. */
+/* The calling thread's scratch, grown as needed and kept: attention's partial results (a wave's, at most
+ * PART_BYTES unless one work item's segments need more); a fresh allocation per call is a fresh mapping
+ * whose pages fault in and are zeroed every decode step. */
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 typedef struct { size_t n; float f[]; } scratch_t;
