@@ -166,23 +166,22 @@ class _Parser:
     def strings(self, count: int, what: str) -> list[str] | _LazyStrings:
         """`count` strings; a long array (a vocabulary) is only walked here and decoded when it is read."""
         buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
-        starts: list[int] = []
-        append = starts.append
+        done = 0
         try:
-            for i in range(count):
+            for done in range(count):
                 (n,) = unpack(buf, pos)
-                pos += 8
-                if n > size - pos:
+                if n > size - pos - 8:
                     break
-                append(pos)
-                pos += n
+                pos += 8 + n
+            else:
+                done = count
         except struct.error:
             pass
-        if len(starts) != count:
+        if done != count:
             self.pos = pos
-            raise self.fail(f"{what}[{len(starts)}] runs past the end of the file")
+            raise self.fail(f"{what}[{done}] runs past the end of the file")
         self.pos, first = pos, self.pos
-        lazy = _LazyStrings(self.path, what, self.mm[first:pos], np.array(starts, np.int64) - first)
+        lazy = _LazyStrings(self.path, what, self.mm[first:pos], count)
         return lazy if count >= LAZY_ARRAY_MIN else lazy.decode()
 
 
@@ -190,15 +189,15 @@ LAZY_ARRAY_MIN = 4096   # arrays this long (vocabularies, merges, scores) stay i
 
 
 class _LazyStrings:
-    """A long string array: where each string lies in the file, decoded only when the metadata key is read
-    (and not kept: Gemma3's 262k tokens are ~40 MB of Python strings, and only the tokenizer build needs
-    them)."""
+    """A long string array: its place in the file, walked at open and decoded only when the metadata key is
+    read (and not kept: Gemma3's 262k tokens are ~40 MB of Python strings, and only the tokenizer build
+    needs them)."""
 
-    def __init__(self, path: Path, what: str, region: np.ndarray, starts: np.ndarray):
-        self.path, self.what, self.region, self.starts = path, what, region, starts
+    def __init__(self, path: Path, what: str, region: np.ndarray, count: int):
+        self.path, self.what, self.region, self.count = path, what, region, count
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return self.count
 
     def load(self) -> list[str]:
         """The strings, read when the key is; their pages are handed back after (read again, they fault back
@@ -208,16 +207,17 @@ class _LazyStrings:
         return out
 
     def decode(self) -> list[str]:
-        region = self.region.tobytes()
-        ends = np.empty_like(self.starts)
-        ends[:-1] = self.starts[1:] - 8
-        ends[-1:] = len(region)
-        try:
-            return [region[a:b].decode() for a, b in zip(self.starts.tolist(), ends.tolist())]
-        except UnicodeDecodeError:
-            bad = next(i for i, (a, b) in enumerate(zip(self.starts.tolist(), ends.tolist()))
-                       if not _utf8(region[a:b]))
-            raise _corrupt(self.path, f"{self.what}[{bad}] is not valid UTF-8") from None
+        region, unpack, out, pos = self.region.tobytes(), _U64.unpack_from, [], 0
+        append = out.append
+        for i in range(self.count):       # the lengths were checked against the region when it was walked
+            (n,) = unpack(region, pos)
+            pos += 8
+            try:
+                append(region[pos:pos + n].decode())
+            except UnicodeDecodeError:
+                raise _corrupt(self.path, f"{self.what}[{i}] is not valid UTF-8") from None
+            pos += n
+        return out
 
 
 class _LazyNumbers:
@@ -235,14 +235,6 @@ class _LazyNumbers:
 
 def _loaded(value: Any) -> Any:
     return value.load() if isinstance(value, (_LazyStrings, _LazyNumbers)) else value
-
-
-def _utf8(b: bytes) -> bool:
-    try:
-        b.decode()
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 class Metadata(Mapping[str, Any]):
