@@ -20,6 +20,20 @@ def test_every_fixture_is_here():
                               "falcon-mamba"}
 
 
+def test_each_architecture_name_resolves_to_its_model_and_only_a_load_imports_it():
+    import subprocess
+    import sys
+
+    from kvgraph.models import ARCHITECTURES, architecture
+
+    for arch in ARCHITECTURES:
+        assert architecture(arch).arch == arch
+    code = ("import sys, kvgraph.api, kvgraph.engine.loader; "
+            "print(sorted(m for m in sys.modules if m.startswith('kvgraph.models.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['kvgraph.models.base']"
+
+
 def rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / (ref.max() - ref.min()))
 

@@ -15,7 +15,7 @@ from ..errors import GGUFError, UnsupportedModelError
 from ..gguf.config import MetadataView, ModelConfig, read_config
 from ..gguf.reader import GGUFFile
 from ..gguf.types import dequantize
-from ..models import ARCHITECTURES, Model
+from ..models import ARCHITECTURES, Model, architecture
 from .heap import release_free_heap
 
 
@@ -54,7 +54,7 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
             f"{gf.path}: architecture {arch!r} is not supported; kvgraph runs: "
             f"{', '.join(sorted(ARCHITECTURES))}.")
     cfg = read_config(gf.metadata, arch, str(gf.path))
-    cls = ARCHITECTURES[arch]
+    cls = architecture(arch)
     cfg = dataclasses.replace(cfg, extra=cls.read_extra(MetadataView(gf.metadata, arch, str(gf.path))))
     cfg = dataclasses.replace(cfg, extra=cfg.extra | cls.read_layout(cfg, frozenset(gf.tensors)))
     model = cls(cfg)

@@ -1,38 +1,33 @@
-"""Architectures kvgraph can run, by GGUF `general.architecture`."""
+"""Architectures kvgraph can run, by GGUF `general.architecture`. A module is imported when a file of its
+architecture loads, so a process holds the code of the models it runs only."""
 from __future__ import annotations
 
-from .base import BuildIO, Model
-from .falcon_h1 import FalconH1Model
-from .gemma2 import Gemma2Model
-from .gemma3 import Gemma3Model
-from .granite_hybrid import GraniteHybridModel
-from .hybrid import HybridModel
-from .jamba import JambaModel
-from .lfm2 import Lfm2Model
-from .llama import LlamaModel
-from .mamba import MambaModel
-from .mamba2 import Mamba2Model
-from .phi3 import Phi3Model
-from .qwen2 import Qwen2Model
-from .qwen3 import Qwen3Model
+import importlib
 
-ARCHITECTURES: dict[str, type[Model]] = {
-    LlamaModel.arch: LlamaModel,
-    HybridModel.arch: HybridModel,
-    Gemma3Model.arch: Gemma3Model,
-    Qwen2Model.arch: Qwen2Model,
-    Qwen3Model.arch: Qwen3Model,
-    Phi3Model.arch: Phi3Model,
-    Gemma2Model.arch: Gemma2Model,
-    MambaModel.arch: MambaModel,
-    Mamba2Model.arch: Mamba2Model,
-    JambaModel.arch: JambaModel,
-    FalconH1Model.arch: FalconH1Model,
-    GraniteHybridModel.arch: GraniteHybridModel,
-    Lfm2Model.arch: Lfm2Model,
+from .base import BuildIO, Model
+
+# general.architecture -> (module in this package, class)
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "llama": ("llama", "LlamaModel"),
+    "kvgraph-hybrid": ("hybrid", "HybridModel"),
+    "gemma3": ("gemma3", "Gemma3Model"),
+    "qwen2": ("qwen2", "Qwen2Model"),
+    "qwen3": ("qwen3", "Qwen3Model"),
+    "phi3": ("phi3", "Phi3Model"),
+    "gemma2": ("gemma2", "Gemma2Model"),
+    "mamba": ("mamba", "MambaModel"),
+    "mamba2": ("mamba2", "Mamba2Model"),
+    "jamba": ("jamba", "JambaModel"),
+    "falcon-h1": ("falcon_h1", "FalconH1Model"),
+    "granitehybrid": ("granite_hybrid", "GraniteHybridModel"),
+    "lfm2": ("lfm2", "Lfm2Model"),
 }
 
-__all__ = ["ARCHITECTURES", "BuildIO", "Model", "LlamaModel", "HybridModel", "Gemma3Model", "Qwen2Model",
-           "Qwen3Model", "Phi3Model", "Gemma2Model",
-           "MambaModel", "Mamba2Model", "JambaModel", "FalconH1Model", "GraniteHybridModel",
-           "Lfm2Model"]
+
+def architecture(arch: str) -> type[Model]:
+    """The Model class of `arch` (a key of ARCHITECTURES)."""
+    module, name = ARCHITECTURES[arch]
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+__all__ = ["ARCHITECTURES", "BuildIO", "Model", "architecture"]
