@@ -180,7 +180,7 @@ def test_a_contexts_programs_share_one_compute_buffer_without_changing_a_bit(tin
 
     def run(ctx: Context) -> np.ndarray:
         out = []
-        for prompt in ([7, 8], list(range(10, 50)), [7, 8], list(range(60, 130)), [9]):
+        for prompt in ([7, 8], list(range(10, 50)), [7, 8], list(range(60, 130)), [9], list(range(20, 25))):
             ctx.clear()
             ids, logits = greedy_run(ctx, 3, prompt)
             out.append(logits)

@@ -465,3 +465,63 @@ def test_row_broadcast_multiply_and_scale(variant):
     np.testing.assert_array_equal(out, x * w)
     np.testing.assert_array_equal(scaled, x * np.float32(0.5))
     assert native_ops.mul_rows(x, w[:4], out) is None          # not one row of x: numpy's kernel instead
+
+
+@pytest.mark.parametrize("type_name", EXACT)
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+def test_glu_matmul_gives_the_bits_of_two_matmuls_then_the_activation(type_name, kind, variant):
+    """A gated FFN's first half over the stacked gate/up tiles, the products kept in registers: the same
+    sums and the same activation as the separate kernels, for every format and activation-row count."""
+    f, k = 48, 256
+    gate, up = (NativeMat(gguf_matrix(type_name, f, k), type_name, (f, k)) for _ in range(2))
+    stacked = NativeMat.fuse([gate, up])
+    for m in (1, 3, 9):
+        act = quantized(RNG.standard_normal((m, k), dtype=np.float32))
+        g, u, ref = (np.full((m, f), np.nan, np.float32) for _ in range(3))
+        gate.kernel(act, g)()
+        up.kernel(act, u)()
+        native_ops.gated(kind, g, u, ref)()
+        out = np.full((m, f), np.nan, np.float32)
+        stacked.glu_kernel(act, out, kind)()
+        np.testing.assert_array_equal(out, ref)
+    assert NativeMat.fuse([NativeMat(gguf_matrix(type_name, 24, k), type_name, (24, k))] * 2).glu_kernel(
+        act, np.empty((m, 24), np.float32), kind) is None           # halves of part tiles: not this kernel
+
+
+class _Weight:
+    """A compiler's view of a weight: its matmul form and, for the reference, its float values."""
+
+    def __init__(self, mat: NativeMat):
+        self.mat, self.dense, self.shape = mat, None, (mat.n, mat.k)
+
+    def matrix(self) -> NativeMat:
+        return self.mat
+
+    def array(self) -> np.ndarray:
+        return self.mat.dequantize()
+
+
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K"), ("Q4_K", "Q6_K"), ("Q8_0", "Q5_0")])
+def test_glu_matmul_of_two_formats_runs_as_two_matmuls_then_the_activation(types):
+    """Where gate and up cannot be stacked (two formats), the native backend computes both products into
+    scratch buffers and applies the activation: the bits of the separate kernels either way."""
+    from kvgraph.backends import get_backend
+    from kvgraph.graph.ir import GraphBuilder
+    from kvgraph.plan.planner import plan_graph
+
+    f, k, m = 64, 256, 5
+    mats = [NativeMat(gguf_matrix(t, f, k), t, (f, k)) for t in types]
+    weights = {"wg": _Weight(mats[0]), "wu": _Weight(mats[1])}
+    g = GraphBuilder()
+    x = g.input("x", (m, k))
+    g.output("y", g.matmul_glu(g.scale(x, 1.0), g.weight("wg", (f, k)), g.weight("wu", (f, k)), "geglu"))
+    program = get_backend("native").compile(g.graph, plan_graph(g.graph), weights, {})
+    xs = RNG.standard_normal((m, k), dtype=np.float32)
+    program.inputs["x"][...] = xs
+    program.run()
+    act = quantized(xs)
+    gate, up, ref = (np.empty((m, f), np.float32) for _ in range(3))
+    mats[0].kernel(act, gate)()
+    mats[1].kernel(act, up)()
+    native_ops.gated("geglu", gate, up, ref)()
+    np.testing.assert_array_equal(program.outputs["y"], ref)

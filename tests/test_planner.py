@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -163,6 +164,29 @@ def test_in_place_reuse_shrinks_a_feed_forward_arena():
     inplace, separate = plan_graph(g.graph), plan_graph(g.graph, inplace=False)
     one = 512 * 256 * 4
     assert separate.arena_size >= 3 * one and inplace.arena_size < 3 * one
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+def test_a_glu_matmul_equals_its_parts_and_needs_no_memory_for_them(kind):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((512, 64), dtype=np.float32)
+    w = {n: rng.standard_normal((256, 64), dtype=np.float32) for n in ("wg", "wu")}
+
+    def build(g: GraphBuilder, fused: bool):
+        xs, wg, wu = g.input("x", (512, 64)), g.weight("wg", (256, 64)), g.weight("wu", (256, 64))
+        h = g.matmul_glu(xs, wg, wu, kind) if fused else getattr(g, kind)(g.matmul(xs, wg), g.matmul(xs, wu))
+        g.output("y", h)
+
+    np.testing.assert_array_equal(run_graph(lambda g: build(g, True), {"x": x}, w)["y"],
+                                  run_graph(lambda g: build(g, False), {"x": x}, w)["y"])
+    sizes = []
+    for fused in (True, False):
+        g = GraphBuilder()
+        build(g, fused)
+        sizes.append(plan_graph(g.graph).arena_size)
+    assert sizes[0] == 512 * 256 * 4 < sizes[1]
+    with pytest.raises(ValueError):
+        GraphBuilder().matmul_glu(g.input("a", (2, 64)), g.weight("b", (8, 64)), g.weight("c", (8, 32)))
 
 
 def test_chain_reuses_memory():

@@ -5,8 +5,12 @@ plan makes it safe:
 * rms_norm -> mul(weight): one kernel, when nothing runs in between and the multiply's buffer either is
   the norm's input buffer exactly (the plan reuses it once the norm is its last reader; the fused kernels
   read a whole row before writing it) or does not overlap it at all;
-* matmuls of one input against several weights of one format (q/k/v, gate/up): one matmul against the
-  weights stacked along N, run at the last member's step when no member's result is read before it.
+* matmuls of one input against several weights of one format (q/k/v): one matmul against the weights
+  stacked along N, run at the last member's step when no member's result is read before it.
+
+A gated FFN's `matmul_glu` runs as one C kernel over the stacked gate/up tiles when both weights have one
+format (the products stay in registers); otherwise (`glu_products`) as two matmuls into scratch buffers that
+the program's matmul_glu nodes share, then the activation.
 
 Matmul inputs a kernel reads in another form (int8 blocks, bfloat16) are staged once per source in a
 StagingPool. A backend's compiler lists its kernel choosers in order (`choosers`: kvgraph's C kernels, then
@@ -208,8 +212,10 @@ class FusingCompiler(Compiler):
             t = self.nodes[tid]
             if self.weight_matmul(t):
                 by_input.setdefault(t.srcs[0].id, []).append(t)
-                mat = self.weights[t.srcs[1].name].matrix()
-                self.last_use[(t.srcs[0].id, mat.input_form)] = self.step_of[tid]
+            if self.weight_matmul(t) or t.op == "matmul_glu":
+                for w in t.srcs[1:]:
+                    mat = self.weights[w.name].matrix()
+                    self.last_use[(t.srcs[0].id, mat.input_form)] = self.step_of[tid]
         for members in by_input.values():
             mats = [self.weights[m.srcs[1].name].matrix() for m in members]
             if len(members) < 2 or not hasattr(mats[0], "can_fuse") or not mats[0].can_fuse(mats):
@@ -234,6 +240,37 @@ class FusingCompiler(Compiler):
             self.kernels.append(act.quantize_kernel(x))
         return act
 
+    def weight_product(self, src: Tensor, mat, out: np.ndarray, step: int) -> Kernel:
+        """The kernel of src @ mat^T into out [M, N] (each backend's matmul binding)."""
+        raise NotImplementedError
+
+    def gated(self, t: Tensor, step: int, gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> Kernel:
+        """act(gate) * up into out, act that of t (a matmul_glu): the C kernel, else numpy's."""
+        k = native_ops.gated(t.p["kind"], gate, up, out) if self.backend.native else None
+        return k or reference.KERNELS[t.p["kind"]](t, out, gate, up)
+
+    def glu_fused(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
+        """matmul_glu as one C kernel over gate and up stacked, where both are tiles of one format."""
+        mats = [srcs[1].matrix(), srcs[2].matrix()]
+        if not (self.backend.native and hasattr(mats[0], "glu_kernel") and mats[0].can_fuse(mats)):
+            return None
+        return self.backend.fused(mats).glu_kernel(self.q8_input(t.srcs[0], step), out.reshape(-1, mats[0].n),
+                                                   t.p["kind"])
+
+    def glu_products(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel:
+        """matmul_glu as two matmuls into scratch buffers (shared by the program's matmul_glu nodes: each
+        is dead once its node has run), then the activation."""
+        shape = (out.size // out.shape[-1], out.shape[-1])
+        prods = []
+        for part, w in (("gate", srcs[1]), ("up", srcs[2])):
+            key = (t.id, part)
+            self.last_use[key] = step
+            buf, _ = self.staging.get(key, step, lambda b: isinstance(b, np.ndarray) and b.shape == shape,
+                                      lambda: np.empty(shape, np.float32))
+            self.kernels.append(self.weight_product(t.srcs[0], w.matrix(), buf, step))
+            prods.append(buf)
+        return self.gated(t, step, prods[0], prods[1], out.reshape(shape))
+
     def weight_rows(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """A row lookup in a weight (the embedding) that the C kernel does not take: the weight's own row
         reader (gguf's dequantize of just those rows)."""
@@ -254,6 +291,8 @@ class FusingCompiler(Compiler):
             from_tiles = getattr(srcs[0].mat, "rows_kernel", None)
             kernel = from_tiles(srcs[1], out) if from_tiles else None
             return kernel or native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
+        if t.op == "matmul_glu":
+            return self.glu_fused(t, step, out, srcs)
         if t.op in native_ops.OPS:
             return native_ops.for_node(t, out, [self.arr(s) for s in srcs])
         return None

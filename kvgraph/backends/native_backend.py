@@ -65,8 +65,12 @@ class _Compiler(FusingCompiler):
         a = self.bufs[src.id]
         return a.reshape(-1, a.shape[-1])
 
+    def weight_product(self, src: Tensor, mat, out: np.ndarray, step: int) -> Kernel:
+        return mat.kernel(self._input(src, mat, step), out)
+
     def packed_matmul(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
-        """A matmul against a repacked weight, alone or as the last member of a stacked group."""
+        """A matmul against a repacked weight, alone or as the last member of a stacked group, or a
+        matmul_glu the fused kernel does not take."""
         if t.id in self.groups:
             members = self.groups[t.id]
             mats = [self.weights[m.srcs[1].name].matrix() for m in members]
@@ -75,7 +79,9 @@ class _Compiler(FusingCompiler):
             return fused.kernel_split(x, [self.bufs[m.id].reshape(-1, mat.n) for m, mat in zip(members, mats)])
         if self.weight_matmul(t):
             mat = srcs[1].matrix()
-            return mat.kernel(self._input(t.srcs[0], mat, step), out.reshape(-1, mat.n))
+            return self.weight_product(t.srcs[0], mat, out.reshape(-1, mat.n), step)
+        if t.op == "matmul_glu":
+            return self.glu_products(t, step, out, srcs)
         return None
 
     def norm_times_weight(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:

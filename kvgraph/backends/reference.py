@@ -135,6 +135,17 @@ def _gated(act, out, gate, up):
     return run
 
 
+def _k_matmul_glu(t, out, x, w_gate, w_up):
+    act = _silu_into if t.p["kind"] == "swiglu" else _gelu_into
+
+    def run():          # the products are temporaries here (the plan gives them no memory)
+        gate, up = np.matmul(x, np.swapaxes(w_gate, -1, -2)), np.matmul(x, np.swapaxes(w_up, -1, -2))
+        a = np.empty_like(gate)
+        act(gate, a)
+        np.multiply(a, up, out=out)
+    return run
+
+
 def _k_swiglu(t, out, gate, up):
     return _gated(_silu_into, out, gate, up)
 
@@ -380,6 +391,7 @@ def rope_kernel(t: Tensor, out, x, cos, sin) -> Kernel:
 KERNELS: dict[str, Callable[..., Kernel]] = {
     "matmul": _k_matmul, "get_rows": _k_get_rows, "add": _k_add, "mul": _k_mul, "scale": _k_scale,
     "cont": _k_cont, "rms_norm": _k_rms_norm, "silu": _k_silu, "gelu": _k_gelu, "swiglu": _k_swiglu,
+    "matmul_glu": _k_matmul_glu,
     "softcap": _k_softcap,
     "geglu": _k_geglu, "softmax": _k_softmax, "flash_attn": _k_flash_attn, "set_rows": _k_set_rows,
     "concat_rows": _k_concat_rows, "ssm_conv": _k_ssm_conv, "ssm_scan": _k_ssm_scan,

@@ -560,7 +560,7 @@ class _Compiler(FusingCompiler):
         """kvgraph's C kernel for node t when there is one for its op and buffers, else None."""
         if not self.backend.native:
             return None
-        if t.id in self.fused_norm or t.op in ("rms_norm", "swiglu", "geglu"):
+        if t.id in self.fused_norm or t.op in ("rms_norm", "swiglu", "geglu", "matmul_glu"):
             if self._dst(t, step).dtype != torch.float32:     # writes a bf16 staging buffer: torch's kernel
                 return None
         return self.c_kernel(t, step, out, srcs)
@@ -572,8 +572,9 @@ class _Compiler(FusingCompiler):
             return self._group_matmul(self.groups[t.id], step)
         if self.weight_matmul(t):
             mat = srcs[1].matrix()
-            x = self._staged(t.srcs[0], mat.input_form, step)
-            return mat.kernel(x, out.reshape(-1, mat.n) if mat.input_form == "q8" else _t(out).view(-1, mat.n))
+            return self.weight_product(t.srcs[0], mat, out.reshape(-1, mat.n), step)
+        if t.op == "matmul_glu":
+            return self.glu_products(t, step, out, srcs)
         if t.id in self.fused_norm:
             r = self.fused_norm[t.id]
             return _rms_norm_mul(self._dst(t, step), self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"])
@@ -595,6 +596,13 @@ class _Compiler(FusingCompiler):
         if t.op in KERNELS:
             return KERNELS[t.op](t, out, *[self.arr(s) for s in srcs])
         return None
+
+    def weight_product(self, src: Tensor, mat, out: np.ndarray, step: int) -> Kernel:
+        x = self._staged(src, mat.input_form, step)
+        return mat.kernel(x, out if mat.input_form == "q8" else _t(out))
+
+    def gated(self, t: Tensor, step: int, gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> Kernel:
+        return _gated(_silu_out if t.p["kind"] == "swiglu" else _gelu_out, self._dst(t, step), gate, up)
 
     def _dst(self, t: Tensor, step: int) -> torch.Tensor:
         """Where node t's kernel writes: its f32 buffer, or, when every reader of t is a matmul that wants

@@ -177,6 +177,14 @@ class GraphBuilder:
         """gelu_tanh(gate) * up, fused."""
         return self._node("geglu", (gate, up), _broadcast(gate.shape, up.shape))
 
+    def matmul_glu(self, x: Tensor, w_gate: Tensor, w_up: Tensor, kind: str = "swiglu") -> Tensor:
+        """swiglu (or geglu) of x @ w_gate^T and x @ w_up^T: a gated FFN's first half as one node, so that a
+        backend may compute it tile by tile and the two [tokens, ffn] products never take memory."""
+        if kind not in ("swiglu", "geglu") or w_gate.shape != w_up.shape or x.shape[-1] != w_gate.shape[-1] \
+                or len(w_gate.shape) != 2:
+            raise ValueError(f"matmul_glu: x {x.shape}, gate {w_gate.shape}, up {w_up.shape}, kind {kind!r}")
+        return self._node("matmul_glu", (x, w_gate, w_up), x.shape[:-1] + (w_gate.shape[0],), kind=kind)
+
     def rope(self, x: Tensor, pos: Tensor, n_dims: int, base: float, neox: bool, freq_scale: float = 1.0,
              freq_factors: tuple[float, ...] | None = None) -> Tensor:
         """Rotary embedding over the last axis of x [n_tokens, n_heads, head_dim]; pos is [n_tokens] int32.

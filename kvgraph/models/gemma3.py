@@ -10,7 +10,7 @@ from ..errors import UnsupportedModelError
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO, Model
-from .layers import attention, split_heads, swa_memories, swa_pattern
+from .layers import attention, gated_ffn, split_heads, swa_memories, swa_pattern
 
 DEFAULT_SWA_PATTERN = 6   # llama.cpp's gemma3 default: every 6th layer is global
 
@@ -80,8 +80,7 @@ class Gemma3Model(Model):
             a = g.matmul(a, w(f"blk.{i}.attn_output.weight"))
             x = g.add(x, g.mul(g.rms_norm(a, c.rms_eps), w(f"blk.{i}.post_attention_norm.weight")))
             h = g.mul(g.rms_norm(x, c.rms_eps), w(f"blk.{i}.ffn_norm.weight"))
-            ff = g.geglu(g.matmul(h, w(f"blk.{i}.ffn_gate.weight")), g.matmul(h, w(f"blk.{i}.ffn_up.weight")))
-            ff = g.matmul(ff, w(f"blk.{i}.ffn_down.weight"))
+            ff = gated_ffn(g, w, i, h, act="geglu")
             x = g.add(x, g.mul(g.rms_norm(ff, c.rms_eps), w(f"blk.{i}.post_ffw_norm.weight")))
         x = g.mul(g.rms_norm(x, c.rms_eps), w("output_norm.weight"))
         g.output("logits", g.matmul(x, w("output.weight")))

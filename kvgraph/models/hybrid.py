@@ -16,7 +16,7 @@ from ..graph.ir import GraphBuilder, Tensor
 from ..memory.kv_cache import KVCache
 from ..memory.recurrent import RecurrentState
 from .base import BuildIO, Model
-from .layers import attention, split_heads
+from .layers import attention, gated_ffn, split_heads
 
 
 
@@ -115,7 +115,6 @@ class HybridModel(Model):
                 a, x = io.select_outputs(a), io.select_outputs(x)
             x = g.add(x, a)
             h = g.mul(g.rms_norm(x, c.rms_eps), w(f"blk.{i}.ffn_norm.weight"))
-            ff = g.swiglu(g.matmul(h, w(f"blk.{i}.ffn_gate.weight")), g.matmul(h, w(f"blk.{i}.ffn_up.weight")))
-            x = g.add(x, g.matmul(ff, w(f"blk.{i}.ffn_down.weight")))
+            x = g.add(x, gated_ffn(g, w, i, h))
         x = g.mul(g.rms_norm(x, c.rms_eps), w("output_norm.weight"))
         g.output("logits", g.matmul(x, w("output.weight")))

@@ -122,8 +122,8 @@ def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, 
 
 def gated_ffn(g: GraphBuilder, w, i: int, h: Tensor, act: str = "swiglu") -> Tensor:
     """down(act(gate(h)) * up(h)), act swiglu (SiLU) or geglu (GELU-tanh)."""
-    gate, up = g.matmul(h, w(f"blk.{i}.ffn_gate.weight")), g.matmul(h, w(f"blk.{i}.ffn_up.weight"))
-    return g.matmul(getattr(g, act)(gate, up), w(f"blk.{i}.ffn_down.weight"))
+    ff = g.matmul_glu(h, w(f"blk.{i}.ffn_gate.weight"), w(f"blk.{i}.ffn_up.weight"), act)
+    return g.matmul(ff, w(f"blk.{i}.ffn_down.weight"))
 
 
 def decoder(g: GraphBuilder, w, io, c, mixer, ffn=None, project: bool = True,

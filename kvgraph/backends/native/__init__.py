@@ -43,7 +43,7 @@ ISA_NAMES = {"portable": "portable C", "avx2": "AVX2", "avx512": "AVX-512 VNNI"}
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_matmul_q4k",
            "kvg_matmul_q5k", "kvg_matmul_q6k", "kvg_rms_norm",
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows",
-           "kvg_tile_rows")
+           "kvg_tile_rows", "kvg_matmul_glu")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -292,6 +292,7 @@ def f16_exact(x: np.ndarray) -> bool:
 
 
 TR = 16                                   # weight rows per tile
+GATED_KINDS = {"swiglu": 0, "geglu": 1}   # kvg_gated's and kvg_matmul_glu's kind: act(gate) * up, act SiLU / GELU
 # format -> (bytes per group record, bytes of a super-block header: K-quants keep 8 records per super-block
 # after a header of its float16 scales); the record layouts are kernels.c's, in its F_* order (kvg_tile_rows
 # takes a format's index here)

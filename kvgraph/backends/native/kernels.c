@@ -668,11 +668,9 @@ static inline vf vf_exp(vf x) {
 }
 #endif
 
-/* a: gate, up, out, n, kind (0: silu, 1: gelu tanh):  out = act(gate) * up, all contiguous */
-void kvg_gated(const int64_t *a) {
-    const float *g = (const float *)a[0], *u = (const float *)a[1];
-    float *o = (float *)a[2];
-    const int64_t n = a[3], kind = a[4];
+/* o[i] = act(g[i]) * u[i], kind 0: silu, 1: gelu tanh. Element i is read before it is written (o may be g
+ * or u), and each element's bits depend only on its value and on whether it falls in a whole vector. */
+static inline void gated_span(const float *g, const float *u, float *o, const int64_t n, const int64_t kind) {
     int64_t i = 0;
 #ifdef VF_W
     const vf one = vf_set1(1.0f);
@@ -693,6 +691,38 @@ void kvg_gated(const int64_t *a) {
         const float act = kind == 0 ? x / (1.0f + expf(-x))
                                     : 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
         o[i] = act * u[i];
+    }
+}
+
+/* a: gate, up, out, n, kind:  out = act(gate) * up, all contiguous */
+void kvg_gated(const int64_t *a) {
+    gated_span((const float *)a[0], (const float *)a[1], (float *)a[2], a[3], a[4]);
+}
+
+static const tiles_fn TILES[] = {q4h_tiles, q4f_tiles, q5h_tiles, q8_tiles, q4k_tiles, q5k_tiles, q6k_tiles};
+
+/* a: w (gate's F/TR tiles, then up's), F (a multiple of TR), K, xq, xd, xs, M, out (float [M, F]), bytes per
+ * tile, xh, format (F_*), kind (as kvg_gated).  out = act(x gate^T) * (x up^T) with each output tile's gate
+ * and up products kept in registers: the two [M, F] intermediates never exist. The same sums and the same
+ * activation as kvg_matmul_* then kvg_gated, so the same bits. */
+void kvg_matmul_glu(const int64_t *a) {
+    const uint8_t *w = (const uint8_t *)a[0];
+    const int64_t f = a[1], k = a[2], m_rows = a[6], tb = a[8], kind = a[11], g_n = k / QK, n_tiles = f / TR;
+    const int8_t *xq = (const int8_t *)a[3];
+    const float *xd = (const float *)a[4], *xs = (const float *)a[5];
+    float *out = (float *)a[7];
+    const int32_t *xh = (const int32_t *)a[9];
+    const tiles_fn tiles = TILES[a[10]];
+#pragma omp parallel for schedule(static)
+    for (int64_t ti = 0; ti < n_tiles; ti++) {
+        float rg[TR * M_TILE], ru[TR * M_TILE];
+        for (int64_t m0 = 0; m0 < m_rows; m0 += M_TILE) {
+            const int mb = (int)(m_rows - m0 < M_TILE ? m_rows - m0 : M_TILE);
+            const int64_t x0 = m0 * k, s0 = m0 * g_n;
+            tiles(mb, w + ti * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, rg);
+            tiles(mb, w + (ti + n_tiles) * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, ru);
+            for (int j = 0; j < mb; j++) gated_span(rg + TR * j, ru + TR * j, out + (m0 + j) * f + ti * TR, TR, kind);
+        }
     }
 }
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
                             release_pages)
-from . import (BLOCK_LAYOUTS, FORMATS, QK, TR, bind, dequantize_tiles, pack_blocks, pack_kquant, pack_q4, pack_q8, ptr,
-               quantize_blocks_q8, tile_bytes)
+from . import (BLOCK_LAYOUTS, FORMATS, GATED_KINDS, QK, TR, bind, dequantize_tiles, pack_blocks, pack_kquant,
+               pack_q4, pack_q8, ptr, quantize_blocks_q8, tile_bytes)
 
 
 class Q8Act:
@@ -181,6 +181,16 @@ class NativeMat:
 
     def kernel(self, x: Q8Act, out: np.ndarray):
         return self._bind(x, [out])
+
+    def glu_kernel(self, x: Q8Act, out: np.ndarray, kind: str):
+        """out [M, n/2] = act(x gate^T) * (x up^T) for this matrix stacking gate (first half) and up (kind:
+        "swiglu" or "geglu"), without the two products in memory. None unless the halves are whole tiles."""
+        f = self.n // 2
+        if self.n % (2 * TR) or out.shape != (x.m, f) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            return None
+        return bind("kvg_matmul_glu", ptr(self.tiles), f, self.k, ptr(x.q), ptr(x.d), ptr(x.s), x.m, ptr(out),
+                    self.tiles.strides[0], ptr(x.h), list(FORMATS).index(self.fmt), GATED_KINDS[kind],
+                    keep=(self.tiles, x, out))
 
     def kernel_split(self, x: Q8Act, outs: list[np.ndarray]):
         """One run of the stacked matrix writing each member's columns into its own output [M, n_i]."""

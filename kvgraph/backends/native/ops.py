@@ -7,7 +7,7 @@ import numpy as np
 from ...graph.ir import Tensor
 from ..reference import rope_inv_freq
 from ..quant_repack import Q8_0Rows
-from . import bind, f64_bits, ptr
+from . import GATED_KINDS, bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
 OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale"})  # for_node's
@@ -94,7 +94,7 @@ def gated(kind: str, gate: np.ndarray, up: np.ndarray, out: np.ndarray):
     if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (gate, up, out)) or not (
             gate.shape == up.shape == out.shape):
         return None
-    return bind("kvg_gated", ptr(gate), ptr(up), ptr(out), out.size, {"swiglu": 0, "geglu": 1}[kind],
+    return bind("kvg_gated", ptr(gate), ptr(up), ptr(out), out.size, GATED_KINDS[kind],
                 keep=(gate, up, out))
 
 
