@@ -137,7 +137,12 @@ def test_graph_shape_of_the_hybrid(hybrid):
     assert ctx.memories["kv"].layers == spec.attention_layers
     recurrent = [i for i in range(spec.n_layer) if i not in spec.attention_layers]
     assert ctx.memories["rs"].layers == tuple(recurrent)
-    graph = next(reversed(ctx.cache.entries.values())).graph
+    from kvgraph.graph.ir import GraphBuilder
+    from kvgraph.models.base import BuildIO
+
+    g = GraphBuilder()
+    ctx.model.build(g, BuildIO(g, next(reversed(ctx.cache.entries)), ctx.memories))
+    graph = g.graph
     writes: dict[str, int] = {}
     for t in graph.nodes:
         if t.op == "set_rows":

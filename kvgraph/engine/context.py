@@ -131,7 +131,8 @@ class Context:
         st.compile_s += t3 - t2
         # An input the graph never reads (positions in a model without RoPE) was pruned: nothing to fill.
         inputs = [(inp, owner) for inp, owner in io.inputs if inp.name in program.inputs]
-        return CacheEntry(key, g.graph, plan, program, inputs)
+        # The graph itself is kept only for verify mode to compare with (~0.4 MB of Python objects a graph).
+        return CacheEntry(key, g.graph if self.cache.verify else None, plan, program, inputs)
 
     def _arena_for(self, plan) -> np.ndarray:
         """The shared compute buffer, replaced by one at least twice as large where plan needs more. Programs

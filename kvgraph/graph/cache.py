@@ -23,7 +23,7 @@ def env_flag(name: str) -> bool:
 @dataclass
 class CacheEntry:
     key: GraphKey
-    graph: Any
+    graph: Any          # None unless the cache verifies (the graph is rebuilt and compared to it on a hit)
     plan: Any
     program: Any
     inputs: list  # [(GraphInput, owner)]
