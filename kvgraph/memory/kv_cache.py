@@ -19,6 +19,7 @@ from ..errors import ContextOverflowError
 from ..graph.inputs import GraphInput, UBatch
 from ..graph.ir import F16, F32, I32, GraphBuilder, Tensor
 
+MASK_ROWS = 32
 NEG_INF = np.float32(-np.inf)
 
 
@@ -115,12 +116,16 @@ class KVCache:
 
     def fill_mask(self, ub: UBatch, buf: np.ndarray) -> None:
         n_kv = buf.shape[1]
-        cpos, cseq = self.cell_pos[:n_kv], self.cell_seq[:n_kv]
-        visible = (cseq[None, :] == ub.seq[:, None]) & (cpos[None, :] <= ub.pos[:, None]) & (cpos[None, :] >= 0)
-        if self.sliding_window is not None:
-            visible &= (ub.pos[:, None] - cpos[None, :]) < self.sliding_window
+        cpos, cseq = self.cell_pos[None, :n_kv], self.cell_seq[None, :n_kv]
         buf.fill(NEG_INF)
-        buf[visible] = 0.0
+        # In blocks of rows: a prompt's whole [n_tokens, n_kv] boolean temporaries would be megabytes that
+        # the heap keeps resident after they are freed.
+        for r0 in range(0, len(ub.pos), MASK_ROWS):
+            pos, seq = ub.pos[r0: r0 + MASK_ROWS, None], ub.seq[r0: r0 + MASK_ROWS, None]
+            visible = (cseq == seq) & (cpos <= pos) & (cpos >= 0)
+            if self.sliding_window is not None:
+                visible &= (pos - cpos) < self.sliding_window
+            buf[r0: r0 + MASK_ROWS][visible] = 0.0
 
     # ---- graph side -------------------------------------------------------------------------------------
     def build(self, g: GraphBuilder, n_tokens: int, n_kv: int, n_seqs: int = 1) -> "KVAttention":
