@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import resource
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -179,6 +178,16 @@ def run_test(ctx: Context, test: BenchTest, vocab: int) -> Sample:
     return Sample(seconds, sampling, split, after[-2] - before[-2], after[-1] - before[-1])
 
 
+def _summarize(row: BenchRow) -> None:
+    """row's mean and standard deviation over its samples."""
+    import statistics     # here: its modules (decimal, fractions) would weigh on the peak RSS a row reports
+
+    row.avg_ns = int(statistics.mean(row.samples_ns))
+    row.stddev_ns = int(statistics.stdev(row.samples_ns)) if len(row.samples_ns) > 1 else 0
+    row.avg_ts = statistics.mean(row.samples_ts)
+    row.stddev_ts = statistics.stdev(row.samples_ts) if len(row.samples_ts) > 1 else 0.0
+
+
 def measure(ctx: Context, test: BenchTest, reps: int, vocab: int, row: BenchRow,
             on_rep: Callable[[], None] | None = None) -> BenchRow:
     """Warm up once, time `reps` repetitions, and fill row's timings and per-token breakdown."""
@@ -191,10 +200,7 @@ def measure(ctx: Context, test: BenchTest, reps: int, vocab: int, row: BenchRow,
     n = test.n_tokens
     row.samples_ns = [int(s.seconds * 1e9) for s in samples]
     row.samples_ts = [n / s.seconds for s in samples]
-    row.avg_ns = int(statistics.mean(row.samples_ns))
-    row.stddev_ns = int(statistics.stdev(row.samples_ns)) if reps > 1 else 0
-    row.avg_ts = statistics.mean(row.samples_ts)
-    row.stddev_ts = statistics.stdev(row.samples_ts) if reps > 1 else 0.0
+    _summarize(row)
     per_tok = 1e3 / (reps * n)
     for k in SPLIT:
         setattr(row, f"{k}_ms", sum(s.split[k] for s in samples) * per_tok)
@@ -243,10 +249,7 @@ def measure_parallel(loaded, n_parallel: int, n_gen: int, reps: int, row: BenchR
         if on_rep:
             on_rep()
     after = _snapshot(ctx)
-    row.avg_ns = int(statistics.mean(row.samples_ns))
-    row.stddev_ns = int(statistics.stdev(row.samples_ns)) if reps > 1 else 0
-    row.avg_ts = statistics.mean(row.samples_ts)
-    row.stddev_ts = statistics.stdev(row.samples_ts) if reps > 1 else 0.0
+    _summarize(row)
     per_tok = 1e3 / (reps * n_parallel * max(1, n_gen - 1))
     for i, k in enumerate(SPLIT):
         setattr(row, f"{k}_ms", (after[i] - before[i]) * per_tok)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -380,7 +380,7 @@ def chat_logprobs(tokenizer, ids: list[int], lps: list) -> dict:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    return f"{prefix}-{os.urandom(12).hex()}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -205,6 +204,8 @@ def _pip_download(packages: list[str], dest: Path, update: Callable[..., None], 
     env = {**os.environ, "TMPDIR": str(piptmp), "PYTHONUNBUFFERED": "1"}
     lines: list[str] = []
     fetched = 0  # packages pip has started on, for the "[i/n]" counter
+    import subprocess
+
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, text=True, errors="replace")

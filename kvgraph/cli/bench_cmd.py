@@ -9,7 +9,6 @@ import io
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,6 +89,8 @@ def _llama_bench(binary: str, model_path: str, test, reps: int, threads: int, fl
     cmd = [binary, "-m", model_path, "-r", str(reps), "-t", str(threads), "-fa", "1" if flash_attn else "0",
            "-ctk", cache_type, "-ctv", cache_type,
            "-p", str(test.n_prompt), "-n", str(test.n_gen), "-d", str(test.n_depth), "-o", "jsonl"]
+    import subprocess
+
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     except (OSError, subprocess.TimeoutExpired) as exc:

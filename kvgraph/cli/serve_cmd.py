@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgumentError, KvgraphError
 from ..openai_compat import DEFAULT_MAX_BODY
 from ..tokenizer.chat import BUILTIN_TEMPLATES
 from .args import NON_NEGATIVE, POSITIVE, int_in, port_arg, seed_arg
+
+if TYPE_CHECKING:
+    import socket
 
 
 def seconds_arg(text: str) -> float:
@@ -128,6 +131,8 @@ def host_list(hosts: str) -> list[str]:
 
 def _bind(hosts: str, port: int) -> list[socket.socket]:
     """A listening socket per address (IPv4 or IPv6), all on port; the first failure is a clear error."""
+    import socket     # here: every kvgraph command builds this parser
+
     socks = []
     try:
         for host in [h.strip("[]") for h in host_list(hosts)]:

@@ -18,7 +18,6 @@ import importlib.util
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -60,12 +59,20 @@ def _cache_dir() -> Path:
     return model_home() / "native"
 
 
+def _compiler_id(cc: str) -> bytes:
+    """Which compiler `cc` is: its resolved file, size and time (a new compiler version is a new file), read
+    without running it."""
+    path = os.path.realpath(shutil.which(cc) or cc)
+    st = os.stat(path)
+    return f"{path} {st.st_size} {st.st_mtime_ns}".encode()
+
+
 def _build(cc: str, flags: list[str], source: Path = SOURCE) -> Path:
-    """The shared library of `source` built with `flags` (cached by source, flags and compiler version)."""
+    """The shared library of `source` built with `flags` (cached by source, flags and compiler). Raises
+    OSError."""
     src = source.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     # importlib's SipHash (the one hash-based .pyc files use): 64 bits without loading OpenSSL (~3 MB resident)
-    tag = importlib.util.source_hash(src + " ".join(flags).encode() + version.encode()).hex()
+    tag = importlib.util.source_hash(src + " ".join(flags).encode() + _compiler_id(cc)).hex()
     out = _cache_dir() / tag / f"lib{source.stem}.so"
     if out.exists():
         return out
@@ -76,10 +83,15 @@ def _build(cc: str, flags: list[str], source: Path = SOURCE) -> Path:
         if out.exists():
             return out
         out.parent.mkdir(parents=True, exist_ok=True)
+    import subprocess     # only on a build (~0.5 MB resident)
+
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        r = subprocess.run([cc, *flags, str(source), "-o", str(tmp_out), "-lm"], capture_output=True, text=True,
-                           timeout=300)
+        try:
+            r = subprocess.run([cc, *flags, str(source), "-o", str(tmp_out), "-lm"], capture_output=True,
+                               text=True, timeout=300)
+        except subprocess.SubprocessError as exc:
+            raise OSError(f"{cc} failed: {exc}") from None
         if r.returncode != 0:
             raise OSError(f"{cc} failed: {r.stderr.strip()[-2000:]}")
         os.replace(tmp_out, out)       # atomic: a concurrent build of the same source is harmless
@@ -96,7 +108,7 @@ def cpu_level() -> int:
             try:
                 probe = ctypes.CDLL(str(_build(cc, ["-O2", "-shared", "-fPIC"], PROBE)))
                 _level = int(probe.kvg_cpu_level())
-            except (OSError, subprocess.SubprocessError):
+            except OSError:
                 pass
     return _level
 
@@ -147,11 +159,11 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         _lib = build(isa)
-    except (OSError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         try:        # a compiler without OpenMP (Apple's clang): the same kernels, one thread each
             _lib = build(isa, openmp=False)
             print(f"kvgraph: {_compiler()} has no OpenMP; the C kernels run single-threaded", file=sys.stderr)
-        except (OSError, subprocess.SubprocessError):
+        except OSError:
             _why_not = f"could not build the native kernels: {exc}"
             print(f"kvgraph: {_why_not}; falling back to torch's kernels (or numpy)", file=sys.stderr)
     return _lib

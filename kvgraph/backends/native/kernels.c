@@ -819,7 +819,7 @@ void kvg_set_rows(const int64_t *a) {
 #define QB 16
 #define KC 64
 #define SEG 256                 /* cells per segment (a multiple of KC) */
-#define PART_BYTES (1 << 20)    /* partial results of one wave of work items, at most (resident for good) */
+#define PART_BYTES (512 << 10)  /* partial results of one wave of work items, at most (resident for good) */
 
 /* element i of a K / V buffer of floats or, H, float16 */
 static inline float ld_kv(const void *p, int64_t i, const int H) {
