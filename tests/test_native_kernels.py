@@ -525,3 +525,23 @@ def test_glu_matmul_of_two_formats_runs_as_two_matmuls_then_the_activation(types
     mats[1].kernel(act, up)()
     native_ops.gated("geglu", gate, up, ref)()
     np.testing.assert_array_equal(program.outputs["y"], ref)
+
+
+def test_numpy_blas_is_limited_only_once_a_native_program_calls_it():
+    """The native backend pins numpy's BLAS to one thread (its spinning workers would steal the OpenMP
+    kernels' cores) the first time a program uses it, not before: an all-C model never loads threadpoolctl."""
+    from kvgraph.backends import get_backend
+    from kvgraph.graph.ir import GraphBuilder
+    from kvgraph.plan.planner import plan_graph
+
+    backend = get_backend("native")
+    g = GraphBuilder()
+    x = g.input("x", (4, 64))
+    g.output("y", g.add(g.rms_norm(x, 1e-5), x))                # C kernels only
+    backend.compile(g.graph, plan_graph(g.graph), {}, {})
+    assert not backend._blas_limited
+    g = GraphBuilder()
+    x = g.input("x", (4, 64))
+    g.output("y", g.matmul(x, g.scale(x, 2.0)))                  # activation x activation: numpy's matmul
+    backend.compile(g.graph, plan_graph(g.graph), {}, {})
+    assert backend._blas_limited

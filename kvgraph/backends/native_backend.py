@@ -66,7 +66,14 @@ class _Compiler(FusingCompiler):
         return a.reshape(-1, a.shape[-1])
 
     def weight_product(self, src: Tensor, mat, out: np.ndarray, step: int) -> Kernel:
+        if not isinstance(mat, NativeMat):
+            self.backend.limit_blas()
         return mat.kernel(self._input(src, mat, step), out)
+
+    def reference_kernel(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel:
+        if t.op in reference.BLAS_OPS:
+            self.backend.limit_blas()
+        return super().reference_kernel(t, step, out, srcs)
 
     def packed_matmul(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """A matmul against a repacked weight, alone or as the last member of a stacked group, or a
@@ -108,15 +115,20 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
         if lib is None:
             raise InvalidArgumentError(f"the native backend needs its C kernels, and {native.why_not()}; use "
                                        "--backend torch or numpy.")
-        super().__init__(threads)
         self.arena = TileArena()
         self.n_threads = threads or physical_cores()
         native.set_threads(self.n_threads)
-        # numpy's BLAS keeps its worker threads spinning after each call; beside the OpenMP kernels they
-        # steal the cores (a 128-token prompt took 2x longer). The hot ops are all C here, so BLAS gets one.
-        from threadpoolctl import threadpool_limits
+        self._blas_limited = False
 
-        threadpool_limits(limits=1, user_api="blas")
+    def limit_blas(self) -> None:
+        """numpy's BLAS down to one thread, the first time a program here calls it: its worker threads keep
+        spinning after each call and, beside the OpenMP kernels, steal the cores (a 128-token prompt took 2x
+        longer). Models whose every hot op is C never call it, and never pay threadpoolctl (~0.4 MB)."""
+        if not self._blas_limited:
+            from threadpoolctl import threadpool_limits
+
+            threadpool_limits(limits=1, user_api="blas")
+            self._blas_limited = True
 
     def describe(self) -> str:
         return f"native: {native.describe()}"

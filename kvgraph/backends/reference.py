@@ -388,6 +388,9 @@ def rope_kernel(t: Tensor, out, x, cos, sin) -> Kernel:
     return run
 
 
+# Ops whose kernels here call numpy's BLAS (matmul / einsum)
+BLAS_OPS = frozenset({"matmul", "matmul_glu", "flash_attn", "ssm_scan", "ssm_scan2", "moe_ffn"})
+
 KERNELS: dict[str, Callable[..., Kernel]] = {
     "matmul": _k_matmul, "get_rows": _k_get_rows, "add": _k_add, "mul": _k_mul, "scale": _k_scale,
     "cont": _k_cont, "rms_norm": _k_rms_norm, "silu": _k_silu, "gelu": _k_gelu, "swiglu": _k_swiglu,
