@@ -77,3 +77,32 @@ def test_freed_heap_memory_goes_back_to_the_system():
     out = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, check=True).stdout
     trimmed, freed_kb = out.split()
     assert trimmed == "True" and int(freed_kb) > 12 << 10
+
+
+
+def resident_bytes(a: np.ndarray) -> int:
+    """Bytes of a's pages that are in memory (pagemap's present bit)."""
+    lo, hi = a.ctypes.data // 4096, -(-(a.ctypes.data + a.nbytes) // 4096)
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(lo * 8)
+        entries = np.frombuffer(pagemap.read((hi - lo) * 8), np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum()) * 4096
+
+
+@linux
+def test_tile_arena_hands_back_block_space_no_tile_uses():
+    """With transparent huge pages the last tiles' huge page is resident whole; the arena hands back every
+    page past its tiles (here touched on purpose), at a new block and once the load is done."""
+    from kvgraph.backends.native.mats import TileArena
+
+    arena = TileArena()
+    tiles, block = arena.take(100, 30000)          # 3 MB of tiles in a 64 MB block
+    tiles[:] = 1
+    block[arena.used: arena.used + (8 << 20)] = 1  # 8 MB past them resident
+    assert resident_bytes(block) >= arena.used + (8 << 20)
+    arena.release_unused()
+    assert resident_bytes(block) <= arena.used + 4096
+    assert (tiles == 1).all()
+    block[arena.used: arena.used + (1 << 20)] = 1
+    arena.take(10, 64 << 20)                       # does not fit: a new block, the old one's tail handed back
+    assert arena.block is not block and resident_bytes(block) <= 3_000_000 + 4096

@@ -64,6 +64,11 @@ class PackedWeightsBackend:
     stacked matrix of several matrices that read one input, built once and shared by every Program that
     fuses the same group (the members keep views of its rows)."""
 
+    def finish_load(self) -> None:
+        """Every weight is in: the tile arena's unused space goes back to the system."""
+        if getattr(self, "arena", None) is not None:
+            self.arena.release_unused()
+
     def tie_output(self, embedding):
         embedding.matrix()        # the output matmul's repacked form, built once here
         return embedding

@@ -32,6 +32,9 @@ class NumpyBackend:
         """The reference computes in float32: every weight is dequantized once, at load."""
         return gguf_file.dequantize(name)
 
+    def finish_load(self) -> None:
+        """Called once every weight of a model is loaded (nothing to do here)."""
+
     def tie_output(self, embedding: np.ndarray) -> np.ndarray:
         return embedding
 

@@ -131,6 +131,7 @@ def load_model(path: str | os.PathLike[str], backend: Any, *, tokenizer: bool = 
     for name in model.optional_tensors:
         if name not in weights and name == "output.weight":
             weights[name] = backend.tie_output(weights["token_embd.weight"])
+    backend.finish_load()
     gf.release_resident()     # pages the repacking read (and their neighbours) no longer count as ours
     release_free_heap()       # and the repacking's freed temporaries
     loaded.load_seconds = time.perf_counter() - t0

@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
@@ -45,26 +47,45 @@ class Q8Act:
                     ptr(self.s), ptr(self.h), keep=(x, self))
 
 
+HUGE_PAGES = True
+
+
 class TileArena:
     """Tiles of matrices loaded one after another, laid end to end in large blocks. A graph stacks sibling
     matmuls (q/k/v, gate/up), which a model loads consecutively, so their tiles already form the stacked
-    matrix and NativeMat.fuse takes a view instead of copying ~40 MB at the first compile. Unwritten block
-    space is never touched, so it costs address space only."""
+    matrix and NativeMat.fuse takes a view instead of copying ~40 MB at the first compile. A block is an
+    anonymous mapping in transparent huge pages where the system offers them (fewer TLB misses streaming the
+    weights, as numpy asks for its large arrays); block space no tile uses is handed back (`release_unused`,
+    called on moving to a new block and once the load is done), so a huge page it shares with the last
+    tiles costs only what they use."""
 
     BLOCK = 64 << 20
 
     def __init__(self) -> None:
         self.block: np.ndarray | None = None
+        self._map: mmap.mmap | None = None
         self.used = 0
 
     def take(self, rows: int, row_bytes: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows x row_bytes tiles, the block they lie in)."""
         n = rows * row_bytes
         if self.block is None or self.used + n > self.block.size:
-            self.block, self.used = np.empty(max(self.BLOCK, n), np.uint8), 0
+            self.release_unused()
+            self._map = mmap.mmap(-1, max(self.BLOCK, n), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+            self.block, self.used = np.frombuffer(self._map, np.uint8), 0
         out = self.block[self.used: self.used + n].reshape(rows, row_bytes)
         self.used += n
         return out, self.block
+
+    def release_unused(self) -> None:
+        """Drop the current block's pages past its tiles (touched again, they come back as zeros)."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        lo = -(-self.used // mmap.PAGESIZE) * mmap.PAGESIZE
+        if lo < len(self._map):
+            self._map.madvise(mmap.MADV_DONTNEED, lo, len(self._map) - lo)
 
 
 def _end_to_end(mats: list["NativeMat"]) -> bool:
