@@ -47,7 +47,7 @@ class Q8Act:
                     ptr(self.s), ptr(self.h), keep=(x, self))
 
 
-HUGE_PAGES = True
+HUGE_PAGES = True     # advise tile blocks into transparent huge pages (where the system offers them)
 
 
 class TileArena:
@@ -71,13 +71,19 @@ class TileArena:
         n = rows * row_bytes
         if self.block is None or self.used + n > self.block.size:
             self.release_unused()
-            self._map = mmap.mmap(-1, max(self.BLOCK, n), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
-                self._map.madvise(mmap.MADV_HUGEPAGE)
-            self.block, self.used = np.frombuffer(self._map, np.uint8), 0
+            self.block, self.used = self._new_block(max(self.BLOCK, n)), 0
         out = self.block[self.used: self.used + n].reshape(rows, row_bytes)
         self.used += n
         return out, self.block
+
+    def _new_block(self, size: int) -> np.ndarray:
+        if not hasattr(mmap, "MAP_PRIVATE"):             # no POSIX mmap flags (Windows): a plain array
+            self._map = None
+            return np.empty(size, np.uint8)
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if HUGE_PAGES and hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        return np.frombuffer(self._map, np.uint8)
 
     def release_unused(self) -> None:
         """Drop the current block's pages past its tiles (touched again, they come back as zeros)."""
