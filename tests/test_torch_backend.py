@@ -409,3 +409,39 @@ def test_flash_attention_auto_is_on_exactly_where_the_c_attention_kernel_exists(
     assert torch_ctx.flash_attn is (kernels == "native")
     assert Context(load_model(path, get_backend("numpy")), n_ctx=32).flash_attn is False
     assert Context(load_model(path, get_backend("torch")), n_ctx=32, flash_attn=False).flash_attn is False
+
+
+def test_gated_nodes_share_one_activation_buffer(monkeypatch):
+    """Without the C kernels a program's swiglu / geglu nodes compute through one float32 activation
+    buffer, not one per layer (a 512-token SmolLM2 prompt would hold 30 of 3 MB), and give numpy's results."""
+    import kvgraph.backends.torch_backend as tb
+
+    made = []
+    real_empty = tb.torch.empty
+
+    def counting_empty(*shape, **kw):
+        t = real_empty(*shape, **kw)
+        made.append(tuple(t.shape))
+        return t
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 96), dtype=np.float32)
+
+    def build(g):
+        h = g.input("x", (64, 96))
+        for kind in ("swiglu", "geglu", "swiglu"):
+            h = g.add(h, getattr(g, kind)(g.scale(h, 0.5), g.silu(h)))
+        g.output("y", h)
+
+    outs = []
+    for backend in (NumpyBackend(), TorchBackend(native_kernels=False)):
+        g = GraphBuilder()
+        build(g)
+        monkeypatch.setattr(tb.torch, "empty", counting_empty)
+        program = backend.compile(g.graph, plan_graph(g.graph), {}, {})
+        monkeypatch.setattr(tb.torch, "empty", real_empty)
+        program.inputs["x"][...] = x
+        program.run()
+        outs.append(backend.to_numpy(program.outputs["y"]))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert made.count(x.shape) == 1

@@ -250,9 +250,11 @@ class FusingCompiler(Compiler):
         raise NotImplementedError
 
     def gated(self, t: Tensor, step: int, gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> Kernel:
-        """act(gate) * up into out, act that of t (a matmul_glu): the C kernel, else numpy's."""
-        k = native_ops.gated(t.p["kind"], gate, up, out) if self.backend.native else None
-        return k or reference.KERNELS[t.p["kind"]](t, out, gate, up)
+        """act(gate) * up into out, act that of t (swiglu / geglu, or a matmul_glu's kind): the C kernel, else
+        numpy's."""
+        kind = t.p["kind"] if t.op == "matmul_glu" else t.op
+        k = native_ops.gated(kind, gate, up, out) if self.backend.native else None
+        return k or reference.KERNELS[kind](t, out, gate, up)
 
     def glu_fused(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """matmul_glu as one C kernel over gate and up stacked, where both are tiles of one format."""

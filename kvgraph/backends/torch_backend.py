@@ -330,10 +330,12 @@ def _k_gelu(t, out, x):
     return lambda: torch._C._nn.gelu(tx, approximate="tanh", out=to)
 
 
-def _gated(act: Callable, dst: torch.Tensor, gate: np.ndarray, up: np.ndarray) -> Kernel:
-    """dst = act(gate) * up in two torch calls; dst may be a bf16 matmul staging buffer."""
+def _gated(act: Callable, dst: torch.Tensor, gate: np.ndarray, up: np.ndarray,
+           tmp: torch.Tensor | None = None) -> Kernel:
+    """dst = act(gate) * up in two torch calls through tmp (float32, gate's shape; a compiler shares one
+    between its gated nodes); dst may be a bf16 matmul staging buffer, or gate's or up's own buffer."""
     tg, tu = _t(gate), _t(up)
-    tmp = torch.empty(tg.shape, dtype=torch.float32)
+    tmp = torch.empty(tg.shape, dtype=torch.float32) if tmp is None else tmp
 
     def run():
         act(tg, tmp)
@@ -579,8 +581,7 @@ class _Compiler(FusingCompiler):
             r = self.fused_norm[t.id]
             return _rms_norm_mul(self._dst(t, step), self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"])
         if t.op in ("swiglu", "geglu") and srcs[0].shape == srcs[1].shape == out.shape:
-            act = _silu_out if t.op == "swiglu" else _gelu_out
-            return _gated(act, self._dst(t, step), self.arr(srcs[0]), self.arr(srcs[1]))
+            return self.gated(t, step, self.arr(srcs[0]), self.arr(srcs[1]), out)
         if t.op == "rope":
             tab, table_kernel = self.torch_rope.get(t, srcs[1])
             if table_kernel is not None:
@@ -602,7 +603,15 @@ class _Compiler(FusingCompiler):
         return mat.kernel(x, out if mat.input_form == "q8" else _t(out))
 
     def gated(self, t: Tensor, step: int, gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> Kernel:
-        return _gated(_silu_out if t.p["kind"] == "swiglu" else _gelu_out, self._dst(t, step), gate, up)
+        """act(gate) * up for a swiglu / geglu or matmul_glu node, through one activation buffer that the
+        program's gated nodes share (not one per layer)."""
+        key = (t.id, "act")
+        self.last_use[key] = step
+        tmp, _ = self.staging.get(key, step, lambda b: isinstance(b, torch.Tensor) and b.dtype == torch.float32
+                                  and tuple(b.shape) == gate.shape,
+                                  lambda: torch.empty(gate.shape, dtype=torch.float32))
+        kind = t.p["kind"] if t.op == "matmul_glu" else t.op
+        return _gated(_silu_out if kind == "swiglu" else _gelu_out, self._dst(t, step), gate, up, tmp)
 
     def _dst(self, t: Tensor, step: int) -> torch.Tensor:
         """Where node t's kernel writes: its f32 buffer, or, when every reader of t is a matmul that wants
