@@ -48,6 +48,28 @@ def test_bench_json_has_llama_bench_and_kvgraph_fields(tiny_llama, capsys):
     assert all(r["cache_hits"] == 0 and r["build_ms"] > 0 for r in uncached_tg)
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_bench_progress_line_redraws_on_a_terminal_and_is_silent_elsewhere():
+    from kvgraph.cli.bench_cmd import _Status
+
+    term = _Terminal()
+    with _Status(3, term) as status:
+        status.update("model.gguf pp512")
+        status.advance()
+    lines = term.getvalue().split("\r\x1b[K")
+    assert lines[1].startswith("model.gguf pp512  0/3") and lines[2].startswith("model.gguf pp512  1/3")
+    assert lines[-1] == ""                      # the line is cleared at the end: results start clean
+    piped = io.StringIO()
+    with _Status(3, piped) as status:
+        status.update("x")
+        status.advance()
+    assert piped.getvalue() == ""
+
+
 def test_bench_jsonl_csv_and_markdown(tiny_llama, capsys):
     lines = bench(capsys, tiny_llama[0], "-o", "jsonl", "--flash-attn", "on,off").strip().splitlines()
     assert len(lines) == 4 and {json.loads(x)["flash_attn"] for x in lines} == {True, False}
