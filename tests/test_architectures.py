@@ -21,13 +21,15 @@ def test_every_fixture_is_here():
 
 
 def test_each_architecture_name_resolves_to_its_model_and_only_a_load_imports_it():
+    import importlib
     import subprocess
     import sys
 
     from kvgraph.models import ARCHITECTURES, architecture
 
-    for arch in ARCHITECTURES:
+    for arch, (_, name) in ARCHITECTURES.items():
         assert architecture(arch).arch == arch
+        assert getattr(importlib.import_module("kvgraph.models"), name) is architecture(arch)
     code = ("import sys, kvgraph.api, kvgraph.engine.loader; "
             "print(sorted(m for m in sys.modules if m.startswith('kvgraph.models.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -30,4 +30,12 @@ def architecture(arch: str) -> type[Model]:
     return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
+def __getattr__(name: str):
+    """The model classes by name (`from kvgraph.models import LlamaModel`), imported on first use."""
+    for arch, (_, cls) in ARCHITECTURES.items():
+        if cls == name:
+            return architecture(arch)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = ["ARCHITECTURES", "BuildIO", "Model", "architecture"]
