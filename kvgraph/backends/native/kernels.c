@@ -699,6 +699,9 @@ void kvg_gated(const int64_t *a) {
     gated_span((const float *)a[0], (const float *)a[1], (float *)a[2], a[3], a[4]);
 }
 
+#ifndef GLU_RUN
+#define GLU_RUN 4    /* gate tiles, then as many up tiles, read in runs: each weight stream stays sequential */
+#endif
 static const tiles_fn TILES[] = {q4h_tiles, q4f_tiles, q5h_tiles, q8_tiles, q4k_tiles, q5k_tiles, q6k_tiles};
 
 /* a: w (gate's F/TR tiles, then up's), F (a multiple of TR), K, xq, xd, xs, M, out (float [M, F]), bytes per
@@ -714,14 +717,19 @@ void kvg_matmul_glu(const int64_t *a) {
     const int32_t *xh = (const int32_t *)a[9];
     const tiles_fn tiles = TILES[a[10]];
 #pragma omp parallel for schedule(static)
-    for (int64_t ti = 0; ti < n_tiles; ti++) {
-        float rg[TR * M_TILE], ru[TR * M_TILE];
+    for (int64_t t0 = 0; t0 < n_tiles; t0 += GLU_RUN) {
+        const int nr = (int)(n_tiles - t0 < GLU_RUN ? n_tiles - t0 : GLU_RUN);
+        float rg[GLU_RUN][TR * M_TILE], ru[GLU_RUN][TR * M_TILE];
         for (int64_t m0 = 0; m0 < m_rows; m0 += M_TILE) {
             const int mb = (int)(m_rows - m0 < M_TILE ? m_rows - m0 : M_TILE);
             const int64_t x0 = m0 * k, s0 = m0 * g_n;
-            tiles(mb, w + ti * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, rg);
-            tiles(mb, w + (ti + n_tiles) * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, ru);
-            for (int j = 0; j < mb; j++) gated_span(rg + TR * j, ru + TR * j, out + (m0 + j) * f + ti * TR, TR, kind);
+            for (int r = 0; r < nr; r++)
+                tiles(mb, w + (t0 + r) * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, rg[r]);
+            for (int r = 0; r < nr; r++)
+                tiles(mb, w + (t0 + r + n_tiles) * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, ru[r]);
+            for (int r = 0; r < nr; r++)
+                for (int j = 0; j < mb; j++)
+                    gated_span(rg[r] + TR * j, ru[r] + TR * j, out + (m0 + j) * f + (t0 + r) * TR, TR, kind);
         }
     }
 }
