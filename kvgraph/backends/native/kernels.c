@@ -828,6 +828,7 @@ void kvg_set_rows(const int64_t *a) {
 #define KC 64
 #define SEG 256                 /* cells per segment (a multiple of KC) */
 #define PART_BYTES (512 << 10)  /* partial results of one wave of work items, at most (resident for good) */
+#define WAVE_TASKS 8            /* ... unless a wave would then have fewer tasks than this per thread */
 
 /* element i of a K / V buffer of floats or, H, float16 */
 static inline float ld_kv(const void *p, int64_t i, const int H) {
@@ -1042,9 +1043,9 @@ static inline __attribute__((always_inline)) void chunk_pv_multi(float *const *a
     for (int g = 0; g < ng; g++) chunk_pv(acc[g], p[g], nc, v, vs0, dv, vs2, e0, H);
 }
 
-/* The calling thread's scratch, grown as needed and kept: attention's partial results (a wave's, at most
- * PART_BYTES unless one work item's segments need more); a fresh allocation per call is a fresh mapping
- * whose pages fault in and are zeroed every decode step. */
+/* The calling thread's scratch, grown as needed and kept: attention's partial results (a wave's: at most
+ * PART_BYTES unless that leaves too few tasks for the threads or one work item needs more); a fresh
+ * allocation per call is a fresh mapping whose pages fault in and are zeroed every decode step. */
 static pthread_key_t scratch_key;
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
 typedef struct { size_t n; float f[]; } scratch_t;
@@ -1078,6 +1079,8 @@ static inline __attribute__((always_inline)) void attention(const int64_t *a, co
     const int64_t items = n_tb * nhkv, n_sg = (n_kv + SEG - 1) / SEG, nq_max = QB * group;
     const int64_t part_floats = nq_max * (dv + 2);             /* acc, max, sum of one (item, segment) */
     int64_t wave = (int64_t)(PART_BYTES / sizeof(float)) / (part_floats * n_sg);
+    const int64_t min_wave = (WAVE_TASKS * kvg_threads() + n_sg - 1) / n_sg;   /* enough tasks to share out */
+    wave = wave < min_wave ? min_wave : wave;
     wave = wave < 1 ? 1 : wave > items ? items : wave;
     float *part = scratch_floats((size_t)(wave * n_sg * part_floats));
     for (int64_t w0 = 0; w0 < items; w0 += wave) {
