@@ -161,6 +161,11 @@ class NativeMat:
     def nbytes(self) -> int:
         return self.tiles.nbytes
 
+    @property
+    def fmt_index(self) -> int:
+        """The format's number in kernels.c's F_* enum (FORMATS' order), for the kernels that take any format."""
+        return list(FORMATS).index(self.fmt)
+
     @staticmethod
     def can_fuse(mats: list) -> bool:
         """Stackable: one format and width, and whole tiles each (a tile never spans two members' outputs)."""
@@ -193,7 +198,7 @@ class NativeMat:
         a tied embedding's lookup with no second copy of the table. Only where the tiles are exact."""
         if not self.exact or ids.dtype != np.int32 or out.dtype != np.float32 or not out.flags.c_contiguous:
             return None
-        return bind("kvg_tile_rows", ptr(self.tiles), list(FORMATS).index(self.fmt), self.tiles.strides[0], self.k,
+        return bind("kvg_tile_rows", ptr(self.tiles), self.fmt_index, self.tiles.strides[0], self.k,
                     ptr(ids), out.shape[0], ptr(out), self.n, keep=(self.tiles, ids, out), indexes=True)
 
     def _bind(self, x: Q8Act, outs: list[np.ndarray]):
@@ -216,7 +221,7 @@ class NativeMat:
         if self.n % (2 * TR) or out.shape != (x.m, f) or out.dtype != np.float32 or not out.flags.c_contiguous:
             return None
         return bind("kvg_matmul_glu", ptr(self.tiles), f, self.k, ptr(x.q), ptr(x.d), ptr(x.s), x.m, ptr(out),
-                    self.tiles.strides[0], ptr(x.h), list(FORMATS).index(self.fmt), GATED_KINDS[kind],
+                    self.tiles.strides[0], ptr(x.h), self.fmt_index, GATED_KINDS[kind],
                     keep=(self.tiles, x, out))
 
     def kernel_split(self, x: Q8Act, outs: list[np.ndarray]):
