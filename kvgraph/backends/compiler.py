@@ -31,6 +31,11 @@ from .native.mats import Q8Act, as_rows
 Kernel = Callable[[], None]
 
 
+def gated_kind(t: Tensor) -> str:
+    """The activation of a gated node, "swiglu" or "geglu" (a swiglu / geglu op, or a matmul_glu's kind)."""
+    return t.p["kind"] if t.op == "matmul_glu" else t.op
+
+
 class StagingPool:
     """Copies of a Program's matmul inputs in the form their kernels read: one per (source tensor, format),
     made before the first matmul that reads it and shared by the rest; a buffer is reused once the last
@@ -252,14 +257,14 @@ class FusingCompiler(Compiler):
     def gated(self, t: Tensor, step: int, gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> Kernel:
         """act(gate) * up into out, act that of t (swiglu / geglu, or a matmul_glu's kind): the C kernel, else
         numpy's."""
-        kind = t.p["kind"] if t.op == "matmul_glu" else t.op
+        kind = gated_kind(t)
         k = native_ops.gated(kind, gate, up, out) if self.backend.native else None
         return k or reference.KERNELS[kind](t, out, gate, up)
 
     def glu_fused(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """matmul_glu as one C kernel over gate and up stacked, where both are tiles of one format."""
         mats = [srcs[1].matrix(), srcs[2].matrix()]
-        if not (self.backend.native and hasattr(mats[0], "glu_kernel") and mats[0].can_fuse(mats)):
+        if not (hasattr(mats[0], "glu_kernel") and mats[0].can_fuse(mats)):
             return None
         return self.backend.fused(mats).glu_kernel(self.q8_input(t.srcs[0], step), out.reshape(-1, mats[0].n),
                                                    t.p["kind"])

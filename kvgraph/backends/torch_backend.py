@@ -32,7 +32,7 @@ import numpy as np
 from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 from . import native, reference
-from .compiler import FusingCompiler, PackedWeightsBackend
+from .compiler import FusingCompiler, PackedWeightsBackend, gated_kind
 from .native.mats import NativeMat, TileArena
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
 from .weights import PackedWeight
@@ -610,8 +610,8 @@ class _Compiler(FusingCompiler):
         tmp, _ = self.staging.get(key, step, lambda b: isinstance(b, torch.Tensor) and b.dtype == torch.float32
                                   and tuple(b.shape) == gate.shape,
                                   lambda: torch.empty(gate.shape, dtype=torch.float32))
-        kind = t.p["kind"] if t.op == "matmul_glu" else t.op
-        return _gated(_silu_out if kind == "swiglu" else _gelu_out, self._dst(t, step), gate, up, tmp)
+        act = _silu_out if gated_kind(t) == "swiglu" else _gelu_out
+        return _gated(act, self._dst(t, step), gate, up, tmp)
 
     def _dst(self, t: Tensor, step: int) -> torch.Tensor:
         """Where node t's kernel writes: its f32 buffer, or, when every reader of t is a matmul that wants
