@@ -223,7 +223,7 @@ def cmd_bench(args) -> int:
                                     continue
                                 with llm.loaded.backend.threads(n_threads):
                                     measure(llm.ctx, test, args.repetitions, llm.loaded.config.n_vocab, row,
-                                            on_rep=lambda: progress.advance())
+                                            on_rep=progress.advance)
                                 progress.advance()
                                 if compare:
                                     progress.update(f"llama-bench {test.name}")
@@ -253,7 +253,7 @@ def _parallel_rows(llm, template, test, parallel, args, gc, fa, progress):
         progress.update(f"{row.model_type} {row.backend} cache={'on' if gc else 'off'} {row.test}")
         with llm.loaded.backend.threads(row.n_threads):
             measure_parallel(llm.loaded, n_par, test.n_gen, args.repetitions, row, gc, fa, llm.ctx.cache_type,
-                             on_rep=lambda: progress.advance())
+                             on_rep=progress.advance)
         progress.advance()
         out.append(row)
     return out
