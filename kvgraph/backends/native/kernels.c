@@ -699,9 +699,7 @@ void kvg_gated(const int64_t *a) {
     gated_span((const float *)a[0], (const float *)a[1], (float *)a[2], a[3], a[4]);
 }
 
-#ifndef GLU_RUN
 #define GLU_RUN 4    /* gate tiles, then as many up tiles, read in runs: each weight stream stays sequential */
-#endif
 static const tiles_fn TILES[] = {q4h_tiles, q4f_tiles, q5h_tiles, q8_tiles, q4k_tiles, q5k_tiles, q6k_tiles};
 
 /* a: w (gate's F/TR tiles, then up's), F (a multiple of TR), K, xq, xd, xs, M, out (float [M, F]), bytes per
