@@ -270,13 +270,23 @@ TINY_CASES = {
 
 
 def assert_tiny_case_matches_numpy(tmp_path, name: str, backend: str, flash: bool) -> None:
-    """TINY_CASES[name] run on backend gives numpy's logits within the case's tolerance."""
+    """TINY_CASES[name] run on backend gives numpy's logits within the case's tolerance, with a float32 KV
+    cache on both; with the backend's default float16 cache (numpy keeping the same type), within that plus
+    twice what float16 storage itself changes numpy's logits by. Float16 rounds each K/V value to within half
+    a unit in the last place, and where the two backends' float32 values straddle a rounding boundary
+    (summation orders differ: their matmuls, numpy's BLAS per CPU) they round to neighbouring values, a full
+    unit apart: at most twice the rounding that storing the cache in float16 does anyway."""
     from kvgraph.backends import get_backend
 
     writer, spec, atol = TINY_CASES[name]
     path = tmp_path / f"{name}.gguf"
     writer(path, spec)
-    kv = get_backend(backend).cache_types[0]       # numpy keeps its KV cache in the same type (f16 rounds alike)
-    diff = np.abs(logits_trace(path, backend, flash, cache_type=kv) - logits_trace(path, "numpy", flash,
-                                                                                   cache_type=kv)).max()
-    assert diff <= atol, f"max |diff| {diff}"
+    kv = get_backend(backend).cache_types[0]
+    ref32 = logits_trace(path, "numpy", flash, cache_type="f32")
+    diff = np.abs(logits_trace(path, backend, flash, cache_type="f32") - ref32).max()
+    assert diff <= atol, f"float32 KV cache: max |diff| {diff}"
+    if kv == "f16":
+        ref16 = logits_trace(path, "numpy", flash, cache_type="f16")
+        storage = np.abs(ref16 - ref32).max()
+        diff = np.abs(logits_trace(path, backend, flash, cache_type="f16") - ref16).max()
+        assert diff <= atol + 2 * storage, f"float16 KV cache: max |diff| {diff} (float16 storage: {storage})"
