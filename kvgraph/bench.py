@@ -36,6 +36,7 @@ class BenchRow:
     n_depth: int
     test: str
     n_parallel: int = 1
+    kernels: str = "-"           # the C kernels' build that ran (avx512, avx2, portable), "-" without them
     samples_ns: list[int] = field(default_factory=list)
     samples_ts: list[float] = field(default_factory=list)
     avg_ns: int = 0
@@ -84,23 +85,6 @@ def peak_rss_mb() -> float:
     except (OSError, ValueError, IndexError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # KiB on Linux
-
-
-def physical_cores() -> int:
-    """Physical cores (threads = physical cores is the fast setting for matmul-bound work)."""
-    try:
-        ids, phys = set(), None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    ids.add((phys, line.split(":")[1].strip()))
-        if ids:
-            return len(ids)
-    except OSError:
-        pass
-    return os.cpu_count() or 1
 
 
 def _tokens(n: int, vocab: int, seed: int) -> list[int]:

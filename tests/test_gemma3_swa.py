@@ -12,6 +12,7 @@ from kvgraph.backends import get_backend
 from kvgraph.engine.context import Context
 from kvgraph.engine.loader import load_model
 from kvgraph.graph.inputs import UBatch
+from kvgraph.memory.kv_cache import PAGE
 from tiny_models import Gemma3Spec, write_tiny_gemma3
 
 
@@ -82,10 +83,10 @@ def test_gemma3_swa_equals_direct_implementation(gemma, n_ubatch, n_prompt, flas
 
 def test_two_kv_memories_with_layer_split_and_stable_keys(gemma):
     loaded, _, spec = gemma
-    ctx = Context(loaded, n_ctx=600, n_ubatch=4)
+    ctx = Context(loaded, n_ctx=600, n_ubatch=4, n_seq_max=1)
     assert ctx.memories["kv"].layers == (1, 3) and ctx.memories["kv_swa"].layers == (0, 2)
     swa = ctx.memories["kv_swa"]
-    assert swa.n_cells == 256   # window 4 + ubatch 4, padded
+    assert swa.n_cells == 2 * PAGE   # window 4 + ubatch 4 - 1 positions: two pages where they cross a page
     ctx.decode(UBatch.single(TOKENS[:4], 0))
     keys = set()
     for p in range(4, 300):
@@ -93,6 +94,6 @@ def test_two_kv_memories_with_layer_split_and_stable_keys(gemma):
         ctx.decode(ub)
         keys.add(ctx.key_for(ub))
         assert swa.n_used() <= spec.sliding_window + 1   # old cells are recycled
-    # the full cache's window grows 256 -> 512 once; the SWA window never moves
-    assert {dict(k.windows)["kv_swa"] for k in keys} == {256}
+    # the full cache's window grows 256 -> 512 once; the SWA window (all of its pages) never moves
+    assert {dict(k.windows)["kv_swa"] for k in keys} == {2 * PAGE}
     assert ctx.stats.misses == 3 and ctx.stats.hits == 294

@@ -12,6 +12,7 @@ from kvgraph.errors import GraphCacheVerifyError
 from kvgraph.graph.cache import GraphCache
 from kvgraph.graph.inputs import UBatch
 from kvgraph.graph.key import GraphKey
+from kvgraph.memory.kv_cache import PAGE, cells_for
 
 PROMPT = [10, 20, 30, 40, 50]
 
@@ -93,8 +94,9 @@ def test_flash_attention_layouts_give_the_same_tokens_and_both_cache(loaded, fla
     ref, _ = greedy_run(Context(loaded, n_ctx=64, flash_attn=not flash_attn))
     assert ids == ref
     assert ctx.stats.hits == 11
-    v = ctx.memories["kv"].buffers["kv.v.0"]
-    assert v.shape == ((64, 16) if flash_attn else (16, 64))
+    kv = ctx.memories["kv"]
+    assert kv.n_cells == cells_for(64, ctx.n_seq_max) and kv.n_cells % PAGE == 0
+    assert kv.buffers["kv.v.0"].shape == ((kv.n_cells, 16) if flash_attn else (16, kv.n_cells))
 
 
 def test_verify_mode_accepts_a_correct_cache(loaded, monkeypatch):

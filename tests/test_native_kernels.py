@@ -11,6 +11,7 @@ from kvgraph.backends.native import QK, bind, pack_q4, pack_q5, pack_q8, ptr, qu
 from kvgraph.backends.native import ops as native_ops
 from kvgraph.backends.native.mats import NativeMat, Q8Act
 from kvgraph.backends.quant_repack import Q8_0Rows
+from kvgraph.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels unavailable: {native.why_not()}")
 RNG = np.random.default_rng(7)
@@ -277,28 +278,100 @@ def test_a_broken_compiler_falls_back_with_one_line_saying_why(monkeypatch, tmp_
     assert "falling back to torch's kernels" in capsys.readouterr().err
 
 
-def test_a_compiler_without_openmp_still_builds_single_threaded_kernels(monkeypatch, tmp_path, capsys):
-    real_build = native._build
+def test_kernels_give_the_same_bits_on_any_number_of_threads_and_from_two_callers_at_once(variant):
+    """The pool shares a kernel's items (matmul tiles, attention tasks) among however many threads run, and a
+    second Python thread calling while the pool is busy runs its kernel on its own thread: each item is
+    computed whole by one thread, so every split gives the same bits."""
+    import threading
 
-    def no_openmp(cc, flags, source=native.SOURCE):
-        if "-fopenmp" in flags:
-            raise OSError("unsupported option '-fopenmp'")
-        return real_build(cc, flags, source)
+    rows, _ = random_q4(300, 256, half=True)
+    act = quantized(RNG.standard_normal((6, 256), dtype=np.float32))
+    n, nh, nhkv, d, n_kv = 19, 8, 2, 32, 1024
+    q, k, v = (RNG.standard_normal(s, dtype=np.float32) for s in ((n, nh, d), (n_kv, nhkv, d), (n_kv, nhkv, d)))
+    mask = np.where(np.arange(n_kv)[None, :] <= np.arange(n)[:, None] + 700, 0, -np.inf).astype(np.float32)
+    pages = np.array([2, 0, 3, 1], np.int32)
 
-    monkeypatch.setenv("KVGRAPH_HOME", str(tmp_path))
-    monkeypatch.setattr(native, "_build", no_openmp)
-    monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_why_not", None)
-    lib = native.library()
-    assert lib is not None and lib.kvg_threads() == 1 and "single-threaded" in capsys.readouterr().err
-    x = RNG.standard_normal((2, 64), dtype=np.float32)
-    np.testing.assert_array_equal(quantized(x).q, quantize_ref(x)[0])
+    def kernels():
+        """A matmul and an attention kernel writing buffers of their own; run() gives their outputs."""
+        y, o = np.empty((6, 300), np.float32), np.empty((n, nh, d), np.float32)
+        ends, outs = np.array([300], np.int64), np.array([ptr(y)], np.int64)
+        matmul = bind("kvg_matmul_q4h", ptr(rows), 300, 256, ptr(act.q), ptr(act.d), ptr(act.s), 6, 1, ptr(ends),
+                      ptr(outs), rows.strides[0], ptr(act.h), keep=(ends, outs))
+        attention = native_ops.attention(q, k, v, mask, 0.2, o, pages)
+
+        def run():
+            matmul()
+            attention()
+            return y.copy(), o.copy()
+        return run
+
+    try:
+        native.set_threads(1)
+        run = kernels()
+        ref = run()
+        for threads in (2, 3, 5):
+            native.set_threads(threads)
+            assert native.library().kvg_threads() == threads
+            for _ in range(3):
+                got = run()
+                np.testing.assert_array_equal(got[0], ref[0])
+                np.testing.assert_array_equal(got[1], ref[1])
+        results, errors = [], []
+
+        def caller():
+            try:
+                mine = kernels()
+                for _ in range(20):
+                    results.append(mine())
+            except Exception as exc:                  # pragma: no cover - reported below
+                errors.append(exc)
+
+        callers = [threading.Thread(target=caller) for _ in range(2)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join(timeout=120)
+        assert not errors and len(results) == 40
+        for got in results:
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_array_equal(got[1], ref[1])
+    finally:
+        native.set_threads(2)
+
+
+def test_attention_merges_a_sequences_pages_in_block_order_wherever_they_lie(variant):
+    """The same keys and values in pages laid out in another order (a sequence batched with others, or
+    continued in pages freed by others) give the same bits when each page's block is given."""
+    n, nh, nhkv, d, page = 3, 4, 2, 16, 256
+    blocks, rng = 3, np.random.default_rng(11)         # its own numbers: the last assertion checks a rounding
+    q = rng.standard_normal((n, nh, d), dtype=np.float32)
+    k = rng.standard_normal((blocks * page, nhkv, d), dtype=np.float32) * 3
+    v = rng.standard_normal((blocks * page, nhkv, d), dtype=np.float32)
+    mask = np.zeros((n, blocks * page), np.float32)
+    mask[:, -40:] = -np.inf                         # the last block is partly filled
+    mask[0, 100:] = -np.inf
+    ref = np.empty((n, nh, d), np.float32)
+    native_ops.attention(q, k, v, mask, 0.3, ref, np.arange(blocks, dtype=np.int32))()
+    layout = [4, 1, 2]                              # block b lies in page layout[b] of a five-page window
+    k5, v5 = (np.full((5 * page, nhkv, d), np.nan, np.float32) for _ in range(2))
+    m5 = np.full((n, 5 * page), -np.inf, np.float32)
+    pages = np.full(5, -1, np.int32)
+    for b, p in enumerate(layout):
+        cells, at = slice(b * page, b * page + page), slice(p * page, p * page + page)
+        k5[at], v5[at], m5[:, at], pages[p] = k[cells], v[cells], mask[:, cells], b
+    got = np.empty_like(ref)
+    native_ops.attention(q, k5, v5, m5, 0.3, got, pages)()
+    np.testing.assert_array_equal(got, ref)
+    native_ops.attention(q, k5, v5, m5, 0.3, got)()       # window order: the blocks merged 1, 2, 0
+    assert not np.array_equal(got, ref)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_the_best_build_the_cpu_runs_is_loaded_and_never_one_it_does_not(monkeypatch, tmp_path, capsys):
     """Each instruction set is its own build (cached apart); the CPU probe picks the best one it runs, and
     KVGRAPH_ISA may pick a lower one but never one the CPU lacks."""
     monkeypatch.setenv("KVGRAPH_HOME", str(tmp_path))
+    monkeypatch.delenv("KVGRAPH_ISA", raising=False)
     cc = native._compiler()
     paths = {isa: native._build(cc, native.FLAGS + native.ISA_FLAGS[isa]) for isa in ("portable", "avx2")}
     assert paths["portable"] != paths["avx2"] and all(p.exists() for p in paths.values())
@@ -313,12 +386,27 @@ def test_the_best_build_the_cpu_runs_is_loaded_and_never_one_it_does_not(monkeyp
         assert native.isa_of(fresh(1)) == "avx2"
     assert native.isa_of(fresh(0)) == "portable"
     monkeypatch.setenv("KVGRAPH_ISA", "avx512")
-    assert fresh(1) is None and "does not run AVX-512 VNNI" in native.why_not()
-    assert "the C kernels are off" in capsys.readouterr().err
+    with pytest.raises(InvalidArgumentError, match="does not run AVX-512 VNNI: this CPU runs portable, avx2; set "
+                                                   "KVGRAPH_ISA to one of those or to auto"):
+        fresh(1)
     monkeypatch.setenv("KVGRAPH_ISA", "portable")
     assert native.isa_of(fresh(2)) == "portable"
     monkeypatch.setenv("KVGRAPH_ISA", "sse9")
-    assert fresh(2) is None and "not one of auto, portable, avx2, avx512" in native.why_not()
+    with pytest.raises(InvalidArgumentError, match=r"'sse9' is not a build of the C kernels \(portable, avx2, avx512\): "
+                                                   "this CPU runs portable, avx2, avx512"):
+        fresh(2)
+
+
+def test_a_bad_kvgraph_isa_is_one_line_from_the_cli(tiny_llama):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, KVGRAPH_ISA="sse9")
+    r = subprocess.run([sys.executable, "-m", "kvgraph.cli.main", "generate", "-m", str(tiny_llama[0]), "-n", "1", "hi"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("kvgraph: error: KVGRAPH_ISA='sse9' is not a build")
+    assert "this CPU runs portable" in r.stderr
 
 
 def test_rms_norm_with_and_without_weight(variant):

@@ -19,6 +19,7 @@ from ..errors import InvalidArgumentError
 from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 from . import native, reference
+from .cpus import kernel_threads
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
 from .native.mats import NativeMat, TileArena
 from .numpy_backend import NumpyBackend
@@ -27,7 +28,8 @@ from .weights import PackedWeight
 
 
 class DenseMat:
-    """A float32 matrix [N, K] (F32 files, or a width the block formats cannot take): numpy's matmul."""
+    """A float32 matrix [N, K] (F32 files, or a width the block formats cannot take): kvg_matmul_f32, whose
+    rows do not depend on the ubatch (numpy's matmul where the buffers' layout is not one it takes)."""
 
     input_form = "f32"
 
@@ -40,6 +42,10 @@ class DenseMat:
         return 0 if not self.w.flags.owndata else self.w.nbytes
 
     def kernel(self, x: np.ndarray, out: np.ndarray) -> Kernel:
+        if all(a.dtype == np.float32 and a.ndim == 2 and a.strides[1] == 4 for a in (self.w, x, out)):
+            return native.bind("kvg_matmul_f32", native.ptr(self.w), self.n, self.k, native.ptr(x), x.shape[0],
+                               native.ptr(out), self.w.strides[0] // 4, x.strides[0] // 4, out.strides[0] // 4,
+                               keep=(self.w, x, out))
         wt = self.w.T
         return lambda: np.matmul(x, wt, out=out)
 
@@ -66,9 +72,10 @@ class _Compiler(FusingCompiler):
         return a.reshape(-1, a.shape[-1])
 
     def weight_product(self, src: Tensor, mat, out: np.ndarray, step: int) -> Kernel:
-        if not isinstance(mat, NativeMat):
+        kernel = mat.kernel(self._input(src, mat, step), out)
+        if not native.in_c(kernel):
             self.backend.limit_blas()
-        return mat.kernel(self._input(src, mat, step), out)
+        return kernel
 
     def reference_kernel(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel:
         if t.op in reference.BLAS_OPS:
@@ -109,20 +116,18 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
     cache_types = ("f16", "f32")   # float16 K/V: half the bytes per token of context, as llama.cpp keeps them
 
     def __init__(self, threads: int | None = None):
-        from ..bench import physical_cores
-
         lib = native.library()
         if lib is None:
             raise InvalidArgumentError(f"the native backend needs its C kernels, and {native.why_not()}; use "
                                        "--backend torch or numpy.")
         self.arena = TileArena()
-        self.n_threads = threads or physical_cores()
+        self.n_threads = kernel_threads(threads)
         native.set_threads(self.n_threads)
         self._blas_limited = False
 
     def limit_blas(self) -> None:
         """numpy's BLAS down to one thread, the first time a program here calls it: its worker threads keep
-        spinning after each call and, beside the OpenMP kernels, steal the cores (a 128-token prompt took 2x
+        spinning after each call and, beside the C kernels' threads, steal the cores (a 128-token prompt took 2x
         longer). Models whose every hot op is C never call it, and never pay threadpoolctl (~0.4 MB)."""
         if not self._blas_limited:
             from threadpoolctl import threadpool_limits
@@ -138,8 +143,8 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
 
     @contextlib.contextmanager
     def threads(self, n: int | None):
-        """The C kernels' (OpenMP) threads set to n for the duration."""
-        native.set_threads(n or self.n_threads)
+        """The C kernels' threads set to n (at most the usable CPUs) for the duration."""
+        native.set_threads(kernel_threads(n) if n else self.n_threads)
         try:
             yield
         finally:

@@ -174,7 +174,7 @@ def _k_softmax(t, out, x, mask=None):
     return run
 
 
-def _k_flash_attn(t, out, q, k, v, mask):
+def _k_flash_attn(t, out, q, k, v, mask, pages=None):   # one pass over every cell: pages change nothing
     n_tok, n_head, d = q.shape
     n_kv, n_head_kv, dv = v.shape
     g = n_head // n_head_kv

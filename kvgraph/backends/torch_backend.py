@@ -33,6 +33,7 @@ from ..graph.ir import Graph, Tensor
 from ..plan.planner import Plan
 from . import native, reference
 from .compiler import FusingCompiler, PackedWeightsBackend, gated_kind
+from .cpus import kernel_threads
 from .native.mats import NativeMat, TileArena
 from .quant_repack import GROUP, INT4_TYPES, dequant_rows, int4_groups, int8_rows
 from .weights import PackedWeight
@@ -588,7 +589,7 @@ class _Compiler(FusingCompiler):
                 self.kernels.append(table_kernel)
             return _rope_kernel(t, out, srcs[0], tab)
         if t.op == "flash_attn":
-            q, k, v, mask = (self.arr(s) for s in srcs)
+            q, k, v, mask = (self.arr(s) for s in srcs[:4])     # one pass over every cell: pages change nothing
             mrep = (self.masks.get(t.srcs[3].id, mask, t.shape[1] // v.shape[1], self.kernels) if t.shape[0] > 1
                     else None)
             return _k_flash_attn(t, out, q, k, v, mask, mrep)
@@ -660,16 +661,14 @@ class TorchBackend(PackedWeightsBackend):
     name = "torch"
 
     def __init__(self, threads: int | None = None, native_kernels: bool | None = None):
-        from ..bench import physical_cores
-
-        self.n_threads = threads or physical_cores()
+        self.n_threads = kernel_threads(threads)
         torch.set_num_threads(self.n_threads)
         # kvgraph's own C kernels (see backends/native) unless asked not to or they cannot be built; without
         # them matmuls use torch's int4pack / int8 kernels and every other op torch or numpy.
         self.native = native_kernels is not False and native.library() is not None
         self.arena = TileArena() if self.native else None
         if self.native:
-            native.set_threads(self.n_threads)        # the same OpenMP runtime as torch's: a no-op there
+            native.set_threads(self.n_threads)
         # The C attention kernel reads the row-major (flash) V cache, in float16 too: the fast defaults when it
         # exists. torch's own attention ops take float32 only.
         self.flash_attn_default = self.native
@@ -685,12 +684,17 @@ class TorchBackend(PackedWeightsBackend):
 
     @contextlib.contextmanager
     def threads(self, n: int | None):
-        old = torch.get_num_threads()
-        torch.set_num_threads(n or self.n_threads)
+        """torch's threads and the C kernels' set to n (at most the usable CPUs) for the duration."""
+        old, want = torch.get_num_threads(), kernel_threads(n) if n else self.n_threads
+        torch.set_num_threads(want)
+        if self.native:
+            native.set_threads(want)
         try:
             yield
         finally:
             torch.set_num_threads(old)
+            if self.native:
+                native.set_threads(self.n_threads)
 
     def to_numpy(self, x) -> np.ndarray:
         if isinstance(x, torch.Tensor):

@@ -156,14 +156,15 @@ def cmd_bench(args) -> int:
     from ..api import LLM
     import gc as gc_module
 
-    from ..bench import BenchRow, BenchTest, measure, physical_cores, reset_peak_rss
+    from ..backends.cpus import kernel_threads
+    from ..bench import BenchRow, BenchTest, measure, reset_peak_rss
     from ..registry import resolve_model
 
     err = sys.stderr
     prompts = [p for p in _int_list("-p", args.n_prompt) if p > 0]
     gens = [n for n in _int_list("-n", args.n_gen) if n > 0]
     depths = _int_list("-d", args.n_depth)
-    threads = _int_list("-t", args.threads, 1) if args.threads else [physical_cores()]
+    threads = _int_list("-t", args.threads, 1) if args.threads else [kernel_threads()]
     if args.repetitions < 1:
         raise InvalidArgumentError(f"-r must be >= 1, got {args.repetitions}.")
     if not prompts and not gens:
@@ -203,17 +204,19 @@ def cmd_bench(args) -> int:
                                       cache_type=None if args.cache_type == "auto" else args.cache_type,
                                       tokenizer=False)
                             fa_used = llm.ctx.flash_attn         # auto resolved: rows and llama-bench use it
+                            used_threads = getattr(llm.loaded.backend, "n_threads", None) or n_threads  # capped
                             kv_type = llm.ctx.cache_type
                             meta = llm.loaded.file.metadata
                             for test in tests:
                                 progress.update(f"{Path(path).name} {llm.loaded.backend.name} "
-                                                f"t={n_threads} fa={'on' if fa_used else 'off'} "
+                                                f"t={used_threads} fa={'on' if fa_used else 'off'} "
                                                 f"cache={'on' if gc else 'off'} {test.name}")
                                 row = BenchRow(
                                     model_filename=str(path), model_type=_model_type(meta),
                                     model_size=llm.loaded.file.file_size,
                                     model_n_params=sum(t.n_elements for t in llm.loaded.file.tensors.values()),
-                                    backend=llm.loaded.backend.name, n_threads=n_threads, n_ubatch=args.ubatch,
+                                    backend=llm.loaded.backend.name, kernels=_kernels(llm.loaded.backend),
+                                    n_threads=used_threads, n_ubatch=args.ubatch,
                                     flash_attn=fa_used, cache_type=kv_type, graph_cache=gc, n_prompt=test.n_prompt,
                                     n_gen=test.n_gen,
                                     n_depth=test.n_depth, test=test.name,
@@ -221,14 +224,14 @@ def cmd_bench(args) -> int:
                                 if parallel:
                                     rows.extend(_parallel_rows(llm, row, test, parallel, args, gc, fa_used, progress))
                                     continue
-                                with llm.loaded.backend.threads(n_threads):
+                                with llm.loaded.backend.threads(used_threads):
                                     measure(llm.ctx, test, args.repetitions, llm.loaded.config.n_vocab, row,
                                             on_rep=progress.advance)
                                 progress.advance()
                                 if compare:
                                     progress.update(f"llama-bench {test.name}")
                                     runs = [(ts, b) for b in compare
-                                            if (ts := _llama_bench(b, str(path), test, args.repetitions, n_threads,
+                                            if (ts := _llama_bench(b, str(path), test, args.repetitions, used_threads,
                                                                    fa_used, kv_type, err)) is not None]
                                     if runs:               # the faster build that ran it is the reference
                                         row.llama_cpp_ts, row.llama_cpp_bench = max(runs)
@@ -240,6 +243,15 @@ def cmd_bench(args) -> int:
         plot(rows, args.plot)
         print(f"plot written to {args.plot}", file=err)
     return 0
+
+
+def _kernels(backend) -> str:
+    """Which build of the C kernels a backend runs ("-": none)."""
+    if not getattr(backend, "native", False):
+        return "-"
+    from ..backends import native
+
+    return native.isa_of(native.library())
 
 
 def _parallel_rows(llm, template, test, parallel, args, gc, fa, progress):
@@ -278,14 +290,14 @@ def render(rows, fmt: str) -> str:
 
 def render_markdown(rows) -> str:
     compare = any(r.llama_cpp_ts is not None for r in rows)
-    head = ["model", "size", "params", "backend", "threads", "fa", "kv", "graph cache", "test", "t/s",
+    head = ["model", "size", "params", "backend", "kernels", "threads", "fa", "kv", "graph cache", "test", "t/s",
             "host ms/tok", "build+plan+compile ms/tok", "peak RSS MiB"]
     if compare:
         head += ["llama.cpp t/s", "ratio"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i >= 4 else "---" for i in range(len(head))) + "|"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i >= 5 else "---" for i in range(len(head))) + "|"]
     for r in rows:
         cells = [r.model_type, f"{r.model_size / 2**20:.2f} MiB", f"{r.model_n_params / 1e6:.2f} M", r.backend,
-                 str(r.n_threads), "on" if r.flash_attn else "off", r.cache_type, "on" if r.graph_cache else "off", r.test,
+                 r.kernels, str(r.n_threads), "on" if r.flash_attn else "off", r.cache_type, "on" if r.graph_cache else "off", r.test,
                  f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}", f"{r.host_ms_per_token:.3f}",
                  f"{r.build_ms + r.plan_ms + r.compile_ms:.3f}", f"{r.peak_rss_mb:.0f}"]
         if compare:

@@ -165,6 +165,7 @@ class BatchScheduler:
             raise InvalidArgumentError(f"parallel must be >= 1, got {parallel}.")
         self.ctx, self.tokenizer = ctx, tokenizer
         self.parallel = parallel
+        ctx.use_scratch(parallel)          # decode padding rows (see _decode_rows) share one KV page
         self.n_ctx_per_seq = n_ctx_per_seq
         self.max_queue = max_queue
         self.buckets = bucket_sizes(parallel)

@@ -14,6 +14,7 @@ from ..graph.cache import DEFAULT_CAPACITY, CacheEntry, GraphCache, env_flag
 from ..graph.inputs import UBatch
 from ..graph.ir import GraphBuilder
 from ..graph.key import GraphKey
+from ..memory.kv_cache import cells_for
 from ..models.base import BuildIO
 from ..plan.planner import plan_graph
 from .heap import release_free_heap
@@ -60,7 +61,9 @@ class Context:
 
         def alloc(shape, cache: bool = False):
             return self.backend.alloc_state(shape, cache_dtype if cache else np.float32)
-        self.memories = self.model.create_memories(n_ctx, n_ubatch, alloc, self.flash_attn, n_seq_max)
+        # KV caches hold n_ctx tokens in whole pages per sequence (see memory/kv_cache.py)
+        self.memories = self.model.create_memories(cells_for(n_ctx, n_seq_max), n_ubatch, alloc, self.flash_attn,
+                                                   n_seq_max)
         self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
         # What the K/V buffers really hold (-fa off, or a model's non-flash layout, keeps float32).
         self.cache_type = "f16" if any(b.dtype == np.float16 for b in self.states.values()) else "f32"
@@ -91,6 +94,12 @@ class Context:
             return n
         self.seq_rm(seq)
         return 0
+
+    def use_scratch(self, first_seq: int) -> None:
+        """Sequences >= first_seq are throwaway rows (a batch's padding: one position each, removed after the
+        step); KV caches keep them in one shared page."""
+        for mem in self.memories.values():
+            mem.use_scratch(first_seq)
 
     def seq_cp(self, src: int, dst: int) -> None:
         """dst becomes a copy of src in every memory (dst's old contents are dropped)."""

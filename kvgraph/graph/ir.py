@@ -205,14 +205,21 @@ class GraphBuilder:
             _broadcast(x.shape, mask.shape)
         return self._node("softmax", srcs, x.shape, scale=float(scale))
 
-    def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
+                   pages: Tensor | None = None) -> Tensor:
         """Fused attention. q [n_tok, n_head, d], k [n_kv, n_head_kv, d], v [n_kv, n_head_kv, dv],
-        mask [n_tok, n_kv] -> [n_tok, n_head, dv]. Heads are grouped: head h reads kv head h // (n_head/n_head_kv)."""
+        mask [n_tok, n_kv] -> [n_tok, n_head, dv]. Heads are grouped: head h reads kv head h // (n_head/n_head_kv).
+        pages (int32 [n_kv / page], optional): the block of positions each page of cells holds, the order in
+        which a kernel that works page by page merges them (see memory/kv_cache.py)."""
         n_tok, n_head, d = q.shape
         n_kv, n_head_kv, dk = k.shape
-        if dk != d or v.shape[:2] != (n_kv, n_head_kv) or n_head % n_head_kv or mask.shape != (n_tok, n_kv):
-            raise ValueError(f"flash_attn: q {q.shape} k {k.shape} v {v.shape} mask {mask.shape}")
-        return self._node("flash_attn", (q, k, v, mask), (n_tok, n_head, v.shape[2]), scale=float(scale))
+        if (dk != d or v.shape[:2] != (n_kv, n_head_kv) or n_head % n_head_kv or mask.shape != (n_tok, n_kv)
+                or (pages is not None and (pages.dtype != I32 or len(pages.shape) != 1 or not pages.shape[0]
+                                           or n_kv % pages.shape[0]))):
+            raise ValueError(f"flash_attn: q {q.shape} k {k.shape} v {v.shape} mask {mask.shape}"
+                             + ("" if pages is None else f" pages {pages.shape}"))
+        srcs = (q, k, v, mask) if pages is None else (q, k, v, mask, pages)
+        return self._node("flash_attn", srcs, (n_tok, n_head, v.shape[2]), scale=float(scale))
 
     def cont(self, x: Tensor) -> Tensor:
         """A contiguous copy (makes a permuted view reshapeable)."""

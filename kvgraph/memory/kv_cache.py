@@ -2,7 +2,13 @@
 
 Which cells a ubatch writes is decided here (`prepare`) and handed to the graph as an input tensor of
 `set_rows` indices; what each token may see is the attention-mask input. The graph only sees a window of
-the first `n_kv` cells, padded up to `pad` cells so the graph key stays the same for many tokens.
+the first `n_kv` cells, a whole number of pages, so the graph key stays the same for many tokens.
+
+Cells come in pages of PAGE: a page belongs to one sequence and holds its positions [PAGE b, PAGE b + PAGE)
+at offsets pos % PAGE, and the page's block b is an input of fused attention (`pages`). Attention cuts the
+window into segments of PAGE cells and chunks of 64 and merges the segments in block order, so a token's
+result depends only on its own sequence's keys and values, never on where the pages lie: a sequence batched
+with others, continued from cached cells or run alone computes the same bits.
 
 V is stored row-major ([cell, head*dim], the flash-attention layout) or transposed ([head*dim, cell], the
 non-flash ggml layout, so that softmax(QK) @ V reads V with unit stride along cells). In the flash layout
@@ -21,19 +27,25 @@ from ..graph.ir import F16, F32, I32, GraphBuilder, Tensor
 
 MASK_ROWS = 32
 NEG_INF = np.float32(-np.inf)
+PAGE = 256      # cells per page: the C attention kernel's segment (SEG in kernels.c)
+
+
+def cells_for(n_tokens: int, n_seqs: int) -> int:
+    """Cells that hold n_tokens spread over up to n_seqs sequences in whole pages (each may end mid-page)."""
+    return (-(-n_tokens // PAGE) + n_seqs - 1) * PAGE
 
 
 class KVCache:
     def __init__(self, name: str, layers: Sequence[int], n_cells: int, n_head_kv: int, head_dim_k: int,
                  head_dim_v: int, v_trans: bool, alloc: Callable[[tuple[int, ...]], object],
-                 sliding_window: int | None = None, pad: int = 256):
+                 sliding_window: int | None = None):
         self.name = name
         self.layers = tuple(layers)
-        self.n_cells = n_cells
+        self.n_pages = max(1, -(-n_cells // PAGE))
+        self.n_cells = n_cells = self.n_pages * PAGE
         self.n_head_kv, self.head_dim_k, self.head_dim_v = n_head_kv, head_dim_k, head_dim_v
         self.v_trans = v_trans
         self.sliding_window = sliding_window
-        self.pad = pad
         k_row, v_row = n_head_kv * head_dim_k, n_head_kv * head_dim_v
         self.buffers = {}
         for il in self.layers:    # alloc(shape, cache=True): in the context's cache type
@@ -41,6 +53,9 @@ class KVCache:
             self.buffers[self.v_name(il)] = alloc((v_row, n_cells) if v_trans else (n_cells, v_row), cache=not v_trans)
         self.cell_pos = np.full(n_cells, -1, np.int32)
         self.cell_seq = np.full(n_cells, -1, np.int32)
+        self.page_block = np.full(self.n_pages, -1, np.int32)   # the block of positions each page holds
+        self.page_of: dict[tuple[int, int], int] = {}           # (seq, block) -> page
+        self.scratch_from: int | None = None     # sequences from here on are throwaway rows (see use_scratch)
         self.slots = np.zeros(0, np.int32)   # cells reserved for the ubatch being processed
 
     def k_name(self, il: int) -> str:
@@ -60,34 +75,61 @@ class KVCache:
     def clear(self) -> None:
         self.cell_pos.fill(-1)
         self.cell_seq.fill(-1)
+        self.page_block.fill(-1)
+        self.page_of.clear()
 
     def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> bool:
-        """Forget the cells of `seq` with positions in [p0, p1). Always possible for a KV cache."""
+        """Forget the cells of `seq` with positions in [p0, p1) (pages left empty are free again). Always
+        possible for a KV cache."""
         sel = (self.cell_seq == seq) & (self.cell_pos >= p0)
         if p1 is not None:
             sel &= self.cell_pos < p1
         self.cell_pos[sel] = -1
         self.cell_seq[sel] = -1
+        used = (self.cell_pos.reshape(self.n_pages, PAGE) >= 0).any(axis=1)
+        for (s, b), page in list(self.page_of.items()):
+            if s == seq and not used[page]:
+                del self.page_of[s, b]
+                self.page_block[page] = -1
         return True
 
+    def use_scratch(self, first_seq: int) -> None:
+        """Sequences >= first_seq are throwaway rows of one position each (a batch's padding): they share page
+        0, each at its row's offset, instead of taking a page each and widening the window."""
+        self.clear()
+        self.scratch_from = first_seq
+
+    def _free_pages(self, n: int, what: str) -> np.ndarray:
+        """The n lowest free pages; ContextOverflowError when there are fewer."""
+        free = np.flatnonzero(self.page_block < 0)
+        if self.scratch_from is not None:
+            free = free[free > 0]
+        if free.shape[0] < n:
+            raise ContextOverflowError(
+                f"the context is full: {what} needs {n} more page(s) of {PAGE} cells but only {free.shape[0]} of "
+                f"{self.n_pages} are free. Use a larger context (-c) or a shorter prompt / fewer tokens.")
+        return free[:n]
+
     def seq_cp(self, src: int, dst: int) -> None:
-        """Give dst a copy of src's cells (positions and K/V rows in every layer): a forked sequence, such
-        as the choices of one prompt, goes on from the same cache without recomputing it."""
-        cells = np.flatnonzero(self.cell_seq == src)
-        free = np.flatnonzero(self.cell_pos < 0)
-        if free.shape[0] < cells.shape[0]:
-            raise ContextOverflowError(f"the context is full: copying a sequence of {cells.shape[0]} tokens needs "
-                                       f"that many free cells, {free.shape[0]} are free.")
-        new = free[: cells.shape[0]]
-        self.cell_pos[new] = self.cell_pos[cells]
-        self.cell_seq[new] = dst
-        for il in self.layers:
-            k, v = self.buffers[self.k_name(il)], self.buffers[self.v_name(il)]
-            k[new] = k[cells]
-            if self.v_trans:
-                v[:, new] = v[:, cells]
-            else:
-                v[new] = v[cells]
+        """Give dst a copy of src's cells (positions and K/V rows in every layer, at the same offsets in pages
+        of its own): a forked sequence, such as the choices of one prompt, goes on from the same cache without
+        recomputing it."""
+        blocks = sorted(b for s, b in self.page_of if s == src)
+        new = self._free_pages(len(blocks), f"copying a sequence of {len(blocks)} page(s)")
+        for b, page in zip(blocks, new):
+            old = self.page_of[src, b]
+            self.page_of[dst, b] = int(page)
+            self.page_block[page] = b
+            cells, to = slice(old * PAGE, old * PAGE + PAGE), slice(page * PAGE, page * PAGE + PAGE)
+            self.cell_pos[to] = self.cell_pos[cells]
+            self.cell_seq[to] = np.where(self.cell_pos[cells] >= 0, dst, -1)
+            for il in self.layers:
+                k, v = self.buffers[self.k_name(il)], self.buffers[self.v_name(il)]
+                k[to] = k[cells]
+                if self.v_trans:
+                    v[:, to] = v[:, cells]
+                else:
+                    v[to] = v[cells]
 
     def _prune_sliding(self, ub: UBatch) -> None:
         """Free cells that no token of this ubatch, nor any later one, can see through the window."""
@@ -96,23 +138,42 @@ class KVCache:
             self.seq_rm(s, 0, p_min - self.sliding_window + 1)
 
     def prepare(self, ub: UBatch) -> None:
-        """Reserve one free cell per token of the ubatch and record it (lowest free cells first)."""
+        """Reserve each token's cell, at offset pos % PAGE of its sequence's page for that block of positions
+        (a sequence's new blocks take the lowest free pages), and record it."""
         if self.sliding_window is not None:
             self._prune_sliding(ub)
-        free = np.flatnonzero(self.cell_pos < 0)
-        if free.shape[0] < ub.n_tokens:
-            raise ContextOverflowError(
-                f"the context is full: {ub.n_tokens} more tokens need cells but only {free.shape[0]} of "
-                f"{self.n_cells} are free. Use a larger context (-c) or a shorter prompt / fewer tokens.")
-        self.slots = free[: ub.n_tokens].astype(np.int32)
+        blocks = ub.pos // PAGE
+        scratch = None if self.scratch_from is None else ub.seq >= self.scratch_from
+        if ub.n_tokens == 1:
+            pairs = [(int(ub.seq[0]), int(blocks[0]))] if scratch is None or not scratch[0] else []
+        else:
+            pairs = sorted(set(zip(ub.seq[~scratch].tolist(), blocks[~scratch].tolist()) if scratch is not None
+                               else zip(ub.seq.tolist(), blocks.tolist())))
+        new = [p for p in pairs if p not in self.page_of]
+        if new:
+            for pair, page in zip(new, self._free_pages(len(new), f"a ubatch of {ub.n_tokens} tokens")):
+                self.page_of[pair] = int(page)
+                self.page_block[page] = pair[1]
+        if len(pairs) == 1 and (scratch is None or not scratch.any()):
+            self.slots = (self.page_of[pairs[0]] * PAGE + ub.pos % PAGE).astype(np.int32)
+        else:
+            slots = np.empty(ub.n_tokens, np.int64)
+            for (s, b) in pairs:
+                sel = (ub.seq == s) & (blocks == b)
+                slots[sel] = self.page_of[s, b] * PAGE + ub.pos[sel] % PAGE
+            if scratch is not None:
+                slots[scratch] = np.arange(int(scratch.sum()))
+            self.slots = slots.astype(np.int32)
         self.cell_pos[self.slots] = ub.pos
         self.cell_seq[self.slots] = ub.seq
 
     def window(self) -> int:
-        """Cells the graph must see: up to the last used cell, padded to `pad`."""
-        used = np.flatnonzero(self.cell_pos >= 0)
-        top = int(used[-1]) + 1 if used.shape[0] else 1
-        return min(self.n_cells, -(-top // self.pad) * self.pad)
+        """Cells the graph must see: every page up to the last one in use; all of a sliding window's (its few
+        pages are reused over and over, so the window never moves)."""
+        if self.sliding_window is not None:
+            return self.n_cells
+        used = np.flatnonzero(self.page_block >= 0)
+        return (int(used[-1]) + 1 if used.shape[0] else 1) * PAGE
 
     def fill_mask(self, ub: UBatch, buf: np.ndarray) -> None:
         n_kv = buf.shape[1]
@@ -142,6 +203,17 @@ class KVSlotsInput(GraphInput):
         buf[:] = memory.slots
 
 
+class KVPagesInput(GraphInput):
+    """[n_kv / PAGE] the block of positions each page of the window holds (-1: a free page): the order in
+    which fused attention merges a token's segments."""
+
+    def __init__(self, kv: KVCache, g: GraphBuilder, n_kv: int):
+        self.tensor = g.input(f"{kv.name}.pages", (n_kv // PAGE,), I32)
+
+    def set(self, ub, memory, buf):
+        buf[:] = memory.page_block[: buf.shape[0]]
+
+
 class KVMaskInput(GraphInput):
     """[n_tokens, n_kv] additive mask: 0 where a token may attend to a cell, -inf elsewhere."""
 
@@ -160,7 +232,8 @@ class KVAttention:
         self.kv, self.g, self.n_kv = kv, g, n_kv
         self.slots = KVSlotsInput(kv, g, n_tokens)
         self.mask_input = KVMaskInput(kv, g, n_tokens, n_kv)
-        self.inputs: list[tuple[GraphInput, KVCache]] = [(self.slots, kv), (self.mask_input, kv)]
+        self.pages = KVPagesInput(kv, g, n_kv)
+        self.inputs: list[tuple[GraphInput, KVCache]] = [(self.slots, kv), (self.mask_input, kv), (self.pages, kv)]
 
     @property
     def mask(self) -> Tensor:

@@ -37,6 +37,9 @@ class RecurrentState:
     def nbytes(self) -> int:
         return sum(int(b.nbytes) for b in self.buffers.values())
 
+    def use_scratch(self, first_seq: int) -> None:
+        """Throwaway rows (see Context.use_scratch) keep a state slot each, as any sequence."""
+
     def clear(self) -> None:
         self.slot_of.clear()
         self.pos_next.clear()

@@ -7,7 +7,7 @@ import math
 
 from ..errors import GGUFError
 from ..graph.ir import GraphBuilder, Tensor
-from ..memory.kv_cache import KVAttention, KVCache
+from ..memory.kv_cache import KVAttention, KVCache, cells_for
 from ..memory.recurrent import RecurrentState
 
 
@@ -24,7 +24,7 @@ def attention(g: GraphBuilder, attn: KVAttention, il: int, q: Tensor, k: Tensor,
     if flash:
         if softcap:
             raise ValueError("attention: soft-capping needs the non-flash path (a transposed V cache)")
-        out = g.flash_attn(q, k_win, v_win, attn.mask, scale)
+        out = g.flash_attn(q, k_win, v_win, attn.mask, scale, attn.pages.tensor)
         return g.reshape(out, (n, n_head * out.shape[2]))
     n_kv = attn.n_kv
     dv = v_win.shape[1]
@@ -187,7 +187,8 @@ def swa_memories(c, swa_layers, window: int, n_ctx: int, n_ubatch: int, alloc, f
                  n_seq_max: int = 1) -> dict:
     """Interleaved sliding-window attention: the global layers' full KV cache ("kv") and the local layers'
     window-sized one ("kv_swa"), both ordinary KV memories with their own write indices and masks. The
-    window cache holds a window plus a ubatch per sequence that may be alive at once (capped by n_ctx)."""
+    window cache holds the pages of a window plus a ubatch per sequence that may be alive at once (capped by
+    n_ctx cells)."""
     local = [i for i in range(c.n_layer) if swa_layers[i]]
     full = [i for i in range(c.n_layer) if not swa_layers[i]]
     mems = {}
@@ -195,8 +196,9 @@ def swa_memories(c, swa_layers, window: int, n_ctx: int, n_ubatch: int, alloc, f
         mems["kv"] = KVCache("kv", full, n_ctx, c.n_head_kv, c.head_dim_k, c.head_dim_v, v_trans=not flash_attn,
                              alloc=alloc)
     if local:
-        # A sequence's ubatch needs the window's previous tokens plus its own: window + n_ubatch cells each.
-        cells = min(n_ctx, -(-(n_seq_max * (window + n_ubatch)) // 256) * 256)
+        # A sequence's ubatch needs the window's previous tokens plus its own, window + n_ubatch - 1 positions:
+        # that many cells' pages, plus one where they start mid-page.
+        cells = min(n_ctx, n_seq_max * cells_for(window + n_ubatch - 1, 2))
         mems["kv_swa"] = KVCache("kv_swa", local, cells, c.n_head_kv, c.head_dim_k, c.head_dim_v,
                                  v_trans=not flash_attn, alloc=alloc, sliding_window=window)
     return mems

@@ -25,11 +25,13 @@ from typing import Callable
 
 import numpy as np
 
-from ...errors import IndexOutOfRangeError
+from ...errors import IndexOutOfRangeError, InvalidArgumentError
 
 SOURCE = Path(__file__).with_name("kernels.c")
 PROBE = Path(__file__).with_name("cpu.c")
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# -fopenmp-simd: the kernels' `omp simd` loops vectorize as written (no OpenMP runtime: the threads are
+# kernels.c's own pool)
+FLAGS = ["-O3", "-fopenmp-simd", "-pthread", "-shared", "-fPIC", "-std=c11"]
 # The builds, in the order of cpu.c's levels; each one's flags are all it may assume of the CPU.
 ISA_FLAGS = {
     "portable": [],
@@ -42,7 +44,8 @@ ISA_NAMES = {"portable": "portable C", "avx2": "AVX2", "avx512": "AVX-512 VNNI"}
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_matmul_q4k",
            "kvg_matmul_q5k", "kvg_matmul_q6k", "kvg_rms_norm",
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows",
-           "kvg_tile_rows", "kvg_matmul_glu")
+           "kvg_tile_rows", "kvg_matmul_glu", "kvg_matmul_f32",
+           "kvg_moe_f32")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -119,29 +122,32 @@ def runnable_isas() -> tuple[str, ...]:
 
 
 def _chosen_isa() -> str:
-    """KVGRAPH_ISA's choice, checked against the CPU, or the best build it runs. Raises OSError."""
+    """KVGRAPH_ISA's choice, checked against the CPU, or the best build it runs. Raises InvalidArgumentError
+    (a user's setting: one line naming the builds this CPU runs)."""
     want = os.environ.get("KVGRAPH_ISA", "auto").strip().lower()
     runs = runnable_isas()
     if want in ("", "auto"):
         return runs[-1]
+    these = f"this CPU runs {', '.join(runs)}; set KVGRAPH_ISA to one of those or to auto (the best, {runs[-1]})"
     if want not in ISAS:
-        raise OSError(f"KVGRAPH_ISA={want!r} is not one of auto, {', '.join(ISAS)}")
+        raise InvalidArgumentError(f"KVGRAPH_ISA={want!r} is not a build of the C kernels ({', '.join(ISAS)}): "
+                                   f"{these}.")
     if want not in runs:
-        raise OSError(f"KVGRAPH_ISA={want}, but this CPU does not run {ISA_NAMES[want]} (it runs: {', '.join(runs)})")
+        raise InvalidArgumentError(f"KVGRAPH_ISA={want}, but this CPU does not run {ISA_NAMES[want]}: {these}.")
     return want
 
 
-def build(isa: str, openmp: bool = True) -> ctypes.CDLL:
+def build(isa: str) -> ctypes.CDLL:
     """The kernels built for one instruction set (ISAS), loaded. The caller makes sure the CPU runs it."""
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set CC or install gcc)")
-    flags = [f for f in FLAGS if openmp or f != "-fopenmp"] + ISA_FLAGS[isa]
-    return load(_build(cc, flags))
+    return load(_build(cc, FLAGS + ISA_FLAGS[isa]))
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None when it cannot be used (`why_not()` says why)."""
+    """The loaded kernel library, or None when it cannot be used (`why_not()` says why). Raises
+    InvalidArgumentError for a KVGRAPH_ISA this CPU cannot run."""
     global _lib, _why_not
     if _lib is not None or _why_not is not None:
         return _lib
@@ -151,21 +157,12 @@ def library() -> ctypes.CDLL | None:
     if _compiler() is None:
         _why_not = "no C compiler found (set CC or install gcc)"
         return None
-    try:
-        isa = _chosen_isa()
-    except OSError as exc:
-        _why_not = str(exc)
-        print(f"kvgraph: {_why_not}; the C kernels are off", file=sys.stderr)
-        return None
+    isa = _chosen_isa()
     try:
         _lib = build(isa)
     except OSError as exc:
-        try:        # a compiler without OpenMP (Apple's clang): the same kernels, one thread each
-            _lib = build(isa, openmp=False)
-            print(f"kvgraph: {_compiler()} has no OpenMP; the C kernels run single-threaded", file=sys.stderr)
-        except OSError:
-            _why_not = f"could not build the native kernels: {exc}"
-            print(f"kvgraph: {_why_not}; falling back to torch's kernels (or numpy)", file=sys.stderr)
+        _why_not = f"could not build the native kernels: {exc}"
+        print(f"kvgraph: {_why_not}; falling back to torch's kernels (or numpy)", file=sys.stderr)
     return _lib
 
 
@@ -200,8 +197,8 @@ def why_not() -> str | None:
 
 
 def set_threads(n: int) -> None:
-    """Threads for the matmul kernels. With torch loaded this is torch's own OpenMP runtime (the same
-    libgomp), so torch.set_num_threads and this agree."""
+    """Threads for the kernels' pool (kernels.c's parallel_for), the caller included; workers are started
+    on first need and kept."""
     lib = library()
     if lib is not None:
         lib.kvg_set_threads(n)

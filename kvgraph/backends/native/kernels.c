@@ -8,8 +8,10 @@
  *
  * Every kernel takes one argument, `const int64_t *a`: its parameters as 64-bit slots (pointers, sizes, and
  * floats stored as their float64 bit pattern), built once when a Program is compiled. A call from Python
- * then converts a single pointer. Matmuls split output rows across OpenMP threads with a static schedule,
- * so results do not depend on timing: a replayed Program is bit-identical to a freshly compiled one.
+ * then converts a single pointer. Matmuls and attention split their work into items (tiles, attention
+ * tasks) that the threads of kvgraph's own pool claim (see parallel_for); each item is computed whole by
+ * one thread, so results do not depend on timing or on which thread ran what: a replayed Program is
+ * bit-identical to a freshly compiled one, on any number of threads.
  *
  * Instruction sets: the same source is built three times -- AVX-512 (F/BW/VL/VNNI), AVX2 (+FMA, F16C) and
  * portable C -- and native/__init__.py loads the best one the CPU runs (KVGRAPH_ISA forces one). kvg_simd()
@@ -38,11 +40,19 @@
  * Activations (quantize_q8): per block of 32, d = max|x| / 127, q = round(x / d), s = d * sum(q), and the
  * integer sums of q over each half block (h).
  */
+#define _GNU_SOURCE               /* syscall, clock_gettime */
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define KVG_AVX2 1
@@ -65,14 +75,153 @@ static inline float f_arg(int64_t bits) {
 
 int kvg_simd(void) { return KVG_AVX512 ? 2 : KVG_AVX2; }   /* 2: AVX-512, 1: AVX2, 0: portable */
 
-#ifdef _OPENMP
-#include <omp.h>
-int kvg_threads(void) { return omp_get_max_threads(); }
-void kvg_set_threads(int64_t n) { omp_set_num_threads((int)n); }
-#else
-int kvg_threads(void) { return 1; }
-void kvg_set_threads(int64_t n) { (void)n; }
+/* ---- the thread pool -----------------------------------------------------------------------------------
+ * parallel_for(n, chunk, fn, ctx) runs fn(ctx, i0, i1) over [0, n) in chunks that the caller and the pool's
+ * workers claim one at a time from a shared counter, and returns when every chunk is done. A thread that is
+ * not running (the machine is busy: another process, the server's own threads) holds nothing up but the
+ * chunk it is in: the others take the rest, and a worker that wakes up after the work is gone goes back to
+ * wait without being waited for (an OpenMP team waits for every thread at every barrier). Idle workers spin
+ * for SPIN_NS, then sleep on a futex, so a busy machine's other work gets their cores; the caller waits for
+ * the last chunks the same way. One job at a time: a second caller (another Python thread) runs its job on
+ * its own thread, with the same results. */
+#define MAX_WORKERS 255
+#define SPIN_NS 100000            /* 0.1 ms: the gaps between a decode step's kernels are far shorter */
+#define CHUNKS_PER_THREAD 4       /* claims per thread: balance against claim traffic */
+
+typedef void (*range_fn)(void *ctx, int64_t i0, int64_t i1);
+typedef struct { range_fn fn; void *ctx; int64_t n, chunk; _Atomic uint32_t done; } job_t;
+
+/* claim word: job id (32 bits) | chunks (16 bits) | next chunk (16 bits) */
+#define CL_NEXT(c) ((c) & 0xFFFF)
+#define CL_CHUNKS(c) (((c) >> 16) & 0xFFFF)
+#define CL_ID(c) ((c) >> 32)
+static struct {
+    _Atomic uint64_t claim;
+    _Atomic uint32_t seq;           /* futex word: bumped for every job (and to wake parked workers) */
+    _Atomic int sleepers;           /* workers asleep on seq */
+    _Atomic int caller_sleeping;
+    _Atomic int n_threads;          /* threads a job uses, the caller included */
+    int n_started;
+    job_t jobs[2];                  /* job id's fields in jobs[id & 1]: stable until it is done */
+    pthread_mutex_t busy;           /* held by the one caller whose job the pool runs */
+} pool = {.n_threads = 1, .busy = PTHREAD_MUTEX_INITIALIZER};
+
+static inline void cpu_relax(void) {
+#if KVG_AVX2
+    _mm_pause();
 #endif
+}
+
+static inline int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void wait_while(_Atomic uint32_t *w, uint32_t v) {     /* sleep until *w != v (may wake early) */
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+#else
+    (void)w, (void)v;
+    usleep(50);
+#endif
+}
+
+static void wake_all(_Atomic uint32_t *w) {
+#ifdef __linux__
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)w;
+#endif
+}
+
+/* Spin up to SPIN_NS while *w == v; 1 if it changed. */
+static int spin_while(_Atomic uint32_t *w, uint32_t v) {
+    int64_t t0 = 0;
+    for (int i = 1;; i++) {
+        if (atomic_load(w) != v) return 1;
+        cpu_relax();
+        if (i % 64 == 0) {
+            const int64_t t = now_ns();
+            if (!t0) t0 = t;
+            else if (t - t0 > SPIN_NS) return 0;
+        }
+    }
+}
+
+/* Claim and run chunks of job `id` until none is left (or another job is current). */
+static void work(uint64_t id) {
+    for (;;) {
+        uint64_t c = atomic_load(&pool.claim);
+        if (CL_ID(c) != id || CL_NEXT(c) >= CL_CHUNKS(c)) return;
+        if (!atomic_compare_exchange_weak(&pool.claim, &c, c + 1)) continue;
+        job_t *j = &pool.jobs[id & 1];       /* a chunk of job id is ours: its fields stay until we are done */
+        const int64_t i0 = (int64_t)CL_NEXT(c) * j->chunk, i1 = i0 + j->chunk < j->n ? i0 + j->chunk : j->n;
+        j->fn(j->ctx, i0, i1);
+        if (atomic_fetch_add(&j->done, 1) + 1 == CL_CHUNKS(c) && atomic_load(&pool.caller_sleeping))
+            wake_all(&j->done);
+    }
+}
+
+static void *worker(void *arg) {
+    const int index = (int)(intptr_t)arg;            /* workers 0 .. n_threads - 2 take part */
+    uint32_t seen = atomic_load(&pool.seq);
+    for (;;) {
+        if (!spin_while(&pool.seq, seen)) {
+            atomic_fetch_add(&pool.sleepers, 1);
+            while (atomic_load(&pool.seq) == seen) wait_while(&pool.seq, seen);
+            atomic_fetch_sub(&pool.sleepers, 1);
+        }
+        seen = atomic_load(&pool.seq);
+        if (index < atomic_load(&pool.n_threads) - 1) work(CL_ID(atomic_load(&pool.claim)));
+    }
+    return NULL;
+}
+
+int kvg_threads(void) { return atomic_load(&pool.n_threads); }
+
+void kvg_set_threads(int64_t n) {
+    n = n < 1 ? 1 : n > MAX_WORKERS + 1 ? MAX_WORKERS + 1 : n;
+    pthread_mutex_lock(&pool.busy);
+    for (; pool.n_started < n - 1; pool.n_started++) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int ok = pthread_create(&t, &attr, worker, (void *)(intptr_t)pool.n_started) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;                              /* fewer threads: the same results, slower */
+    }
+    atomic_store(&pool.n_threads, (int)(n < pool.n_started + 1 ? n : pool.n_started + 1));
+    pthread_mutex_unlock(&pool.busy);
+}
+
+static void parallel_for(int64_t n, int64_t min_chunk, range_fn fn, void *ctx) {
+    const int nt = atomic_load(&pool.n_threads);
+    int64_t chunk = n / ((int64_t)CHUNKS_PER_THREAD * nt);
+    chunk = chunk < min_chunk ? min_chunk : chunk < 1 ? 1 : chunk;
+    const int64_t n_chunks = (n + chunk - 1) / chunk;
+    if (nt <= 1 || n_chunks <= 1 || n_chunks > 0xFFFF || pthread_mutex_trylock(&pool.busy) != 0) {
+        if (n > 0) fn(ctx, 0, n);
+        return;
+    }
+    const uint64_t id = (CL_ID(atomic_load(&pool.claim)) + 1) & 0xFFFFFFFF;
+    job_t *j = &pool.jobs[id & 1];
+    j->fn = fn, j->ctx = ctx, j->n = n, j->chunk = chunk;
+    atomic_store(&j->done, 0);
+    atomic_store(&pool.claim, id << 32 | (uint64_t)n_chunks << 16);
+    atomic_fetch_add(&pool.seq, 1);
+    if (atomic_load(&pool.sleepers)) wake_all(&pool.seq);
+    work(id);
+    uint32_t d;
+    while ((d = atomic_load(&j->done)) != (uint32_t)n_chunks) {
+        if (spin_while(&j->done, d)) continue;
+        atomic_store(&pool.caller_sleeping, 1);
+        if (atomic_load(&j->done) == d) wait_while(&j->done, d);
+        atomic_store(&pool.caller_sleeping, 0);
+    }
+    pthread_mutex_unlock(&pool.busy);
+}
 
 static inline float h2f(uint16_t h) {          /* IEEE half -> float, exact */
 #if KVG_AVX2
@@ -537,7 +686,11 @@ typedef void (*tiles_fn)(int, const uint8_t *, int64_t, const int8_t *, int64_t,
 
 /* a: w (tiles), N, K, xq, xd, xs, M, n_seg, seg_end*, seg_out*, bytes per tile (the packed array's own
  * stride, so the layout's size lives in one place: the Python packer), xh (int32 [M, 2G]) */
-static void matmul(const int64_t *a, tiles_fn tiles) {
+typedef struct { const int64_t *a; tiles_fn tiles; } matmul_job;
+
+static void matmul_tiles(void *job, int64_t t0, int64_t t1) {
+    const int64_t *a = ((matmul_job *)job)->a;
+    const tiles_fn tiles = ((matmul_job *)job)->tiles;
     const uint8_t *w = (const uint8_t *)a[0];
     const int64_t n = a[1], k = a[2], m_rows = a[6], n_seg = a[7], tb = a[10], g_n = k / QK;
     const int8_t *xq = (const int8_t *)a[3];
@@ -545,9 +698,7 @@ static void matmul(const int64_t *a, tiles_fn tiles) {
     const int64_t *seg_end = (const int64_t *)a[8];
     float *const *seg_out = (float *const *)a[9];
     const int32_t *xh = (const int32_t *)a[11];
-    const int64_t n_tiles = (n + TR - 1) / TR;
-#pragma omp parallel for schedule(static)
-    for (int64_t ti = 0; ti < n_tiles; ti++) {
+    for (int64_t ti = t0; ti < t1; ti++) {
         const int64_t r0 = ti * TR, rows = n - r0 < TR ? n - r0 : TR;
         int64_t s = 0, start = 0;
         while (s + 1 < n_seg && r0 >= seg_end[s]) start = seg_end[s++];
@@ -560,6 +711,11 @@ static void matmul(const int64_t *a, tiles_fn tiles) {
             for (int j = 0; j < mb; j++) memcpy(out + (m0 + j) * ldo, res + TR * j, (size_t)rows * sizeof(float));
         }
     }
+}
+
+static void matmul(const int64_t *a, tiles_fn tiles) {
+    matmul_job job = {a, tiles};
+    parallel_for((a[1] + TR - 1) / TR, 1, matmul_tiles, &job);
 }
 
 void kvg_matmul_q4h(const int64_t *a) { matmul(a, q4h_tiles); }
@@ -706,7 +862,8 @@ static const tiles_fn TILES[] = {q4h_tiles, q4f_tiles, q5h_tiles, q8_tiles, q4k_
  * tile, xh, format (F_*), kind (as kvg_gated).  out = act(x gate^T) * (x up^T) with each output tile's gate
  * and up products kept in registers: the two [M, F] intermediates never exist. The same sums and the same
  * activation as kvg_matmul_* then kvg_gated, so the same bits. */
-void kvg_matmul_glu(const int64_t *a) {
+static void glu_tiles(void *job, int64_t r0, int64_t r1) {     /* runs r0 .. r1 - 1 of GLU_RUN tiles */
+    const int64_t *a = (const int64_t *)job;
     const uint8_t *w = (const uint8_t *)a[0];
     const int64_t f = a[1], k = a[2], m_rows = a[6], tb = a[8], kind = a[11], g_n = k / QK, n_tiles = f / TR;
     const int8_t *xq = (const int8_t *)a[3];
@@ -714,8 +871,7 @@ void kvg_matmul_glu(const int64_t *a) {
     float *out = (float *)a[7];
     const int32_t *xh = (const int32_t *)a[9];
     const tiles_fn tiles = TILES[a[10]];
-#pragma omp parallel for schedule(static)
-    for (int64_t t0 = 0; t0 < n_tiles; t0 += GLU_RUN) {
+    for (int64_t t0 = r0 * GLU_RUN; t0 < n_tiles && t0 < r1 * GLU_RUN; t0 += GLU_RUN) {
         const int nr = (int)(n_tiles - t0 < GLU_RUN ? n_tiles - t0 : GLU_RUN);
         float rg[GLU_RUN][TR * M_TILE], ru[GLU_RUN][TR * M_TILE];
         for (int64_t m0 = 0; m0 < m_rows; m0 += M_TILE) {
@@ -731,6 +887,116 @@ void kvg_matmul_glu(const int64_t *a) {
         }
     }
 }
+
+void kvg_matmul_glu(const int64_t *a) {
+    parallel_for((a[1] / TR + GLU_RUN - 1) / GLU_RUN, 1, glu_tiles, (void *)a);
+}
+
+/* a: w (float [N, K], rows ws0 apart), N, K, x (float [M, K], rows xs0 apart), M, out (float [M, N], rows os0
+ * apart), ws0, xs0, os0.  out = x w^T for float32 weights. Each out[m, n] is one dot product summed lane by
+ * lane in the order of k, whatever M is or which rows share a pass, so a token's row does not depend on its
+ * ubatch (a BLAS picks other kernels, and other sums, for one row than for many). */
+static void f32_rows(void *job, int64_t n0, int64_t n1) {
+    const int64_t *a = (const int64_t *)job;
+    const float *w = (const float *)a[0], *x = (const float *)a[3];
+    const int64_t k = a[2], m_rows = a[4], ws0 = a[6], xs0 = a[7], os0 = a[8];
+    float *out = (float *)a[5];
+    for (int64_t n = n0; n < n1; n++) {
+        const float *wr = w + n * ws0;
+        for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+            const int mb = (int)(m_rows - m0 < 4 ? m_rows - m0 : 4);
+            float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int64_t e = 0;
+#ifdef VF_W
+            vf acc[4] = {vf_set1(0.0f), vf_set1(0.0f), vf_set1(0.0f), vf_set1(0.0f)};
+            for (; e + VF_W <= k; e += VF_W) {
+                const vf wv = vf_load(wr + e);
+                for (int j = 0; j < mb; j++) acc[j] = vf_fmadd(vf_load(x + (m0 + j) * xs0 + e), wv, acc[j]);
+            }
+            for (int j = 0; j < mb; j++) {
+                float lanes[VF_W];
+                vf_store(lanes, acc[j]);
+                for (int i = 0; i < VF_W; i++) sum[j] += lanes[i];
+            }
+#endif
+            for (int j = 0; j < mb; j++) {
+                const float *xr = x + (m0 + j) * xs0;
+                for (int64_t t = e; t < k; t++) sum[j] += xr[t] * wr[t];
+                out[(m0 + j) * os0 + n] = sum[j];
+            }
+        }
+    }
+}
+
+void kvg_matmul_f32(const int64_t *a) { parallel_for(a[1], 8, f32_rows, (void *)a); }
+
+/* sum_i a[i] b[i], lane by lane in the order of i, then the lanes in order: the same sum wherever it runs */
+static inline float dot_lanes(const float *a, const float *b, int64_t n) {
+    float s = 0.0f;
+    int64_t i = 0;
+#ifdef VF_W
+    vf acc = vf_set1(0.0f);
+    for (; i + VF_W <= n; i += VF_W) acc = vf_fmadd(vf_load(a + i), vf_load(b + i), acc);
+    float lanes[VF_W];
+    vf_store(lanes, acc);
+    for (int l = 0; l < VF_W; l++) s += lanes[l];
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* a: x (float [n, E], rows xs0 apart), n, E, router (float [X, E]), X, up, gate (float [X, F, E]), down (float
+ * [X, E, F]), F, out (float [n, E], rows os0 apart), n_used, norm, xs0, os0.
+ * A mixture-of-experts SwiGLU FFN token by token (see GraphBuilder.moe_ffn): softmax(router x), the n_used
+ * most probable experts (ties: the lower index), out = sum of p_e down_e(silu(gate_e x) * up_e x) with p
+ * renormalised to sum 1 when norm. Every product is a dot_lanes: a token's row does not depend on which
+ * other tokens share its ubatch or pick the same experts. */
+static void moe_tokens(void *job, int64_t t0, int64_t t1) {
+    const int64_t *a = (const int64_t *)job;
+    const float *x = (const float *)a[0], *router = (const float *)a[3], *up = (const float *)a[5];
+    const float *gate = (const float *)a[6], *down = (const float *)a[7];
+    const int64_t e = a[2], n_exp = a[4], f = a[8], n_used = a[10], norm = a[11], xs0 = a[12], os0 = a[13];
+    float *out = (float *)a[9];
+    float *buf = malloc(sizeof(float) * (size_t)(n_exp + f));
+    int64_t *chosen = malloc(sizeof(int64_t) * (size_t)n_used);
+    float *p = buf, *h = buf + n_exp;
+    for (int64_t t = t0; t < t1; t++) {
+        const float *xt = x + t * xs0;
+        float *ot = out + t * os0, mx = -INFINITY, total = 0.0f;
+        for (int64_t j = 0; j < n_exp; j++) {
+            p[j] = dot_lanes(xt, router + j * e, e);
+            mx = p[j] > mx ? p[j] : mx;
+        }
+        for (int64_t j = 0; j < n_exp; j++) total += (p[j] = expf(p[j] - mx));
+        for (int64_t j = 0; j < n_exp; j++) p[j] /= total;
+        float wsum = 0.0f;
+        for (int64_t u = 0; u < n_used; u++) {        /* the u-th most probable, the lower index on ties */
+            int64_t best = -1;
+            for (int64_t j = 0; j < n_exp; j++) {
+                int taken = 0;
+                for (int64_t v = 0; v < u; v++) taken |= chosen[v] == j;
+                if (!taken && (best < 0 || p[j] > p[best])) best = j;
+            }
+            chosen[u] = best;
+            wsum += p[best];
+        }
+        const float scale = norm ? 1.0f / (wsum > 6.103515625e-5f ? wsum : 6.103515625e-5f) : 1.0f;
+        for (int64_t i = 0; i < e; i++) ot[i] = 0.0f;
+        for (int64_t u = 0; u < n_used; u++) {
+            const int64_t j = chosen[u];
+            const float w = p[j] * scale;
+            for (int64_t r = 0; r < f; r++) {
+                const float g = dot_lanes(xt, gate + (j * f + r) * e, e);
+                h[r] = g / (1.0f + expf(-g)) * dot_lanes(xt, up + (j * f + r) * e, e);
+            }
+            for (int64_t i = 0; i < e; i++) ot[i] += w * dot_lanes(h, down + (j * e + i) * f, f);
+        }
+    }
+    free(chosen);
+    free(buf);
+}
+
+void kvg_moe_f32(const int64_t *a) { parallel_for(a[1], 1, moe_tokens, (void *)a); }
 
 /* a: x, n, H, d, xs0, xs1, out, os0, os1, n_dims, pos (int32 [n]), inv_freq (float [n_dims/2]), neox
  * Rotary embedding per token and head; dims past n_dims are copied. */
@@ -808,7 +1074,7 @@ void kvg_set_rows(const int64_t *a) {
 }
 
 /* a: q, n, H, d, qs0, qs1,  k, n_kv, Hkv, ks0, ks1,  v, dv, vs0, vs1, vs2,  mask, ms0,  scale (f64 bits),
- *    out, os0, os1, kv_f16 (K and V float16; strides count elements)
+ *    out, os0, os1, kv_f16 (K and V float16; strides count elements),  pages (int32 [n_kv / SEG] or 0)
  * out[t, h] = softmax(q[t, h] . k[:, h / (H / Hkv)] * scale + mask[t]) @ v[:, h / (H / Hkv)]
  * One algorithm for every ubatch size, so a token's result does not depend on how many tokens share its
  * ubatch (a prompt continued from cached cells equals the same prompt run cold). The window is cut into
@@ -821,7 +1087,9 @@ void kvg_set_rows(const int64_t *a) {
  * (online softmax). Chunks the mask hides from the whole block are skipped (a padded KV window costs only
  * its valid cells), cells masked -inf never reach the sums, and the next chunk's rows are prefetched.
  * v element (cell c, head j, dim e) is at c*vs0 + j*vs1 + e*vs2. Work items come in waves whose partial
- * results fit PART_BYTES. */
+ * results fit PART_BYTES. With pages (the KV cache's: segment s holds the positions [SEG pages[s], SEG
+ * pages[s] + SEG) of one sequence at offsets pos % SEG) the segments are merged in the order of their
+ * blocks, so a token's result does not depend on where its sequence's pages lie in the window either. */
 #define QB 16
 #define KC 64
 #define SEG 256                 /* cells per segment (a multiple of KC) */
@@ -1063,122 +1331,149 @@ static float *scratch_floats(size_t n) {
     return s->f;
 }
 
-static inline __attribute__((always_inline)) void attention(const int64_t *a, const int H) {
-    const float *q = (const float *)a[0];
-    const void *k = (const void *)a[6], *v = (const void *)a[11];
-    const float *mask = (const float *)a[16];
-    const int64_t es = H ? 2 : 4;                /* bytes per K / V element */
-    const int64_t n = a[1], nh = a[2], d = a[3], qs0 = a[4], qs1 = a[5];
-    const int64_t n_kv = a[7], nhkv = a[8], ks0 = a[9], ks1 = a[10];
-    const int64_t dv = a[12], vs0 = a[13], vs1 = a[14], vs2 = a[15], ms0 = a[17];
-    const float scale = f_arg(a[18]);
-    float *out = (float *)a[19];
-    const int64_t os0 = a[20], os1 = a[21], group = nh / nhkv, n_tb = (n + QB - 1) / QB;
-    const int64_t items = n_tb * nhkv, n_sg = (n_kv + SEG - 1) / SEG, nq_max = QB * group;
-    const int64_t part_floats = nq_max * (dv + 2);             /* acc, max, sum of one (item, segment) */
+/* The parameters of one attention call (a) as locals: K and V float16 when H. */
+#define ATTN_ARGS(a)                                                                                          \
+    const float *q = (const float *)a[0];                                                                     \
+    const void *k = (const void *)a[6], *v = (const void *)a[11];                                             \
+    const float *mask = (const float *)a[16];                                                                 \
+    const int64_t es = a[22] ? 2 : 4;                /* bytes per K / V element */                             \
+    const int64_t n = a[1], nh = a[2], d = a[3], qs0 = a[4], qs1 = a[5];                                      \
+    const int64_t n_kv = a[7], nhkv = a[8], ks0 = a[9], ks1 = a[10];                                          \
+    const int64_t dv = a[12], vs0 = a[13], vs1 = a[14], vs2 = a[15], ms0 = a[17];                             \
+    const float scale = f_arg(a[18]);                                                                         \
+    float *out = (float *)a[19];                                                                              \
+    const int64_t os0 = a[20], os1 = a[21], group = nh / nhkv, n_tb = (n + QB - 1) / QB;                      \
+    const int64_t items = n_tb * nhkv, n_sg = (n_kv + SEG - 1) / SEG, nq_max = QB * group;                    \
+    const int64_t part_floats = nq_max * (dv + 2);             /* acc, max, sum of one (item, segment) */     \
+    (void)q, (void)k, (void)v, (void)mask, (void)es, (void)d, (void)qs0, (void)qs1, (void)ks0, (void)ks1, (void)vs0,   \
+        (void)vs1, (void)vs2, (void)ms0, (void)scale, (void)out, (void)os0, (void)os1, (void)items
+
+/* one wave of work items: its first item, its partial results, the segments' merge order */
+typedef struct { const int64_t *a; int64_t w0; float *part; const int64_t *order; } attn_wave;
+
+/* tasks task0 .. task1 - 1 of a wave: (item, segment) pairs, each item's segments side by side */
+static inline __attribute__((always_inline)) void attn_tasks(const attn_wave *wv, int64_t task0, int64_t task1,
+                                                             const int H) {
+    ATTN_ARGS(wv->a);
+    const int64_t w0 = wv->w0;
+    float *part = wv->part;
+    float *kt = malloc(sizeof(float) * (size_t)(d * KC));
+    for (int64_t task = task0; task < task1; task++) {
+        const int64_t it = w0 + task / n_sg, sg = task % n_sg;
+        const int64_t tb = n_tb - 1 - it / nhkv, j = it % nhkv;   /* the longest (latest) blocks first */
+        const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
+        float *acc = part + task * part_floats, *mx = acc + nq_max * dv, *sum = mx + nq_max;
+        for (int64_t i = 0; i < nq * dv; i++) acc[i] = 0.0f;
+        for (int64_t i = 0; i < nq; i++) mx[i] = -INFINITY, sum[i] = 0.0f;
+        const int64_t c_end = (sg + 1) * SEG < n_kv ? (sg + 1) * SEG : n_kv;
+        for (int64_t c0 = sg * SEG; c0 < c_end; c0 += KC) {
+            const int64_t nc = c_end - c0 < KC ? c_end - c0 : KC;
+            int any = 0;
+            for (int64_t t = t0; t < t0 + nt && !any; t++)
+                for (int64_t c = 0; c < nc; c++)
+                    if (mask[t * ms0 + c0 + c] != -INFINITY) { any = 1; break; }
+            if (!any) continue;
+            if (c0 + KC < c_end) {   /* the next chunk's K and V rows stream in while this one is computed */
+                const int64_t nn = c_end - c0 - KC < KC ? c_end - c0 - KC : KC;
+                prefetch_rows((const char *)k + es * ((c0 + KC) * ks0 + j * ks1), es * ks0, nn, es * d);
+                prefetch_rows((const char *)v + es * ((c0 + KC) * vs0 + j * vs1), es * vs0, nn, es * dv);
+            }
+            transpose_chunk(kt, (const char *)k + es * (c0 * ks0 + j * ks1), ks0, nc, d, H);
+            for (int64_t qg = 0; qg < nq; qg += QG) {
+                const int ng = nq - qg < QG ? (int)(nq - qg) : QG;
+                float sc[QG][KC], *live_acc[QG];
+                const float *qv[QG], *live_p[QG];
+                int nl = 0;
+                for (int g = 0; g < ng; g++) {
+                    const int64_t qi = qg + g, t = t0 + qi / group, h = j * group + qi % group;
+                    qv[g] = q + t * qs0 + h * qs1;
+                }
+                chunk_scores_multi(sc, qv, ng, kt, d);
+                for (int g = 0; g < ng; g++) {
+                    const int64_t qi = qg + g, t = t0 + qi / group;
+                    const float cmx = scale_mask_max(sc[g], mask + t * ms0 + c0, nc, scale);
+                    if (cmx == -INFINITY) continue;
+                    float *acq = acc + qi * dv;
+                    if (cmx > mx[qi]) {               /* rescale what is summed so far to the new maximum */
+                        const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
+                        sum[qi] *= r;
+                        for (int64_t e = 0; e < dv; e++) acq[e] *= r;
+                        mx[qi] = cmx;
+                    }
+                    exp_chunk(sc[g], nc, mx[qi]);
+                    for (int64_t c = 0; c < nc; c++) sum[qi] += sc[g][c];
+                    live_acc[nl] = acq;
+                    live_p[nl++] = sc[g];
+                }
+                chunk_pv_multi(live_acc, live_p, nl, nc, (const char *)v + es * (c0 * vs0 + j * vs1), vs0, dv,
+                               vs2, H);
+            }
+        }
+    }
+    free(kt);
+}
+
+static void attn_tasks_f32(void *wv, int64_t t0, int64_t t1) { attn_tasks(wv, t0, t1, 0); }
+static void attn_tasks_f16(void *wv, int64_t t0, int64_t t1) { attn_tasks(wv, t0, t1, 1); }
+
+/* merge each query's segments in their order: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M) */
+static void attn_merge(void *wave, int64_t iw0, int64_t iw1) {
+    const attn_wave *wv = wave;
+    ATTN_ARGS(wv->a);
+    const int64_t w0 = wv->w0, *order = wv->order;
+    const float *part = wv->part;
+    for (int64_t iw = iw0; iw < iw1; iw++) {
+        const int64_t it = w0 + iw, tb = n_tb - 1 - it / nhkv, j = it % nhkv;
+        const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
+        const float *p0 = part + iw * n_sg * part_floats;
+        for (int64_t qi = 0; qi < nq; qi++) {
+            const int64_t t = t0 + qi / group, h = j * group + qi % group;
+            float *o = out + t * os0 + h * os1;
+            float m = -INFINITY, l = 0.0f;
+            for (int64_t sg = 0; sg < n_sg; sg++) {
+                const float ms = p0[sg * part_floats + nq_max * dv + qi];
+                m = ms > m ? ms : m;
+            }
+            for (int64_t e = 0; e < dv; e++) o[e] = 0.0f;
+            if (m == -INFINITY) continue;                  /* no cell visible: zeros */
+            for (int64_t i = 0; i < n_sg; i++) {
+                const float *ps = p0 + order[i] * part_floats;
+                const float ms = ps[nq_max * dv + qi];
+                if (ms == -INFINITY) continue;
+                const float r = expf(ms - m);
+                l += ps[nq_max * dv + nq_max + qi] * r;
+                for (int64_t e = 0; e < dv; e++) o[e] += ps[qi * dv + e] * r;
+            }
+            const float inv = 1.0f / l;
+            for (int64_t e = 0; e < dv; e++) o[e] *= inv;
+        }
+    }
+}
+
+static void attention(const int64_t *a) {
+    ATTN_ARGS(a);
     int64_t wave = (int64_t)(PART_BYTES / sizeof(float)) / (part_floats * n_sg);
     const int64_t min_wave = (WAVE_TASKS * kvg_threads() + n_sg - 1) / n_sg;   /* enough tasks to share out */
     wave = wave < min_wave ? min_wave : wave;
     wave = wave < 1 ? 1 : wave > items ? items : wave;
     float *part = scratch_floats((size_t)(wave * n_sg * part_floats));
+    const int32_t *pages = (const int32_t *)a[23];
+    int64_t order[n_sg];                        /* segments in merge order: by block, else window order */
+    for (int64_t i = 0; i < n_sg; i++) {
+        int64_t j = i;
+        for (; pages && j > 0 && pages[order[j - 1]] > pages[i]; j--) order[j] = order[j - 1];
+        order[j] = i;
+    }
     for (int64_t w0 = 0; w0 < items; w0 += wave) {
         const int64_t nw = items - w0 < wave ? items - w0 : wave;
-#pragma omp parallel if (nw * n_sg > 1)
-        {
-            float *kt = malloc(sizeof(float) * (size_t)(d * KC));
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t task = 0; task < nw * n_sg; task++) {
-                const int64_t it = w0 + task / n_sg, sg = task % n_sg;
-                const int64_t tb = n_tb - 1 - it / nhkv, j = it % nhkv;   /* the longest (latest) blocks first */
-                const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
-                float *acc = part + task * part_floats, *mx = acc + nq_max * dv, *sum = mx + nq_max;
-                for (int64_t i = 0; i < nq * dv; i++) acc[i] = 0.0f;
-                for (int64_t i = 0; i < nq; i++) mx[i] = -INFINITY, sum[i] = 0.0f;
-                const int64_t c_end = (sg + 1) * SEG < n_kv ? (sg + 1) * SEG : n_kv;
-                for (int64_t c0 = sg * SEG; c0 < c_end; c0 += KC) {
-                    const int64_t nc = c_end - c0 < KC ? c_end - c0 : KC;
-                    int any = 0;
-                    for (int64_t t = t0; t < t0 + nt && !any; t++)
-                        for (int64_t c = 0; c < nc; c++)
-                            if (mask[t * ms0 + c0 + c] != -INFINITY) { any = 1; break; }
-                    if (!any) continue;
-                    if (c0 + KC < c_end) {   /* the next chunk's K and V rows stream in while this one is computed */
-                        const int64_t nn = c_end - c0 - KC < KC ? c_end - c0 - KC : KC;
-                        prefetch_rows((const char *)k + es * ((c0 + KC) * ks0 + j * ks1), es * ks0, nn, es * d);
-                        prefetch_rows((const char *)v + es * ((c0 + KC) * vs0 + j * vs1), es * vs0, nn, es * dv);
-                    }
-                    transpose_chunk(kt, (const char *)k + es * (c0 * ks0 + j * ks1), ks0, nc, d, H);
-                    for (int64_t qg = 0; qg < nq; qg += QG) {
-                        const int ng = nq - qg < QG ? (int)(nq - qg) : QG;
-                        float sc[QG][KC], *live_acc[QG];
-                        const float *qv[QG], *live_p[QG];
-                        int nl = 0;
-                        for (int g = 0; g < ng; g++) {
-                            const int64_t qi = qg + g, t = t0 + qi / group, h = j * group + qi % group;
-                            qv[g] = q + t * qs0 + h * qs1;
-                        }
-                        chunk_scores_multi(sc, qv, ng, kt, d);
-                        for (int g = 0; g < ng; g++) {
-                            const int64_t qi = qg + g, t = t0 + qi / group;
-                            const float cmx = scale_mask_max(sc[g], mask + t * ms0 + c0, nc, scale);
-                            if (cmx == -INFINITY) continue;
-                            float *acq = acc + qi * dv;
-                            if (cmx > mx[qi]) {               /* rescale what is summed so far to the new maximum */
-                                const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
-                                sum[qi] *= r;
-                                for (int64_t e = 0; e < dv; e++) acq[e] *= r;
-                                mx[qi] = cmx;
-                            }
-                            exp_chunk(sc[g], nc, mx[qi]);
-                            for (int64_t c = 0; c < nc; c++) sum[qi] += sc[g][c];
-                            live_acc[nl] = acq;
-                            live_p[nl++] = sc[g];
-                        }
-                        chunk_pv_multi(live_acc, live_p, nl, nc, (const char *)v + es * (c0 * vs0 + j * vs1), vs0, dv,
-                                       vs2, H);
-                    }
-                }
-            }
-            /* merge each query's segments in order: out = sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M) */
-#pragma omp for schedule(static)
-            for (int64_t iw = 0; iw < nw; iw++) {
-                const int64_t it = w0 + iw, tb = n_tb - 1 - it / nhkv, j = it % nhkv;
-                const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
-                const float *p0 = part + iw * n_sg * part_floats;
-                for (int64_t qi = 0; qi < nq; qi++) {
-                    const int64_t t = t0 + qi / group, h = j * group + qi % group;
-                    float *o = out + t * os0 + h * os1;
-                    float m = -INFINITY, l = 0.0f;
-                    for (int64_t sg = 0; sg < n_sg; sg++) {
-                        const float ms = p0[sg * part_floats + nq_max * dv + qi];
-                        m = ms > m ? ms : m;
-                    }
-                    for (int64_t e = 0; e < dv; e++) o[e] = 0.0f;
-                    if (m == -INFINITY) continue;                  /* no cell visible: zeros */
-                    for (int64_t sg = 0; sg < n_sg; sg++) {
-                        const float *ps = p0 + sg * part_floats;
-                        const float ms = ps[nq_max * dv + qi];
-                        if (ms == -INFINITY) continue;
-                        const float r = expf(ms - m);
-                        l += ps[nq_max * dv + nq_max + qi] * r;
-                        for (int64_t e = 0; e < dv; e++) o[e] += ps[qi * dv + e] * r;
-                    }
-                    const float inv = 1.0f / l;
-                    for (int64_t e = 0; e < dv; e++) o[e] *= inv;
-                }
-            }
-            free(kt);
-        }
+        attn_wave wv = {a, w0, part, order};
+        parallel_for(nw * n_sg, 1, a[22] ? attn_tasks_f16 : attn_tasks_f32, &wv);
+        parallel_for(nw, 1, attn_merge, &wv);
     }
 }
 
 /* a[22]: K and V are float16 */
-void kvg_attention(const int64_t *a) {
-    if (a[22])
-        attention(a, 1);
-    else
-        attention(a, 0);
-}
+void kvg_attention(const int64_t *a) { attention(a); }
 
 /* a: x, y, out, n:  out = x + y (contiguous, same length) */
 void kvg_add(const int64_t *a) {

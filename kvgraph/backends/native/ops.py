@@ -10,7 +10,8 @@ from ..quant_repack import Q8_0Rows
 from . import GATED_KINDS, bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
-OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale"})  # for_node's
+SEG = 256   # cells per segment of the attention kernel (kernels.c), the KV cache's page
+OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale", "moe_ffn"})  # for_node's
 
 
 def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
@@ -23,14 +24,28 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
     if t.op == "rope":
         return rope(srcs[0], srcs[1], out, t.p["n_dims"], rope_inv_freq(t.p), t.p["neox"])
     if t.op == "flash_attn":
-        return attention(*srcs, t.p["scale"], out)
+        return attention(*srcs[:4], t.p["scale"], out, *srcs[4:])
     if t.op == "add":
         return add(*srcs, out)
     if t.op == "mul":
         return mul_rows(srcs[0], srcs[1], out)
     if t.op == "scale":
         return mul_rows(srcs[0], None, out, t.p["s"])
+    if t.op == "moe_ffn":
+        return moe_ffn(*srcs, out, t.p["n_used"], t.p["norm_weights"])
     return None
+
+
+def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray, down: np.ndarray,
+            out: np.ndarray, n_used: int, norm: bool):
+    """A mixture-of-experts SwiGLU FFN token by token (kvg_moe_f32): float32, rows contiguous."""
+    arrays = (x, router, up, gate, down, out)
+    if not all(a.dtype == np.float32 and a.strides[-1] == F4 for a in arrays) or not all(
+            a.flags.c_contiguous for a in (router, up, gate, down)):
+        return None
+    return bind("kvg_moe_f32", ptr(x), x.shape[0], x.shape[1], ptr(router), router.shape[0], ptr(up), ptr(gate),
+                ptr(down), up.shape[1], ptr(out), int(n_used), int(norm), x.strides[0] // F4, out.strides[0] // F4,
+                keep=arrays)
 
 
 def mul_rows(x: np.ndarray, w: np.ndarray | None, out: np.ndarray, s: float = 1.0):
@@ -132,10 +147,15 @@ def set_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray, transposed: bool
                 n_dst, int(es == 2), keep=(dst, src, idx), indexes=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, out: np.ndarray):
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, out: np.ndarray,
+              pages: np.ndarray | None = None):
     """out [n, H, dv] = softmax(q k^T * scale + mask) v per head group. q [n, H, d], k [n_kv, Hkv, d], v
-    [n_kv, Hkv, dv] (k and v both float32 or both float16), mask [n, n_kv]."""
+    [n_kv, Hkv, dv] (k and v both float32 or both float16), mask [n, n_kv]; pages (int32 [n_kv / SEG], the
+    KV cache's page blocks) orders the merge of the kernel's segments of SEG cells (None: window order)."""
     if not (_heads(q) and _heads(k, k.dtype) and _heads(out)) or mask.dtype != np.float32 or mask.strides[-1] != F4:
+        return None
+    if pages is not None and (pages.dtype != np.int32 or pages.shape[0] * SEG != k.shape[0]
+                              or not pages.flags.c_contiguous):
         return None
     n, nh, d = q.shape
     n_kv, nhkv, _ = k.shape
@@ -148,4 +168,5 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, sca
     return bind("kvg_attention", ptr(q), n, nh, d, q.strides[0] // F4, q.strides[1] // F4,
                 ptr(k), n_kv, nhkv, k.strides[0] // es, k.strides[1] // es,
                 ptr(v), dv, vs0, vs1, vs2, ptr(mask), mask.strides[0] // F4, f64_bits(scale),
-                ptr(out), out.strides[0] // F4, out.strides[1] // F4, int(es == 2), keep=(q, k, v, mask, out))
+                ptr(out), out.strides[0] // F4, out.strides[1] // F4, int(es == 2),
+                0 if pages is None else ptr(pages), keep=(q, k, v, mask, out, pages))
