@@ -21,7 +21,7 @@ from tiny_models import TinySpec, write_tiny_llama
 
 LLAMA_BENCH_FIELDS = ("model_filename", "model_type", "model_size", "model_n_params", "n_threads", "n_prompt",
                       "n_gen", "n_depth", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ts")
-OUR_FIELDS = ("graph_cache", "backend", "flash_attn", "host_ms_per_token", "build_ms", "plan_ms", "compute_ms",
+OUR_FIELDS = ("graph_cache", "backend", "kernels", "flash_attn", "host_ms_per_token", "build_ms", "plan_ms", "compute_ms",
               "peak_rss_mb", "cache_hits", "cache_misses", "set_inputs_ms", "compile_ms", "sampling_ms",
               "weights_mb", "kv_cache_mb", "compute_buffer_mb")
 
@@ -51,6 +51,22 @@ def test_bench_json_has_llama_bench_and_kvgraph_fields(tiny_llama, capsys):
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+def test_bench_rows_name_the_kernel_build_and_the_threads_that_ran(tiny_llama, capsys, monkeypatch):
+    """A row says what it measured: the C kernels' build (KVGRAPH_ISA picks a lower one), "-" without them,
+    and the threads used (never more than the CPUs this process may use)."""
+    from kvgraph.backends import native
+    from kvgraph.backends.cpus import usable_cpus
+
+    monkeypatch.setattr(native, "_lib", native.build("portable"))
+    rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "-t", f"1,{usable_cpus() + 3}"))
+    assert {(r["kernels"], r["backend"]) for r in rows} == {("portable", "native")}
+    assert sorted({r["n_threads"] for r in rows}) == sorted({1, usable_cpus()})
+    md = bench(capsys, tiny_llama[0], "-t", "1").splitlines()
+    assert "| kernels | threads |" in md[0] and "| native | portable | 1 |" in md[2]
+    numpy_rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "--backend", "numpy"))
+    assert {r["kernels"] for r in numpy_rows} == {"-"}
 
 
 def test_bench_progress_line_redraws_on_a_terminal_and_is_silent_elsewhere():

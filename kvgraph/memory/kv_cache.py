@@ -86,9 +86,8 @@ class KVCache:
             sel &= self.cell_pos < p1
         self.cell_pos[sel] = -1
         self.cell_seq[sel] = -1
-        used = (self.cell_pos.reshape(self.n_pages, PAGE) >= 0).any(axis=1)
-        for (s, b), page in list(self.page_of.items()):
-            if s == seq and not used[page]:
+        for (s, b), page in [item for item in self.page_of.items() if item[0][0] == seq]:
+            if not (self.cell_pos[page * PAGE: page * PAGE + PAGE] >= 0).any():
                 del self.page_of[s, b]
                 self.page_block[page] = -1
         return True
@@ -139,33 +138,24 @@ class KVCache:
 
     def prepare(self, ub: UBatch) -> None:
         """Reserve each token's cell, at offset pos % PAGE of its sequence's page for that block of positions
-        (a sequence's new blocks take the lowest free pages), and record it."""
+        (a sequence's new blocks take the lowest free pages; throwaway rows their row's cell of page 0), and
+        record it."""
         if self.sliding_window is not None:
             self._prune_sliding(ub)
         blocks = ub.pos // PAGE
-        scratch = None if self.scratch_from is None else ub.seq >= self.scratch_from
-        if ub.n_tokens == 1:
-            pairs = [(int(ub.seq[0]), int(blocks[0]))] if scratch is None or not scratch[0] else []
-        else:
-            pairs = sorted(set(zip(ub.seq[~scratch].tolist(), blocks[~scratch].tolist()) if scratch is not None
-                               else zip(ub.seq.tolist(), blocks.tolist())))
+        real = ub.seq < self.scratch_from if self.scratch_from is not None else np.ones(ub.n_tokens, bool)
+        pairs = sorted(set(zip(ub.seq[real].tolist(), blocks[real].tolist())))
         new = [p for p in pairs if p not in self.page_of]
-        if new:
-            for pair, page in zip(new, self._free_pages(len(new), f"a ubatch of {ub.n_tokens} tokens")):
-                self.page_of[pair] = int(page)
-                self.page_block[page] = pair[1]
-        if len(pairs) == 1 and (scratch is None or not scratch.any()):
-            self.slots = (self.page_of[pairs[0]] * PAGE + ub.pos % PAGE).astype(np.int32)
-        else:
-            slots = np.empty(ub.n_tokens, np.int64)
-            for (s, b) in pairs:
-                sel = (ub.seq == s) & (blocks == b)
-                slots[sel] = self.page_of[s, b] * PAGE + ub.pos[sel] % PAGE
-            if scratch is not None:
-                slots[scratch] = np.arange(int(scratch.sum()))
-            self.slots = slots.astype(np.int32)
-        self.cell_pos[self.slots] = ub.pos
-        self.cell_seq[self.slots] = ub.seq
+        for pair, page in zip(new, self._free_pages(len(new), f"a ubatch of {ub.n_tokens} tokens") if new else ()):
+            self.page_of[pair] = int(page)
+            self.page_block[page] = pair[1]
+        slots = (ub.pos % PAGE).astype(np.int32)
+        for s, b in pairs:
+            slots[(ub.seq == s) & (blocks == b)] += self.page_of[s, b] * PAGE
+        slots[~real] = np.arange(ub.n_tokens - int(real.sum()))
+        self.slots = slots
+        self.cell_pos[slots] = ub.pos
+        self.cell_seq[slots] = ub.seq
 
     def window(self) -> int:
         """Cells the graph must see: every page up to the last one in use; all of a sliding window's (its few
