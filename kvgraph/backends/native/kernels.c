@@ -83,7 +83,8 @@ int kvg_simd(void) { return KVG_AVX512 ? 2 : KVG_AVX2; }   /* 2: AVX-512, 1: AVX
  * wait without being waited for (an OpenMP team waits for every thread at every barrier). Idle workers spin
  * for SPIN_NS, then sleep on a futex, so a busy machine's other work gets their cores; the caller waits for
  * the last chunks the same way. One job at a time: a second caller (another Python thread) runs its job on
- * its own thread, with the same results. */
+ * its own thread, with the same results. A job never needs a worker to finish (the caller alone can claim
+ * every chunk), so missing workers (a forked child has none) only make it slower. */
 #define MAX_WORKERS 255
 #define SPIN_NS 100000            /* 0.1 ms: the gaps between a decode step's kernels are far shorter */
 #define CHUNKS_PER_THREAD 4       /* claims per thread: balance against claim traffic */
@@ -97,7 +98,8 @@ typedef struct { range_fn fn; void *ctx; int64_t n, chunk; _Atomic uint32_t done
 #define CL_ID(c) ((c) >> 32)
 static struct {
     _Atomic uint64_t claim;
-    _Atomic uint32_t seq;           /* futex word: bumped for every job (and to wake parked workers) */
+    _Atomic uint32_t seq;           /* futex word: bumped for every job */
+    _Atomic uint32_t park;          /* futex word of the workers a smaller thread count leaves out */
     _Atomic int sleepers;           /* workers asleep on seq */
     _Atomic int caller_sleeping;
     _Atomic int n_threads;          /* threads a job uses, the caller included */
@@ -167,13 +169,19 @@ static void *worker(void *arg) {
     const int index = (int)(intptr_t)arg;            /* workers 0 .. n_threads - 2 take part */
     uint32_t seen = atomic_load(&pool.seq);
     for (;;) {
+        const uint32_t parked = atomic_load(&pool.park);
+        if (index >= atomic_load(&pool.n_threads) - 1) {     /* left out: sleep until the count changes */
+            wait_while(&pool.park, parked);
+            seen = atomic_load(&pool.seq);
+            continue;
+        }
         if (!spin_while(&pool.seq, seen)) {
             atomic_fetch_add(&pool.sleepers, 1);
             while (atomic_load(&pool.seq) == seen) wait_while(&pool.seq, seen);
             atomic_fetch_sub(&pool.sleepers, 1);
         }
         seen = atomic_load(&pool.seq);
-        if (index < atomic_load(&pool.n_threads) - 1) work(CL_ID(atomic_load(&pool.claim)));
+        work(CL_ID(atomic_load(&pool.claim)));
     }
     return NULL;
 }
@@ -193,6 +201,8 @@ void kvg_set_threads(int64_t n) {
         if (!ok) break;                              /* fewer threads: the same results, slower */
     }
     atomic_store(&pool.n_threads, (int)(n < pool.n_started + 1 ? n : pool.n_started + 1));
+    atomic_fetch_add(&pool.park, 1);
+    wake_all(&pool.park);
     pthread_mutex_unlock(&pool.busy);
 }
 
