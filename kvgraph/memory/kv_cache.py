@@ -86,8 +86,12 @@ class KVCache:
             sel &= self.cell_pos < p1
         self.cell_pos[sel] = -1
         self.cell_seq[sel] = -1
+        end = p1 if p1 is not None else 1 << 62
         for (s, b), page in [item for item in self.page_of.items() if item[0][0] == seq]:
-            if not (self.cell_pos[page * PAGE: page * PAGE + PAGE] >= 0).any():
+            if (b + 1) * PAGE <= p0 or b * PAGE >= end:
+                continue                                   # untouched
+            whole = p0 <= b * PAGE and (b + 1) * PAGE <= end
+            if whole or not (self.cell_pos[page * PAGE: page * PAGE + PAGE] >= 0).any():
                 del self.page_of[s, b]
                 self.page_block[page] = -1
         return True
@@ -142,6 +146,9 @@ class KVCache:
         record it."""
         if self.sliding_window is not None:
             self._prune_sliding(ub)
+        if ub.n_tokens == 1 and (self.scratch_from is None or ub.seq[0] < self.scratch_from):
+            self._prepare_one(int(ub.seq[0]), int(ub.pos[0]))     # a decode step: no array work
+            return
         blocks = ub.pos // PAGE
         real = ub.seq < self.scratch_from if self.scratch_from is not None else np.ones(ub.n_tokens, bool)
         pairs = sorted(set(zip(ub.seq[real].tolist(), blocks[real].tolist())))
@@ -156,6 +163,17 @@ class KVCache:
         self.slots = slots
         self.cell_pos[slots] = ub.pos
         self.cell_seq[slots] = ub.seq
+
+    def _prepare_one(self, seq: int, pos: int) -> None:
+        """prepare for a ubatch of one token of a real sequence, in plain Python."""
+        page = self.page_of.get((seq, pos // PAGE))
+        if page is None:
+            page = self.page_of[seq, pos // PAGE] = int(self._free_pages(1, "a token")[0])
+            self.page_block[page] = pos // PAGE
+        cell = page * PAGE + pos % PAGE
+        self.slots = np.array([cell], np.int32)
+        self.cell_pos[cell] = pos
+        self.cell_seq[cell] = seq
 
     def window(self) -> int:
         """Cells the graph must see: every page up to the last one in use; all of a sliding window's (its few

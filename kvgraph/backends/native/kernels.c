@@ -76,32 +76,42 @@ static inline float f_arg(int64_t bits) {
 int kvg_simd(void) { return KVG_AVX512 ? 2 : KVG_AVX2; }   /* 2: AVX-512, 1: AVX2, 0: portable */
 
 /* ---- the thread pool -----------------------------------------------------------------------------------
- * parallel_for(n, chunk, fn, ctx) runs fn(ctx, i0, i1) over [0, n) in chunks that the caller and the pool's
- * workers claim one at a time from a shared counter, and returns when every chunk is done. A thread that is
- * not running (the machine is busy: another process, the server's own threads) holds nothing up but the
- * chunk it is in: the others take the rest, and a worker that wakes up after the work is gone goes back to
- * wait without being waited for (an OpenMP team waits for every thread at every barrier). Idle workers spin
- * for SPIN_NS, then sleep on a futex, so a busy machine's other work gets their cores; the caller waits for
- * the last chunks the same way. One job at a time: a second caller (another Python thread) runs its job on
- * its own thread, with the same results. A job never needs a worker to finish (the caller alone can claim
- * every chunk), so missing workers (a forked child has none) only make it slower. */
-#define MAX_WORKERS 255
+ * parallel_for(n, min_chunk, fn, ctx) runs fn(ctx, i0, i1) over [0, n) on the calling thread and the pool's
+ * workers, and returns when all of it is done. The work is cut into chunks and each thread owns an equal
+ * run of them, which it takes front to back: every call gives a thread the same rows, so a thread's weight
+ * tiles stay in its core's caches from one token to the next, as with a static schedule. A thread that has
+ * finished its own run takes the others' chunks from their back ends. So a thread that is not running (the
+ * machine is busy: another process, the server's own threads) holds up nothing but the chunk it is in, and
+ * a worker that wakes after the work is gone goes back to wait without being waited for (an OpenMP team
+ * waits for every thread at every barrier). Idle workers spin for SPIN_NS, then sleep on a futex, so a busy
+ * machine's other work gets their cores; the caller waits for the last chunks the same way. One job at a
+ * time: a second caller (another Python thread) runs its job on its own thread, with the same results. A job
+ * never needs a worker to finish (the caller alone can take every chunk), so missing workers (a forked child
+ * has none) only make it slower. */
+#define MAX_THREADS 256
 #define SPIN_NS 100000            /* 0.1 ms: the gaps between a decode step's kernels are far shorter */
-#define CHUNKS_PER_THREAD 4       /* claims per thread: balance against claim traffic */
+#define CHUNKS_PER_THREAD 4        /* each thread's run: finer chunks share out a slow thread's rest more finely
+                                     but cost claims (2-4 measured best, quiet and beside a busy process per core;
+                                     16-64 lost 10-25% there) */
 
 typedef void (*range_fn)(void *ctx, int64_t i0, int64_t i1);
-typedef struct { range_fn fn; void *ctx; int64_t n, chunk; _Atomic uint32_t done; } job_t;
+typedef struct { range_fn fn; void *ctx; int64_t n, chunk, n_chunks; _Atomic uint32_t done; } job_t;
 
-/* claim word: job id (32 bits) | chunks (16 bits) | next chunk (16 bits) */
-#define CL_NEXT(c) ((c) & 0xFFFF)
-#define CL_CHUNKS(c) (((c) >> 16) & 0xFFFF)
-#define CL_ID(c) ((c) >> 32)
+/* A thread's run of chunks, one word: job id (24 bits) | front (20) | back (20); the owner takes the front
+ * chunk, others the back one, while front < back. The id makes a late thread's claim on an old job fail. */
+#define RUN(id, f, b) ((uint64_t)(id) << 40 | (uint64_t)(f) << 20 | (uint64_t)(b))
+#define RUN_ID(r) ((r) >> 40)
+#define RUN_FRONT(r) (((r) >> 20) & 0xFFFFF)
+#define RUN_BACK(r) ((r) & 0xFFFFF)
+typedef struct { _Alignas(64) _Atomic uint64_t w; } run_t;
+
 static struct {
-    _Atomic uint64_t claim;
-    _Atomic uint32_t seq;           /* futex word: bumped for every job */
+    run_t run[MAX_THREADS];         /* thread t's run: t = 0 the caller, t = i + 1 worker i */
+    _Alignas(64) _Atomic uint32_t seq;   /* futex word: bumped for every job */
     _Atomic uint32_t park;          /* futex word of the workers a smaller thread count leaves out */
     _Atomic int sleepers;           /* workers asleep on seq */
     _Atomic int caller_sleeping;
+    _Atomic uint64_t job;           /* the current job's id */
     _Atomic int n_threads;          /* threads a job uses, the caller included */
     int n_started;
     job_t jobs[2];                  /* job id's fields in jobs[id & 1]: stable until it is done */
@@ -151,18 +161,34 @@ static int spin_while(_Atomic uint32_t *w, uint32_t v) {
     }
 }
 
-/* Claim and run chunks of job `id` until none is left (or another job is current). */
-static void work(uint64_t id) {
+/* One chunk of run r of job id, its front one for the owner, else its back one; -1 when none is left. */
+static int64_t take(int r, uint64_t id, int owner) {
+    uint64_t w = atomic_load(&pool.run[r].w);
     for (;;) {
-        uint64_t c = atomic_load(&pool.claim);
-        if (CL_ID(c) != id || CL_NEXT(c) >= CL_CHUNKS(c)) return;
-        if (!atomic_compare_exchange_weak(&pool.claim, &c, c + 1)) continue;
-        job_t *j = &pool.jobs[id & 1];       /* a chunk of job id is ours: its fields stay until we are done */
-        const int64_t i0 = (int64_t)CL_NEXT(c) * j->chunk, i1 = i0 + j->chunk < j->n ? i0 + j->chunk : j->n;
-        j->fn(j->ctx, i0, i1);
-        if (atomic_fetch_add(&j->done, 1) + 1 == CL_CHUNKS(c) && atomic_load(&pool.caller_sleeping))
-            wake_all(&j->done);
+        const uint64_t f = RUN_FRONT(w), b = RUN_BACK(w);
+        if (RUN_ID(w) != (id & 0xFFFFFF) || f >= b) return -1;
+        if (atomic_compare_exchange_weak(&pool.run[r].w, &w, owner ? RUN(id & 0xFFFFFF, f + 1, b)
+                                                                   : RUN(id & 0xFFFFFF, f, b - 1)))
+            return (int64_t)(owner ? f : b - 1);
     }
+}
+
+/* Thread t's share of job id: its own run, then what is left of the others'. */
+static void work(uint64_t id, int t) {
+    const int nt = atomic_load(&pool.n_threads);
+    job_t *j = &pool.jobs[id & 1];
+    uint32_t mine = 0;
+    for (int k = 0; k < nt; k++) {
+        const int r = (t + k) % nt;
+        for (int64_t c; (c = take(r, id, k == 0)) >= 0; mine++) {
+            const int64_t i0 = c * j->chunk, i1 = i0 + j->chunk < j->n ? i0 + j->chunk : j->n;
+            j->fn(j->ctx, i0, i1);        /* a chunk of job id is ours: its fields stay until we are done */
+        }
+    }
+    if (!mine)
+        return;
+    const uint32_t total = (uint32_t)j->n_chunks;         /* read while the job cannot be done: ours are not */
+    if (atomic_fetch_add(&j->done, mine) + mine == total && atomic_load(&pool.caller_sleeping)) wake_all(&j->done);
 }
 
 static void *worker(void *arg) {
@@ -181,7 +207,7 @@ static void *worker(void *arg) {
             atomic_fetch_sub(&pool.sleepers, 1);
         }
         seen = atomic_load(&pool.seq);
-        work(CL_ID(atomic_load(&pool.claim)));
+        work(atomic_load(&pool.job), index + 1);
     }
     return NULL;
 }
@@ -189,7 +215,7 @@ static void *worker(void *arg) {
 int kvg_threads(void) { return atomic_load(&pool.n_threads); }
 
 void kvg_set_threads(int64_t n) {
-    n = n < 1 ? 1 : n > MAX_WORKERS + 1 ? MAX_WORKERS + 1 : n;
+    n = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
     pthread_mutex_lock(&pool.busy);
     for (; pool.n_started < n - 1; pool.n_started++) {
         pthread_t t;
@@ -211,18 +237,20 @@ static void parallel_for(int64_t n, int64_t min_chunk, range_fn fn, void *ctx) {
     int64_t chunk = n / ((int64_t)CHUNKS_PER_THREAD * nt);
     chunk = chunk < min_chunk ? min_chunk : chunk < 1 ? 1 : chunk;
     const int64_t n_chunks = (n + chunk - 1) / chunk;
-    if (nt <= 1 || n_chunks <= 1 || n_chunks > 0xFFFF || pthread_mutex_trylock(&pool.busy) != 0) {
+    if (nt <= 1 || n_chunks <= 1 || n_chunks > 0xFFFFF || pthread_mutex_trylock(&pool.busy) != 0) {
         if (n > 0) fn(ctx, 0, n);
         return;
     }
-    const uint64_t id = (CL_ID(atomic_load(&pool.claim)) + 1) & 0xFFFFFFFF;
+    const uint64_t id = atomic_load(&pool.job) + 1;
     job_t *j = &pool.jobs[id & 1];
-    j->fn = fn, j->ctx = ctx, j->n = n, j->chunk = chunk;
+    j->fn = fn, j->ctx = ctx, j->n = n, j->chunk = chunk, j->n_chunks = n_chunks;
     atomic_store(&j->done, 0);
-    atomic_store(&pool.claim, id << 32 | (uint64_t)n_chunks << 16);
+    for (int t = 0; t < nt; t++)                     /* thread t owns chunks [n_chunks t / nt, n_chunks (t+1) / nt) */
+        atomic_store(&pool.run[t].w, RUN(id & 0xFFFFFF, n_chunks * t / nt, n_chunks * (t + 1) / nt));
+    atomic_store(&pool.job, id);
     atomic_fetch_add(&pool.seq, 1);
     if (atomic_load(&pool.sleepers)) wake_all(&pool.seq);
-    work(id);
+    work(id, 0);
     uint32_t d;
     while ((d = atomic_load(&j->done)) != (uint32_t)n_chunks) {
         if (spin_while(&j->done, d)) continue;
