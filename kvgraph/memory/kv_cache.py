@@ -2,7 +2,7 @@
 
 Which cells a ubatch writes is decided here (`prepare`) and handed to the graph as an input tensor of
 `set_rows` indices; what each token may see is the attention-mask input. The graph only sees a window of
-the first `n_kv` cells, a whole number of pages, so the graph key stays the same for many tokens.
+the first `n_kv` cells, a power of two pages, so the graph key stays the same for many tokens.
 
 Cells come in pages of PAGE: a page belongs to one sequence and holds its positions [PAGE b, PAGE b + PAGE)
 at offsets pos % PAGE, and the page's block b is an input of fused attention (`pages`). Attention cuts the
@@ -176,12 +176,15 @@ class KVCache:
         self.cell_seq[cell] = seq
 
     def window(self) -> int:
-        """Cells the graph must see: every page up to the last one in use; all of a sliding window's (its few
-        pages are reused over and over, so the window never moves)."""
+        """Cells the graph must see: every page up to the last one in use, rounded up to a power of two pages
+        (a graph per window: sequences taking pages one after another, or a long generation, need only a
+        few; the pages past the last in use cost attention a glance at their mask), or all of a sliding
+        window's (its few pages are reused over and over, so the window never moves)."""
         if self.sliding_window is not None:
             return self.n_cells
         used = np.flatnonzero(self.page_block >= 0)
-        return (int(used[-1]) + 1 if used.shape[0] else 1) * PAGE
+        top = int(used[-1]) + 1 if used.shape[0] else 1
+        return min(self.n_pages, 1 << (top - 1).bit_length()) * PAGE
 
     def fill_mask(self, ub: UBatch, buf: np.ndarray) -> None:
         n_kv = buf.shape[1]

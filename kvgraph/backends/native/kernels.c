@@ -1396,6 +1396,7 @@ static inline __attribute__((always_inline)) void attn_tasks(const attn_wave *wv
     const int64_t w0 = wv->w0;
     float *part = wv->part;
     float *kt = malloc(sizeof(float) * (size_t)(d * KC));
+    int64_t lq[nq_max];
     for (int64_t task = task0; task < task1; task++) {
         const int64_t it = w0 + task / n_sg, sg = task % n_sg;
         const int64_t tb = n_tb - 1 - it / nhkv, j = it % nhkv;   /* the longest (latest) blocks first */
@@ -1406,29 +1407,33 @@ static inline __attribute__((always_inline)) void attn_tasks(const attn_wave *wv
         const int64_t c_end = (sg + 1) * SEG < n_kv ? (sg + 1) * SEG : n_kv;
         for (int64_t c0 = sg * SEG; c0 < c_end; c0 += KC) {
             const int64_t nc = c_end - c0 < KC ? c_end - c0 : KC;
-            int any = 0;
-            for (int64_t t = t0; t < t0 + nt && !any; t++)
-                for (int64_t c = 0; c < nc; c++)
-                    if (mask[t * ms0 + c0 + c] != -INFINITY) { any = 1; break; }
-            if (!any) continue;
+            int64_t nlq = 0;           /* the queries whose token sees a cell of the chunk (a batch's tokens each
+                                          see their own sequence's pages): only they are scored */
+            for (int64_t tt = 0; tt < nt; tt++) {
+                const float *m = mask + (t0 + tt) * ms0 + c0;
+                int64_t c = 0;
+                while (c < nc && m[c] == -INFINITY) c++;
+                for (int64_t g = 0; c < nc && g < group; g++) lq[nlq++] = tt * group + g;
+            }
+            if (!nlq) continue;
             if (c0 + KC < c_end) {   /* the next chunk's K and V rows stream in while this one is computed */
                 const int64_t nn = c_end - c0 - KC < KC ? c_end - c0 - KC : KC;
                 prefetch_rows((const char *)k + es * ((c0 + KC) * ks0 + j * ks1), es * ks0, nn, es * d);
                 prefetch_rows((const char *)v + es * ((c0 + KC) * vs0 + j * vs1), es * vs0, nn, es * dv);
             }
             transpose_chunk(kt, (const char *)k + es * (c0 * ks0 + j * ks1), ks0, nc, d, H);
-            for (int64_t qg = 0; qg < nq; qg += QG) {
-                const int ng = nq - qg < QG ? (int)(nq - qg) : QG;
+            for (int64_t qg = 0; qg < nlq; qg += QG) {
+                const int ng = nlq - qg < QG ? (int)(nlq - qg) : QG;
                 float sc[QG][KC], *live_acc[QG];
                 const float *qv[QG], *live_p[QG];
                 int nl = 0;
                 for (int g = 0; g < ng; g++) {
-                    const int64_t qi = qg + g, t = t0 + qi / group, h = j * group + qi % group;
+                    const int64_t qi = lq[qg + g], t = t0 + qi / group, h = j * group + qi % group;
                     qv[g] = q + t * qs0 + h * qs1;
                 }
                 chunk_scores_multi(sc, qv, ng, kt, d);
                 for (int g = 0; g < ng; g++) {
-                    const int64_t qi = qg + g, t = t0 + qi / group;
+                    const int64_t qi = lq[qg + g], t = t0 + qi / group;
                     const float cmx = scale_mask_max(sc[g], mask + t * ms0 + c0, nc, scale);
                     if (cmx == -INFINITY) continue;
                     float *acq = acc + qi * dv;
