@@ -58,6 +58,13 @@ def model_path(tmp_path_factory):
     return get
 
 
+def test_a_kv_page_is_the_attention_kernels_segment():
+    from kvgraph.backends.native import ops
+    from kvgraph.memory.kv_cache import PAGE
+
+    assert PAGE == ops.SEG
+
+
 def _tokens(llm: LLM, n: int, seed: int = 1) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(5, llm.n_vocab, n)]
 

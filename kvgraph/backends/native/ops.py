@@ -11,7 +11,8 @@ from . import GATED_KINDS, bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
 SEG = 256   # cells per segment of the attention kernel (kernels.c), the KV cache's page
-OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale", "moe_ffn"})  # for_node's
+OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale",  # for_node's
+                 "moe_ffn"})
 
 
 def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
