@@ -44,9 +44,10 @@ def test_the_native_backend_runs_the_capped_count(monkeypatch):
 
     if native.library() is None:
         pytest.skip(f"native kernels unavailable: {native.why_not()}")
+    before = native.library().kvg_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     backend = get_backend("native", threads=4)
     try:
         assert backend.n_threads == 1 and native.library().kvg_threads() == 1
     finally:
-        native.set_threads(cpus.kernel_threads())
+        native.set_threads(before)
