@@ -930,6 +930,16 @@ void kvg_matmul_glu(const int64_t *a) {
     parallel_for((a[1] / TR + GLU_RUN - 1) / GLU_RUN, 1, glu_tiles, (void *)a);
 }
 
+#ifdef VF_W
+/* The lanes of x added one after another (0 + x0 + x1 + ...): a sum whose order never depends on the caller. */
+static inline float vf_sum_in_order(vf x) {
+    float lanes[VF_W], s = 0.0f;
+    vf_store(lanes, x);
+    for (int i = 0; i < VF_W; i++) s += lanes[i];
+    return s;
+}
+#endif
+
 /* a: w (float [N, K], rows ws0 apart), N, K, x (float [M, K], rows xs0 apart), M, out (float [M, N], rows os0
  * apart), ws0, xs0, os0.  out = x w^T for float32 weights. Each out[m, n] is one dot product summed lane by
  * lane in the order of k, whatever M is or which rows share a pass, so a token's row does not depend on its
@@ -951,11 +961,7 @@ static void f32_rows(void *job, int64_t n0, int64_t n1) {
                 const vf wv = vf_load(wr + e);
                 for (int j = 0; j < mb; j++) acc[j] = vf_fmadd(vf_load(x + (m0 + j) * xs0 + e), wv, acc[j]);
             }
-            for (int j = 0; j < mb; j++) {
-                float lanes[VF_W];
-                vf_store(lanes, acc[j]);
-                for (int i = 0; i < VF_W; i++) sum[j] += lanes[i];
-            }
+            for (int j = 0; j < mb; j++) sum[j] = vf_sum_in_order(acc[j]);
 #endif
             for (int j = 0; j < mb; j++) {
                 const float *xr = x + (m0 + j) * xs0;
@@ -975,9 +981,7 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n) {
 #ifdef VF_W
     vf acc = vf_set1(0.0f);
     for (; i + VF_W <= n; i += VF_W) acc = vf_fmadd(vf_load(a + i), vf_load(b + i), acc);
-    float lanes[VF_W];
-    vf_store(lanes, acc);
-    for (int l = 0; l < VF_W; l++) s += lanes[l];
+    s = vf_sum_in_order(acc);
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
