@@ -632,3 +632,29 @@ def test_numpy_blas_is_limited_only_once_a_native_program_calls_it():
     g.output("y", g.matmul(x, g.scale(x, 2.0)))                  # activation x activation: numpy's matmul
     backend.compile(g.graph, plan_graph(g.graph), {}, {})
     assert backend._blas_limited
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_the_c_packer_makes_the_numpy_packers_tiles(type_name, variant):
+    """kvg_pack_tiles (the load path) against pack_blocks / pack_kquant, byte for byte, on random blocks of
+    every bit pattern (scales: random finite float16s), rows not a multiple of the tile, on every build."""
+    from kvgraph.backends.native import PACK_TYPES, pack_blocks, pack_kquant, pack_tiles_c
+    from kvgraph.backends.quant_repack import kquant_parts
+
+    k, n = 512, 37
+    raw = gguf_matrix(type_name, n, k)
+    rng = np.random.default_rng(7)
+    size, scale_at = {"Q4_0": (18, [0]), "Q4_1": (20, [0, 2]), "Q5_0": (22, [0]), "Q5_1": (24, [0, 2]),
+                      "Q8_0": (34, [0]), "Q4_K": (144, [0, 2]), "Q5_K": (176, [0, 2]), "Q6_K": (210, [208])}[type_name]
+    blocks = raw.reshape(n, -1, size)
+    blocks[...] = rng.integers(0, 256, blocks.shape, dtype=np.uint8)
+    for at in scale_at:
+        blocks[..., at: at + 2] = rng.uniform(-2, 2, blocks.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+    fmt = PACK_TYPES[type_name][1]
+    if type_name in ("Q4_K", "Q5_K", "Q6_K"):
+        want = pack_kquant(fmt, kquant_parts(raw, type_name))
+    else:
+        want = pack_blocks(raw, type_name)
+    got = np.full(want.shape, 0xAB, np.uint8)
+    assert pack_tiles_c(raw, type_name, k, got)
+    np.testing.assert_array_equal(got, want)

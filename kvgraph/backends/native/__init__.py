@@ -44,7 +44,8 @@ ISA_NAMES = {"portable": "portable C", "avx2": "AVX2", "avx512": "AVX-512 VNNI"}
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_matmul_q4k",
            "kvg_matmul_q5k", "kvg_matmul_q6k", "kvg_rms_norm",
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows",
-           "kvg_tile_rows", "kvg_matmul_glu", "kvg_matmul_f32", "kvg_moe_f32")
+           "kvg_tile_rows", "kvg_matmul_glu", "kvg_matmul_f32", "kvg_moe_f32", "kvg_checksum",
+           "kvg_pack_tiles")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -243,6 +244,18 @@ def bind(name: str, *slots: int, keep: tuple = (), indexes: bool = False) -> Cal
     run.native_call = (ctypes.cast(fn, ctypes.c_void_p).value, addr)
     run.in_c = True
     return run
+
+
+CHECK_CHUNK = 1 << 20       # kernels.c's CHECK_CHUNK
+
+
+def checksum(data: np.ndarray) -> int:
+    """kvg_checksum of an array's bytes (contiguous): the same 64-bit value on every build and thread count."""
+    flat = data.reshape(-1).view(np.uint8)
+    chunks = np.empty(max(1, -(-flat.size // CHECK_CHUNK)), np.uint64)
+    out = np.zeros(1, np.uint64)
+    bind("kvg_checksum", ptr(flat), flat.size, ptr(chunks), ptr(out), keep=(flat, chunks, out))()
+    return int(out[0])
 
 
 def batch(kernels: list[Callable[[], None]]) -> list[Callable[[], None]]:
@@ -454,6 +467,22 @@ def pack_blocks(raw: np.ndarray, type_name: str, out: np.ndarray | None = None) 
         parts.append(np.stack([np.bitwise_or.reduce(((qh >> np.uint64(4 * c)) & np.uint64(15)) << shifts, axis=1)
                                for c in range(8)], axis=2).view(np.uint8))  # [t, g, 8] words of 64 bits
     return _records(parts + [_tile_scales(s, np.float16) for s in ((d,) if fmt == "q8" else (d, m))], out=out)
+
+
+PACK_TYPES = {"Q4_0": (0, "q4h"), "Q4_1": (1, "q4h"), "Q5_0": (2, "q5h"), "Q5_1": (3, "q5h"), "Q8_0": (4, "q8"),
+              "Q4_K": (5, "q4k"), "Q5_K": (6, "q5k"), "Q6_K": (7, "q6k")}   # kernels.c's P_* and the tile format
+
+
+def pack_tiles_c(raw: np.ndarray, type_name: str, k: int, out: np.ndarray) -> bool:
+    """kvg_pack_tiles: rows of a PACK_TYPES matrix (raw bytes [N, bytes per row], N a multiple of TR unless
+    it is the last part) into out, its tiles, the bytes pack_blocks / pack_kquant make. False where the
+    format needs float32 scales (Q4_0's -8 d or Q5_0's -16 d no float16): the caller packs another way."""
+    flag = np.zeros(1, np.int64)
+    bind("kvg_pack_tiles", ptr(raw), raw.shape[0], k, raw.strides[0], PACK_TYPES[type_name][0], ptr(out),
+         out.strides[0], ptr(flag), keep=(raw, out, flag))()
+    if flag[0] < 0:
+        raise MemoryError("kvg_pack_tiles: out of memory")
+    return flag[0] == 0
 
 
 def dequantize_tiles(tiles: np.ndarray, fmt: str, n: int, k: int) -> np.ndarray:

@@ -1645,3 +1645,198 @@ void kvg_mul_rows(const int64_t *a) {
         }
     }
 }
+
+/* ---- checksums ---------------------------------------------------------------------------------------------
+ * A 64-bit checksum of a byte range at memory speed (the repacked-weights cache verifies GBs with it at each
+ * load): each CHECK_CHUNK bytes hashed in eight xxh64-style lanes by the pool's threads, then the chunks'
+ * hashes in order. Plain integer code: the same value on every ISA build and thread count. Not
+ * cryptographic: it tells a damaged file, not a forged one. */
+#define CHECK_CHUNK (1 << 20)
+#define P64_1 0x9E3779B185EBCA87ull
+#define P64_2 0xC2B2AE3D27D4EB4Full
+
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static uint64_t mix64(uint64_t h) {
+    h ^= h >> 33, h *= P64_2, h ^= h >> 29, h *= P64_1, h ^= h >> 32;
+    return h;
+}
+
+static uint64_t checksum_bytes(const uint8_t *p, int64_t n, uint64_t seed) {
+    uint64_t acc[8];
+    for (int i = 0; i < 8; i++) acc[i] = seed + (uint64_t)i * P64_1;
+    int64_t at = 0;
+    for (; at + 64 <= n; at += 64) {
+        uint64_t w[8];
+        memcpy(w, p + at, 64);
+#pragma omp simd
+        for (int i = 0; i < 8; i++) acc[i] = rotl64(acc[i] + w[i] * P64_2, 31) * P64_1;
+    }
+    uint8_t tail[64] = {0};
+    memcpy(tail, p + at, (size_t)(n - at));
+    uint64_t w[8];
+    memcpy(w, tail, 64);
+    uint64_t h = (uint64_t)n * P64_1;
+    for (int i = 0; i < 8; i++) h = mix64(h ^ rotl64(acc[i] + w[i] * P64_2, 31) * P64_1);
+    return h;
+}
+
+typedef struct { const uint8_t *p; int64_t n; uint64_t *chunk_hash; } checksum_job;
+
+static void checksum_chunks(void *ctx, int64_t c0, int64_t c1) {
+    const checksum_job *j = (const checksum_job *)ctx;
+    for (int64_t c = c0; c < c1; c++) {
+        const int64_t at = c * CHECK_CHUNK, len = j->n - at < CHECK_CHUNK ? j->n - at : CHECK_CHUNK;
+        j->chunk_hash[c] = checksum_bytes(j->p + at, len, (uint64_t)c);
+    }
+}
+
+/* a: data, n bytes, chunk hashes (uint64 [ceil(n / CHECK_CHUNK)], scratch), out (uint64 [1]) */
+void kvg_checksum(const int64_t *a) {
+    checksum_job j = {(const uint8_t *)a[0], a[1], (uint64_t *)a[2]};
+    const int64_t n_chunks = (j.n + CHECK_CHUNK - 1) / CHECK_CHUNK;
+    parallel_for(n_chunks, 1, checksum_chunks, &j);
+    *(uint64_t *)a[3] = checksum_bytes((const uint8_t *)j.chunk_hash, n_chunks * 8, (uint64_t)j.n);
+}
+
+/* ---- weight packing ----------------------------------------------------------------------------------------
+ * A GGUF matrix's rows (raw blocks) -> its tiles, the same bytes as the numpy packers in __init__.py make
+ * (pack_blocks, pack_kquant; the layouts are described there and at the matmul kernels), at memory speed:
+ * a 1B model's 800 MB were 9 s in numpy. Rows past the matrix's end are packed as zero blocks, as numpy pads
+ * them. Q4_0 / Q5_0 keep m = -8 d / -16 d as float16: where that is not exact the kernel says so (out flag)
+ * and the caller packs float32 scales instead. */
+enum { P_Q4_0, P_Q4_1, P_Q5_0, P_Q5_1, P_Q8_0, P_Q4_K, P_Q5_K, P_Q6_K };
+
+typedef struct {
+    const uint8_t *raw; int64_t n, k, ld, type; uint8_t *out; int64_t out_ld; const uint8_t *zero;
+    _Atomic int64_t inexact;
+} pack_job;
+
+static inline void put16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline uint16_t get16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+
+static void pack_block_row(const uint8_t *row, int i, int64_t g_count, int type, uint8_t *o, pack_job *j) {
+    static const int size[] = {18, 20, 22, 24, 34}, qs_at[] = {2, 4, 6, 8, 2};
+    const int bs = size[type], qa = qs_at[type];
+    const int rec = type == P_Q8_0 ? 544 : type <= P_Q4_1 ? 320 : 384;
+    const int n_words = type == P_Q8_0 ? 8 : 4, scales_at = n_words * 64 + (type >= P_Q5_0 && type <= P_Q5_1 ? 64 : 0);
+    for (int64_t g = 0; g < g_count; g++) {
+        const uint8_t *b = row + g * bs;
+        uint8_t *r = o + g * rec;
+        for (int w = 0; w < n_words; w++) memcpy(r + w * 64 + 4 * i, b + qa + 4 * w, 4);
+        put16(r + scales_at + 2 * i, get16(b));
+        if (type == P_Q8_0) continue;
+        uint16_t m;
+        if (type == P_Q4_1 || type == P_Q5_1) m = get16(b + 2);
+        else {
+            const float want = (type == P_Q4_0 ? -8.0f : -16.0f) * h2f(get16(b));
+            m = f2h(want);
+            if (!(h2f(m) == want)) atomic_store(&j->inexact, 1);
+        }
+        put16(r + scales_at + 32 + 2 * i, m);
+        if (type == P_Q5_0 || type == P_Q5_1) {
+            uint32_t qh;
+            memcpy(&qh, b + (type == P_Q5_0 ? 2 : 4), 4);
+            for (int c = 0; c < 8; c++) {        /* chunk vector c: bits 4i..4i+3 = fifth bits of weights 4c..4c+3 */
+                uint64_t word;
+                memcpy(&word, r + 256 + 8 * c, 8);
+                word |= (uint64_t)((qh >> (4 * c)) & 15) << (4 * i);
+                memcpy(r + 256 + 8 * c, &word, 8);
+            }
+        }
+    }
+}
+
+/* A K-quant super-block's 256 values q (0..15 / 0..31 / 0..63) and its scales, from its raw block. */
+static void kquant_values(const uint8_t *b, int type, uint8_t q[256], uint8_t sc[16], uint8_t mn[8]) {
+    if (type == P_Q6_K) {
+        for (int h = 0; h < 2; h++)               /* weight 128 h + 32 jq + l */
+            for (int jq = 0; jq < 4; jq++) {
+                const uint8_t *ql = b + h * 64 + 32 * (jq & 1), *qh = b + 128 + h * 32;
+                const int lo_shift = 4 * (jq >> 1), hi_shift = 2 * jq;
+                uint8_t *qq = q + 128 * h + 32 * jq;
+#pragma omp simd
+                for (int l = 0; l < 32; l++)
+                    qq[l] = (uint8_t)(((ql[l] >> lo_shift) & 15) | (((qh[l] >> hi_shift) & 3) << 4));
+            }
+        memcpy(sc, b + 192, 16);
+        return;
+    }
+    const uint8_t *s = b + 4, *qs = b + (type == P_Q4_K ? 16 : 48);
+    for (int j = 0; j < 8; j++) {
+        if (j < 4) sc[j] = s[j] & 63, mn[j] = s[j + 4] & 63;
+        else sc[j] = (s[j + 4] & 15) | ((s[j - 4] >> 6) << 4), mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        for (int l = 0; l < 32; l++) {
+            uint8_t v = (qs[32 * (j / 2) + l] >> (4 * (j & 1))) & 15;
+            if (type == P_Q5_K) v |= ((b[16 + l] >> j) & 1) << 4;
+            q[32 * j + l] = v;
+        }
+    }
+}
+
+static void pack_kquant_row(const uint8_t *row, int i, int64_t nb, int type, uint8_t *o) {
+    const int rec = type == P_Q4_K ? 288 : type == P_Q5_K ? 352 : 416, hdr = type == P_Q6_K ? 32 : 64;
+    const int bs = type == P_Q4_K ? 144 : type == P_Q5_K ? 176 : 210;
+    uint8_t q[256], sc[16], mn[8];
+    for (int64_t sb = 0; sb < nb; sb++) {
+        const uint8_t *b = row + sb * bs;
+        uint8_t *h = o + sb * (hdr + 8 * rec);
+        kquant_values(b, type, q, sc, mn);
+        if (type == P_Q6_K) put16(h + 2 * i, get16(b + 208));
+        else put16(h + 2 * i, get16(b)), put16(h + 32 + 2 * i, get16(b + 2));
+        for (int j = 0; j < 8; j++) {
+            uint8_t *r = h + hdr + j * rec;
+            const uint8_t *qg = q + 32 * j;
+            for (int jj = 0; jj < 4; jj++)
+                for (int e = 0; e < 4; e++)
+                    r[jj * 64 + 4 * i + e] = (uint8_t)((qg[4 * jj + e] & 15) | (qg[16 + 4 * jj + e] & 15) << 4);
+            if (type == P_Q6_K) {
+                for (int p = 0; p < 2; p++)
+                    for (int e = 0; e < 4; e++) {
+                        uint8_t v = 0;
+                        for (int u = 0; u < 4; u++) v |= (uint8_t)((qg[4 * (4 * p + u) + e] >> 4) << (2 * u));
+                        r[256 + p * 64 + 4 * i + e] = v;
+                    }
+                r[384 + i] = sc[2 * j], r[400 + i] = sc[2 * j + 1];
+                continue;
+            }
+            int at = 256;
+            if (type == P_Q5_K) {
+                for (int c = 0; c < 8; c++) {
+                    uint64_t word;
+                    memcpy(&word, r + 256 + 8 * c, 8);
+                    for (int e = 0; e < 4; e++) word |= (uint64_t)((qg[4 * c + e] >> 4) & 1) << (4 * i + e);
+                    memcpy(r + 256 + 8 * c, &word, 8);
+                }
+                at = 320;
+            }
+            r[at + i] = sc[j], r[at + 16 + i] = mn[j];
+        }
+    }
+}
+
+static void pack_tiles(void *ctx, int64_t t0, int64_t t1) {
+    pack_job *j = (pack_job *)ctx;
+    const int type = (int)j->type;
+    for (int64_t t = t0; t < t1; t++) {
+        uint8_t *o = j->out + t * j->out_ld;
+        memset(o, 0, (size_t)j->out_ld);               /* bit planes are OR-ed in */
+        for (int i = 0; i < TR; i++) {
+            const int64_t r = t * TR + i;
+            const uint8_t *row = r < j->n ? j->raw + r * j->ld : j->zero;
+            if (type <= P_Q8_0) pack_block_row(row, i, j->k / 32, type, o, j);
+            else pack_kquant_row(row, i, j->k / 256, type, o);
+        }
+    }
+}
+
+/* a: raw rows, n, K, raw row stride (bytes), P_* type, out tiles, tile stride (bytes), inexact flag (int64[1]) */
+void kvg_pack_tiles(const int64_t *a) {
+    pack_job j = {(const uint8_t *)a[0], a[1], a[2], a[3], a[4], (uint8_t *)a[5], a[6], NULL, 0};
+    uint8_t *zero = calloc(1, (size_t)j.ld);
+    if (!zero) { *(int64_t *)a[7] = -1; return; }
+    j.zero = zero;
+    parallel_for((j.n + TR - 1) / TR, 1, pack_tiles, &j);
+    free(zero);
+    *(int64_t *)a[7] = atomic_load(&j.inexact);
+}

@@ -20,8 +20,8 @@ import numpy as np
 
 from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
                             release_pages)
-from . import (BLOCK_LAYOUTS, FORMATS, GATED_KINDS, QK, TR, bind, dequantize_tiles, pack_blocks, pack_kquant,
-               pack_q4, pack_q8, ptr, quantize_blocks_q8, tile_bytes)
+from . import (BLOCK_LAYOUTS, FORMATS, GATED_KINDS, PACK_TYPES, QK, TR, bind, dequantize_tiles, pack_blocks,
+               pack_kquant, pack_q4, pack_q8, pack_tiles_c, ptr, quantize_blocks_q8, tile_bytes)
 
 
 class Q8Act:
@@ -117,6 +117,8 @@ class NativeMat:
         n, k = shape
         self.n, self.k, self._arena, self.block = n, k, arena, None
         self.exact = True             # the tiles hold the file's values (False: re-quantized to Q8)
+        if type_name in PACK_TYPES and (type_name not in KQUANT_TYPES or k % 256 == 0) and self._pack_c(data, type_name):
+            return
         if type_name in KQUANT_TYPES and k % 256 == 0:
             self._alloc(type_name.lower().replace("_", ""))
             for r0, parts in kquant_blocks(data, type_name):
@@ -134,6 +136,14 @@ class NativeMat:
         for r0, w in dequant_rows(data, type_name, shape):
             pack_q8(*quantize_blocks_q8(w), out=self._rows(r0, len(w)))
 
+    @classmethod
+    def from_tiles(cls, cached) -> "NativeMat":
+        """A matrix over tiles already packed (a tile_cache entry's: fmt, n, k, exact, tiles, block)."""
+        m = cls.__new__(cls)
+        m.n, m.k, m.fmt, m.exact, m.tiles, m.block, m._arena = (cached.n, cached.k, cached.fmt, cached.exact,
+                                                                 cached.tiles, cached.block, None)
+        return m
+
     def _alloc(self, fmt: str) -> None:
         self.fmt = fmt
         shape = (-(-self.n // TR), tile_bytes(fmt, self.k))
@@ -145,6 +155,20 @@ class NativeMat:
     def _rows(self, r0: int, n: int) -> np.ndarray:
         """The tiles that rows r0..r0+n-1 go to (chunks start at multiples of TR rows)."""
         return self.tiles[r0 // TR: r0 // TR - (-n // TR)]
+
+    def _pack_c(self, data: np.ndarray, type_name: str) -> bool:
+        """Tiles straight from the file's blocks by the C packer, in row chunks whose file pages are handed back
+        as they are done (False where the format needs float32 scales)."""
+        if data.ndim != 2 or data.strides[1] != 1:
+            return False
+        self._alloc(PACK_TYPES[type_name][1])
+        for r0 in range(0, self.n, CHUNK_ROWS):
+            part = data[r0: r0 + CHUNK_ROWS]
+            ok = pack_tiles_c(part, type_name, self.k, self._rows(r0, len(part)))
+            release_pages(part)
+            if not ok:
+                return False
+        return True
 
     def _pack_blocks(self, data: np.ndarray, type_name: str) -> bool:
         """Tiles straight from the file's blocks (False where a derived scale is no float16)."""
