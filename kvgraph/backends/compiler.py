@@ -69,6 +69,9 @@ class PackedWeightsBackend:
     stacked matrix of several matrices that read one input, built once and shared by every Program that
     fuses the same group (the members keep views of its rows)."""
 
+    def start_load(self, gguf_file) -> None:
+        """A model file's weights are about to be loaded (a backend that keeps them between runs looks here)."""
+
     def finish_load(self) -> None:
         """Every weight is in: the tile arena's unused space goes back to the system."""
         if getattr(self, "arena", None) is not None:

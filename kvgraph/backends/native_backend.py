@@ -10,7 +10,6 @@ resident memory is little more than the file-sized weights, the KV cache and Pyt
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import Mapping
 
 import numpy as np
@@ -21,7 +20,9 @@ from ..plan.planner import Plan
 from . import native, reference
 from .cpus import kernel_threads
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
+from .native import tile_cache
 from .native.mats import NativeMat, TileArena
+from .native.tile_cache import TileCache
 from .numpy_backend import NumpyBackend
 from .quant_repack import GROUP, dequant_rows
 from .weights import PackedWeight
@@ -50,15 +51,9 @@ class DenseMat:
         return lambda: np.matmul(x, wt, out=out)
 
 
-def _matrix_form(data: np.ndarray, type_name: str, shape: tuple[int, int], name: str, arena: TileArena):
-    if shape[1] % GROUP == 0:
-        return NativeMat(data, type_name, shape, arena)
-    return DenseMat(np.concatenate([w for _, w in dequant_rows(data, type_name, shape)]))
-
-
 class NativeWeight(PackedWeight):
-    def __init__(self, gguf_file, name: str, arena: TileArena):
-        super().__init__(gguf_file, name, functools.partial(_matrix_form, arena=arena), DenseMat)
+    def __init__(self, gguf_file, name: str, backend: "NativeBackend"):
+        super().__init__(gguf_file, name, backend.matrix_form, DenseMat)
 
 
 class _Compiler(FusingCompiler):
@@ -121,6 +116,7 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
             raise InvalidArgumentError(f"the native backend needs its C kernels, and {native.why_not()}; use "
                                        "--backend torch or numpy.")
         self.arena = TileArena()
+        self.tile_cache: TileCache | None = None
         self.n_threads = kernel_threads(threads)
         native.set_threads(self.n_threads)
         self._blas_limited = False
@@ -138,8 +134,41 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
     def describe(self) -> str:
         return f"native: {native.describe()}"
 
+    def start_load(self, gguf_file) -> None:
+        """A model file's weights are about to be loaded: its repacked-weights cache entry, if kept."""
+        self.tile_cache = TileCache(gguf_file) if tile_cache.enabled() else None
+
     def load_weight(self, gguf_file, name: str) -> NativeWeight:
-        return NativeWeight(gguf_file, name, self.arena)
+        return NativeWeight(gguf_file, name, self)
+
+    def matrix_form(self, data: np.ndarray, type_name: str, shape: tuple[int, int], name: str):
+        """A weight matrix's kernel form: tiles (from the cache entry, or packed into it or into memory), or a
+        float32 DenseMat for a width the tile formats cannot take."""
+        if shape[1] % GROUP:
+            return DenseMat(np.concatenate([w for _, w in dequant_rows(data, type_name, shape)]))
+        cache = self.tile_cache
+        cached = cache.lookup(name) if cache is not None else None
+        if cached is not None and (cached.n, cached.k) == tuple(shape):
+            return NativeMat.from_tiles(cached)
+        arena = cache.arena if cache is not None and cache.arena is not None else self.arena
+        mat = NativeMat(data, type_name, shape, arena)
+        if cache is not None:
+            cache.record(name, mat)
+        return mat
+
+    def finish_load(self) -> None:
+        super().finish_load()
+        if self.tile_cache is not None:
+            self.tile_cache.finish()
+
+    def weights_origin(self) -> str:
+        """Where the loaded weights' tiles came from (for `kvgraph info` and bench)."""
+        cache = self.tile_cache
+        if cache is None:
+            return "repacked at load (weight cache off)"
+        return {"hit": f"mapped from {cache.path}", "written": f"repacked at load, kept in {cache.path}",
+                "small": "repacked at load (too small to keep)"}.get(
+                    cache.state, f"repacked at load ({cache.state})")
 
     @contextlib.contextmanager
     def threads(self, n: int | None):

@@ -28,6 +28,9 @@ class NumpyBackend:
     def describe(self) -> str:
         return "numpy (float32 reference)"
 
+    def start_load(self, gguf_file) -> None:
+        """Called before a model's weights are loaded (nothing to do here)."""
+
     def load_weight(self, gguf_file, name: str) -> np.ndarray:
         """The reference computes in float32: every weight is dequantized once, at load."""
         return gguf_file.dequantize(name)

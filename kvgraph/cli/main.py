@@ -75,6 +75,14 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def stdout_console():
+    """rich's console for tables on stdout: the terminal's width, or, piped, no wrapping at 80 columns (a path
+    or a word split across lines is no use to a script or a log)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=400)
+
+
 def flash_attn_arg(value: str) -> bool | None:
     """--flash-attn on/off/auto -> True/False/None (None: the backend decides)."""
     return {"on": True, "off": False}.get(value)
@@ -247,7 +255,6 @@ def cmd_models(args) -> int:
     from ..registry import KNOWN_MODELS, list_cached, model_home
 
     cached = {c["name"]: c for c in list_cached()}
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"models ({model_home() / 'models'})")
@@ -260,8 +267,37 @@ def cmd_models(args) -> int:
     for c in list_cached():
         if c["name"] is None:
             table.add_row(Path(c["path"]).name, "?", f"{c['size'] / 1e6:.0f} MB", "yes (local file)", str(c["path"]))
-    Console().print(table)
+    console = stdout_console()
+    console.print(table)
+    _weight_cache_table(console, args.clear_cache)
     return 0
+
+
+def _weight_cache_table(console, clear: bool) -> None:
+    from rich.table import Table
+
+    from ..backends.native import tile_cache
+
+    folder = tile_cache.cache_dir()
+    entries = tile_cache.list_entries(folder)
+    if clear:
+        for e in entries:
+            tile_cache.remove_entry(e["file"])
+        console.print(f"deleted {len(entries)} repacked-weights entr{'y' if len(entries) == 1 else 'ies'} "
+                      f"({sum(e['bytes'] for e in entries) / 1e6:.0f} MB) from {folder}")
+        return
+    total = sum(e["bytes"] for e in entries) / 1e6
+    table = Table(title=f"repacked weights ({folder})",
+                  caption=f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total:.0f} MB; "
+                          "`kvgraph models --clear-cache` deletes them")
+    for col in ("model file", "size"):
+        table.add_column(col)
+    for e in entries:
+        source = e["source"] or "(damaged: replaced at the next load)"
+        if e["source"] and not Path(e["source"]).exists():
+            source += " (file gone)"
+        table.add_row(source, f"{e['bytes'] / 1e6:.0f} MB")
+    console.print(table)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -307,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hash the cached file again (sha256) even if its check is recorded; re-download if bad")
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("models", help="list known and cached models")
+    p = sub.add_parser("models", help="list known and cached models, and the repacked-weights cache")
+    p.add_argument("--clear-cache", action="store_true",
+                   help="delete the repacked weights kept in $KVGRAPH_HOME/weights (each model's next load "
+                        "repacks it once)")
     p.set_defaults(func=cmd_models)
 
     from .bench_cmd import add_bench_parser

@@ -124,6 +124,7 @@ def load_model(path: str | os.PathLike[str], backend: Any, *, tokenizer: bool = 
     if tokenizer:
         loaded.load_tokenizer()    # before the weights: a broken vocabulary fails before the slow part
     weights = loaded.weights
+    backend.start_load(gf)
     for name in model.shapes:
         if gf.tensor(name) is not None:
             weights[name] = backend.load_weight(gf, name)
