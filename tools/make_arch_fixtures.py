@@ -178,8 +178,9 @@ def make_model(arch: Arch, vocab: tuple[int, int, int], directory: Path):
     return model
 
 
-def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str | None, name: str) -> None:
-    """Run llama.cpp's convert_hf_to_gguf.py in this process, telling it the pre-tokenizer by name."""
+def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str | None, name: str, outtype: str = "f32") -> None:
+    """Run llama.cpp's convert_hf_to_gguf.py in this process, telling it the pre-tokenizer by name; outtype is
+    the converter's --outtype (f32 for the fixtures; f16, bf16, q8_0 also)."""
     sys.path[:0] = [str(llama_cpp / "gguf-py"), str(llama_cpp)]
     for mod in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
         del sys.modules[mod]           # the converter must use the gguf-py it ships with
@@ -188,7 +189,7 @@ def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str | None, name: 
     if pre is not None:
         base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
     argv = sys.argv
-    sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", "f32",
+    sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", outtype,
                 "--model-name", f"kvgraph-tiny-{name}"]
     try:
         conv.main()
