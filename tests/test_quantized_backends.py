@@ -3,6 +3,7 @@ models, by design.md §8's rule for quantized-compute backends; and the native b
 no torch) on tiny models against the numpy reference."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -83,6 +84,47 @@ def test_real_model_weights_stay_compact(real):
 @pytest.mark.parametrize("name", list(TINY_CASES))
 def test_native_backend_tiny_model_logits_match_numpy(tmp_path, name, flash):
     assert_tiny_case_matches_numpy(tmp_path, name, "native", flash)
+
+
+@needs_native
+@pytest.mark.parametrize("weight_type", ["F16", "BF16"])
+def test_float16_and_bfloat16_weights_run_as_stored(tmp_path, weight_type):
+    """F16 / BF16 matrices are read as the file stores them (no re-quantization): against the numpy float32
+    reference of the same file, within float32 summation noise, as F32 files are; the output matrix too."""
+    from kvgraph.backends import get_backend
+    from kvgraph.engine.loader import load_model
+
+    path = tmp_path / f"{weight_type}.gguf"
+    write_tiny_llama(path, TinySpec(weight_type=weight_type, tied_output=False))
+    loaded = load_model(path, get_backend("native"), tokenizer=False)
+    mats = [w.matrix() for name, w in loaded.weights.items() if len(w.shape) == 2 and name != "token_embd.weight"]
+    assert mats and all(m.exact and m.w.dtype == (np.float16 if weight_type == "F16" else np.uint16) for m in mats)
+    assert all(not m.w.flags.owndata for m in mats)                  # the file's own bytes, mapped
+    ref = logits_trace(path, "numpy", True, cache_type="f32")
+    assert np.abs(logits_trace(path, "native", True, cache_type="f32") - ref).max() <= 1e-4
+
+
+@needs_native
+def test_a_re_quantization_is_named_at_load_and_in_info(tmp_path, capfd):
+    from kvgraph.backends import get_backend
+    from kvgraph.backends.native.mats import REQUANTIZED, runs_as
+    from kvgraph.cli.main import main
+
+    backend = get_backend("native")
+    rng = np.random.default_rng(0)
+    q2k = rng.integers(0, 256, (32, 84), dtype=np.uint8)           # Q2_K: 84 bytes per 256 weights, d and dmin last
+    q2k[:, 80:84] = np.frombuffer(np.float16(0.01).tobytes() * 2, np.uint8)
+    for name in ("a", "b"):
+        assert not backend.matrix_form(q2k, "Q2_K", (32, 256), name).exact
+    backend.finish_load()
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "2 Q2_K matrices re-quantized to 8 bits" in err
+    assert runs_as("Q2_K") == REQUANTIZED and runs_as("Q4_K") != REQUANTIZED and runs_as("F16") == "float16, as stored"
+    path = tmp_path / "f16.gguf"
+    write_tiny_llama(path, TinySpec(weight_type="F16"))
+    assert main(["info", str(path), "--json"]) == 0
+    info = json.loads(capfd.readouterr().out)
+    assert info["tensor_types"]["F16"]["runs_as"] == "float16, as stored"
 
 
 @needs_native

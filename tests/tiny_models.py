@@ -44,7 +44,7 @@ class TinySpec:
     n_ctx_train: int = 256
     rope_base: float = 10000.0
     rms_eps: float = 1e-5
-    weight_type: str = "F32"          # type of the 2-D matrices: F32, F16, Q8_0, Q4_0, Q4_1, Q5_0
+    weight_type: str = "F32"          # type of the 2-D matrices: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0
     tied_output: bool = True
     seed: int = 0
     arch: str = "llama"
@@ -259,6 +259,7 @@ def logits_trace(path, backend: str, flash: bool, tokens=(5, 70, 33, 12, 99, 40,
 TINY_CASES = {
     "llama-F32": (write_tiny_llama, TinySpec(), 1e-4),
     "llama-F16": (write_tiny_llama, TinySpec(weight_type="F16"), 0.15),
+    "llama-BF16": (write_tiny_llama, TinySpec(weight_type="BF16"), 0.15),
     "llama-Q8_0": (write_tiny_llama, TinySpec(weight_type="Q8_0"), 0.15),
     "llama-Q5_0": (write_tiny_llama, TinySpec(weight_type="Q5_0"), 0.15),
     "llama-Q4_0": (write_tiny_llama, TinySpec(weight_type="Q4_0"), 0.15),

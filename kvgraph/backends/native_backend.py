@@ -10,6 +10,7 @@ resident memory is little more than the file-sized weights, the KV cache and Pyt
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Mapping
 
 import numpy as np
@@ -21,7 +22,7 @@ from . import native, reference
 from .cpus import kernel_threads
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
 from .native import tile_cache
-from .native.mats import NativeMat, TileArena
+from .native.mats import REQUANTIZED, NativeMat, TileArena
 from .native.tile_cache import TileCache
 from .numpy_backend import NumpyBackend
 from .quant_repack import GROUP, dequant_rows
@@ -29,25 +30,44 @@ from .weights import PackedWeight
 
 
 class DenseMat:
-    """A float32 matrix [N, K] (F32 files, or a width the block formats cannot take): kvg_matmul_f32, whose
-    rows do not depend on the ubatch (numpy's matmul where the buffers' layout is not one it takes)."""
+    """A float matrix [N, K] as the file stores it: float32 (F32 files, or a width the block formats cannot
+    take), float16 (F16) or bfloat16 (BF16, held as its uint16 bits), read in place by kvg_matmul_f32, whose
+    rows do not depend on the ubatch (numpy's matmul, on float32 values, where the buffers' layout is not
+    one it takes)."""
 
     input_form = "f32"
+    exact = True                   # the file's own values
+    WEIGHT_TYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1, np.dtype(np.uint16): 2}
 
     def __init__(self, w: np.ndarray):
         self.n, self.k = w.shape
         self.w = w
+        self._f32: np.ndarray | None = None
+
+    @classmethod
+    def of_file(cls, data: np.ndarray, type_name: str) -> "DenseMat":
+        """An F32 / F16 / BF16 matrix from the file's data (the memory-mapped bytes themselves)."""
+        return cls(data.view(np.uint16) if type_name == "BF16" else data)
 
     @property
     def nbytes(self) -> int:
         return 0 if not self.w.flags.owndata else self.w.nbytes
 
+    def float32(self) -> np.ndarray:
+        if self.w.dtype == np.float32:
+            return self.w
+        if self._f32 is None:          # bfloat16 bits are a float32's top half
+            bf16 = self.w.dtype == np.uint16
+            self._f32 = (self.w.astype(np.uint32) << 16).view(np.float32) if bf16 else self.w.astype(np.float32)
+        return self._f32
+
     def kernel(self, x: np.ndarray, out: np.ndarray) -> Kernel:
-        if all(a.dtype == np.float32 and a.ndim == 2 and a.strides[1] == 4 for a in (self.w, x, out)):
-            return native.bind("kvg_matmul_f32", native.ptr(self.w), self.n, self.k, native.ptr(x), x.shape[0],
-                               native.ptr(out), self.w.strides[0] // 4, x.strides[0] // 4, out.strides[0] // 4,
-                               keep=(self.w, x, out))
-        wt = self.w.T
+        w = self.w
+        if all(a.ndim == 2 and a.strides[1] == a.itemsize for a in (w, x, out)) and x.dtype == out.dtype == np.float32:
+            return native.bind("kvg_matmul_f32", native.ptr(w), self.n, self.k, native.ptr(x), x.shape[0],
+                               native.ptr(out), w.strides[0] // w.itemsize, x.strides[0] // 4, out.strides[0] // 4,
+                               self.WEIGHT_TYPES[w.dtype], keep=(w, x, out))
+        wt = self.float32().T
         return lambda: np.matmul(x, wt, out=out)
 
 
@@ -117,6 +137,7 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
                                        "--backend torch or numpy.")
         self.arena = TileArena()
         self.tile_cache: TileCache | None = None
+        self.requantized: dict[str, int] = {}
         self.n_threads = kernel_threads(threads)
         native.set_threads(self.n_threads)
         self._blas_limited = False
@@ -137,6 +158,7 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
     def start_load(self, gguf_file) -> None:
         """A model file's weights are about to be loaded: its repacked-weights cache entry, if kept."""
         self.tile_cache = TileCache(gguf_file) if tile_cache.enabled() else None
+        self.requantized: dict[str, int] = {}      # GGUF type -> matrices re-quantized to Q8 in this load
 
     def load_weight(self, gguf_file, name: str) -> NativeWeight:
         return NativeWeight(gguf_file, name, self)
@@ -144,22 +166,31 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
     def matrix_form(self, data: np.ndarray, type_name: str, shape: tuple[int, int], name: str):
         """A weight matrix's kernel form: tiles (from the cache entry, or packed into it or into memory), or a
         float32 DenseMat for a width the tile formats cannot take."""
+        if type_name in ("F16", "BF16"):
+            return DenseMat.of_file(data, type_name)
         if shape[1] % GROUP:
             return DenseMat(np.concatenate([w for _, w in dequant_rows(data, type_name, shape)]))
         cache = self.tile_cache
         cached = cache.lookup(name) if cache is not None else None
         if cached is not None and (cached.n, cached.k) == tuple(shape):
-            return NativeMat.from_tiles(cached)
-        arena = cache.arena if cache is not None and cache.arena is not None else self.arena
-        mat = NativeMat(data, type_name, shape, arena)
-        if cache is not None:
-            cache.record(name, mat)
+            mat = NativeMat.from_tiles(cached)
+        else:
+            arena = cache.arena if cache is not None and cache.arena is not None else self.arena
+            mat = NativeMat(data, type_name, shape, arena)
+            if cache is not None:
+                cache.record(name, mat)
+        if not mat.exact:
+            self.requantized[type_name] = self.requantized.get(type_name, 0) + 1
         return mat
 
     def finish_load(self) -> None:
         super().finish_load()
         if self.tile_cache is not None:
             self.tile_cache.finish()
+        if self.requantized:
+            what = ", ".join(f"{n} {t}" for t, n in sorted(self.requantized.items()))
+            print(f"kvgraph: {what} matri{'x' if sum(self.requantized.values()) == 1 else 'ces'} "
+                  f"{REQUANTIZED} (the C kernels have no tiles for that type)", file=sys.stderr)
 
     def weights_origin(self) -> str:
         """Where the loaded weights' tiles came from (for `kvgraph info` and bench)."""

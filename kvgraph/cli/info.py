@@ -8,6 +8,7 @@ from typing import Any
 
 
 def model_info(path: str | Path) -> dict[str, Any]:
+    from ..backends.native.mats import runs_as
     from ..engine.loader import open_model
     from ..models import ARCHITECTURES
     from ..tokenizer import Tokenizer
@@ -32,7 +33,7 @@ def model_info(path: str | Path) -> dict[str, Any]:
         "gguf_version": gf.version,
         "n_params": sum(t.n_elements for t in gf.tensors.values()),
         "n_tensors": len(gf.tensors),
-        "tensor_types": {k: {"count": types[k], "bytes": type_bytes[k]} for k in sorted(types)},
+        "tensor_types": {k: {"count": types[k], "bytes": type_bytes[k], "runs_as": runs_as(k)} for k in sorted(types)},
         "hyperparameters": hparams,
         "tied_output": "output.weight" not in gf.tensors,
         "tokenizer": {
@@ -45,10 +46,11 @@ def model_info(path: str | Path) -> dict[str, Any]:
 
 
 def render_info(info: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from .main import stdout_console
+
+    console = stdout_console()
     console.print(f"[bold]{info['name']}[/bold]  ({info['path']})")
     console.print(f"architecture {info['architecture']}, GGUF v{info['gguf_version']}, "
                   f"{info['file_size'] / 1e6:.1f} MB, {info['n_params'] / 1e6:.1f} M parameters, "
@@ -59,10 +61,10 @@ def render_info(info: dict[str, Any]) -> None:
             hp.add_row(k, str(v))
     console.print(hp)
     tt = Table(title="tensor types")
-    for col in ("type", "tensors", "MB"):
+    for col in ("type", "tensors", "MB", "matrices run as (native backend)"):
         tt.add_column(col)
     for name, d in info["tensor_types"].items():
-        tt.add_row(name, str(d["count"]), f"{d['bytes'] / 1e6:.1f}")
+        tt.add_row(name, str(d["count"]), f"{d['bytes'] / 1e6:.1f}", d["runs_as"])
     console.print(tt)
     tk = info["tokenizer"]
     console.print(f"tokenizer: {tk['model']} (pre: {tk['pre']}), vocab {tk['vocab_size']}, bos {tk['bos_id']} "

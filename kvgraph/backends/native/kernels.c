@@ -812,6 +812,8 @@ typedef __m512 vf;
 #define vf_pow2(fx) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), \
                                                                          _mm512_set1_epi32(127)), 23))
 #define vf_load_h(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))   /* 16 float16 */
+#define vf_load_bf(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(   /* 16 bfloat16 */ \
+                          _mm256_loadu_si256((const __m256i *)(p))), 16))
 #define vf_keep_live(x, e) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask((x), vf_set1(-INFINITY), _CMP_NEQ_UQ), (e))
 #define vf_unless_masked(m, e) _mm512_mask_mov_ps(vf_set1(-INFINITY), _mm512_cmp_ps_mask((m), vf_set1(-INFINITY), \
                                                                                         _CMP_NEQ_UQ), (e))
@@ -834,6 +836,8 @@ typedef __m256 vf;
 #define vf_pow2(fx) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), \
                                                                          _mm256_set1_epi32(127)), 23))
 #define vf_load_h(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))     /* 8 float16 */
+#define vf_load_bf(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(   /* 8 bfloat16 */ \
+                          _mm_loadu_si128((const __m128i *)(p))), 16))
 #define vf_keep_live(x, e) _mm256_andnot_ps(_mm256_cmp_ps((x), vf_set1(-INFINITY), _CMP_EQ_OQ), (e))
 #define vf_unless_masked(m, e) _mm256_blendv_ps(vf_set1(-INFINITY), (e), _mm256_cmp_ps((m), vf_set1(-INFINITY), \
                                                                                      _CMP_NEQ_UQ))
@@ -940,17 +944,37 @@ static inline float vf_sum_in_order(vf x) {
 }
 #endif
 
-/* a: w (float [N, K], rows ws0 apart), N, K, x (float [M, K], rows xs0 apart), M, out (float [M, N], rows os0
- * apart), ws0, xs0, os0.  out = x w^T for float32 weights. Each out[m, n] is one dot product summed lane by
- * lane in the order of k, whatever M is or which rows share a pass, so a token's row does not depend on its
- * ubatch (a BLAS picks other kernels, and other sums, for one row than for many). */
-static void f32_rows(void *job, int64_t n0, int64_t n1) {
-    const int64_t *a = (const int64_t *)job;
-    const float *w = (const float *)a[0], *x = (const float *)a[3];
+/* a: w ([N, K] of float32, float16 or bfloat16 (a[9]: 0, 1, 2), rows ws0 elements apart), N, K, x (float
+ * [M, K], rows xs0 apart), M, out (float [M, N], rows os0 apart), ws0, xs0, os0, weight type.
+ * out = x w^T for float weights as the file stores them (read in place: no repacking). Each out[m, n] is one
+ * dot product summed lane by lane in the order of k, whatever M is or which rows share a pass, so a token's
+ * row does not depend on its ubatch (a BLAS picks other kernels, and other sums, for one row than for many). */
+enum { W_F32, W_F16, W_BF16 };
+
+static inline float w_at(const void *w, int64_t i, const int WT) {
+    if (WT == W_F32) return ((const float *)w)[i];
+    const uint16_t h = ((const uint16_t *)w)[i];
+    if (WT == W_F16) return h2f(h);
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#ifdef VF_W
+static inline vf w_load(const void *w, int64_t i, const int WT) {
+    return WT == W_F32 ? vf_load((const float *)w + i)
+         : WT == W_F16 ? vf_load_h((const uint16_t *)w + i) : vf_load_bf((const uint16_t *)w + i);
+}
+#endif
+
+static inline void float_rows(const int64_t *a, int64_t n0, int64_t n1, const int WT) {
+    const float *x = (const float *)a[3];
     const int64_t k = a[2], m_rows = a[4], ws0 = a[6], xs0 = a[7], os0 = a[8];
+    const size_t esize = WT == W_F32 ? 4 : 2;
     float *out = (float *)a[5];
     for (int64_t n = n0; n < n1; n++) {
-        const float *wr = w + n * ws0;
+        const void *wr = (const uint8_t *)a[0] + n * ws0 * esize;
         for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
             const int mb = (int)(m_rows - m0 < 4 ? m_rows - m0 : 4);
             float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -958,21 +982,27 @@ static void f32_rows(void *job, int64_t n0, int64_t n1) {
 #ifdef VF_W
             vf acc[4] = {vf_set1(0.0f), vf_set1(0.0f), vf_set1(0.0f), vf_set1(0.0f)};
             for (; e + VF_W <= k; e += VF_W) {
-                const vf wv = vf_load(wr + e);
+                const vf wv = w_load(wr, e, WT);
                 for (int j = 0; j < mb; j++) acc[j] = vf_fmadd(vf_load(x + (m0 + j) * xs0 + e), wv, acc[j]);
             }
             for (int j = 0; j < mb; j++) sum[j] = vf_sum_in_order(acc[j]);
 #endif
             for (int j = 0; j < mb; j++) {
                 const float *xr = x + (m0 + j) * xs0;
-                for (int64_t t = e; t < k; t++) sum[j] += xr[t] * wr[t];
+                for (int64_t t = e; t < k; t++) sum[j] += xr[t] * w_at(wr, t, WT);
                 out[(m0 + j) * os0 + n] = sum[j];
             }
         }
     }
 }
 
-void kvg_matmul_f32(const int64_t *a) { parallel_for(a[1], 8, f32_rows, (void *)a); }
+static void f32_rows(void *job, int64_t n0, int64_t n1) { float_rows((const int64_t *)job, n0, n1, W_F32); }
+static void f16_rows(void *job, int64_t n0, int64_t n1) { float_rows((const int64_t *)job, n0, n1, W_F16); }
+static void bf16_rows(void *job, int64_t n0, int64_t n1) { float_rows((const int64_t *)job, n0, n1, W_BF16); }
+
+void kvg_matmul_f32(const int64_t *a) {
+    parallel_for(a[1], 8, a[9] == W_F16 ? f16_rows : a[9] == W_BF16 ? bf16_rows : f32_rows, (void *)a);
+}
 
 /* sum_i a[i] b[i], lane by lane in the order of i, then the lanes in order: the same sum wherever it runs */
 static inline float dot_lanes(const float *a, const float *b, int64_t n) {

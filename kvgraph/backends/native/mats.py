@@ -24,6 +24,18 @@ from . import (BLOCK_LAYOUTS, FORMATS, GATED_KINDS, PACK_TYPES, QK, TR, bind, de
                pack_kquant, pack_q4, pack_q8, pack_tiles_c, ptr, quantize_blocks_q8, tile_bytes)
 
 
+def runs_as(type_name: str) -> str:
+    """What the C kernels compute a matrix of this GGUF type with (for `kvgraph info` and the load log)."""
+    if type_name in ("F32", "F16", "BF16"):
+        return {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[type_name] + ", as stored"
+    if type_name in PACK_TYPES:
+        return "tiles of the file's own values"
+    return REQUANTIZED
+
+
+REQUANTIZED = "re-quantized to 8 bits per weight (Q8 tiles, not the file's exact values)"
+
+
 class Q8Act:
     """An activation [M, K] quantized for the native matmuls: q int8 [M, K]; per block of 32, d and s = d * sum q
     float32 [M, K/32]; h int32 [M, K/16], the sums of q over each half block."""
