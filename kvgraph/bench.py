@@ -57,6 +57,8 @@ class BenchRow:
     kv_cache_mb: float = 0.0
     compute_buffer_mb: float = 0.0
     peak_rss_mb: float = 0.0
+    read_gb_s: float | None = None           # --roofline: the kernels' threads' streaming-read bandwidth
+    roofline_ts: float | None = None         # tg: that bandwidth / bytes read per token (weights + KV cells)
     llama_cpp_ts: float | None = None
     llama_cpp_bench: str | None = None       # which llama-bench gave llama_cpp_ts (the fastest of --compare's)
 

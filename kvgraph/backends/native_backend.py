@@ -51,7 +51,7 @@ class DenseMat:
 
     @property
     def nbytes(self) -> int:
-        return 0 if not self.w.flags.owndata else self.w.nbytes
+        return self.w.nbytes
 
     def float32(self) -> np.ndarray:
         if self.w.dtype == np.float32:

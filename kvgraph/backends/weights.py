@@ -36,8 +36,10 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the weight's forms (an F32 matrix's dense array and matrix form are one array: once)."""
         n = self.dense.nbytes if self.dense is not None else 0
-        return n + (self.mat.nbytes if self.mat is not None else 0)
+        shared = self.dense is not None and getattr(self.mat, "w", None) is self.dense
+        return n + (self.mat.nbytes if self.mat is not None and not shared else 0)
 
     def matrix(self):
         if self.mat is None:

@@ -70,6 +70,9 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--compare", metavar="LLAMA_BENCH", default=None,
                    help="path to llama.cpp's llama-bench (or several, comma-separated: the faster per test "
                         "counts): run it on the same file and tests, interleaved, and add a ratio column")
+    p.add_argument("--roofline", action="store_true",
+                   help="measure the memory read bandwidth of the kernels' threads and give each tg row the "
+                        "t/s it would reach reading the weights and KV cells once per token at that speed")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="plot t/s against depth (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
@@ -187,6 +190,7 @@ def cmd_bench(args) -> int:
             print(f"--compare: llama-bench not found at {binary!r}; skipping it.", file=err)
 
     rows: list[BenchRow] = []
+    bandwidth: dict[int, float | None] = {}      # threads -> bytes/s (--roofline)
     total = (len(models) * len(backends) * len(threads) * len(fas) * len(caches) * len(tests) * (args.repetitions + 1)
              * max(1, len(parallel)))
     with _Status(total) as progress:
@@ -228,6 +232,8 @@ def cmd_bench(args) -> int:
                                     measure(llm.ctx, test, args.repetitions, llm.loaded.config.n_vocab, row,
                                             on_rep=progress.advance)
                                 progress.advance()
+                                if args.roofline and test.n_gen:
+                                    _roofline(row, llm, test, bandwidth, err)
                                 if compare:
                                     progress.update(f"llama-bench {test.name}")
                                     runs = [(ts, b) for b in compare
@@ -243,6 +249,32 @@ def cmd_bench(args) -> int:
         plot(rows, args.plot)
         print(f"plot written to {args.plot}", file=err)
     return 0
+
+
+def _roofline(row, llm, test, bandwidth: dict, err) -> None:
+    """row.read_gb_s and row.roofline_ts: the streaming-read bandwidth on the row's threads (measured once
+    per thread count) over the bytes a decode step reads: every weight matrix once, plus the KV cells of
+    the context, on average depth + n_gen / 2 of them."""
+    from ..backends import native
+
+    if row.n_threads not in bandwidth:
+        if native.library() is None:
+            print(f"--roofline: the bandwidth loop needs the C kernels ({native.why_not()}); no roofline",
+                  file=err)
+            bandwidth[row.n_threads] = None
+        else:
+            before = native.library().kvg_threads()
+            native.set_threads(row.n_threads)
+            try:
+                bandwidth[row.n_threads] = native.read_bandwidth()
+            finally:
+                native.set_threads(before)
+    bw = bandwidth[row.n_threads]
+    if bw is None:
+        return
+    kv_per_cell = llm.ctx.memory_bytes / llm.ctx.n_ctx
+    per_token = row.weights_mb * 1e6 + kv_per_cell * (test.n_depth + test.n_gen / 2)
+    row.read_gb_s, row.roofline_ts = bw / 1e9, bw / per_token
 
 
 def _kernels(backend) -> str:
@@ -292,6 +324,9 @@ def render_markdown(rows) -> str:
     compare = any(r.llama_cpp_ts is not None for r in rows)
     head = ["model", "size", "params", "backend", "kernels", "threads", "fa", "kv", "graph cache", "test", "t/s",
             "host ms/tok", "build+plan+compile ms/tok", "peak RSS MiB"]
+    roofline = any(r.roofline_ts is not None for r in rows)
+    if roofline:
+        head += ["read GB/s", "roofline t/s", "of roofline"]
     if compare:
         head += ["llama.cpp t/s", "ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i >= 5 else "---" for i in range(len(head))) + "|"]
@@ -300,6 +335,9 @@ def render_markdown(rows) -> str:
                  r.kernels, str(r.n_threads), "on" if r.flash_attn else "off", r.cache_type, "on" if r.graph_cache else "off", r.test,
                  f"{r.avg_ts:.2f} ± {r.stddev_ts:.2f}", f"{r.host_ms_per_token:.3f}",
                  f"{r.build_ms + r.plan_ms + r.compile_ms:.3f}", f"{r.peak_rss_mb:.0f}"]
+        if roofline:
+            cells += [f"{r.read_gb_s:.1f}", f"{r.roofline_ts:.2f}", f"{r.avg_ts / r.roofline_ts:.0%}"] \
+                if r.roofline_ts else ["-", "-", "-"]
         if compare:
             cells += [f"{r.llama_cpp_ts:.2f}" if r.llama_cpp_ts else "-",
                       f"{r.avg_ts / r.llama_cpp_ts:.2f}" if r.llama_cpp_ts else "-"]

@@ -45,7 +45,7 @@ KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h
            "kvg_matmul_q5k", "kvg_matmul_q6k", "kvg_rms_norm",
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows",
            "kvg_tile_rows", "kvg_matmul_glu", "kvg_matmul_f32", "kvg_moe_f32", "kvg_checksum",
-           "kvg_pack_tiles")
+           "kvg_pack_tiles", "kvg_stream_read")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -256,6 +256,24 @@ def checksum(data: np.ndarray) -> int:
     out = np.zeros(1, np.uint64)
     bind("kvg_checksum", ptr(flat), flat.size, ptr(chunks), ptr(out), keep=(flat, chunks, out))()
     return int(out[0])
+
+
+def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes per second the kernels' threads read a buffer far larger than the caches at (kvg_stream_read,
+    the best of `repeats` passes): the memory roofline of a decode step, whose weights are read once each."""
+    import time
+
+    buf = np.ones(n_bytes // 8, np.uint64)             # touched: its pages are in memory before timing
+    out = np.zeros(1, np.uint64)
+    run = bind("kvg_stream_read", ptr(buf), buf.nbytes, ptr(out), keep=(buf, out))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    if int(out[0]) != buf.size:
+        raise RuntimeError("kvg_stream_read read the wrong sum")
+    return buf.nbytes / best
 
 
 def batch(kernels: list[Callable[[], None]]) -> list[Callable[[], None]]:

@@ -1870,3 +1870,30 @@ void kvg_pack_tiles(const int64_t *a) {
     free(zero);
     *(int64_t *)a[7] = atomic_load(&j.inexact);
 }
+
+/* ---- memory bandwidth ----------------------------------------------------------------------------------------
+ * A streaming read of a buffer by the pool's threads (what a decode step does to the weights), for the
+ * bench's roofline: the sum of its 64-bit words, so the reads cannot be optimised away. */
+typedef struct { const uint64_t *p; int64_t n_words; _Atomic uint64_t sum; } stream_job;
+
+static void stream_chunks(void *ctx, int64_t c0, int64_t c1) {
+    stream_job *j = (stream_job *)ctx;
+    const int64_t w0 = c0 * (CHECK_CHUNK / 8), w1 = c1 * (CHECK_CHUNK / 8) < j->n_words ? c1 * (CHECK_CHUNK / 8)
+                                                                                       : j->n_words;
+    uint64_t acc[8] = {0};
+    int64_t i = w0;
+    for (; i + 8 <= w1; i += 8)
+#pragma omp simd
+        for (int l = 0; l < 8; l++) acc[l] += j->p[i + l];
+    for (; i < w1; i++) acc[0] += j->p[i];
+    uint64_t s = 0;
+    for (int l = 0; l < 8; l++) s += acc[l];
+    atomic_fetch_add(&j->sum, s);
+}
+
+/* a: data (8-byte aligned), n bytes (a multiple of 8), out (uint64 [1]) */
+void kvg_stream_read(const int64_t *a) {
+    stream_job j = {(const uint64_t *)a[0], a[1] / 8, 0};
+    parallel_for((a[1] + CHECK_CHUNK - 1) / CHECK_CHUNK, 1, stream_chunks, &j);
+    *(uint64_t *)a[2] = atomic_load(&j.sum);
+}
