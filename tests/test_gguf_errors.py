@@ -103,6 +103,40 @@ def test_shape_that_contradicts_hyperparameters(tmp_path):
         open_model(path)
 
 
+def test_shapes_are_the_same_up_to_leading_ones_in_numpy_order():
+    """ggml's ne is numpy's order reversed and llama-quantize drops its trailing ones (ggml_n_dims), so a
+    numpy shape may gain or lose LEADING ones and be the same tensor, never trailing ones or a regrouping."""
+    from kvgraph.gguf.reader import same_shape
+    assert same_shape((1536,), (1, 1536)) and same_shape((1, 1536), (1536,)) and same_shape((1, 1, 64), (64,))
+    assert same_shape((8, 1), (8, 1)) and same_shape((1,), (1, 1))
+    assert not same_shape((1536, 1), (1536,)) and not same_shape((2, 768), (1536,))
+    assert not same_shape((1, 64), (1, 65)) and not same_shape((2, 1, 64), (64,))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "native"])
+def test_a_tensor_written_with_extra_leading_ones_loads_with_the_architectures_shape(tmp_path, backend):
+    """A norm stored as (1, 32) (ggml ne [32, 1]) is the architecture's (32,) to ggml: it loads, and every
+    backend is handed the tensor in the shape the architecture names, a view of the file's bytes."""
+    from kvgraph.api import LLM
+    path = tmp_path / "ones.gguf"
+    tensors = write_tiny_llama(path, TinySpec(n_layer=1, override_shapes={"blk.0.attn_norm.weight": (1, 32)}))
+    gf, _, _ = open_model(path)
+    info = gf.tensor("blk.0.attn_norm.weight")
+    assert gf.tensors["blk.0.attn_norm.weight"].shape == (1, 32) and info.shape == info.data.shape == (32,)
+    assert np.array_equal(gf.dequantize("blk.0.attn_norm.weight"), tensors["blk.0.attn_norm.weight"][0])
+    llm = LLM(str(path), backend=backend, n_ctx=32)
+    assert np.isfinite(llm.logits([1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("shape", [(32, 1), (2, 16), (1, 33)])
+def test_a_shape_that_differs_by_more_than_leading_ones_is_refused(tmp_path, shape):
+    path = tmp_path / "bad-norm.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1, override_shapes={"blk.0.attn_norm.weight": shape}))
+    with pytest.raises(GGUFError, match=rf"'blk.0.attn_norm.weight' has shape \({shape[0]}, {shape[1]}\) but the "
+                                        r"hyper-parameters say \(32,\); the file is inconsistent"):
+        open_model(path)
+
+
 def test_metadata_of_the_wrong_type(tmp_path):
     path = tmp_path / "meta.gguf"
     write_tiny_llama(path, TinySpec(n_layer=1, extra_kv={"llama.attention.key_length": "lots"}))

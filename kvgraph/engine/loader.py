@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import GGUFError, UnsupportedModelError
 from ..gguf.config import MetadataView, ModelConfig, read_config
-from ..gguf.reader import GGUFFile
+from ..gguf.reader import GGUFFile, same_shape
 from ..gguf.types import dequantize
 from ..models import ARCHITECTURES, Model, architecture
 from .heap import release_free_heap
@@ -80,9 +80,13 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
                 continue
             raise GGUFError(f"{gf.path}: tensor {name!r} is missing; the {arch} architecture needs it "
                             "(incomplete or wrongly converted file).")
-        if tuple(info.shape) != tuple(shape):
+        if not same_shape(info.shape, shape):
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters "
                             f"say {shape}; the file is inconsistent.")
+        if tuple(info.shape) != tuple(shape):
+            # written without ggml's trailing dimensions of one (llama-quantize's output): every backend
+            # reads the tensor (gf.tensor) with the shape the architecture names
+            gf.add_view(info.reshaped(shape))
     return gf, cfg, model
 
 
@@ -105,7 +109,7 @@ def _read_constants(gf: GGUFFile, model: Model) -> dict[str, tuple[float, ...]]:
         info = gf.tensors.get(name)
         if info is None:
             continue
-        if tuple(info.shape) != tuple(shape):
+        if not same_shape(info.shape, shape):
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters say "
                             f"{shape}; the file is inconsistent.")
         values = dequantize(np.asarray(info.data), info.type_name)

@@ -67,6 +67,16 @@ _PAGE = mmap.PAGESIZE
 _FIX = "The file is corrupt or truncated; re-download it (or re-convert the model with a current llama.cpp)."
 
 
+def same_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether two numpy-order shapes are the same tensor shape as ggml sees it (`ggml_are_same_shape`, and
+    llama.cpp's check of a file's tensors): equal once both are padded to GGML_MAX_DIMS with ones. ggml's
+    `ne` is the reverse of numpy's order and llama-quantize writes a tensor's `ne` without its trailing ones
+    (`ggml_n_dims`), so numpy shapes may differ only by LEADING ones: (1536,) is (1, 1536), never (1536, 1)."""
+    a, b = tuple(a), tuple(b)
+    n = max(len(a), len(b))
+    return (1,) * (n - len(a)) + a == (1,) * (n - len(b)) + b
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of the file. `shape` is in numpy order (the reverse of ggml's `ne`)."""
@@ -86,6 +96,16 @@ class TensorInfo:
         attn_qkv) seen as the parts an architecture names. A view of the same memory-mapped bytes."""
         return TensorInfo(name, self.type_name, (n,) + self.shape[1:], self.n_bytes // self.shape[0] * n,
                           self.data[start:start + n])
+
+    def reshaped(self, shape: tuple[int, ...]) -> "TensorInfo":
+        """The tensor seen with shape, which must be the same shape as its own up to leading ones
+        (`same_shape`): a file that llama-quantize wrote without trailing ggml dimensions of one, presented
+        with the dimensions its architecture names. A view of the same memory-mapped bytes."""
+        shape = tuple(shape)
+        assert same_shape(shape, self.shape), (shape, self.shape)
+        # quantized data is (rows..., bytes_per_row); the row length, last, is the same in both shapes
+        view = shape if self.type_name in _TYPED_DATA else (*shape[:-1], self.data.shape[-1])
+        return TensorInfo(self.name, self.type_name, shape, self.n_bytes, self.data.reshape(view))
 
 
 def _corrupt(path: Path, what: str) -> GGUFError:
