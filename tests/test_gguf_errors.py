@@ -1,6 +1,7 @@
 """Every way a model file can be wrong ends in one clear KvgraphError, and the CLI prints it without a traceback."""
 from __future__ import annotations
 
+import re
 import struct
 
 import gguf
@@ -140,8 +141,65 @@ def test_a_shape_that_differs_by_more_than_leading_ones_is_refused(tmp_path, sha
 def test_metadata_of_the_wrong_type(tmp_path):
     path = tmp_path / "meta.gguf"
     write_tiny_llama(path, TinySpec(n_layer=1, extra_kv={"llama.attention.key_length": "lots"}))
-    with pytest.raises(GGUFError, match="key_length' should be an integer"):
+    with pytest.raises(GGUFError, match="'llama.attention.key_length' is stored as string, but it is read as uint32"):
         open_model(path)
+
+
+def retype(path, key: str, new_type: int) -> None:
+    """Change the stored value type of key in place, bytes untouched (what a corrupted type id does): for an
+    array, the type of its elements."""
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<Q", len(key)) + key.encode()) + 8 + len(key)
+    if struct.unpack_from("<I", data, at)[0] == gguf.GGUFValueType.ARRAY:
+        at += 4
+    data[at:at + 4] = struct.pack("<I", new_type)
+    path.write_bytes(bytes(data))
+
+
+V = gguf.GGUFValueType
+RETYPED = [  # (key, the type it is given, as reported, as it is read) -- each keeps the bytes of the right type
+    ("llama.rope.freq_base", V.INT32, "int32", "float32"),                # 10000.0 would be 1176256512
+    ("llama.attention.layer_norm_rms_epsilon", V.UINT32, "uint32", "float32"),
+    ("llama.vocab_size", V.INT32, "int32", "uint32"),
+    ("llama.block_count", V.FLOAT32, "float32", "uint32"),
+    ("tokenizer.ggml.token_type", V.UINT32, "array of uint32", "array of int32"),
+    ("tokenizer.ggml.bos_token_id", V.INT32, "int32", "uint32"),
+    ("tokenizer.ggml.add_bos_token", V.UINT8, "uint8", "bool"),
+]
+
+
+@pytest.mark.parametrize("key, new_type, found, expected", RETYPED, ids=[r[0] for r in RETYPED])
+def test_a_value_stored_with_another_type_is_refused_as_llama_cpp_refuses_it(tmp_path, capsys, key, new_type,
+                                                                               found, expected):
+    """A fuzzed type id keeps the value's bytes: kvgraph once ran such files with the bits reinterpreted (a
+    float32 rope base read as an int32); llama.cpp refuses a key whose type is not the one it reads, and so
+    does kvgraph, with one line naming the key and both types."""
+    path = tmp_path / "retyped.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1))
+    retype(path, key, new_type)
+    assert main(["info", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(key)}'?:? (is )?stored as {found}, but (it is )?read as {expected} ", err), err
+    assert err.count("\n") == 1 and "Traceback" not in err and "Warning" not in err
+
+
+def test_integer_arrays_may_hold_int32_or_uint32_as_in_llama_cpp(tmp_path):
+    """llama.cpp's get_arr reads int32 and uint32 arrays alike (per-layer head counts): so does kvgraph."""
+    from kvgraph.gguf.config import MetadataView
+    path = tmp_path / "arrays.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1))
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, sub in (("llama.a", V.INT32), ("llama.b", V.UINT32), ("llama.c", V.FLOAT32)):
+        w.add_key_value(key, [1, 2], V.ARRAY, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    from kvgraph.gguf.reader import GGUFFile
+    m = MetadataView(GGUFFile(path).metadata, "llama", str(path))
+    assert m.int_list("a") == m.int_list("b") == [1, 2]
+    with pytest.raises(GGUFError, match="'llama.c' is stored as array of float32, but it is read as array of "
+                                        "int32 or array of uint32"):
+        m.int_list("c")
 
 
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path, capsys):
