@@ -183,6 +183,77 @@ def test_a_value_stored_with_another_type_is_refused_as_llama_cpp_refuses_it(tmp
     assert err.count("\n") == 1 and "Traceback" not in err and "Warning" not in err
 
 
+def corrupt(src, dst, key: str, *, tensor_type: int | None = None, f32: float | None = None):
+    """A copy of src with one field's bytes changed in place, as a fuzzer changes them: the type id of tensor
+    key, or the value of the float32 metadata key."""
+    data = bytearray(src.read_bytes())
+    at = data.index(struct.pack("<Q", len(key)) + key.encode()) + 8 + len(key)
+    if tensor_type is not None:
+        at += 4 + 8 * struct.unpack_from("<I", data, at)[0]       # n_dims, ne[]: then the ggml type
+        data[at:at + 4] = struct.pack("<I", tensor_type)
+    else:
+        assert struct.unpack_from("<I", data, at)[0] == V.FLOAT32
+        data[at + 4:at + 8] = struct.pack("<f", f32)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def run_cli_without_warnings(capsys, argv) -> tuple[int, str]:
+    """main(argv) with every warning an error (a numpy RuntimeWarning would end it in an exception, not a
+    line); (exit status, stderr)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+Q = gguf.GGMLQuantizationType
+CHANGED_TYPES = [  # (weights, tensor, its type id changed to): the data of the right size, read as other numbers
+    ("F32", "blk.0.ffn_down.weight", Q.F16), ("F32", "token_embd.weight", Q.BF16), ("F32", "token_embd.weight", Q.F16),
+    ("F32", "blk.0.attn_norm.weight", Q.Q4_0), ("Q8_0", "token_embd.weight", Q.Q4_0),
+    ("Q8_0", "blk.0.ffn_down.weight", Q.Q5_0), ("Q8_0", "blk.0.attn_q.weight", Q.Q5_0),
+]
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+@pytest.mark.parametrize("weights, tensor, new_type", CHANGED_TYPES, ids=[f"{w}-{t}-{n.name}" for w, t, n in CHANGED_TYPES])
+def test_a_changed_tensor_type_id_prints_no_warnings(tmp_path, capsys, backend, weights, tensor, new_type):
+    """18 fuzzed files printed numpy's RuntimeWarning lines (overflow, invalid value in a cast or a matmul)
+    as their garbage was repacked and run: now the run says only what it says (one line when the logits are
+    not finite), whichever backend runs it."""
+    src = tmp_path / "good.gguf"
+    write_tiny_llama(src, TinySpec(n_layer=1, weight_type=weights))
+    bad = corrupt(src, tmp_path / "retyped.gguf", tensor, tensor_type=new_type)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "--backend", backend, "-n", "3", "hi"])
+    assert "Warning" not in err and "Traceback" not in err
+    if rc:
+        assert rc == 1 and err.count("\n") == 1 and err.startswith("kvgraph: error: "), err
+
+
+@pytest.mark.parametrize("cap", [float("nan"), float("inf"), -5.0])
+@pytest.mark.parametrize("key", ["gemma2.final_logit_softcapping", "gemma2.attn_logit_softcapping"])
+def test_a_soft_capping_value_that_is_no_cap_is_refused_in_one_line(tmp_path, capsys, key, cap):
+    """A NaN or negative cap ended in a ValueError traceback from the graph builder, an infinite one in
+    RuntimeWarnings and non-finite logits: refused at load, naming the key."""
+    from arch_fixtures import fixture
+    bad = corrupt(fixture("gemma2")[0], tmp_path / "cap.gguf", key, f32=cap)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
+    assert rc == 1 and err.count("\n") == 1, err
+    assert f"{key} = {cap} is not a soft-capping value (a positive number, or 0 for none)" in err
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+@pytest.mark.parametrize("cap", [1e-38, 3e38])
+def test_an_extreme_soft_capping_value_runs_without_warnings(tmp_path, capsys, backend, cap):
+    """A positive cap is a cap, however extreme (x / 1e-38 overflows to inf, whose tanh is 1): it runs, and
+    numpy says nothing about the overflow."""
+    from arch_fixtures import fixture
+    bad = corrupt(fixture("gemma2")[0], tmp_path / "cap.gguf", "gemma2.attn_logit_softcapping", f32=cap)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "--backend", backend, "-n", "3", "hi"])
+    assert rc == 0 and err == "", err
+
+
 def test_integer_arrays_may_hold_int32_or_uint32_as_in_llama_cpp(tmp_path):
     """llama.cpp's get_arr reads int32 and uint32 arrays alike (per-layer head counts): so does kvgraph."""
     from kvgraph.gguf.config import MetadataView

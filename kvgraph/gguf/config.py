@@ -1,6 +1,7 @@
 """GGUF metadata -> ModelConfig: the hyper-parameters every architecture reads, validated once."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -87,6 +88,15 @@ class MetadataView:
         value = self._get(key, (int, float), _REQUIRED if required else default, "a number", FLOAT32)
         return None if value is None else float(value)
 
+    def softcap(self, key: str) -> float | None:
+        """A soft-capping value (cap * tanh(x / cap)): a positive finite number, or None for none (absent or
+        0). A negative, infinite or NaN cap is refused: it would turn every logit or score into NaN."""
+        value = self.float(key)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise GGUFError(f"{self.source}: metadata {self.arch}.{key} = {value} is not a soft-capping value (a "
+                            "positive number, or 0 for none); the file is corrupt.")
+        return value or None
+
     def flag(self, key: str, default: bool) -> bool:
         return self._get(key, (bool,), default, "true or false", BOOL)
 
@@ -153,5 +163,5 @@ def read_config(md: Mapping[str, Any], arch: str, source: str = "model") -> Mode
         rope_base_swa=m.float("rope.freq_base_swa", 10000.0),
         rope_freq_scale=1.0 / m.float("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0,
         sliding_window=m.int("attention.sliding_window", minimum=0) or None,   # 0: no window (Phi-3's files)
-        final_logit_softcap=m.float("final_logit_softcapping"),
+        final_logit_softcap=m.softcap("final_logit_softcapping"),
     )
