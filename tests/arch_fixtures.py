@@ -1,5 +1,6 @@
-"""The architecture fixtures of tests/data/arch (made by tools/make_arch_fixtures.py) and quantized copies of
-them, written with the gguf package."""
+"""The architecture fixtures of tests/data/arch (made by tools/make_arch_fixtures.py), their llama-quantize
+outputs with llama.cpp's logits (tests/data/arch/quant, made by tools/make_quantized_fixtures.py), and quantized
+copies of them written here with the gguf package."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,12 +10,21 @@ import numpy as np
 
 ARCH_DIR = Path(__file__).resolve().parent / "data" / "arch"
 FIXTURES = sorted(p.stem for p in ARCH_DIR.glob("*.gguf"))
+QUANT_DIR = ARCH_DIR / "quant"
+QUANT_TYPES = ("Q4_K_M", "Q8_0")
+QUANTIZED = sorted(p.stem for p in QUANT_DIR.glob("*.gguf"))     # "<arch>.<type>"
 
 
 def fixture(name: str) -> tuple[Path, np.ndarray, np.ndarray]:
     """(gguf path, tokens int32 [N], HF float32 logits [N, n_vocab])."""
     ref = np.load(ARCH_DIR / f"{name}.npz")
     return ARCH_DIR / f"{name}.gguf", ref["tokens"], ref["logits"]
+
+
+def quantized_fixture(stem: str) -> tuple[Path, np.ndarray, np.ndarray]:
+    """(llama-quantize's output, tokens int32 [N], llama.cpp's float32 logits [N, n_vocab] on that file)."""
+    ref = np.load(QUANT_DIR / f"{stem}.npz")
+    return QUANT_DIR / f"{stem}.gguf", ref["tokens"], ref["logits"].astype(np.float32)
 
 
 def quantized_copy(src: Path, dst: Path, qtype: str | None, arch: str | None = None) -> Path:

@@ -3,13 +3,15 @@ llama.cpp's convert_hf_to_gguf.py, with HF's float32 logits (tests/data/arch, ma
 tools/make_arch_fixtures.py). Per architecture: the numpy backend equals HF in one ubatch, in several, and
 token by token through cached decode graphs (across the KV window's 256-cell padding); the graph cache on,
 off and verified gives identical logits; four sequences decoded together equal each decoded alone; the
-quantized backends meet the design.md §8 rule on Q8_0 and Q4_0 copies."""
+quantized backends meet the design.md §8 rule on Q8_0 and Q4_0 copies. And each fixture as people get it:
+llama-quantize's Q4_K_M and Q8_0 outputs (tests/data/arch/quant, tools/make_quantized_fixtures.py) load, and
+kvgraph's logits on them match llama.cpp's own on the same file."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from arch_fixtures import FIXTURES, fixture, quantized_copy
+from arch_fixtures import FIXTURES, QUANT_DIR, QUANT_TYPES, QUANTIZED, fixture, quantized_copy, quantized_fixture
 from kvgraph.api import LLM
 
 REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
@@ -105,6 +107,64 @@ def test_quantized_backends_meet_the_rule(quantized, name, qtype, backend):
     tokens = fixture(name)[1]
     ref = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens)
     got = LLM(str(path), backend=backend, n_ctx=512).logits(tokens)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    agree = got.argmax(-1) == ref.argmax(-1)
+    assert agree.mean() >= 0.9 and (margin[~agree] < 0.5).all()
+
+
+# ---- files as people get them: llama-quantize's outputs, judged against llama.cpp's logits --------------------
+# Both engines compute these files' matrices from the same quantized numbers, but round the activations
+# differently (llama.cpp quantizes each activation row to Q8_0 / Q8_1 blocks for every quantized matmul;
+# kvgraph's native kernels to int8 in their own blocks; numpy not at all), so logits differ by quantization
+# noise. Measured max |kvgraph - llama.cpp| over all positions, relative to llama.cpp's logit range, on every
+# fixture but Jamba: native <= 0.0177 (falcon-mamba Q8_0; 0.0063 .. 0.0153 elsewhere), numpy <= 0.0331
+# (gemma2 Q4_K_M). The tolerances leave 1.4-1.5x of that; the native kernels' bits are the same on every ISA
+# build (design.md §9), so native's margin guards only against kernel changes. What they catch (each tried):
+# Granite hybrid and Mamba-2 with ssm_norm's weight skipped (0.137 and 0.30 at the worst position), Granite's
+# 1-D ssm_norm presented reversed, Mamba-2's norm groups swapped (0.22), Qwen2 without its q bias (0.17),
+# Q5_0's fifth bits misread by the native tiles (every Q4_K_M file: llama-quantize's fallback type there).
+LLAMA_CPP_TOL = {"native": 0.025, "numpy": 0.05}
+# A mixture of experts (Jamba) picks its top-k experts by comparing router scores: at a near tie a rounding
+# picks another expert and that position's logits jump (up to 0.15 of the range against llama.cpp, and 0.38
+# between kvgraph's own native and numpy backends on the same file, at 2-6% of positions); at least 90% of
+# its positions must still be within the tolerance (measured: 94.3-96.7%).
+MOE_MIN_WITHIN = 0.9
+
+
+def test_every_architecture_has_its_llama_quantize_outputs():
+    assert set(QUANTIZED) == {f"{name}.{qtype}" for name in FIXTURES for qtype in QUANT_TYPES}
+    for stem in QUANTIZED:       # llama.cpp's logits are for the float fixture's token sequence
+        assert np.array_equal(quantized_fixture(stem)[1], fixture(stem.split(".")[0])[1])
+
+
+def test_the_fixtures_hold_what_llama_quantize_writes():
+    """The cases files from a model hub have: a tensor written without ggml's trailing ones (Granite hybrid's
+    single-group ssm_norm, (1, 128) in the converter's file, 1-D after llama-quantize) and the types
+    llama-quantize falls back to where a row does not divide the K-quants' 256-element blocks."""
+    from kvgraph.gguf.reader import GGUFFile
+    assert GGUFFile(fixture("granitehybrid")[0]).tensors["blk.0.ssm_norm.weight"].shape == (1, 128)
+    for qtype in QUANT_TYPES:
+        gf = GGUFFile(QUANT_DIR / f"granitehybrid.{qtype}.gguf")
+        assert gf.tensors["blk.0.ssm_norm.weight"].shape == (128,)
+    types = {t.type_name for t in GGUFFile(QUANT_DIR / "llama3.Q4_K_M.gguf").tensors.values()}
+    assert types == {"F32", "Q5_0", "Q8_0"}
+
+
+@pytest.mark.parametrize("stem", QUANTIZED)
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_llama_quantize_outputs_match_llama_cpp(stem, backend):
+    """kvgraph's logits on llama-quantize's output equal llama.cpp's on the same file (one ubatch, float32 KV
+    cache, as llama.cpp's were recorded) within the tolerance at every position (at 90% for a mixture of
+    experts), and meet design.md §8's rule: the argmax agrees at >= 90% of the positions, and only where
+    llama.cpp's top two are within 0.5."""
+    path, tokens, ref = quantized_fixture(stem)
+    llm = LLM(str(path), backend=backend, n_ctx=512, cache_type="f32")
+    got = llm.logits(tokens)
+    assert got.shape == ref.shape
+    per_position = np.abs(got - ref).max(axis=-1) / (ref.max() - ref.min())
+    within = (per_position <= LLAMA_CPP_TOL[backend]).mean()
+    assert within >= (MOE_MIN_WITHIN if llm.loaded.config.extra.get("moe_layers") else 1.0), per_position.max()
     top2 = np.sort(ref, axis=-1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     agree = got.argmax(-1) == ref.argmax(-1)

@@ -1,6 +1,7 @@
 """Every way a model file can be wrong ends in one clear KvgraphError, and the CLI prints it without a traceback."""
 from __future__ import annotations
 
+import re
 import struct
 
 import gguf
@@ -103,11 +104,173 @@ def test_shape_that_contradicts_hyperparameters(tmp_path):
         open_model(path)
 
 
+def test_shapes_are_the_same_up_to_leading_ones_in_numpy_order():
+    """ggml's ne is numpy's order reversed and llama-quantize drops its trailing ones (ggml_n_dims), so a
+    numpy shape may gain or lose LEADING ones and be the same tensor, never trailing ones or a regrouping."""
+    from kvgraph.gguf.reader import same_shape
+    assert same_shape((1536,), (1, 1536)) and same_shape((1, 1536), (1536,)) and same_shape((1, 1, 64), (64,))
+    assert same_shape((8, 1), (8, 1)) and same_shape((1,), (1, 1))
+    assert not same_shape((1536, 1), (1536,)) and not same_shape((2, 768), (1536,))
+    assert not same_shape((1, 64), (1, 65)) and not same_shape((2, 1, 64), (64,))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "native"])
+def test_a_tensor_written_with_extra_leading_ones_loads_with_the_architectures_shape(tmp_path, backend):
+    """A norm stored as (1, 32) (ggml ne [32, 1]) is the architecture's (32,) to ggml: it loads, and every
+    backend is handed the tensor in the shape the architecture names, a view of the file's bytes."""
+    from kvgraph.api import LLM
+    path = tmp_path / "ones.gguf"
+    tensors = write_tiny_llama(path, TinySpec(n_layer=1, override_shapes={"blk.0.attn_norm.weight": (1, 32)}))
+    gf, _, _ = open_model(path)
+    info = gf.tensor("blk.0.attn_norm.weight")
+    assert gf.tensors["blk.0.attn_norm.weight"].shape == (1, 32) and info.shape == info.data.shape == (32,)
+    assert np.array_equal(gf.dequantize("blk.0.attn_norm.weight"), tensors["blk.0.attn_norm.weight"][0])
+    llm = LLM(str(path), backend=backend, n_ctx=32)
+    assert np.isfinite(llm.logits([1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("shape", [(32, 1), (2, 16), (1, 33)])
+def test_a_shape_that_differs_by_more_than_leading_ones_is_refused(tmp_path, shape):
+    path = tmp_path / "bad-norm.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1, override_shapes={"blk.0.attn_norm.weight": shape}))
+    with pytest.raises(GGUFError, match=rf"'blk.0.attn_norm.weight' has shape \({shape[0]}, {shape[1]}\) but the "
+                                        r"hyper-parameters say \(32,\); the file is inconsistent"):
+        open_model(path)
+
+
 def test_metadata_of_the_wrong_type(tmp_path):
     path = tmp_path / "meta.gguf"
     write_tiny_llama(path, TinySpec(n_layer=1, extra_kv={"llama.attention.key_length": "lots"}))
-    with pytest.raises(GGUFError, match="key_length' should be an integer"):
+    with pytest.raises(GGUFError, match="'llama.attention.key_length' is stored as string, but it is read as uint32"):
         open_model(path)
+
+
+def retype(path, key: str, new_type: int) -> None:
+    """Change the stored value type of key in place, bytes untouched (what a corrupted type id does): for an
+    array, the type of its elements."""
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<Q", len(key)) + key.encode()) + 8 + len(key)
+    if struct.unpack_from("<I", data, at)[0] == gguf.GGUFValueType.ARRAY:
+        at += 4
+    data[at:at + 4] = struct.pack("<I", new_type)
+    path.write_bytes(bytes(data))
+
+
+V = gguf.GGUFValueType
+RETYPED = [  # (key, the type it is given, as reported, as it is read) -- each keeps the bytes of the right type
+    ("llama.rope.freq_base", V.INT32, "int32", "float32"),                # 10000.0 would be 1176256512
+    ("llama.attention.layer_norm_rms_epsilon", V.UINT32, "uint32", "float32"),
+    ("llama.vocab_size", V.INT32, "int32", "uint32"),
+    ("llama.block_count", V.FLOAT32, "float32", "uint32"),
+    ("tokenizer.ggml.token_type", V.UINT32, "array of uint32", "array of int32"),
+    ("tokenizer.ggml.bos_token_id", V.INT32, "int32", "uint32"),
+    ("tokenizer.ggml.add_bos_token", V.UINT8, "uint8", "bool"),
+]
+
+
+@pytest.mark.parametrize("key, new_type, found, expected", RETYPED, ids=[r[0] for r in RETYPED])
+def test_a_value_stored_with_another_type_is_refused_as_llama_cpp_refuses_it(tmp_path, capsys, key, new_type,
+                                                                               found, expected):
+    """A fuzzed type id keeps the value's bytes: kvgraph once ran such files with the bits reinterpreted (a
+    float32 rope base read as an int32); llama.cpp refuses a key whose type is not the one it reads, and so
+    does kvgraph, with one line naming the key and both types."""
+    path = tmp_path / "retyped.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1))
+    retype(path, key, new_type)
+    assert main(["info", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(rf"{re.escape(key)}'?:? (is )?stored as {found}, but (it is )?read as {expected} ", err), err
+    assert err.count("\n") == 1 and "Traceback" not in err and "Warning" not in err
+
+
+def corrupt(src, dst, key: str, *, tensor_type: int | None = None, f32: float | None = None):
+    """A copy of src with one field's bytes changed in place, as a fuzzer changes them: the type id of tensor
+    key, or the value of the float32 metadata key."""
+    data = bytearray(src.read_bytes())
+    at = data.index(struct.pack("<Q", len(key)) + key.encode()) + 8 + len(key)
+    if tensor_type is not None:
+        at += 4 + 8 * struct.unpack_from("<I", data, at)[0]       # n_dims, ne[]: then the ggml type
+        data[at:at + 4] = struct.pack("<I", tensor_type)
+    else:
+        assert struct.unpack_from("<I", data, at)[0] == V.FLOAT32
+        data[at + 4:at + 8] = struct.pack("<f", f32)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def run_cli_without_warnings(capsys, argv) -> tuple[int, str]:
+    """main(argv) with every warning an error (a numpy RuntimeWarning would end it in an exception, not a
+    line); (exit status, stderr)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rc = main(argv)
+    return rc, capsys.readouterr().err
+
+
+Q = gguf.GGMLQuantizationType
+CHANGED_TYPES = [  # (weights, tensor, its type id changed to): the data of the right size, read as other numbers
+    ("F32", "blk.0.ffn_down.weight", Q.F16), ("F32", "token_embd.weight", Q.BF16), ("F32", "token_embd.weight", Q.F16),
+    ("F32", "blk.0.attn_norm.weight", Q.Q4_0), ("Q8_0", "token_embd.weight", Q.Q4_0),
+    ("Q8_0", "blk.0.ffn_down.weight", Q.Q5_0), ("Q8_0", "blk.0.attn_q.weight", Q.Q5_0),
+]
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+@pytest.mark.parametrize("weights, tensor, new_type", CHANGED_TYPES, ids=[f"{w}-{t}-{n.name}" for w, t, n in CHANGED_TYPES])
+def test_a_changed_tensor_type_id_prints_no_warnings(tmp_path, capsys, backend, weights, tensor, new_type):
+    """18 fuzzed files printed numpy's RuntimeWarning lines (overflow, invalid value in a cast or a matmul)
+    as their garbage was repacked and run: now the run says only what it says (one line when the logits are
+    not finite), whichever backend runs it."""
+    src = tmp_path / "good.gguf"
+    write_tiny_llama(src, TinySpec(n_layer=1, weight_type=weights))
+    bad = corrupt(src, tmp_path / "retyped.gguf", tensor, tensor_type=new_type)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "--backend", backend, "-n", "3", "hi"])
+    assert "Warning" not in err and "Traceback" not in err
+    if rc:
+        assert rc == 1 and err.count("\n") == 1 and err.startswith("kvgraph: error: "), err
+
+
+@pytest.mark.parametrize("cap", [float("nan"), float("inf"), -5.0])
+@pytest.mark.parametrize("key", ["gemma2.final_logit_softcapping", "gemma2.attn_logit_softcapping"])
+def test_a_soft_capping_value_that_is_no_cap_is_refused_in_one_line(tmp_path, capsys, key, cap):
+    """A NaN or negative cap ended in a ValueError traceback from the graph builder, an infinite one in
+    RuntimeWarnings and non-finite logits: refused at load, naming the key."""
+    from arch_fixtures import fixture
+    bad = corrupt(fixture("gemma2")[0], tmp_path / "cap.gguf", key, f32=cap)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
+    assert rc == 1 and err.count("\n") == 1, err
+    assert f"{key} = {cap} is not a soft-capping value (a positive number, or 0 for none)" in err
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+@pytest.mark.parametrize("cap", [1e-38, 3e38])
+def test_an_extreme_soft_capping_value_runs_without_warnings(tmp_path, capsys, backend, cap):
+    """A positive cap is a cap, however extreme (x / 1e-38 overflows to inf, whose tanh is 1): it runs, and
+    numpy says nothing about the overflow."""
+    from arch_fixtures import fixture
+    bad = corrupt(fixture("gemma2")[0], tmp_path / "cap.gguf", "gemma2.attn_logit_softcapping", f32=cap)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "--backend", backend, "-n", "3", "hi"])
+    assert rc == 0 and err == "", err
+
+
+def test_integer_arrays_may_hold_int32_or_uint32_as_in_llama_cpp(tmp_path):
+    """llama.cpp's get_arr reads int32 and uint32 arrays alike (per-layer head counts): so does kvgraph."""
+    from kvgraph.gguf.config import MetadataView
+    path = tmp_path / "arrays.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=1))
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, sub in (("llama.a", V.INT32), ("llama.b", V.UINT32), ("llama.c", V.FLOAT32)):
+        w.add_key_value(key, [1, 2], V.ARRAY, sub_type=sub)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    from kvgraph.gguf.reader import GGUFFile
+    m = MetadataView(GGUFFile(path).metadata, "llama", str(path))
+    assert m.int_list("a") == m.int_list("b") == [1, 2]
+    with pytest.raises(GGUFError, match="'llama.c' is stored as array of float32, but it is read as array of "
+                                        "int32 or array of uint32"):
+        m.int_list("c")
 
 
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path, capsys):

@@ -184,15 +184,20 @@ class Context:
         ub.check(self.n_vocab)
         for mem in self.memories.values():
             mem.prepare(ub)
-        entry = self._entry_for(ub)
-        st = self.cache.stats
-        t0 = time.perf_counter()
-        bufs = entry.program.inputs
-        for inp, owner in entry.inputs:
-            inp.set(ub, owner, bufs[inp.name])
-        t1 = time.perf_counter()
-        entry.program.run()
-        logits = self.backend.to_numpy(entry.program.outputs["logits"])
+        # Without floating-point warnings: a corrupt file's weights (a changed tensor type id, an absurd
+        # soft-capping value) overflow as a compile builds their lazy forms and as the kernels run; the
+        # non-finite logits that result are refused with one message where they are sampled
+        # (engine.sampling), not announced by numpy line by line before it.
+        with np.errstate(all="ignore"):
+            entry = self._entry_for(ub)
+            st = self.cache.stats
+            t0 = time.perf_counter()
+            bufs = entry.program.inputs
+            for inp, owner in entry.inputs:
+                inp.set(ub, owner, bufs[inp.name])
+            t1 = time.perf_counter()
+            entry.program.run()
+            logits = self.backend.to_numpy(entry.program.outputs["logits"])
         st.compute_s += time.perf_counter() - t1
         st.set_inputs_s += t1 - t0
         return logits

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import GGUFError, UnsupportedModelError
 from ..gguf.config import MetadataView, ModelConfig, read_config
-from ..gguf.reader import GGUFFile
+from ..gguf.reader import GGUFFile, same_shape
 from ..gguf.types import dequantize
 from ..models import ARCHITECTURES, Model, architecture
 from .heap import release_free_heap
@@ -80,9 +80,13 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
                 continue
             raise GGUFError(f"{gf.path}: tensor {name!r} is missing; the {arch} architecture needs it "
                             "(incomplete or wrongly converted file).")
-        if tuple(info.shape) != tuple(shape):
+        if not same_shape(info.shape, shape):
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters "
                             f"say {shape}; the file is inconsistent.")
+        if tuple(info.shape) != tuple(shape):
+            # written without ggml's trailing dimensions of one (llama-quantize's output): every backend
+            # reads the tensor (gf.tensor) with the shape the architecture names
+            gf.add_view(info.reshaped(shape))
     return gf, cfg, model
 
 
@@ -105,10 +109,11 @@ def _read_constants(gf: GGUFFile, model: Model) -> dict[str, tuple[float, ...]]:
         info = gf.tensors.get(name)
         if info is None:
             continue
-        if tuple(info.shape) != tuple(shape):
+        if not same_shape(info.shape, shape):
             raise GGUFError(f"{gf.path}: tensor {name!r} has shape {info.shape} but the hyper-parameters say "
                             f"{shape}; the file is inconsistent.")
-        values = dequantize(np.asarray(info.data), info.type_name)
+        with np.errstate(all="ignore"):       # non-finite values are refused just below
+            values = dequantize(np.asarray(info.data), info.type_name)
         if not np.isfinite(values).all():
             raise GGUFError(f"{gf.path}: tensor {name!r} holds non-finite values; the file is corrupt.")
         out[name] = tuple(float(v) for v in np.ravel(values))
@@ -125,14 +130,18 @@ def load_model(path: str | os.PathLike[str], backend: Any, *, tokenizer: bool = 
         loaded.load_tokenizer()    # before the weights: a broken vocabulary fails before the slow part
     weights = loaded.weights
     backend.start_load(gf)
-    for name in model.shapes:
-        if gf.tensor(name) is not None:
-            weights[name] = backend.load_weight(gf, name)
-    # Tied output: reuse the embedding rather than a second copy.
-    for name in model.optional_tensors:
-        if name not in weights and name == "output.weight":
-            weights[name] = backend.tie_output(weights["token_embd.weight"])
-    backend.finish_load()
+    # Without floating-point warnings: a corrupt file's numbers (a changed tensor type id makes scales of
+    # other bytes) overflow as they are dequantized and repacked; what they compute is refused downstream
+    # (non-finite logits) with one message, not preceded by numpy's lines.
+    with np.errstate(all="ignore"):
+        for name in model.shapes:
+            if gf.tensor(name) is not None:
+                weights[name] = backend.load_weight(gf, name)
+        # Tied output: reuse the embedding rather than a second copy.
+        for name in model.optional_tensors:
+            if name not in weights and name == "output.weight":
+                weights[name] = backend.tie_output(weights["token_embd.weight"])
+        backend.finish_load()
     gf.release_resident()     # pages the repacking read (and their neighbours) no longer count as ours
     release_free_heap()       # and the repacking's freed temporaries
     loaded.load_seconds = time.perf_counter() - t0

@@ -67,6 +67,16 @@ _PAGE = mmap.PAGESIZE
 _FIX = "The file is corrupt or truncated; re-download it (or re-convert the model with a current llama.cpp)."
 
 
+def same_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether two numpy-order shapes are the same tensor shape as ggml sees it (`ggml_are_same_shape`, and
+    llama.cpp's check of a file's tensors): equal once both are padded to GGML_MAX_DIMS with ones. ggml's
+    `ne` is the reverse of numpy's order and llama-quantize writes a tensor's `ne` without its trailing ones
+    (`ggml_n_dims`), so numpy shapes may differ only by LEADING ones: (1536,) is (1, 1536), never (1536, 1)."""
+    a, b = tuple(a), tuple(b)
+    n = max(len(a), len(b))
+    return (1,) * (n - len(a)) + a == (1,) * (n - len(b)) + b
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of the file. `shape` is in numpy order (the reverse of ggml's `ne`)."""
@@ -86,6 +96,16 @@ class TensorInfo:
         attn_qkv) seen as the parts an architecture names. A view of the same memory-mapped bytes."""
         return TensorInfo(name, self.type_name, (n,) + self.shape[1:], self.n_bytes // self.shape[0] * n,
                           self.data[start:start + n])
+
+    def reshaped(self, shape: tuple[int, ...]) -> "TensorInfo":
+        """The tensor seen with shape, which must be the same shape as its own up to leading ones
+        (`same_shape`): a file that llama-quantize wrote without trailing ggml dimensions of one, presented
+        with the dimensions its architecture names. A view of the same memory-mapped bytes."""
+        shape = tuple(shape)
+        assert same_shape(shape, self.shape), (shape, self.shape)
+        # quantized data is (rows..., bytes_per_row); the row length, last, is the same in both shapes
+        view = shape if self.type_name in _TYPED_DATA else (*shape[:-1], self.data.shape[-1])
+        return TensorInfo(self.name, self.type_name, shape, self.n_bytes, self.data.reshape(view))
 
 
 def _corrupt(path: Path, what: str) -> GGUFError:
@@ -237,12 +257,25 @@ def _loaded(value: Any) -> Any:
     return value.load() if isinstance(value, (_LazyStrings, _LazyNumbers)) else value
 
 
+# The format's value type names (gguf-py's GGUFValueType, lower-cased), for messages about a key's type.
+TYPE_NAMES = {_V.UINT8: "uint8", _V.INT8: "int8", _V.UINT16: "uint16", _V.INT16: "int16", _V.UINT32: "uint32",
+              _V.INT32: "int32", _V.FLOAT32: "float32", _V.BOOL: "bool", _V.STRING: "string", _V.ARRAY: "array",
+              _V.UINT64: "uint64", _V.INT64: "int64", _V.FLOAT64: "float64"}
+
+
 class Metadata(Mapping[str, Any]):
     """A file's key -> value metadata as plain Python values. Long arrays are decoded from the file each time
-    they are read, so what nobody reads (a benchmark never builds the tokenizer) costs no memory."""
+    they are read, so what nobody reads (a benchmark never builds the tokenizer) costs no memory. `gguf_type`
+    says how the file stores a value (a plain Python int may have been a uint32 or an int32 there)."""
 
     def __init__(self) -> None:
         self._values: dict[str, Any] = {}
+        self._types: dict[str, str] = {}
+
+    def gguf_type(self, key: str) -> str | None:
+        """The key's value type in the file: 'uint32', 'float32', 'string', ..., or 'array of <element type>'
+        ('array of array' for nested ones); None for a key the file does not have."""
+        return self._types.get(key)
 
     def __getitem__(self, key: str) -> Any:
         return _loaded(self._values[key])
@@ -258,6 +291,12 @@ class Metadata(Mapping[str, Any]):
 
     def __repr__(self) -> str:
         return f"Metadata({len(self)} keys)"
+
+
+def gguf_type(md: Mapping[str, Any], key: str) -> str | None:
+    """How a file stores the value at key (Metadata.gguf_type); None for a key it lacks, or for metadata that
+    did not come from a file (a dict a test built), whose values are then checked by their Python type alone."""
+    return md.gguf_type(key) if isinstance(md, Metadata) else None
 
 
 def array_length(md: Mapping[str, Any], key: str) -> int | None:
@@ -324,7 +363,7 @@ class GGUFFile:
         self._mm = mm
         p = _Parser(self.path, mm)
         self.metadata = Metadata()
-        values = self.metadata._values
+        values, types = self.metadata._values, self.metadata._types
         for i in range(n_kv):
             key = p.string(f"metadata key #{i}")
             if key in self.metadata:
@@ -332,7 +371,9 @@ class GGUFFile:
             vtype = p.u32(f"the value type of {key!r}")
             if key == "general.alignment" and vtype != _UINT32:
                 raise _corrupt(self.path, f"general.alignment has value type {vtype}, not uint32 ({_UINT32})")
+            elem = _U32.unpack_from(p.buf, p.pos)[0] if vtype == _ARRAY and p.size - p.pos >= 4 else None
             values[key] = p.value(vtype, f"metadata {key!r}")
+            types[key] = f"array of {TYPE_NAMES[elem]}" if vtype == _ARRAY else TYPE_NAMES[vtype]
         raw = [self._read_tensor_info(p, i) for i in range(n_tensors)]
         self.tensors: dict[str, TensorInfo] = {}
         self.views: dict[str, TensorInfo] = {}
@@ -403,6 +444,9 @@ class GGUFFile:
     @property
     def architecture(self) -> str:
         arch = self.metadata.get("general.architecture")
+        if arch is not None and not isinstance(arch, str):
+            raise _corrupt(self.path, f"metadata key 'general.architecture' is stored as "
+                                      f"{self.metadata.gguf_type('general.architecture')}, not as a string")
         if not isinstance(arch, str):
             raise GGUFError(f"{self.path}: metadata has no 'general.architecture'; not a model file.")
         return arch

@@ -24,7 +24,7 @@ class Gemma2Model(Model):
         # Gemma 2 27B (46 layers) scales queries by its n_embd / n_head, not its head size (llama.cpp does too).
         scale = m.float("attention.scale") or (1.0 / math.sqrt(n_embd / n_head) if n_layer == 46 else None)
         return {"sliding_window": m.int("attention.sliding_window", DEFAULT_WINDOW), "attention_scale": scale,
-                "swa_layers": swa_pattern(m, 2), "attn_softcap": m.float("attn_logit_softcapping"),
+                "swa_layers": swa_pattern(m, 2), "attn_softcap": m.softcap("attn_logit_softcapping"),
                 "rope_base_swa": m.float("rope.freq_base_swa")}
 
     def tensor_shapes(self):

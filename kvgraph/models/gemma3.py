@@ -21,7 +21,7 @@ class Gemma3Model(Model):
 
     @classmethod
     def read_extra(cls, m: MetadataView):
-        if m.float("final_logit_softcapping") or m.float("attn_logit_softcapping"):
+        if m.softcap("final_logit_softcapping") or m.softcap("attn_logit_softcapping"):
             raise UnsupportedModelError(f"{m.source}: logit soft-capping (Gemma 2 style) is not supported.")
         return {"sliding_window": m.int("attention.sliding_window", required=True),
                 "swa_layers": swa_pattern(m, DEFAULT_SWA_PATTERN), "attention_scale": m.float("attention.scale")}

@@ -19,7 +19,7 @@ class GraniteHybridModel(Model):
     def read_extra(cls, m: MetadataView):
         return mamba_sizes(m) | moe_sizes(m) | {
             "attention_layers": attention_layers(m),
-            "rope": bool(m.md.get(f"{m.arch}.rope.scaling.finetuned", True)),   # llama.cpp's switch for RoPE
+            "rope": m.flag("rope.scaling.finetuned", True),   # llama.cpp's switch for RoPE
             "embedding_scale": m.float("embedding_scale"), "residual_scale": m.float("residual_scale"),
             "attention_scale": m.float("attention.scale"), "logit_scale": m.float("logit_scale")}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ..errors import GGUFError
+from ..gguf.config import INT_ARRAY, UINT32
 from ..graph.ir import GraphBuilder, Tensor
 from ..memory.kv_cache import KVAttention, KVCache, cells_for
 from ..memory.recurrent import RecurrentState
@@ -173,7 +174,7 @@ def swa_pattern(m, default: int) -> tuple[bool, ...]:
     """Which layers use the sliding window (True), from attention.sliding_window_pattern: per-layer flags,
     or a period p (every p-th layer global: layer il is local when il % p < p - 1), default `default`."""
     n_layer = m.int("block_count", required=True)
-    pattern = m.md.get(f"{m.arch}.attention.sliding_window_pattern", default)
+    pattern = m.any_of("attention.sliding_window_pattern", default, UINT32 + INT_ARRAY + ("array of bool",))
     if isinstance(pattern, list):          # per-layer flags: true = sliding window
         if len(pattern) != n_layer:
             raise GGUFError(f"{m.source}: sliding_window_pattern has {len(pattern)} entries for {n_layer} layers.")

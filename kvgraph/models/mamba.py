@@ -15,7 +15,7 @@ class MambaModel(Model):
 
     @classmethod
     def read_extra(cls, m: MetadataView):
-        return mamba_sizes(m) | {"dt_b_c_rms": bool(m.md.get(f"{m.arch}.ssm.dt_b_c_rms", False))}
+        return mamba_sizes(m) | {"dt_b_c_rms": m.flag("ssm.dt_b_c_rms", False)}
 
     def tensor_shapes(self):
         c = self.cfg

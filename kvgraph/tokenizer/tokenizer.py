@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ContextOverflowError, TokenizerError, short_repr
+from ..gguf.reader import gguf_type
 from .build import (
     BYTE,
     CONTROL,
@@ -50,10 +51,21 @@ def _bad(key: str, problem: str) -> TokenizerError:
     )
 
 
-def _list(md: Mapping[str, Any], key: str, kind: type | tuple[type, ...], min_len: int = 0) -> list | None:
+def _stored_as(md: Mapping[str, Any], key: str, *expected: str) -> None:
+    """Refuse a value the file stores with another type than llama.cpp reads it as (llama-vocab.cpp: the
+    tokens and merges are string arrays, token types int32, scores float32 or int32, token ids uint32, flags
+    bool): its bytes would be read as other numbers (a uint32 token type array as int32, ...)."""
+    found = gguf_type(md, key)
+    if found is not None and found not in expected:
+        raise _bad(key, f"stored as {found}, but read as {' or '.join(expected)} (llama.cpp refuses it too)")
+
+
+def _list(md: Mapping[str, Any], key: str, kind: type | tuple[type, ...], min_len: int = 0,
+          stored: tuple[str, ...] = ()) -> list | None:
     value = md.get(key)
     if value is None:
         return None
+    _stored_as(md, key, *stored)
     if isinstance(value, np.ndarray):  # numeric arrays may come straight from the GGUF reader
         value = value.tolist()
     if not isinstance(value, (list, tuple)):
@@ -72,6 +84,7 @@ def _token_id(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
     value = md.get(key)
     if value is None:
         return None
+    _stored_as(md, key, "uint32")
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_vocab:
         raise _bad(key, f"{value!r} is not a token id (vocabulary has {n_vocab} tokens)")
     return value
@@ -79,6 +92,7 @@ def _token_id(md: Mapping[str, Any], key: str, n_vocab: int) -> int | None:
 
 def _flag(md: Mapping[str, Any], key: str, default: bool) -> bool:
     value = md.get(key, default)
+    _stored_as(md, key, "bool")
     if not isinstance(value, bool):
         raise _bad(key, f"expected true/false, got {value!r}")
     return value
@@ -126,13 +140,14 @@ class Tokenizer:
                 "the GGUF file has no tokenizer (tokenizer.ggml.model is missing); "
                 "use a GGUF converted with its vocabulary (llama.cpp's convert_hf_to_gguf.py includes it)."
             )
+        _stored_as(md, "tokenizer.ggml.model", "string")
         if model not in MODEL_KINDS:
             raise TokenizerError(
                 f"tokenizer model {model!r} (tokenizer.ggml.model) is not supported; kvgraph supports "
                 "'gpt2' (byte-level BPE), 'llama' (SentencePiece) and 'gemma4'. Use a model with one of those "
                 "tokenizers."
             )
-        tokens = _list(md, "tokenizer.ggml.tokens", str)
+        tokens = _list(md, "tokenizer.ggml.tokens", str, stored=("array of string",))
         if not tokens:
             raise _bad("tokenizer.ggml.tokens", "missing or empty")
         n = len(tokens)
@@ -144,11 +159,12 @@ class Tokenizer:
             dup = next(i for i, t in enumerate(tokens) if seen.setdefault(t, i) != i)
             first = seen[tokens[dup]]
             raise _bad("tokenizer.ggml.tokens", f"duplicate token {tokens[dup]!r} (ids {first} and {dup})")
-        types = _list(md, "tokenizer.ggml.token_type", int, n)
+        types = _list(md, "tokenizer.ggml.token_type", int, n, stored=("array of int32",))
         types = types[:n] if types is not None else [NORMAL] * n
 
         ids = {k: _token_id(md, f"tokenizer.ggml.{k}_token_id", n) for k in ("bos", "eos", "unknown", "eot", "eom")}
         pre = md.get("tokenizer.ggml.pre")
+        _stored_as(md, "tokenizer.ggml.pre", "string")
         if pre is not None and not isinstance(pre, str):
             raise _bad("tokenizer.ggml.pre", f"expected a name, got {pre!r}")
 
@@ -161,19 +177,20 @@ class Tokenizer:
                         f"{', '.join(sorted(PRE_TOKENIZERS))}. Use a model with a supported tokenizer, or add its "
                         "regexes to kvgraph.tokenizer.build.PRE_TOKENIZERS."
                     )
-                merges = _list(md, "tokenizer.ggml.merges", str)
+                merges = _list(md, "tokenizer.ggml.merges", str, stored=("array of string",))
                 if merges is None:
                     raise _bad("tokenizer.ggml.merges", "missing (a gpt2 BPE tokenizer needs its merges)")
                 add_bos = _flag(md, "tokenizer.ggml.add_bos_token", PRE_TOKENIZERS[pre_name].add_bos)
                 hf = build_gpt2(tokens, types, merges, PRE_TOKENIZERS[pre_name])
             elif model == "gemma4":
-                merges = _list(md, "tokenizer.ggml.merges", str)
+                merges = _list(md, "tokenizer.ggml.merges", str, stored=("array of string",))
                 if merges is None:
                     raise _bad("tokenizer.ggml.merges", "missing (a gemma4 BPE tokenizer needs its merges)")
                 add_bos = True    # llama.cpp forces it for Gemma 4, whatever the file says
                 hf = build_gemma4(tokens, types, merges)
             else:
-                scores = _list(md, "tokenizer.ggml.scores", (int, float), n)
+                scores = _list(md, "tokenizer.ggml.scores", (int, float), n,
+                               stored=("array of float32", "array of int32"))
                 if scores is None:
                     raise _bad("tokenizer.ggml.scores", "missing (a SentencePiece tokenizer needs token scores)")
                 add_bos = _flag(md, "tokenizer.ggml.add_bos_token", True)
