@@ -227,6 +227,8 @@ def test_a_changed_tensor_type_id_prints_no_warnings(tmp_path, capsys, backend, 
     bad = corrupt(src, tmp_path / "retyped.gguf", tensor, tensor_type=new_type)
     rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "--backend", backend, "-n", "3", "hi"])
     assert "Warning" not in err and "Traceback" not in err
+    # the load's own notice where a garbage scale made the C kernels re-quantize a matrix (and say so)
+    err = "".join(line for line in err.splitlines(keepends=True) if "re-quantized to 8 bits" not in line)
     if rc:
         assert rc == 1 and err.count("\n") == 1 and err.startswith("kvgraph: error: "), err
 

@@ -21,7 +21,7 @@ from ..plan.planner import Plan
 from . import native, reference
 from .cpus import kernel_threads
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
-from .native import tile_cache
+from .native import PACK_TYPES, tile_cache
 from .native.mats import REQUANTIZED, NativeMat, TileArena
 from .native.tile_cache import TileCache
 from .numpy_backend import NumpyBackend
@@ -189,8 +189,10 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
             self.tile_cache.finish()
         if self.requantized:
             what = ", ".join(f"{n} {t}" for t, n in sorted(self.requantized.items()))
+            why = ("the C kernels have no tiles for that type" if any(t not in PACK_TYPES for t in self.requantized)
+                   else "a scale that float16 cannot hold")
             print(f"kvgraph: {what} matri{'x' if sum(self.requantized.values()) == 1 else 'ces'} "
-                  f"{REQUANTIZED} (the C kernels have no tiles for that type)", file=sys.stderr)
+                  f"{REQUANTIZED} ({why})", file=sys.stderr)
 
     def weights_origin(self) -> str:
         """Where the loaded weights' tiles came from (for `kvgraph info` and bench)."""
