@@ -968,31 +968,60 @@ static inline vf w_load(const void *w, int64_t i, const int WT) {
 }
 #endif
 
-static inline void float_rows(const int64_t *a, int64_t n0, int64_t n1, const int WT) {
+/* FR_N weight rows x FR_M tokens per pass: FR_N independent sums (and streams) even for one token, and each
+ * token's x read once per FR_N rows. Every out[m, n] is still its own lane-wise chain in the order of k, so the
+ * blocking changes no bit (rows and tokens past the end repeat the last one; their sums are dropped). */
+#if KVG_AVX512
+#define FR_N 4
+#define FR_M 4
+#else
+#define FR_N 4
+#define FR_M 2
+#endif
+
+/* out[m0 .. m0+MB) x rows [nb, nb+FR_N) (rows past n1 repeat the last; their sums are dropped) */
+static inline void float_block(const int64_t *a, int64_t nb, int64_t n1, int64_t m0, const int MB, const int WT) {
     const float *x = (const float *)a[3];
-    const int64_t k = a[2], m_rows = a[4], ws0 = a[6], xs0 = a[7], os0 = a[8];
+    const int64_t k = a[2], ws0 = a[6], xs0 = a[7], os0 = a[8];
     const size_t esize = WT == W_F32 ? 4 : 2;
     float *out = (float *)a[5];
-    for (int64_t n = n0; n < n1; n++) {
-        const void *wr = (const uint8_t *)a[0] + n * ws0 * esize;
-        for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
-            const int mb = (int)(m_rows - m0 < 4 ? m_rows - m0 : 4);
-            float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            int64_t e = 0;
+    const void *wr[FR_N];
+    for (int r = 0; r < FR_N; r++) wr[r] = (const uint8_t *)a[0] + (nb + r < n1 ? nb + r : n1 - 1) * ws0 * esize;
+    const float *xr[FR_M];
+    for (int j = 0; j < MB; j++) xr[j] = x + (m0 + j) * xs0;
+    float sum[FR_N][FR_M];
+    int64_t e = 0;
 #ifdef VF_W
-            vf acc[4] = {vf_set1(0.0f), vf_set1(0.0f), vf_set1(0.0f), vf_set1(0.0f)};
-            for (; e + VF_W <= k; e += VF_W) {
-                const vf wv = w_load(wr, e, WT);
-                for (int j = 0; j < mb; j++) acc[j] = vf_fmadd(vf_load(x + (m0 + j) * xs0 + e), wv, acc[j]);
-            }
-            for (int j = 0; j < mb; j++) sum[j] = vf_sum_in_order(acc[j]);
-#endif
-            for (int j = 0; j < mb; j++) {
-                const float *xr = x + (m0 + j) * xs0;
-                for (int64_t t = e; t < k; t++) sum[j] += xr[t] * w_at(wr, t, WT);
-                out[(m0 + j) * os0 + n] = sum[j];
-            }
+    vf acc[FR_N][FR_M];
+    for (int r = 0; r < FR_N; r++)
+        for (int j = 0; j < MB; j++) acc[r][j] = vf_set1(0.0f);
+    for (; e + VF_W <= k; e += VF_W) {
+        vf wv[FR_N];
+        for (int r = 0; r < FR_N; r++) wv[r] = w_load(wr[r], e, WT);
+        for (int j = 0; j < MB; j++) {
+            const vf xv = vf_load(xr[j] + e);
+            for (int r = 0; r < FR_N; r++) acc[r][j] = vf_fmadd(xv, wv[r], acc[r][j]);
         }
+    }
+    for (int r = 0; r < FR_N; r++)
+        for (int j = 0; j < MB; j++) sum[r][j] = vf_sum_in_order(acc[r][j]);
+#else
+    for (int r = 0; r < FR_N; r++)
+        for (int j = 0; j < MB; j++) sum[r][j] = 0.0f;
+#endif
+    for (int r = 0; r < FR_N && nb + r < n1; r++)
+        for (int j = 0; j < MB; j++) {
+            for (int64_t t = e; t < k; t++) sum[r][j] += xr[j][t] * w_at(wr[r], t, WT);
+            out[(m0 + j) * os0 + nb + r] = sum[r][j];
+        }
+}
+
+static inline void float_rows(const int64_t *a, int64_t n0, int64_t n1, const int WT) {
+    const int64_t m_rows = a[4];
+    for (int64_t nb = n0; nb < n1; nb += FR_N) {
+        int64_t m0 = 0;
+        for (; m0 + FR_M <= m_rows; m0 += FR_M) float_block(a, nb, n1, m0, FR_M, WT);
+        for (; m0 < m_rows; m0++) float_block(a, nb, n1, m0, 1, WT);
     }
 }
 
