@@ -39,6 +39,10 @@ class InvalidArgumentError(KvgraphError):
     """A parameter value a user passed is out of range or malformed."""
 
 
+class InsufficientMemoryError(KvgraphError):
+    """The host cannot hold what was asked for (a model's weights), said before trying."""
+
+
 class IndexOutOfRangeError(InvalidArgumentError):
     """A token id or a row index outside its table reached the engine (refused before any kernel reads it)."""
 

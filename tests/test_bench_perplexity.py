@@ -11,7 +11,7 @@ import stat
 import numpy as np
 import pytest
 
-from kvgraph.backends import get_backend
+from kvgraph.backends import get_backend, native
 from kvgraph.cli.main import main
 from kvgraph.engine.context import Context
 from kvgraph.engine.loader import load_model
@@ -67,6 +67,27 @@ def test_bench_rows_name_the_kernel_build_and_the_threads_that_ran(tiny_llama, c
     assert "| kernels | threads |" in md[0] and "| native | portable | 1 |" in md[2]
     numpy_rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "--backend", "numpy"))
     assert {r["kernels"] for r in numpy_rows} == {"-"}
+
+
+@pytest.mark.skipif(native.library() is None, reason="the bandwidth loop is a C kernel")
+def test_bench_roofline_gives_tg_rows_the_bandwidth_bound(tiny_llama, capsys, monkeypatch):
+    """--roofline: the measured read bandwidth over the bytes a decode step reads (the weights once, the KV
+    cells of the context) is each tg row's bound; pp rows get none."""
+    monkeypatch.setattr(native, "read_bandwidth", lambda *a, **k: 10e9)
+    rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "-d", "0,8", "--roofline"))
+    tg = [r for r in rows if r["n_gen"]]
+    assert all(r["roofline_ts"] is None and r["read_gb_s"] is None for r in rows if not r["n_gen"])
+    for r in tg:
+        assert r["read_gb_s"] == 10.0 and r["weights_mb"] > 0
+        assert r["roofline_ts"] < 10e9 / (r["weights_mb"] * 1e6)         # the KV cells count too
+    assert tg[0]["roofline_ts"] > tg[1]["roofline_ts"]                   # deeper: more cells read
+    md = bench(capsys, tiny_llama[0], "--roofline")
+    assert "| roofline t/s | of roofline |" in md.splitlines()[0] and "%" in md.splitlines()[-1]
+
+
+@pytest.mark.skipif(native.library() is None, reason="the bandwidth loop is a C kernel")
+def test_the_bandwidth_loop_reads_the_buffer():
+    assert native.read_bandwidth(64 << 20, repeats=1) > 1e8          # bytes/s: it ran, and checked its sum
 
 
 def test_bench_progress_line_redraws_on_a_terminal_and_is_silent_elsewhere():

@@ -106,3 +106,49 @@ def test_tile_arena_hands_back_block_space_no_tile_uses():
     block[arena.used: arena.used + (1 << 20)] = 1
     arena.take(10, 64 << 20)                       # does not fit: a new block, the old one's tail handed back
     assert arena.block is not block and resident_bytes(block) <= 3_000_000 + 4096
+
+
+def test_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
+    from kvgraph.engine.heap import available_bytes
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   8000000 kB\n")
+    cg = tmp_path / "cg"
+    cg.mkdir()
+    assert available_bytes(str(meminfo), cg) == 8000000 * 1024                 # no cgroup files: MemAvailable
+    (cg / "memory.max").write_text("max\n")
+    (cg / "memory.current").write_text("100\n")
+    assert available_bytes(str(meminfo), cg) == 8000000 * 1024                 # no limit
+    (cg / "memory.max").write_text(f"{3 << 30}\n")
+    (cg / "memory.current").write_text(f"{1 << 30}\n")
+    assert available_bytes(str(meminfo), cg) == 2 << 30                        # the limit leaves less
+    assert available_bytes(str(tmp_path / "none"), cg) is None
+
+
+@pytest.mark.parametrize("backend", ["native", "numpy"])
+def test_a_model_larger_than_the_free_memory_is_one_line_before_loading(tmp_path, monkeypatch, backend):
+    """Refused up front with what it needs and what there is, never loaded into an OOM kill; the numpy
+    backend's float32 weights are counted as such."""
+    from kvgraph.engine import loader
+    from kvgraph.errors import InsufficientMemoryError
+
+    if backend == "native" and native.library() is None:
+        pytest.skip("needs the C kernels")
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama(path, TinySpec(n_layer=2, n_embd=64, n_ff=128, weight_type="Q8_0"))
+    b = get_backend(backend)
+    need = b.weight_bytes(loader.GGUFFile(path), loader.open_model(path)[2].shapes)
+    file_bytes = path.stat().st_size
+    assert (need > 3 * file_bytes) == (backend == "numpy") and need > file_bytes // 2
+    monkeypatch.setattr(loader, "available_bytes", lambda: int(need * 0.9))
+    with pytest.raises(InsufficientMemoryError, match=r"need about .* GB of memory .* only .* GB is available"):
+        load_model(path, b)
+    monkeypatch.setattr(loader, "available_bytes", lambda: int(need * 1.1))
+    load_model(path, b)                                  # enough: loads
+    monkeypatch.setattr(loader, "available_bytes", lambda: 1000)
+    proc_err = subprocess.run([sys.executable, "-c", "import sys; from kvgraph.engine import loader; "
+                               "loader.available_bytes = lambda: 1000; from kvgraph.cli.main import main; "
+                               f"sys.exit(main(['generate', '-m', {str(path)!r}, '--backend', {backend!r}, 'hi']))"],
+                              capture_output=True, text=True)
+    assert proc_err.returncode == 1 and proc_err.stderr.count("\n") == 1
+    assert proc_err.stderr.startswith("kvgraph: error: ") and "GB is available" in proc_err.stderr

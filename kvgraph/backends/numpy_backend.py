@@ -31,6 +31,10 @@ class NumpyBackend:
     def start_load(self, gguf_file) -> None:
         """Called before a model's weights are loaded (nothing to do here)."""
 
+    def weight_bytes(self, gguf_file, names) -> int:
+        """What the named tensors take dequantized to float32."""
+        return sum(4 * info.n_elements for info in map(gguf_file.tensor, names) if info is not None)
+
     def load_weight(self, gguf_file, name: str) -> np.ndarray:
         """The reference computes in float32: every weight is dequantized once, at load."""
         return gguf_file.dequantize(name)

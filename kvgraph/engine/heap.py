@@ -1,4 +1,5 @@
-"""Handing freed heap memory back to the system after the steps that free a lot of it.
+"""Host memory: how much a load may still take (`available_bytes`), and handing freed heap memory back to the
+system after the steps that free a lot of it.
 
 Loading a model and compiling a graph free many multi-megabyte temporaries. glibc raises its mmap
 threshold (up to 32 MB) each time a mapped block is freed, so later blocks of that size come from the brk
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from pathlib import Path
 from typing import Callable
 
 
@@ -34,3 +36,24 @@ def release_free_heap() -> bool:
         return False
     _TRIM()
     return True
+
+
+def available_bytes(meminfo: str = "/proc/meminfo", cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process can still make resident without swapping or being killed: the kernel's
+    MemAvailable (free memory plus what it can reclaim, the page cache among it), capped by what the
+    cgroup's memory limit leaves (v2 memory.max - memory.current, v1 limit - usage). None where unknown."""
+    try:
+        with open(meminfo) as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (cgroup / limit_file).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:
+                avail = min(avail, max(0, int(limit) - int((cgroup / usage_file).read_text())))
+            break
+        except (OSError, ValueError):
+            continue
+    return avail

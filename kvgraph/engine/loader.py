@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import GGUFError, UnsupportedModelError
+from ..errors import GGUFError, InsufficientMemoryError, UnsupportedModelError
 from ..gguf.config import MetadataView, ModelConfig, read_config
 from ..gguf.reader import GGUFFile, same_shape
 from ..gguf.types import dequantize
 from ..models import ARCHITECTURES, Model, architecture
-from .heap import release_free_heap
+from .heap import available_bytes, release_free_heap
 
 
 @dataclass
@@ -120,6 +120,21 @@ def _read_constants(gf: GGUFFile, model: Model) -> dict[str, tuple[float, ...]]:
     return out
 
 
+MEMORY_HEADROOM = 1.05      # the weights, plus what Python, the tokenizer and the first buffers take
+
+
+def _check_memory(gf: GGUFFile, model: Model, backend: Any) -> None:
+    """Refuse, before loading, a model whose weights the host cannot hold (one line, not an OOM kill)."""
+    need = backend.weight_bytes(gf, model.shapes) * MEMORY_HEADROOM
+    have = available_bytes()
+    if have is not None and need > have:
+        raise InsufficientMemoryError(
+            f"{gf.path}: its weights need about {need / 1e9:.1f} GB of memory on the {backend.name} backend, but "
+            f"only {have / 1e9:.1f} GB is available (free and reclaimable memory, within any cgroup limit). Use "
+            "a smaller or more quantized file, free memory, or the native backend (the numpy backend keeps "
+            "float32 weights).")
+
+
 def load_model(path: str | os.PathLike[str], backend: Any, *, tokenizer: bool = True) -> LoadedModel:
     """The model at path with its weights in backend's form; tokenizer=False leaves the tokenizer to be
     built on first use (a tokenizer error then surfaces there rather than here)."""
@@ -129,6 +144,7 @@ def load_model(path: str | os.PathLike[str], backend: Any, *, tokenizer: bool = 
     if tokenizer:
         loaded.load_tokenizer()    # before the weights: a broken vocabulary fails before the slow part
     weights = loaded.weights
+    _check_memory(gf, model, backend)
     backend.start_load(gf)
     # Without floating-point warnings: a corrupt file's numbers (a changed tensor type id makes scales of
     # other bytes) overflow as they are dequantized and repacked; what they compute is refused downstream
