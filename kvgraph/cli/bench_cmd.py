@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InvalidArgumentError, KvgraphError
 
 OUTPUTS = ("md", "json", "jsonl", "csv")
@@ -71,8 +73,9 @@ def add_bench_parser(sub) -> None:
                    help="path to llama.cpp's llama-bench (or several, comma-separated: the faster per test "
                         "counts): run it on the same file and tests, interleaved, and add a ratio column")
     p.add_argument("--roofline", action="store_true",
-                   help="measure the memory read bandwidth of the kernels' threads and give each tg row the "
-                        "t/s it would reach reading the weights and KV cells once per token at that speed")
+                   help="after each tg row, time the kernels' threads streaming through the model's weights "
+                        "(native backend) and give the row the t/s that read speed allows (weights and KV "
+                        "cells read once per token)")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="plot t/s against depth (needs matplotlib)")
     p.set_defaults(func=cmd_bench)
 
@@ -190,7 +193,6 @@ def cmd_bench(args) -> int:
             print(f"--compare: llama-bench not found at {binary!r}; skipping it.", file=err)
 
     rows: list[BenchRow] = []
-    bandwidth: dict[int, float | None] = {}      # threads -> bytes/s (--roofline)
     total = (len(models) * len(backends) * len(threads) * len(fas) * len(caches) * len(tests) * (args.repetitions + 1)
              * max(1, len(parallel)))
     with _Status(total) as progress:
@@ -233,7 +235,7 @@ def cmd_bench(args) -> int:
                                             on_rep=progress.advance)
                                 progress.advance()
                                 if args.roofline and test.n_gen:
-                                    _roofline(row, llm, test, bandwidth, err)
+                                    _roofline(row, llm, test, err)
                                 if compare:
                                     progress.update(f"llama-bench {test.name}")
                                     runs = [(ts, b) for b in compare
@@ -251,27 +253,23 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _roofline(row, llm, test, bandwidth: dict, err) -> None:
-    """row.read_gb_s and row.roofline_ts: the streaming-read bandwidth on the row's threads (measured once
-    per thread count) over the bytes a decode step reads: every weight matrix once, plus the KV cells of
-    the context, on average depth + n_gen / 2 of them."""
+def _roofline(row, llm, test, err) -> None:
+    """row.read_gb_s and row.roofline_ts, right after the row's test: the speed the kernels' threads stream-
+    read the model's own weight arrays at (the bytes a decode step reads, where they lie) and the t/s that
+    gives with the KV cells of the context (on average depth + n_gen / 2 of them) read at the same speed.
+    The C kernels' backend only."""
     from ..backends import native
 
-    if row.n_threads not in bandwidth:
-        if native.library() is None:
-            print(f"--roofline: the bandwidth loop needs the C kernels ({native.why_not()}); no roofline",
-                  file=err)
-            bandwidth[row.n_threads] = None
-        else:
-            before = native.library().kvg_threads()
-            native.set_threads(row.n_threads)
-            try:
-                bandwidth[row.n_threads] = native.read_bandwidth()
-            finally:
-                native.set_threads(before)
-    bw = bandwidth[row.n_threads]
-    if bw is None:
+    if row.backend != "native":
+        print(f"--roofline: only for the native backend; none for {row.backend}", file=err)
         return
+    arrays = {}
+    for w in llm.loaded.weights.values():
+        for a in (getattr(w.mat, "tiles", None), getattr(w.mat, "w", None), w.dense):
+            if isinstance(a, np.ndarray) and a.size:
+                arrays.setdefault(a.ctypes.data, a)
+    with llm.loaded.backend.threads(row.n_threads):
+        bw = native.read_bandwidth(list(arrays.values()))
     kv_per_cell = llm.ctx.memory_bytes / llm.ctx.n_ctx
     per_token = row.weights_mb * 1e6 + kv_per_cell * (test.n_depth + test.n_gen / 2)
     row.read_gb_s, row.roofline_ts = bw / 1e9, bw / per_token

@@ -258,22 +258,29 @@ def checksum(data: np.ndarray) -> int:
     return int(out[0])
 
 
-def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes per second the kernels' threads read a buffer far larger than the caches at (kvg_stream_read,
-    the best of `repeats` passes): the memory roofline of a decode step, whose weights are read once each."""
+def read_bandwidth(arrays: list[np.ndarray] | None = None, repeats: int = 5) -> float:
+    """Bytes per second the kernels' threads stream-read `arrays` at (kvg_stream_read over each in turn, the
+    best of `repeats` passes), by default a 1 GiB buffer of its own. Given a model's weight arrays, the
+    bytes a decode step reads, where they lie (huge or file-mapped pages): its memory roofline."""
     import time
 
-    buf = np.ones(n_bytes // 8, np.uint64)             # touched: its pages are in memory before timing
-    out = np.zeros(1, np.uint64)
-    run = bind("kvg_stream_read", ptr(buf), buf.nbytes, ptr(out), keep=(buf, out))
+    if arrays is None:
+        arrays = [np.ones(1 << 27, np.uint64)]             # touched: its pages are in memory before timing
+    runs, total = [], 0
+    for a in arrays:
+        flat = a.reshape(-1).view(np.uint8) if a.flags.c_contiguous else np.ascontiguousarray(a).view(np.uint8)
+        n = flat.size // 64 * 64
+        if n:
+            out = np.zeros(1, np.uint64)
+            runs.append(bind("kvg_stream_read", ptr(flat), n, ptr(out), keep=(flat, out)))
+            total += n
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        run()
+        for run in runs:
+            run()
         best = min(best, time.perf_counter() - t0)
-    if int(out[0]) != buf.size:
-        raise RuntimeError("kvg_stream_read read the wrong sum")
-    return buf.nbytes / best
+    return total / best
 
 
 def batch(kernels: list[Callable[[], None]]) -> list[Callable[[], None]]:
