@@ -45,6 +45,7 @@ class ModelSpec:
     size: int | None = None  # bytes, if known (enables the cheap cache check)
     description: str = ""
     architecture: str = ""
+    chat_tuned: bool = True  # False: a base (pretrained) model, which continues text rather than chats
 
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
@@ -65,8 +66,10 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             filename="gemma-3-270m-q4_k_m.gguf",
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             size=253_113_024,
-            description="Gemma 3 270M, Q4_K_M (Google; Gemma terms of use apply)",
+            description="Gemma 3 270M base (pretrained, not chat-tuned), Q4_K_M (Google; Gemma terms of use "
+                        "apply)",
             architecture="gemma3",
+            chat_tuned=False,
         ),
     ]
 }
@@ -77,6 +80,15 @@ def model_home() -> Path:
     """$KVGRAPH_HOME if set, else ~/.cache/kvgraph. Models live in model_home()/'models'."""
     env = os.environ.get("KVGRAPH_HOME")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kvgraph"
+
+
+def known_spec(model: str | os.PathLike[str] | None) -> ModelSpec | None:
+    """The known model a -m value names, by name or by its file's name (None for any other file)."""
+    if model is None:
+        return KNOWN_MODELS[DEFAULT_MODEL]
+    key = str(model).strip()
+    return KNOWN_MODELS.get(key.lower()) or next(
+        (spec for spec in KNOWN_MODELS.values() if spec.filename == Path(key).name), None)
 
 
 def models_dir() -> Path:

@@ -55,8 +55,6 @@ def test_generate_with_messages_file(tiny_llama, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["x", "--top-p", "2"], "top_p must be a number in (0.0, 1.0]"),
-    (["x", "--repeat-penalty", "5e-324"], "repeat_penalty must be a number in [0.01, 100.0]"),
     (["x", "-c", "4", "-n", "10"], "context size is 4"),
     (["-f", "/nonexistent/prompt.txt"], "cannot read"),
     (["--messages", "/nonexistent.json"], "cannot read"),
@@ -88,6 +86,27 @@ def test_chat_keeps_history_and_reuses_the_cache(tiny_llama, capsys, monkeypatch
     out = capsys.readouterr()
     assert len([x for x in out.out.splitlines() if x.strip()]) >= 2
     assert "graph cache:" in out.err and "template: gguf" in out.err
+
+
+def test_chat_commands_answer_and_unknown_ones_are_not_sent_to_the_model(tiny_llama, capsys, monkeypatch):
+    lines = iter(["/reset", "/bogus now", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    sent = []
+    from kvgraph import api
+
+    monkeypatch.setattr(api.LLM, "stream", lambda self, *a, **k: sent.append(a) or iter(()))
+    assert main(["chat", "-m", str(tiny_llama[0]), "-n", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "[history cleared]" in err and "unknown command '/bogus'" in err and not sent
+    assert f"kvgraph chat ({tiny_llama[0].name}," in err and "base model" not in err
+
+
+def test_chat_says_when_the_model_is_a_base_model(capsys):
+    from kvgraph.registry import KNOWN_MODELS, known_spec
+
+    assert not known_spec("gemma3-270m").chat_tuned and known_spec("smollm2-135m").chat_tuned
+    assert known_spec(f"/somewhere/{KNOWN_MODELS['gemma3-270m'].filename}").name == "gemma3-270m"
+    assert known_spec("/elsewhere/model.gguf") is None and known_spec(None).name == "smollm2-135m"
 
 
 def test_info_text_and_json(tiny_llama, capsys):
@@ -131,6 +150,12 @@ def run_cli(*args, timeout=120, cwd=None):
     (["generate", "hi", "-t", "-3"], 2, "argument -t/--threads: must be >= 1, got -3"),
     (["generate", "hi", "--ubatch", "0"], 2, "argument --ubatch: must be >= 1, got 0"),
     (["serve", "--port", "99999"], 2, "argument --port: must be between 0 and 65535"),
+    (["generate", "hi", "--top-p", "7"], 2, "argument --top-p: must be in (0, 1], got 7"),
+    (["generate", "hi", "--repeat-penalty", "5e-324"], 2, "argument --repeat-penalty: must be in [0.01, 100]"),
+    (["generate", "hi", "--temp", "-1"], 2, "argument --temp: must be in [0, 100], got -1"),
+    (["generate", "hi", "--min-p", "nan"], 2, "argument --min-p: must be in [0, 1], got nan"),
+    (["generate", "hi", "--backend", "cuda"], 2, "kvgraph has no GPU backend yet"),
+    (["chat", "--backend", "tpu"], 2, "unknown backend 'tpu'; choose native, torch, numpy or auto"),
     (["generate", "hi", "-m", "/dev/null"], 1, "/dev/null is not a regular file"),
     (["generate", "hi", "-m", "fifo"], 1, "fifo is not a regular file"),
 ])
@@ -182,3 +207,16 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_generated(tiny_llama):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert len(first + out) > 1 and b"interrupted" in err and b"Traceback" not in err
+
+
+def test_the_prompt_comes_from_stdin_with_a_bare_dash_or_f_dash(tiny_llama, tmp_path):
+    prompt = "stdin prompt, two lines\nand the second"
+    (tmp_path / "p.txt").write_text(prompt)
+    ids = []
+    for args, stdin in ((["-f", str(tmp_path / "p.txt")], None), (["-f", "-"], prompt), (["-"], prompt)):
+        proc = subprocess.run([sys.executable, "-m", "kvgraph.cli.main", "generate", "-m", str(tiny_llama[0]),
+                               "-n", "1", "--temp", "0", "--json", *args], input=stdin, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        ids.append(json.loads(proc.stdout)["prompt_ids"])
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) > 5

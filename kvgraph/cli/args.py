@@ -21,6 +21,31 @@ def int_in(lo: int, hi: int | None = None, what: str = "") -> Callable[[str], in
     return parse
 
 
+def float_in(lo: float, hi: float, lo_open: bool = False, what: str = "") -> Callable[[str], float]:
+    """An argparse type: a finite number in [lo, hi] ((lo, hi] when lo_open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (lo < value if lo_open else lo <= value) or not value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}]{what}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def backend_arg(text: str) -> str:
+    """--backend: one of the CPU backends (a GPU name gets told there is none yet)."""
+    name = text.strip().lower()
+    if name in ("auto", "native", "torch", "numpy"):
+        return name
+    if name in ("cuda", "gpu", "metal", "vulkan", "rocm", "hip", "sycl", "opencl"):
+        raise argparse.ArgumentTypeError(f"{text!r}: kvgraph has no GPU backend yet; it runs on the CPU with native "
+                                         "(default), torch or numpy")
+    raise argparse.ArgumentTypeError(f"unknown backend {text!r}; choose native, torch, numpy or auto")
+
+
 def seed_arg(text: str) -> int:
     """--seed: 0 .. 2^64-1, or -1 for a random seed (llama.cpp's convention)."""
     return int_in(-1, (1 << 64) - 1, " (-1: random)")(text)

@@ -1,4 +1,4 @@
-"""`kvgraph` command line: generate, chat, info, pull, models.
+"""`kvgraph` command line: generate, chat, info, pull, models, bench, perplexity, serve.
 
 User errors (KvgraphError) print one line to stderr and exit 1; Ctrl-C exits 130 after what was generated
 has been printed. Results go to stdout, progress and statistics to stderr.
@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ..errors import InvalidArgumentError, KvgraphError
-from .args import NON_NEGATIVE, POSITIVE, seed_arg
+from ..engine.sampling import REPEAT_PENALTY_RANGE, TEMPERATURE_MAX
+from .args import NON_NEGATIVE, POSITIVE, backend_arg, float_in, seed_arg
 
 
 # ---- shared option groups -------------------------------------------------------------------------------
@@ -24,7 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("-c", "--ctx-size", type=POSITIVE, default=None,
                    help="context size in tokens (default: the model's, at most 4096)")
     g.add_argument("--ubatch", type=POSITIVE, default=512, help="prompt tokens per graph run (default 512)")
-    g.add_argument("--backend", default=None,
+    g.add_argument("--backend", type=backend_arg, default=None,
                    help="executor: native (kvgraph's C kernels; the default where they build), torch (the C "
                         "kernels plus torch for float matrices; torch's own kernels without a C compiler) or "
                         "numpy (the f32 reference)")
@@ -46,11 +47,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, n_default: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("-n", "--n-predict", type=NON_NEGATIVE, default=n_default,
                    help=f"tokens to generate (default {n_default})")
-    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--temp", type=float_in(0.0, TEMPERATURE_MAX), default=0.8, help="temperature; 0 = greedy (default 0.8)")
     g.add_argument("--top-k", type=NON_NEGATIVE, default=40, help="0 disables (default 40)")
-    g.add_argument("--top-p", type=float, default=0.95, help="1.0 disables (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.05, help="0 disables (default 0.05)")
-    g.add_argument("--repeat-penalty", type=float, default=1.0, help="1.0 disables (default 1.0)")
+    g.add_argument("--top-p", type=float_in(0.0, 1.0, lo_open=True), default=0.95, help="1.0 disables (default 0.95)")
+    g.add_argument("--min-p", type=float_in(0.0, 1.0), default=0.05, help="0 disables (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float_in(*REPEAT_PENALTY_RANGE), default=1.0, help="1.0 disables (default 1.0)")
     g.add_argument("--repeat-last-n", type=NON_NEGATIVE, default=64, help="tokens the penalty looks back (default 64)")
     g.add_argument("--seed", type=seed_arg, default=None, help="random seed (default or -1: random)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -147,9 +148,10 @@ def cmd_generate(args) -> int:
     if args.messages is not None:
         prompt_ids = llm.chat_prompt_ids(_read_messages(args.messages))
     else:
-        text = _read_text_file(args.file, "-f") if args.file else args.prompt
-        if text == "-":
+        if args.file == "-" or (not args.file and args.prompt == "-"):
             text = sys.stdin.read()
+        else:
+            text = _read_text_file(args.file, "-f") if args.file else args.prompt
         prompt_ids = llm.tokenize(text, max_tokens=llm.ctx.n_ctx)
     result = GenerationResult(prompt_ids)
     stream = llm.stream(prompt_ids, args.n_predict, sampling, args.stop, args.ignore_eos, result,
@@ -178,15 +180,24 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_COMMANDS = ("/reset", "/stats", "/exit", "/quit")
+
+
 def cmd_chat(args) -> int:
     from ..engine.generate import GenerationResult
+    from ..registry import known_spec
 
     sampling = _sampling(args)
     llm = open_llm(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     err = sys.stderr
-    print(f"kvgraph chat ({llm.loaded.config.name}, template: {llm.tokenizer.chat_template_source}). "
-          "Commands: /reset, /stats, /exit. Ctrl-D to quit.", file=err)
+    spec = known_spec(args.model)
+    name = spec.name if spec else Path(llm.loaded.path).name
+    print(f"kvgraph chat ({name}, template: {llm.tokenizer.chat_template_source}). "
+          f"Commands: {', '.join(CHAT_COMMANDS)}. Ctrl-D to quit.", file=err)
+    if spec is not None and not spec.chat_tuned:
+        print(f"note: {spec.name} is a base model (pretrained, not tuned to chat): it continues text, so its "
+              "replies here will be poor; `kvgraph generate` suits it.", file=err)
     while True:
         try:
             line = input("> ")
@@ -201,10 +212,17 @@ def cmd_chat(args) -> int:
         if text == "/reset":
             history = history[:1] if args.system else []
             llm.session.reset()
+            print("[history cleared" + (", system prompt kept]" if args.system else "]"), file=err)
             continue
         if text == "/stats":
             print(llm.stats.summary(), file=err)
             continue
+        if text.startswith("/") and text.split()[0] not in CHAT_COMMANDS and not text.startswith("//"):
+            print(f"unknown command {text.split()[0]!r}: commands are {', '.join(CHAT_COMMANDS)} (start a message "
+                  "with // to send a leading /)", file=err)
+            continue
+        if text.startswith("//"):
+            line = line.replace("//", "/", 1)
         history.append({"role": "user", "content": line})
         result = GenerationResult([])
         try:
@@ -310,13 +328,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = _Parser(prog="kvgraph", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="kvgraph", description="kvgraph: a small LLM inference engine for GGUF models. Every command "
+                                                    "has its own --help (kvgraph COMMAND --help).")
     parser.add_argument("--version", action="version", version=f"kvgraph {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     p.add_argument("prompt", nargs="?", help="the prompt text ('-' reads stdin)")
-    p.add_argument("-f", "--file", help="read the prompt from a file")
+    p.add_argument("-f", "--file", help="read the prompt from a file ('-': stdin)")
     p.add_argument("--messages", help="JSON file with a list of chat messages, rendered with the chat template")
     p.add_argument("--json", action="store_true",
                    help='print {"prompt_ids", "ids", "text", "finish_reason"} instead of streaming')
