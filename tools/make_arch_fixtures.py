@@ -168,14 +168,21 @@ def make_model(arch: Arch, vocab: tuple[int, int, int], directory: Path):
                 p.normal_(0.0, 0.1)
     model.eval()
     model.save_pretrained(directory)
-    if arch.config_patch:     # e.g. Granite hybrid's layer_types, saved in names this converter does not know
-        path = directory / "config.json"
-        cfg_json = json.loads(path.read_text())
-        for key, value in cfg_json.items():
-            if isinstance(value, list):
-                cfg_json[key] = [arch.config_patch.get(v, v) if isinstance(v, str) else v for v in value]
-        path.write_text(json.dumps(cfg_json))
+    patch_config(arch, directory)
     return model
+
+
+def patch_config(arch: Arch, directory: Path) -> None:
+    """Rename the saved config.json's list values the converter knows by other names (e.g. Granite hybrid's
+    layer_types)."""
+    if not arch.config_patch:
+        return
+    path = directory / "config.json"
+    cfg_json = json.loads(path.read_text())
+    for key, value in cfg_json.items():
+        if isinstance(value, list):
+            cfg_json[key] = [arch.config_patch.get(v, v) if isinstance(v, str) else v for v in value]
+    path.write_text(json.dumps(cfg_json))
 
 
 def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str | None, name: str, outtype: str = "f32") -> None:

@@ -155,13 +155,7 @@ def build_hf(name: str, shape: Shape, directory: Path) -> None:
     model.save_pretrained(directory)
     del model
     gc.collect()
-    if arch.config_patch:     # e.g. Granite hybrid's layer_types, saved in names this converter does not know
-        path = directory / "config.json"
-        cfg_json = json.loads(path.read_text())
-        for key, value in cfg_json.items():
-            if isinstance(value, list):
-                cfg_json[key] = [arch.config_patch.get(v, v) if isinstance(v, str) else v for v in value]
-        path.write_text(json.dumps(cfg_json))
+    fx.patch_config(arch, directory)
 
 
 def report(name: str, typ: str, path: Path, t0: float) -> None:
