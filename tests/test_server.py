@@ -190,6 +190,23 @@ def test_client_disconnect_mid_stream_frees_its_slot(long_server):
     assert metric(long_server, "kvgraph_generated_tokens_total") < 32000    # cancelled, not finished
 
 
+def test_client_that_leaves_a_non_streaming_request_frees_its_slot(long_server):
+    """Nothing is written to a non-streaming client until the end, so only asking whether it is still there
+    notices it left: the slot must not decode on to max_tokens (it did, tokens flowing, for 80 s and more)."""
+    before = metric(long_server, "kvgraph_requests_cancelled_total")
+    generated = metric(long_server, "kvgraph_generated_tokens_total")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(long_server + "/v1/completions", timeout=1.0,
+                   json={"prompt": "the cat", "max_tokens": 32000, "ignore_eos": True})
+    deadline = time.time() + 60      # a bound for a hang, not a speed check: the slot frees within ~0.25 s
+    while time.time() < deadline and (metric(long_server, "kvgraph_active_slots") > 0 or
+                                      metric(long_server, "kvgraph_requests_cancelled_total") <= before):
+        time.sleep(0.1)
+    assert metric(long_server, "kvgraph_active_slots") == 0
+    assert metric(long_server, "kvgraph_requests_cancelled_total") == before + 1
+    assert metric(long_server, "kvgraph_generated_tokens_total") - generated < 32000
+
+
 def test_metrics_are_prometheus_text(server):
     text = httpx.get(server + "/metrics").text
     for name in ("kvgraph_requests_total", "kvgraph_generated_tokens_total", "kvgraph_decode_tokens_per_second",

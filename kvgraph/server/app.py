@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers
 
 from .. import __version__
 from .. import openai_compat as oa
@@ -74,6 +75,33 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", code
     return JSONResponse(status_code=status, content=oa.error_body(message, type_, code))
 
 
+class _CountAndAuthorize:
+    """Counts requests by path and checks the API key, as plain ASGI: starlette's BaseHTTPMiddleware (what
+    `@app.middleware` makes) wraps `receive`, after which a handler no longer sees its client leave
+    (`request.is_disconnected()` stays False), so a non-streaming request whose client had gone decoded on
+    to max_tokens."""
+
+    def __init__(self, app, state: ServerState, routes: set[str]):
+        self.app, self.state, self.routes = app, state, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state, path = self.state, scope["path"]
+        counted = path if path in self.routes else "other"
+        state.http_requests[counted] = state.http_requests.get(counted, 0) + 1
+        key = state.options.api_key
+        if key and path != "/health" and scope["method"] != "OPTIONS":
+            headers = Headers(scope=scope)
+            given = headers.get("authorization", "")
+            token = given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                response = _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                                  code="invalid_api_key")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="kvgraph", version="0.1.0")
     app.state.kv = state
@@ -109,18 +137,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     routes = set()   # filled below: counting only known paths keeps a path-spraying client from growing the table
 
-    @app.middleware("http")
-    async def _count_and_authorize(request: Request, call_next):
-        path = request.url.path if request.url.path in routes else "other"
-        state.http_requests[path] = state.http_requests.get(path, 0) + 1
-        key = state.options.api_key
-        if key and request.url.path != "/health" and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-            if not hmac.compare_digest(token.encode(), key.encode()):
-                return _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                              code="invalid_api_key")
-        return await call_next(request)
+    app.add_middleware(_CountAndAuthorize, state=state, routes=routes)
 
     async def _body(request: Request) -> dict:
         raw = await _read_capped(request, state.max_body)
@@ -485,14 +502,21 @@ async def _events(request: Request, req: GenRequest):
     """The 'token' events of req (every choice's) as they come, until every choice has ended; cancels it when
     the client disconnects."""
     open_choices = len(req.choices) or 1
+    check_at = time.monotonic() + POLL_S
     try:
         while open_choices:
             try:
                 ev: Event = await asyncio.to_thread(req.events.get, True, POLL_S)
             except queue.Empty:
+                ev = None
+            # every POLL_S, tokens flowing or not: a client that left a non-streaming request (nothing is
+            # written to it until the end) must not keep its slot decoding to max_tokens
+            if time.monotonic() >= check_at:
+                check_at = time.monotonic() + POLL_S
                 if await request.is_disconnected():
                     req.cancel()
                     return
+            if ev is None:
                 continue
             if ev.kind == "token":
                 yield ev
