@@ -658,3 +658,71 @@ def test_the_c_packer_makes_the_numpy_packers_tiles(type_name, variant):
     got = np.full(want.shape, 0xAB, np.uint8)
     assert pack_tiles_c(raw, type_name, k, got)
     np.testing.assert_array_equal(got, want)
+
+
+# ---- recurrent layers ---------------------------------------------------------------------------------------
+def _ssm_case(op: str, n_seqs: int, n: int, rng):
+    """Random sources of a Mamba-1 (d 48, state 16) or Mamba-2 (4 heads of 8, 2 groups, state 16) scan, as
+    strided views of wider buffers (a projection's output split in parts is what the graphs hand over)."""
+    d, s = (48, 16) if op == "ssm_scan" else (32, 16)
+    def view(*shape, extra=5):
+        return rng.standard_normal(shape[:-1] + (shape[-1] + extra,), dtype=np.float32)[..., :shape[-1]]
+    if op == "ssm_scan":
+        a = -np.exp(rng.standard_normal((d, s), dtype=np.float32))
+        return (view(n_seqs, s, d), view(n_seqs, n, d), view(n_seqs, n, d), a, view(n_seqs, n, s), view(n_seqs, n, s))
+    h = 4
+    a = -np.exp(rng.standard_normal(h, dtype=np.float32))
+    return (view(n_seqs, s, d), view(n_seqs, n, d), view(n_seqs, n, h), a, view(n_seqs, n, 2 * s),
+            view(n_seqs, n, 2 * s))
+
+
+@pytest.mark.parametrize("op", ["ssm_scan", "ssm_scan2"])
+def test_the_c_scans_match_numpy_and_a_sequence_alone_equals_it_in_a_batch(op, variant):
+    from kvgraph.backends import reference
+    from kvgraph.graph.ir import Tensor
+
+    rng = np.random.default_rng(3)
+    srcs = _ssm_case(op, 3, 7, rng)
+    h0, x = srcs[0], srcs[1]
+    node = Tensor(0, op, (), (3, 7 + h0.shape[1], x.shape[2]), "f32", "", {})
+    want = np.empty(node.shape, np.float32)
+    reference.KERNELS[op](node, want, *srcs)()
+    got = np.empty(node.shape, np.float32)
+    kernel = native_ops.ssm_scan(op, *srcs, got)
+    assert kernel is not None
+    kernel()
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    for q in range(3):            # one sequence alone: the same bits as its rows among the three
+        one = [v[q: q + 1] if v.ndim == 3 else v for v in srcs]
+        alone = np.empty((1,) + node.shape[1:], np.float32)
+        native_ops.ssm_scan(op, *one, alone)()
+        np.testing.assert_array_equal(alone[0], got[q])
+
+
+def test_the_c_causal_convolution_matches_numpy(variant):
+    from kvgraph.backends import reference
+    from kvgraph.graph.ir import Tensor
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 3 + 6, 40 + 3), dtype=np.float32)[..., :40]
+    w = rng.standard_normal((40, 4), dtype=np.float32)
+    node = Tensor(0, "ssm_conv", (), (2, 6, 40), "f32", "", {})
+    want, got = np.empty(node.shape, np.float32), np.empty(node.shape, np.float32)
+    reference.KERNELS["ssm_conv"](node, want, x, w)()
+    native_ops.ssm_conv(x, w, got)()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_state_rows_are_gathered_in_c_and_a_bad_slot_is_refused(variant):
+    from kvgraph.errors import IndexOutOfRangeError
+
+    table = np.random.default_rng(5).standard_normal((4, 3, 20000), dtype=np.float32)   # rows of 60000 floats
+    out = np.empty((2, 3, 20000), np.float32)
+    ids = np.array([3, 1], np.int32)
+    native_ops.get_rows(table, ids, out)()
+    np.testing.assert_array_equal(out, table[[3, 1]])
+    ids[1] = 4
+    with pytest.raises(IndexOutOfRangeError):
+        native_ops.get_rows(table, ids, out)()
+    np.testing.assert_array_equal(out[0], table[3])
+    assert not out[1].any()

@@ -319,6 +319,8 @@ class FusingCompiler(Compiler):
             from_tiles = getattr(srcs[0].mat, "rows_kernel", None)
             kernel = from_tiles(srcs[1], out) if from_tiles else None
             return kernel or native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
+        if t.op == "get_rows":
+            return native_ops.get_rows(self.arr(srcs[0]), srcs[1], out)
         if t.op == "matmul_glu":
             return self.glu_fused(t, step, out, srcs)
         if t.op in native_ops.OPS:

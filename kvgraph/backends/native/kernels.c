@@ -1926,3 +1926,145 @@ void kvg_stream_read(const int64_t *a) {
     parallel_for((a[1] + CHECK_CHUNK - 1) / CHECK_CHUNK, 1, stream_chunks, &j);
     *(uint64_t *)a[2] = atomic_load(&j.sum);
 }
+
+/* ---- recurrent layers ------------------------------------------------------------------------------------------
+ * The ops of Mamba-1, Mamba-2 and the short convolutions (ir.py: ssm_conv, ssm_scan, ssm_scan2), sequence by
+ * sequence and channel by channel: what a sequence's rows get never depends on the other sequences of the
+ * ubatch or on how its tokens were split (each ubatch continues from the state the previous one wrote). */
+static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* sum_i a[i] b[i] for a state row: lane by lane, then the lanes in order */
+static inline float dot_state(const float *h, const float *c, int64_t s) { return dot_lanes(h, c, s); }
+
+/* a: x, S, n (new tokens), d, x_s0 (sequence stride), x_s1 (row stride), w (float [d, k]), k, out, out_s0, out_s1.
+ * out[q, t, c] = sum_j x[q, t + j, c] w[c, j] (x holds k - 1 earlier inputs, then the n new ones). */
+typedef struct { const int64_t *a; } conv_job;
+
+static void conv_rows(void *ctx, int64_t i0, int64_t i1) {
+    const int64_t *a = (const int64_t *)ctx;
+    const float *x = (const float *)a[0], *w = (const float *)a[6];
+    const int64_t n = a[2], d = a[3], xs0 = a[4], xs1 = a[5], k = a[7], os0 = a[9], os1 = a[10];
+    float *out = (float *)a[8];
+    for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, token) row */
+        const int64_t q = it / n, t = it % n;
+        const float *xr = x + q * xs0 + t * xs1;
+        float *o = out + q * os0 + t * os1;
+#pragma omp simd
+        for (int64_t c = 0; c < d; c++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; j++) acc += xr[j * xs1 + c] * w[c * k + j];
+            o[c] = acc;
+        }
+    }
+}
+
+void kvg_ssm_conv(const int64_t *a) { parallel_for(a[1] * a[2], 1, conv_rows, (void *)a); }
+
+/* a: h0 (float [S, s, d]: the state transposed), h0_s0, h0_s1, x, x_s0, x_s1, dt, dt_s0, dt_s1, A (float [d, s]),
+ * B, b_s0, b_s1, C, c_s0, c_s1, out (float [S, n + s, d]: y, then the new state), out_s0, out_s1, S, n, d, s.
+ * Mamba-1: per channel, h = exp(softplus(dt) A[c]) h + softplus(dt) x B_t; y_t = h . C_t. */
+#define SSM_MAX_STATE 256
+
+static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
+    const int64_t *a = (const int64_t *)ctx;
+    const float *h0 = (const float *)a[0], *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
+    float *out = (float *)a[16];
+    const int64_t n = a[20], d = a[21], s = a[22];
+    float h[SSM_MAX_STATE], da[SSM_MAX_STATE];
+    for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, channel) */
+        const int64_t q = it / d, c = it % d;
+        for (int64_t j = 0; j < s; j++) h[j] = h0[q * a[1] + j * a[2] + c];
+        for (int64_t t = 0; t < n; t++) {
+            const float sp = softplus(dt[q * a[7] + t * a[8] + c]);
+            const float dx = sp * x[q * a[4] + t * a[5] + c];
+            const float *bt = B + q * a[11] + t * a[12], *ct = C + q * a[14] + t * a[15];
+            for (int64_t j = 0; j < s; j++) da[j] = sp * A[c * s + j];
+            int64_t j = 0;
+#ifdef VF_W
+            for (; j + VF_W <= s; j += VF_W)
+                vf_store(h + j, vf_fmadd(vf_exp(vf_load(da + j)), vf_load(h + j), vf_mul(vf_set1(dx), vf_load(bt + j))));
+#endif
+            for (; j < s; j++) h[j] = expf(da[j]) * h[j] + dx * bt[j];
+            out[q * a[17] + t * a[18] + c] = dot_state(h, ct, s);
+        }
+        for (int64_t j = 0; j < s; j++) out[q * a[17] + (n + j) * a[18] + c] = h[j];
+    }
+}
+
+void kvg_ssm_scan(const int64_t *a) { parallel_for(a[19] * a[21], 16, scan1_channels, (void *)a); }
+
+/* a: as kvg_ssm_scan, with A (float [H]) one scalar per head, dt [S, n, H], B/C [S, n, G * s], and a[23] H,
+ * a[24] G. Mamba-2: per head h (d / H channels, group g = h / (H / G)), h_p = exp(softplus(dt_h) A_h) h_p +
+ * softplus(dt_h) x_p B_g; y_p = h_p . C_g. One task per (sequence, head), run in the new-state rows of out
+ * (the state's [s, d] layout: row j holds state j of every channel, a head's channels side by side), so
+ * every access is a contiguous run of the head's channels; y_p sums over j in order. */
+static void scan2_heads(void *ctx, int64_t i0, int64_t i1) {
+    const int64_t *a = (const int64_t *)ctx;
+    const float *h0 = (const float *)a[0], *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
+    float *out = (float *)a[16];
+    const int64_t n = a[20], d = a[21], s = a[22], nh = a[23], ng = a[24], hd = d / nh;
+    float *dx = malloc(sizeof(float) * (size_t)hd);
+    if (!dx) return;
+    for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, head) */
+        const int64_t q = it / nh, hh = it % nh, g = hh / (nh / ng), c0 = hh * hd;
+        float *hs = out + q * a[17] + n * a[18] + c0;        /* state row j at hs + j * a[18] */
+        for (int64_t j = 0; j < s; j++) memcpy(hs + j * a[18], h0 + q * a[1] + j * a[2] + c0, sizeof(float) * hd);
+        for (int64_t t = 0; t < n; t++) {
+            const float sp = softplus(dt[q * a[7] + t * a[8] + hh]), dA = expf(sp * A[hh]);
+            const float *xt = x + q * a[4] + t * a[5] + c0;
+            const float *bt = B + q * a[11] + t * a[12] + g * s, *ct = C + q * a[14] + t * a[15] + g * s;
+            float *y = out + q * a[17] + t * a[18] + c0;
+#pragma omp simd
+            for (int64_t p = 0; p < hd; p++) dx[p] = sp * xt[p], y[p] = 0.0f;
+            for (int64_t j = 0; j < s; j++) {
+                float *hr = hs + j * a[18];
+                const float bj = bt[j], cj = ct[j];
+#pragma omp simd
+                for (int64_t p = 0; p < hd; p++) {
+                    hr[p] = hr[p] * dA + dx[p] * bj;
+                    y[p] += hr[p] * cj;
+                }
+            }
+        }
+    }
+    free(dx);
+}
+
+void kvg_ssm_scan2(const int64_t *a) { parallel_for(a[19] * a[23], 1, scan2_heads, (void *)a); }
+
+/* a: table (float [rows, k], rows ts floats apart), n_rows, k, ts, ids (int32 [n]), n, out (float [n, k], rows
+ * os floats apart): out[i] = table[ids[i]] (a recurrent state's rows gathered for a ubatch's sequences: rows of
+ * up to MBs, copied in pieces by the threads). The ids are checked on the calling thread first (in_range
+ * counts per thread); an id out of range gives a zero row. */
+#define GATHER_PIECE 16384                 /* floats */
+
+static void gather_pieces(void *ctx, int64_t u0, int64_t u1) {
+    const int64_t *a = (const int64_t *)ctx;
+    const float *table = (const float *)a[0];
+    const int64_t k = a[2], ts = a[3], os = a[7], per_row = (k + GATHER_PIECE - 1) / GATHER_PIECE;
+    const int32_t *ids = (const int32_t *)a[4];
+    float *out = (float *)a[6];
+    for (int64_t u = u0; u < u1; u++) {
+        const int64_t i = u / per_row, e0 = (u % per_row) * GATHER_PIECE;
+        const int64_t len = k - e0 < GATHER_PIECE ? k - e0 : GATHER_PIECE;
+        memcpy(out + i * os + e0, table + (int64_t)ids[i] * ts + e0, sizeof(float) * (size_t)len);
+    }
+}
+
+void kvg_get_rows_f32(const int64_t *a) {
+    const int32_t *ids = (const int32_t *)a[4];
+    const int64_t n = a[5], k = a[2];
+    int all_in = 1;
+    for (int64_t i = 0; i < n; i++) all_in &= in_range(ids[i], a[1]);
+    if (all_in) {
+        parallel_for(n * ((k + GATHER_PIECE - 1) / GATHER_PIECE), 1, gather_pieces, (void *)a);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) {                    /* rare: a bad id (already counted) */
+        float *o = (float *)a[6] + i * a[7];
+        if (ids[i] >= 0 && ids[i] < a[1]) memcpy(o, (const float *)a[0] + (int64_t)ids[i] * a[3], sizeof(float) * k);
+        else memset(o, 0, sizeof(float) * k);
+    }
+}

@@ -12,7 +12,7 @@ from . import GATED_KINDS, bind, f64_bits, ptr
 F4 = 4      # bytes per float32 / int32
 SEG = 256   # cells per segment of the attention kernel (kernels.c), the KV cache's page
 OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale",  # for_node's
-                 "moe_ffn"})
+                 "moe_ffn", "ssm_conv", "ssm_scan", "ssm_scan2"})
 
 
 def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
@@ -34,7 +34,64 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
         return mul_rows(srcs[0], None, out, t.p["s"])
     if t.op == "moe_ffn":
         return moe_ffn(*srcs, out, t.p["n_used"], t.p["norm_weights"])
+    if t.op == "ssm_conv":
+        return ssm_conv(*srcs, out)
+    if t.op in ("ssm_scan", "ssm_scan2"):
+        return ssm_scan(t.op, *srcs, out)
     return None
+
+
+def get_rows(table: np.ndarray, ids: np.ndarray, out: np.ndarray):
+    """out[i] = table[ids[i]] for a float32 table whose rows are contiguous (a recurrent state's)."""
+    if (table.dtype != np.float32 or out.dtype != np.float32 or ids.dtype != np.int32 or ids.ndim != 1
+            or not ids.flags.c_contiguous or table.shape[0] == 0):
+        return None
+    t2 = table.reshape(table.shape[0], -1) if table.flags.c_contiguous else None
+    o2 = out.reshape(out.shape[0], -1) if out.flags.c_contiguous else None
+    if t2 is None or o2 is None or o2.shape != (ids.shape[0], t2.shape[1]):
+        return None
+    return bind("kvg_get_rows_f32", ptr(t2), t2.shape[0], t2.shape[1], t2.strides[0] // F4, ptr(ids), ids.shape[0],
+                ptr(o2), o2.strides[0] // F4, keep=(table, ids, out), indexes=True)
+
+
+def _seq_rows(a: np.ndarray) -> tuple[int, int] | None:
+    """(sequence stride, row stride) in floats of a float32 [(S,) rows, cols] whose columns are contiguous."""
+    if a.dtype != np.float32 or a.ndim not in (2, 3) or a.strides[-1] != F4 or any(st % F4 for st in a.strides):
+        return None
+    return (a.strides[0] // F4 if a.ndim == 3 else 0), a.strides[-2] // F4
+
+
+MAX_STATE = 256     # kernels.c's SSM_MAX_STATE
+
+
+def ssm_conv(x: np.ndarray, w: np.ndarray, out: np.ndarray):
+    """The causal depthwise convolution (kvg_ssm_conv): x [(S,) k-1+n, d], w [d, k] -> out [(S,) n, d]."""
+    xr, orow = _seq_rows(x), _seq_rows(out)
+    if xr is None or orow is None or x.ndim != out.ndim:
+        return None
+    w = np.ascontiguousarray(w, np.float32)
+    n, d = out.shape[-2:]
+    return bind("kvg_ssm_conv", ptr(x), x.shape[0] if x.ndim == 3 else 1, n, d, *xr, ptr(w), w.shape[1], ptr(out),
+                *orow, keep=(x, w, out))
+
+
+def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
+             out: np.ndarray):
+    """Mamba-1's (ssm_scan: a [d, s]) or Mamba-2's (ssm_scan2: a [H], b/c [S, n, G s]) selective scan
+    (kvg_ssm_scan / kvg_ssm_scan2): out [(S,) n + s, d], y then the new state (transposed, as h0)."""
+    rows = [_seq_rows(v) for v in (h0, x, dt, b, c, out)]
+    if any(r is None for r in rows) or len({v.ndim for v in (h0, x, dt, b, c, out)}) != 1:
+        return None
+    a = np.ascontiguousarray(a, np.float32)
+    n, d = x.shape[-2:]
+    s = h0.shape[-2]
+    if s > MAX_STATE:
+        return None
+    n_seqs = x.shape[0] if x.ndim == 3 else 1
+    heads = (a.shape[0], b.shape[-1] // s) if op == "ssm_scan2" else ()
+    (h0s, xs, dts, bs, cs, outs) = rows
+    return bind(f"kvg_{op}", ptr(h0), *h0s, ptr(x), *xs, ptr(dt), *dts, ptr(a), ptr(b), *bs, ptr(c), *cs, ptr(out),
+                *outs, n_seqs, n, d, s, *heads, keep=(h0, x, dt, a, b, c, out))
 
 
 def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray, down: np.ndarray,
