@@ -136,6 +136,20 @@ def test_bench_compare_with_llama_bench(tiny_llama, capsys, tmp_path):
     assert "ratio" in md.splitlines()[0]
 
 
+@pytest.mark.parametrize("cache_type, passed", [("f16", ["-ctk", "f16", "-ctv", "f16"]), ("f32", [])])
+def test_bench_compare_passes_only_kv_types_llama_bench_takes(tiny_llama, capsys, tmp_path, cache_type, passed):
+    """llama-bench has no f32 KV cache type (and refuses the argument): its default is compared there."""
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/usr/bin/env python3\nimport sys, json\na = sys.argv\n"
+                    "kv = [x for i, x in enumerate(a) if x in ('-ctk', '-ctv') or a[i - 1] in ('-ctk', '-ctv')]\n"
+                    "assert kv == %r, kv\n"
+                    "print(json.dumps({'n_prompt': int(a[a.index('-p') + 1]), 'n_gen': int(a[a.index('-n') + 1]), "
+                    "'avg_ts': 10.0}))\n" % passed)
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    rows = json.loads(bench(capsys, tiny_llama[0], "-o", "json", "--cache-type", cache_type, "--compare", str(fake)))
+    assert all(r["llama_cpp_ts"] == 10.0 for r in rows)
+
+
 def test_bench_compare_says_when_llama_bench_crashes_and_goes_on(tiny_llama, capsys, tmp_path):
     """A llama-bench that dies of SIGILL on the prompt tests (as the AMX build does here) but runs tg."""
     fake = tmp_path / "llama-bench"

@@ -92,8 +92,10 @@ def _model_type(info) -> str:
 def _llama_bench(binary: str, model_path: str, test, reps: int, threads: int, flash_attn: bool, cache_type: str,
                  err) -> float | None:
     """avg t/s llama-bench reports for the same test, or None (with a note on stderr) when it fails."""
-    cmd = [binary, "-m", model_path, "-r", str(reps), "-t", str(threads), "-fa", "1" if flash_attn else "0",
-           "-ctk", cache_type, "-ctv", cache_type,
+    # llama-bench takes no f32 KV cache type (f16, bf16, q8_0, ...): there, and for a model without a KV cache
+    # (whose states kvgraph reports as f32), its default is compared
+    kv = ["-ctk", cache_type, "-ctv", cache_type] if cache_type != "f32" else []
+    cmd = [binary, "-m", model_path, "-r", str(reps), "-t", str(threads), "-fa", "1" if flash_attn else "0", *kv,
            "-p", str(test.n_prompt), "-n", str(test.n_gen), "-d", str(test.n_depth), "-o", "jsonl"]
     import subprocess
 
