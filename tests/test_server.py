@@ -174,6 +174,18 @@ def long_server(tiny_llama):
     stop(proc)
 
 
+def assert_cancelled_and_freed(server, cancelled_before: float, generated_before: float) -> None:
+    """The request whose client left was cancelled (not finished: fewer than its 32000 tokens) and its slot
+    is free again."""
+    deadline = time.time() + 60      # a bound for a hang, not a speed check: the slot frees within ~0.25 s
+    while time.time() < deadline and (metric(server, "kvgraph_active_slots") > 0 or
+                                      metric(server, "kvgraph_requests_cancelled_total") <= cancelled_before):
+        time.sleep(0.1)
+    assert metric(server, "kvgraph_active_slots") == 0
+    assert metric(server, "kvgraph_requests_cancelled_total") == cancelled_before + 1
+    assert metric(server, "kvgraph_generated_tokens_total") - generated_before < 32000
+
+
 def test_client_disconnect_mid_stream_frees_its_slot(long_server):
     before = metric(long_server, "kvgraph_requests_cancelled_total")
     with httpx.stream("POST", long_server + "/v1/completions",
@@ -181,13 +193,7 @@ def test_client_disconnect_mid_stream_frees_its_slot(long_server):
         for line in r.iter_lines():
             if line.startswith("data: "):
                 break       # leave after the first chunk
-    deadline = time.time() + 60      # a bound for a hang, not a speed check: the slot frees within ~0.25 s
-    while time.time() < deadline and (metric(long_server, "kvgraph_active_slots") > 0 or
-                                      metric(long_server, "kvgraph_requests_cancelled_total") <= before):
-        time.sleep(0.1)
-    assert metric(long_server, "kvgraph_active_slots") == 0
-    assert metric(long_server, "kvgraph_requests_cancelled_total") == before + 1
-    assert metric(long_server, "kvgraph_generated_tokens_total") < 32000    # cancelled, not finished
+    assert_cancelled_and_freed(long_server, before, 0)
 
 
 def test_client_that_leaves_a_non_streaming_request_frees_its_slot(long_server):
@@ -198,13 +204,7 @@ def test_client_that_leaves_a_non_streaming_request_frees_its_slot(long_server):
     with pytest.raises(httpx.TimeoutException):
         httpx.post(long_server + "/v1/completions", timeout=1.0,
                    json={"prompt": "the cat", "max_tokens": 32000, "ignore_eos": True})
-    deadline = time.time() + 60      # a bound for a hang, not a speed check: the slot frees within ~0.25 s
-    while time.time() < deadline and (metric(long_server, "kvgraph_active_slots") > 0 or
-                                      metric(long_server, "kvgraph_requests_cancelled_total") <= before):
-        time.sleep(0.1)
-    assert metric(long_server, "kvgraph_active_slots") == 0
-    assert metric(long_server, "kvgraph_requests_cancelled_total") == before + 1
-    assert metric(long_server, "kvgraph_generated_tokens_total") - generated < 32000
+    assert_cancelled_and_freed(long_server, before, generated)
 
 
 def test_metrics_are_prometheus_text(server):

@@ -158,14 +158,14 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
     def start_load(self, gguf_file) -> None:
         """A model file's weights are about to be loaded: its repacked-weights cache entry, if kept."""
         self.tile_cache = TileCache(gguf_file) if tile_cache.enabled() else None
-        self.requantized: dict[str, int] = {}      # GGUF type -> matrices re-quantized to Q8 in this load
+        self.requantized = {}      # GGUF type -> matrices re-quantized to Q8 in this load
 
     def load_weight(self, gguf_file, name: str) -> NativeWeight:
         return NativeWeight(gguf_file, name, self)
 
     def matrix_form(self, data: np.ndarray, type_name: str, shape: tuple[int, int], name: str):
-        """A weight matrix's kernel form: tiles (from the cache entry, or packed into it or into memory), or a
-        float32 DenseMat for a width the tile formats cannot take."""
+        """A weight matrix's kernel form: F16 / BF16 as stored (DenseMat), tiles (from the cache entry, or
+        packed into it or into memory), or a float32 DenseMat for a width the tile formats cannot take."""
         if type_name in ("F16", "BF16"):
             return DenseMat.of_file(data, type_name)
         if shape[1] % GROUP:
@@ -195,7 +195,7 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
                   f"{REQUANTIZED} ({why})", file=sys.stderr)
 
     def weights_origin(self) -> str:
-        """Where the loaded weights' tiles came from (for `kvgraph info` and bench)."""
+        """Where the last load's tiles came from: mapped from a cache entry, or packed (and kept, or why not)."""
         cache = self.tile_cache
         if cache is None:
             return "repacked at load (weight cache off)"
