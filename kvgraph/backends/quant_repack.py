@@ -125,7 +125,6 @@ def _q5_1(raw: np.ndarray):
     return _nibbles(blocks[..., 8:]) | _fifth_bits(blocks[..., 4:8]), _f16(blocks, 0)[..., 0], _f16(blocks, 2)[..., 0]
 
 
-KQUANT_TYPES = frozenset({"Q4_K", "Q5_K", "Q6_K"})
 _BLOCKS = {**_INT4, "Q5_0": _q5_0, "Q5_1": _q5_1}
 
 
@@ -150,14 +149,6 @@ def int4_groups(data: np.ndarray, type_name: str, chunk_rows: int | None = None
     i.e. scale = d and zero = m + 8 d (exactly 0 for Q4_0)."""
     for r0, q, d, m in int4_blocks(data, type_name, chunk_rows):
         yield r0, q, d, m + np.float32(8) * d
-
-
-def kquant_blocks(data: np.ndarray, type_name: str) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Row chunks of a K-quant matrix as (first row, kquant_parts)."""
-    for r0 in range(0, data.shape[0], CHUNK_ROWS):
-        part = data[r0: r0 + CHUNK_ROWS]
-        yield r0, kquant_parts(np.ascontiguousarray(part), type_name)
-        release_pages(part)
 
 
 def dequant_rows(data: np.ndarray, type_name: str, shape: tuple[int, ...], chunk_rows: int | None = None

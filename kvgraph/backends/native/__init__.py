@@ -259,14 +259,12 @@ def checksum(data: np.ndarray) -> int:
     return int(out[0])
 
 
-def read_bandwidth(arrays: list[np.ndarray] | None = None, repeats: int = 5) -> float:
+def read_bandwidth(arrays: list[np.ndarray], repeats: int = 5) -> float:
     """Bytes per second the kernels' threads stream-read `arrays` at (kvg_stream_read over each in turn, the
-    best of `repeats` passes), by default a 1 GiB buffer of its own. Given a model's weight arrays, the
-    bytes a decode step reads, where they lie (huge or file-mapped pages): its memory roofline."""
+    best of `repeats` passes). Given a model's weight arrays, the bytes a decode step reads where they lie
+    (huge or file-mapped pages): its memory roofline."""
     import time
 
-    if arrays is None:
-        arrays = [np.ones(1 << 27, np.uint64)]             # touched: its pages are in memory before timing
     runs, total = [], 0
     for a in arrays:
         flat = a.reshape(-1).view(np.uint8) if a.flags.c_contiguous else np.ascontiguousarray(a).view(np.uint8)

@@ -1933,9 +1933,6 @@ void kvg_stream_read(const int64_t *a) {
  * ubatch or on how its tokens were split (each ubatch continues from the state the previous one wrote). */
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* sum_i a[i] b[i] for a state row: lane by lane, then the lanes in order */
-static inline float dot_state(const float *h, const float *c, int64_t s) { return dot_lanes(h, c, s); }
-
 /* a: x, S, n (new tokens), d, x_s0 (sequence stride), x_s1 (row stride), w (float [d, k]), k, out, out_s0, out_s1.
  * out[q, t, c] = sum_j x[q, t + j, c] w[c, j] (x holds k - 1 earlier inputs, then the n new ones). */
 typedef struct { const int64_t *a; } conv_job;
@@ -1986,7 +1983,7 @@ static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
                 vf_store(h + j, vf_fmadd(vf_exp(vf_load(da + j)), vf_load(h + j), vf_mul(vf_set1(dx), vf_load(bt + j))));
 #endif
             for (; j < s; j++) h[j] = expf(da[j]) * h[j] + dx * bt[j];
-            out[q * a[17] + t * a[18] + c] = dot_state(h, ct, s);
+            out[q * a[17] + t * a[18] + c] = dot_lanes(h, ct, s);
         }
         for (int64_t j = 0; j < s; j++) out[q * a[17] + (n + j) * a[18] + c] = h[j];
     }

@@ -1,12 +1,14 @@
 """Weights and activations in the native kernels' formats (see kernels.c), and the matmul kernels over them.
 
-* Q4_0 / Q4_1 matrices -> Q4 tiles, exact: w = q d + m per block of 32 (int4_blocks gives d and m exactly as
-  gguf.quants computes them), scales as float16 (20 bytes per 32 weights, as in the file; float32 in the
-  unlikely case one is not exactly a float16, such as -8 d overflowing).
+* Packing is C (kvg_pack_tiles) from the file's blocks; the numpy packers of __init__.py are its reference.
+* Q4_0 / Q4_1 matrices -> Q4 tiles, exact: w = q d + m per block of 32, scales as float16 (20 bytes per 32
+  weights, as in the file; float32, from int4_blocks, in the unlikely case one is not exactly a float16, such
+  as -8 d overflowing).
 * Q5_0 / Q5_1 -> Q5 tiles, exact: Q4's layout plus a plane of fifth bits (24 bytes per 32 weights).
 * Q4_K / Q5_K / Q6_K -> their own tile formats, exact, the file's numbers (6-bit scales and mins, float16
   super-block scales): 4.625 / 5.625 / 6.5625 bits per weight (the file: 4.5 / 5.5 / 6.5625).
-* Q8_0 -> Q8 tiles, exact (34 bytes per 32 weights). Every other type (F16, BF16, Q2_K, ...) is dequantized
+* Q8_0 -> Q8 tiles, exact (34 bytes per 32 weights). F16 / BF16 are read as stored (native_backend's
+  DenseMat). Every other type (Q2_K, Q3_K, IQ*, ...) is dequantized
   and re-quantized to Q8 per block of 32 (symmetric, as Q8_0 is made): error at most half a step of
   max|w| / 127 per block, as llama.cpp's own Q8_0 files have.
 * Activations are quantized per row and block of 32 to int8 before each matmul (Q8Act), once per source
@@ -18,10 +20,9 @@ import mmap
 
 import numpy as np
 
-from ..quant_repack import (CHUNK_ROWS, INT4_TYPES, KQUANT_TYPES, dequant_rows, int4_blocks, kquant_blocks,
-                            release_pages)
-from . import (BLOCK_LAYOUTS, FORMATS, GATED_KINDS, PACK_TYPES, QK, TR, bind, dequantize_tiles, pack_blocks,
-               pack_kquant, pack_q4, pack_q8, pack_tiles_c, ptr, quantize_blocks_q8, tile_bytes)
+from ..quant_repack import CHUNK_ROWS, INT4_TYPES, dequant_rows, int4_blocks, release_pages
+from . import (FORMATS, GATED_KINDS, PACK_TYPES, QK, TR, bind, dequantize_tiles, pack_q4, pack_q8, pack_tiles_c,
+               ptr, quantize_blocks_q8, tile_bytes)
 
 
 def runs_as(type_name: str) -> str:
@@ -129,14 +130,7 @@ class NativeMat:
         n, k = shape
         self.n, self.k, self._arena, self.block = n, k, arena, None
         self.exact = True             # the tiles hold the file's values (False: re-quantized to Q8)
-        if type_name in PACK_TYPES and (type_name not in KQUANT_TYPES or k % 256 == 0) and self._pack_c(data, type_name):
-            return
-        if type_name in KQUANT_TYPES and k % 256 == 0:
-            self._alloc(type_name.lower().replace("_", ""))
-            for r0, parts in kquant_blocks(data, type_name):
-                pack_kquant(self.fmt, parts, self._rows(r0, len(parts["q"])))
-            return
-        if type_name in BLOCK_LAYOUTS and self._pack_blocks(data, type_name):
+        if type_name in PACK_TYPES and self._pack_c(data, type_name):
             return
         if type_name in INT4_TYPES:   # a Q4_0 whose -8 d is no float16 (huge scales): float32 scales
             self._alloc("q4")
@@ -170,26 +164,15 @@ class NativeMat:
 
     def _pack_c(self, data: np.ndarray, type_name: str) -> bool:
         """Tiles straight from the file's blocks by the C packer, in row chunks whose file pages are handed back
-        as they are done (False where the format needs float32 scales)."""
-        if data.ndim != 2 or data.strides[1] != 1:
-            return False
+        as they are done (False where the format needs float32 scales: a Q4_0 / Q5_0 whose -8 d / -16 d is no
+        float16)."""
         self._alloc(PACK_TYPES[type_name][1])
         for r0 in range(0, self.n, CHUNK_ROWS):
             part = data[r0: r0 + CHUNK_ROWS]
-            ok = pack_tiles_c(part, type_name, self.k, self._rows(r0, len(part)))
+            ok = pack_tiles_c(part if part.strides[-1] == 1 else np.ascontiguousarray(part), type_name, self.k,
+                              self._rows(r0, len(part)))
             release_pages(part)
             if not ok:
-                return False
-        return True
-
-    def _pack_blocks(self, data: np.ndarray, type_name: str) -> bool:
-        """Tiles straight from the file's blocks (False where a derived scale is no float16)."""
-        self._alloc(BLOCK_LAYOUTS[type_name][-1])
-        for r0 in range(0, self.n, CHUNK_ROWS):
-            part = data[r0: r0 + CHUNK_ROWS]
-            tiles = pack_blocks(np.ascontiguousarray(part), type_name, self._rows(r0, len(part)))
-            release_pages(part)
-            if tiles is None:
                 return False
         return True
 

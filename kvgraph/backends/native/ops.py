@@ -69,7 +69,8 @@ def ssm_conv(x: np.ndarray, w: np.ndarray, out: np.ndarray):
     xr, orow = _seq_rows(x), _seq_rows(out)
     if xr is None or orow is None or x.ndim != out.ndim:
         return None
-    w = np.ascontiguousarray(w, np.float32)
+    if w.dtype != np.float32 or not w.flags.c_contiguous:    # bound once: a copy here would go stale
+        return None
     n, d = out.shape[-2:]
     return bind("kvg_ssm_conv", ptr(x), x.shape[0] if x.ndim == 3 else 1, n, d, *xr, ptr(w), w.shape[1], ptr(out),
                 *orow, keep=(x, w, out))
@@ -82,7 +83,8 @@ def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarr
     rows = [_seq_rows(v) for v in (h0, x, dt, b, c, out)]
     if any(r is None for r in rows) or len({v.ndim for v in (h0, x, dt, b, c, out)}) != 1:
         return None
-    a = np.ascontiguousarray(a, np.float32)
+    if a.dtype != np.float32 or not a.flags.c_contiguous:    # bound once: a copy here would go stale
+        return None
     n, d = x.shape[-2:]
     s = h0.shape[-2]
     if s > MAX_STATE:

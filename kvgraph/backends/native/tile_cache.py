@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import SOURCE, checksum
+from . import SOURCE, TR, checksum, tile_bytes
 from .mats import TileArena
 
 VERSION = 2
@@ -215,7 +215,7 @@ class TileCache:
     def _start_entry(self, gguf_file) -> None:
         """A temporary file to pack into, with address space for the largest tiles the file's matrices can
         take (Q8's, 17 bytes per 16 weights; disk space is reserved matrix by matrix as they are packed)."""
-        reserve = sum(-(-info.shape[0] // 16) * 544 * (info.shape[1] // 32) for info in gguf_file.tensors.values()
+        reserve = sum(-(-info.shape[0] // TR) * tile_bytes("q8", info.shape[1]) for info in gguf_file.tensors.values()
                       if len(info.shape) == 2 and info.type_name != "F32")
         if reserve < MIN_BYTES // 2:
             self.state = "small"
