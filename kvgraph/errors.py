@@ -34,6 +34,10 @@ class TokenizerError(KvgraphError):
 class ContextOverflowError(KvgraphError):
     """A prompt (plus requested tokens) does not fit the context window."""
 
+    def __init__(self, message: str, n_prompt_tokens: int | None = None, n_ctx: int | None = None):
+        super().__init__(message)
+        self.n_prompt_tokens, self.n_ctx = n_prompt_tokens, n_ctx    # where known: llama-server reports both
+
 
 class InvalidArgumentError(KvgraphError):
     """A parameter value a user passed is out of range or malformed."""

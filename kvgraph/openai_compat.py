@@ -128,6 +128,7 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
         top_k=_num(body, "top_k", 0, int, 0, 1 << 30),
         min_p=_num(body, "min_p", 0.0, float, 0.0, 1.0),
         repeat_penalty=_num(body, "repeat_penalty", 1.0, float, *REPEAT_PENALTY_RANGE),
+        repeat_last_n=_num(body, "repeat_last_n", 64, int, 0, 1 << 20),
         seed=seed, logit_bias=parse_logit_bias(body.get("logit_bias"))).validate(n_vocab)
     if chat:     # logprobs: true, top_logprobs: k
         logprobs = _num(body, "top_logprobs", 0, int, 0, MAX_LOGPROBS) if flag(body, "logprobs", False) else None
@@ -234,6 +235,35 @@ def parse_messages(body: Mapping[str, Any]) -> list[dict]:
     return out
 
 
+def parse_chat_options(body: Mapping[str, Any], messages: list[dict], template_kwargs: Mapping[str, Any],
+                       prefill_assistant: bool = True) -> dict:
+    """How the chat template renders this request: add_generation_prompt, the template's extra variables
+    (the server's --chat-template-kwargs and --reasoning, then the request's chat_template_kwargs) and
+    continue_final (vLLM's continue_final_message, or llama-server's prefill: an assistant message last is the
+    start of the reply)."""
+    add = flag(body, "add_generation_prompt", True)
+    cont = flag(body, "continue_final_message", False)
+    if cont and body.get("add_generation_prompt") is True:
+        raise InvalidArgumentError("give add_generation_prompt or continue_final_message, not both: continuing "
+                                   "the final message leaves no place for a new generation prompt.")
+    last_two = [m["role"] for m in messages[-2:]]
+    if cont or (prefill_assistant and add and last_two[-1:] == ["assistant"]):
+        if last_two[-1:] != ["assistant"]:
+            raise InvalidArgumentError("continue_final_message needs an assistant message last.")
+        if last_two == ["assistant", "assistant"]:
+            raise InvalidArgumentError("two assistant messages end the conversation; only the last one can be "
+                                       "continued.")
+        cont = True
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise InvalidArgumentError("'chat_template_kwargs' must be an object.")
+    extra = dict(template_kwargs) | dict(kwargs or {})
+    for key in ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token"):
+        if key in extra:
+            raise InvalidArgumentError(f"'chat_template_kwargs' cannot set {key!r}.")
+    return {"add_generation_prompt": add and not cont, "extra": extra, "continue_final": cont}
+
+
 def _tool_calls_for_template(calls: Any, i: int) -> list[dict]:
     """An assistant message's tool_calls as chat templates read them (arguments as an object)."""
     if not isinstance(calls, list):
@@ -328,7 +358,8 @@ def timings(result) -> dict:
 
 # llama-server's native /completion: its field names, mapped onto the OpenAI ones parse_params reads.
 LLAMA_FIELDS = {"n_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
-                "min_p": "min_p", "repeat_penalty": "repeat_penalty", "seed": "seed", "stop": "stop",
+                "min_p": "min_p", "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+                "seed": "seed", "stop": "stop",
                 "stream": "stream", "ignore_eos": "ignore_eos", "logit_bias": "logit_bias", "grammar": "grammar",
                 "json_schema": "json_schema", "cache_prompt": "cache_prompt"}
 
@@ -347,6 +378,17 @@ def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> G
     params = parse_params(mapped, chat=True, n_vocab=n_vocab)     # chat=True: no max_tokens default of 16
     params.logprobs = n_probs or None
     return params
+
+
+def generation_settings(params: GenParams, n_ctx: int) -> dict:
+    """llama-server's generation_settings: the parameters a /completion request ran with."""
+    sp = params.sampling
+    return {"n_ctx": n_ctx, "n_predict": -1 if params.max_tokens is None else params.max_tokens,
+            "temperature": sp.temperature, "top_k": sp.top_k, "top_p": sp.top_p, "min_p": sp.min_p,
+            "repeat_penalty": sp.repeat_penalty, "repeat_last_n": sp.repeat_last_n,
+            "seed": -1 if sp.seed is None else sp.seed, "stop": list(params.stop), "ignore_eos": params.ignore_eos,
+            "stream": params.stream, "n_probs": params.logprobs or 0, "grammar": params.grammar or "",
+            "logit_bias": [{"token": t, "bias": b} for t, b in (sp.logit_bias or {}).items()]}
 
 
 def _token_logprob(tokenizer, t: int, v: float) -> dict:

@@ -148,7 +148,7 @@ def run_cli(*args, timeout=120, cwd=None):
 @pytest.mark.parametrize("args,rc,needle", [
     (["generate", "hi", "--seed", "-5"], 2, "argument --seed: must be between -1 and"),
     (["generate", "hi", "-t", "-3"], 2, "argument -t/--threads: must be >= 1, got -3"),
-    (["generate", "hi", "--ubatch", "0"], 2, "argument --ubatch: must be >= 1, got 0"),
+    (["generate", "hi", "--ubatch", "0"], 2, "argument --ubatch/-ub/--ubatch-size: must be >= 1, got 0"),
     (["serve", "--port", "99999"], 2, "argument --port: must be between 0 and 65535"),
     (["generate", "hi", "--top-p", "7"], 2, "argument --top-p: must be in (0, 1], got 7"),
     (["generate", "hi", "--repeat-penalty", "5e-324"], 2, "argument --repeat-penalty: must be in [0.01, 100]"),

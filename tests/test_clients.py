@@ -15,7 +15,7 @@ pytest.importorskip("openai")
 
 @pytest.fixture(scope="module")
 def client_server(tiny_llama):
-    proc, base = start_server(tiny_llama[0], "-c", "256", "--parallel", "2")
+    proc, base = start_server(tiny_llama[0], "-c", "512", "--parallel", "2")
     yield base
     stop(proc)
 

@@ -37,7 +37,7 @@ def cluster(tiny_llama, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("ray") / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "kvgraph.cli.main", "serve", "-m", str(tiny_llama[0]),
-                             "--port", str(port), "--model-id", "tiny", "--replicas", "2", "-c", "128",
+                             "--port", str(port), "--model-id", "tiny", "--replicas", "2", "--kv-unified-per-slot", "128",
                              "--parallel", "2", "--replica-cpus", "0.5"],    # fits a 1-core runner too
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -135,7 +135,7 @@ def test_ray_application_builder_reads_serve_flags(tiny_llama):
     """`serve run kvgraph.cluster:build_app model=... replicas=2 metrics=true`: options are serve's flags."""
     from kvgraph.cluster import build_app
     from kvgraph.errors import KvgraphError
-    app = build_app({"model": str(tiny_llama[0]), "replicas": "2", "metrics": "true", "ctx_size": "64"})
+    app = build_app({"model": str(tiny_llama[0]), "replicas": "2", "metrics": "true", "kv_unified_per_slot": "64"})
     dep = app._bound_deployment
     assert dep.name == "kvgraph" and dep.num_replicas == 2
     with pytest.raises((KvgraphError, SystemExit)):

@@ -193,7 +193,7 @@ def test_a_failing_sequence_in_a_batch_ends_alone(tiny_llama, monkeypatch):
 # ---- the server: a real process on loopback -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_llama):
-    proc, base = start_server(tiny_llama[0], "--parallel", "2", "-c", "64")
+    proc, base = start_server(tiny_llama[0], "--parallel", "2", "--kv-unified-per-slot", "64")
     yield base, proc
     stop(proc)
 
@@ -293,7 +293,7 @@ def hostile_template_server(tmp_path_factory):
                 "{% elif messages[0]['content'] == 'lipsum' %}{{ lipsum(10**6) }}"
                 "{% else %}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% endif %}")
     write_tiny_llama(path, TinySpec(chat_template=template))
-    proc, base = start_server(path, "--parallel", "2", "-c", "64")
+    proc, base = start_server(path, "--parallel", "2", "--kv-unified-per-slot", "64")
     yield base, proc
     stop(proc)
 
@@ -372,7 +372,7 @@ def request_bodies(draw):
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_llama):
-    proc, base = start_server(tiny_llama[0], "--parallel", "2", "-c", "64")
+    proc, base = start_server(tiny_llama[0], "--parallel", "2", "--kv-unified-per-slot", "64")
     healthy(base)
     post(base, "/v1/completions", {"prompt": "warm up", "max_tokens": 8})
     yield base, proc, rss_mb(proc.pid)

@@ -80,7 +80,7 @@ def expected(tiny_llama):
 
 
 def test_64_streaming_clients_with_disconnects_and_garbage(tiny_llama, expected):
-    proc, base = start_server(tiny_llama[0], "--parallel", "8", "--queue", "128", "-c", "128")
+    proc, base = start_server(tiny_llama[0], "--parallel", "8", "--queue", "128", "-c", "1024")
     try:
         asyncio.run(load(base, 0))                   # warm-up round: graphs built, allocator settled
         baseline = rss_mb(proc.pid)

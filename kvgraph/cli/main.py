@@ -16,6 +16,8 @@ from ..errors import InvalidArgumentError, KvgraphError
 from ..engine.sampling import REPEAT_PENALTY_RANGE, TEMPERATURE_MAX
 from .args import NON_NEGATIVE, POSITIVE, backend_arg, float_in, seed_arg
 
+KV_TYPES = ("f16", "f32")
+
 
 # ---- shared option groups -------------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +26,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF path or known model name (default: smollm2-135m, pulled on first use)")
     g.add_argument("-c", "--ctx-size", type=POSITIVE, default=None,
                    help="context size in tokens (default: the model's, at most 4096)")
-    g.add_argument("--ubatch", type=POSITIVE, default=512, help="prompt tokens per graph run (default 512)")
+    g.add_argument("--ubatch", "-ub", "--ubatch-size", type=POSITIVE, default=512,
+                   help="prompt tokens per graph run (default 512)")
     g.add_argument("--backend", type=backend_arg, default=None,
                    help="executor: native (kvgraph's C kernels; the default where they build), torch (the C "
                         "kernels plus torch for float matrices; torch's own kernels without a C compiler) or "
@@ -33,9 +36,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flash-attn", "-fa", choices=("on", "off", "auto"), default="auto",
                    help="fused attention over a row-major V cache (on) or ggml's non-flash path (off); "
                         "auto (default): on where the backend has a fused kernel (torch, native), off on numpy")
-    g.add_argument("--cache-type", "-ctk", "-ctv", choices=("f16", "f32"), default=None,
+    g.add_argument("--cache-type", choices=KV_TYPES, default=None,
                    help="KV cache storage (K and V, flash-attention layout): f16 halves the bytes attention reads "
                         "per token of context; default: f16 where the C kernels run attention, else f32")
+    g.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default=None,
+                   help="llama.cpp's name for --cache-type (K and V share one type here)")
+    g.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default=None, help=argparse.SUPPRESS)
     g.add_argument("--no-graph-cache", action="store_true",
                    help="rebuild the graph every step (same results; also KVGRAPH_NO_GRAPH_CACHE=1)")
     g.add_argument("--graph-cache-size", type=POSITIVE, default=8, help="cached graphs kept (LRU, default 8)")
@@ -89,6 +95,16 @@ def flash_attn_arg(value: str) -> bool | None:
     return {"on": True, "off": False}.get(value)
 
 
+def cache_type(args) -> str | None:
+    """--cache-type, -ctk and -ctv: one KV type (kvgraph keeps K and V alike)."""
+    given = {f: v for f, v in (("--cache-type", args.cache_type), ("-ctk", args.cache_type_k),
+                                ("-ctv", args.cache_type_v)) if v is not None}
+    if len(set(given.values())) > 1:
+        raise InvalidArgumentError(f"K and V share one cache type here; got {', '.join(f'{f} {v}' for f, v in given.items())}"
+                                   ": give one type.")
+    return next(iter(given.values()), None)
+
+
 def open_llm(args, **overrides):
     """The LLM the model and engine flags describe (pulling a known model first if needed)."""
     from ..api import LLM
@@ -96,13 +112,13 @@ def open_llm(args, **overrides):
 
     for name in ("ctx_size", "ubatch", "graph_cache_size"):
         value = getattr(args, name)
-        if value is not None and value < 1:
+        if value is not None and value < 1 and not (name == "ctx_size" and "n_ctx" in overrides):
             raise InvalidArgumentError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     path = resolve_model(args.model, progress=True)
     kw = dict(n_ctx=args.ctx_size, n_ubatch=args.ubatch, backend=args.backend, threads=args.threads,
               graph_cache=not args.no_graph_cache, graph_cache_size=args.graph_cache_size,
               verify_graph_cache=args.verify_graph_cache, flash_attn=flash_attn_arg(args.flash_attn),
-              cache_type=args.cache_type) | overrides
+              cache_type=cache_type(args)) | overrides
     spinner = _stderr_console().status(f"loading {Path(path).name}", spinner="dots")
     with spinner if sys.stderr.isatty() else contextlib.nullcontext():
         return LLM(str(path), **kw)
@@ -377,9 +393,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unknown_arguments(parser, args, unknown: list[str]) -> None:
+    """argparse's 'unrecognized arguments' from the command's own parser, with the nearest option it has."""
+    from .llama_flags import nearest_option
+
+    sub = parser._subparsers._group_actions[0].choices.get(args.command, parser) if args.command else parser
+    flag = next((u for u in unknown if u.startswith("-")), None)
+    near = nearest_option(sub, flag) if flag else None
+    sub.error(f"unrecognized arguments: {' '.join(unknown)}" + (f"; did you mean {near}?" if near else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _unknown_arguments(parser, args, unknown)
     if args.command is None:
         parser.print_help()
         return 2

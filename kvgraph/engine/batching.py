@@ -195,7 +195,8 @@ class BatchScheduler:
         if need > self.n_ctx_per_seq:
             raise ContextOverflowError(
                 f"prompt of {len(req.prompt_ids)} tokens plus max_tokens {req.max_tokens} needs {need} tokens of "
-                f"context, but each sequence has {self.n_ctx_per_seq}; shorten the prompt or lower max_tokens.")
+                f"context, but each sequence has {self.n_ctx_per_seq}; shorten the prompt or lower max_tokens.",
+                len(req.prompt_ids), self.n_ctx_per_seq)
         req.sampling.validate(self.ctx.n_vocab)   # now, in the caller's thread, not in the engine thread
         if not 1 <= req.n <= self.parallel:
             raise InvalidArgumentError(f"n = {req.n} choices need as many sequence slots; this server has "

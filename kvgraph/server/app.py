@@ -22,7 +22,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers
 
@@ -31,6 +30,7 @@ from .. import openai_compat as oa
 from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
 from ..engine.constraints import Grammars
 from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids, short_repr
+from .cors import CorsMiddleware, CorsPolicy
 
 POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
 log = logging.getLogger("kvgraph.server")
@@ -48,11 +48,18 @@ class ModelNotServedError(KvgraphError):
 class ServerOptions:
     """The server's switches (each a `kvgraph serve` flag)."""
 
-    api_key: str | None = None            # Bearer token required on every route but /health
-    cors_origins: tuple[str, ...] = ()    # origins browsers may call from (none: no CORS headers)
+    api_keys: tuple[str, ...] = ()        # Bearer tokens, one required on every route but /health
+    cors: CorsPolicy = field(default_factory=CorsPolicy)   # which browser origins may call (llama-server's: any)
     metrics: bool = False                 # /metrics on (off: 501, as llama-server without --metrics)
     slots: bool = True                    # /slots on (off: 501, as llama-server with --no-slots)
     defaults: dict = field(default_factory=dict)   # request fields a request leaves out (--temp, --seed, ...)
+    aliases: tuple[str, ...] = ()         # the model's --alias names, listed by /v1/models
+    template_kwargs: dict = field(default_factory=dict)   # chat template variables (--chat-template-kwargs,
+    prefill_assistant: bool = True        # --reasoning's enable_thinking); an assistant message last is a prefill
+    reasoning_format: str = "auto"        # thoughts in reasoning_content (auto, deepseek) or in content (none)
+    model_path: str = ""                  # the GGUF served (/props)
+    tags: tuple[str, ...] = ()            # the model's tags (--tags), listed by /v1/models
+    log_requests: bool = False            # one log line per request (--verbose)
 
 
 class ServerState:
@@ -90,14 +97,14 @@ class _CountAndAuthorize:
         state, path = self.state, scope["path"]
         counted = path if path in self.routes else "other"
         state.http_requests[counted] = state.http_requests.get(counted, 0) + 1
-        key = state.options.api_key
-        if key and path != "/health" and scope["method"] != "OPTIONS":
+        keys = state.options.api_keys
+        if keys and path != "/health" and scope["method"] != "OPTIONS":
             headers = Headers(scope=scope)
             given = headers.get("authorization", "")
-            token = given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
-            if not hmac.compare_digest(token.encode(), key.encode()):
+            token = (given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")).encode()
+            if not any([hmac.compare_digest(token, key.encode()) for key in keys]):   # each compared: no early out
                 response = _error(401, "invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                                  code="invalid_api_key")
+                                  "authentication_error", "invalid_api_key")
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -121,6 +128,13 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(BodyTooLargeError)
     async def _too_large(request, exc):
         return _error(413, str(exc), code="request_too_large")
+
+    @app.exception_handler(ContextOverflowError)
+    async def _too_long(request, exc):      # llama-server's type, with its two numbers where known
+        body = oa.error_body(str(exc), "exceed_context_size_error")
+        body["error"] |= {k: v for k, v in (("n_prompt_tokens", exc.n_prompt_tokens), ("n_ctx", exc.n_ctx))
+                          if v is not None}
+        return JSONResponse(status_code=400, content=body)
 
     @app.exception_handler(KvgraphError)
     async def _user_error(request, exc):
@@ -159,8 +173,12 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     @app.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(state.started),
-                                            "owned_by": "kvgraph"} for name in state.model_names]}
+        # One model, as llama-server lists it: its other names are `aliases` (each also accepted in 'model').
+        return {"object": "list", "data": [{
+            "id": state.model_id, "object": "model", "created": int(state.started), "owned_by": "kvgraph",
+            "aliases": list(state.options.aliases), "tags": list(state.options.tags),
+            "meta": {"n_ctx": per_seq, "n_ctx_train": state.scheduler.ctx.loaded.config.n_ctx_train,
+                     "n_vocab": n_vocab}}]}
 
     @app.get("/metrics")
     async def metrics():
@@ -188,13 +206,19 @@ def create_app(state: ServerState) -> FastAPI:
                 "total_slots": state.scheduler.parallel, "n_ctx": state.scheduler.n_ctx_per_seq,
                 "chat_template": tok.chat_template, "chat_template_source": tok.chat_template_source,
                 "bos_token": _token_text(tok, tok.bos_id), "eos_token": _token_text(tok, tok.eos_id),
-                "build_info": f"kvgraph {__version__}", "modalities": {"vision": False, "audio": False}}
+                "build_info": f"kvgraph {__version__}", "modalities": {"vision": False, "audio": False},
+                "model_path": state.options.model_path, "default_generation_settings": {
+                    "n_ctx": per_seq, "params": oa.generation_settings(oa.parse_llama_params(llama_defaults, n_vocab),
+                                                                        per_seq)}}
 
     @app.post("/apply-template")
     async def apply_template(request: Request):
-        messages = oa.parse_messages(await _body(request))
-        max_chars = state.tokenizer.max_chars(per_seq)
-        return {"prompt": await asyncio.to_thread(state.tokenizer.apply_chat_template, messages, True, max_chars)}
+        def render(body: dict) -> dict:
+            messages = oa.parse_messages(body)
+            tools, _ = oa.parse_tools(body)
+            return {"prompt": state.tokenizer.apply_chat_template(
+                messages, max_chars=state.tokenizer.max_chars(per_seq), tools=tools, **chat_options(body, messages))}
+        return await _in_worker(request, render)
 
     n_vocab = state.scheduler.ctx.n_vocab
     per_seq = state.scheduler.n_ctx_per_seq
@@ -209,7 +233,8 @@ def create_app(state: ServerState) -> FastAPI:
         if isinstance(prompt, str):
             return state.tokenizer.encode(prompt, max_tokens=per_seq)
         if len(prompt) > per_seq:
-            raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but each sequence holds {per_seq}.")
+            raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but each sequence holds {per_seq}.",
+                                       len(prompt), per_seq)
         return check_token_ids(prompt, n_vocab)
 
     defaults = state.options.defaults
@@ -236,10 +261,25 @@ def create_app(state: ServerState) -> FastAPI:
     def llama_input(body: dict) -> tuple[list[int], oa.GenParams]:
         return prompt_ids(body), with_constraint(oa.parse_llama_params(llama_defaults | body, n_vocab))
 
+    def chat_options(body: dict, messages: list[dict]) -> dict:
+        return oa.parse_chat_options(body, messages, state.options.template_kwargs, state.options.prefill_assistant)
+
     def chat_input(body: dict) -> tuple[list[int], oa.GenParams, str]:
         params = with_constraint(oa.parse_params(defaults | body, chat=True, n_vocab=n_vocab))
-        ids = state.tokenizer.encode_chat(oa.parse_messages(body), True, per_seq, params.tools)
+        messages = oa.parse_messages(body)
+        ids = state.tokenizer.encode_chat(messages, max_tokens=per_seq, tools=params.tools,
+                                          **chat_options(body, messages))
         return ids, params, served_name(body)
+
+    def input_tokens(body: dict) -> dict:
+        ids, _, _ = chat_input(body)
+        return {"input_tokens": len(ids)}
+
+    def verbose(body: dict, ids: list[int]) -> dict:
+        """llama-server's debug field: the prompt as the model saw it (request 'verbose': true, or --verbose)."""
+        if not (oa.flag(body, "verbose", False) or state.options.log_requests):
+            return {}
+        return {"__verbose": {"prompt": state.tokenizer.decode(ids)}}
 
     def tokenize_result(body: dict) -> dict:
         """llama-server's {content, add_special, with_pieces} or vLLM's {prompt, add_special_tokens}."""
@@ -267,9 +307,8 @@ def create_app(state: ServerState) -> FastAPI:
         instant, and the event loop must stay free for /health and the other streams."""
         return await asyncio.to_thread(work, await _body(request))
 
-    # Every OpenAI route also without /v1, as llama-server has them and many clients call them.
+    # The OpenAI routes also without /v1, as llama-server has them (but /completions: its native format).
     @app.post("/v1/completions")
-    @app.post("/completions")
     async def completions(request: Request):
         prompts, params, model = await _in_worker(request, completion_input)
         return await _serve(request, prompts, params, model, False)
@@ -277,16 +316,24 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
-        ids, params, model = await _in_worker(request, chat_input)
-        return await _serve(request, [(ids, None)], params, model, True)
+        body = await _body(request)
+        ids, params, model = await asyncio.to_thread(chat_input, body)
+        return await _serve(request, [(ids, None)], params, model, True, verbose(body, ids))
+
+    @app.post("/v1/chat/completions/input_tokens")
+    @app.post("/chat/completions/input_tokens")
+    async def chat_input_tokens(request: Request):
+        return await _in_worker(request, input_tokens)
 
     @app.post("/completion")
+    @app.post("/completions")       # un-prefixed, llama-server's native format (as there)
     async def llama_completion(request: Request):
         """llama-server's native completion endpoint: its request fields and its response shape."""
         body = await _body(request)
         ids, params = await asyncio.to_thread(llama_input, body)
         req = _submit(ids, params)
         model = served_name(body)
+        settings = oa.generation_settings(params, per_seq)
 
         def final(res) -> dict:
             stop_type = "limit" if res.finish_reason == "length" else ("word" if res.stop_word else "eos")
@@ -294,8 +341,8 @@ def create_app(state: ServerState) -> FastAPI:
                 stop_type = res.finish_reason
             out = {"content": "", "stop": True, "model": model, "tokens_predicted": len(res.ids),
                    "tokens_evaluated": len(ids), "stop_type": stop_type, "stopping_word": res.stop_word,
-                   "truncated": False, "timings": oa.timings(res),
-                   "tokens": res.ids if body.get("return_tokens") else []}
+                   "truncated": False, "timings": oa.timings(res), "generation_settings": settings,
+                   "tokens": res.ids if body.get("return_tokens") else []} | verbose(body, ids)
             if params.logprobs is not None and not params.stream:
                 out["completion_probabilities"] = oa.completion_probabilities(state.tokenizer, res.ids, res.logprobs)
             return out
@@ -355,7 +402,7 @@ def create_app(state: ServerState) -> FastAPI:
         return oa.completion_logprobs(tok, ids, lps)
 
     async def _serve(request: Request, prompts: list[tuple[list[int], str | None]], params: oa.GenParams,
-                     model: str, chat: bool):
+                     model: str, chat: bool, extra: dict | None = None):
         """Generate for each prompt (a completions request may batch several; chat has one) and answer with
         every prompt's choices, indexed prompt by prompt."""
         reqs = []
@@ -398,7 +445,7 @@ def create_app(state: ServerState) -> FastAPI:
         n_prompt = sum(len(ids) for ids, _ in prompts)
         return oa.response(rid, model, chat, choices, n_prompt, sum(len(r.ids) for r in results),
                            sum(req.result.timings.n_cached for req in reqs)) | {
-            "timings": oa.timings(results[0])}
+            "timings": oa.timings(results[0])} | (extra or {})
 
     async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool,
                    logprobs: bool, echo: str | None, tools: bool = False):
@@ -460,9 +507,7 @@ def create_app(state: ServerState) -> FastAPI:
             req.cancel()
 
     routes.update(r.path for r in app.routes)
-    if state.options.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(state.options.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+    app.add_middleware(CorsMiddleware, policy=state.options.cors)   # added last: outermost, before the key check
     return app
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ..errors import TokenizerError
@@ -34,7 +35,53 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-BUILTIN_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "chatml": CHATML_TEMPLATE}
+
+
+def _turns(system: str, user: str, assistant: str, generation: str, trim: bool = False) -> str:
+    """A template that writes each message as prefix + content + suffix by role (llama.cpp's built-in
+    templates are of this form): system/user/assistant are '{prefix}\x00{suffix}' pairs."""
+    content = "(m['content'] | trim)" if trim else "m['content']"
+    parts = []
+    for role, fmt in (("system", system), ("user", user), ("assistant", assistant)):
+        pre, post = fmt.split("\x00")
+        parts.append(f"{{%- {'if' if not parts else 'elif'} m['role'] == '{role}' -%}}"
+                     f"{{{{- {pre!r} + {content} + {post!r} -}}}}")
+    return ("{%- for m in messages -%}" + "".join(parts) + "{%- endif -%}{%- endfor -%}"
+            f"{{%- if add_generation_prompt -%}}{{{{- {generation!r} -}}}}{{%- endif -%}}")
+
+
+# llama.cpp's built-in templates by the names `--chat-template` takes there (src/llama-chat.cpp), written the
+# same way; the rest of its names are refused with this list.
+BUILTIN_TEMPLATES = {
+    "chatml": CHATML_TEMPLATE,
+    "gemma": GEMMA_TEMPLATE,
+    "llama3": _turns("<|start_header_id|>system<|end_header_id|>\n\n\x00<|eot_id|>",
+                     "<|start_header_id|>user<|end_header_id|>\n\n\x00<|eot_id|>",
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n\x00<|eot_id|>",
+                     "<|start_header_id|>assistant<|end_header_id|>\n\n", trim=True),
+    "command-r": _turns("<|START_OF_TURN_TOKEN|><|SYSTEM_TOKEN|>\x00<|END_OF_TURN_TOKEN|>",
+                        "<|START_OF_TURN_TOKEN|><|USER_TOKEN|>\x00<|END_OF_TURN_TOKEN|>",
+                        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>\x00<|END_OF_TURN_TOKEN|>",
+                        "<|START_OF_TURN_TOKEN|><|CHATBOT_TOKEN|>", trim=True),
+    "phi3": _turns("<|system|>\n\x00<|end|>\n", "<|user|>\n\x00<|end|>\n", "<|assistant|>\n\x00<|end|>\n",
+                   "<|assistant|>\n"),
+    "phi4": _turns("<|im_start|>system<|im_sep|>\x00<|im_end|>", "<|im_start|>user<|im_sep|>\x00<|im_end|>",
+                   "<|im_start|>assistant<|im_sep|>\x00<|im_end|>", "<|im_start|>assistant<|im_sep|>"),
+    "falcon3": _turns("<|system|>\n\x00\n", "<|user|>\n\x00\n", "<|assistant|>\n\x00\n", "<|assistant|>\n"),
+    "zephyr": _turns("<|system|>\n\x00<|endoftext|>\n", "<|user|>\n\x00<|endoftext|>\n",
+                     "<|assistant|>\n\x00<|endoftext|>\n", "<|assistant|>\n"),
+    "mistral-v7": _turns("[SYSTEM_PROMPT] \x00[/SYSTEM_PROMPT]", "[INST] \x00[/INST]", " \x00</s>", ""),
+    "mistral-v7-tekken": _turns("[SYSTEM_PROMPT]\x00[/SYSTEM_PROMPT]", "[INST]\x00[/INST]", "\x00</s>", ""),
+    "deepseek3": _turns("\x00\n\n", "<｜User｜>\x00", "<｜Assistant｜>\x00<｜end▁of▁sentence｜>", "<｜Assistant｜>"),
+}
+LLAMA_CPP_TEMPLATE_NAMES = (
+    "bailing", "bailing-think", "bailing2", "chatglm3", "chatglm4", "chatml", "command-r", "deepseek",
+    "deepseek-ocr", "deepseek2", "deepseek3", "exaone-moe", "exaone3", "exaone4", "falcon3", "gemma", "gigachat",
+    "glmedge", "gpt-oss", "granite", "granite-4.0", "granite-4.1", "grok-2", "hunyuan-dense", "hunyuan-moe",
+    "hunyuan-vl", "kimi-k2", "llama2", "llama2-sys", "llama2-sys-bos", "llama2-sys-strip", "llama3", "llama4",
+    "megrez", "minicpm", "mistral-v1", "mistral-v3", "mistral-v3-tekken", "mistral-v7", "mistral-v7-tekken",
+    "monarch", "openchat", "orion", "pangu-embedded", "phi3", "phi4", "rwkv-world", "seed_oss", "smolvlm",
+    "solar-open", "vicuna", "vicuna-orca", "yandex", "zephyr")
 # general.architecture -> built-in template used when the GGUF carries none; anything else gets chatml
 # (llama.cpp's fallback too).
 ARCH_TEMPLATES = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
@@ -99,6 +146,28 @@ def validate_messages(messages: Any) -> list[dict]:
     return list(messages)
 
 
+# Reasoning blocks: (opening, closing) markers of the thinking templates in use.
+THINK_TAGS = (("<think>", "</think>"), ("<|START_THINKING|>", "<|END_THINKING|>"), ("[THINK]", "[/THINK]"),
+              ("<seed:think>", "</seed:think>"))
+
+
+def open_thinking(prompt: str) -> tuple[str, str] | None:
+    """The (opening, closing) markers when the prompt ends inside an opened reasoning block, i.e. the reply
+    starts with the model's thoughts."""
+    tail = prompt.rstrip()
+    return next(((a, b) for a, b in THINK_TAGS if tail.endswith(a)), None)
+
+
+def _close_thinking(prompt: str, extra: dict | None) -> str:
+    """With thinking turned off, a template that opens a reasoning block anyway gets it closed (templates that
+    read enable_thinking do this themselves)."""
+    if extra and extra.get("enable_thinking") is False:
+        tags = open_thinking(prompt)
+        if tags:
+            return prompt + tags[1]
+    return prompt
+
+
 class ChatTemplate:
     """A chat template compiled lazily, so a broken template only fails chat use, not model loading.
     Every render is bounded by TemplateLimits (steps, seconds, characters)."""
@@ -128,10 +197,21 @@ class ChatTemplate:
         return "tools" in self.source
 
     def render(self, messages: Any, add_generation_prompt: bool = True, max_chars: int | None = None,
-               tools: list | None = None) -> str:
+               tools: list | None = None, extra: dict | None = None, continue_final: bool = False) -> str:
         """The prompt text. max_chars: a tighter cap on its length than limits.chars (the caller knows
-        how much text could possibly fit its context)."""
+        how much text could possibly fit its context). extra: more template variables (chat_template_kwargs
+        such as enable_thinking). continue_final: the last message is the start of the assistant's reply
+        (a prefill): the rest is rendered with the generation prompt and the reply continues from its text."""
         messages = validate_messages(messages)
+        if continue_final:
+            if messages[-1]["role"] != "assistant":
+                raise TokenizerError("continuing the final message needs an assistant message last.")
+            head = self.render(messages[:-1], True, max_chars, tools, extra)
+            return _close_thinking(head, extra) + messages[-1]["content"]
+        return _close_thinking(self._render(messages, add_generation_prompt, max_chars, tools, extra), extra)
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, max_chars: int | None,
+                tools: list | None, extra: dict | None) -> str:
         cap = self.limits.chars if max_chars is None else min(max_chars, self.limits.chars)
         from .sandbox import BUDGET, Budget
 
@@ -140,8 +220,11 @@ class ChatTemplate:
         try:
             # tools/documents passed as None like transformers does, so `is not none` checks behave the same.
             chunks, n = [], 0
+            now = datetime.now()     # llama.cpp's extra context: templates that print today's date read these
+            variables = {"datetime": now.strftime("%b %d %Y"), "date_string": now.strftime("%d %b %Y")} | (
+                extra or {}) | self._vars
             for chunk in self._template().generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                   tools=tools, documents=None, **self._vars):
+                                                   tools=tools, documents=None, **variables):
                 n += len(chunk)
                 if n > cap:
                     raise TemplateLimitError(f"the rendered prompt is over {cap:,} characters, more than the "

@@ -327,19 +327,20 @@ class Tokenizer:
                                       self._template._vars["eos_token"], self._template.limits)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            max_chars: int | None = None) -> str:
-        return self._template.render(messages, add_generation_prompt, max_chars)
+                            max_chars: int | None = None, tools: list | None = None, **options) -> str:
+        """The rendered prompt; options: ChatTemplate.render's extra and continue_final."""
+        if tools and not self._template.knows_tools:
+            messages = with_tool_instructions(messages, tools)
+            tools = None
+        return self._template.render(messages, add_generation_prompt, max_chars, tools, **options)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    max_tokens: int | None = None, tools: list | None = None) -> list[int]:
+                    max_tokens: int | None = None, tools: list | None = None, **options) -> list[int]:
         """Render then tokenize. Templates often write the BOS themselves ('<bos>...'); it is then parsed
         as the BOS token and not added a second time. max_tokens: as for encode (it also caps the length
         of the rendered text)."""
         max_chars = None if max_tokens is None else self.max_chars(max_tokens)
-        if tools and not self._template.knows_tools:
-            messages = with_tool_instructions(messages, tools)
-            tools = None
-        text = self._template.render(messages, add_generation_prompt, max_chars, tools)
+        text = self.apply_chat_template(messages, add_generation_prompt, max_chars, tools, **options)
         ids = self.encode(text, add_bos=False, max_tokens=max_tokens)
         if self.add_bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
