@@ -31,6 +31,7 @@ from .. import openai_compat as oa
 from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
 from ..engine.constraints import Grammars
 from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids, short_repr
+from .chat_page import is_public, mount_chat_page
 
 POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
 log = logging.getLogger("kvgraph.server")
@@ -91,7 +92,7 @@ class _CountAndAuthorize:
         counted = path if path in self.routes else "other"
         state.http_requests[counted] = state.http_requests.get(counted, 0) + 1
         key = state.options.api_key
-        if key and path != "/health" and scope["method"] != "OPTIONS":
+        if key and path != "/health" and scope["method"] != "OPTIONS" and not is_public(scope["method"], path):
             headers = Headers(scope=scope)
             given = headers.get("authorization", "")
             token = given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")
@@ -459,6 +460,7 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             req.cancel()
 
+    mount_chat_page(app)     # GET /: the chat page (kvgraph/server/chat_page.py)
     routes.update(r.path for r in app.routes)
     if state.options.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(state.options.cors_origins), allow_methods=["*"],
