@@ -293,8 +293,8 @@
       }
       return text;
     }
-    // no server timings (a stopped reply): measured here, from the first streamed piece to the last (a piece
-    // is a token, but for the bytes of a character split across tokens)
+    // no server timings (a stopped reply): measured here, from the first streamed piece to the end of the
+    // stream (a piece is a token, but for the bytes of a character split across tokens)
     const n = (usage && usage.completion_tokens) || measured.pieces;
     if (!n) return "";
     const seconds = (measured.last - measured.first) / 1000;
@@ -366,7 +366,6 @@
           const now = performance.now();
           if (!measured.pieces) measured.first = now;
           measured.pieces += 1;
-          measured.last = now;
           reply.content += piece;
           if (!paintQueued) {
             paintQueued = true;
@@ -391,6 +390,7 @@
     } finally {
       mine.abort();                                // closes the connection if anything is still open
       if (controller === mine) controller = null;
+      if (measured.pieces) measured.last = performance.now();   // a stopped reply was going until now
       paint();
       el.classList.remove("streaming");
       setBusy(false);
