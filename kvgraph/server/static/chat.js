@@ -10,9 +10,17 @@
                    "system-prompt": "system", "extra-json": "extra" };
   const $ = (id) => document.getElementById(id);
 
+  function rawGet(key) {                            // null where storage is blocked (it throws there)
+    try {
+      return localStorage.getItem(key);
+    } catch (e) {
+      return null;
+    }
+  }
+
   function load(key, fallback) {
     try {
-      const raw = localStorage.getItem(key);
+      const raw = rawGet(key);
       return raw === null ? fallback : JSON.parse(raw);
     } catch (e) {
       return fallback;
@@ -32,7 +40,7 @@
   messages = messages.filter((m) => m && (m.role === "user" || m.role === "assistant") && typeof m.content === "string");
   let settings = load(STORE.settings, {});
   if (typeof settings !== "object" || settings === null) settings = {};
-  let apiKey = localStorage.getItem(STORE.apiKey) || "";
+  let apiKey = rawGet(STORE.apiKey) || "";
   let modelName = null;
   let controller = null;                            // the AbortController of the reply being streamed
 
@@ -384,7 +392,7 @@
         reply.note = "stopped";
       } else {
         reply.note = "error";
-        showError(e.message);
+        showError(e instanceof TypeError ? `The connection to the server failed (${e.message}).` : e.message);
         if (e.status === 401) askForKey();
       }
     } finally {
@@ -403,7 +411,7 @@
       el.remove();
       if (!$("input").value) $("input").value = text;
       renderEmptyNote();
-    } else {
+    } else if (messages.includes(reply)) {          // (not after New chat)
       reply.stats = statsText(timings, usage, measured);
       $("timings").textContent = reply.stats ? `last reply: ${reply.stats}` : "";
       setNote(el, reply);
@@ -450,6 +458,9 @@
       $("input").focus();
     });
     $("stop").addEventListener("click", stop);
+    document.addEventListener("keydown", (ev) => {
+      if (ev.key === "Escape" && controller) stop();
+    });
     $("composer").addEventListener("submit", (ev) => {
       ev.preventDefault();
       const text = $("input").value;
