@@ -240,7 +240,7 @@ def server_options(args):
     if args.reasoning_effort:
         template_kwargs.setdefault("reasoning_effort", args.reasoning_effort)
     return ServerOptions(api_keys=tuple(keys), template_kwargs=template_kwargs,
-                         prefill_assistant=args.prefill_assistant, reasoning_format=args.reasoning_format, metrics=args.metrics, slots=args.slots,
+                         prefill_assistant=args.prefill_assistant, chat_page=args.ui, reasoning_format=args.reasoning_format, metrics=args.metrics, slots=args.slots,
                          cors=CorsPolicy(origins, args.cors_methods, args.cors_headers, args.cors_credentials),
                          aliases=tuple(comma_list(args.alias)), tags=tuple(comma_list(args.tags)), log_requests=args.verbose and not args.log_disable,
                          defaults={k: v for k, v in defaults.items() if v is not None})

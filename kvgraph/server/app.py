@@ -30,6 +30,7 @@ from .. import openai_compat as oa
 from ..engine.batching import BatchScheduler, Event, QueueFullError, Request as GenRequest, ShuttingDownError
 from ..engine.constraints import Grammars
 from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids, short_repr
+from .chat_page import is_public, mount_chat_page
 from .cors import CorsMiddleware, CorsPolicy
 
 POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
@@ -58,6 +59,7 @@ class ServerOptions:
     prefill_assistant: bool = True        # --reasoning's enable_thinking); an assistant message last is a prefill
     reasoning_format: str = "auto"        # thoughts in reasoning_content (auto, deepseek) or in content (none)
     model_path: str = ""                  # the GGUF served (/props)
+    chat_page: bool = True                # the chat page at / (--no-ui: 404)
     tags: tuple[str, ...] = ()            # the model's tags (--tags), listed by /v1/models
     log_requests: bool = False            # one log line per request (--verbose)
 
@@ -98,7 +100,7 @@ class _CountAndAuthorize:
         counted = path if path in self.routes else "other"
         state.http_requests[counted] = state.http_requests.get(counted, 0) + 1
         keys = state.options.api_keys
-        if keys and path != "/health" and scope["method"] != "OPTIONS":
+        if keys and path != "/health" and scope["method"] != "OPTIONS" and not is_public(scope["method"], path):
             headers = Headers(scope=scope)
             given = headers.get("authorization", "")
             token = (given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")).encode()
@@ -506,6 +508,8 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             req.cancel()
 
+    if state.options.chat_page:
+        mount_chat_page(app)     # GET /: the chat page (kvgraph/server/chat_page.py)
     routes.update(r.path for r in app.routes)
     app.add_middleware(CorsMiddleware, policy=state.options.cors)   # added last: outermost, before the key check
     return app
