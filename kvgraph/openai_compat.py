@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 from .engine.sampling import LOGIT_BIAS_MAX, REPEAT_PENALTY_RANGE, SamplingParams
 from .errors import InvalidArgumentError, short_repr
+from .tokenizer.chat import THINK_TAGS, open_thinking
 
 MAX_STOP = 4
 MAX_CHOICES = 128
@@ -36,6 +37,7 @@ class GenParams:
     tools: list | None = None    # chat: the tools offered to the model (None: none, or tool_choice "none")
     constraint: Any = None       # ... and the maker of its per-sequence state (set by the server)
     cache_prompt: bool = True    # may start from an idle slot's cells sharing a prefix (llama.cpp's cache_prompt)
+    reasoning: "ReasoningFormat | None" = None   # chat: how thoughts are split from the reply (None: not at all)
 
 
 # Request fields that change what a client gets back and that kvgraph does not do yet: a 400 naming the field
@@ -262,6 +264,86 @@ def parse_chat_options(body: Mapping[str, Any], messages: list[dict], template_k
         if key in extra:
             raise InvalidArgumentError(f"'chat_template_kwargs' cannot set {key!r}.")
     return {"add_generation_prompt": add and not cont, "extra": extra, "continue_final": cont}
+
+
+@dataclass(frozen=True)
+class ReasoningFormat:
+    """--reasoning-format for one reply: 'deepseek' (thoughts in reasoning_content, the rest in content) or
+    'deepseek-legacy' (also left in content); opened: the markers when the prompt already opened the block."""
+    keep_in_content: bool = False
+    opened: tuple[str, str] | None = None
+
+    @staticmethod
+    def of(setting: str, prompt_tail: str) -> "ReasoningFormat | None":
+        if setting == "none":
+            return None
+        return ReasoningFormat(setting == "deepseek-legacy", open_thinking(prompt_tail))
+
+
+class ReasoningSplitter:
+    """Splits a reply, as it streams, into thoughts (a leading <think>...</think> block, or everything up to the
+    closing marker when the prompt opened the block) and content. A marker split across chunks is held back
+    until it is whole, so no delta ever carries part of one."""
+
+    def __init__(self, fmt: ReasoningFormat):
+        self.fmt = fmt
+        self.tags = fmt.opened
+        self.state = "thinking" if fmt.opened else "start"
+        self.held = ""
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        """[(kind, text)] with kind 'reasoning_content' or 'content'."""
+        return [(k, t) for k, t in self._feed(text) if t]
+
+    def _feed(self, text: str) -> list[tuple[str, str]]:
+        out, buf, self.held = [], self.held + text, ""
+        while buf:
+            if self.state == "start":
+                lead = buf.lstrip()
+                tags = next((t for t in THINK_TAGS if lead.startswith(t[0])), None)
+                if tags:
+                    self.tags, self.state, buf = tags, "thinking", lead[len(tags[0]):]
+                    continue
+                if not lead or any(t[0].startswith(lead) for t in THINK_TAGS):
+                    self.held = buf          # whitespace or a marker still arriving
+                    return out
+                self.state = "content"
+            elif self.state == "thinking":
+                end = self.tags[1]
+                at = buf.find(end)
+                if at >= 0:
+                    out.append(("reasoning_content", buf[:at]))
+                    self.state, buf = "after", buf[at + len(end):]
+                    continue
+                keep = next((k for k in range(min(len(end) - 1, len(buf)), 0, -1) if end.startswith(buf[-k:])), 0)
+                out.append(("reasoning_content", buf[:len(buf) - keep]))
+                self.held = buf[len(buf) - keep:]
+                return out
+            elif self.state == "after":          # the newlines between the block and the reply
+                buf = buf.lstrip()
+                if not buf:
+                    return out
+                self.state = "content"
+            else:
+                out.append(("content", buf))
+                return out
+        return out
+
+    def finish(self) -> list[tuple[str, str]]:
+        held, self.held = self.held, ""
+        if not held:
+            return []
+        return [("reasoning_content" if self.state == "thinking" else "content", held.strip() if
+                 self.state == "start" else held)]
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """(reasoning_content or None, content) of a whole reply."""
+        parts = self.feed(text) + self.finish()
+        thoughts = "".join(t for k, t in parts if k == "reasoning_content")
+        content = "".join(t for k, t in parts if k == "content")
+        if self.tags is None:                   # no reasoning block: the reply as it is
+            return None, text
+        return thoughts.strip() or None, text if self.fmt.keep_in_content else content
 
 
 def _tool_calls_for_template(calls: Any, i: int) -> list[dict]:

@@ -6,7 +6,7 @@
 
 Writes kvgraph/cli/llama_server_flags.json (every flag: its names, whether it takes a value, the first line of
 its help) and the flag table of docs/compatibility.md, between its `<!-- flags -->` markers, from that list and
-from how kvgraph takes each flag (kvgraph/cli/llama_flags.py). tests/test_llama_flags.py checks both are current.
+from how kvgraph takes each flag (kvgraph/cli/llama_flags.py). tests/test_llama_server.py checks both are current.
 """
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ REPO = Path(__file__).resolve().parent.parent
 FLAGS_JSON = REPO / "kvgraph" / "cli" / "llama_server_flags.json"
 DOC = REPO / "docs" / "compatibility.md"
 BEGIN, END = "<!-- flags -->", "<!-- /flags -->"
+# Chat templates from llama.cpp's models/templates (copies of the models' own) that tests/test_llama_server.py
+# renders: reasoning on and off, prefill, today's date.
+TEST_TEMPLATES = ("Qwen-Qwen3-0.6B.jinja", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
+                  "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja", "meta-llama-Llama-3.3-70B-Instruct.jinja")
 
 
 def parse_help(text: str) -> list[dict]:
@@ -66,7 +70,15 @@ def write_doc(entries: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--llama-server", default=None, help="a built llama-server whose --help is read")
+    ap.add_argument("--llama-cpp", type=Path, default=None,
+                    help="a llama.cpp source tree: copy the chat templates the tests render into tests/data/templates")
     args = ap.parse_args(argv)
+    if args.llama_cpp:
+        dest = REPO / "tests" / "data" / "templates"
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in TEST_TEMPLATES:
+            (dest / name).write_bytes((args.llama_cpp / "models" / "templates" / name).read_bytes())
+        print(f"{len(TEST_TEMPLATES)} templates -> {dest.relative_to(REPO)}")
     if args.llama_server:
         text = subprocess.run([args.llama_server, "--help"], capture_output=True, text=True, check=True).stdout
         entries = [e for e in parse_help(text) if e["names"] != ["-h", "--help", "--usage"]]

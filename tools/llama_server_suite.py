@@ -165,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="GGUF every test's server loads (default: smollm2-135m)")
     ap.add_argument("--files", default=",".join(FILES), help="suite files to run (default: the ten above)")
     ap.add_argument("--json", type=Path, default=None, help="also write every test's outcome here")
+    ap.add_argument("--llama-results", type=Path, default=None,
+                    help="llama-server's outcomes from an earlier --json (instead of running it again)")
     ap.add_argument("-k", default=None, help="pytest -k expression (a subset)")
     args = ap.parse_args(argv)
     files = [f.removesuffix(".py") for f in args.files.split(",") if f]
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="llama-server-suite-"))
     tests = prepare(args.llama_cpp.resolve(), work, sys.executable)
     kv = run_suite(tests, work / "llama-server-shim", "kvgraph", model, files, extra, work / "kvgraph.log")
-    ll = None
+    ll = json.loads(args.llama_results.read_text())["llama-server"] if args.llama_results else None
     if args.llama_server:
         ll = run_suite(tests, work / "llama-server-shim", str(Path(args.llama_server).resolve()), model, files,
                        extra, work / "llama-server.log")

@@ -33,6 +33,7 @@ from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, c
 from .chat_page import is_public, mount_chat_page
 from .cors import CorsMiddleware, CorsPolicy
 
+REASONING_FORMATS = ("auto", "deepseek", "deepseek-legacy", "none")
 POLL_S = 0.25   # how often a waiting handler checks whether its client is still there
 log = logging.getLogger("kvgraph.server")
 
@@ -271,6 +272,10 @@ def create_app(state: ServerState) -> FastAPI:
         messages = oa.parse_messages(body)
         ids = state.tokenizer.encode_chat(messages, max_tokens=per_seq, tools=params.tools,
                                           **chat_options(body, messages))
+        fmt = body.get("reasoning_format", state.options.reasoning_format)
+        if fmt not in REASONING_FORMATS:
+            raise InvalidArgumentError(f"'reasoning_format' must be one of {', '.join(REASONING_FORMATS)}.")
+        params.reasoning = oa.ReasoningFormat.of(fmt, state.tokenizer.decode(ids[-8:]))
         return ids, params, served_name(body)
 
     def input_tokens(body: dict) -> dict:
@@ -419,7 +424,8 @@ def create_app(state: ServerState) -> FastAPI:
         if params.stream:
             echo = prompts[0][1] if params.echo else None
             return StreamingResponse(_sse(request, reqs[0], rid, chat, model, params.include_usage,
-                                          params.logprobs is not None, echo, params.tools is not None),
+                                          params.logprobs is not None, echo, params.tools is not None,
+                                          params.reasoning if chat else None),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices, results = [], []
@@ -438,6 +444,12 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             for req in reqs:
                 req.cancel()
+        if chat and params.reasoning is not None:      # thoughts go to reasoning_content
+            for c in choices:
+                thoughts, c["message"]["content"] = oa.ReasoningSplitter(params.reasoning).split(
+                    c["message"]["content"])
+                if thoughts is not None:
+                    c["message"]["reasoning_content"] = thoughts
         if params.tools is not None:        # calls the model wrote become tool_calls
             for c in choices:
                 content, calls = oa.split_tool_calls(c["message"]["content"])
@@ -450,9 +462,26 @@ def create_app(state: ServerState) -> FastAPI:
             "timings": oa.timings(results[0])} | (extra or {})
 
     async def _sse(request: Request, req: GenRequest, rid: str, chat: bool, model: str, include_usage: bool,
-                   logprobs: bool, echo: str | None, tools: bool = False):
+                   logprobs: bool, echo: str | None, tools: bool = False, reasoning: oa.ReasoningFormat | None = None):
         def frame(obj: Any) -> str:
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        splitters = [oa.ReasoningSplitter(reasoning) if reasoning else None for _ in req.choices]
+
+        def text_frames(i: int, text: str, final: bool = False, lps=None):
+            """A chat delta's text, thoughts as reasoning_content deltas (with deepseek-legacy also in content)."""
+            sp = splitters[i]
+            if sp is None:
+                if text or lps is not None:
+                    yield frame(chunk(i, text, lps=lps))
+                return
+            parts = sp.feed(text) + (sp.finish() if final else [])
+            for j, (kind, piece) in enumerate(parts):
+                delta = {kind: piece}
+                if kind == "reasoning_content" and reasoning.keep_in_content:
+                    delta["content"] = piece
+                yield frame(oa.chat_chunk(rid, model, delta, None, lps if j == 0 else None, i))
+            if not parts and lps is not None:
+                yield frame(chunk(i, "", lps=lps))
         sent = [0] * len(req.choices)       # tokens of each choice whose logprobs went out
 
         def new_logprobs(i: int):
@@ -484,7 +513,11 @@ def create_app(state: ServerState) -> FastAPI:
                     continue
                 if echo_pending[ev.index]:
                     yield echo_frame(ev.index)
-                yield frame(chunk(ev.index, ev.text, lps=new_logprobs(ev.index)))
+                if splitters[ev.index] is None:
+                    yield frame(chunk(ev.index, ev.text, lps=new_logprobs(ev.index)))
+                else:
+                    for f in text_frames(ev.index, ev.text, lps=new_logprobs(ev.index)):
+                        yield f
             for i, choice in enumerate(req.choices):
                 if echo_pending[i]:
                     yield echo_frame(i)
@@ -492,11 +525,15 @@ def create_app(state: ServerState) -> FastAPI:
                 if tools:
                     content, calls = oa.split_tool_calls(choice.result.text)
                     if content:
-                        yield frame(chunk(i, content, lps=new_logprobs(i)))
+                        for f in text_frames(i, content, True, new_logprobs(i)):
+                            yield f
                     if calls:
                         finish = "tool_calls"
                         deltas = [{"index": j} | call for j, call in enumerate(calls)]
                         yield frame(oa.chat_chunk(rid, model, {"tool_calls": deltas}, index=i))
+                elif splitters[i] is not None:
+                    for f in text_frames(i, "", True):
+                        yield f
                 yield frame(chunk(i, "", finish) | {"timings": oa.timings(choice.result)})
             if include_usage:
                 yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids),
