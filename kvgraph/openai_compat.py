@@ -161,8 +161,11 @@ def parse_grammar(body: Mapping[str, Any]) -> str | None:
         if not isinstance(fmt, Mapping) or fmt.get("type") not in ("text", "json_object", "json_schema"):
             raise InvalidArgumentError("'response_format' must be {\"type\": \"text\" | \"json_object\" | "
                                        "\"json_schema\", ...}.")
-        if fmt["type"] == "json_object":
-            asked.append(("json_object", None))
+        if fmt["type"] == "json_object":       # llama-server also takes a schema here
+            schema = fmt.get("schema")
+            if schema is not None and not isinstance(schema, Mapping):
+                raise InvalidArgumentError("'response_format.schema' must be a JSON schema object.")
+            asked.append(("json_schema", schema) if schema is not None else ("json_object", None))
         elif fmt["type"] == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, Mapping) or not isinstance(spec.get("schema", {}), Mapping):
@@ -188,16 +191,34 @@ def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def parse_prompts(body: Mapping[str, Any]) -> list[str | list[int]]:
-    """OpenAI's completions prompt: a string, token ids, or a batch of either (a list of strings or of id
-    lists), each answered with its own choices."""
+def _one_prompt(p: Any) -> str | list | None:
+    """A prompt as a string, token ids, or llama-server's forms: ids and strings mixed in one list, or
+    {"prompt_string": ...}; None if it is none of these."""
+    if isinstance(p, Mapping) and isinstance(p.get("prompt_string"), str):
+        if p.get("multimodal_data") is not None:
+            raise InvalidArgumentError("multimodal prompts are not supported (this server runs text models).")
+        return p["prompt_string"]
+    if isinstance(p, str) or _is_ids(p):
+        return p
+    if isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
+                                         for x in p) and any(isinstance(x, int) for x in p):
+        return list(p)          # mixed: each string piece is tokenized in place
+    return None
+
+
+def parse_prompts(body: Mapping[str, Any]) -> list[str | list]:
+    """The completions prompt: one prompt (see _one_prompt), or a batch of them, each answered with its own
+    choices."""
     prompt = body.get("prompt")
-    if isinstance(prompt, str) or _is_ids(prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
-        if len(prompt) > MAX_PROMPTS:
-            raise InvalidArgumentError(f"'prompt' batches at most {MAX_PROMPTS} prompts, got {len(prompt)}.")
-        return list(prompt)
+    one = _one_prompt(prompt)
+    if one is not None:
+        return [one]
+    if isinstance(prompt, list) and prompt:
+        batch = [_one_prompt(p) for p in prompt]
+        if all(p is not None for p in batch):
+            if len(batch) > MAX_PROMPTS:
+                raise InvalidArgumentError(f"'prompt' batches at most {MAX_PROMPTS} prompts, got {len(batch)}.")
+            return batch
     raise InvalidArgumentError("'prompt' must be a string, a list of token ids, or a list of either.")
 
 
@@ -446,17 +467,35 @@ LLAMA_FIELDS = {"n_predict": "max_tokens", "temperature": "temperature", "top_k"
                 "json_schema": "json_schema", "cache_prompt": "cache_prompt"}
 
 
-def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None) -> GenParams:
+def _llama_logit_bias(value: Any, tokenize) -> Any:
+    """llama-server's logit_bias forms as OpenAI's {id: bias}: [[id or text, bias], ...] or {id or text: bias};
+    a text biases each of its tokens; a bias of false bans the token."""
+    pairs = value.items() if isinstance(value, Mapping) else \
+        [tuple(p) for p in value if isinstance(p, list) and len(p) == 2] if isinstance(value, list) else None
+    if pairs is None:
+        return value
+    out = {}
+    for key, bias in pairs:
+        bias = -LOGIT_BIAS_MAX if bias is False else bias
+        is_id = isinstance(key, int) or (isinstance(key, str) and key.isascii() and key.isdigit())
+        if is_id or tokenize is None or not isinstance(key, str):
+            out[str(key)] = bias
+        else:
+            out |= {str(t): bias for t in tokenize(key)}
+    return out
+
+
+def parse_llama_params(body: Mapping[str, Any], n_vocab: int | None = None, tokenize=None) -> GenParams:
     """/completion's request (n_predict -1: until the context is full; temperature 0.8 by default; n_probs:
-    each token's probability and its n most probable alternatives)."""
+    each token's probability and its n most probable alternatives). tokenize: text -> ids, for logit_bias
+    keyed by text."""
     mapped = {oa_key: body[key] for key, oa_key in LLAMA_FIELDS.items() if key in body}
     n_probs = _num(body, "n_probs", 0, int, 0, MAX_LOGPROBS)
     if mapped.get("max_tokens") == -1:
         mapped["max_tokens"] = None
     mapped.setdefault("temperature", 0.8)
-    if isinstance(mapped.get("logit_bias"), list):      # llama-server also takes [[id, bias], ...]
-        mapped["logit_bias"] = {str(pair[0]): pair[1] for pair in mapped["logit_bias"]
-                                if isinstance(pair, list) and len(pair) == 2}
+    if "logit_bias" in mapped:
+        mapped["logit_bias"] = _llama_logit_bias(mapped["logit_bias"], tokenize)
     params = parse_params(mapped, chat=True, n_vocab=n_vocab)     # chat=True: no max_tokens default of 16
     params.logprobs = n_probs or None
     return params
@@ -477,11 +516,16 @@ def _token_logprob(tokenizer, t: int, v: float) -> dict:
     return {"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
 
 
-def completion_probabilities(tokenizer, ids: list[int], lps: list) -> list[dict]:
-    """llama-server's completion_probabilities: per token its id, text, logprob and bytes, and the top ones."""
+def completion_probabilities(tokenizer, ids: list[int], lps: list, probs: bool = False) -> list[dict]:
+    """llama-server's completion_probabilities: per token its id, text, logprob and bytes, and the top ones;
+    probs (its post_sampling_probs): probabilities (prob, top_probs) instead of log-probabilities."""
     def entry(t: int, v: float) -> dict:
-        return {"id": t} | _token_logprob(tokenizer, t, v)
-    return [entry(t, lp[0]) | {"top_logprobs": [entry(a, v) for a, v in lp[1]]} for t, lp in zip(ids, lps)]
+        e = {"id": t} | _token_logprob(tokenizer, t, v)
+        if probs:
+            e["prob"] = math.exp(e.pop("logprob"))
+        return e
+    top = "top_probs" if probs else "top_logprobs"
+    return [entry(t, lp[0]) | {top: [entry(a, v) for a, v in lp[1]]} for t, lp in zip(ids, lps)]
 
 
 def completion_logprobs(tokenizer, ids: list[int], lps: list, offset: int = 0) -> dict:

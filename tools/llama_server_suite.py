@@ -36,14 +36,13 @@ FILES = ("test_basic", "test_completion", "test_chat_completion", "test_tokenize
 
 # Tests of llama.cpp internals another engine need not copy: test-name prefix -> reason.
 EXCLUDED = {
-    "test_metrics.py::": "llama.cpp's own `llamacpp:*` metric names (kvgraph's are `kvgraph_*`)",
-    "test_basic.py::test_load_split_model": "a model split across several GGUF files, downloaded from HF",
-    "test_basic.py::test_no_ui": "llama-server's bundled web UI build (kvgraph's chat page is its own)",
-    "test_basic.py::test_server_router": "llama-server's multi-model router (`--models-dir`)",
-    "test_chat_completion.py::test_chat_completion_with_timings_per_token": "`timings_per_token`, a debug field",
-    "test_completion.py::test_completion_with_verbose": "`__verbose`, llama-server's internal state dump",
+    "test_metrics.py::": "llama.cpp's own `llamacpp:*` metric names and its `Process-Start-Time-Unix` header "
+                         "(kvgraph's metrics are `kvgraph_*`)",
+    "test_ignore_eos.py::": "how llama.cpp implements ignore_eos (end-of-generation tokens listed as logit biases "
+                            "in generation_settings)",
     "test_security.py::test_cors_proxy": "`/cors-proxy`, the bundled web UI's fetch proxy",
-    "test_security.py::test_local_media": "multimodal prompts (files from --media-path)",
+    "test_security.py::test_cors_origins_defaults_to_localhost_with_tools_enabled": "llama-server's built-in "
+                                                                                     "agent tools (`--tools`)",
     "test_stream.py::": "the router's `/v1/stream` resumable streams of `--models-dir` servers",
 }
 
@@ -158,6 +157,35 @@ def table(kv: dict, ll: dict | None) -> dict:
     return {"rows": rows, "total": total}
 
 
+COLUMNS = {"file": "file", "tests": "tests", "kvgraph": "kvgraph passes", "llama": "llama-server passes",
+           "both": "both pass", "counted": "counted", "counted_kv": "kvgraph passes of those"}
+
+
+def render_report(kv: dict, ll: dict | None) -> str:
+    t = table(kv, ll)
+    cols = ["file", "tests", "kvgraph"] + (["llama", "both", "counted", "counted_kv"] if ll is not None else [])
+    lines = ["| " + " | ".join(COLUMNS[c] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in cols) + " |" for row in t["rows"] + [t["total"]]]
+    if ll is not None:
+        tot = t["total"]
+        lines.append(f"\nkvgraph passes **{tot['counted_kv']} of the {tot['counted']}** tests llama-server passes "
+                     f"({tot['counted_kv'] / max(tot['counted'], 1):.1%}; 'counted': llama-server passes it and it "
+                     "is not a test of llama.cpp internals).")
+    return "\n".join(lines)
+
+
+def render_exclusions() -> str:
+    return "\n".join(f"- `{prefix.rstrip(':')}`{'' if prefix.endswith('::') else ''}: {why}"
+                     for prefix, why in EXCLUDED.items())
+
+
+def write_section(name: str, text: str) -> None:
+    doc = REPO / "docs" / "compatibility.md"
+    s = doc.read_text()
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    doc.write_text(s[:s.index(begin) + len(begin)] + "\n" + text + "\n" + s[s.index(end):])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp", type=Path, required=True, help="llama.cpp source tree (holds tools/server/tests)")
@@ -168,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-results", type=Path, default=None,
                     help="llama-server's outcomes from an earlier --json (instead of running it again)")
     ap.add_argument("-k", default=None, help="pytest -k expression (a subset)")
+    ap.add_argument("--write-doc", action="store_true",
+                    help="put the table (with llama-server's results) into docs/compatibility.md")
     args = ap.parse_args(argv)
     files = [f.removesuffix(".py") for f in args.files.split(",") if f]
     model = args.model or default_model()
@@ -179,19 +209,16 @@ def main(argv=None) -> int:
     if args.llama_server:
         ll = run_suite(tests, work / "llama-server-shim", str(Path(args.llama_server).resolve()), model, files,
                        extra, work / "llama-server.log")
-    t = table(kv, ll)
-    cols = ["file", "tests", "kvgraph"] + (["llama", "both", "counted", "counted_kv"] if ll is not None else [])
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for row in t["rows"] + [t["total"]]:
-        print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    report = render_report(kv, ll)
+    print("\n" + report)
     if ll is not None:
-        tot = t["total"]
-        share = tot["counted_kv"] / max(tot["counted"], 1)
-        print(f"\nkvgraph passes {tot['counted_kv']} of the {tot['counted']} tests llama-server passes "
-              f"(llama.cpp-internal tests excluded): {share:.1%}")
         missing = sorted(n for n in kv if ll.get(n) == "passed" and kv[n] != "passed" and not excluded(n))
         if missing:
             print("passed by llama-server only:\n  " + "\n  ".join(missing))
+        if args.write_doc:
+            write_section("suite", report)
+    if args.write_doc:
+        write_section("exclusions", render_exclusions())
     if args.json:
         args.json.write_text(json.dumps({"kvgraph": kv, "llama-server": ll, "table": t}, indent=1))
     print(f"\nlogs and the suite copy: {work}")

@@ -101,7 +101,8 @@ class _CountAndAuthorize:
         counted = path if path in self.routes else "other"
         state.http_requests[counted] = state.http_requests.get(counted, 0) + 1
         keys = state.options.api_keys
-        if keys and path != "/health" and scope["method"] != "OPTIONS" and not is_public(scope["method"], path):
+        if keys and path not in ("/health", "/v1/health") and scope["method"] != "OPTIONS" \
+                and not is_public(scope["method"], path):
             headers = Headers(scope=scope)
             given = headers.get("authorization", "")
             token = (given[7:] if given[:7].lower() == "bearer " else headers.get("x-api-key", "")).encode()
@@ -168,6 +169,7 @@ def create_app(state: ServerState) -> FastAPI:
         return body
 
     @app.get("/health")
+    @app.get("/v1/health")
     async def health():
         sched = state.scheduler
         return {"status": "ok", "model": state.model_id, "active": sched.active, "queue": sched.queue_depth,
@@ -235,6 +237,9 @@ def create_app(state: ServerState) -> FastAPI:
         prompt = oa.parse_prompt(body) if prompt is None else prompt
         if isinstance(prompt, str):
             return state.tokenizer.encode(prompt, max_tokens=per_seq)
+        if any(isinstance(x, str) for x in prompt):      # ids and text mixed: the text pieces tokenized in place
+            prompt = [t for x in prompt for t in (state.tokenizer.encode(x, add_bos=False, max_tokens=per_seq)
+                                                  if isinstance(x, str) else [x])]
         if len(prompt) > per_seq:
             raise ContextOverflowError(f"the prompt has {len(prompt)} tokens but each sequence holds {per_seq}.",
                                        len(prompt), per_seq)
@@ -261,8 +266,14 @@ def create_app(state: ServerState) -> FastAPI:
             raise InvalidArgumentError("stream one prompt at a time ('prompt' holds a batch of prompts).")
         return prompts, params, served_name(body)
 
-    def llama_input(body: dict) -> tuple[list[int], oa.GenParams]:
-        return prompt_ids(body), with_constraint(oa.parse_llama_params(llama_defaults | body, n_vocab))
+    def llama_input(body: dict) -> tuple[list[list[int]], oa.GenParams]:
+        def tokenize(text: str) -> list[int]:
+            return state.tokenizer.encode(text, add_bos=False, max_tokens=per_seq)
+        params = with_constraint(oa.parse_llama_params(llama_defaults | body, n_vocab, tokenize))
+        batch = [prompt_ids(body, p) for p in oa.parse_prompts(body)]
+        if len(batch) > 1 and params.stream:
+            raise InvalidArgumentError("stream one prompt at a time ('prompt' holds a batch of prompts).")
+        return batch, params
 
     def chat_options(body: dict, messages: list[dict]) -> dict:
         return oa.parse_chat_options(body, messages, state.options.template_kwargs, state.options.prefill_assistant)
@@ -337,10 +348,16 @@ def create_app(state: ServerState) -> FastAPI:
     async def llama_completion(request: Request):
         """llama-server's native completion endpoint: its request fields and its response shape."""
         body = await _body(request)
-        ids, params = await asyncio.to_thread(llama_input, body)
+        batch, params = await asyncio.to_thread(llama_input, body)
+        if len(batch) > 1:          # a batch of prompts: a list of answers, as llama-server gives
+            return [await _llama_answer(request, body, ids, params) for ids in batch]
+        return await _llama_answer(request, body, batch[0], params)
+
+    async def _llama_answer(request: Request, body: dict, ids: list[int], params: oa.GenParams):
         req = _submit(ids, params)
         model = served_name(body)
         settings = oa.generation_settings(params, per_seq)
+        post_probs = oa.flag(body, "post_sampling_probs", False)
 
         def final(res) -> dict:
             stop_type = "limit" if res.finish_reason == "length" else ("word" if res.stop_word else "eos")
@@ -351,7 +368,8 @@ def create_app(state: ServerState) -> FastAPI:
                    "truncated": False, "timings": oa.timings(res), "generation_settings": settings,
                    "tokens": res.ids if body.get("return_tokens") else []} | verbose(body, ids)
             if params.logprobs is not None and not params.stream:
-                out["completion_probabilities"] = oa.completion_probabilities(state.tokenizer, res.ids, res.logprobs)
+                out["completion_probabilities"] = oa.completion_probabilities(state.tokenizer, res.ids, res.logprobs,
+                                                                              post_probs)
             return out
         if params.stream:
             async def sse():
@@ -362,7 +380,7 @@ def create_app(state: ServerState) -> FastAPI:
                         if params.logprobs is not None:
                             res, end = req.result, len(req.result.logprobs)
                             chunk["completion_probabilities"] = oa.completion_probabilities(
-                                state.tokenizer, res.ids[sent:end], res.logprobs[sent:end])
+                                state.tokenizer, res.ids[sent:end], res.logprobs[sent:end], post_probs)
                             sent = end
                         yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
                     yield f"data: {json.dumps(final(req.result), ensure_ascii=False)}\n\n"
@@ -538,7 +556,7 @@ def create_app(state: ServerState) -> FastAPI:
             if include_usage:
                 yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids),
                                            sum(len(c.result.ids) for c in req.choices),
-                                           req.result.timings.n_cached))
+                                           req.result.timings.n_cached) | {"timings": oa.timings(req.result)})
             yield "data: [DONE]\n\n"
         except KvgraphError as exc:
             yield frame(oa.error_body(f"generation failed: {exc}", "server_error"))
