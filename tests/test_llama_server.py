@@ -245,3 +245,46 @@ def test_prefill_and_continue_final_message(tiny_llama):
         assert twice.status_code == 400 and "two assistant messages" in twice.json()["error"]["message"]
         applied = c.post("/apply-template", json={"messages": convo[:1], "add_generation_prompt": False}).json()
         assert applied["prompt"] == "<|start_header_id|>user<|end_header_id|>\n\nbest book?<|eot_id|>"
+
+
+# ---- /completion's request forms ----------------------------------------------------------------------------------
+def test_native_completion_prompt_forms_logit_bias_and_probs(tiny_llama):
+    with app_client(tiny_llama) as c:
+        ids = c.post("/tokenize", json={"content": "the cat sat"}).json()["tokens"]
+        greedy = {"n_predict": 4, "temperature": 0}
+        one = c.post("/completion", json=greedy | {"prompt": ids}).json()["content"]
+        # a batch of the same prompt in four spellings: a list of four equal answers
+        half = c.post("/tokenize", json={"content": "the cat"}).json()["tokens"]
+        batch = c.post("/completion", json=greedy | {"prompt": [
+            ids, "the cat sat", {"prompt_string": "the cat sat"}, half + [" sat"]]}).json()
+        assert isinstance(batch, list) and [b["content"] for b in batch] == [one] * 4
+        assert c.post("/completion", json=greedy | {"prompt": {"prompt_string": "x", "multimodal_data": "AA=="}}) \
+            .status_code == 400
+        # logit_bias by text bans the text's tokens, as by id
+        first = c.post("/tokenize", json={"content": one}).json()["tokens"][0]
+        piece = c.post("/detokenize", json={"tokens": [first]}).json()["content"]
+        banned = c.post("/completion", json=greedy | {"prompt": ids, "logit_bias": [[piece, False]],
+                                                      "n_probs": 3}).json()
+        by_id = c.post("/completion", json=greedy | {"prompt": ids, "logit_bias": {str(first): -100},
+                                                     "n_probs": 3}).json()
+        assert banned["content"] == by_id["content"] and banned["completion_probabilities"][0]["id"] != first
+        probs = c.post("/completion", json=greedy | {"prompt": ids, "n_probs": 3, "post_sampling_probs": True}).json()
+        tok = probs["completion_probabilities"][0]
+        assert 0 < tok["prob"] <= 1 and len(tok["top_probs"]) == 3 and "logprob" not in tok
+
+
+def test_json_object_with_a_schema_and_timings_on_the_usage_chunk(tiny_llama):
+    with app_client(tiny_llama) as c:
+        msgs = [{"role": "user", "content": "answer"}]
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 8, "temperature": 0,
+                                                   "response_format": {"type": "json_object",
+                                                                       "schema": {"const": "42"}}})
+        assert r.json()["choices"][0]["message"]["content"] == '"42"'
+        for bad in (123, {"type": 123}, {"type": "hiccup"}):
+            r = c.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2, "response_format": {
+                "type": "json_object", "schema": bad}})
+            assert r.status_code == 400, bad
+        lines = [json.loads(ln[6:]) for ln in c.post("/v1/chat/completions", json={
+            "messages": msgs, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+        ).text.splitlines() if ln.startswith("data: {")]
+        assert lines[-1]["choices"] == [] and lines[-1]["timings"]["predicted_n"] == 3
