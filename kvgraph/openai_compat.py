@@ -38,6 +38,7 @@ class GenParams:
     constraint: Any = None       # ... and the maker of its per-sequence state (set by the server)
     cache_prompt: bool = True    # may start from an idle slot's cells sharing a prefix (llama.cpp's cache_prompt)
     reasoning: "ReasoningFormat | None" = None   # chat: how thoughts are split from the reply (None: not at all)
+    progress: bool = False       # streams: llama-server's prompt_progress chunks (return_progress)
 
 
 # Request fields that change what a client gets back and that kvgraph does not do yet: a 400 naming the field
@@ -147,7 +148,8 @@ def parse_params(body: Mapping[str, Any], chat: bool, n_vocab: int | None = None
     if grammar is not None and tool_grammar is not None:
         raise InvalidArgumentError("give response_format / grammar or a forced tool_choice, not both.")
     return GenParams(max_tokens, sampling, stop, stream, flag(body, "ignore_eos", False), include_usage, logprobs,
-                     echo, n, grammar or tool_grammar, tools, cache_prompt=flag(body, "cache_prompt", True))
+                     echo, n, grammar or tool_grammar, tools, cache_prompt=flag(body, "cache_prompt", True),
+                     progress=stream and chat and flag(body, "return_progress", False))
 
 
 def parse_grammar(body: Mapping[str, Any]) -> str | None:

@@ -288,3 +288,20 @@ def test_json_object_with_a_schema_and_timings_on_the_usage_chunk(tiny_llama):
             "messages": msgs, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
         ).text.splitlines() if ln.startswith("data: {")]
         assert lines[-1]["choices"] == [] and lines[-1]["timings"]["predicted_n"] == 3
+
+
+def test_return_progress_reports_each_prompt_chunk(tiny_llama):
+    with app_client(tiny_llama, "-b", "16") as c:
+        body = {"messages": [{"role": "user", "content": "the cat sat on the mat " * 6}], "max_tokens": 2,
+                "stream": True, "return_progress": True}
+        for cached in (False, True):       # the second time the slot's cells hold all but the last token
+            events = [json.loads(ln[6:]) for ln in c.post("/v1/chat/completions", json=body).text.splitlines()
+                      if ln.startswith("data: {")]
+            reports = [e["prompt_progress"] for e in events if "prompt_progress" in e]
+            total = reports[0]["total"]
+            assert reports[0]["processed"] == reports[0]["cache"] and (reports[0]["cache"] > 0) == cached
+            assert [r["processed"] for r in reports[1:]] == list(range(reports[0]["cache"] + 16, total, 16))[
+                :len(reports) - 2] + [total]
+            assert all(r["total"] == total and r["cache"] == reports[0]["cache"] for r in reports)
+        plain = c.post("/v1/chat/completions", json=body | {"return_progress": False}).text
+        assert "prompt_progress" not in plain

@@ -52,6 +52,8 @@ def add_serve_parser(sub, add_model_args) -> None:
     p.add_argument("--kv-unified", "-kvu", action=argparse.BooleanOptionalAction, default=False,
                    help="every slot may use the whole -c (its cells are taken as it grows) instead of c / --parallel")
     p.add_argument("-no-kvu", dest="kv_unified", action="store_false", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", "-b", type=POSITIVE, default=None, metavar="N",
+                   help="prompt tokens fed per step: a prompt runs in chunks of the smaller of -b and --ubatch-size")
     p.add_argument("--queue", type=NON_NEGATIVE, default=64, help="requests that may wait for a slot (default 64)")
     p.add_argument("--model-id", default=None, help="name clients use in 'model' (default: the file name)")
     p.add_argument("--alias", "-a", action="append", default=[], metavar="NAMES",
@@ -169,6 +171,8 @@ def build_server(args):
     if args.parallel < 1 or args.queue < 0:
         raise InvalidArgumentError("--parallel must be >= 1 and --queue >= 0.")
     options = server_options(args)          # flag errors before the model loads
+    if args.batch_size:
+        args.ubatch = min(args.ubatch, args.batch_size)
     template = chat_template_arg(args)
     llm = open_llm(args, n_ctx=1)           # the single-stream context is replaced below
     per_seq = slot_context(args, llm.loaded.config.n_ctx_train)

@@ -70,10 +70,11 @@ def scheduler_context(loaded, parallel: int, n_ctx_per_seq: int, **kw) -> Contex
 
 @dataclass
 class Event:
-    kind: str                    # 'token' (text chunk), 'done', 'error'
+    kind: str                    # 'token' (text chunk), 'progress' (of the prompt), 'done', 'error'
     text: str = ""
     error: BaseException | None = None
     index: int = 0               # which choice of the request (n > 1)
+    progress: dict | None = None  # 'progress': total, cache, processed (prompt tokens), time_ms
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Request:
     n: int = 1                         # choices: the prompt is prefilled once, then forked into n sequences
     constraint: Any = None             # structured output: a maker of a fresh Constraint per sequence
     cache_prompt: bool = True          # may start from an idle slot's cells that share a prefix of the prompt
+    progress: bool = False             # a 'progress' event as the prompt starts and after each of its chunks
     index: int = 0                     # this request's choice number (the others are in `choices`)
     choices: list["Request"] = field(default_factory=list)   # every choice, this one first (set by submit)
 
@@ -389,6 +391,8 @@ class BatchScheduler:
             return
         ids = slot.req.prompt_ids
         start = slot.prefilled
+        if slot.req.progress and start == slot.req.result.timings.n_cached:
+            self._progress(slot)
         chunk = ids[start:start + self.ctx.n_ubatch]
         echo = self._wants_prompt_logprobs(slot.req)
         logits = self._guarded(slot.seq, self.ctx.decode, UBatch.single(chunk, start, slot.seq, all_outputs=echo))
@@ -399,6 +403,8 @@ class BatchScheduler:
         slot.prefilled += len(chunk)
         slot.req.result.timings.n_prompt += len(chunk)
         self.stats.prompt_tokens_total += len(chunk)
+        if slot.req.progress:
+            self._progress(slot)
         if slot.prefilled == len(ids):
             for choice in [slot] + [f for f in slot.followers if self._slots.get(f.seq) is f]:
                 if choice is not slot:            # a fork of the leader's cells: the prompt is not run again
@@ -413,6 +419,13 @@ class BatchScheduler:
                     self._finish(choice.seq)
                 else:
                     self._guarded(choice.seq, self._sample_and_emit, choice, logits[-1])
+
+    @staticmethod
+    def _progress(slot: _Slot) -> None:
+        req = slot.req
+        req.events.put(Event("progress", index=req.index, progress={
+            "total": len(req.prompt_ids), "cache": req.result.timings.n_cached, "processed": slot.prefilled,
+            "time_ms": round((time.perf_counter() - req.submitted) * 1e3, 3)}))
 
     def _decode_step(self) -> None:
         self._decode_rows([s for s in self._slots.values() if s.last_token is not None])

@@ -403,7 +403,8 @@ def create_app(state: ServerState) -> FastAPI:
             max_tokens = max(0, sched.n_ctx_per_seq - len(ids))
         return sched.submit(GenRequest(ids, max_tokens, params.sampling, params.stop, params.ignore_eos,
                                        logprobs=params.logprobs, echo=params.echo, n=params.n,
-                                       constraint=params.constraint, cache_prompt=params.cache_prompt))
+                                       constraint=params.constraint, cache_prompt=params.cache_prompt,
+                                       progress=params.progress))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -527,6 +528,10 @@ def create_app(state: ServerState) -> FastAPI:
                 for i in range(len(req.choices)):
                     yield frame(oa.chat_chunk(rid, model, {"role": "assistant", "content": None}, index=i))
             async for ev in _events(request, req):
+                if ev.kind == "progress":       # return_progress: llama-server's prompt_progress chunks
+                    yield frame(oa.chat_chunk(rid, model, {}, index=ev.index) | {"choices": [],
+                                                                               "prompt_progress": ev.progress})
+                    continue
                 if tools:           # a reply may turn out to be tool calls: it is sent whole at the end
                     continue
                 if echo_pending[ev.index]:
@@ -622,7 +627,7 @@ async def _events(request: Request, req: GenRequest):
                     return
             if ev is None:
                 continue
-            if ev.kind == "token":
+            if ev.kind in ("token", "progress"):        # progress: only requests that asked for it
                 yield ev
             elif ev.kind == "error":
                 raise ev.error if isinstance(ev.error, KvgraphError) else KvgraphError(str(ev.error))
