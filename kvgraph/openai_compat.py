@@ -596,6 +596,14 @@ def usage_chunk(id: str, model: str, chat: bool, prompt_tokens: int, completion_
             "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
+_PARAM = re.compile(r"^'([A-Za-z_][A-Za-z0-9_.]*(?:\[\d+\])?(?:\.[A-Za-z_][A-Za-z0-9_]*)*)'|^(messages\[\d+\][\w.]*)")
+
+
 def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
                param: str | None = None) -> dict:
+    """OpenAI's error object; param: the request field at fault, by default the one the message starts with
+    ("'temperature' must be ..." -> temperature)."""
+    if param is None and type_ == "invalid_request_error":
+        m = _PARAM.match(message)
+        param = m and (m.group(1) or m.group(2))
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -305,3 +305,33 @@ def test_return_progress_reports_each_prompt_chunk(tiny_llama):
             assert all(r["total"] == total and r["cache"] == reports[0]["cache"] for r in reports)
         plain = c.post("/v1/chat/completions", json=body | {"return_progress": False}).text
         assert "prompt_progress" not in plain
+
+
+def test_each_request_is_logged_with_its_tokens_and_timings(tiny_llama):
+    from test_server import server_log, start_server, stop
+
+    proc, base = start_server(tiny_llama[0])
+    try:
+        import httpx
+        httpx.post(base + "/v1/completions", json={"prompt": "the cat", "max_tokens": 3, "ignore_eos": True})
+        httpx.post(base + "/v1/completions", json={"prompt": "the cat", "max_tokens": "x"})
+    finally:
+        stop(proc)
+    log = server_log(proc)
+    assert "POST /v1/completions 200" in log and "3 generated at" in log and "finish length" in log
+    assert "POST /v1/completions 400" in log and "GET /health" not in log
+
+
+def test_tokenize_add_special_follows_the_model_and_400s_name_the_field(tiny_llama):
+
+    with app_client(tiny_llama) as c:
+        tok = c.app.state.kv.tokenizer
+        for add_bos in (True, False):       # whatever the file says, add_special follows it
+            tok.add_bos = add_bos
+            ids = c.post("/tokenize", json={"content": "the cat", "add_special": True}).json()["tokens"]
+            assert (ids[:1] == [tok.bos_id]) == add_bos
+            assert c.post("/tokenize", json={"content": "the cat"}).json()["tokens"] == tok.encode("the cat", False)
+        err = c.post("/v1/completions", json={"prompt": "x", "temperature": "hot"}).json()["error"]
+        assert err["param"] == "temperature"
+        err = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": 5}]}).json()["error"]
+        assert err["param"] == "messages[0].content"

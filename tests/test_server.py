@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -25,15 +26,19 @@ def free_port() -> int:
 
 
 def start_server(model_path, *extra) -> tuple[subprocess.Popen, str]:
+    """A `kvgraph serve` process and its URL; its log goes to a file (server_log reads it), not a pipe nobody
+    drains, which would block the server once full."""
     port = free_port()
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen([sys.executable, "-m", "kvgraph.cli.main", "serve", "-m", str(model_path),
                              "--port", str(port), "--model-id", "tiny", "--metrics", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log = log
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+            raise RuntimeError(f"server exited: {server_log(proc)}")
         try:
             if httpx.get(base + "/health", timeout=1).status_code == 200:
                 return proc, base
@@ -41,6 +46,11 @@ def start_server(model_path, *extra) -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def server_log(proc) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def stop(proc):

@@ -116,8 +116,9 @@ def add_serve_parser(sub, add_model_args) -> None:
                         "also ask for a full run with cache_prompt: false)")
     o.add_argument("--no-prompt-cache", dest="cache_prompt", action="store_false", help=argparse.SUPPRESS)
     o.add_argument("--verbose", "-v", "--log-verbose", action="store_true",
-                   help="log each request: route, status, tokens and timings")
-    o.add_argument("--log-disable", action="store_true", help="log nothing but errors")
+                   help="also answer each request with the prompt as the model saw it (__verbose)")
+    o.add_argument("--log-disable", action="store_true",
+                   help="log nothing but errors (default: a line per request with its tokens and timings)")
     c = p.add_argument_group("running on Ray Serve (pip install 'kvgraph[cluster]')")
     c.add_argument("--replicas", type=POSITIVE, default=None, metavar="N",
                    help="serve N replicas behind Ray Serve's router, each with its own model and batcher "
@@ -246,7 +247,7 @@ def server_options(args):
     return ServerOptions(api_keys=tuple(keys), template_kwargs=template_kwargs,
                          prefill_assistant=args.prefill_assistant, chat_page=args.ui, reasoning_format=args.reasoning_format, metrics=args.metrics, slots=args.slots,
                          cors=CorsPolicy(origins, args.cors_methods, args.cors_headers, args.cors_credentials),
-                         aliases=tuple(comma_list(args.alias)), tags=tuple(comma_list(args.tags)), log_requests=args.verbose and not args.log_disable,
+                         aliases=tuple(comma_list(args.alias)), tags=tuple(comma_list(args.tags)), log_requests=not args.log_disable, verbose=args.verbose,
                          defaults={k: v for k, v in defaults.items() if v is not None})
 
 
@@ -329,7 +330,7 @@ def cmd_serve(args) -> int:
         print(f"kvgraph: serving {app.state.kv.model_id} on {where} "
               f"({args.parallel} slots, {sched.n_ctx_per_seq} tokens each)", file=sys.stderr)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s",
-                        level=logging.ERROR if args.log_disable else logging.INFO if args.verbose else logging.WARNING)
+                        level=logging.ERROR if args.log_disable else logging.INFO)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout + 5,
                             ssl_keyfile=args.ssl_key_file, ssl_certfile=args.ssl_cert_file)
     server = _DrainingServer(config, sched, args.shutdown_timeout)

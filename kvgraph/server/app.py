@@ -62,7 +62,8 @@ class ServerOptions:
     model_path: str = ""                  # the GGUF served (/props)
     chat_page: bool = True                # the chat page at / (--no-ui: 404)
     tags: tuple[str, ...] = ()            # the model's tags (--tags), listed by /v1/models
-    log_requests: bool = False            # one log line per request (--verbose)
+    log_requests: bool = False            # one log line per request (off: --log-disable)
+    verbose: bool = False                 # every reply carries __verbose (--verbose)
 
 
 class ServerState:
@@ -111,6 +112,37 @@ class _CountAndAuthorize:
                                   "authentication_error", "invalid_api_key")
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class _RequestLog:
+    """One log line per request, as llama-server writes: method, path, status, time, and what a generation
+    route adds (tokens in and out, speed) in scope['state']['log']. Plain ASGI, like _CountAndAuthorize."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            extra = scope.get("state", {}).get("log")
+            log.info("%s %s %d %.0f ms%s", scope["method"], scope["path"], status[0],
+                     (time.perf_counter() - t0) * 1e3, f" | {extra}" if extra else "")
+
+
+def _log_line(request: Request, result, n_prompt: int) -> None:
+    """What the request log line says about a generation."""
+    tm = result.timings
+    request.state.log = (f"prompt {n_prompt} tokens ({tm.n_cached} cached), {len(result.ids)} generated at "
+                         f"{tm.decode_tps:.1f} tokens/s, finish {result.finish_reason}")
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -295,7 +327,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     def verbose(body: dict, ids: list[int]) -> dict:
         """llama-server's debug field: the prompt as the model saw it (request 'verbose': true, or --verbose)."""
-        if not (oa.flag(body, "verbose", False) or state.options.log_requests):
+        if not (oa.flag(body, "verbose", False) or state.options.verbose):
             return {}
         return {"__verbose": {"prompt": state.tokenizer.decode(ids)}}
 
@@ -306,7 +338,8 @@ def create_app(state: ServerState) -> FastAPI:
         if not isinstance(content, str):
             raise InvalidArgumentError("'content' (or vLLM's 'prompt') must be a string.")
         special = oa.flag(body, "add_special_tokens" if vllm else "add_special", False)
-        ids = state.tokenizer.encode(content, special, True, per_seq)
+        # add_special adds the BOS only where the model file asks for one (llama_tokenize's add_special)
+        ids = state.tokenizer.encode(content, None if special else False, True, per_seq)
         if vllm:
             return {"tokens": ids, "count": len(ids), "max_model_len": per_seq}
         if not oa.flag(body, "with_pieces", False):
@@ -360,6 +393,7 @@ def create_app(state: ServerState) -> FastAPI:
         post_probs = oa.flag(body, "post_sampling_probs", False)
 
         def final(res) -> dict:
+            _log_line(request, res, len(ids))
             stop_type = "limit" if res.finish_reason == "length" else ("word" if res.stop_word else "eos")
             if res.finish_reason not in ("length", "stop"):
                 stop_type = res.finish_reason
@@ -476,6 +510,7 @@ def create_app(state: ServerState) -> FastAPI:
                     c["message"] |= {"content": content, "tool_calls": calls}
                     c["finish_reason"] = "tool_calls"
         n_prompt = sum(len(ids) for ids, _ in prompts)
+        _log_line(request, results[0], n_prompt)
         return oa.response(rid, model, chat, choices, n_prompt, sum(len(r.ids) for r in results),
                            sum(req.result.timings.n_cached for req in reqs)) | {
             "timings": oa.timings(results[0])} | (extra or {})
@@ -558,6 +593,7 @@ def create_app(state: ServerState) -> FastAPI:
                     for f in text_frames(i, "", True):
                         yield f
                 yield frame(chunk(i, "", finish) | {"timings": oa.timings(choice.result)})
+            _log_line(request, req.result, len(req.prompt_ids))
             if include_usage:
                 yield frame(oa.usage_chunk(rid, model, chat, len(req.prompt_ids),
                                            sum(len(c.result.ids) for c in req.choices),
@@ -571,7 +607,9 @@ def create_app(state: ServerState) -> FastAPI:
     if state.options.chat_page:
         mount_chat_page(app)     # GET /: the chat page (kvgraph/server/chat_page.py)
     routes.update(r.path for r in app.routes)
-    app.add_middleware(CorsMiddleware, policy=state.options.cors)   # added last: outermost, before the key check
+    app.add_middleware(CorsMiddleware, policy=state.options.cors)   # outside the key check
+    if state.options.log_requests:
+        app.add_middleware(_RequestLog)                                 # outermost: sees every answer
     return app
 
 
