@@ -30,7 +30,9 @@ def test_generate_streams_text_and_cache_flag_changes_nothing(tiny_llama, capsys
     c = json.loads(gen(capsys, tiny_llama[0], *args, "--flash-attn", "on", "--verify-graph-cache")[1])
     assert a == b == c
     rc, out, err = gen(capsys, tiny_llama[0], "the cat", "-n", "8", "--temp", "0", "--ignore-eos", "--stats")
-    assert rc == 0 and out.rstrip("\n") == a["text"]
+    assert rc == 0 and out.rstrip("\n") == "the cat" + a["text"]      # the prompt first, as llama-cli
+    assert gen(capsys, tiny_llama[0], "the cat", "-n", "8", "--temp", "0", "--ignore-eos",
+               "--no-display-prompt")[1].rstrip("\n") == a["text"]
     assert "graph cache:" in err and "hits" in err and "decode:" in err and "backend: " in err
 
 

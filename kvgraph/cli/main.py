@@ -161,6 +161,7 @@ def cmd_generate(args) -> int:
         raise InvalidArgumentError("give a prompt: kvgraph generate \"TEXT\" (or -f FILE, or --messages FILE.json).")
     sampling = _sampling(args)
     llm = open_llm(args)
+    text = ""
     if args.messages is not None:
         prompt_ids = llm.chat_prompt_ids(_read_messages(args.messages))
     else:
@@ -179,6 +180,9 @@ def cmd_generate(args) -> int:
             print(json.dumps({"prompt_ids": result.prompt_ids, "ids": result.ids, "text": result.text,
                               "finish_reason": result.finish_reason}, ensure_ascii=False))
         else:
+            if args.display_prompt and text:      # llama-cli shows the prompt, then streams the continuation
+                sys.stdout.write(text)
+                sys.stdout.flush()
             for chunk in stream:
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
@@ -355,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", help="JSON file with a list of chat messages, rendered with the chat template")
     p.add_argument("--json", action="store_true",
                    help='print {"prompt_ids", "ids", "text", "finish_reason"} instead of streaming')
+    p.add_argument("--no-display-prompt", dest="display_prompt", action="store_false",
+                   help="print only the generated text (default: the prompt first, as llama-cli)")
     _add_model_args(p)
     _add_sampling_args(p, 128)
     p.set_defaults(func=cmd_generate)
