@@ -240,11 +240,11 @@ def parse_messages(body: Mapping[str, Any]) -> list[dict]:
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise InvalidArgumentError(f"messages[{i}] must be an object with a string 'role'.")
         content = m.get("content")
-        if isinstance(content, list):   # OpenAI content parts: keep the text ones
+        if isinstance(content, list):   # OpenAI content parts: text ones, one per line (as llama.cpp, vLLM)
             if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
                 raise InvalidArgumentError(f"messages[{i}].content: only text parts are supported.")
-            content = "".join(p["text"] for p in content)
+            content = "\n".join(p["text"] for p in content)
         calls = m.get("tool_calls")
         if content is None and calls:        # an assistant turn that only called tools
             content = ""

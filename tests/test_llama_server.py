@@ -285,7 +285,8 @@ def test_json_object_with_a_schema_and_timings_on_the_usage_chunk(tiny_llama):
                 "type": "json_object", "schema": bad}})
             assert r.status_code == 400, bad
         lines = [json.loads(ln[6:]) for ln in c.post("/v1/chat/completions", json={
-            "messages": msgs, "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}}
+            "messages": msgs, "max_tokens": 3, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
         ).text.splitlines() if ln.startswith("data: {")]
         assert lines[-1]["choices"] == [] and lines[-1]["timings"]["predicted_n"] == 3
 

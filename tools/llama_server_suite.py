@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     if args.write_doc:
         write_section("exclusions", render_exclusions())
     if args.json:
-        args.json.write_text(json.dumps({"kvgraph": kv, "llama-server": ll, "table": t}, indent=1))
+        args.json.write_text(json.dumps({"kvgraph": kv, "llama-server": ll, "table": table(kv, ll)}, indent=1))
     print(f"\nlogs and the suite copy: {work}")
     return 0
 

@@ -179,6 +179,11 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         elif operator == "%" and isinstance(left, str) and _HUGE_FORMAT.search(left):
             raise TemplateLimitError("the chat template formats with a width or precision of millions of "
                                      "characters; it was stopped.")
+        elif operator == "+" and isinstance(left, jinja2.Undefined) != isinstance(right, jinja2.Undefined) \
+                and isinstance(right if isinstance(left, jinja2.Undefined) else left, str):
+            # text + an undefined variable is the text, as llama.cpp's template engine renders it (templates
+            # written for it, such as firefunction's `... + functions` without tools, rely on that)
+            return left if isinstance(right, jinja2.Undefined) else right
         return b.result(super().call_binop(context, operator, left, right))
 
     def getattr(self, obj: Any, attribute: str) -> Any:
