@@ -9,7 +9,7 @@ import pytest
 from kvgraph.api import LLM
 from kvgraph.engine.batching import BatchScheduler, QueueFullError, Request, ShuttingDownError, bucket_sizes
 from kvgraph.engine.context import Context
-from kvgraph.errors import ContextOverflowError
+from kvgraph.errors import ContextOverflowError, InvalidArgumentError
 from kvgraph.memory.kv_cache import PAGE
 
 PROMPTS = ["the cat", "a dog ran in the sun", "then", "the the the", "sat on the mat and", "x", "in an hour",
@@ -151,6 +151,50 @@ def test_prefix_cache_reuses_an_idle_slots_cells_and_changes_nothing(llm, tmp_pa
             assert res.timings.n_cached == len(prev_ids) + len(prev.ids) - 1
     assert sched.stats.prompt_tokens_cached == sum(r.timings.n_cached for _, r in turns) > 0
     assert sched.stats.prompt_tokens_total == sum(r.timings.n_prompt for _, r in turns)
+
+
+@pytest.fixture(scope="module")
+def hybrid_llm(tmp_path_factory):
+    from tiny_models import write_tiny_hybrid
+    path = tmp_path_factory.mktemp("hybrid") / "hybrid.gguf"
+    write_tiny_hybrid(path)
+    return LLM(str(path), n_ctx=64)
+
+
+def test_state_checkpoints_restart_a_regenerated_or_edited_prompt(hybrid_llm):
+    """A recurrent state cannot rewind: a checkpoint taken before each prompt's last token lets a prompt
+    that leaves the cached one (the same prompt again, as a regenerated reply; an edited last message) start
+    from there instead of from zero, with the reply a cold run gives."""
+    llm = hybrid_llm
+    sched = scheduler(llm, 1)
+    p1 = llm.tokenize("the cat sat on the mat")
+    first, again = _sequential(sched, [p1, list(p1)], 5)
+    assert first.timings.n_cached == 0 and again.timings.n_cached == len(p1) - 1 and again.ids == first.ids
+    base = p1 + first.ids
+    p2, p2_edit = base + llm.tokenize(" and then", add_bos=False), base + llm.tokenize(" or else", add_bos=False)
+    second, edited = _sequential(sched, [p2, p2_edit], 5)
+    assert second.timings.n_cached == len(base) - 1          # goes on where the cells stop: no checkpoint needed
+    assert edited.timings.n_cached == len(p1) - 1            # leaves p2 before its checkpoint: p1's is the latest
+    (slot,) = sched.slot_info()
+    # p2's checkpoint went with the cells after p1's; the edited prompt left its own
+    assert slot["checkpoints"]["positions"] == [len(p1) - 1, len(p2_edit) - 1] and slot["checkpoints"]["bytes"] > 0
+    sched.shutdown()
+    for ids, res in [(p1, first), (p1, again), (p2, second), (p2_edit, edited)]:
+        assert res.ids == alone(llm, ids, 5)
+    off = BatchScheduler(Context(llm.loaded, n_ctx=65, n_ubatch=8), llm.tokenizer, parallel=1, n_ctx_per_seq=64,
+                         checkpoints=0)
+    assert [r.timings.n_cached for r in _sequential(off, [p1, list(p1)], 5)] == [0, 0]
+    off.shutdown()
+
+
+def test_a_checkpoint_budget_that_cannot_hold_one_is_a_clear_error(hybrid_llm, llm):
+    with pytest.raises(InvalidArgumentError, match="one state checkpoint of this model takes .* MiB, more than"):
+        BatchScheduler(Context(hybrid_llm.loaded, n_ctx=65), hybrid_llm.tokenizer, parallel=1, n_ctx_per_seq=64,
+                       checkpoint_bytes=16)
+    plain = BatchScheduler(Context(llm.loaded, n_ctx=65), llm.tokenizer, parallel=1, n_ctx_per_seq=64,
+                           checkpoint_bytes=16)     # attention only: nothing to checkpoint, any budget will do
+    assert plain.checkpoints == 0
+    plain.shutdown()
 
 
 def test_prefix_cache_keeps_a_shared_prefix_and_drops_the_rest(llm):

@@ -67,6 +67,9 @@ SAME = {
     "--chat-template-kwargs": "same", "-rea": "same (on/auto: enable_thinking true; off: false)", "--reasoning": "",
     "--reasoning-format": "same: auto, deepseek, deepseek-legacy, none", "--reasoning-effort": "same",
     "--prefill-assistant": "same", "--no-prefill-assistant": "same",
+    "-ctxcp": "same for recurrent and hybrid models' states (taken before each prompt's last token); "
+              "sliding-window models free a finished slot's cells instead", "--ctx-checkpoints": "",
+    "--swa-checkpoints": "", "-cram": "memory for the state checkpoints, MiB (default 1024)", "--cache-ram": "",
     "-v": "same: logs each request with its timings", "--verbose": "", "--log-verbose": "",
     "--log-disable": "same: logs nothing but errors",
 }
@@ -126,8 +129,9 @@ REFUSED = [
     (r"--models-|--no-models-", "the multi-model router is not implemented; start one server per model", None),
     (r"--ui-|--webui-|--no-ui-|--no-webui-|--tools|--mcp-|-ag$|-no-ag$|--agent|--no-agent|--path$|--api-prefix",
      "llama-server's web UI options, tools and agent proxy are not implemented", None),
-    (r"-ctxcp|--ctx-checkpoints|--swa-checkpoints|-cms$|--checkpoint-min-step|-cram$|--cache-ram|--cache-reuse"
-     r"|--slot-save-path|-sps$|--slot-prompt-similarity|--no-cache-idle-slots",
+    (r"-cms$|--checkpoint-min-step", "checkpoints are taken before each prompt's last token, not by spacing",
+     "--ctx-checkpoints"),
+    (r"--cache-reuse|--slot-save-path|-sps$|--slot-prompt-similarity|--no-cache-idle-slots",
      "not implemented: an idle slot's cells are reused for the longest shared prefix", "--no-cache-prompt"),
     (r"--swa-full", "sliding-window layers always keep only their window", None),
     (r"--context-shift|--no-context-shift", "context shifting is not implemented in the server; a request longer "

@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import InvalidArgumentError, KvgraphError
 from ..openai_compat import DEFAULT_MAX_BODY
 from ..tokenizer.chat import BUILTIN_TEMPLATES, LLAMA_CPP_TEMPLATE_NAMES
+from ..engine import checkpoints
 from ..engine.sampling import REPEAT_PENALTY_RANGE
 from ..server.cors import DEFAULT_METHODS
 from .args import NON_NEGATIVE, POSITIVE, float_in, int_in, port_arg, seed_arg
@@ -115,6 +116,14 @@ def add_serve_parser(sub, add_model_args) -> None:
                    help="reuse the cells of an idle slot that holds the same prefix (default: on; a request can "
                         "also ask for a full run with cache_prompt: false)")
     o.add_argument("--no-prompt-cache", dest="cache_prompt", action="store_false", help=argparse.SUPPRESS)
+    o.add_argument("--ctx-checkpoints", "-ctxcp", "--swa-checkpoints", type=NON_NEGATIVE,
+                   default=checkpoints.DEFAULT_PER_SLOT, metavar="N",
+                   help="recurrent and hybrid models: state checkpoints kept per slot, so a prompt that leaves a "
+                        f"cached one (a regenerated reply, an edited message) restarts from the last one before it "
+                        f"(default {checkpoints.DEFAULT_PER_SLOT}; 0: off)")
+    o.add_argument("--cache-ram", "-cram", type=int_in(-1), default=checkpoints.DEFAULT_BYTES >> 20, metavar="MIB",
+                   help=f"memory for all slots' checkpoints, MiB (default {checkpoints.DEFAULT_BYTES >> 20}; "
+                        "-1: no limit; 0: none)")
     o.add_argument("--verbose", "-v", "--log-verbose", action="store_true",
                    help="also answer each request with the prompt as the model saw it (__verbose)")
     o.add_argument("--log-disable", action="store_true",
@@ -182,7 +191,9 @@ def build_server(args):
                             cache_capacity=max(args.graph_cache_size, 2 * len(bucket_sizes(args.parallel)) + 4),
                             verify=args.verify_graph_cache, flash_attn=llm.ctx.flash_attn, cache_type=llm.ctx.cache_type)
     llm.ctx = ctx
-    sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue, prefix_cache=args.cache_prompt)
+    budget = (1 << 62) if args.cache_ram == -1 else args.cache_ram << 20
+    sched = BatchScheduler(ctx, llm.tokenizer, args.parallel, per_seq, args.queue, prefix_cache=args.cache_prompt,
+                           checkpoints=args.ctx_checkpoints if args.cache_ram else 0, checkpoint_bytes=budget)
     # The id: --model-id, else the first --alias in sorted order (llama-server's), else the file stem. Requests may
     # also name the model by any alias, the stem or the -m name as typed (when it is a name, not a path).
     typed = [args.model] if args.model and not Path(args.model).expanduser().exists() else []

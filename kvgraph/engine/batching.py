@@ -24,6 +24,7 @@ import numpy as np
 
 from ..errors import ContextOverflowError, InvalidArgumentError, KvgraphError, check_token_ids
 from ..graph.inputs import UBatch
+from . import checkpoints as checkpoints_
 from .context import Context
 from .generate import GenerationResult, OutputTracker, check_max_tokens, reusable_prefix
 from .sampling import GREEDY, Sampler, SamplingParams, token_logprobs
@@ -162,9 +163,19 @@ class SchedulerStats:
 
 class BatchScheduler:
     def __init__(self, ctx: Context, tokenizer, parallel: int, n_ctx_per_seq: int, max_queue: int = 64,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, checkpoints: int = checkpoints_.DEFAULT_PER_SLOT,
+                 checkpoint_bytes: int = checkpoints_.DEFAULT_BYTES):
         if parallel < 1:
             raise InvalidArgumentError(f"parallel must be >= 1, got {parallel}.")
+        # State checkpoints where a memory cannot rewind (engine/checkpoints.py)
+        one = 0 if ctx.can_rewind else ctx.checkpoint_bytes()
+        if one and checkpoints and checkpoint_bytes < one:
+            raise InvalidArgumentError(
+                f"one state checkpoint of this model takes {one / 2**20:.1f} MiB, more than the "
+                f"{checkpoint_bytes / 2**20:.1f} MiB allowed for them; allow more (--cache-ram MiB) or turn "
+                "them off (--ctx-checkpoints 0).")
+        self.checkpoints = checkpoints if one and prefix_cache else 0
+        self._ckpts = checkpoints_.Checkpoints(max(self.checkpoints, 1), checkpoint_bytes)
         self.ctx, self.tokenizer = ctx, tokenizer
         self.parallel = parallel
         ctx.use_scratch(parallel)          # decode padding rows (see _decode_rows) share one KV page
@@ -225,7 +236,7 @@ class BatchScheduler:
         for seq in range(self.parallel):
             slot = running.get(seq)
             info = {"id": seq, "n_ctx": self.n_ctx_per_seq, "is_processing": slot is not None,
-                    "n_cached_tokens": len(cached.get(seq, ()))}
+                    "n_cached_tokens": len(cached.get(seq, ())), "checkpoints": self._ckpts.report(seq)}
             if slot is not None:
                 info |= {"id_task": slot.req.id, "n_prompt_tokens": len(slot.req.prompt_ids),
                          "n_prompt_processed": slot.prefilled, "n_decoded": len(slot.req.result.ids)}
@@ -291,10 +302,17 @@ class BatchScheduler:
         if not self.prefix_cache or not req.cache_prompt or self._wants_prompt_logprobs(req):
             return best
         for seq, cached in self._cached.items():
-            n = reusable_prefix(cached, req.prompt_ids)
+            n = self._usable_prefix(seq, reusable_prefix(cached, req.prompt_ids), len(cached))
             if n > best[1]:
                 best = (seq, n)
         return best
+
+    def _usable_prefix(self, seq: int, n: int, n_cached: int) -> int:
+        """How much of a shared prefix of n tokens seq can restart from: all of it where its memories can
+        rewind (or the prompt goes on exactly where the cells stop), else its latest checkpoint at or before n."""
+        if n == n_cached or self.ctx.can_rewind:
+            return n
+        return self._ckpts.latest_at_or_before(seq, n)
 
     def _admit(self) -> None:
         free = [s for s in range(self.parallel) if s not in self._slots]
@@ -317,11 +335,13 @@ class BatchScheduler:
             leader = slots[0]
             # Keep the reused prefix, drop the rest (a recurrent state cannot rewind: unless the prompt goes on
             # exactly where it stopped, that sequence starts over).
-            reused = leader.prefilled = self.ctx.keep_prefix(leader.seq, reused)
+            reused = leader.prefilled = self.ctx.keep_prefix(leader.seq, reused, self._ckpts.of(leader.seq))
+            self._ckpts.keep_until(leader.seq, reused)
             leader.req.result.timings.n_cached = reused
             self.stats.prompt_tokens_cached += reused
             for follower in slots[1:]:
                 self.ctx.seq_rm(follower.seq)
+                self._ckpts.drop(follower.seq)
             leader.followers = slots[1:]      # they wait for the leader's prefill, then fork its cells
             for follower in leader.followers:
                 follower.waiting = True
@@ -349,6 +369,7 @@ class BatchScheduler:
             self._cached[seq] = slot.out.history[:held]
         else:
             self.ctx.seq_rm(seq)
+            self._ckpts.drop(seq)
         slot.req.events.put(event)
 
     def _fail(self, seq: int, exc: BaseException) -> None:
@@ -393,7 +414,13 @@ class BatchScheduler:
         start = slot.prefilled
         if slot.req.progress and start == slot.req.result.timings.n_cached:
             self._progress(slot)
-        chunk = ids[start:start + self.ctx.n_ubatch]
+        end = min(start + self.ctx.n_ubatch, len(ids))
+        if self.checkpoints and not slot.waiting:
+            if start == len(ids) - 1:
+                self._checkpoint(slot.seq, start)
+            elif end == len(ids) and start < len(ids) - 1:
+                end -= 1                # stop short of the last token: the checkpoint goes there
+        chunk = ids[start:end]
         echo = self._wants_prompt_logprobs(slot.req)
         logits = self._guarded(slot.seq, self.ctx.decode, UBatch.single(chunk, start, slot.seq, all_outputs=echo))
         if logits is None:
@@ -419,6 +446,12 @@ class BatchScheduler:
                     self._finish(choice.seq)
                 else:
                     self._guarded(choice.seq, self._sample_and_emit, choice, logits[-1])
+
+    def _checkpoint(self, seq: int, pos: int) -> None:
+        if not self._ckpts.has(seq, pos):
+            ck = self.ctx.checkpoint(seq, pos)
+            if ck is not None:
+                self._ckpts.add(seq, ck)
 
     @staticmethod
     def _progress(slot: _Slot) -> None:

@@ -6,6 +6,8 @@ decode(ubatch):  memories reserve cells -> key -> cached program (or build/plan/
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -23,6 +25,15 @@ from .loader import LoadedModel
 DEFAULT_N_CTX_CAP = 4096
 DEFAULT_N_UBATCH = 512
 DEFAULT_N_SEQ_MAX = 8      # sequences alive at once in a recurrent memory (each has a state slot)
+
+
+@dataclass
+class Checkpoint:
+    """A sequence's non-rewindable state (recurrent rows) at position pos: the point it can restart from."""
+    pos: int
+    states: dict[str, dict[str, np.ndarray]]
+    nbytes: int
+    taken: int = 0          # set by engine.checkpoints: which is oldest
 
 
 class Context:
@@ -87,13 +98,40 @@ class Context:
         the caller must then remove the whole sequence."""
         return all([mem.seq_rm(seq, p0, p1) for mem in self.memories.values()])
 
-    def keep_prefix(self, seq: int, n: int) -> int:
-        """Keep the first n positions of seq and forget the rest; returns how many are kept: n, or 0 where a
-        memory cannot rewind (a recurrent state then starts the sequence over)."""
+    def keep_prefix(self, seq: int, n: int, checkpoints: Sequence["Checkpoint"] = ()) -> int:
+        """Keep the first n positions of seq and forget the rest; returns how many are kept: n, or where a
+        memory cannot rewind, the position of the latest of seq's checkpoints at or before n (restored), or 0
+        (the sequence starts over)."""
         if n and self.seq_rm(seq, n):
             return n
-        self.seq_rm(seq)
-        return 0
+        ck = max((c for c in checkpoints if 0 < c.pos <= n), key=lambda c: c.pos, default=None)
+        if ck is None:
+            self.seq_rm(seq)
+            return 0
+        for name, mem in self.memories.items():
+            if name in ck.states:
+                mem.restore(seq, ck.states[name], ck.pos)
+            else:
+                mem.seq_rm(seq, ck.pos)
+        return ck.pos
+
+    @property
+    def can_rewind(self) -> bool:
+        """Whether every memory can drop a sequence's later positions (no checkpoints needed)."""
+        return not any(hasattr(mem, "snapshot") for mem in self.memories.values())
+
+    def checkpoint(self, seq: int, pos: int) -> "Checkpoint | None":
+        """What seq's memories that cannot rewind hold now, at position pos (None: seq has no such state)."""
+        states = {name: mem.snapshot(seq) for name, mem in self.memories.items() if hasattr(mem, "snapshot")}
+        states = {name: rows for name, rows in states.items() if rows is not None}
+        if not states:
+            return None
+        return Checkpoint(pos, states, sum(a.nbytes for rows in states.values() for a in rows.values()))
+
+    def checkpoint_bytes(self) -> int:
+        """The bytes one checkpoint of a sequence takes (0: nothing to checkpoint)."""
+        return sum(sum(int(b[0].nbytes) for b in mem.buffers.values())
+                   for mem in self.memories.values() if hasattr(mem, "snapshot"))
 
     def use_scratch(self, first_seq: int) -> None:
         """Sequences >= first_seq are throwaway rows (a batch's padding: one position each, removed after the

@@ -61,6 +61,23 @@ class RecurrentState:
         for buf in self.buffers.values():
             buf[slot] = buf[self.slot_of[src]]
 
+    def snapshot(self, seq: int) -> dict[str, np.ndarray] | None:
+        """A copy of seq's rows (every layer's), to restore later: a recurrent state cannot rewind, so a prompt
+        that leaves the cached one at position p restarts from the last snapshot at or before p."""
+        if seq not in self.slot_of:
+            return None
+        slot = self.slot_of[seq]
+        return {name: np.array(buf[slot]) for name, buf in self.buffers.items()}
+
+    def restore(self, seq: int, rows: dict[str, np.ndarray], pos_next: int) -> None:
+        """seq's state becomes the snapshot's, which was taken at position pos_next."""
+        slot = self.slot_of.get(seq)
+        if slot is None:
+            slot = self._claim_slot(seq, pos_next)
+        self.pos_next[seq] = pos_next
+        for name, buf in self.buffers.items():
+            buf[slot] = rows[name]
+
     def _claim_slot(self, seq: int, pos_next: int) -> int:
         """A free state slot for seq, which goes on at position pos_next; a clear error when every slot
         holds a sequence."""
