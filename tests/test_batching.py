@@ -246,13 +246,25 @@ def test_a_sliding_window_cache_holds_a_window_for_every_slot():
         assert res.ids == alone(gemma2, p, 16)
 
 
-def test_no_prefix_cache_where_a_sliding_window_shares_its_cells():
-    """Sliding-window layers keep one window of cells for every sequence: an idle slot's cells are freed."""
+def test_a_sliding_window_slot_keeps_its_cells_for_the_next_turn():
+    """Sliding-window layers keep only the window before a sequence's last tokens: a prompt that goes on where
+    the cells stop (a chat's next turn) reuses them, one that leaves them earlier than the window reaches
+    starts over; every reply equals its cold run."""
     from pathlib import Path
-    gemma2 = LLM(str(Path(__file__).parent / "data" / "arch" / "gemma2.gguf"), n_ctx=64)
-    sched = BatchScheduler(Context(gemma2.loaded, n_ctx=130, n_ubatch=8), gemma2.tokenizer, parallel=2,
-                           n_ctx_per_seq=64)
-    ids = list(range(1, 9))
-    assert not sched.prefix_cache
-    assert [r.timings.n_cached for r in _sequential(sched, [ids, ids + [9]], 2)] == [0, 0]
+    gemma2 = LLM(str(Path(__file__).parent / "data" / "arch" / "gemma2.gguf"), n_ctx=96)
+    window = gemma2.loaded.config.sliding_window
+    sched = BatchScheduler(Context(gemma2.loaded, n_ctx=194, n_ubatch=8), gemma2.tokenizer, parallel=2,
+                           n_ctx_per_seq=96)
+    first_ids = [(5 * j) % 200 + 1 for j in range(window + 10)]      # longer than the window: cells get pruned
+    (first,) = _sequential(sched, [first_ids], 4)
+    turn = first_ids + first.ids + [7, 8, 9]
+    again = first_ids[:12] + [3, 3]                                 # leaves the cells long before their window
+    (second,) = _sequential(sched, [turn], 4)
+    (third,) = _sequential(sched, [again], 4)
     sched.shutdown()
+    assert second.timings.n_cached == len(first_ids) + len(first.ids) - 1
+    assert third.timings.n_cached == 0
+    for ids, res in [(first_ids, first), (turn, second), (again, third)]:
+        assert res.ids == alone(gemma2, ids, 4)
+
+

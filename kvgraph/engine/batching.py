@@ -183,10 +183,10 @@ class BatchScheduler:
         self.max_queue = max_queue
         self.buckets = bucket_sizes(parallel)
         # Prefix caching: an idle slot keeps its cells, and a new prompt goes to the idle slot sharing its
-        # longest prefix, running only the rest (llama.cpp's cache_prompt). Memories with a sliding window
-        # hold one window of cells for all sequences, so there a finished sequence's cells are freed instead.
-        self.prefix_cache = prefix_cache and not any(getattr(m, "sliding_window", None)
-                                                     for m in ctx.memories.values())
+        # longest prefix, running only the rest (llama.cpp's cache_prompt). Where a memory cannot keep any
+        # prefix (a recurrent state, a sliding window's pruned cells) the usable part is smaller: see
+        # _usable_prefix.
+        self.prefix_cache = prefix_cache
         # idle slot -> the tokens its cells hold, in order; in release order (a slot leaves it when admitted)
         self._cached: dict[int, list[int]] = {}
         self.stats = SchedulerStats()
@@ -308,11 +308,13 @@ class BatchScheduler:
         return best
 
     def _usable_prefix(self, seq: int, n: int, n_cached: int) -> int:
-        """How much of a shared prefix of n tokens seq can restart from: all of it where its memories can
-        rewind (or the prompt goes on exactly where the cells stop), else its latest checkpoint at or before n."""
-        if n == n_cached or self.ctx.can_rewind:
+        """How much of a shared prefix of n tokens seq can restart from: all of it where its memories can keep
+        it (every memory when the prompt goes on exactly where the cells stop; a KV cache anywhere; a sliding
+        window where its window before n is whole), else its latest checkpoint at or before n, else nothing."""
+        if n == n_cached or self.ctx.can_keep(seq, n):
             return n
-        return self._ckpts.latest_at_or_before(seq, n)
+        ck = self._ckpts.latest_at_or_before(seq, n)
+        return ck if ck and self.ctx.can_keep_from_checkpoint(seq, ck) else 0
 
     def _admit(self) -> None:
         free = [s for s in range(self.parallel) if s not in self._slots]

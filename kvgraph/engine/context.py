@@ -115,6 +115,14 @@ class Context:
                 mem.seq_rm(seq, ck.pos)
         return ck.pos
 
+    def can_keep(self, seq: int, n: int) -> bool:
+        """Whether every memory can go on from seq's position n keeping only what is before it."""
+        return all(mem.can_keep(seq, n) for mem in self.memories.values())
+
+    def can_keep_from_checkpoint(self, seq: int, pos: int) -> bool:
+        """Whether a checkpoint at pos can restore seq: the memories it does not hold can keep pos."""
+        return all(mem.can_keep(seq, pos) for mem in self.memories.values() if not hasattr(mem, "snapshot"))
+
     @property
     def can_rewind(self) -> bool:
         """Whether every memory can drop a sequence's later positions (no checkpoints needed)."""

@@ -78,9 +78,22 @@ class KVCache:
         self.page_block.fill(-1)
         self.page_of.clear()
 
+    def can_keep(self, seq: int, n: int) -> bool:
+        """Whether seq can go on from position n with only the cells before it: always, except in a sliding
+        window cache, which has pruned the cells its last tokens no longer see; it can then go on only where
+        the window before n is still whole."""
+        if self.sliding_window is None or n == 0:
+            return True
+        lo = max(0, n - self.sliding_window)
+        have = (self.cell_seq == seq) & (self.cell_pos >= lo) & (self.cell_pos < n)
+        return int(have.sum()) == n - lo
+
     def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> bool:
-        """Forget the cells of `seq` with positions in [p0, p1) (pages left empty are free again). Always
-        possible for a KV cache."""
+        """Forget the cells of `seq` with positions in [p0, p1) (pages left empty are free again). False (and
+        nothing forgotten) when a sliding window cache is asked to keep a prefix whose window it no longer
+        holds whole (see can_keep)."""
+        if p0 > 0 and p1 is None and not self.can_keep(seq, p0):
+            return False
         sel = (self.cell_seq == seq) & (self.cell_pos >= p0)
         if p1 is not None:
             sel &= self.cell_pos < p1

@@ -44,6 +44,10 @@ class RecurrentState:
         self.slot_of.clear()
         self.pos_next.clear()
 
+    def can_keep(self, seq: int, n: int) -> bool:
+        """Whether seq can go on from position n: only from where its state stopped (it cannot rewind)."""
+        return seq not in self.slot_of or n >= self.pos_next[seq] or n == 0
+
     def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> bool:
         if seq not in self.slot_of or p0 >= self.pos_next[seq]:
             return True
