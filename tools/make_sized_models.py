@@ -119,6 +119,23 @@ SHAPES = {
         embedding_multiplier=12.0, residual_multiplier=0.246, attention_multiplier=0.015625, logits_scaling=3.0,
         rms_norm_eps=1e-5, max_position_embeddings=32768, tie_word_embeddings=True),
         dtype="float32", note="0.34B, hybrid (Mamba-2 + 4 attention layers of 32)"),
+    # Jamba at the scale of ai21labs/Jamba-tiny-dev (~0.3B), Jamba's own layout: attention every 8th layer
+    # (offset 4), a 16-expert top-2 MoE every 2nd (offset 1), Mamba-1 with d_state 16. Widths approximate
+    # that model's (its config.json could not be read here): a shape for speed, not a copy of it.
+    "jamba-tiny": Shape("jamba", "ai21labs/Jamba-tiny-dev (approximate)", 65536, dict(
+        hidden_size=1024, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
+        num_key_value_heads=8, attn_layer_period=8, attn_layer_offset=4, expert_layer_period=2,
+        expert_layer_offset=1, num_experts=16, num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4,
+        mamba_expand=2, mamba_dt_rank=64, rms_norm_eps=1e-6, max_position_embeddings=262144,
+        tie_word_embeddings=False), dtype="float32", note="~0.4B (MoE), hybrid (Mamba-1 + attention)"),
+    # Falcon-H1 at the scale of tiiuae/Falcon-H1-0.5B: every layer runs attention and Mamba-2 side by side.
+    # Widths approximate (its config.json could not be read here).
+    "falcon-h1-0.5b": Shape("falcon-h1", "tiiuae/Falcon-H1-0.5B (approximate)", 32784, dict(
+        hidden_size=1024, intermediate_size=2048, num_hidden_layers=36, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64,
+        mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=128,
+        rms_norm_eps=1e-5, rope_theta=100000000000.0, max_position_embeddings=16384,
+        tie_word_embeddings=False), dtype="float32", note="~0.5B, hybrid (parallel attention + Mamba-2)"),
 }
 
 
@@ -143,7 +160,7 @@ def build_hf(name: str, shape: Shape, directory: Path) -> None:
     import transformers
 
     arch = fx.ARCHS[shape.arch]
-    _, bos, eos = fx.make_tokenizer(arch.split, directory)
+    _, bos, eos = fx.make_tokenizer(arch.split, directory) if arch.pre else fx.make_spm_tokenizer(directory)
     torch.manual_seed(SEED)
     cfg = getattr(transformers, arch.config)(**{**arch.kw, **shape.kw, "vocab_size": n_vocab(shape),
                                                  "bos_token_id": bos, "eos_token_id": eos})
