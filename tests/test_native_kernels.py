@@ -699,6 +699,114 @@ def test_the_c_scans_match_numpy_and_a_sequence_alone_equals_it_in_a_batch(op, v
         np.testing.assert_array_equal(alone[0], got[q])
 
 
+@pytest.mark.parametrize("op,d,heads", [("ssm_scan", 48, 0), ("ssm_scan2", 32, 4), ("ssm_scan2", 80, 2)])
+def test_a_scan_gives_the_same_bits_token_by_token_split_and_in_place(op, d, heads, variant):
+    """kvg_ssm_scan2 takes one path for one token per sequence (the state streamed row by row) and another
+    for more (per head, blocks of channels); a sequence's y and state are the same bits either way: all its
+    tokens at once, one by one, or split 3 + 4, and in place in a state table by slot (the gathered copy's
+    bits). Heads of 40 channels: a whole vector block and a remainder."""
+    rng = np.random.default_rng(11)
+    s, n, S = 16, 7, 2
+    h = max(heads, 1)
+    a = (-np.exp(rng.standard_normal((d, s) if op == "ssm_scan" else h, dtype=np.float32)))
+    gs = s if op == "ssm_scan" else (2 * s if heads % 2 == 0 else s)
+    h0 = rng.standard_normal((S, s, d), dtype=np.float32)
+    x, dt = rng.standard_normal((S, n, d), dtype=np.float32), rng.standard_normal((S, n, d if op == "ssm_scan" else h),
+                                                                              dtype=np.float32)
+    b, c = rng.standard_normal((S, n, gs), dtype=np.float32), rng.standard_normal((S, n, gs), dtype=np.float32)
+
+    def scan(state, t0, t1):
+        out = np.empty((S, t1 - t0 + s, d), np.float32)
+        native_ops.ssm_scan(op, state, x[:, t0:t1], dt[:, t0:t1], a, b[:, t0:t1], c[:, t0:t1], out)()
+        return out[:, :t1 - t0], np.ascontiguousarray(out[:, t1 - t0:])
+
+    y_all, h_all = scan(h0, 0, n)
+    for cuts in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 7]):
+        state, ys = h0, []
+        for t0, t1 in zip(cuts, cuts[1:]):
+            y, state = scan(state, t0, t1)
+            ys.append(y)
+        np.testing.assert_array_equal(np.concatenate(ys, axis=1), y_all)
+        np.testing.assert_array_equal(state, h_all)
+    pre, post, slots = 5, 3, np.array([3, 1], np.int32)      # in place: the state's columns of a wider row
+    table = rng.standard_normal((4, pre + s * d + post), dtype=np.float32)
+    table[slots, pre: pre + s * d] = h0.reshape(S, -1)
+    before = table.copy()
+    for t0, t1 in ([0, 1], [1, 4], [4, 7]):
+        view = table[:, pre: pre + s * d].view()
+        view.shape = (4, s, d)
+        out = np.full((S, t1 - t0 + s, d), 7.0, np.float32)
+        native_ops.ssm_scan(op, view, x[:, t0:t1], dt[:, t0:t1], a, b[:, t0:t1], c[:, t0:t1], out, ids=slots)()
+        np.testing.assert_array_equal(out[:, :t1 - t0], y_all[:, t0:t1])
+        assert (out[:, t1 - t0:] == 7.0).all()              # the state rows of out are left alone
+    np.testing.assert_array_equal(table[slots, pre: pre + s * d], h_all.reshape(S, -1))
+    others = np.ones(table.shape, bool)
+    others[slots, pre: pre + s * d] = False
+    np.testing.assert_array_equal(table[others], before[others])
+
+
+def test_an_in_place_scan_refuses_a_bad_slot(variant):
+    from kvgraph.errors import IndexOutOfRangeError
+
+    rng = np.random.default_rng(12)
+    h0, x, dt, a, b, c = _ssm_case("ssm_scan2", 2, 1, rng)
+    table = np.zeros((3, 16, 32), np.float32)
+    out = np.empty((2, 17, 32), np.float32)
+    with pytest.raises(IndexOutOfRangeError):
+        native_ops.ssm_scan("ssm_scan2", table, x, dt, a, b, c, out, ids=np.array([0, 3], np.int32))()
+
+
+def test_a_scan_between_a_state_gather_and_write_runs_in_place(variant, monkeypatch):
+    """get_rows(state columns, slots) -> ssm_scan2 -> set_rows(same columns, same slots) compiles to the scan
+    alone, in place (no gather, no write-back), with the gathered graph's bits and the numpy reference's
+    values; a write of other columns of the same rows in between does not stop it."""
+    from kvgraph.backends import compiler, get_backend
+    from kvgraph.graph.ir import I32, GraphBuilder
+    from kvgraph.plan.planner import plan_graph
+
+    monkeypatch.setenv("KVGRAPH_NATIVE_BATCH", "0")
+    S, n, d, s, h, pre = 2, 3, 32, 16, 4, 6
+    g = GraphBuilder()
+    state = g.state("rs.0", (4, pre + s * d))
+    slot = g.input("slot", (S,), I32)
+    x, dt, a = g.input("x", (S, n, d)), g.input("dt", (S, n, h)), g.input("a", (h,))
+    b, c, head = g.input("b", (S, n, 2 * s)), g.input("c", (S, n, 2 * s)), g.input("head", (S, pre))
+    h0 = g.reshape(g.get_rows(g.slice_rows(state, pre, s * d, axis=1), slot), (S, s, d))
+    dst = g.set_rows(state, head, slot, col=0)
+    scan = g.ssm_scan2(h0, x, dt, a, b, c)
+    g.set_rows(dst, g.reshape(g.slice_rows(scan, n, s, axis=1), (S, s * d)), slot, col=pre)
+    g.output("y", g.cont(g.slice_rows(scan, 0, n, axis=1)))
+    rng = np.random.default_rng(13)
+    feeds = {"x": (S, n, d), "dt": (S, n, h), "a": (h,), "b": (S, n, 2 * s), "c": (S, n, 2 * s), "head": (S, pre)}
+    init = rng.standard_normal((4, pre + s * d), dtype=np.float32)
+
+    def run(backend, steps=3):
+        states = {"rs.0": init.copy()}
+        program = get_backend(backend).compile(g.graph, plan_graph(g.graph), {}, states)
+        r = np.random.default_rng(14)
+        ys = []
+        for ids in ([2, 0], [0, 3], [3, 2])[:steps]:
+            for name, shape in feeds.items():
+                program.inputs[name][...] = r.standard_normal(shape, dtype=np.float32)
+            program.inputs["a"][...] = -np.abs(program.inputs["a"])
+            program.inputs["slot"][...] = ids
+            program.run()
+            ys.append(program.outputs["y"].copy())
+        return program, ys, states["rs.0"]
+
+    program, ys, st = run("native")
+    names = [k.__qualname__ for k in program.kernels]
+    assert "kvg_ssm_scan2" in names and "kvg_get_rows_f32" not in names and names.count("kvg_set_rows") == 1
+    _, ref_ys, ref_st = run("numpy")
+    np.testing.assert_allclose(np.stack(ys), np.stack(ref_ys), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(st, ref_st, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(compiler.FusingCompiler, "_plan_state_scans", lambda self: None)
+    program, gathered_ys, gathered_st = run("native")
+    assert "kvg_get_rows_f32" in [k.__qualname__ for k in program.kernels]
+    np.testing.assert_array_equal(np.stack(ys), np.stack(gathered_ys))
+    np.testing.assert_array_equal(st, gathered_st)
+
+
 def test_the_c_causal_convolution_matches_numpy(variant):
     from kvgraph.backends import reference
     from kvgraph.graph.ir import Tensor

@@ -6,7 +6,10 @@ plan makes it safe:
   the norm's input buffer exactly (the plan reuses it once the norm is its last reader; the fused kernels
   read a whole row before writing it) or does not overlap it at all;
 * matmuls of one input against several weights of one format (q/k/v): one matmul against the weights
-  stacked along N, run at the last member's step when no member's result is read before it.
+  stacked along N, run at the last member's step when no member's result is read before it;
+* get_rows(state columns, slots) -> ssm_scan / ssm_scan2 -> set_rows(same columns, same slots) of the new
+  state: the C scan reads and writes the state in place by slot (no gathered copy, no write-back), when
+  nothing else touches those columns in between.
 
 A gated FFN's `matmul_glu` runs as one C kernel over the stacked gate/up tiles when both weights have one
 format (the products stay in registers); otherwise (`glu_products`) as two matmuls into scratch buffers that
@@ -146,7 +149,7 @@ class Compiler:
                 bufs[tid] = self.inputs[t.name] = np.zeros(t.shape, reference.NP_DTYPES[t.dtype])
             elif tid not in plan.offsets:              # a view (or set_rows) of its first source
                 buf = bufs[tid] = reference.view(t, self.arr(bufs[t.srcs[0].id]))
-                if t.op == "set_rows":
+                if t.op == "set_rows" and tid not in self.skip:
                     self.kernels.append(self.set_rows_kernel(t, buf, [self.arr(bufs[s.id]) for s in t.srcs]))
             else:
                 off = plan.offsets[tid]
@@ -154,7 +157,8 @@ class Compiler:
                 if tid not in self.skip:
                     self.emit(t, step)
         outputs = {name: bufs[o.id] for name, o in self.graph.outputs.items()}
-        return self.program_class(native.batch(self.kernels), self.inputs, outputs,
+        kernels = [k for k in self.kernels if k is not None]     # None: a kernel a later fusion took over
+        return self.program_class(native.batch(kernels), self.inputs, outputs,
                                   plan.arena_size + self.staged_bytes())
 
     def emit(self, t: Tensor, step: int) -> None:
@@ -202,8 +206,13 @@ class FusingCompiler(Compiler):
         self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
         self.last_use: dict[tuple[int, str], int] = {}  # (matmul input id, input form) -> last step
         self.staging = StagingPool(self.last_use)
+        # scan node id -> (its state gather, the state write-back, state leaf, first column); the gather's
+        # kernel index once emitted
+        self.state_scans: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
+        self.gather_kernel: dict[int, int] = {}
         self._plan_norm_fusion()
         self._plan_matmul_groups()
+        self._plan_state_scans()
 
     # ---- pre-passes -------------------------------------------------------------------------------------
     @staticmethod
@@ -252,6 +261,96 @@ class FusingCompiler(Compiler):
                 continue
             self.groups[members[-1].id] = members
             self.skip.update(m.id for m in members[:-1])
+
+    def _plan_state_scans(self) -> None:
+        """Scans whose old state is a get_rows of a state's columns by slot, read by the scan alone, and
+        whose new state rows go only to a set_rows of those same columns at the same slots, with no other
+        read or write of those columns in between: candidates to run in place (see state_scan)."""
+        for tid in self.plan.order:
+            t = self.nodes[tid]
+            if t.op not in ("ssm_scan", "ssm_scan2") or t.ndim != 3:
+                continue
+            g = t.srcs[0]
+            while g.op == "reshape":
+                g = g.srcs[0]
+            if g.op != "get_rows" or g.id in self.outputs_base:
+                continue
+            table, ids = g.srcs
+            col = 0
+            if table.op == "slice_rows" and table.p["axis"] == 1:
+                col, table = table.p["start"], table.srcs[0]
+            n_new, width = t.shape[1] - t.srcs[0].shape[1], g.shape[1] if g.ndim == 2 else 0
+            if table.op != "state" or table.ndim != 2 or width != t.srcs[0].n_elements // t.shape[0]:
+                continue
+            if [r.id for r in self._computing_readers(g)] != [t.id]:
+                continue
+            writes = [r for r in self._computing_readers(t) if r.op == "set_rows"]
+            if len(writes) != 1:
+                continue
+            w = writes[0]
+            if not (w.srcs[2] is ids and base_of(w.srcs[0]) is table and not w.p["transposed"]
+                    and w.p["col"] == col and w.srcs[1].ndim == 2 and w.srcs[1].shape[1] == width
+                    and self._first_view(w.srcs[1], t) == ("slice_rows", 1, n_new)):
+                continue
+            # every other reader of the scan reads its y rows only (the state rows will not be written)
+            if any(self._first_view(src, t) != ("slice_rows", 1, 0) for r in self._computing_readers(t)
+                   if r is not w for src in r.srcs if base_of(src) is t):
+                continue
+            if self._columns_touched(table, (col, col + width), self.step_of[g.id], self.step_of[w.id], {g.id, w.id}):
+                continue
+            self.state_scans[tid] = (g, w, table, col)
+
+    def _computing_readers(self, t: Tensor) -> list[Tensor]:
+        """The nodes that read t or a view of it and are not views themselves (a set_rows is: it writes)."""
+        return [r for r in self.readers.get(t.id, ()) if r.op not in VIEW_OPS or r.op == "set_rows"]
+
+    @staticmethod
+    def _first_view(src: Tensor, base: Tensor) -> tuple | None:
+        """(op, axis, start) of the view of base that src is built on, when it is a slice_rows; else None."""
+        while src.op in VIEW_OPS and src.srcs[0] is not base:
+            src = src.srcs[0]
+        return (src.op, src.p["axis"], src.p["start"]) if src.op == "slice_rows" else None
+
+    def _columns_touched(self, state: Tensor, cols: tuple[int, int], first: int, last: int, own: set[int]) -> bool:
+        """Whether a node at a step in [first, last] other than `own` may read or write columns [cols) of
+        state: a read through a column slice of the state, or a partial set_rows, elsewhere in the rows
+        does not; anything else is taken to touch every column."""
+        for r in self.readers.get(state.id, ()):
+            if r.id in own or (r.op in VIEW_OPS and r.op != "set_rows") or not first <= self.step_of[r.id] <= last:
+                continue
+            for i, src in enumerate(r.srcs):
+                if base_of(src) is not state:
+                    continue
+                span = (0, state.shape[-1])
+                if r.op == "set_rows" and i == 0:        # the state it writes into: the columns it writes
+                    if not r.p["transposed"] and r.srcs[1].ndim == 2:
+                        span = (r.p["col"], r.p["col"] + r.srcs[1].shape[1])
+                else:
+                    v = src
+                    while v.op in VIEW_OPS and not (v.op == "slice_rows" and v.srcs[0] is state):
+                        v = v.srcs[0]
+                    if v.op == "slice_rows" and v.p["axis"] == 1:
+                        span = (v.p["start"], v.p["start"] + v.p["n"])
+                if span[0] < cols[1] and cols[0] < span[1]:
+                    return True
+        return False
+
+    def state_scan(self, t: Tensor, out: np.ndarray, srcs: list) -> Kernel | None:
+        """Scan t in place in its state (planned by _plan_state_scans): the C scan reads each sequence's old
+        state from the table by slot and writes the new one back there; the gather's kernel, emitted
+        before, is dropped and the write-back skipped. None (the scan as it is) where the buffers do not
+        suit the C kernel."""
+        g, w, table, col = self.state_scans[t.id]
+        tab, ids = self.arr(self.bufs[table.id]), self.bufs[g.srcs[1].id]
+        if g.id not in self.gather_kernel or not isinstance(tab, np.ndarray) or tab.dtype != np.float32:
+            return None
+        h0 = tab[:, col: col + g.shape[1]].view()
+        h0.shape = (tab.shape[0],) + t.srcs[0].shape[1:]
+        kernel = native_ops.ssm_scan(t.op, h0, *[self.arr(s) for s in srcs[1:]], out, ids=ids)
+        if kernel is not None:
+            self.kernels[self.gather_kernel[g.id]] = None
+            self.skip.add(w.id)
+        return kernel
 
     # ---- emission ---------------------------------------------------------------------------------------
     def staged_bytes(self) -> int:
@@ -320,7 +419,14 @@ class FusingCompiler(Compiler):
             kernel = from_tiles(srcs[1], out) if from_tiles else None
             return kernel or native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
         if t.op == "get_rows":
-            return native_ops.get_rows(self.arr(srcs[0]), srcs[1], out)
+            kernel = native_ops.get_rows(self.arr(srcs[0]), srcs[1], out)
+            if kernel is not None:       # the kernel the next one appended is (emit): a state scan may drop it
+                self.gather_kernel[t.id] = len(self.kernels)
+            return kernel
+        if t.id in self.state_scans:
+            kernel = self.state_scan(t, out, srcs)
+            if kernel is not None:
+                return kernel
         if t.op == "matmul_glu":
             return self.glu_fused(t, step, out, srcs)
         if t.op in native_ops.OPS:

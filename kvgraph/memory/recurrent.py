@@ -130,9 +130,14 @@ class RecurrentView:
     def _state(self, il: int) -> Tensor:
         return self.g.state(self.rs.state_name(il), (self.rs.n_slots, self.rs.row_width))
 
-    def read(self, il: int) -> Tensor:
-        """The rows of this ubatch's sequences, [n_seqs, row_width], as they were before this step."""
-        return self.g.get_rows(self._state(il), self.slot.tensor)
+    def read(self, il: int, col: int = 0, width: int | None = None) -> Tensor:
+        """Columns [col, col + width) (default: all) of the rows of this ubatch's sequences, [n_seqs, width],
+        as they were before this step. A part read on its own is a part a backend may update in place (see
+        compiler.FusingCompiler: a scan from it whose new state is written back to the same columns)."""
+        state = self._state(il)
+        if width is not None and (col, width) != (0, self.rs.row_width):
+            state = self.g.slice_rows(state, col, width, axis=1)
+        return self.g.get_rows(state, self.slot.tensor)
 
     def write(self, il: int, part: Tensor, col: int) -> None:
         """Write part ([n_seqs, ...], each sequence's part flattened) into columns [col, col + size) of the

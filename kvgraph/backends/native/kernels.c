@@ -1958,20 +1958,57 @@ static void conv_rows(void *ctx, int64_t i0, int64_t i1) {
 void kvg_ssm_conv(const int64_t *a) { parallel_for(a[1] * a[2], 1, conv_rows, (void *)a); }
 
 /* a: h0 (float [S, s, d]: the state transposed), h0_s0, h0_s1, x, x_s0, x_s1, dt, dt_s0, dt_s1, A (float [d, s]),
- * B, b_s0, b_s1, C, c_s0, c_s1, out (float [S, n + s, d]: y, then the new state), out_s0, out_s1, S, n, d, s.
+ * B, b_s0, b_s1, C, c_s0, c_s1, out (float [S, n + s, d]: y, then the new state), out_s0, out_s1, S, n, d, s,
+ * (a[23], a[24]: kvg_ssm_scan2's), ids (int32 [S] or 0), n_rows.
+ * ids != 0: the scan runs in place in a recurrent state table: sequence q's state is the rows at
+ * h0 + ids[q] h0_s0 (h0 then points at the state's first column in the table's row 0) and the new state is
+ * written back there, not into out (whose state rows are left alone). Each task reads and writes only its own
+ * sequence's channels, and a ubatch's sequences have distinct slots, so the update in place is safe; a slot
+ * out of range (counted on the calling thread first) leaves that sequence's y zero and no state written.
  * Mamba-1: per channel, h = exp(softplus(dt) A[c]) h + softplus(dt) x B_t; y_t = h . C_t. */
 #define SSM_MAX_STATE 256
 
+/* Where sequence q's old state is read and its new state written: (base, row stride) of each; 0 for a
+ * sequence whose slot is out of range. */
+static inline int scan_state(const int64_t *a, int64_t q, const float **src, float **dst, int64_t *dst_s1) {
+    const int32_t *ids = (const int32_t *)a[25];
+    if (!ids) {
+        *src = (const float *)a[0] + q * a[1];
+        *dst = (float *)a[16] + q * a[17] + a[20] * a[18];
+        *dst_s1 = a[18];
+        return 1;
+    }
+    if (ids[q] < 0 || ids[q] >= a[26]) return 0;
+    *dst = (float *)a[0] + (int64_t)ids[q] * a[1];
+    *src = *dst;
+    *dst_s1 = a[2];
+    return 1;
+}
+
+/* Count the out-of-range slots of an in-place scan on the calling thread (in_range's counter is its own). */
+static void scan_check_ids(const int64_t *a) {
+    const int32_t *ids = (const int32_t *)a[25];
+    if (ids)
+        for (int64_t q = 0; q < a[19]; q++) in_range(ids[q], a[26]);
+}
+
 static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
     const int64_t *a = (const int64_t *)ctx;
-    const float *h0 = (const float *)a[0], *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *x = (const float *)a[3], *dt = (const float *)a[6];
     const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
     float *out = (float *)a[16];
     const int64_t n = a[20], d = a[21], s = a[22];
     float h[SSM_MAX_STATE], da[SSM_MAX_STATE];
     for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, channel) */
         const int64_t q = it / d, c = it % d;
-        for (int64_t j = 0; j < s; j++) h[j] = h0[q * a[1] + j * a[2] + c];
+        const float *src;
+        float *dst;
+        int64_t ds1;
+        if (!scan_state(a, q, &src, &dst, &ds1)) {
+            for (int64_t t = 0; t < n; t++) out[q * a[17] + t * a[18] + c] = 0.0f;
+            continue;
+        }
+        for (int64_t j = 0; j < s; j++) h[j] = src[j * a[2] + c];
         for (int64_t t = 0; t < n; t++) {
             const float sp = softplus(dt[q * a[7] + t * a[8] + c]);
             const float dx = sp * x[q * a[4] + t * a[5] + c];
@@ -1985,51 +2022,162 @@ static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
             for (; j < s; j++) h[j] = expf(da[j]) * h[j] + dx * bt[j];
             out[q * a[17] + t * a[18] + c] = dot_lanes(h, ct, s);
         }
-        for (int64_t j = 0; j < s; j++) out[q * a[17] + (n + j) * a[18] + c] = h[j];
+        for (int64_t j = 0; j < s; j++) dst[j * ds1 + c] = h[j];
     }
 }
 
-void kvg_ssm_scan(const int64_t *a) { parallel_for(a[19] * a[21], 16, scan1_channels, (void *)a); }
+void kvg_ssm_scan(const int64_t *a) {
+    scan_check_ids(a);
+    parallel_for(a[19] * a[21], 16, scan1_channels, (void *)a);
+}
 
 /* a: as kvg_ssm_scan, with A (float [H]) one scalar per head, dt [S, n, H], B/C [S, n, G * s], and a[23] H,
  * a[24] G. Mamba-2: per head h (d / H channels, group g = h / (H / G)), h_p = exp(softplus(dt_h) A_h) h_p +
- * softplus(dt_h) x_p B_g; y_p = h_p . C_g. One task per (sequence, head), run in the new-state rows of out
- * (the state's [s, d] layout: row j holds state j of every channel, a head's channels side by side), so
- * every access is a contiguous run of the head's channels; y_p sums over j in order. */
-static void scan2_heads(void *ctx, int64_t i0, int64_t i1) {
+ * softplus(dt_h) x_p B_g; y_p = h_p . C_g. The state is [s, d]: row j holds state j of every channel, a head's
+ * channels side by side. Two ways through it, with the same operations on every channel (fused multiply-adds
+ * where the build has FMA, in vector lanes or not), so a token's bits never depend on which one its ubatch
+ * took or on its batch mates:
+ *  - one token per sequence (decode): the state streams through once, row by row over runs of whole heads,
+ *    which the hardware prefetches (a head's own rows, d floats apart, would not be);
+ *  - more tokens: per (sequence, head), blocks of SCAN_CB channels copied to a contiguous buffer that stays
+ *    in L1 over all n tokens (rows d floats apart fall into a few cache sets and evict each other), with
+ *    each token's y sums in registers.
+ * y_p always sums over j in order. */
+#ifdef VF_W
+#define SCAN_CB (2 * VF_W)
+#define S_FMA(x, y, z) fmaf((x), (y), (z))      /* rounds once, as a vector lane's vf_fmadd */
+#else
+#define SCAN_CB 16
+#define S_FMA(x, y, z) ((x) * (y) + (z))
+#endif
+#define SCAN_SPAN 2048                            /* channels of the decode path's y and dx buffers */
+
+/* one token, w channels of one state row: h = dx bj + h dA; y += h cj */
+static inline void scan2_span(float *h, const float *dx, float *y, int64_t w, float dA, float bj, float cj) {
+    int64_t p = 0;
+#ifdef VF_W
+    const vf da = vf_set1(dA), b = vf_set1(bj), c = vf_set1(cj);
+    for (; p + VF_W <= w; p += VF_W) {
+        const vf hv = vf_fmadd(vf_load(dx + p), b, vf_mul(vf_load(h + p), da));
+        vf_store(h + p, hv);
+        vf_store(y + p, vf_fmadd(hv, c, vf_load(y + p)));
+    }
+#endif
+    for (; p < w; p++) {
+        h[p] = S_FMA(dx[p], bj, h[p] * dA);
+        y[p] = S_FMA(h[p], cj, y[p]);
+    }
+}
+
+/* one token, one block of w <= SCAN_CB channels of a head: hl [s][SCAN_CB] the block's state */
+static inline void scan2_block(float *hl, int64_t s, int64_t w, float sp, float dA, const float *xt,
+                               const float *bt, const float *ct, float *y) {
+    float dx[SCAN_CB], acc[SCAN_CB];
+    for (int64_t p = 0; p < w; p++) dx[p] = sp * xt[p], acc[p] = 0.0f;
+#ifdef VF_W
+    if (w == SCAN_CB) {       /* the same operations as scan2_span, y kept in registers */
+        const vf da = vf_set1(dA), dx0 = vf_load(dx), dx1 = vf_load(dx + VF_W);
+        vf y0 = vf_set1(0.0f), y1 = vf_set1(0.0f);
+        for (int64_t j = 0; j < s; j++) {
+            float *hr = hl + j * SCAN_CB;
+            const vf bj = vf_set1(bt[j]), cj = vf_set1(ct[j]);
+            const vf h0 = vf_fmadd(dx0, bj, vf_mul(vf_load(hr), da));
+            const vf h1 = vf_fmadd(dx1, bj, vf_mul(vf_load(hr + VF_W), da));
+            vf_store(hr, h0);
+            vf_store(hr + VF_W, h1);
+            y0 = vf_fmadd(h0, cj, y0);
+            y1 = vf_fmadd(h1, cj, y1);
+        }
+        vf_store(y, y0);
+        vf_store(y + VF_W, y1);
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < s; j++) scan2_span(hl + j * SCAN_CB, dx, acc, w, dA, bt[j], ct[j]);
+    for (int64_t p = 0; p < w; p++) y[p] = acc[p];
+}
+
+static void scan2_heads(void *ctx, int64_t i0, int64_t i1) {      /* (sequence, head) i0 .. i1 - 1, n tokens */
     const int64_t *a = (const int64_t *)ctx;
-    const float *h0 = (const float *)a[0], *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *x = (const float *)a[3], *dt = (const float *)a[6];
     const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
     float *out = (float *)a[16];
     const int64_t n = a[20], d = a[21], s = a[22], nh = a[23], ng = a[24], hd = d / nh;
-    float *dx = malloc(sizeof(float) * (size_t)hd);
-    if (!dx) return;
-    for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, head) */
+    float hl[SSM_MAX_STATE * SCAN_CB];
+    for (int64_t it = i0; it < i1; it++) {
         const int64_t q = it / nh, hh = it % nh, g = hh / (nh / ng), c0 = hh * hd;
-        float *hs = out + q * a[17] + n * a[18] + c0;        /* state row j at hs + j * a[18] */
-        for (int64_t j = 0; j < s; j++) memcpy(hs + j * a[18], h0 + q * a[1] + j * a[2] + c0, sizeof(float) * hd);
-        for (int64_t t = 0; t < n; t++) {
-            const float sp = softplus(dt[q * a[7] + t * a[8] + hh]), dA = expf(sp * A[hh]);
-            const float *xt = x + q * a[4] + t * a[5] + c0;
-            const float *bt = B + q * a[11] + t * a[12] + g * s, *ct = C + q * a[14] + t * a[15] + g * s;
-            float *y = out + q * a[17] + t * a[18] + c0;
-#pragma omp simd
-            for (int64_t p = 0; p < hd; p++) dx[p] = sp * xt[p], y[p] = 0.0f;
-            for (int64_t j = 0; j < s; j++) {
-                float *hr = hs + j * a[18];
-                const float bj = bt[j], cj = ct[j];
-#pragma omp simd
-                for (int64_t p = 0; p < hd; p++) {
-                    hr[p] = hr[p] * dA + dx[p] * bj;
-                    y[p] += hr[p] * cj;
-                }
+        const float *src;
+        float *dst;
+        int64_t ds1;
+        if (!scan_state(a, q, &src, &dst, &ds1)) {
+            for (int64_t t = 0; t < n; t++) memset(out + q * a[17] + t * a[18] + c0, 0, sizeof(float) * hd);
+            continue;
+        }
+        for (int64_t cb = c0; cb < c0 + hd; cb += SCAN_CB) {
+            const int64_t w = c0 + hd - cb < SCAN_CB ? c0 + hd - cb : SCAN_CB;
+            for (int64_t j = 0; j < s; j++) memcpy(hl + j * SCAN_CB, src + j * a[2] + cb, sizeof(float) * w);
+            for (int64_t t = 0; t < n; t++) {
+                const float sp = softplus(dt[q * a[7] + t * a[8] + hh]), dA = expf(sp * A[hh]);
+                scan2_block(hl, s, w, sp, dA, x + q * a[4] + t * a[5] + cb, B + q * a[11] + t * a[12] + g * s,
+                            C + q * a[14] + t * a[15] + g * s, out + q * a[17] + t * a[18] + cb);
             }
+            for (int64_t j = 0; j < s; j++) memcpy(dst + j * ds1 + cb, hl + j * SCAN_CB, sizeof(float) * w);
         }
     }
-    free(dx);
 }
 
-void kvg_ssm_scan2(const int64_t *a) { parallel_for(a[19] * a[23], 1, scan2_heads, (void *)a); }
+static void scan2_rows(void *ctx, int64_t i0, int64_t i1) {       /* (sequence, head) i0 .. i1 - 1, one token */
+    const int64_t *a = (const int64_t *)ctx;
+    const float *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
+    float *out = (float *)a[16];
+    const int64_t d = a[21], s = a[22], nh = a[23], ng = a[24], hd = d / nh;
+    float y[SCAN_SPAN], dx[SCAN_SPAN], dA[SCAN_SPAN], sp[SCAN_SPAN];
+    for (int64_t it = i0; it < i1;) {
+        const int64_t q = it / nh, h0 = it % nh;   /* heads h0 .. h1 - 1 of sequence q: one run of channels */
+        int64_t h1 = h0 + (i1 - it < nh - h0 ? i1 - it : nh - h0);
+        if ((h1 - h0) * hd > SCAN_SPAN) h1 = h0 + (SCAN_SPAN / hd > 1 ? SCAN_SPAN / hd : 1);
+        it += h1 - h0;
+        const int64_t c0 = h0 * hd, w = (h1 - h0) * hd;
+        const float *xt = x + q * a[4] + c0, *bt = B + q * a[11], *ct = C + q * a[14];
+        float *yo = out + q * a[17] + c0;
+        const float *src;
+        float *dst;
+        int64_t ds1;
+        if (!scan_state(a, q, &src, &dst, &ds1)) {
+            memset(yo, 0, sizeof(float) * w);
+            continue;
+        }
+        if (w > SCAN_SPAN) {             /* a head wider than the buffers: the per-head path */
+            scan2_heads(ctx, q * nh + h0, q * nh + h1);
+            continue;
+        }
+        for (int64_t hh = h0; hh < h1; hh++) {
+            sp[hh - h0] = softplus(dt[q * a[7] + hh]);
+            dA[hh - h0] = expf(sp[hh - h0] * A[hh]);
+        }
+        for (int64_t p = 0; p < w; p++) dx[p] = sp[p / hd] * xt[p], y[p] = 0.0f;
+        for (int64_t j = 0; j < s; j++) {
+            const float *hs = src + j * a[2] + c0;
+            float *hr = dst + j * ds1 + c0;
+            if (hr != hs) memcpy(hr, hs, sizeof(float) * w);
+            for (int64_t hh = h0; hh < h1; hh++) {
+                const int64_t g = hh / (nh / ng), o = (hh - h0) * hd;
+                scan2_span(hr + o, dx + o, y + o, hd, dA[hh - h0], bt[g * s + j], ct[g * s + j]);
+            }
+        }
+        memcpy(yo, y, sizeof(float) * w);
+    }
+}
+
+void kvg_ssm_scan2(const int64_t *a) {
+    scan_check_ids(a);
+    const int64_t tasks = a[19] * a[23], nt = atomic_load(&pool.n_threads);
+    if (a[20] == 1)      /* runs of heads: about two per thread */
+        parallel_for(tasks, (tasks + 2 * nt - 1) / (2 * nt), scan2_rows, (void *)a);
+    else
+        parallel_for(tasks, 1, scan2_heads, (void *)a);
+}
 
 /* a: table (float [rows, k], rows ts floats apart), n_rows, k, ts, ids (int32 [n]), n, out (float [n, k], rows
  * os floats apart): out[i] = table[ids[i]] (a recurrent state's rows gathered for a ubatch's sequences: rows of

@@ -42,12 +42,13 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
 
 
 def get_rows(table: np.ndarray, ids: np.ndarray, out: np.ndarray):
-    """out[i] = table[ids[i]] for a float32 table whose rows are contiguous (a recurrent state's)."""
+    """out[i] = table[ids[i]] for a float32 table whose rows are contiguous (a recurrent state's, or a range of
+    its columns)."""
     if (table.dtype != np.float32 or out.dtype != np.float32 or ids.dtype != np.int32 or ids.ndim != 1
             or not ids.flags.c_contiguous or table.shape[0] == 0):
         return None
-    t2 = table.reshape(table.shape[0], -1) if table.flags.c_contiguous else None
-    o2 = out.reshape(out.shape[0], -1) if out.flags.c_contiguous else None
+    t2, o2 = (a if a.ndim == 2 and a.strides[1] == F4 else a.reshape(a.shape[0], -1) if a.flags.c_contiguous
+              else None for a in (table, out))     # 2-D: a column range of a state's rows is taken as it is
     if t2 is None or o2 is None or o2.shape != (ids.shape[0], t2.shape[1]):
         return None
     return bind("kvg_get_rows_f32", ptr(t2), t2.shape[0], t2.shape[1], t2.strides[0] // F4, ptr(ids), ids.shape[0],
@@ -77,9 +78,12 @@ def ssm_conv(x: np.ndarray, w: np.ndarray, out: np.ndarray):
 
 
 def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
-             out: np.ndarray):
+             out: np.ndarray, ids: np.ndarray | None = None):
     """Mamba-1's (ssm_scan: a [d, s]) or Mamba-2's (ssm_scan2: a [H], b/c [S, n, G s]) selective scan
-    (kvg_ssm_scan / kvg_ssm_scan2): out [(S,) n + s, d], y then the new state (transposed, as h0)."""
+    (kvg_ssm_scan / kvg_ssm_scan2): out [(S,) n + s, d], y then the new state (transposed, as h0).
+    ids (int32 [S]): in place instead. h0 is then the state table's columns holding the state, [n_slots, s,
+    d] (a view of a float32 [n_slots, row] table), sequence q's state is h0[ids[q]] and its new state is
+    written there; out's state rows are left alone."""
     rows = [_seq_rows(v) for v in (h0, x, dt, b, c, out)]
     if any(r is None for r in rows) or len({v.ndim for v in (h0, x, dt, b, c, out)}) != 1:
         return None
@@ -90,10 +94,15 @@ def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarr
     if s > MAX_STATE:
         return None
     n_seqs = x.shape[0] if x.ndim == 3 else 1
-    heads = (a.shape[0], b.shape[-1] // s) if op == "ssm_scan2" else ()
+    if ids is not None and (ids.dtype != np.int32 or ids.shape != (n_seqs,) or not ids.flags.c_contiguous
+                            or h0.ndim != 3 or h0.strides[1] != d * F4):
+        return None
+    heads = (a.shape[0], b.shape[-1] // s) if op == "ssm_scan2" else (0, 0)
     (h0s, xs, dts, bs, cs, outs) = rows
+    in_place = (ptr(ids), h0.shape[0]) if ids is not None else (0, 0)
     return bind(f"kvg_{op}", ptr(h0), *h0s, ptr(x), *xs, ptr(dt), *dts, ptr(a), ptr(b), *bs, ptr(c), *cs, ptr(out),
-                *outs, n_seqs, n, d, s, *heads, keep=(h0, x, dt, a, b, c, out))
+                *outs, n_seqs, n, d, s, *heads, *in_place, keep=(h0, x, dt, a, b, c, out, ids),
+                indexes=ids is not None)
 
 
 def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray, down: np.ndarray,
