@@ -660,6 +660,32 @@ def test_the_c_packer_makes_the_numpy_packers_tiles(type_name, variant):
     np.testing.assert_array_equal(got, want)
 
 
+def test_bias_add_silu_cont_and_concat_in_c(variant):
+    """The small ops of the recurrent blocks in C: a bias row added to every row, SiLU row by row (a row's
+    bits do not depend on how many rows there are), a strided view made contiguous, a concatenation."""
+    from kvgraph.graph.ir import Tensor
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 37), dtype=np.float32)
+    bias, out = rng.standard_normal(37, dtype=np.float32), np.empty((5, 37), np.float32)
+    native_ops.add(x, bias, out)()
+    np.testing.assert_array_equal(out, x + bias)
+    assert native_ops.add(x, bias[:36], np.empty((5, 36), np.float32)) is None
+    native_ops.act("swiglu", x, out)()
+    np.testing.assert_allclose(out, x / (1 + np.exp(-x)), rtol=1e-6, atol=1e-6)
+    one = np.empty((1, 37), np.float32)
+    native_ops.act("swiglu", x[3:4], one)()
+    np.testing.assert_array_equal(one[0], out[3])
+    src = rng.standard_normal((2, 3, 9, 20), dtype=np.float32)[:, :, 2:7, :15]
+    dst = np.empty(src.shape, np.float32)
+    native_ops.for_node(Tensor(0, "cont", (), dst.shape, "f32", "", {}), dst, [src])()
+    np.testing.assert_array_equal(dst, src)
+    a, b = rng.standard_normal((2, 3, 8), dtype=np.float32), rng.standard_normal((2, 5, 8), dtype=np.float32)
+    cat = np.empty((2, 8, 8), np.float32)
+    native_ops.for_node(Tensor(0, "concat_rows", (), cat.shape, "f32", "", {"axis": 1}), cat, [a, b])()
+    np.testing.assert_array_equal(cat, np.concatenate([a, b], axis=1))
+
+
 # ---- recurrent layers ---------------------------------------------------------------------------------------
 def _ssm_case(op: str, n_seqs: int, n: int, rng):
     """Random sources of a Mamba-1 (d 48, state 16) or Mamba-2 (4 heads of 8, 2 groups, state 16) scan, as
@@ -819,6 +845,21 @@ def test_the_c_causal_convolution_matches_numpy(variant):
     reference.KERNELS["ssm_conv"](node, want, x, w)()
     native_ops.ssm_conv(x, w, got)()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_c_convolution_of_many_tokens_is_that_of_each_token_alone(variant):
+    """kvg_ssm_conv takes channel blocks over all tokens for many of them and token rows for a few: the same
+    sums, so a token's bits do not depend on how many share its ubatch (300 channels: a block and a part)."""
+    rng = np.random.default_rng(6)
+    n, d, k = 12, 300, 4
+    x = rng.standard_normal((2, k - 1 + n, d + 5), dtype=np.float32)[..., :d]
+    w = rng.standard_normal((d, k), dtype=np.float32)
+    together = np.empty((2, n, d), np.float32)
+    native_ops.ssm_conv(x, w, together)()
+    for t in range(n):
+        alone = np.empty((2, 1, d), np.float32)
+        native_ops.ssm_conv(x[:, t: t + k], w, alone)()
+        np.testing.assert_array_equal(alone[:, 0], together[:, t])
 
 
 def test_state_rows_are_gathered_in_c_and_a_bad_slot_is_refused(variant):

@@ -235,7 +235,7 @@ class FusingCompiler(Compiler):
             r, w = t.srcs[0], self.weights[t.srcs[1].name]
             between = self.plan.order[self.step_of[r.id] + 1: self.step_of[tid]]
             if (len(self.readers.get(r.id, ())) == 1 and r.id not in self.outputs_base and w.dense is not None
-                    and w.dense.ndim == 1 and w.dense.shape[0] == r.shape[-1] and t.shape == r.shape
+                    and w.dense.shape[-1:] == r.shape[-1:] and w.dense.size == r.shape[-1] and t.shape == r.shape
                     and all(self.nodes[b].is_leaf or self.nodes[b].op in VIEW_OPS for b in between)
                     and r.srcs[0].shape == r.shape and not self._partly_overlaps(tid, r.srcs[0])):
                 self.fused_norm[tid] = r
@@ -412,7 +412,7 @@ class FusingCompiler(Compiler):
             return None
         if t.id in self.fused_norm:
             r = self.fused_norm[t.id]
-            return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"], out)
+            return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense.reshape(-1), r.p["eps"], out)
         if t.op == "get_rows" and t.srcs[0].op == "weight":
             # out of the tiles where the weight has them (a tied embedding: its file pages stay untouched)
             from_tiles = getattr(srcs[0].mat, "rows_kernel", None)

@@ -866,7 +866,7 @@ static inline vf vf_exp(vf x) {
 }
 #endif
 
-/* o[i] = act(g[i]) * u[i], kind 0: silu, 1: gelu tanh. Element i is read before it is written (o may be g
+/* o[i] = act(g[i]) * u[i] (u 0: act(g[i])), kind 0: silu, 1: gelu tanh. Element i is read before it is written (o may be g
  * or u), and each element's bits depend only on its value and on whether it falls in a whole vector. */
 static inline void gated_span(const float *g, const float *u, float *o, const int64_t n, const int64_t kind) {
     int64_t i = 0;
@@ -881,14 +881,14 @@ static inline void gated_span(const float *g, const float *u, float *o, const in
             const vf z = vf_mul(vf_set1(0.7978845608f), vf_fmadd(vf_mul(vf_set1(0.044715f), x), vf_mul(x, x), x));
             act = vf_div(x, vf_add(one, vf_exp(vf_mul(vf_set1(-2.0f), z))));
         }
-        vf_store(o + i, vf_mul(act, vf_load(u + i)));
+        vf_store(o + i, u ? vf_mul(act, vf_load(u + i)) : act);
     }
 #endif
     for (; i < n; i++) {
         const float x = g[i];
         const float act = kind == 0 ? x / (1.0f + expf(-x))
                                     : 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
-        o[i] = act * u[i];
+        o[i] = u ? act * u[i] : act;
     }
 }
 
@@ -896,6 +896,16 @@ static inline void gated_span(const float *g, const float *u, float *o, const in
 void kvg_gated(const int64_t *a) {
     gated_span((const float *)a[0], (const float *)a[1], (float *)a[2], a[3], a[4]);
 }
+
+/* a: x, out, rows, k, kind:  out = act(x) (kvg_gated's), row by row (contiguous rows of k): an element's bits
+ * depend on its place in its row, never on how many rows there are. */
+static void act_rows(void *ctx, int64_t r0, int64_t r1) {
+    const int64_t *a = (const int64_t *)ctx;
+    for (int64_t r = r0; r < r1; r++)
+        gated_span((const float *)a[0] + r * a[3], NULL, (float *)a[1] + r * a[3], a[3], a[4]);
+}
+
+void kvg_act(const int64_t *a) { parallel_for(a[2], (16384 + a[3] - 1) / a[3], act_rows, (void *)a); }
 
 #define GLU_RUN 4    /* gate tiles, then as many up tiles, read in runs: each weight stream stays sequential */
 static const tiles_fn TILES[] = {q4h_tiles, q4f_tiles, q5h_tiles, q8_tiles, q4k_tiles, q5k_tiles, q6k_tiles};
@@ -1581,13 +1591,34 @@ static void attention(const int64_t *a) {
 /* a[22]: K and V are float16 */
 void kvg_attention(const int64_t *a) { attention(a); }
 
-/* a: x, y, out, n:  out = x + y (contiguous, same length) */
+/* a: x, y, out, n, k:  out = x + y (contiguous; k 0: y as long as x, else y one row of k added to each of
+ * x's n / k rows, a bias) */
 void kvg_add(const int64_t *a) {
     const float *x = (const float *)a[0], *y = (const float *)a[1];
     float *o = (float *)a[2];
-    const int64_t n = a[3];
+    const int64_t n = a[3], k = a[4];
+    if (!k) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) o[i] = x[i] + y[i];
+        for (int64_t i = 0; i < n; i++) o[i] = x[i] + y[i];
+        return;
+    }
+    for (int64_t r = 0; r < n; r += k) {
+#pragma omp simd
+        for (int64_t i = 0; i < k; i++) o[r + i] = x[r + i] + y[i];
+    }
+}
+
+/* a: n_parts, then per part src, dst, A, B, C, src_s0, src_s1, dst_s0, dst_s1 (floats): dst[i, j, :C] =
+ * src[i, j, :C], rows C floats long (a view made contiguous, the two halves of a concatenation). */
+void kvg_copy(const int64_t *a) {
+    for (int64_t p = 0; p < a[0]; p++) {
+        const int64_t *q = a + 1 + 9 * p;
+        const float *src = (const float *)q[0];
+        float *dst = (float *)q[1];
+        for (int64_t i = 0; i < q[2]; i++)
+            for (int64_t j = 0; j < q[3]; j++)
+                memcpy(dst + i * q[7] + j * q[8], src + i * q[5] + j * q[6], sizeof(float) * (size_t)q[4]);
+    }
 }
 
 /* A row lookup's row r of out [n, k]: 0 (row zeroed, the id counted as bad; see in_range) when ids[r] is out
@@ -1934,15 +1965,44 @@ void kvg_stream_read(const int64_t *a) {
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 /* a: x, S, n (new tokens), d, x_s0 (sequence stride), x_s1 (row stride), w (float [d, k]), k, out, out_s0, out_s1.
- * out[q, t, c] = sum_j x[q, t + j, c] w[c, j] (x holds k - 1 earlier inputs, then the n new ones). */
-typedef struct { const int64_t *a; } conv_job;
+ * out[q, t, c] = sum_j x[q, t + j, c] w[c, j] (x holds k - 1 earlier inputs, then the n new ones), summed in
+ * the order of j from 0. Many tokens: one task per (sequence, block of CONV_CB channels) over all n tokens,
+ * with the block's taps transposed once ([j][c]: every load contiguous); a few: one per (sequence, token)
+ * row. The same sum either way, so a channel's value does not depend on n. */
+#define CONV_CB 256
+#define CONV_MAX_K 16
 
-static void conv_rows(void *ctx, int64_t i0, int64_t i1) {
+static void conv_blocks(void *ctx, int64_t i0, int64_t i1) {
+    const int64_t *a = (const int64_t *)ctx;
+    const float *x = (const float *)a[0], *w = (const float *)a[6];
+    const int64_t n = a[2], d = a[3], xs0 = a[4], xs1 = a[5], k = a[7], os0 = a[9], os1 = a[10];
+    const int64_t nb = (d + CONV_CB - 1) / CONV_CB;
+    float *out = (float *)a[8];
+    float wt[CONV_MAX_K * CONV_CB];
+    for (int64_t it = i0; it < i1; it++) {
+        const int64_t q = it / nb, c0 = (it % nb) * CONV_CB, cw = d - c0 < CONV_CB ? d - c0 : CONV_CB;
+        for (int64_t j = 0; j < k; j++)
+            for (int64_t c = 0; c < cw; c++) wt[j * CONV_CB + c] = w[(c0 + c) * k + j];
+        for (int64_t t = 0; t < n; t++) {
+            const float *xr = x + q * xs0 + t * xs1 + c0;
+            float acc[CONV_CB];
+            for (int64_t c = 0; c < cw; c++) acc[c] = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                const float *xj = xr + j * xs1, *wj = wt + j * CONV_CB;
+#pragma omp simd
+                for (int64_t c = 0; c < cw; c++) acc[c] += xj[c] * wj[c];
+            }
+            memcpy(out + q * os0 + t * os1 + c0, acc, sizeof(float) * (size_t)cw);
+        }
+    }
+}
+
+static void conv_rows(void *ctx, int64_t i0, int64_t i1) {     /* taps past CONV_MAX_K: (sequence, token) rows */
     const int64_t *a = (const int64_t *)ctx;
     const float *x = (const float *)a[0], *w = (const float *)a[6];
     const int64_t n = a[2], d = a[3], xs0 = a[4], xs1 = a[5], k = a[7], os0 = a[9], os1 = a[10];
     float *out = (float *)a[8];
-    for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, token) row */
+    for (int64_t it = i0; it < i1; it++) {
         const int64_t q = it / n, t = it % n;
         const float *xr = x + q * xs0 + t * xs1;
         float *o = out + q * os0 + t * os1;
@@ -1955,7 +2015,12 @@ static void conv_rows(void *ctx, int64_t i0, int64_t i1) {
     }
 }
 
-void kvg_ssm_conv(const int64_t *a) { parallel_for(a[1] * a[2], 1, conv_rows, (void *)a); }
+void kvg_ssm_conv(const int64_t *a) {      /* both ways give the same bits: a few tokens skip the transposition */
+    if (a[7] > CONV_MAX_K || a[2] < 8)
+        parallel_for(a[1] * a[2], 1, conv_rows, (void *)a);
+    else
+        parallel_for(a[1] * ((a[3] + CONV_CB - 1) / CONV_CB), 1, conv_blocks, (void *)a);
+}
 
 /* a: h0 (float [S, s, d]: the state transposed), h0_s0, h0_s1, x, x_s0, x_s1, dt, dt_s0, dt_s1, A (float [d, s]),
  * B, b_s0, b_s1, C, c_s0, c_s1, out (float [S, n + s, d]: y, then the new state), out_s0, out_s1, S, n, d, s,

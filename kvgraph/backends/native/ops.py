@@ -12,7 +12,7 @@ from . import GATED_KINDS, bind, f64_bits, ptr
 F4 = 4      # bytes per float32 / int32
 SEG = 256   # cells per segment of the attention kernel (kernels.c), the KV cache's page
 OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale",  # for_node's
-                 "moe_ffn", "ssm_conv", "ssm_scan", "ssm_scan2"})
+                 "moe_ffn", "ssm_conv", "ssm_scan", "ssm_scan2", "silu", "cont", "concat_rows"})
 
 
 def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
@@ -38,6 +38,14 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
         return ssm_conv(*srcs, out)
     if t.op in ("ssm_scan", "ssm_scan2"):
         return ssm_scan(t.op, *srcs, out)
+    if t.op == "silu":
+        return act("swiglu", srcs[0], out)
+    if t.op == "cont":
+        return copy([(srcs[0], out)])
+    if t.op == "concat_rows":
+        axis, na = t.p["axis"], srcs[0].shape[t.p["axis"]]
+        lead = (slice(None),) * axis
+        return copy([(srcs[0], out[lead + (slice(0, na),)]), (srcs[1], out[lead + (slice(na, None),)])])
     return None
 
 
@@ -129,11 +137,52 @@ def mul_rows(x: np.ndarray, w: np.ndarray | None, out: np.ndarray, s: float = 1.
 
 
 def add(a: np.ndarray, b: np.ndarray, out: np.ndarray):
-    """out = a + b for equal-shape contiguous float32 arrays (the residual adds); None otherwise."""
-    if not (a.shape == b.shape == out.shape and all(x.dtype == np.float32 and x.flags.c_contiguous
+    """out = a + b for contiguous float32 arrays, b of a's shape (the residual adds) or one row of its last
+    axis (a bias); None otherwise."""
+    if not (a.shape == out.shape and a.ndim and all(x.dtype == np.float32 and x.flags.c_contiguous
                                                     for x in (a, b, out))):
         return None
-    return bind("kvg_add", ptr(a), ptr(b), ptr(out), out.size, keep=(a, b, out))
+    if b.shape == a.shape:
+        k = 0
+    elif b.shape[-1:] == a.shape[-1:] and b.size == a.shape[-1]:
+        k = b.size
+    else:
+        return None
+    return bind("kvg_add", ptr(a), ptr(b), ptr(out), out.size, k, keep=(a, b, out))
+
+
+def act(kind: str, x: np.ndarray, out: np.ndarray):
+    """out = act(x) row by row (kvg_act: kvg_gated's activation alone), contiguous float32 of one shape."""
+    if not (x.shape == out.shape and x.ndim and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, out))):
+        return None
+    k = x.shape[-1]
+    return bind("kvg_act", ptr(x), ptr(out), x.size // max(k, 1), k, GATED_KINDS[kind], keep=(x, out))
+
+
+def _as_3d(a: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """(shape, strides in floats) of float32 a seen as [A, B, C] with unit-stride rows (leading axes merged
+    where they are evenly spaced), or None."""
+    if a.dtype != np.float32 or a.ndim == 0 or a.strides[-1] != F4 or any(st % F4 for st in a.strides):
+        return None
+    shape, strides = list(a.shape), [st // F4 for st in a.strides]
+    while len(shape) > 3:
+        if strides[0] != shape[1] * strides[1]:
+            return None
+        shape[:2], strides[:2] = [shape[0] * shape[1]], [strides[1]]
+    pad = 3 - len(shape)
+    return [1] * pad + shape, [0] * pad + strides
+
+
+def copy(parts: list[tuple[np.ndarray, np.ndarray]]):
+    """dst[...] = src for each (src, dst) of one shape, float32 with unit-stride rows (kvg_copy): cont of a
+    view, the halves of a concat_rows."""
+    slots = [len(parts)]
+    for src, dst in parts:
+        s3, d3 = _as_3d(src), _as_3d(dst)
+        if s3 is None or d3 is None or src.shape != dst.shape:
+            return None
+        slots += [ptr(src), ptr(dst), *s3[0], *s3[1][:2], *d3[1][:2]]
+    return bind("kvg_copy", *slots, keep=tuple(parts))
 
 
 def embedding_rows(reader, ids: np.ndarray, out: np.ndarray):
