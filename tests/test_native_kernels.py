@@ -661,7 +661,7 @@ def test_the_c_packer_makes_the_numpy_packers_tiles(type_name, variant):
 
 
 def test_bias_add_silu_cont_and_concat_in_c(variant):
-    """The small ops of the recurrent blocks in C: a bias row added to every row, SiLU row by row (a row's
+    """The small ops of the recurrent blocks in C: a bias row added to every row, a scale per head, SiLU row by row (a row's
     bits do not depend on how many rows there are), a strided view made contiguous, a concatenation."""
     from kvgraph.graph.ir import Tensor
 
@@ -671,6 +671,10 @@ def test_bias_add_silu_cont_and_concat_in_c(variant):
     native_ops.add(x, bias, out)()
     np.testing.assert_array_equal(out, x + bias)
     assert native_ops.add(x, bias[:36], np.empty((5, 36), np.float32)) is None
+    x3, scale = rng.standard_normal((4, 3, 6), dtype=np.float32), rng.standard_normal((3, 1), dtype=np.float32)
+    out3 = np.empty(x3.shape, np.float32)
+    native_ops.mul_rows(x3, scale, out3)()                   # one scale per head
+    np.testing.assert_array_equal(out3, x3 * scale)
     native_ops.act("swiglu", x, out)()
     np.testing.assert_allclose(out, x / (1 + np.exp(-x)), rtol=1e-6, atol=1e-6)
     one = np.empty((1, 37), np.float32)

@@ -1719,14 +1719,19 @@ int64_t kvg_run(const int64_t *list, int64_t n) {
     return kvg_take_bad_indices();   /* out-of-range indices met on the way (see in_range) */
 }
 
-/* a: x, w, out, M, K:  out[m, k] = x[m, k] * w[k]  (w 0: out = x * s, with s in a[5] as f64 bits) */
+/* a: x, w, out, M, K, s, P:  out[m, k] = x[m, k] * w[k]  (w 0: out = x * s, with s in a[5] as f64 bits; P > 0:
+ * w holds one value per row, out[m, k] = x[m, k] * w[m % P], a scale per head) */
 void kvg_mul_rows(const int64_t *a) {
     const float *x = (const float *)a[0], *w = (const float *)a[1];
     float *o = (float *)a[2];
-    const int64_t m_rows = a[3], k = a[4];
+    const int64_t m_rows = a[3], k = a[4], per_row = a[6];
     const float s = f_arg(a[5]);
     for (int64_t m = 0; m < m_rows; m++) {
-        if (w) {
+        if (per_row) {
+            const float wm = w[m % per_row];
+#pragma omp simd
+            for (int64_t i = 0; i < k; i++) o[m * k + i] = x[m * k + i] * wm;
+        } else if (w) {
 #pragma omp simd
             for (int64_t i = 0; i < k; i++) o[m * k + i] = x[m * k + i] * w[i];
         } else {
@@ -2116,6 +2121,7 @@ void kvg_ssm_scan(const int64_t *a) {
 #define S_FMA(x, y, z) ((x) * (y) + (z))
 #endif
 #define SCAN_SPAN 2048                            /* channels of the decode path's y and dx buffers */
+#define SCAN_AHEAD 4                              /* rows the decode path prefetches ahead */
 
 /* one token, w channels of one state row: h = dx bj + h dA; y += h cj */
 static inline void scan2_span(float *h, const float *dx, float *y, int64_t w, float dA, float bj, float cj) {
@@ -2225,6 +2231,8 @@ static void scan2_rows(void *ctx, int64_t i0, int64_t i1) {       /* (sequence, 
         for (int64_t j = 0; j < s; j++) {
             const float *hs = src + j * a[2] + c0;
             float *hr = dst + j * ds1 + c0;
+            if (j + SCAN_AHEAD < s)          /* the run SCAN_AHEAD rows on, d floats away: no prefetcher guesses it */
+                for (int64_t off = 0; off < w; off += 16) __builtin_prefetch(hs + SCAN_AHEAD * a[2] + off, 1, 3);
             if (hr != hs) memcpy(hr, hs, sizeof(float) * w);
             for (int64_t hh = h0; hh < h1; hh++) {
                 const int64_t g = hh / (nh / ng), o = (hh - h0) * hd;

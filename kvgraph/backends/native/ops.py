@@ -126,13 +126,15 @@ def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray,
 
 
 def mul_rows(x: np.ndarray, w: np.ndarray | None, out: np.ndarray, s: float = 1.0):
-    """out = x * w with w one row broadcast over x's rows (or, w None, out = x * s); contiguous float32."""
+    """out = x * w with w one row broadcast over x's rows, or w [P, 1] one value per row of x [..., P, k] (a
+    scale per head); w None: out = x * s. Contiguous float32."""
     if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, out)) or x.shape != out.shape:
         return None
     k = x.shape[-1] if x.ndim else 1
-    if w is not None and (w.dtype != np.float32 or w.shape != (k,) or not w.flags.c_contiguous):
+    per_row = w.shape[0] if w is not None and x.ndim >= 2 and w.shape == (x.shape[-2], 1) and k > 1 else 0
+    if w is not None and (w.dtype != np.float32 or (w.shape != (k,) and not per_row) or not w.flags.c_contiguous):
         return None
-    return bind("kvg_mul_rows", ptr(x), 0 if w is None else ptr(w), ptr(out), x.size // k, k, f64_bits(s),
+    return bind("kvg_mul_rows", ptr(x), 0 if w is None else ptr(w), ptr(out), x.size // k, k, f64_bits(s), per_row,
                 keep=(x, w, out))
 
 
