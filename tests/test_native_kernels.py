@@ -675,6 +675,8 @@ def test_bias_add_silu_cont_and_concat_in_c(variant):
     out3 = np.empty(x3.shape, np.float32)
     native_ops.mul_rows(x3, scale, out3)()                   # one scale per head
     np.testing.assert_array_equal(out3, x3 * scale)
+    native_ops.mul_rows(x3, x3[::-1].copy(), out3)()         # elementwise
+    np.testing.assert_array_equal(out3, x3 * x3[::-1])
     native_ops.act("swiglu", x, out)()
     np.testing.assert_allclose(out, x / (1 + np.exp(-x)), rtol=1e-6, atol=1e-6)
     one = np.empty((1, 37), np.float32)

@@ -126,11 +126,14 @@ def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray,
 
 
 def mul_rows(x: np.ndarray, w: np.ndarray | None, out: np.ndarray, s: float = 1.0):
-    """out = x * w with w one row broadcast over x's rows, or w [P, 1] one value per row of x [..., P, k] (a
-    scale per head); w None: out = x * s. Contiguous float32."""
+    """out = x * w with w one row broadcast over x's rows, w of x's shape, or w [P, 1] one value per row of x
+    [..., P, k] (a scale per head); w None: out = x * s. Contiguous float32."""
     if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, out)) or x.shape != out.shape:
         return None
     k = x.shape[-1] if x.ndim else 1
+    if w is not None and w.shape == x.shape and x.ndim:     # elementwise: one row as long as x
+        k = x.size
+        w = w.reshape(-1) if w.flags.c_contiguous else w
     per_row = w.shape[0] if w is not None and x.ndim >= 2 and w.shape == (x.shape[-2], 1) and k > 1 else 0
     if w is not None and (w.dtype != np.float32 or (w.shape != (k,) and not per_row) or not w.flags.c_contiguous):
         return None
