@@ -81,7 +81,7 @@ class RecurrentState:
         per_seq = ub.n_tokens // len(seqs)
         for seq, start in zip(seqs, starts):
             pos = ub.pos[start:start + per_seq]
-            if int(pos[0]) != self.pos_next[seq] or not np.all(np.diff(pos) == 1):
+            if int(pos[0]) != self.pos_next[seq] or (per_seq > 1 and not np.all(np.diff(pos) == 1)):
                 raise InvalidArgumentError(
                     f"sequence {seq}: recurrent state is at position {self.pos_next[seq]} but the batch starts at "
                     f"{int(pos[0])}; positions must continue without gaps.")
@@ -99,6 +99,8 @@ class RecurrentState:
 def _grouped_sequences(ub: UBatch) -> tuple[list[int], list[int]]:
     """The ubatch's sequences in order and where each one's tokens start; refuses a ubatch whose sequences
     are interleaved or of different lengths (a recurrent graph reads each sequence's tokens as one block)."""
+    if ub.n_tokens == 1 or (ub.seq[0] == ub.seq[-1] and (ub.seq == ub.seq[0]).all()):
+        return [int(ub.seq[0])], [0]           # one sequence: every single-stream step, without the general work
     change = np.flatnonzero(np.diff(ub.seq)) + 1
     starts = [0] + change.tolist()
     seqs = [int(ub.seq[i]) for i in starts]
