@@ -777,15 +777,17 @@ def test_a_scan_gives_the_same_bits_token_by_token_split_and_in_place(op, d, hea
     np.testing.assert_array_equal(table[others], before[others])
 
 
-def test_an_in_place_scan_refuses_a_bad_slot(variant):
+def test_an_in_place_scan_refuses_a_bad_or_repeated_slot(variant):
     from kvgraph.errors import IndexOutOfRangeError
 
     rng = np.random.default_rng(12)
     h0, x, dt, a, b, c = _ssm_case("ssm_scan2", 2, 1, rng)
     table = np.zeros((3, 16, 32), np.float32)
     out = np.empty((2, 17, 32), np.float32)
-    with pytest.raises(IndexOutOfRangeError):
-        native_ops.ssm_scan("ssm_scan2", table, x, dt, a, b, c, out, ids=np.array([0, 3], np.int32))()
+    for bad in ([0, 3], [1, 1]):        # out of range; one slot twice (two sequences updating one state)
+        with pytest.raises(IndexOutOfRangeError):
+            native_ops.ssm_scan("ssm_scan2", table, x, dt, a, b, c, out, ids=np.array(bad, np.int32))()
+    assert not table.any()
 
 
 def test_a_scan_between_a_state_gather_and_write_runs_in_place(variant, monkeypatch):

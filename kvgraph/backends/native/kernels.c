@@ -2033,33 +2033,37 @@ void kvg_ssm_conv(const int64_t *a) {      /* both ways give the same bits: a fe
  * ids != 0: the scan runs in place in a recurrent state table: sequence q's state is the rows at
  * h0 + ids[q] h0_s0 (h0 then points at the state's first column in the table's row 0) and the new state is
  * written back there, not into out (whose state rows are left alone). Each task reads and writes only its own
- * sequence's channels, and a ubatch's sequences have distinct slots, so the update in place is safe; a slot
- * out of range (counted on the calling thread first) leaves that sequence's y zero and no state written.
+ * sequence's channels, and a ubatch's sequences have distinct slots (scan_ids_ok), so the update in place is
+ * safe.
  * Mamba-1: per channel, h = exp(softplus(dt) A[c]) h + softplus(dt) x B_t; y_t = h . C_t. */
 #define SSM_MAX_STATE 256
 
-/* Where sequence q's old state is read and its new state written: (base, row stride) of each; 0 for a
- * sequence whose slot is out of range. */
-static inline int scan_state(const int64_t *a, int64_t q, const float **src, float **dst, int64_t *dst_s1) {
+/* Where sequence q's old state is read (its rows a[2] apart) and its new state written (rows *dst_s1 apart). */
+static inline void scan_state(const int64_t *a, int64_t q, const float **src, float **dst, int64_t *dst_s1) {
     const int32_t *ids = (const int32_t *)a[25];
     if (!ids) {
         *src = (const float *)a[0] + q * a[1];
         *dst = (float *)a[16] + q * a[17] + a[20] * a[18];
         *dst_s1 = a[18];
-        return 1;
+        return;
     }
-    if (ids[q] < 0 || ids[q] >= a[26]) return 0;
     *dst = (float *)a[0] + (int64_t)ids[q] * a[1];
     *src = *dst;
     *dst_s1 = a[2];
-    return 1;
 }
 
-/* Count the out-of-range slots of an in-place scan on the calling thread (in_range's counter is its own). */
-static void scan_check_ids(const int64_t *a) {
+/* Whether an in-place scan's slots are all in range and distinct, checked on the calling thread (in_range's
+ * counter is its own): a slot twice would be updated by two tasks at once, so it counts as bad too, and the
+ * step (refused) computes nothing. */
+static int scan_ids_ok(const int64_t *a) {
     const int32_t *ids = (const int32_t *)a[25];
-    if (ids)
-        for (int64_t q = 0; q < a[19]; q++) in_range(ids[q], a[26]);
+    int ok = 1;
+    for (int64_t q = 0; ids && q < a[19]; q++) {
+        ok &= in_range(ids[q], a[26]);
+        for (int64_t p = 0; p < q; p++)
+            if (ids[p] == ids[q]) bad_indices++, ok = 0;
+    }
+    return ok;
 }
 
 static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
@@ -2074,10 +2078,7 @@ static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
         const float *src;
         float *dst;
         int64_t ds1;
-        if (!scan_state(a, q, &src, &dst, &ds1)) {
-            for (int64_t t = 0; t < n; t++) out[q * a[17] + t * a[18] + c] = 0.0f;
-            continue;
-        }
+        scan_state(a, q, &src, &dst, &ds1);
         for (int64_t j = 0; j < s; j++) h[j] = src[j * a[2] + c];
         for (int64_t t = 0; t < n; t++) {
             const float sp = softplus(dt[q * a[7] + t * a[8] + c]);
@@ -2097,7 +2098,7 @@ static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
 }
 
 void kvg_ssm_scan(const int64_t *a) {
-    scan_check_ids(a);
+    if (!scan_ids_ok(a)) return;
     parallel_for(a[19] * a[21], 16, scan1_channels, (void *)a);
 }
 
@@ -2180,10 +2181,7 @@ static void scan2_heads(void *ctx, int64_t i0, int64_t i1) {      /* (sequence, 
         const float *src;
         float *dst;
         int64_t ds1;
-        if (!scan_state(a, q, &src, &dst, &ds1)) {
-            for (int64_t t = 0; t < n; t++) memset(out + q * a[17] + t * a[18] + c0, 0, sizeof(float) * hd);
-            continue;
-        }
+        scan_state(a, q, &src, &dst, &ds1);
         for (int64_t cb = c0; cb < c0 + hd; cb += SCAN_CB) {
             const int64_t w = c0 + hd - cb < SCAN_CB ? c0 + hd - cb : SCAN_CB;
             for (int64_t j = 0; j < s; j++) memcpy(hl + j * SCAN_CB, src + j * a[2] + cb, sizeof(float) * w);
@@ -2215,10 +2213,7 @@ static void scan2_rows(void *ctx, int64_t i0, int64_t i1) {       /* (sequence, 
         const float *src;
         float *dst;
         int64_t ds1;
-        if (!scan_state(a, q, &src, &dst, &ds1)) {
-            memset(yo, 0, sizeof(float) * w);
-            continue;
-        }
+        scan_state(a, q, &src, &dst, &ds1);
         if (w > SCAN_SPAN) {             /* a head wider than the buffers: the per-head path */
             scan2_heads(ctx, q * nh + h0, q * nh + h1);
             continue;
@@ -2244,7 +2239,7 @@ static void scan2_rows(void *ctx, int64_t i0, int64_t i1) {       /* (sequence, 
 }
 
 void kvg_ssm_scan2(const int64_t *a) {
-    scan_check_ids(a);
+    if (!scan_ids_ok(a)) return;
     const int64_t tasks = a[19] * a[23], nt = atomic_load(&pool.n_threads);
     if (a[20] == 1)      /* runs of heads: about two per thread */
         parallel_for(tasks, (tasks + 2 * nt - 1) / (2 * nt), scan2_rows, (void *)a);
