@@ -856,8 +856,8 @@ def test_the_c_causal_convolution_matches_numpy(variant):
 
 
 def test_the_c_convolution_of_many_tokens_is_that_of_each_token_alone(variant):
-    """kvg_ssm_conv takes channel blocks over all tokens for many of them and token rows for a few: the same
-    sums, so a token's bits do not depend on how many share its ubatch (300 channels: a block and a part)."""
+    """kvg_ssm_conv works in blocks of channels over all the ubatch's tokens: a token's bits do not depend on
+    how many share its ubatch (300 channels: a block and a part)."""
     rng = np.random.default_rng(6)
     n, d, k = 12, 300, 4
     x = rng.standard_normal((2, k - 1 + n, d + 5), dtype=np.float32)[..., :d]

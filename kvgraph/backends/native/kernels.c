@@ -1971,9 +1971,9 @@ static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); 
 
 /* a: x, S, n (new tokens), d, x_s0 (sequence stride), x_s1 (row stride), w (float [d, k]), k, out, out_s0, out_s1.
  * out[q, t, c] = sum_j x[q, t + j, c] w[c, j] (x holds k - 1 earlier inputs, then the n new ones), summed in
- * the order of j from 0. Many tokens: one task per (sequence, block of CONV_CB channels) over all n tokens,
- * with the block's taps transposed once ([j][c]: every load contiguous); a few: one per (sequence, token)
- * row. The same sum either way, so a channel's value does not depend on n. */
+ * the order of j from 0, so a channel's value does not depend on n. One task per (sequence, block of CONV_CB
+ * channels) over all n tokens, with the block's taps transposed first ([j][c]: every load contiguous; even
+ * for one token cheaper than taps k floats apart). */
 #define CONV_CB 256
 #define CONV_MAX_K 16
 
@@ -2002,7 +2002,7 @@ static void conv_blocks(void *ctx, int64_t i0, int64_t i1) {
     }
 }
 
-static void conv_rows(void *ctx, int64_t i0, int64_t i1) {     /* taps past CONV_MAX_K: (sequence, token) rows */
+static void conv_rows(void *ctx, int64_t i0, int64_t i1) {     /* more than CONV_MAX_K taps: (sequence, token) rows */
     const int64_t *a = (const int64_t *)ctx;
     const float *x = (const float *)a[0], *w = (const float *)a[6];
     const int64_t n = a[2], d = a[3], xs0 = a[4], xs1 = a[5], k = a[7], os0 = a[9], os1 = a[10];
@@ -2020,8 +2020,8 @@ static void conv_rows(void *ctx, int64_t i0, int64_t i1) {     /* taps past CONV
     }
 }
 
-void kvg_ssm_conv(const int64_t *a) {      /* both ways give the same bits: a few tokens skip the transposition */
-    if (a[7] > CONV_MAX_K || a[2] < 8)
+void kvg_ssm_conv(const int64_t *a) {
+    if (a[7] > CONV_MAX_K)
         parallel_for(a[1] * a[2], 1, conv_rows, (void *)a);
     else
         parallel_for(a[1] * ((a[3] + CONV_CB - 1) / CONV_CB), 1, conv_blocks, (void *)a);
