@@ -841,6 +841,51 @@ def test_a_scan_between_a_state_gather_and_write_runs_in_place(variant, monkeypa
     np.testing.assert_array_equal(st, gathered_st)
 
 
+def test_a_convolution_of_a_gathered_window_runs_in_place(variant, monkeypatch):
+    """get_rows(window columns, slots) -> concat_rows with new inputs -> ssm_conv, the last inputs set_rows'd
+    back (LFM2's short convolution) compiles to the convolution alone, in place, with the unfused graph's
+    bits and numpy's values."""
+    from kvgraph.backends import compiler, get_backend
+    from kvgraph.graph.ir import I32, GraphBuilder
+    from kvgraph.plan.planner import plan_graph
+
+    monkeypatch.setenv("KVGRAPH_NATIVE_BATCH", "0")
+    S, n, d, k = 2, 2, 24, 3
+    g = GraphBuilder()
+    state = g.state("rs.0", (4, (k - 1) * d))
+    slot = g.input("slot", (S,), I32)
+    a, b, w = g.input("a", (S * n, d)), g.input("b", (S * n, d)), g.weight("w", (d, k))
+    window = g.reshape(g.get_rows(state, slot), (S, k - 1, d))
+    conv_x = g.concat_rows(window, g.reshape(g.mul(a, b), (S, n, d)), axis=1)
+    g.set_rows(state, g.reshape(g.slice_rows(conv_x, n, k - 1, axis=1), (S, (k - 1) * d)), slot)
+    g.output("y", g.ssm_conv(conv_x, w))
+    init = np.random.default_rng(15).standard_normal((4, (k - 1) * d), dtype=np.float32)
+    weights = {"w": np.random.default_rng(17).standard_normal((d, k), dtype=np.float32)}
+
+    def run(backend):
+        states = {"rs.0": init.copy()}
+        program = get_backend(backend).compile(g.graph, plan_graph(g.graph), weights, states)
+        r, ys = np.random.default_rng(16), []
+        for ids in ([2, 0], [0, 3], [3, 2]):
+            for name in ("a", "b"):
+                program.inputs[name][...] = r.standard_normal((S * n, d), dtype=np.float32)
+            program.inputs["slot"][...] = ids
+            program.run()
+            ys.append(program.outputs["y"].copy())
+        return program, np.stack(ys), states["rs.0"]
+
+    program, ys, st = run("native")
+    names = [k.__qualname__ for k in program.kernels]
+    assert "kvg_ssm_conv" in names and not {"kvg_get_rows_f32", "kvg_copy", "kvg_set_rows"} & set(names)
+    _, ref_ys, ref_st = run("numpy")
+    np.testing.assert_allclose(ys, ref_ys, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(st, ref_st)
+    monkeypatch.setattr(compiler.FusingCompiler, "_plan_state_convs", lambda self: None)
+    _, plain_ys, plain_st = run("native")
+    np.testing.assert_array_equal(ys, plain_ys)
+    np.testing.assert_array_equal(st, plain_st)
+
+
 def test_the_c_causal_convolution_matches_numpy(variant):
     from kvgraph.backends import reference
     from kvgraph.graph.ir import Tensor
@@ -868,6 +913,34 @@ def test_the_c_convolution_of_many_tokens_is_that_of_each_token_alone(variant):
         alone = np.empty((2, 1, d), np.float32)
         native_ops.ssm_conv(x[:, t: t + k], w, alone)()
         np.testing.assert_array_equal(alone[:, 0], together[:, t])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_an_in_place_convolution_reads_and_writes_its_window_by_slot(n, variant):
+    """kvg_ssm_conv in place: each sequence's window read from a state table by slot (the same bits as from a
+    concatenation), the last k - 1 inputs written back as the next window (fewer new inputs than the window:
+    part of the old one moves up), every other column and slot untouched; a repeated slot is refused."""
+    from kvgraph.errors import IndexOutOfRangeError
+
+    rng = np.random.default_rng(9)
+    S, d, k, pre = 2, 300, 4, 7
+    w = rng.standard_normal((d, k), dtype=np.float32)
+    table = rng.standard_normal((4, pre + (k - 1) * d + 3), dtype=np.float32)
+    slots = np.array([3, 0], np.int32)
+    new = rng.standard_normal((S, n, d + 4), dtype=np.float32)[..., :d]
+    window = table[:, pre: pre + (k - 1) * d]
+    cat = np.concatenate([window[slots].reshape(S, k - 1, d), new], axis=1)
+    want = np.empty((S, n, d), np.float32)
+    native_ops.ssm_conv(cat, w, want)()
+    before, got = table.copy(), np.empty((S, n, d), np.float32)
+    native_ops.ssm_conv(new, w, got, window=window, ids=slots)()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(window[slots].reshape(S, k - 1, d), cat[:, n:])
+    others = np.ones(table.shape, bool)
+    others[slots, pre: pre + (k - 1) * d] = False
+    np.testing.assert_array_equal(table[others], before[others])
+    with pytest.raises(IndexOutOfRangeError):
+        native_ops.ssm_conv(new, w, got, window=window, ids=np.array([1, 1], np.int32))()
 
 
 def test_state_rows_are_gathered_in_c_and_a_bad_slot_is_refused(variant):

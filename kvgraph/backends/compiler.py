@@ -9,7 +9,9 @@ plan makes it safe:
   stacked along N, run at the last member's step when no member's result is read before it;
 * get_rows(state columns, slots) -> ssm_scan / ssm_scan2 -> set_rows(same columns, same slots) of the new
   state: the C scan reads and writes the state in place by slot (no gathered copy, no write-back), when
-  nothing else touches those columns in between.
+  nothing else touches those columns in between; likewise a conv window: get_rows(window columns) ->
+  concat_rows with the new inputs -> ssm_conv, the last inputs set_rows'd back: the C convolution reads the
+  window by slot and writes the next one.
 
 A gated FFN's `matmul_glu` runs as one C kernel over the stacked gate/up tiles when both weights have one
 format (the products stay in registers); otherwise (`glu_products`) as two matmuls into scratch buffers that
@@ -122,6 +124,7 @@ class Compiler:
         self.bufs: dict[int, Any] = {}
         self.inputs: dict[str, np.ndarray] = {}
         self.skip: set[int] = set()                   # nodes a fused kernel computes
+        self.emitted_at: dict[int, int] = {}          # node id -> index of its kernel in self.kernels
         self.rope = reference.RopeTables()
 
     def choosers(self) -> list[Callable[[Tensor, int, Any, list], Kernel | None]]:
@@ -150,6 +153,7 @@ class Compiler:
             elif tid not in plan.offsets:              # a view (or set_rows) of its first source
                 buf = bufs[tid] = reference.view(t, self.arr(bufs[t.srcs[0].id]))
                 if t.op == "set_rows" and tid not in self.skip:
+                    self.emitted_at[tid] = len(self.kernels)
                     self.kernels.append(self.set_rows_kernel(t, buf, [self.arr(bufs[s.id]) for s in t.srcs]))
             else:
                 off = plan.offsets[tid]
@@ -166,6 +170,7 @@ class Compiler:
         for choose in self.choosers():
             k = choose(t, step, out, srcs)
             if k is not None:
+                self.emitted_at[t.id] = len(self.kernels)
                 self.kernels.append(k)
                 return
         raise AssertionError(f"no kernel chooser took {t.op}")
@@ -206,13 +211,13 @@ class FusingCompiler(Compiler):
         self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
         self.last_use: dict[tuple[int, str], int] = {}  # (matmul input id, input form) -> last step
         self.staging = StagingPool(self.last_use)
-        # scan node id -> (its state gather, the state write-back, state leaf, first column); the gather's
-        # kernel index once emitted
+        # scan / conv node id -> (its state gather, the state write-back, state leaf, first column[, concat])
         self.state_scans: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
-        self.gather_kernel: dict[int, int] = {}
+        self.state_convs: dict[int, tuple[Tensor, Tensor, Tensor, int, Tensor]] = {}
         self._plan_norm_fusion()
         self._plan_matmul_groups()
         self._plan_state_scans()
+        self._plan_state_convs()
 
     # ---- pre-passes -------------------------------------------------------------------------------------
     @staticmethod
@@ -270,27 +275,13 @@ class FusingCompiler(Compiler):
             t = self.nodes[tid]
             if t.op not in ("ssm_scan", "ssm_scan2") or t.ndim != 3:
                 continue
-            g = t.srcs[0]
-            while g.op == "reshape":
-                g = g.srcs[0]
-            if g.op != "get_rows" or g.id in self.outputs_base:
+            gather = self._state_gather(t.srcs[0], t)
+            if gather is None:
                 continue
-            table, ids = g.srcs
-            col = 0
-            if table.op == "slice_rows" and table.p["axis"] == 1:
-                col, table = table.p["start"], table.srcs[0]
-            n_new, width = t.shape[1] - t.srcs[0].shape[1], g.shape[1] if g.ndim == 2 else 0
-            if table.op != "state" or table.ndim != 2 or width != t.srcs[0].n_elements // t.shape[0]:
-                continue
-            if [r.id for r in self._computing_readers(g)] != [t.id]:
-                continue
-            writes = [r for r in self._computing_readers(t) if r.op == "set_rows"]
-            if len(writes) != 1:
-                continue
-            w = writes[0]
-            if not (w.srcs[2] is ids and base_of(w.srcs[0]) is table and not w.p["transposed"]
-                    and w.p["col"] == col and w.srcs[1].ndim == 2 and w.srcs[1].shape[1] == width
-                    and self._first_view(w.srcs[1], t) == ("slice_rows", 1, n_new)):
+            g, table, col = gather
+            n_new, width = t.shape[1] - t.srcs[0].shape[1], g.shape[1]
+            w = self._write_back(t, g, table, col, n_new)
+            if w is None:
                 continue
             # every other reader of the scan reads its y rows only (the state rows will not be written)
             if any(self._first_view(src, t) != ("slice_rows", 1, 0) for r in self._computing_readers(t)
@@ -299,6 +290,70 @@ class FusingCompiler(Compiler):
             if self._columns_touched(table, (col, col + width), self.step_of[g.id], self.step_of[w.id], {g.id, w.id}):
                 continue
             self.state_scans[tid] = (g, w, table, col)
+
+    def _plan_state_convs(self) -> None:
+        """Convolutions of concat_rows(window gathered from a state's columns by slot, new inputs) whose
+        window is read by the concatenation alone, and the concatenation by the convolution and by one
+        set_rows of its last k - 1 rows into the same columns at the same slots (the next window), nothing
+        else touching those columns in between: candidates to run in place (see state_conv). The new
+        inputs' buffer must outlive the concatenation (its last reader in the plan) up to the convolution."""
+        for tid in self.plan.order:
+            t = self.nodes[tid]
+            if t.op != "ssm_conv" or t.ndim != 3 or t.srcs[0].op != "concat_rows" or t.srcs[0].p["axis"] != 1:
+                continue
+            cat = t.srcs[0]
+            win, new = cat.srcs
+            k = t.srcs[1].shape[1]
+            gather = self._state_gather(win, cat)
+            if gather is None or win.shape[1] != k - 1 or k > native_ops.MAX_TAPS:
+                continue
+            g, table, col = gather
+            w = self._write_back(cat, g, table, col, cat.shape[1] - (k - 1))
+            if w is None or {r.id for r in self._computing_readers(cat)} != {t.id, w.id}:
+                continue
+            last = max(self.step_of[w.id], self.step_of[tid])
+            if (self._columns_touched(table, (col, col + g.shape[1]), self.step_of[g.id], last, {g.id, w.id})
+                    or not self._kept(new, self.step_of[cat.id], self.step_of[tid])):
+                continue
+            self.state_convs[tid] = (g, w, table, col, cat)
+
+    def _state_gather(self, src: Tensor, reader: Tensor) -> tuple[Tensor, Tensor, int] | None:
+        """(the get_rows, the state, first column) when src is (a reshape of) a get_rows of a 2-D state's
+        columns by slot, read by `reader` alone and by no graph output."""
+        g = src
+        while g.op == "reshape":
+            g = g.srcs[0]
+        if g.op != "get_rows" or g.id in self.outputs_base or g.ndim != 2 or g.n_elements != src.n_elements:
+            return None
+        table, col = g.srcs[0], 0
+        if table.op == "slice_rows" and table.p["axis"] == 1:
+            col, table = table.p["start"], table.srcs[0]
+        if table.op != "state" or table.ndim != 2 or [r.id for r in self._computing_readers(g)] != [reader.id]:
+            return None
+        return g, table, col
+
+    def _write_back(self, t: Tensor, g: Tensor, table: Tensor, col: int, start: int) -> Tensor | None:
+        """The one set_rows among t's readers, when it writes rows [start, ...) of t (axis 1) into the columns
+        g gathered, at g's slots; else None."""
+        writes = [r for r in self._computing_readers(t) if r.op == "set_rows"]
+        if len(writes) != 1:
+            return None
+        w = writes[0]
+        if not (w.srcs[2] is g.srcs[1] and base_of(w.srcs[0]) is table and not w.p["transposed"]
+                and w.p["col"] == col and w.srcs[1].ndim == 2 and w.srcs[1].shape[1] == g.shape[1]
+                and self._first_view(w.srcs[1], t) == ("slice_rows", 1, start)):
+            return None
+        return w
+
+    def _kept(self, src: Tensor, first: int, last: int) -> bool:
+        """Whether src's buffer is not handed to another node at a step in (first, last]."""
+        b = base_of(src)
+        if b.id not in self.plan.offsets:
+            return True
+        off, nb = self.plan.offsets[b.id], self.plan.nbytes[b.id]
+        return not any(first < self.plan.lifetimes[m][0] <= last and m != b.id
+                       and self.plan.offsets[m] < off + nb and off < self.plan.offsets[m] + self.plan.nbytes[m]
+                       for m in self.plan.offsets)
 
     def _computing_readers(self, t: Tensor) -> list[Tensor]:
         """The nodes that read t or a view of it and are not views themselves (a set_rows is: it writes)."""
@@ -342,14 +397,31 @@ class FusingCompiler(Compiler):
         suit the C kernel."""
         g, w, table, col = self.state_scans[t.id]
         tab, ids = self.arr(self.bufs[table.id]), self.bufs[g.srcs[1].id]
-        if g.id not in self.gather_kernel or not isinstance(tab, np.ndarray) or tab.dtype != np.float32:
+        if g.id not in self.emitted_at or not isinstance(tab, np.ndarray) or tab.dtype != np.float32:
             return None
         h0 = tab[:, col: col + g.shape[1]].view()
         h0.shape = (tab.shape[0],) + t.srcs[0].shape[1:]
         kernel = native_ops.ssm_scan(t.op, h0, *[self.arr(s) for s in srcs[1:]], out, ids=ids)
         if kernel is not None:
-            self.kernels[self.gather_kernel[g.id]] = None
+            self.kernels[self.emitted_at[g.id]] = None
             self.skip.add(w.id)
+        return kernel
+
+    def state_conv(self, t: Tensor, out: np.ndarray, srcs: list) -> Kernel | None:
+        """Convolve t in place in its state (planned by _plan_state_convs): the C convolution reads each
+        sequence's window from the table by slot and the new inputs where they are, and writes the next
+        window back; the gather, concatenation and write-back kernels, emitted before, are dropped. None
+        (the convolution as it is) where the buffers do not suit the C kernel."""
+        g, w, table, col, cat = self.state_convs[t.id]
+        tab, ids = self.arr(self.bufs[table.id]), self.bufs[g.srcs[1].id]
+        if (not all(n.id in self.emitted_at for n in (g, w, cat)) or not isinstance(tab, np.ndarray)
+                or tab.dtype != np.float32):
+            return None
+        kernel = native_ops.ssm_conv(self.arr(self.bufs[cat.srcs[1].id]), self.arr(srcs[1]), out,
+                                     window=tab[:, col: col + g.shape[1]], ids=ids)
+        if kernel is not None:
+            for n in (g, w, cat):
+                self.kernels[self.emitted_at[n.id]] = None
         return kernel
 
     # ---- emission ---------------------------------------------------------------------------------------
@@ -419,12 +491,9 @@ class FusingCompiler(Compiler):
             kernel = from_tiles(srcs[1], out) if from_tiles else None
             return kernel or native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
         if t.op == "get_rows":
-            kernel = native_ops.get_rows(self.arr(srcs[0]), srcs[1], out)
-            if kernel is not None:       # the kernel the next one appended is (emit): a state scan may drop it
-                self.gather_kernel[t.id] = len(self.kernels)
-            return kernel
-        if t.id in self.state_scans:
-            kernel = self.state_scan(t, out, srcs)
+            return native_ops.get_rows(self.arr(srcs[0]), srcs[1], out)
+        if t.id in self.state_scans or t.id in self.state_convs:
+            kernel = self.state_scan(t, out, srcs) if t.id in self.state_scans else self.state_conv(t, out, srcs)
             if kernel is not None:
                 return kernel
         if t.op == "matmul_glu":

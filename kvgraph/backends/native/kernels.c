@@ -1969,36 +1969,64 @@ void kvg_stream_read(const int64_t *a) {
  * ubatch or on how its tokens were split (each ubatch continues from the state the previous one wrote). */
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* a: x, S, n (new tokens), d, x_s0 (sequence stride), x_s1 (row stride), w (float [d, k]), k, out, out_s0, out_s1.
+/* Whether the n slots of an in-place update are all in range and distinct, checked on the calling thread
+ * (in_range's counter is its own): a slot twice would be updated by two tasks at once, so it counts as bad
+ * too, and the step (refused) computes nothing. No slots (0): nothing to check. */
+static int slots_ok(const int32_t *ids, int64_t n, int64_t n_rows) {
+    int ok = 1;
+    for (int64_t q = 0; ids && q < n; q++) {
+        ok &= in_range(ids[q], n_rows);
+        for (int64_t p = 0; p < q; p++)
+            if (ids[p] == ids[q]) bad_indices++, ok = 0;
+    }
+    return ok;
+}
+
+/* a: x, S, n (new tokens), d, x_s0 (sequence stride), x_s1 (row stride), w (float [d, k]), k, out, out_s0, out_s1,
+ * ids (int32 [S] or 0), n_rows, window, window row stride.
  * out[q, t, c] = sum_j x[q, t + j, c] w[c, j] (x holds k - 1 earlier inputs, then the n new ones), summed in
  * the order of j from 0, so a channel's value does not depend on n. One task per (sequence, block of CONV_CB
  * channels) over all n tokens, with the block's taps transposed first ([j][c]: every load contiguous; even
- * for one token cheaper than taps k floats apart). */
+ * for one token cheaper than taps k floats apart).
+ * ids != 0: in place in a recurrent state table. x holds only the n new inputs; sequence q's k - 1 earlier
+ * ones are the rows [k - 1, d] at window + ids[q] * (window row stride), and the last k - 1 inputs are
+ * written back there (the next step's window) once the block is computed. */
 #define CONV_CB 256
 #define CONV_MAX_K 16
 
+/* input row r (of k - 1 + n) of sequence q from channel c0: x's, or in place the window copy's then x's */
+static inline const float *conv_input(const int64_t *a, int64_t q, int64_t r, int64_t c0, const float *win) {
+    const int64_t k = a[7];
+    if (!a[11]) return (const float *)a[0] + q * a[4] + r * a[5] + c0;
+    return r < k - 1 ? win + r * CONV_CB : (const float *)a[0] + q * a[4] + (r - (k - 1)) * a[5] + c0;
+}
+
 static void conv_blocks(void *ctx, int64_t i0, int64_t i1) {
     const int64_t *a = (const int64_t *)ctx;
-    const float *x = (const float *)a[0], *w = (const float *)a[6];
-    const int64_t n = a[2], d = a[3], xs0 = a[4], xs1 = a[5], k = a[7], os0 = a[9], os1 = a[10];
+    const float *w = (const float *)a[6];
+    const int32_t *ids = (const int32_t *)a[11];
+    const int64_t n = a[2], d = a[3], k = a[7], os0 = a[9], os1 = a[10];
     const int64_t nb = (d + CONV_CB - 1) / CONV_CB;
     float *out = (float *)a[8];
-    float wt[CONV_MAX_K * CONV_CB];
+    float wt[CONV_MAX_K * CONV_CB], win[CONV_MAX_K * CONV_CB];
     for (int64_t it = i0; it < i1; it++) {
         const int64_t q = it / nb, c0 = (it % nb) * CONV_CB, cw = d - c0 < CONV_CB ? d - c0 : CONV_CB;
+        float *slot = ids ? (float *)a[13] + (int64_t)ids[q] * a[14] : NULL;
+        for (int64_t r = 0; slot && r < k - 1; r++) memcpy(win + r * CONV_CB, slot + r * d + c0, sizeof(float) * cw);
         for (int64_t j = 0; j < k; j++)
             for (int64_t c = 0; c < cw; c++) wt[j * CONV_CB + c] = w[(c0 + c) * k + j];
         for (int64_t t = 0; t < n; t++) {
-            const float *xr = x + q * xs0 + t * xs1 + c0;
             float acc[CONV_CB];
             for (int64_t c = 0; c < cw; c++) acc[c] = 0.0f;
             for (int64_t j = 0; j < k; j++) {
-                const float *xj = xr + j * xs1, *wj = wt + j * CONV_CB;
+                const float *xj = conv_input(a, q, t + j, c0, win), *wj = wt + j * CONV_CB;
 #pragma omp simd
                 for (int64_t c = 0; c < cw; c++) acc[c] += xj[c] * wj[c];
             }
             memcpy(out + q * os0 + t * os1 + c0, acc, sizeof(float) * (size_t)cw);
         }
+        for (int64_t r = 0; slot && r < k - 1; r++)           /* the next window: the last k - 1 inputs */
+            memcpy(slot + r * d + c0, conv_input(a, q, n + r, c0, win), sizeof(float) * cw);
     }
 }
 
@@ -2021,7 +2049,8 @@ static void conv_rows(void *ctx, int64_t i0, int64_t i1) {     /* more than CONV
 }
 
 void kvg_ssm_conv(const int64_t *a) {
-    if (a[7] > CONV_MAX_K)
+    if (!slots_ok((const int32_t *)a[11], a[1], a[12])) return;
+    if (a[7] > CONV_MAX_K)            /* never in place (ops.ssm_conv) */
         parallel_for(a[1] * a[2], 1, conv_rows, (void *)a);
     else
         parallel_for(a[1] * ((a[3] + CONV_CB - 1) / CONV_CB), 1, conv_blocks, (void *)a);
@@ -2052,19 +2081,7 @@ static inline void scan_state(const int64_t *a, int64_t q, const float **src, fl
     *dst_s1 = a[2];
 }
 
-/* Whether an in-place scan's slots are all in range and distinct, checked on the calling thread (in_range's
- * counter is its own): a slot twice would be updated by two tasks at once, so it counts as bad too, and the
- * step (refused) computes nothing. */
-static int scan_ids_ok(const int64_t *a) {
-    const int32_t *ids = (const int32_t *)a[25];
-    int ok = 1;
-    for (int64_t q = 0; ids && q < a[19]; q++) {
-        ok &= in_range(ids[q], a[26]);
-        for (int64_t p = 0; p < q; p++)
-            if (ids[p] == ids[q]) bad_indices++, ok = 0;
-    }
-    return ok;
-}
+static int scan_ids_ok(const int64_t *a) { return slots_ok((const int32_t *)a[25], a[19], a[26]); }
 
 static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
     const int64_t *a = (const int64_t *)ctx;

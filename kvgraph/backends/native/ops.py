@@ -73,16 +73,32 @@ def _seq_rows(a: np.ndarray) -> tuple[int, int] | None:
 MAX_STATE = 256     # kernels.c's SSM_MAX_STATE
 
 
-def ssm_conv(x: np.ndarray, w: np.ndarray, out: np.ndarray):
-    """The causal depthwise convolution (kvg_ssm_conv): x [(S,) k-1+n, d], w [d, k] -> out [(S,) n, d]."""
+MAX_TAPS = 16       # kernels.c's CONV_MAX_K: more taps run by rows, never in place
+
+
+def ssm_conv(x: np.ndarray, w: np.ndarray, out: np.ndarray, window: np.ndarray | None = None,
+             ids: np.ndarray | None = None):
+    """The causal depthwise convolution (kvg_ssm_conv): x [(S,) k-1+n, d], w [d, k] -> out [(S,) n, d].
+    window (float32 [n_slots, (k-1) d], columns of a state table) and ids (int32 [S]): in place instead. x
+    is then [S, n, d], the new inputs only; sequence q's earlier k - 1 are window[ids[q]], which gets the
+    last k - 1 inputs."""
     xr, orow = _seq_rows(x), _seq_rows(out)
     if xr is None or orow is None or x.ndim != out.ndim:
         return None
     if w.dtype != np.float32 or not w.flags.c_contiguous:    # bound once: a copy here would go stale
         return None
     n, d = out.shape[-2:]
-    return bind("kvg_ssm_conv", ptr(x), x.shape[0] if x.ndim == 3 else 1, n, d, *xr, ptr(w), w.shape[1], ptr(out),
-                *orow, keep=(x, w, out))
+    k = w.shape[1]
+    n_seqs = x.shape[0] if x.ndim == 3 else 1
+    slots = (0, 0, 0, 0)
+    if ids is not None:
+        if (k > MAX_TAPS or x.ndim != 3 or x.shape[1] != n or ids.dtype != np.int32 or ids.shape != (n_seqs,)
+                or not ids.flags.c_contiguous or window.dtype != np.float32 or window.ndim != 2
+                or window.shape[1] != (k - 1) * d or window.strides[1] != F4):
+            return None
+        slots = (ptr(ids), window.shape[0], ptr(window), window.strides[0] // F4)
+    return bind("kvg_ssm_conv", ptr(x), n_seqs, n, d, *xr, ptr(w), k, ptr(out), *orow, *slots,
+                keep=(x, w, out, window, ids), indexes=ids is not None)
 
 
 def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
