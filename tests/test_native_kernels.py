@@ -919,7 +919,8 @@ def test_the_c_convolution_of_many_tokens_is_that_of_each_token_alone(variant):
 def test_an_in_place_convolution_reads_and_writes_its_window_by_slot(n, variant):
     """kvg_ssm_conv in place: each sequence's window read from a state table by slot (the same bits as from a
     concatenation), the last k - 1 inputs written back as the next window (fewer new inputs than the window:
-    part of the old one moves up), every other column and slot untouched; a repeated slot is refused."""
+    part of the old one moves up), every other column and slot untouched, also with the output written over
+    the new inputs; a repeated slot is refused."""
     from kvgraph.errors import IndexOutOfRangeError
 
     rng = np.random.default_rng(9)
@@ -933,6 +934,9 @@ def test_an_in_place_convolution_reads_and_writes_its_window_by_slot(n, variant)
     want = np.empty((S, n, d), np.float32)
     native_ops.ssm_conv(cat, w, want)()
     before, got = table.copy(), np.empty((S, n, d), np.float32)
+    same = np.ascontiguousarray(new)            # the output in the inputs' own buffer, as the plan gives it
+    native_ops.ssm_conv(same, w, same, window=table.copy()[:, pre: pre + (k - 1) * d], ids=slots)()
+    np.testing.assert_array_equal(same, want)
     native_ops.ssm_conv(new, w, got, window=window, ids=slots)()
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(window[slots].reshape(S, k - 1, d), cat[:, n:])

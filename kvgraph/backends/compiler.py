@@ -313,7 +313,7 @@ class FusingCompiler(Compiler):
                 continue
             last = max(self.step_of[w.id], self.step_of[tid])
             if (self._columns_touched(table, (col, col + g.shape[1]), self.step_of[g.id], last, {g.id, w.id})
-                    or not self._kept(new, self.step_of[cat.id], self.step_of[tid])):
+                    or not self._kept(new, self.step_of[cat.id], self.step_of[tid], t)):
                 continue
             self.state_convs[tid] = (g, w, table, col, cat)
 
@@ -345,15 +345,33 @@ class FusingCompiler(Compiler):
             return None
         return w
 
-    def _kept(self, src: Tensor, first: int, last: int) -> bool:
-        """Whether src's buffer is not handed to another node at a step in (first, last]."""
+    def _kept(self, src: Tensor, first: int, last: int, reader: Tensor) -> bool:
+        """Whether src's buffer is not handed to another node at a step in (first, last], except to reader
+        (the in-place convolution) as exactly its own layout: src a reshape of its whole buffer, reader's
+        output of its shape in the same bytes (the kernel writes each row after its last read)."""
         b = base_of(src)
         if b.id not in self.plan.offsets:
             return True
         off, nb = self.plan.offsets[b.id], self.plan.nbytes[b.id]
-        return not any(first < self.plan.lifetimes[m][0] <= last and m != b.id
-                       and self.plan.offsets[m] < off + nb and off < self.plan.offsets[m] + self.plan.nbytes[m]
-                       for m in self.plan.offsets)
+        for m in self.plan.offsets:
+            if (m == b.id or not first < self.plan.lifetimes[m][0] <= last
+                    or not (self.plan.offsets[m] < off + nb and off < self.plan.offsets[m] + self.plan.nbytes[m])):
+                continue
+            same = (m == reader.id and (self.plan.offsets[m], self.plan.nbytes[m]) == (off, nb)
+                    and reader.shape == src.shape and src.n_elements == b.n_elements
+                    and all(v.op == "reshape" for v in self._view_chain(src, b)))
+            if not same:
+                return False
+        return True
+
+    @staticmethod
+    def _view_chain(src: Tensor, base: Tensor) -> list[Tensor]:
+        """The views from src down to base (src itself first)."""
+        chain = []
+        while src is not base:
+            chain.append(src)
+            src = src.srcs[0]
+        return chain
 
     def _computing_readers(self, t: Tensor) -> list[Tensor]:
         """The nodes that read t or a view of it and are not views themselves (a set_rows is: it writes)."""

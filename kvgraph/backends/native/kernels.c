@@ -1990,7 +1990,9 @@ static int slots_ok(const int32_t *ids, int64_t n, int64_t n_rows) {
  * for one token cheaper than taps k floats apart).
  * ids != 0: in place in a recurrent state table. x holds only the n new inputs; sequence q's k - 1 earlier
  * ones are the rows [k - 1, d] at window + ids[q] * (window row stride), and the last k - 1 inputs are
- * written back there (the next step's window) once the block is computed. */
+ * written back there (the next step's window) before the block is computed. Output rows go last to first,
+ * so out may be the very buffer of x (same layout): the plan gives the new inputs' buffer, dead once a
+ * concatenation would have read them, to the convolution's output. */
 #define CONV_CB 256
 #define CONV_MAX_K 16
 
@@ -2013,9 +2015,11 @@ static void conv_blocks(void *ctx, int64_t i0, int64_t i1) {
         const int64_t q = it / nb, c0 = (it % nb) * CONV_CB, cw = d - c0 < CONV_CB ? d - c0 : CONV_CB;
         float *slot = ids ? (float *)a[13] + (int64_t)ids[q] * a[14] : NULL;
         for (int64_t r = 0; slot && r < k - 1; r++) memcpy(win + r * CONV_CB, slot + r * d + c0, sizeof(float) * cw);
+        for (int64_t r = 0; slot && r < k - 1; r++)           /* the next window: the last k - 1 inputs */
+            memcpy(slot + r * d + c0, conv_input(a, q, n + r, c0, win), sizeof(float) * cw);
         for (int64_t j = 0; j < k; j++)
             for (int64_t c = 0; c < cw; c++) wt[j * CONV_CB + c] = w[(c0 + c) * k + j];
-        for (int64_t t = 0; t < n; t++) {
+        for (int64_t t = n - 1; t >= 0; t--) {   /* last row first: out may be x itself (row t reads x rows <= t) */
             float acc[CONV_CB];
             for (int64_t c = 0; c < cw; c++) acc[c] = 0.0f;
             for (int64_t j = 0; j < k; j++) {
@@ -2025,8 +2029,6 @@ static void conv_blocks(void *ctx, int64_t i0, int64_t i1) {
             }
             memcpy(out + q * os0 + t * os1 + c0, acc, sizeof(float) * (size_t)cw);
         }
-        for (int64_t r = 0; slot && r < k - 1; r++)           /* the next window: the last k - 1 inputs */
-            memcpy(slot + r * d + c0, conv_input(a, q, n + r, c0, win), sizeof(float) * cw);
     }
 }
 
