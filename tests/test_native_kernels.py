@@ -660,6 +660,38 @@ def test_the_c_packer_makes_the_numpy_packers_tiles(type_name, variant):
     np.testing.assert_array_equal(got, want)
 
 
+def test_bias_add_silu_cont_and_concat_in_c(variant):
+    """The small ops of the recurrent blocks in C: a bias row added to every row, a scale per head, SiLU row by row (a row's
+    bits do not depend on how many rows there are), a strided view made contiguous, a concatenation."""
+    from kvgraph.graph.ir import Tensor
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 37), dtype=np.float32)
+    bias, out = rng.standard_normal(37, dtype=np.float32), np.empty((5, 37), np.float32)
+    native_ops.add(x, bias, out)()
+    np.testing.assert_array_equal(out, x + bias)
+    assert native_ops.add(x, bias[:36], np.empty((5, 36), np.float32)) is None
+    x3, scale = rng.standard_normal((4, 3, 6), dtype=np.float32), rng.standard_normal((3, 1), dtype=np.float32)
+    out3 = np.empty(x3.shape, np.float32)
+    native_ops.mul_rows(x3, scale, out3)()                   # one scale per head
+    np.testing.assert_array_equal(out3, x3 * scale)
+    native_ops.mul_rows(x3, x3[::-1].copy(), out3)()         # elementwise
+    np.testing.assert_array_equal(out3, x3 * x3[::-1])
+    native_ops.act("swiglu", x, out)()
+    np.testing.assert_allclose(out, x / (1 + np.exp(-x)), rtol=1e-6, atol=1e-6)
+    one = np.empty((1, 37), np.float32)
+    native_ops.act("swiglu", x[3:4], one)()
+    np.testing.assert_array_equal(one[0], out[3])
+    src = rng.standard_normal((2, 3, 9, 20), dtype=np.float32)[:, :, 2:7, :15]
+    dst = np.empty(src.shape, np.float32)
+    native_ops.for_node(Tensor(0, "cont", (), dst.shape, "f32", "", {}), dst, [src])()
+    np.testing.assert_array_equal(dst, src)
+    a, b = rng.standard_normal((2, 3, 8), dtype=np.float32), rng.standard_normal((2, 5, 8), dtype=np.float32)
+    cat = np.empty((2, 8, 8), np.float32)
+    native_ops.for_node(Tensor(0, "concat_rows", (), cat.shape, "f32", "", {"axis": 1}), cat, [a, b])()
+    np.testing.assert_array_equal(cat, np.concatenate([a, b], axis=1))
+
+
 # ---- recurrent layers ---------------------------------------------------------------------------------------
 def _ssm_case(op: str, n_seqs: int, n: int, rng):
     """Random sources of a Mamba-1 (d 48, state 16) or Mamba-2 (4 heads of 8, 2 groups, state 16) scan, as
@@ -699,6 +731,161 @@ def test_the_c_scans_match_numpy_and_a_sequence_alone_equals_it_in_a_batch(op, v
         np.testing.assert_array_equal(alone[0], got[q])
 
 
+@pytest.mark.parametrize("op,d,heads", [("ssm_scan", 48, 0), ("ssm_scan2", 32, 4), ("ssm_scan2", 80, 2)])
+def test_a_scan_gives_the_same_bits_token_by_token_split_and_in_place(op, d, heads, variant):
+    """kvg_ssm_scan2 takes one path for one token per sequence (the state streamed row by row) and another
+    for more (per head, blocks of channels); a sequence's y and state are the same bits either way: all its
+    tokens at once, one by one, or split 3 + 4, and in place in a state table by slot (the gathered copy's
+    bits). Heads of 40 channels: a whole vector block and a remainder."""
+    rng = np.random.default_rng(11)
+    s, n, S = 16, 7, 2
+    h = max(heads, 1)
+    a = (-np.exp(rng.standard_normal((d, s) if op == "ssm_scan" else h, dtype=np.float32)))
+    gs = s if op == "ssm_scan" else (2 * s if heads % 2 == 0 else s)
+    h0 = rng.standard_normal((S, s, d), dtype=np.float32)
+    x, dt = rng.standard_normal((S, n, d), dtype=np.float32), rng.standard_normal((S, n, d if op == "ssm_scan" else h),
+                                                                              dtype=np.float32)
+    b, c = rng.standard_normal((S, n, gs), dtype=np.float32), rng.standard_normal((S, n, gs), dtype=np.float32)
+
+    def scan(state, t0, t1):
+        out = np.empty((S, t1 - t0 + s, d), np.float32)
+        native_ops.ssm_scan(op, state, x[:, t0:t1], dt[:, t0:t1], a, b[:, t0:t1], c[:, t0:t1], out)()
+        return out[:, :t1 - t0], np.ascontiguousarray(out[:, t1 - t0:])
+
+    y_all, h_all = scan(h0, 0, n)
+    for cuts in ([0, 1, 2, 3, 4, 5, 6, 7], [0, 3, 7]):
+        state, ys = h0, []
+        for t0, t1 in zip(cuts, cuts[1:]):
+            y, state = scan(state, t0, t1)
+            ys.append(y)
+        np.testing.assert_array_equal(np.concatenate(ys, axis=1), y_all)
+        np.testing.assert_array_equal(state, h_all)
+    pre, post, slots = 5, 3, np.array([3, 1], np.int32)      # in place: the state's columns of a wider row
+    table = rng.standard_normal((4, pre + s * d + post), dtype=np.float32)
+    table[slots, pre: pre + s * d] = h0.reshape(S, -1)
+    before = table.copy()
+    for t0, t1 in ([0, 1], [1, 4], [4, 7]):
+        view = table[:, pre: pre + s * d].view()
+        view.shape = (4, s, d)
+        out = np.full((S, t1 - t0 + s, d), 7.0, np.float32)
+        native_ops.ssm_scan(op, view, x[:, t0:t1], dt[:, t0:t1], a, b[:, t0:t1], c[:, t0:t1], out, ids=slots)()
+        np.testing.assert_array_equal(out[:, :t1 - t0], y_all[:, t0:t1])
+        assert (out[:, t1 - t0:] == 7.0).all()              # the state rows of out are left alone
+    np.testing.assert_array_equal(table[slots, pre: pre + s * d], h_all.reshape(S, -1))
+    others = np.ones(table.shape, bool)
+    others[slots, pre: pre + s * d] = False
+    np.testing.assert_array_equal(table[others], before[others])
+
+
+def test_an_in_place_scan_refuses_a_bad_or_repeated_slot(variant):
+    from kvgraph.errors import IndexOutOfRangeError
+
+    rng = np.random.default_rng(12)
+    h0, x, dt, a, b, c = _ssm_case("ssm_scan2", 2, 1, rng)
+    table = np.zeros((3, 16, 32), np.float32)
+    out = np.empty((2, 17, 32), np.float32)
+    for bad in ([0, 3], [1, 1]):        # out of range; one slot twice (two sequences updating one state)
+        with pytest.raises(IndexOutOfRangeError):
+            native_ops.ssm_scan("ssm_scan2", table, x, dt, a, b, c, out, ids=np.array(bad, np.int32))()
+    assert not table.any()
+
+
+def test_a_scan_between_a_state_gather_and_write_runs_in_place(variant, monkeypatch):
+    """get_rows(state columns, slots) -> ssm_scan2 -> set_rows(same columns, same slots) compiles to the scan
+    alone, in place (no gather, no write-back), with the gathered graph's bits and the numpy reference's
+    values; a write of other columns of the same rows in between does not stop it."""
+    from kvgraph.backends import compiler, get_backend
+    from kvgraph.graph.ir import I32, GraphBuilder
+    from kvgraph.plan.planner import plan_graph
+
+    monkeypatch.setenv("KVGRAPH_NATIVE_BATCH", "0")
+    S, n, d, s, h, pre = 2, 3, 32, 16, 4, 6
+    g = GraphBuilder()
+    state = g.state("rs.0", (4, pre + s * d))
+    slot = g.input("slot", (S,), I32)
+    x, dt, a = g.input("x", (S, n, d)), g.input("dt", (S, n, h)), g.input("a", (h,))
+    b, c, head = g.input("b", (S, n, 2 * s)), g.input("c", (S, n, 2 * s)), g.input("head", (S, pre))
+    h0 = g.reshape(g.get_rows(g.slice_rows(state, pre, s * d, axis=1), slot), (S, s, d))
+    dst = g.set_rows(state, head, slot, col=0)
+    scan = g.ssm_scan2(h0, x, dt, a, b, c)
+    g.set_rows(dst, g.reshape(g.slice_rows(scan, n, s, axis=1), (S, s * d)), slot, col=pre)
+    g.output("y", g.cont(g.slice_rows(scan, 0, n, axis=1)))
+    rng = np.random.default_rng(13)
+    feeds = {"x": (S, n, d), "dt": (S, n, h), "a": (h,), "b": (S, n, 2 * s), "c": (S, n, 2 * s), "head": (S, pre)}
+    init = rng.standard_normal((4, pre + s * d), dtype=np.float32)
+
+    def run(backend, steps=3):
+        states = {"rs.0": init.copy()}
+        program = get_backend(backend).compile(g.graph, plan_graph(g.graph), {}, states)
+        r = np.random.default_rng(14)
+        ys = []
+        for ids in ([2, 0], [0, 3], [3, 2])[:steps]:
+            for name, shape in feeds.items():
+                program.inputs[name][...] = r.standard_normal(shape, dtype=np.float32)
+            program.inputs["a"][...] = -np.abs(program.inputs["a"])
+            program.inputs["slot"][...] = ids
+            program.run()
+            ys.append(program.outputs["y"].copy())
+        return program, ys, states["rs.0"]
+
+    program, ys, st = run("native")
+    names = [k.__qualname__ for k in program.kernels]
+    assert "kvg_ssm_scan2" in names and "kvg_get_rows_f32" not in names and names.count("kvg_set_rows") == 1
+    _, ref_ys, ref_st = run("numpy")
+    np.testing.assert_allclose(np.stack(ys), np.stack(ref_ys), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(st, ref_st, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(compiler.FusingCompiler, "_plan_state_scans", lambda self: None)
+    program, gathered_ys, gathered_st = run("native")
+    assert "kvg_get_rows_f32" in [k.__qualname__ for k in program.kernels]
+    np.testing.assert_array_equal(np.stack(ys), np.stack(gathered_ys))
+    np.testing.assert_array_equal(st, gathered_st)
+
+
+def test_a_convolution_of_a_gathered_window_runs_in_place(variant, monkeypatch):
+    """get_rows(window columns, slots) -> concat_rows with new inputs -> ssm_conv, the last inputs set_rows'd
+    back (LFM2's short convolution) compiles to the convolution alone, in place, with the unfused graph's
+    bits and numpy's values."""
+    from kvgraph.backends import compiler, get_backend
+    from kvgraph.graph.ir import I32, GraphBuilder
+    from kvgraph.plan.planner import plan_graph
+
+    monkeypatch.setenv("KVGRAPH_NATIVE_BATCH", "0")
+    S, n, d, k = 2, 2, 24, 3
+    g = GraphBuilder()
+    state = g.state("rs.0", (4, (k - 1) * d))
+    slot = g.input("slot", (S,), I32)
+    a, b, w = g.input("a", (S * n, d)), g.input("b", (S * n, d)), g.weight("w", (d, k))
+    window = g.reshape(g.get_rows(state, slot), (S, k - 1, d))
+    conv_x = g.concat_rows(window, g.reshape(g.mul(a, b), (S, n, d)), axis=1)
+    g.set_rows(state, g.reshape(g.slice_rows(conv_x, n, k - 1, axis=1), (S, (k - 1) * d)), slot)
+    g.output("y", g.ssm_conv(conv_x, w))
+    init = np.random.default_rng(15).standard_normal((4, (k - 1) * d), dtype=np.float32)
+    weights = {"w": np.random.default_rng(17).standard_normal((d, k), dtype=np.float32)}
+
+    def run(backend):
+        states = {"rs.0": init.copy()}
+        program = get_backend(backend).compile(g.graph, plan_graph(g.graph), weights, states)
+        r, ys = np.random.default_rng(16), []
+        for ids in ([2, 0], [0, 3], [3, 2]):
+            for name in ("a", "b"):
+                program.inputs[name][...] = r.standard_normal((S * n, d), dtype=np.float32)
+            program.inputs["slot"][...] = ids
+            program.run()
+            ys.append(program.outputs["y"].copy())
+        return program, np.stack(ys), states["rs.0"]
+
+    program, ys, st = run("native")
+    names = [k.__qualname__ for k in program.kernels]
+    assert "kvg_ssm_conv" in names and not {"kvg_get_rows_f32", "kvg_copy", "kvg_set_rows"} & set(names)
+    _, ref_ys, ref_st = run("numpy")
+    np.testing.assert_allclose(ys, ref_ys, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(st, ref_st)
+    monkeypatch.setattr(compiler.FusingCompiler, "_plan_state_convs", lambda self: None)
+    _, plain_ys, plain_st = run("native")
+    np.testing.assert_array_equal(ys, plain_ys)
+    np.testing.assert_array_equal(st, plain_st)
+
+
 def test_the_c_causal_convolution_matches_numpy(variant):
     from kvgraph.backends import reference
     from kvgraph.graph.ir import Tensor
@@ -711,6 +898,53 @@ def test_the_c_causal_convolution_matches_numpy(variant):
     reference.KERNELS["ssm_conv"](node, want, x, w)()
     native_ops.ssm_conv(x, w, got)()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_c_convolution_of_many_tokens_is_that_of_each_token_alone(variant):
+    """kvg_ssm_conv works in blocks of channels over all the ubatch's tokens: a token's bits do not depend on
+    how many share its ubatch (300 channels: a block and a part)."""
+    rng = np.random.default_rng(6)
+    n, d, k = 12, 300, 4
+    x = rng.standard_normal((2, k - 1 + n, d + 5), dtype=np.float32)[..., :d]
+    w = rng.standard_normal((d, k), dtype=np.float32)
+    together = np.empty((2, n, d), np.float32)
+    native_ops.ssm_conv(x, w, together)()
+    for t in range(n):
+        alone = np.empty((2, 1, d), np.float32)
+        native_ops.ssm_conv(x[:, t: t + k], w, alone)()
+        np.testing.assert_array_equal(alone[:, 0], together[:, t])
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_an_in_place_convolution_reads_and_writes_its_window_by_slot(n, variant):
+    """kvg_ssm_conv in place: each sequence's window read from a state table by slot (the same bits as from a
+    concatenation), the last k - 1 inputs written back as the next window (fewer new inputs than the window:
+    part of the old one moves up), every other column and slot untouched, also with the output written over
+    the new inputs; a repeated slot is refused."""
+    from kvgraph.errors import IndexOutOfRangeError
+
+    rng = np.random.default_rng(9)
+    S, d, k, pre = 2, 300, 4, 7
+    w = rng.standard_normal((d, k), dtype=np.float32)
+    table = rng.standard_normal((4, pre + (k - 1) * d + 3), dtype=np.float32)
+    slots = np.array([3, 0], np.int32)
+    new = rng.standard_normal((S, n, d + 4), dtype=np.float32)[..., :d]
+    window = table[:, pre: pre + (k - 1) * d]
+    cat = np.concatenate([window[slots].reshape(S, k - 1, d), new], axis=1)
+    want = np.empty((S, n, d), np.float32)
+    native_ops.ssm_conv(cat, w, want)()
+    before, got = table.copy(), np.empty((S, n, d), np.float32)
+    same = np.ascontiguousarray(new)            # the output in the inputs' own buffer, as the plan gives it
+    native_ops.ssm_conv(same, w, same, window=table.copy()[:, pre: pre + (k - 1) * d], ids=slots)()
+    np.testing.assert_array_equal(same, want)
+    native_ops.ssm_conv(new, w, got, window=window, ids=slots)()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(window[slots].reshape(S, k - 1, d), cat[:, n:])
+    others = np.ones(table.shape, bool)
+    others[slots, pre: pre + (k - 1) * d] = False
+    np.testing.assert_array_equal(table[others], before[others])
+    with pytest.raises(IndexOutOfRangeError):
+        native_ops.ssm_conv(new, w, got, window=window, ids=np.array([1, 1], np.int32))()
 
 
 def test_state_rows_are_gathered_in_c_and_a_bad_slot_is_refused(variant):

@@ -6,7 +6,12 @@ plan makes it safe:
   the norm's input buffer exactly (the plan reuses it once the norm is its last reader; the fused kernels
   read a whole row before writing it) or does not overlap it at all;
 * matmuls of one input against several weights of one format (q/k/v): one matmul against the weights
-  stacked along N, run at the last member's step when no member's result is read before it.
+  stacked along N, run at the last member's step when no member's result is read before it;
+* get_rows(state columns, slots) -> ssm_scan / ssm_scan2 -> set_rows(same columns, same slots) of the new
+  state: the C scan reads and writes the state in place by slot (no gathered copy, no write-back), when
+  nothing else touches those columns in between; likewise a conv window: get_rows(window columns) ->
+  concat_rows with the new inputs -> ssm_conv, the last inputs set_rows'd back: the C convolution reads the
+  window by slot and writes the next one.
 
 A gated FFN's `matmul_glu` runs as one C kernel over the stacked gate/up tiles when both weights have one
 format (the products stay in registers); otherwise (`glu_products`) as two matmuls into scratch buffers that
@@ -119,6 +124,7 @@ class Compiler:
         self.bufs: dict[int, Any] = {}
         self.inputs: dict[str, np.ndarray] = {}
         self.skip: set[int] = set()                   # nodes a fused kernel computes
+        self.emitted_at: dict[int, int] = {}          # node id -> index of its kernel in self.kernels
         self.rope = reference.RopeTables()
 
     def choosers(self) -> list[Callable[[Tensor, int, Any, list], Kernel | None]]:
@@ -146,7 +152,8 @@ class Compiler:
                 bufs[tid] = self.inputs[t.name] = np.zeros(t.shape, reference.NP_DTYPES[t.dtype])
             elif tid not in plan.offsets:              # a view (or set_rows) of its first source
                 buf = bufs[tid] = reference.view(t, self.arr(bufs[t.srcs[0].id]))
-                if t.op == "set_rows":
+                if t.op == "set_rows" and tid not in self.skip:
+                    self.emitted_at[tid] = len(self.kernels)
                     self.kernels.append(self.set_rows_kernel(t, buf, [self.arr(bufs[s.id]) for s in t.srcs]))
             else:
                 off = plan.offsets[tid]
@@ -154,7 +161,8 @@ class Compiler:
                 if tid not in self.skip:
                     self.emit(t, step)
         outputs = {name: bufs[o.id] for name, o in self.graph.outputs.items()}
-        return self.program_class(native.batch(self.kernels), self.inputs, outputs,
+        kernels = [k for k in self.kernels if k is not None]     # None: a kernel a later fusion took over
+        return self.program_class(native.batch(kernels), self.inputs, outputs,
                                   plan.arena_size + self.staged_bytes())
 
     def emit(self, t: Tensor, step: int) -> None:
@@ -162,6 +170,7 @@ class Compiler:
         for choose in self.choosers():
             k = choose(t, step, out, srcs)
             if k is not None:
+                self.emitted_at[t.id] = len(self.kernels)
                 self.kernels.append(k)
                 return
         raise AssertionError(f"no kernel chooser took {t.op}")
@@ -202,8 +211,13 @@ class FusingCompiler(Compiler):
         self.groups: dict[int, list[Tensor]] = {}     # last member id -> members (in order)
         self.last_use: dict[tuple[int, str], int] = {}  # (matmul input id, input form) -> last step
         self.staging = StagingPool(self.last_use)
+        # scan / conv node id -> (its state gather, the state write-back, state leaf, first column[, concat])
+        self.state_scans: dict[int, tuple[Tensor, Tensor, Tensor, int]] = {}
+        self.state_convs: dict[int, tuple[Tensor, Tensor, Tensor, int, Tensor]] = {}
         self._plan_norm_fusion()
         self._plan_matmul_groups()
+        self._plan_state_scans()
+        self._plan_state_convs()
 
     # ---- pre-passes -------------------------------------------------------------------------------------
     @staticmethod
@@ -226,7 +240,7 @@ class FusingCompiler(Compiler):
             r, w = t.srcs[0], self.weights[t.srcs[1].name]
             between = self.plan.order[self.step_of[r.id] + 1: self.step_of[tid]]
             if (len(self.readers.get(r.id, ())) == 1 and r.id not in self.outputs_base and w.dense is not None
-                    and w.dense.ndim == 1 and w.dense.shape[0] == r.shape[-1] and t.shape == r.shape
+                    and w.dense.shape[-1:] == r.shape[-1:] and w.dense.size == r.shape[-1] and t.shape == r.shape
                     and all(self.nodes[b].is_leaf or self.nodes[b].op in VIEW_OPS for b in between)
                     and r.srcs[0].shape == r.shape and not self._partly_overlaps(tid, r.srcs[0])):
                 self.fused_norm[tid] = r
@@ -252,6 +266,181 @@ class FusingCompiler(Compiler):
                 continue
             self.groups[members[-1].id] = members
             self.skip.update(m.id for m in members[:-1])
+
+    def _plan_state_scans(self) -> None:
+        """Scans whose old state is a get_rows of a state's columns by slot, read by the scan alone, and
+        whose new state rows go only to a set_rows of those same columns at the same slots, with no other
+        read or write of those columns in between: candidates to run in place (see state_scan)."""
+        for tid in self.plan.order:
+            t = self.nodes[tid]
+            if t.op not in ("ssm_scan", "ssm_scan2") or t.ndim != 3:
+                continue
+            gather = self._state_gather(t.srcs[0], t)
+            if gather is None:
+                continue
+            g, table, col = gather
+            n_new, width = t.shape[1] - t.srcs[0].shape[1], g.shape[1]
+            w = self._write_back(t, g, table, col, n_new)
+            if w is None:
+                continue
+            # every other reader of the scan reads its y rows only (the state rows will not be written)
+            if any(self._first_view(src, t) != ("slice_rows", 1, 0) for r in self._computing_readers(t)
+                   if r is not w for src in r.srcs if base_of(src) is t):
+                continue
+            if self._columns_touched(table, (col, col + width), self.step_of[g.id], self.step_of[w.id], {g.id, w.id}):
+                continue
+            self.state_scans[tid] = (g, w, table, col)
+
+    def _plan_state_convs(self) -> None:
+        """Convolutions of concat_rows(window gathered from a state's columns by slot, new inputs) whose
+        window is read by the concatenation alone, and the concatenation by the convolution and by one
+        set_rows of its last k - 1 rows into the same columns at the same slots (the next window), nothing
+        else touching those columns in between: candidates to run in place (see state_conv). The new
+        inputs' buffer must outlive the concatenation (its last reader in the plan) up to the convolution."""
+        for tid in self.plan.order:
+            t = self.nodes[tid]
+            if t.op != "ssm_conv" or t.ndim != 3 or t.srcs[0].op != "concat_rows" or t.srcs[0].p["axis"] != 1:
+                continue
+            cat = t.srcs[0]
+            win, new = cat.srcs
+            k = t.srcs[1].shape[1]
+            gather = self._state_gather(win, cat)
+            if gather is None or win.shape[1] != k - 1 or k > native_ops.MAX_TAPS:
+                continue
+            g, table, col = gather
+            w = self._write_back(cat, g, table, col, cat.shape[1] - (k - 1))
+            if w is None or {r.id for r in self._computing_readers(cat)} != {t.id, w.id}:
+                continue
+            last = max(self.step_of[w.id], self.step_of[tid])
+            if (self._columns_touched(table, (col, col + g.shape[1]), self.step_of[g.id], last, {g.id, w.id})
+                    or not self._kept(new, self.step_of[cat.id], self.step_of[tid], t)):
+                continue
+            self.state_convs[tid] = (g, w, table, col, cat)
+
+    def _state_gather(self, src: Tensor, reader: Tensor) -> tuple[Tensor, Tensor, int] | None:
+        """(the get_rows, the state, first column) when src is (a reshape of) a get_rows of a 2-D state's
+        columns by slot, read by `reader` alone and by no graph output."""
+        g = src
+        while g.op == "reshape":
+            g = g.srcs[0]
+        if g.op != "get_rows" or g.id in self.outputs_base or g.ndim != 2 or g.n_elements != src.n_elements:
+            return None
+        table, col = g.srcs[0], 0
+        if table.op == "slice_rows" and table.p["axis"] == 1:
+            col, table = table.p["start"], table.srcs[0]
+        if table.op != "state" or table.ndim != 2 or [r.id for r in self._computing_readers(g)] != [reader.id]:
+            return None
+        return g, table, col
+
+    def _write_back(self, t: Tensor, g: Tensor, table: Tensor, col: int, start: int) -> Tensor | None:
+        """The one set_rows among t's readers, when it writes rows [start, ...) of t (axis 1) into the columns
+        g gathered, at g's slots; else None."""
+        writes = [r for r in self._computing_readers(t) if r.op == "set_rows"]
+        if len(writes) != 1:
+            return None
+        w = writes[0]
+        if not (w.srcs[2] is g.srcs[1] and base_of(w.srcs[0]) is table and not w.p["transposed"]
+                and w.p["col"] == col and w.srcs[1].ndim == 2 and w.srcs[1].shape[1] == g.shape[1]
+                and self._first_view(w.srcs[1], t) == ("slice_rows", 1, start)):
+            return None
+        return w
+
+    def _kept(self, src: Tensor, first: int, last: int, reader: Tensor) -> bool:
+        """Whether src's buffer is not handed to another node at a step in (first, last], except to reader
+        (the in-place convolution) as exactly its own layout: src a reshape of its whole buffer, reader's
+        output of its shape in the same bytes (the kernel writes each row after its last read)."""
+        b = base_of(src)
+        if b.id not in self.plan.offsets:
+            return True
+        off, nb = self.plan.offsets[b.id], self.plan.nbytes[b.id]
+        for m in self.plan.offsets:
+            if (m == b.id or not first < self.plan.lifetimes[m][0] <= last
+                    or not (self.plan.offsets[m] < off + nb and off < self.plan.offsets[m] + self.plan.nbytes[m])):
+                continue
+            same = (m == reader.id and (self.plan.offsets[m], self.plan.nbytes[m]) == (off, nb)
+                    and reader.shape == src.shape and src.n_elements == b.n_elements
+                    and all(v.op == "reshape" for v in self._view_chain(src, b)))
+            if not same:
+                return False
+        return True
+
+    @staticmethod
+    def _view_chain(src: Tensor, base: Tensor) -> list[Tensor]:
+        """The views from src down to base (src itself first)."""
+        chain = []
+        while src is not base:
+            chain.append(src)
+            src = src.srcs[0]
+        return chain
+
+    def _computing_readers(self, t: Tensor) -> list[Tensor]:
+        """The nodes that read t or a view of it and are not views themselves (a set_rows is: it writes)."""
+        return [r for r in self.readers.get(t.id, ()) if r.op not in VIEW_OPS or r.op == "set_rows"]
+
+    @staticmethod
+    def _first_view(src: Tensor, base: Tensor) -> tuple | None:
+        """(op, axis, start) of the view of base that src is built on, when it is a slice_rows; else None."""
+        while src.op in VIEW_OPS and src.srcs[0] is not base:
+            src = src.srcs[0]
+        return (src.op, src.p["axis"], src.p["start"]) if src.op == "slice_rows" else None
+
+    def _columns_touched(self, state: Tensor, cols: tuple[int, int], first: int, last: int, own: set[int]) -> bool:
+        """Whether a node at a step in [first, last] other than `own` may read or write columns [cols) of
+        state: a read through a column slice of the state, or a partial set_rows, elsewhere in the rows
+        does not; anything else is taken to touch every column."""
+        for r in self.readers.get(state.id, ()):
+            if r.id in own or (r.op in VIEW_OPS and r.op != "set_rows") or not first <= self.step_of[r.id] <= last:
+                continue
+            for i, src in enumerate(r.srcs):
+                if base_of(src) is not state:
+                    continue
+                span = (0, state.shape[-1])
+                if r.op == "set_rows" and i == 0:        # the state it writes into: the columns it writes
+                    if not r.p["transposed"] and r.srcs[1].ndim == 2:
+                        span = (r.p["col"], r.p["col"] + r.srcs[1].shape[1])
+                else:
+                    v = src
+                    while v.op in VIEW_OPS and not (v.op == "slice_rows" and v.srcs[0] is state):
+                        v = v.srcs[0]
+                    if v.op == "slice_rows" and v.p["axis"] == 1:
+                        span = (v.p["start"], v.p["start"] + v.p["n"])
+                if span[0] < cols[1] and cols[0] < span[1]:
+                    return True
+        return False
+
+    def state_scan(self, t: Tensor, out: np.ndarray, srcs: list) -> Kernel | None:
+        """Scan t in place in its state (planned by _plan_state_scans): the C scan reads each sequence's old
+        state from the table by slot and writes the new one back there; the gather's kernel, emitted
+        before, is dropped and the write-back skipped. None (the scan as it is) where the buffers do not
+        suit the C kernel."""
+        g, w, table, col = self.state_scans[t.id]
+        tab, ids = self.arr(self.bufs[table.id]), self.bufs[g.srcs[1].id]
+        if g.id not in self.emitted_at or not isinstance(tab, np.ndarray) or tab.dtype != np.float32:
+            return None
+        h0 = tab[:, col: col + g.shape[1]].view()
+        h0.shape = (tab.shape[0],) + t.srcs[0].shape[1:]
+        kernel = native_ops.ssm_scan(t.op, h0, *[self.arr(s) for s in srcs[1:]], out, ids=ids)
+        if kernel is not None:
+            self.kernels[self.emitted_at[g.id]] = None
+            self.skip.add(w.id)
+        return kernel
+
+    def state_conv(self, t: Tensor, out: np.ndarray, srcs: list) -> Kernel | None:
+        """Convolve t in place in its state (planned by _plan_state_convs): the C convolution reads each
+        sequence's window from the table by slot and the new inputs where they are, and writes the next
+        window back; the gather, concatenation and write-back kernels, emitted before, are dropped. None
+        (the convolution as it is) where the buffers do not suit the C kernel."""
+        g, w, table, col, cat = self.state_convs[t.id]
+        tab, ids = self.arr(self.bufs[table.id]), self.bufs[g.srcs[1].id]
+        if (not all(n.id in self.emitted_at for n in (g, w, cat)) or not isinstance(tab, np.ndarray)
+                or tab.dtype != np.float32):
+            return None
+        kernel = native_ops.ssm_conv(self.arr(self.bufs[cat.srcs[1].id]), self.arr(srcs[1]), out,
+                                     window=tab[:, col: col + g.shape[1]], ids=ids)
+        if kernel is not None:
+            for n in (g, w, cat):
+                self.kernels[self.emitted_at[n.id]] = None
+        return kernel
 
     # ---- emission ---------------------------------------------------------------------------------------
     def staged_bytes(self) -> int:
@@ -313,7 +502,7 @@ class FusingCompiler(Compiler):
             return None
         if t.id in self.fused_norm:
             r = self.fused_norm[t.id]
-            return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"], out)
+            return native_ops.rms_norm(self.bufs[r.srcs[0].id], srcs[1].dense.reshape(-1), r.p["eps"], out)
         if t.op == "get_rows" and t.srcs[0].op == "weight":
             # out of the tiles where the weight has them (a tied embedding: its file pages stay untouched)
             from_tiles = getattr(srcs[0].mat, "rows_kernel", None)
@@ -321,6 +510,10 @@ class FusingCompiler(Compiler):
             return kernel or native_ops.embedding_rows(srcs[0].rows(), srcs[1], out)
         if t.op == "get_rows":
             return native_ops.get_rows(self.arr(srcs[0]), srcs[1], out)
+        if t.id in self.state_scans or t.id in self.state_convs:
+            kernel = self.state_scan(t, out, srcs) if t.id in self.state_scans else self.state_conv(t, out, srcs)
+            if kernel is not None:
+                return kernel
         if t.op == "matmul_glu":
             return self.glu_fused(t, step, out, srcs)
         if t.op in native_ops.OPS:

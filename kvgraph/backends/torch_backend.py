@@ -580,7 +580,7 @@ class _Compiler(FusingCompiler):
             return self.glu_products(t, step, out, srcs)
         if t.id in self.fused_norm:
             r = self.fused_norm[t.id]
-            return _rms_norm_mul(self._dst(t, step), self.bufs[r.srcs[0].id], srcs[1].dense, r.p["eps"])
+            return _rms_norm_mul(self._dst(t, step), self.bufs[r.srcs[0].id], srcs[1].dense.reshape(-1), r.p["eps"])
         if t.op in ("swiglu", "geglu") and srcs[0].shape == srcs[1].shape == out.shape:
             return self.gated(t, step, self.arr(srcs[0]), self.arr(srcs[1]), out)
         if t.op == "rope":

@@ -102,7 +102,7 @@ class RecurrentState:
         per_seq = ub.n_tokens // len(seqs)
         for seq, start in zip(seqs, starts):
             pos = ub.pos[start:start + per_seq]
-            if int(pos[0]) != self.pos_next[seq] or not np.all(np.diff(pos) == 1):
+            if int(pos[0]) != self.pos_next[seq] or (per_seq > 1 and not np.all(np.diff(pos) == 1)):
                 raise InvalidArgumentError(
                     f"sequence {seq}: recurrent state is at position {self.pos_next[seq]} but the batch starts at "
                     f"{int(pos[0])}; positions must continue without gaps.")
@@ -120,6 +120,8 @@ class RecurrentState:
 def _grouped_sequences(ub: UBatch) -> tuple[list[int], list[int]]:
     """The ubatch's sequences in order and where each one's tokens start; refuses a ubatch whose sequences
     are interleaved or of different lengths (a recurrent graph reads each sequence's tokens as one block)."""
+    if ub.n_tokens == 1 or (ub.seq[0] == ub.seq[-1] and (ub.seq == ub.seq[0]).all()):
+        return [int(ub.seq[0])], [0]           # one sequence: every single-stream step, without the general work
     change = np.flatnonzero(np.diff(ub.seq)) + 1
     starts = [0] + change.tolist()
     seqs = [int(ub.seq[i]) for i in starts]
@@ -151,9 +153,14 @@ class RecurrentView:
     def _state(self, il: int) -> Tensor:
         return self.g.state(self.rs.state_name(il), (self.rs.n_slots, self.rs.row_width))
 
-    def read(self, il: int) -> Tensor:
-        """The rows of this ubatch's sequences, [n_seqs, row_width], as they were before this step."""
-        return self.g.get_rows(self._state(il), self.slot.tensor)
+    def read(self, il: int, col: int = 0, width: int | None = None) -> Tensor:
+        """Columns [col, col + width) (default: all) of the rows of this ubatch's sequences, [n_seqs, width],
+        as they were before this step. A part read on its own is a part a backend may update in place (see
+        compiler.FusingCompiler: a scan from it whose new state is written back to the same columns)."""
+        state = self._state(il)
+        if width is not None and (col, width) != (0, self.rs.row_width):
+            state = self.g.slice_rows(state, col, width, axis=1)
+        return self.g.get_rows(state, self.slot.tensor)
 
     def write(self, il: int, part: Tensor, col: int) -> None:
         """Write part ([n_seqs, ...], each sequence's part flattened) into columns [col, col + size) of the

@@ -79,9 +79,8 @@ class HybridModel(Model):
         rs = io.memory("rs")
         n, n_seqs = h.shape[0], io.key.n_seqs
         t = n // n_seqs
-        row = rs.read(i)
-        conv_state = g.reshape(g.slice_rows(row, 0, (k - 1) * d, axis=1), (n_seqs, k - 1, d))
-        ssm_state = g.reshape(g.slice_rows(row, (k - 1) * d, s * d, axis=1), (n_seqs, s, d))
+        conv_state = g.reshape(rs.read(i, 0, (k - 1) * d), (n_seqs, k - 1, d))
+        ssm_state = g.reshape(rs.read(i, (k - 1) * d, s * d), (n_seqs, s, d))
         conv_x = g.concat_rows(conv_state, g.reshape(g.matmul(h, w("ssm_in_x.weight")), (n_seqs, t, d)), axis=1)
         rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)               # first write: conv window
         xc = g.silu(g.ssm_conv(conv_x, w("ssm_conv1d.weight")))

@@ -253,9 +253,8 @@ def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool =
     n, n_seqs = h.shape[0], io.key.n_seqs
     t = n // n_seqs
     seqs = lambda x, width: g.reshape(x, (n_seqs, t, width))  # noqa: E731  [n, w] -> [S, t, w]
-    row = rs.read(i)                                                            # [S, row]
-    conv_state = g.reshape(g.slice_rows(row, 0, (k - 1) * d, axis=1), (n_seqs, k - 1, d))
-    ssm_state = g.reshape(g.slice_rows(row, (k - 1) * d, s * d, axis=1), (n_seqs, s, d))
+    conv_state = g.reshape(rs.read(i, 0, (k - 1) * d), (n_seqs, k - 1, d))
+    ssm_state = g.reshape(rs.read(i, (k - 1) * d, s * d), (n_seqs, s, d))   # read on its own: see RecurrentView.read
     conv_x = g.concat_rows(conv_state, seqs(g.matmul(h, w(f"blk.{i}.ssm_in.x")), d), axis=1)
     rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)                 # the next conv window
     xc = g.silu(g.add(g.ssm_conv(conv_x, w(f"blk.{i}.ssm_conv1d.weight")), w(f"blk.{i}.ssm_conv1d.bias")))
@@ -311,9 +310,8 @@ def mamba2_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, gated_norm: bool 
     n, n_seqs = h.shape[0], io.key.n_seqs
     t = n // n_seqs
     seqs = lambda x, width: g.reshape(x, (n_seqs, t, width))  # noqa: E731
-    row = rs.read(i)
-    conv_state = g.reshape(g.slice_rows(row, 0, (k - 1) * dc, axis=1), (n_seqs, k - 1, dc))
-    ssm_state = g.reshape(g.slice_rows(row, (k - 1) * dc, s * d, axis=1), (n_seqs, s, d))
+    conv_state = g.reshape(rs.read(i, 0, (k - 1) * dc), (n_seqs, k - 1, dc))
+    ssm_state = g.reshape(rs.read(i, (k - 1) * dc, s * d), (n_seqs, s, d))
     conv_x = g.concat_rows(conv_state, seqs(g.matmul(h, w(f"blk.{i}.ssm_in.xbc")), dc), axis=1)
     rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)
     xbc = g.silu(g.add(g.ssm_conv(conv_x, w(f"blk.{i}.ssm_conv1d.weight")), w(f"blk.{i}.ssm_conv1d.bias")))

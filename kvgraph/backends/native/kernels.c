@@ -866,7 +866,7 @@ static inline vf vf_exp(vf x) {
 }
 #endif
 
-/* o[i] = act(g[i]) * u[i], kind 0: silu, 1: gelu tanh. Element i is read before it is written (o may be g
+/* o[i] = act(g[i]) * u[i] (u 0: act(g[i])), kind 0: silu, 1: gelu tanh. Element i is read before it is written (o may be g
  * or u), and each element's bits depend only on its value and on whether it falls in a whole vector. */
 static inline void gated_span(const float *g, const float *u, float *o, const int64_t n, const int64_t kind) {
     int64_t i = 0;
@@ -881,14 +881,14 @@ static inline void gated_span(const float *g, const float *u, float *o, const in
             const vf z = vf_mul(vf_set1(0.7978845608f), vf_fmadd(vf_mul(vf_set1(0.044715f), x), vf_mul(x, x), x));
             act = vf_div(x, vf_add(one, vf_exp(vf_mul(vf_set1(-2.0f), z))));
         }
-        vf_store(o + i, vf_mul(act, vf_load(u + i)));
+        vf_store(o + i, u ? vf_mul(act, vf_load(u + i)) : act);
     }
 #endif
     for (; i < n; i++) {
         const float x = g[i];
         const float act = kind == 0 ? x / (1.0f + expf(-x))
                                     : 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
-        o[i] = act * u[i];
+        o[i] = u ? act * u[i] : act;
     }
 }
 
@@ -896,6 +896,16 @@ static inline void gated_span(const float *g, const float *u, float *o, const in
 void kvg_gated(const int64_t *a) {
     gated_span((const float *)a[0], (const float *)a[1], (float *)a[2], a[3], a[4]);
 }
+
+/* a: x, out, rows, k, kind:  out = act(x) (kvg_gated's), row by row (contiguous rows of k): an element's bits
+ * depend on its place in its row, never on how many rows there are. */
+static void act_rows(void *ctx, int64_t r0, int64_t r1) {
+    const int64_t *a = (const int64_t *)ctx;
+    for (int64_t r = r0; r < r1; r++)
+        gated_span((const float *)a[0] + r * a[3], NULL, (float *)a[1] + r * a[3], a[3], a[4]);
+}
+
+void kvg_act(const int64_t *a) { parallel_for(a[2], (16384 + a[3] - 1) / a[3], act_rows, (void *)a); }
 
 #define GLU_RUN 4    /* gate tiles, then as many up tiles, read in runs: each weight stream stays sequential */
 static const tiles_fn TILES[] = {q4h_tiles, q4f_tiles, q5h_tiles, q8_tiles, q4k_tiles, q5k_tiles, q6k_tiles};
@@ -1581,13 +1591,34 @@ static void attention(const int64_t *a) {
 /* a[22]: K and V are float16 */
 void kvg_attention(const int64_t *a) { attention(a); }
 
-/* a: x, y, out, n:  out = x + y (contiguous, same length) */
+/* a: x, y, out, n, k:  out = x + y (contiguous; k 0: y as long as x, else y one row of k added to each of
+ * x's n / k rows, a bias) */
 void kvg_add(const int64_t *a) {
     const float *x = (const float *)a[0], *y = (const float *)a[1];
     float *o = (float *)a[2];
-    const int64_t n = a[3];
+    const int64_t n = a[3], k = a[4];
+    if (!k) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) o[i] = x[i] + y[i];
+        for (int64_t i = 0; i < n; i++) o[i] = x[i] + y[i];
+        return;
+    }
+    for (int64_t r = 0; r < n; r += k) {
+#pragma omp simd
+        for (int64_t i = 0; i < k; i++) o[r + i] = x[r + i] + y[i];
+    }
+}
+
+/* a: n_parts, then per part src, dst, A, B, C, src_s0, src_s1, dst_s0, dst_s1 (floats): dst[i, j, :C] =
+ * src[i, j, :C], rows C floats long (a view made contiguous, the two halves of a concatenation). */
+void kvg_copy(const int64_t *a) {
+    for (int64_t p = 0; p < a[0]; p++) {
+        const int64_t *q = a + 1 + 9 * p;
+        const float *src = (const float *)q[0];
+        float *dst = (float *)q[1];
+        for (int64_t i = 0; i < q[2]; i++)
+            for (int64_t j = 0; j < q[3]; j++)
+                memcpy(dst + i * q[7] + j * q[8], src + i * q[5] + j * q[6], sizeof(float) * (size_t)q[4]);
+    }
 }
 
 /* A row lookup's row r of out [n, k]: 0 (row zeroed, the id counted as bad; see in_range) when ids[r] is out
@@ -1688,14 +1719,19 @@ int64_t kvg_run(const int64_t *list, int64_t n) {
     return kvg_take_bad_indices();   /* out-of-range indices met on the way (see in_range) */
 }
 
-/* a: x, w, out, M, K:  out[m, k] = x[m, k] * w[k]  (w 0: out = x * s, with s in a[5] as f64 bits) */
+/* a: x, w, out, M, K, s, P:  out[m, k] = x[m, k] * w[k]  (w 0: out = x * s, with s in a[5] as f64 bits; P > 0:
+ * w holds one value per row, out[m, k] = x[m, k] * w[m % P], a scale per head) */
 void kvg_mul_rows(const int64_t *a) {
     const float *x = (const float *)a[0], *w = (const float *)a[1];
     float *o = (float *)a[2];
-    const int64_t m_rows = a[3], k = a[4];
+    const int64_t m_rows = a[3], k = a[4], per_row = a[6];
     const float s = f_arg(a[5]);
     for (int64_t m = 0; m < m_rows; m++) {
-        if (w) {
+        if (per_row) {
+            const float wm = w[m % per_row];
+#pragma omp simd
+            for (int64_t i = 0; i < k; i++) o[m * k + i] = x[m * k + i] * wm;
+        } else if (w) {
 #pragma omp simd
             for (int64_t i = 0; i < k; i++) o[m * k + i] = x[m * k + i] * w[i];
         } else {
@@ -1933,16 +1969,75 @@ void kvg_stream_read(const int64_t *a) {
  * ubatch or on how its tokens were split (each ubatch continues from the state the previous one wrote). */
 static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* a: x, S, n (new tokens), d, x_s0 (sequence stride), x_s1 (row stride), w (float [d, k]), k, out, out_s0, out_s1.
- * out[q, t, c] = sum_j x[q, t + j, c] w[c, j] (x holds k - 1 earlier inputs, then the n new ones). */
-typedef struct { const int64_t *a; } conv_job;
+/* Whether the n slots of an in-place update are all in range and distinct, checked on the calling thread
+ * (in_range's counter is its own): a slot twice would be updated by two tasks at once, so it counts as bad
+ * too, and the step (refused) computes nothing. No slots (0): nothing to check. */
+static int slots_ok(const int32_t *ids, int64_t n, int64_t n_rows) {
+    int ok = 1;
+    for (int64_t q = 0; ids && q < n; q++) {
+        ok &= in_range(ids[q], n_rows);
+        for (int64_t p = 0; p < q; p++)
+            if (ids[p] == ids[q]) bad_indices++, ok = 0;
+    }
+    return ok;
+}
 
-static void conv_rows(void *ctx, int64_t i0, int64_t i1) {
+/* a: x, S, n (new tokens), d, x_s0 (sequence stride), x_s1 (row stride), w (float [d, k]), k, out, out_s0, out_s1,
+ * ids (int32 [S] or 0), n_rows, window, window row stride.
+ * out[q, t, c] = sum_j x[q, t + j, c] w[c, j] (x holds k - 1 earlier inputs, then the n new ones), summed in
+ * the order of j from 0, so a channel's value does not depend on n. One task per (sequence, block of CONV_CB
+ * channels) over all n tokens, with the block's taps transposed first ([j][c]: every load contiguous; even
+ * for one token cheaper than taps k floats apart).
+ * ids != 0: in place in a recurrent state table. x holds only the n new inputs; sequence q's k - 1 earlier
+ * ones are the rows [k - 1, d] at window + ids[q] * (window row stride), and the last k - 1 inputs are
+ * written back there (the next step's window) before the block is computed. Output rows go last to first,
+ * so out may be the very buffer of x (same layout): the plan gives the new inputs' buffer, dead once a
+ * concatenation would have read them, to the convolution's output. */
+#define CONV_CB 256
+#define CONV_MAX_K 16
+
+/* input row r (of k - 1 + n) of sequence q from channel c0: x's, or in place the window copy's then x's */
+static inline const float *conv_input(const int64_t *a, int64_t q, int64_t r, int64_t c0, const float *win) {
+    const int64_t k = a[7];
+    if (!a[11]) return (const float *)a[0] + q * a[4] + r * a[5] + c0;
+    return r < k - 1 ? win + r * CONV_CB : (const float *)a[0] + q * a[4] + (r - (k - 1)) * a[5] + c0;
+}
+
+static void conv_blocks(void *ctx, int64_t i0, int64_t i1) {
+    const int64_t *a = (const int64_t *)ctx;
+    const float *w = (const float *)a[6];
+    const int32_t *ids = (const int32_t *)a[11];
+    const int64_t n = a[2], d = a[3], k = a[7], os0 = a[9], os1 = a[10];
+    const int64_t nb = (d + CONV_CB - 1) / CONV_CB;
+    float *out = (float *)a[8];
+    float wt[CONV_MAX_K * CONV_CB], win[CONV_MAX_K * CONV_CB];
+    for (int64_t it = i0; it < i1; it++) {
+        const int64_t q = it / nb, c0 = (it % nb) * CONV_CB, cw = d - c0 < CONV_CB ? d - c0 : CONV_CB;
+        float *slot = ids ? (float *)a[13] + (int64_t)ids[q] * a[14] : NULL;
+        for (int64_t r = 0; slot && r < k - 1; r++) memcpy(win + r * CONV_CB, slot + r * d + c0, sizeof(float) * cw);
+        for (int64_t r = 0; slot && r < k - 1; r++)           /* the next window: the last k - 1 inputs */
+            memcpy(slot + r * d + c0, conv_input(a, q, n + r, c0, win), sizeof(float) * cw);
+        for (int64_t j = 0; j < k; j++)
+            for (int64_t c = 0; c < cw; c++) wt[j * CONV_CB + c] = w[(c0 + c) * k + j];
+        for (int64_t t = n - 1; t >= 0; t--) {   /* last row first: out may be x itself (row t reads x rows <= t) */
+            float acc[CONV_CB];
+            for (int64_t c = 0; c < cw; c++) acc[c] = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                const float *xj = conv_input(a, q, t + j, c0, win), *wj = wt + j * CONV_CB;
+#pragma omp simd
+                for (int64_t c = 0; c < cw; c++) acc[c] += xj[c] * wj[c];
+            }
+            memcpy(out + q * os0 + t * os1 + c0, acc, sizeof(float) * (size_t)cw);
+        }
+    }
+}
+
+static void conv_rows(void *ctx, int64_t i0, int64_t i1) {     /* more than CONV_MAX_K taps: (sequence, token) rows */
     const int64_t *a = (const int64_t *)ctx;
     const float *x = (const float *)a[0], *w = (const float *)a[6];
     const int64_t n = a[2], d = a[3], xs0 = a[4], xs1 = a[5], k = a[7], os0 = a[9], os1 = a[10];
     float *out = (float *)a[8];
-    for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, token) row */
+    for (int64_t it = i0; it < i1; it++) {
         const int64_t q = it / n, t = it % n;
         const float *xr = x + q * xs0 + t * xs1;
         float *o = out + q * os0 + t * os1;
@@ -1955,23 +2050,55 @@ static void conv_rows(void *ctx, int64_t i0, int64_t i1) {
     }
 }
 
-void kvg_ssm_conv(const int64_t *a) { parallel_for(a[1] * a[2], 1, conv_rows, (void *)a); }
+void kvg_ssm_conv(const int64_t *a) {
+    if (!slots_ok((const int32_t *)a[11], a[1], a[12])) return;
+    if (a[7] > CONV_MAX_K)            /* never in place (ops.ssm_conv) */
+        parallel_for(a[1] * a[2], 1, conv_rows, (void *)a);
+    else
+        parallel_for(a[1] * ((a[3] + CONV_CB - 1) / CONV_CB), 1, conv_blocks, (void *)a);
+}
 
 /* a: h0 (float [S, s, d]: the state transposed), h0_s0, h0_s1, x, x_s0, x_s1, dt, dt_s0, dt_s1, A (float [d, s]),
- * B, b_s0, b_s1, C, c_s0, c_s1, out (float [S, n + s, d]: y, then the new state), out_s0, out_s1, S, n, d, s.
+ * B, b_s0, b_s1, C, c_s0, c_s1, out (float [S, n + s, d]: y, then the new state), out_s0, out_s1, S, n, d, s,
+ * (a[23], a[24]: kvg_ssm_scan2's), ids (int32 [S] or 0), n_rows.
+ * ids != 0: the scan runs in place in a recurrent state table: sequence q's state is the rows at
+ * h0 + ids[q] h0_s0 (h0 then points at the state's first column in the table's row 0) and the new state is
+ * written back there, not into out (whose state rows are left alone). Each task reads and writes only its own
+ * sequence's channels, and a ubatch's sequences have distinct slots (scan_ids_ok), so the update in place is
+ * safe.
  * Mamba-1: per channel, h = exp(softplus(dt) A[c]) h + softplus(dt) x B_t; y_t = h . C_t. */
 #define SSM_MAX_STATE 256
 
+/* Where sequence q's old state is read (its rows a[2] apart) and its new state written (rows *dst_s1 apart). */
+static inline void scan_state(const int64_t *a, int64_t q, const float **src, float **dst, int64_t *dst_s1) {
+    const int32_t *ids = (const int32_t *)a[25];
+    if (!ids) {
+        *src = (const float *)a[0] + q * a[1];
+        *dst = (float *)a[16] + q * a[17] + a[20] * a[18];
+        *dst_s1 = a[18];
+        return;
+    }
+    *dst = (float *)a[0] + (int64_t)ids[q] * a[1];
+    *src = *dst;
+    *dst_s1 = a[2];
+}
+
+static int scan_ids_ok(const int64_t *a) { return slots_ok((const int32_t *)a[25], a[19], a[26]); }
+
 static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
     const int64_t *a = (const int64_t *)ctx;
-    const float *h0 = (const float *)a[0], *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *x = (const float *)a[3], *dt = (const float *)a[6];
     const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
     float *out = (float *)a[16];
     const int64_t n = a[20], d = a[21], s = a[22];
     float h[SSM_MAX_STATE], da[SSM_MAX_STATE];
     for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, channel) */
         const int64_t q = it / d, c = it % d;
-        for (int64_t j = 0; j < s; j++) h[j] = h0[q * a[1] + j * a[2] + c];
+        const float *src;
+        float *dst;
+        int64_t ds1;
+        scan_state(a, q, &src, &dst, &ds1);
+        for (int64_t j = 0; j < s; j++) h[j] = src[j * a[2] + c];
         for (int64_t t = 0; t < n; t++) {
             const float sp = softplus(dt[q * a[7] + t * a[8] + c]);
             const float dx = sp * x[q * a[4] + t * a[5] + c];
@@ -1985,51 +2112,159 @@ static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
             for (; j < s; j++) h[j] = expf(da[j]) * h[j] + dx * bt[j];
             out[q * a[17] + t * a[18] + c] = dot_lanes(h, ct, s);
         }
-        for (int64_t j = 0; j < s; j++) out[q * a[17] + (n + j) * a[18] + c] = h[j];
+        for (int64_t j = 0; j < s; j++) dst[j * ds1 + c] = h[j];
     }
 }
 
-void kvg_ssm_scan(const int64_t *a) { parallel_for(a[19] * a[21], 16, scan1_channels, (void *)a); }
+void kvg_ssm_scan(const int64_t *a) {
+    if (!scan_ids_ok(a)) return;
+    parallel_for(a[19] * a[21], 16, scan1_channels, (void *)a);
+}
 
 /* a: as kvg_ssm_scan, with A (float [H]) one scalar per head, dt [S, n, H], B/C [S, n, G * s], and a[23] H,
  * a[24] G. Mamba-2: per head h (d / H channels, group g = h / (H / G)), h_p = exp(softplus(dt_h) A_h) h_p +
- * softplus(dt_h) x_p B_g; y_p = h_p . C_g. One task per (sequence, head), run in the new-state rows of out
- * (the state's [s, d] layout: row j holds state j of every channel, a head's channels side by side), so
- * every access is a contiguous run of the head's channels; y_p sums over j in order. */
-static void scan2_heads(void *ctx, int64_t i0, int64_t i1) {
+ * softplus(dt_h) x_p B_g; y_p = h_p . C_g. The state is [s, d]: row j holds state j of every channel, a head's
+ * channels side by side. Two ways through it, with the same operations on every channel (fused multiply-adds
+ * where the build has FMA, in vector lanes or not), so a token's bits never depend on which one its ubatch
+ * took or on its batch mates:
+ *  - one token per sequence (decode): the state streams through once, row by row over runs of whole heads,
+ *    which the hardware prefetches (a head's own rows, d floats apart, would not be);
+ *  - more tokens: per (sequence, head), blocks of SCAN_CB channels copied to a contiguous buffer that stays
+ *    in L1 over all n tokens (rows d floats apart fall into a few cache sets and evict each other), with
+ *    each token's y sums in registers.
+ * y_p always sums over j in order. */
+#ifdef VF_W
+#define SCAN_CB (2 * VF_W)
+#define S_FMA(x, y, z) fmaf((x), (y), (z))      /* rounds once, as a vector lane's vf_fmadd */
+#else
+#define SCAN_CB 16
+#define S_FMA(x, y, z) ((x) * (y) + (z))
+#endif
+#define SCAN_SPAN 2048                            /* channels of the decode path's y and dx buffers */
+#define SCAN_AHEAD 4                              /* rows the decode path prefetches ahead */
+
+/* one token, w channels of one state row: h = dx bj + h dA; y += h cj */
+static inline void scan2_span(float *h, const float *dx, float *y, int64_t w, float dA, float bj, float cj) {
+    int64_t p = 0;
+#ifdef VF_W
+    const vf da = vf_set1(dA), b = vf_set1(bj), c = vf_set1(cj);
+    for (; p + VF_W <= w; p += VF_W) {
+        const vf hv = vf_fmadd(vf_load(dx + p), b, vf_mul(vf_load(h + p), da));
+        vf_store(h + p, hv);
+        vf_store(y + p, vf_fmadd(hv, c, vf_load(y + p)));
+    }
+#endif
+    for (; p < w; p++) {
+        h[p] = S_FMA(dx[p], bj, h[p] * dA);
+        y[p] = S_FMA(h[p], cj, y[p]);
+    }
+}
+
+/* one token, one block of w <= SCAN_CB channels of a head: hl [s][SCAN_CB] the block's state */
+static inline void scan2_block(float *hl, int64_t s, int64_t w, float sp, float dA, const float *xt,
+                               const float *bt, const float *ct, float *y) {
+    float dx[SCAN_CB], acc[SCAN_CB];
+    for (int64_t p = 0; p < w; p++) dx[p] = sp * xt[p], acc[p] = 0.0f;
+#ifdef VF_W
+    if (w == SCAN_CB) {       /* the same operations as scan2_span, y kept in registers */
+        const vf da = vf_set1(dA), dx0 = vf_load(dx), dx1 = vf_load(dx + VF_W);
+        vf y0 = vf_set1(0.0f), y1 = vf_set1(0.0f);
+        for (int64_t j = 0; j < s; j++) {
+            float *hr = hl + j * SCAN_CB;
+            const vf bj = vf_set1(bt[j]), cj = vf_set1(ct[j]);
+            const vf h0 = vf_fmadd(dx0, bj, vf_mul(vf_load(hr), da));
+            const vf h1 = vf_fmadd(dx1, bj, vf_mul(vf_load(hr + VF_W), da));
+            vf_store(hr, h0);
+            vf_store(hr + VF_W, h1);
+            y0 = vf_fmadd(h0, cj, y0);
+            y1 = vf_fmadd(h1, cj, y1);
+        }
+        vf_store(y, y0);
+        vf_store(y + VF_W, y1);
+        return;
+    }
+#endif
+    for (int64_t j = 0; j < s; j++) scan2_span(hl + j * SCAN_CB, dx, acc, w, dA, bt[j], ct[j]);
+    for (int64_t p = 0; p < w; p++) y[p] = acc[p];
+}
+
+static void scan2_heads(void *ctx, int64_t i0, int64_t i1) {      /* (sequence, head) i0 .. i1 - 1, n tokens */
     const int64_t *a = (const int64_t *)ctx;
-    const float *h0 = (const float *)a[0], *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *x = (const float *)a[3], *dt = (const float *)a[6];
     const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
     float *out = (float *)a[16];
     const int64_t n = a[20], d = a[21], s = a[22], nh = a[23], ng = a[24], hd = d / nh;
-    float *dx = malloc(sizeof(float) * (size_t)hd);
-    if (!dx) return;
-    for (int64_t it = i0; it < i1; it++) {                   /* one (sequence, head) */
+    float hl[SSM_MAX_STATE * SCAN_CB];
+    for (int64_t it = i0; it < i1; it++) {
         const int64_t q = it / nh, hh = it % nh, g = hh / (nh / ng), c0 = hh * hd;
-        float *hs = out + q * a[17] + n * a[18] + c0;        /* state row j at hs + j * a[18] */
-        for (int64_t j = 0; j < s; j++) memcpy(hs + j * a[18], h0 + q * a[1] + j * a[2] + c0, sizeof(float) * hd);
-        for (int64_t t = 0; t < n; t++) {
-            const float sp = softplus(dt[q * a[7] + t * a[8] + hh]), dA = expf(sp * A[hh]);
-            const float *xt = x + q * a[4] + t * a[5] + c0;
-            const float *bt = B + q * a[11] + t * a[12] + g * s, *ct = C + q * a[14] + t * a[15] + g * s;
-            float *y = out + q * a[17] + t * a[18] + c0;
-#pragma omp simd
-            for (int64_t p = 0; p < hd; p++) dx[p] = sp * xt[p], y[p] = 0.0f;
-            for (int64_t j = 0; j < s; j++) {
-                float *hr = hs + j * a[18];
-                const float bj = bt[j], cj = ct[j];
-#pragma omp simd
-                for (int64_t p = 0; p < hd; p++) {
-                    hr[p] = hr[p] * dA + dx[p] * bj;
-                    y[p] += hr[p] * cj;
-                }
+        const float *src;
+        float *dst;
+        int64_t ds1;
+        scan_state(a, q, &src, &dst, &ds1);
+        for (int64_t cb = c0; cb < c0 + hd; cb += SCAN_CB) {
+            const int64_t w = c0 + hd - cb < SCAN_CB ? c0 + hd - cb : SCAN_CB;
+            for (int64_t j = 0; j < s; j++) memcpy(hl + j * SCAN_CB, src + j * a[2] + cb, sizeof(float) * w);
+            for (int64_t t = 0; t < n; t++) {
+                const float sp = softplus(dt[q * a[7] + t * a[8] + hh]), dA = expf(sp * A[hh]);
+                scan2_block(hl, s, w, sp, dA, x + q * a[4] + t * a[5] + cb, B + q * a[11] + t * a[12] + g * s,
+                            C + q * a[14] + t * a[15] + g * s, out + q * a[17] + t * a[18] + cb);
             }
+            for (int64_t j = 0; j < s; j++) memcpy(dst + j * ds1 + cb, hl + j * SCAN_CB, sizeof(float) * w);
         }
     }
-    free(dx);
 }
 
-void kvg_ssm_scan2(const int64_t *a) { parallel_for(a[19] * a[23], 1, scan2_heads, (void *)a); }
+static void scan2_rows(void *ctx, int64_t i0, int64_t i1) {       /* (sequence, head) i0 .. i1 - 1, one token */
+    const int64_t *a = (const int64_t *)ctx;
+    const float *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
+    float *out = (float *)a[16];
+    const int64_t d = a[21], s = a[22], nh = a[23], ng = a[24], hd = d / nh;
+    float y[SCAN_SPAN], dx[SCAN_SPAN], dA[SCAN_SPAN], sp[SCAN_SPAN];
+    for (int64_t it = i0; it < i1;) {
+        const int64_t q = it / nh, h0 = it % nh;   /* heads h0 .. h1 - 1 of sequence q: one run of channels */
+        int64_t h1 = h0 + (i1 - it < nh - h0 ? i1 - it : nh - h0);
+        if ((h1 - h0) * hd > SCAN_SPAN) h1 = h0 + (SCAN_SPAN / hd > 1 ? SCAN_SPAN / hd : 1);
+        it += h1 - h0;
+        const int64_t c0 = h0 * hd, w = (h1 - h0) * hd;
+        const float *xt = x + q * a[4] + c0, *bt = B + q * a[11], *ct = C + q * a[14];
+        float *yo = out + q * a[17] + c0;
+        const float *src;
+        float *dst;
+        int64_t ds1;
+        scan_state(a, q, &src, &dst, &ds1);
+        if (w > SCAN_SPAN) {             /* a head wider than the buffers: the per-head path */
+            scan2_heads(ctx, q * nh + h0, q * nh + h1);
+            continue;
+        }
+        for (int64_t hh = h0; hh < h1; hh++) {
+            sp[hh - h0] = softplus(dt[q * a[7] + hh]);
+            dA[hh - h0] = expf(sp[hh - h0] * A[hh]);
+        }
+        for (int64_t p = 0; p < w; p++) dx[p] = sp[p / hd] * xt[p], y[p] = 0.0f;
+        for (int64_t j = 0; j < s; j++) {
+            const float *hs = src + j * a[2] + c0;
+            float *hr = dst + j * ds1 + c0;
+            if (j + SCAN_AHEAD < s)          /* the run SCAN_AHEAD rows on, d floats away: no prefetcher guesses it */
+                for (int64_t off = 0; off < w; off += 16) __builtin_prefetch(hs + SCAN_AHEAD * a[2] + off, 1, 3);
+            if (hr != hs) memcpy(hr, hs, sizeof(float) * w);
+            for (int64_t hh = h0; hh < h1; hh++) {
+                const int64_t g = hh / (nh / ng), o = (hh - h0) * hd;
+                scan2_span(hr + o, dx + o, y + o, hd, dA[hh - h0], bt[g * s + j], ct[g * s + j]);
+            }
+        }
+        memcpy(yo, y, sizeof(float) * w);
+    }
+}
+
+void kvg_ssm_scan2(const int64_t *a) {
+    if (!scan_ids_ok(a)) return;
+    const int64_t tasks = a[19] * a[23], nt = atomic_load(&pool.n_threads);
+    if (a[20] == 1)      /* runs of heads: about two per thread */
+        parallel_for(tasks, (tasks + 2 * nt - 1) / (2 * nt), scan2_rows, (void *)a);
+    else
+        parallel_for(tasks, 1, scan2_heads, (void *)a);
+}
 
 /* a: table (float [rows, k], rows ts floats apart), n_rows, k, ts, ids (int32 [n]), n, out (float [n, k], rows
  * os floats apart): out[i] = table[ids[i]] (a recurrent state's rows gathered for a ubatch's sequences: rows of

@@ -12,7 +12,7 @@ from . import GATED_KINDS, bind, f64_bits, ptr
 F4 = 4      # bytes per float32 / int32
 SEG = 256   # cells per segment of the attention kernel (kernels.c), the KV cache's page
 OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale",  # for_node's
-                 "moe_ffn", "ssm_conv", "ssm_scan", "ssm_scan2"})
+                 "moe_ffn", "ssm_conv", "ssm_scan", "ssm_scan2", "silu", "cont", "concat_rows"})
 
 
 def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
@@ -38,16 +38,25 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
         return ssm_conv(*srcs, out)
     if t.op in ("ssm_scan", "ssm_scan2"):
         return ssm_scan(t.op, *srcs, out)
+    if t.op == "silu":
+        return act("swiglu", srcs[0], out)
+    if t.op == "cont":
+        return copy([(srcs[0], out)])
+    if t.op == "concat_rows":
+        axis, na = t.p["axis"], srcs[0].shape[t.p["axis"]]
+        lead = (slice(None),) * axis
+        return copy([(srcs[0], out[lead + (slice(0, na),)]), (srcs[1], out[lead + (slice(na, None),)])])
     return None
 
 
 def get_rows(table: np.ndarray, ids: np.ndarray, out: np.ndarray):
-    """out[i] = table[ids[i]] for a float32 table whose rows are contiguous (a recurrent state's)."""
+    """out[i] = table[ids[i]] for a float32 table whose rows are contiguous (a recurrent state's, or a range of
+    its columns)."""
     if (table.dtype != np.float32 or out.dtype != np.float32 or ids.dtype != np.int32 or ids.ndim != 1
             or not ids.flags.c_contiguous or table.shape[0] == 0):
         return None
-    t2 = table.reshape(table.shape[0], -1) if table.flags.c_contiguous else None
-    o2 = out.reshape(out.shape[0], -1) if out.flags.c_contiguous else None
+    t2, o2 = (a if a.ndim == 2 and a.strides[1] == F4 else a.reshape(a.shape[0], -1) if a.flags.c_contiguous
+              else None for a in (table, out))     # 2-D: a column range of a state's rows is taken as it is
     if t2 is None or o2 is None or o2.shape != (ids.shape[0], t2.shape[1]):
         return None
     return bind("kvg_get_rows_f32", ptr(t2), t2.shape[0], t2.shape[1], t2.strides[0] // F4, ptr(ids), ids.shape[0],
@@ -64,22 +73,41 @@ def _seq_rows(a: np.ndarray) -> tuple[int, int] | None:
 MAX_STATE = 256     # kernels.c's SSM_MAX_STATE
 
 
-def ssm_conv(x: np.ndarray, w: np.ndarray, out: np.ndarray):
-    """The causal depthwise convolution (kvg_ssm_conv): x [(S,) k-1+n, d], w [d, k] -> out [(S,) n, d]."""
+MAX_TAPS = 16       # kernels.c's CONV_MAX_K: more taps run by rows, never in place
+
+
+def ssm_conv(x: np.ndarray, w: np.ndarray, out: np.ndarray, window: np.ndarray | None = None,
+             ids: np.ndarray | None = None):
+    """The causal depthwise convolution (kvg_ssm_conv): x [(S,) k-1+n, d], w [d, k] -> out [(S,) n, d].
+    window (float32 [n_slots, (k-1) d], columns of a state table) and ids (int32 [S]): in place instead. x
+    is then [S, n, d], the new inputs only; sequence q's earlier k - 1 are window[ids[q]], which gets the
+    last k - 1 inputs."""
     xr, orow = _seq_rows(x), _seq_rows(out)
     if xr is None or orow is None or x.ndim != out.ndim:
         return None
     if w.dtype != np.float32 or not w.flags.c_contiguous:    # bound once: a copy here would go stale
         return None
     n, d = out.shape[-2:]
-    return bind("kvg_ssm_conv", ptr(x), x.shape[0] if x.ndim == 3 else 1, n, d, *xr, ptr(w), w.shape[1], ptr(out),
-                *orow, keep=(x, w, out))
+    k = w.shape[1]
+    n_seqs = x.shape[0] if x.ndim == 3 else 1
+    slots = (0, 0, 0, 0)
+    if ids is not None:
+        if (k > MAX_TAPS or x.ndim != 3 or x.shape[1] != n or ids.dtype != np.int32 or ids.shape != (n_seqs,)
+                or not ids.flags.c_contiguous or window.dtype != np.float32 or window.ndim != 2
+                or window.shape[1] != (k - 1) * d or window.strides[1] != F4):
+            return None
+        slots = (ptr(ids), window.shape[0], ptr(window), window.strides[0] // F4)
+    return bind("kvg_ssm_conv", ptr(x), n_seqs, n, d, *xr, ptr(w), k, ptr(out), *orow, *slots,
+                keep=(x, w, out, window, ids), indexes=ids is not None)
 
 
 def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
-             out: np.ndarray):
+             out: np.ndarray, ids: np.ndarray | None = None):
     """Mamba-1's (ssm_scan: a [d, s]) or Mamba-2's (ssm_scan2: a [H], b/c [S, n, G s]) selective scan
-    (kvg_ssm_scan / kvg_ssm_scan2): out [(S,) n + s, d], y then the new state (transposed, as h0)."""
+    (kvg_ssm_scan / kvg_ssm_scan2): out [(S,) n + s, d], y then the new state (transposed, as h0).
+    ids (int32 [S]): in place instead. h0 is then the state table's columns holding the state, [n_slots, s,
+    d] (a view of a float32 [n_slots, row] table), sequence q's state is h0[ids[q]] and its new state is
+    written there; out's state rows are left alone."""
     rows = [_seq_rows(v) for v in (h0, x, dt, b, c, out)]
     if any(r is None for r in rows) or len({v.ndim for v in (h0, x, dt, b, c, out)}) != 1:
         return None
@@ -90,10 +118,15 @@ def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarr
     if s > MAX_STATE:
         return None
     n_seqs = x.shape[0] if x.ndim == 3 else 1
-    heads = (a.shape[0], b.shape[-1] // s) if op == "ssm_scan2" else ()
+    if ids is not None and (ids.dtype != np.int32 or ids.shape != (n_seqs,) or not ids.flags.c_contiguous
+                            or h0.ndim != 3 or h0.strides[1] != d * F4):
+        return None
+    heads = (a.shape[0], b.shape[-1] // s) if op == "ssm_scan2" else (0, 0)
     (h0s, xs, dts, bs, cs, outs) = rows
+    in_place = (ptr(ids), h0.shape[0]) if ids is not None else (0, 0)
     return bind(f"kvg_{op}", ptr(h0), *h0s, ptr(x), *xs, ptr(dt), *dts, ptr(a), ptr(b), *bs, ptr(c), *cs, ptr(out),
-                *outs, n_seqs, n, d, s, *heads, keep=(h0, x, dt, a, b, c, out))
+                *outs, n_seqs, n, d, s, *heads, *in_place, keep=(h0, x, dt, a, b, c, out, ids),
+                indexes=ids is not None)
 
 
 def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray, down: np.ndarray,
@@ -109,22 +142,68 @@ def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray,
 
 
 def mul_rows(x: np.ndarray, w: np.ndarray | None, out: np.ndarray, s: float = 1.0):
-    """out = x * w with w one row broadcast over x's rows (or, w None, out = x * s); contiguous float32."""
+    """out = x * w with w one row broadcast over x's rows, w of x's shape, or w [P, 1] one value per row of x
+    [..., P, k] (a scale per head); w None: out = x * s. Contiguous float32."""
     if not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, out)) or x.shape != out.shape:
         return None
     k = x.shape[-1] if x.ndim else 1
-    if w is not None and (w.dtype != np.float32 or w.shape != (k,) or not w.flags.c_contiguous):
+    if w is not None and w.shape == x.shape and x.ndim:     # elementwise: one row as long as x
+        k = x.size
+        w = w.reshape(-1) if w.flags.c_contiguous else w
+    per_row = w.shape[0] if w is not None and x.ndim >= 2 and w.shape == (x.shape[-2], 1) and k > 1 else 0
+    if w is not None and (w.dtype != np.float32 or (w.shape != (k,) and not per_row) or not w.flags.c_contiguous):
         return None
-    return bind("kvg_mul_rows", ptr(x), 0 if w is None else ptr(w), ptr(out), x.size // k, k, f64_bits(s),
+    return bind("kvg_mul_rows", ptr(x), 0 if w is None else ptr(w), ptr(out), x.size // k, k, f64_bits(s), per_row,
                 keep=(x, w, out))
 
 
 def add(a: np.ndarray, b: np.ndarray, out: np.ndarray):
-    """out = a + b for equal-shape contiguous float32 arrays (the residual adds); None otherwise."""
-    if not (a.shape == b.shape == out.shape and all(x.dtype == np.float32 and x.flags.c_contiguous
+    """out = a + b for contiguous float32 arrays, b of a's shape (the residual adds) or one row of its last
+    axis (a bias); None otherwise."""
+    if not (a.shape == out.shape and a.ndim and all(x.dtype == np.float32 and x.flags.c_contiguous
                                                     for x in (a, b, out))):
         return None
-    return bind("kvg_add", ptr(a), ptr(b), ptr(out), out.size, keep=(a, b, out))
+    if b.shape == a.shape:
+        k = 0
+    elif b.shape[-1:] == a.shape[-1:] and b.size == a.shape[-1]:
+        k = b.size
+    else:
+        return None
+    return bind("kvg_add", ptr(a), ptr(b), ptr(out), out.size, k, keep=(a, b, out))
+
+
+def act(kind: str, x: np.ndarray, out: np.ndarray):
+    """out = act(x) row by row (kvg_act: kvg_gated's activation alone), contiguous float32 of one shape."""
+    if not (x.shape == out.shape and x.ndim and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, out))):
+        return None
+    k = x.shape[-1]
+    return bind("kvg_act", ptr(x), ptr(out), x.size // max(k, 1), k, GATED_KINDS[kind], keep=(x, out))
+
+
+def _as_3d(a: np.ndarray) -> tuple[list[int], list[int]] | None:
+    """(shape, strides in floats) of float32 a seen as [A, B, C] with unit-stride rows (leading axes merged
+    where they are evenly spaced), or None."""
+    if a.dtype != np.float32 or a.ndim == 0 or a.strides[-1] != F4 or any(st % F4 for st in a.strides):
+        return None
+    shape, strides = list(a.shape), [st // F4 for st in a.strides]
+    while len(shape) > 3:
+        if strides[0] != shape[1] * strides[1]:
+            return None
+        shape[:2], strides[:2] = [shape[0] * shape[1]], [strides[1]]
+    pad = 3 - len(shape)
+    return [1] * pad + shape, [0] * pad + strides
+
+
+def copy(parts: list[tuple[np.ndarray, np.ndarray]]):
+    """dst[...] = src for each (src, dst) of one shape, float32 with unit-stride rows (kvg_copy): cont of a
+    view, the halves of a concat_rows."""
+    slots = [len(parts)]
+    for src, dst in parts:
+        s3, d3 = _as_3d(src), _as_3d(dst)
+        if s3 is None or d3 is None or src.shape != dst.shape:
+            return None
+        slots += [ptr(src), ptr(dst), *s3[0], *s3[1][:2], *d3[1][:2]]
+    return bind("kvg_copy", *slots, keep=tuple(parts))
 
 
 def embedding_rows(reader, ids: np.ndarray, out: np.ndarray):
