@@ -78,8 +78,9 @@ class Context:
         def alloc(shape, cache: bool = False):
             if cache and requested == "q8_0":     # Q8_0 blocks along the row (see memory/kv_cache.py)
                 if shape[-1] % QK8_0:
-                    raise InvalidArgumentError(f"a q8_0 KV cache needs rows of a multiple of {QK8_0} values, not "
-                                               f"{shape[-1]}; use --cache-type f16.")
+                    raise InvalidArgumentError(f"a q8_0 KV cache keeps each head's values in blocks of {QK8_0}, but "
+                                               f"this model's rows of {shape[-1]} values are no whole blocks; use "
+                                               "--cache-type f16.")
                 return self.backend.alloc_state(tuple(shape[:-1]) + (shape[-1] // QK8_0,), Q8_0_BLOCK)
             return self.backend.alloc_state(shape, np.float16 if cache and requested == "f16" else np.float32)
         # KV caches hold n_ctx tokens in whole pages per sequence (see memory/kv_cache.py)

@@ -1475,6 +1475,7 @@ static float *scratch_floats(size_t n) {
 typedef struct {
     const int64_t *a; int64_t w0; float *part; const int64_t *order;
     const int8_t *qq; const float *qd; const int32_t *qh;   /* q8_0: the queries quantized (kvg_quantize_q8) */
+    int64_t nw;                                             /* q8_0: the wave's items */
 } attn_wave;
 
 /* tasks task0 .. task1 - 1 of a wave: (item, segment) pairs, each item's segments side by side */
@@ -1699,10 +1700,13 @@ static inline __attribute__((always_inline)) void chunk_pv_q8(float *const *acc,
     }
 }
 
+/* Tasks go segment by segment, each segment's items (KV heads) one after another: the rows of 34-byte blocks
+ * of neighbouring heads share cache lines, which the next head then finds in cache (item by item, as
+ * attn_tasks goes, every line would come from memory twice). nw: the wave's items. */
 static void attn_tasks_q8(void *wave, int64_t task0, int64_t task1) {
     const attn_wave *wv = wave;
     ATTN_ARGS(wv->a);
-    const int64_t w0 = wv->w0, g_n = d / QK;
+    const int64_t w0 = wv->w0, g_n = d / QK, nw = items - w0 < wv->nw ? items - w0 : wv->nw;
     float *part = wv->part;
     uint8_t *kt = malloc((size_t)(KT_TILES * g_n * REC(F_Q8)));
     int64_t lq[nq_max];
@@ -1710,10 +1714,10 @@ static void attn_tasks_q8(void *wave, int64_t task0, int64_t task1) {
     float xd[QG8 * Q8_MAX_BLOCKS];
     int32_t xh[QG8 * 2 * Q8_MAX_BLOCKS];
     for (int64_t task = task0; task < task1; task++) {
-        const int64_t it = w0 + task / n_sg, sg = task % n_sg;
+        const int64_t iw = task % nw, it = w0 + iw, sg = task / nw;
         const int64_t tb = n_tb - 1 - it / nhkv, j = it % nhkv;   /* the longest (latest) blocks first */
         const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
-        float *acc = part + task * part_floats, *mx = acc + nq_max * dv, *sum = mx + nq_max;
+        float *acc = part + (iw * n_sg + sg) * part_floats, *mx = acc + nq_max * dv, *sum = mx + nq_max;
         for (int64_t i = 0; i < nq * dv; i++) acc[i] = 0.0f;
         for (int64_t i = 0; i < nq; i++) mx[i] = -INFINITY, sum[i] = 0.0f;
         const int64_t c_end = (sg + 1) * SEG < n_kv ? (sg + 1) * SEG : n_kv;
@@ -1802,7 +1806,7 @@ static void attention(const int64_t *a) {
     }
     for (int64_t w0 = 0; w0 < items; w0 += wave) {
         const int64_t nw = items - w0 < wave ? items - w0 : wave;
-        attn_wave wv = {a, w0, part, order, qq, qd, qh};
+        attn_wave wv = {a, w0, part, order, qq, qd, qh, nw};
         parallel_for(nw * n_sg, 1, a[22] == 2 ? attn_tasks_q8 : a[22] ? attn_tasks_f16 : attn_tasks_f32, &wv);
         parallel_for(nw, 1, attn_merge, &wv);
     }
