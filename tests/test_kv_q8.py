@@ -63,6 +63,17 @@ def test_the_numpy_reference_reads_the_native_backends_q8_0_cache_alike(llama32)
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
+@needs_native
+def test_torch_with_the_c_kernels_keeps_q8_0_too(llama32):
+    pytest.importorskip("torch")
+    t = LLM(llama32, backend="torch", n_ctx=64, cache_type="q8_0")
+    n = LLM(llama32, backend="native", n_ctx=64, cache_type="q8_0")
+    assert t.ctx.cache_type == "q8_0"
+    tokens = _tokens(n, 20, seed=3)
+    a, b = t.logits(tokens), n.logits(tokens)
+    assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+
+
 def test_a_backend_without_q8_0_says_which_have_it(llama32, monkeypatch):
     monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "_why_not", "disabled for this test")
