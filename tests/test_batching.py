@@ -268,3 +268,20 @@ def test_a_sliding_window_slot_keeps_its_cells_for_the_next_turn():
         assert res.ids == alone(gemma2, ids, 4)
 
 
+def test_every_request_in_a_batch_equals_running_it_alone_over_a_q8_0_cache(tmp_path):
+    """A q8_0 KV cache (the tiny llama with 32-dimensional heads: whole Q8_0 blocks): each request's greedy
+    text in a batch is its text alone, as for f16."""
+    from tiny_models import TinySpec, write_tiny_llama
+
+    path = tmp_path / "llama.gguf"
+    write_tiny_llama(path, TinySpec(weight_type="Q4_1", n_embd=128, n_ff=256))
+    q8 = LLM(str(path), n_ctx=64, cache_type="q8_0")
+    if q8.ctx.cache_type != "q8_0":
+        pytest.skip(f"the {q8.loaded.backend.name} backend keeps {q8.ctx.cache_type} by default here")
+    n = [5, 17, 9, 12, 3, 20]
+    expected = [alone(q8, p, k) for p, k in zip(PROMPTS, n)]
+    sched = scheduler(q8, 4, cache_type="q8_0")
+    got = [r.wait(timeout=60).ids for r in
+           [sched.submit(Request(q8.tokenize(p), max_tokens=k, ignore_eos=True)) for p, k in zip(PROMPTS, n)]]
+    sched.shutdown()
+    assert got == expected and sched.ctx.cache_type == "q8_0"

@@ -33,6 +33,13 @@ def isa(request, monkeypatch):
 TINY = ["llama-Q4_1", "gemma3", "gemma3-Q8_0", "hybrid"]
 FIXTURES = [f"{name}{suffix}" for name in ("mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2")
             for suffix in ("", "-Q8_0")]
+KV_Q8 = ["llama-Q4_1:q8_0"]      # name:cache type -- the tiny llama (32-dimensional heads) over a q8_0 KV cache
+
+
+def _model(model_path, name: str) -> tuple[str, dict]:
+    """The model's path and the Context options its name asks for (a KV cache type after a colon)."""
+    base, _, cache_type = name.partition(":")
+    return model_path(base), ({"cache_type": cache_type} if cache_type else {})
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +76,15 @@ def _tokens(llm: LLM, n: int, seed: int = 1) -> list[int]:
     return [int(t) for t in np.random.default_rng(seed).integers(5, llm.n_vocab, n)]
 
 
-@pytest.mark.parametrize("name", TINY + FIXTURES)
+@pytest.mark.parametrize("name", TINY + FIXTURES + KV_Q8)
 def test_logits_do_not_depend_on_the_ubatch_nor_on_the_graph_cache(isa, model_path, name):
-    path = model_path(name)
-    llm = LLM(path, backend="native", n_ctx=128)
+    path, kv = _model(model_path, name)
+    llm = LLM(path, backend="native", n_ctx=128, **kv)
     tokens = _tokens(llm, 40)
     whole = llm.logits(tokens)
     for ubatch in (7, 1):
         np.testing.assert_array_equal(llm.logits(tokens, ubatch_size=ubatch), whole)
-    off = LLM(path, backend="native", n_ctx=128, graph_cache=False)
+    off = LLM(path, backend="native", n_ctx=128, graph_cache=False, **kv)
     np.testing.assert_array_equal(off.logits(tokens, ubatch_size=5), whole)
     # a prompt continued from cached cells: its last token's logits equal the cold prompt's
     llm.session.reset()
@@ -87,12 +94,13 @@ def test_logits_do_not_depend_on_the_ubatch_nor_on_the_graph_cache(isa, model_pa
     np.testing.assert_array_equal(warm[0], whole[-1])
 
 
-@pytest.mark.parametrize("name", TINY + FIXTURES)
+@pytest.mark.parametrize("name", TINY + FIXTURES + KV_Q8)
 def test_a_sequence_decoded_with_others_equals_it_decoded_alone(isa, model_path, name):
     """Four sequences of different lengths prefilled one after another into the pages of a server's
     context, then one decode step for all of them in one ubatch with padding rows: each row's logits are
     the bits of that sequence run alone."""
-    llm = LLM(model_path(name), backend="native", n_ctx=64)
+    path, kv = _model(model_path, name)
+    llm = LLM(path, backend="native", n_ctx=64, **kv)
     tokens = _tokens(llm, 60, seed=2)
     prompts = [tokens[i * 11: i * 11 + 3 + 2 * i] for i in range(4)]
     nxt = tokens[50:54]
@@ -101,7 +109,7 @@ def test_a_sequence_decoded_with_others_equals_it_decoded_alone(isa, model_path,
         llm.session.reset()
         llm.session.eval_prompt(p)
         alone.append(llm.session.step(t)[0])
-    ctx = scheduler_context(llm.loaded, 5, 64, n_ubatch=8)
+    ctx = scheduler_context(llm.loaded, 5, 64, n_ubatch=8, **kv)
     ctx.use_scratch(5)
     for seq, p in zip((3, 0, 2, 4), prompts):          # pages taken in another order than the sequences'
         for start in range(0, len(p), 8):
@@ -114,14 +122,15 @@ def test_a_sequence_decoded_with_others_equals_it_decoded_alone(isa, model_path,
         np.testing.assert_array_equal(batched[i], alone[i])
 
 
-@pytest.mark.parametrize("name", TINY + ["granitehybrid-Q8_0"])
+@pytest.mark.parametrize("name", TINY + ["granitehybrid-Q8_0"] + KV_Q8)
 def test_a_sequence_whose_pages_lie_out_of_order_equals_it_alone(isa, model_path, name):
     """A sequence that goes on into a page another one freed (its blocks 0, 1, 2 in pages 1, 2, 0 of the
     window): attention merges the pages in block order, so its logits are the bits of the sequence alone."""
-    llm = LLM(model_path(name), backend="native", n_ctx=600)
+    path, kv = _model(model_path, name)
+    llm = LLM(path, backend="native", n_ctx=600, **kv)
     tokens = _tokens(llm, 540, seed=4)
     alone = llm.logits(tokens)
-    ctx = scheduler_context(llm.loaded, 2, 600, n_ubatch=64)
+    ctx = scheduler_context(llm.loaded, 2, 600, n_ubatch=64, **kv)
     ctx.decode(UBatch.single(tokens[:5], 0, 1))                 # another sequence takes page 0
     for start in range(0, 500, 64):
         ctx.decode(UBatch.single(tokens[start: min(start + 64, 500)], start, 0))
@@ -133,11 +142,12 @@ def test_a_sequence_whose_pages_lie_out_of_order_equals_it_alone(isa, model_path
 
 
 def _greedy_alone_batched_cached(llm: LLM, prompts: list[list[int]], n: int):
+    kv = {"cache_type": llm.ctx.cache_type}
     alone = []
     for p in prompts:
         llm.session.reset()
         alone.append(llm.generate(p, max_tokens=n, ignore_eos=True).ids)
-    sched = BatchScheduler(scheduler_context(llm.loaded, 4, 256, n_ubatch=16), llm.tokenizer, parallel=4,
+    sched = BatchScheduler(scheduler_context(llm.loaded, 4, 256, n_ubatch=16, **kv), llm.tokenizer, parallel=4,
                            n_ctx_per_seq=256)
     try:
         batched = [r.wait(timeout=300).ids for r in
@@ -150,9 +160,10 @@ def _greedy_alone_batched_cached(llm: LLM, prompts: list[list[int]], n: int):
     return alone, batched, cached, reused
 
 
-@pytest.mark.parametrize("name", TINY + FIXTURES)
+@pytest.mark.parametrize("name", TINY + FIXTURES + KV_Q8)
 def test_greedy_text_alone_equals_batched_equals_prefix_cached(isa, model_path, name):
-    llm = LLM(model_path(name), backend="native", n_ctx=256)
+    path, kv = _model(model_path, name)
+    llm = LLM(path, backend="native", n_ctx=256, **kv)
     tokens = _tokens(llm, 80, seed=3)
     prompts = [tokens[i * 9: i * 9 + 4 + i] for i in range(6)]
     alone, batched, cached, _ = _greedy_alone_batched_cached(llm, prompts, 16)

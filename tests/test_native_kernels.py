@@ -10,7 +10,9 @@ from kvgraph.backends import native
 from kvgraph.backends.native import QK, bind, pack_q4, pack_q5, pack_q8, ptr, quantize_blocks_q8
 from kvgraph.backends.native import ops as native_ops
 from kvgraph.backends.native.mats import NativeMat, Q8Act
+from kvgraph.backends import reference
 from kvgraph.backends.quant_repack import Q8_0Rows
+from kvgraph.backends.reference import Q8_0_BLOCK
 from kvgraph.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.skipif(native.library() is None, reason=f"native kernels unavailable: {native.why_not()}")
@@ -524,6 +526,82 @@ def test_attention_over_a_float16_cache_equals_float32_over_the_same_values(vari
     native_ops.attention(q, k, v, mask, 0.3, half)()
     native_ops.attention(q, k.astype(np.float32), v.astype(np.float32), mask, 0.3, single)()
     np.testing.assert_array_equal(half, single)
+
+
+def test_q8_0_cache_writes_are_ggml_quantize_row_q8_0_ref_bit_for_bit(variant):
+    """A q8_0 KV cache row is ggml's Q8_0 of the float32 row (gguf-py's quantize, which follows
+    quantize_row_q8_0_ref): d = max|x| / 127 as float16, q = x / d rounded half away from zero; an all-zero
+    block has d = 0."""
+    src = RNG.standard_normal((4, 96), dtype=np.float32) * 10
+    src[0, :32] = 0.0
+    src[1, 32:64] = np.arange(-16, 16, dtype=np.float32) + 0.5      # amax 15.5: ties of x / d at every step
+    src[1, 32] = 127.0                                               # d = 1: q = x, ties at .5
+    src[2, 64:] = 1e-30
+    dst = np.zeros((6, 3), Q8_0_BLOCK)
+    idx = np.array([2, 0, 5, 3], np.int32)
+    native_ops.set_rows(dst, src, idx, False, 0)()
+    want = gguf.quants.quantize(src, Q.Q8_0)
+    np.testing.assert_array_equal(dst[idx].view(np.uint8).reshape(4, -1), want)
+    assert dst[1].tobytes() == bytes(dst[1].nbytes) and dst[4].tobytes() == bytes(dst[4].nbytes)
+    assert reference.quantize_q8_0(src).tobytes() == want.tobytes()        # the numpy backend's writes too
+    assert native_ops.set_rows(dst, src[:, :40], idx, False, 0) is None   # not whole rows: the reference's
+
+
+def _attention_q8_0_expected(q, kb, vb, mask, scale):
+    """What the q8_0 kernel computes, in float64: scores of the query quantized as activations are (d_q d_k
+    times the integer dot of each block) against the stored blocks, softmax, times the dequantized V."""
+    n, nh, d = q.shape
+    nhkv, g = kb.shape[1], nh // kb.shape[1]
+    qq, qd, _ = quantize_ref(q.reshape(n * nh, d))
+    qv = (qq.reshape(n * nh, d // QK, QK).astype(np.float64) * qd[..., None]).reshape(n, nh, d)
+    with np.errstate(invalid="ignore"):           # a masked cell's garbage scale
+        k, v = (reference.dequantize_q8_0(b).astype(np.float64) for b in (kb, vb))
+    out = np.zeros((n, nh, v.shape[2]))
+    for t in range(n):
+        for h in range(nh):
+            valid = np.isfinite(mask[t])
+            if valid.any():
+                s = k[valid, h // g] @ qv[t, h] * scale
+                p = np.exp(s - s.max())
+                out[t, h] = p @ v[valid, h // g] / p.sum()
+    return out
+
+
+@pytest.mark.parametrize("n, nh, nhkv, d, dv, n_kv", [(1, 8, 2, 64, 64, 700), (19, 4, 2, 32, 32, 150),
+                                                      (5, 6, 3, 128, 96, 300), (3, 4, 4, 64, 64, 40)])
+def test_attention_over_a_q8_0_cache_scores_with_integer_dots(n, nh, nhkv, d, dv, n_kv, variant):
+    """q8_0 K and V (ggml's blocks): the query quantized to int8 blocks, integer dot products, V
+    dequantized block by block -- the exact result of those numbers up to float32 rounding, on every build;
+    masked cells (garbage in them too) never reach it, and a token's result does not depend on its ubatch."""
+    q = RNG.standard_normal((n, nh, d), dtype=np.float32)
+    kb = reference.quantize_q8_0(RNG.standard_normal((n_kv, nhkv, d), dtype=np.float32))
+    vb = reference.quantize_q8_0(RNG.standard_normal((n_kv, nhkv, dv), dtype=np.float32))
+    mask = np.where(RNG.random((n, n_kv)) < 0.3, -np.inf, 0).astype(np.float32)
+    mask[:, 1] = 0
+    mask[:, 5] = -np.inf
+    mask[:, 64:128] = -np.inf
+    kb[5]["d"], vb[5]["d"] = np.float16(np.nan), np.float16(np.inf)
+    out = np.empty((n, nh, dv), np.float32)
+    kernel = native_ops.attention(q, kb, vb, mask, 0.2, out)
+    assert kernel is not None
+    kernel()
+    np.testing.assert_allclose(out, _attention_q8_0_expected(q, kb, vb, mask, 0.2), rtol=2e-5, atol=2e-5)
+    for t in range(n):
+        one = np.empty((1, nh, dv), np.float32)
+        native_ops.attention(q[t: t + 1], kb, vb, mask[t: t + 1], 0.2, one)()
+        np.testing.assert_array_equal(one[0], out[t])
+
+
+def test_attention_over_q8_0_is_close_to_float32_over_the_values_it_stores(variant):
+    """The query's int8 rounding is the only difference from float32 attention over the dequantized cache."""
+    n, nh, nhkv, d, n_kv = 4, 8, 2, 64, 300
+    q = RNG.standard_normal((n, nh, d), dtype=np.float32)
+    kb, vb = (reference.quantize_q8_0(RNG.standard_normal((n_kv, nhkv, d), dtype=np.float32)) for _ in range(2))
+    mask = np.zeros((n, n_kv), np.float32)
+    q8, f32 = np.empty((n, nh, d), np.float32), np.empty((n, nh, d), np.float32)
+    native_ops.attention(q, kb, vb, mask, 0.125, q8)()
+    native_ops.attention(q, reference.dequantize_q8_0(kb), reference.dequantize_q8_0(vb), mask, 0.125, f32)()
+    np.testing.assert_allclose(q8, f32, atol=5e-3)
 
 
 def test_embedding_rows_of_a_q8_0_table_are_bit_identical_to_gguf(variant):

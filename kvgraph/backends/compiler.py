@@ -146,7 +146,7 @@ class Compiler:
             t = nodes[tid]
             if t.op in ("weight", "state"):
                 buf = bufs[tid] = (self.weights if t.op == "weight" else self.states)[t.name]
-                if buf.shape != t.shape:
+                if reference.element_shape(buf) != t.shape:
                     raise ValueError(f"{t.op} {t.name!r}: bound array has shape {buf.shape}, graph expects {t.shape}")
             elif t.op == "input":
                 bufs[tid] = self.inputs[t.name] = np.zeros(t.shape, reference.NP_DTYPES[t.dtype])

@@ -128,7 +128,8 @@ class NativeBackend(PackedWeightsBackend, NumpyBackend):
     name = "native"
     native = True                  # the compilers' switch for kvgraph's C kernels (see TorchBackend.native)
     flash_attn_default = True      # the C attention kernel reads the row-major (flash) V cache
-    cache_types = ("f16", "f32")   # float16 K/V: half the bytes per token of context, as llama.cpp keeps them
+    cache_types = ("f16", "f32", "q8_0")   # float16 K/V: half the bytes per token of context, as llama.cpp keeps
+                                           # them; q8_0: ggml's int8 blocks, 34 bytes per 32 values
 
     def __init__(self, threads: int | None = None):
         lib = native.library()

@@ -16,7 +16,7 @@ class NumpyBackend:
     name = "numpy"
     native = False                 # kvgraph's C kernels: not here
     flash_attn_default = False     # the reference runs ggml's non-flash path unless asked
-    cache_types = ("f32", "f16")   # KV cache storage this backend reads; the first is its default
+    cache_types = ("f32", "f16", "q8_0")   # KV cache storage this backend reads; the first is its default
 
     def __init__(self, threads: int | None = None):
         self.n_threads = threads

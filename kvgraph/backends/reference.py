@@ -19,6 +19,45 @@ from ..graph.ir import Tensor
 Kernel = Callable[[], None]
 NP_DTYPES = {"f32": np.float32, "f16": np.float16, "i32": np.int32}
 
+# ggml's Q8_0 block: float16 scale d, then 32 int8 q (value = d * q). A q8_0 KV cache is an array of these
+# along its last axis: shape [..., width / 32], while the graph's tensors count elements ([..., width]).
+QK8_0 = 32
+Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", (QK8_0,))])
+
+
+def is_q8_0(a) -> bool:
+    return getattr(a, "dtype", None) == Q8_0_BLOCK
+
+
+def element_shape(a: np.ndarray) -> tuple[int, ...]:
+    """The shape of a buffer in elements (a q8_0 array's last axis counts blocks of 32)."""
+    return a.shape[:-1] + (a.shape[-1] * QK8_0,) if is_q8_0(a) else a.shape
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """float32 [..., K] -> Q8_0 blocks [..., K / 32], as ggml's quantize_row_q8_0_ref: d = max|x| / 127, q =
+    x * (1 / d) rounded to nearest, halves away from zero (C's roundf), d stored as float16."""
+    b = np.asarray(x, np.float32).reshape(x.shape[:-1] + (x.shape[-1] // QK8_0, QK8_0))
+    d = np.abs(b).max(-1) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    v = b * inv[..., None]
+    r = np.trunc(v)
+    r += np.where(np.abs(v - r) >= np.float32(0.5), np.sign(v), np.float32(0))
+    out = np.empty(b.shape[:-1], Q8_0_BLOCK)
+    out["d"] = d.astype(np.float16)
+    out["qs"] = r.astype(np.int8)
+    return out
+
+
+def dequantize_q8_0(blocks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Q8_0 blocks [..., G] -> float32 [..., 32 G] (d * q: exact in float32)."""
+    v = blocks["qs"].astype(np.float32) * blocks["d"].astype(np.float32)[..., None]
+    v = v.reshape(blocks.shape[:-1] + (blocks.shape[-1] * QK8_0,))
+    if out is None:
+        return v
+    np.copyto(out, v)
+    return out
+
 
 class Program:
     """A compiled graph: input buffers to write, kernels to run, output views to read."""
@@ -175,6 +214,18 @@ def _k_softmax(t, out, x, mask=None):
 
 
 def _k_flash_attn(t, out, q, k, v, mask, pages=None):   # one pass over every cell: pages change nothing
+    if is_q8_0(k) or is_q8_0(v):          # a q8_0 cache: its windows dequantized to float32 at every run
+        kq, vq = k, v
+        k = np.empty(element_shape(kq), np.float32) if is_q8_0(kq) else kq
+        v = np.empty(element_shape(vq), np.float32) if is_q8_0(vq) else vq
+        attend = _k_flash_attn(t, out, q, k, v, mask)
+
+        def run_q8():
+            for src, dst in ((kq, k), (vq, v)):
+                if is_q8_0(src):
+                    dequantize_q8_0(src, dst)
+            attend()
+        return run_q8
     n_tok, n_head, d = q.shape
     n_kv, n_head_kv, dv = v.shape
     g = n_head // n_head_kv
@@ -202,6 +253,14 @@ def _k_flash_attn(t, out, q, k, v, mask, pages=None):   # one pass over every ce
 
 
 def _k_set_rows(t, out, dst, src, idx):
+    if is_q8_0(dst):                      # rows quantized to Q8_0 blocks (a q8_0 KV cache: whole rows, never transposed)
+        if t.p["transposed"] or t.p["col"] or dst.ndim != 2:
+            raise ValueError("set_rows into a q8_0 buffer writes whole rows")
+
+        def run_q8():
+            check_indices(idx, dst.shape[0], "set_rows")
+            dst[idx] = quantize_q8_0(src.reshape(src.shape[0], -1))
+        return run_q8
     if dst.ndim == 2 and not t.p["transposed"]:
         col = t.p["col"]
         part = dst[:, col: col + src.shape[-1]]   # the whole row unless a partial write
@@ -407,7 +466,7 @@ def view(t: Tensor, src: np.ndarray) -> np.ndarray:
     if t.op == "reshape":
         v = src.view()
         try:
-            v.shape = t.shape
+            v.shape = t.shape[:-1] + (t.shape[-1] // QK8_0,) if is_q8_0(src) else t.shape
         except AttributeError:
             raise ValueError(f"reshape of non-contiguous {t.srcs[0]} to {t.shape}: insert cont()") from None
         return v

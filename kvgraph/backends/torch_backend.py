@@ -669,10 +669,10 @@ class TorchBackend(PackedWeightsBackend):
         self.arena = TileArena() if self.native else None
         if self.native:
             native.set_threads(self.n_threads)
-        # The C attention kernel reads the row-major (flash) V cache, in float16 too: the fast defaults when it
+        # The C attention kernel reads the row-major (flash) V cache, in float16 or q8_0 too: the fast defaults when it
         # exists. torch's own attention ops take float32 only.
         self.flash_attn_default = self.native
-        self.cache_types = ("f16", "f32") if self.native else ("f32",)
+        self.cache_types = ("f16", "f32", "q8_0") if self.native else ("f32",)
 
     def describe(self) -> str:
         kernels = native.describe() if self.native else "torch's int4pack / int8 kernels"

@@ -61,7 +61,7 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--flash-attn", "-fa", default="auto",
                    help="on, off, auto or a list such as on,off (default auto: on where the backend has a fused "
                         "kernel, i.e. torch and native)")
-    p.add_argument("--cache-type", "-ctk", "-ctv", choices=("auto", "f16", "f32"), default="auto",
+    p.add_argument("--cache-type", "-ctk", "-ctv", choices=("auto", "f16", "f32", "q8_0"), default="auto",
                    help="KV cache storage, K and V (default auto: the backend's, f16 where the C kernels run "
                         "attention); --compare passes it to llama-bench as -ctk / -ctv")
     p.add_argument("--parallel", default=None,

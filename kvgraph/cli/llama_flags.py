@@ -45,7 +45,7 @@ SAME = {
     "-b": "a prompt runs in chunks of the smaller of -b and -ub (there is no separate logical batch)",
     "--batch-size": "",
     "-fa": "same", "--flash-attn": "",
-    "-ctk": "same for f16 and f32 (K and V share one type)", "--cache-type-k": "", "-ctv": "", "--cache-type-v": "",
+    "-ctk": "same for f16, f32 and q8_0 (K and V share one type)", "--cache-type-k": "", "-ctv": "", "--cache-type-v": "",
     "-m": "same (a GGUF path or a known model name)", "--model": "",
     "--temp": "same (default for requests)", "--temperature": "", "--top-k": "same (default for requests)",
     "--top-p": "same (default for requests)", "--min-p": "same (default for requests)",

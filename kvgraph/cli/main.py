@@ -16,7 +16,7 @@ from ..errors import InvalidArgumentError, KvgraphError
 from ..engine.sampling import REPEAT_PENALTY_RANGE, TEMPERATURE_MAX
 from .args import NON_NEGATIVE, POSITIVE, backend_arg, float_in, seed_arg
 
-KV_TYPES = ("f16", "f32")
+KV_TYPES = ("f16", "f32", "q8_0")
 
 
 # ---- shared option groups -------------------------------------------------------------------------------
@@ -38,7 +38,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "auto (default): on where the backend has a fused kernel (torch, native), off on numpy")
     g.add_argument("--cache-type", choices=KV_TYPES, default=None,
                    help="KV cache storage (K and V, flash-attention layout): f16 halves the bytes attention reads "
-                        "per token of context; default: f16 where the C kernels run attention, else f32")
+                        "per token of context, q8_0 (ggml's int8 blocks, as llama.cpp's -ctk/-ctv q8_0) nearly "
+                        "halves them again; default: f16 where the C kernels run attention, else f32")
     g.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default=None,
                    help="llama.cpp's name for --cache-type (K and V share one type here)")
     g.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default=None, help=argparse.SUPPRESS)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..backends.reference import Q8_0_BLOCK, QK8_0
 from ..errors import ContextOverflowError, GraphCacheVerifyError, InvalidArgumentError
 from ..graph.cache import DEFAULT_CAPACITY, CacheEntry, GraphCache, env_flag
 from ..graph.inputs import UBatch
@@ -25,6 +26,9 @@ from .loader import LoadedModel
 DEFAULT_N_CTX_CAP = 4096
 DEFAULT_N_UBATCH = 512
 DEFAULT_N_SEQ_MAX = 8      # sequences alive at once in a recurrent memory (each has a state slot)
+# Which backends keep each KV cache type (for the error that refuses one elsewhere)
+CACHE_TYPE_BACKENDS = {"q8_0": "read by the native backend, torch with kvgraph's C kernels, and numpy with -fa on",
+                       "f16": "read by the native, numpy and (with kvgraph's C kernels) torch backends"}
 
 
 @dataclass
@@ -66,18 +70,26 @@ class Context:
         types = self.backend.cache_types
         requested = types[0] if cache_type is None else str(cache_type).lower()
         if requested not in types:
-            raise InvalidArgumentError(f"the {self.backend.name} backend keeps the KV cache as "
-                                       f"{' or '.join(types)}, not {cache_type!r}; use --cache-type {types[0]}.")
-        cache_dtype = np.float16 if requested == "f16" else np.float32
+            where = CACHE_TYPE_BACKENDS.get(requested)
+            raise InvalidArgumentError(
+                f"the {self.backend.name} backend keeps the KV cache as {' or '.join(types)}, not {cache_type!r}"
+                + (f" ({requested} is {where})" if where else "") + f"; use --cache-type {types[0]}.")
 
         def alloc(shape, cache: bool = False):
-            return self.backend.alloc_state(shape, cache_dtype if cache else np.float32)
+            if cache and requested == "q8_0":     # Q8_0 blocks along the row (see memory/kv_cache.py)
+                if shape[-1] % QK8_0:
+                    raise InvalidArgumentError(f"a q8_0 KV cache keeps each head's values in blocks of {QK8_0}, but "
+                                               f"this model's rows of {shape[-1]} values are no whole blocks; use "
+                                               "--cache-type f16.")
+                return self.backend.alloc_state(tuple(shape[:-1]) + (shape[-1] // QK8_0,), Q8_0_BLOCK)
+            return self.backend.alloc_state(shape, np.float16 if cache and requested == "f16" else np.float32)
         # KV caches hold n_ctx tokens in whole pages per sequence (see memory/kv_cache.py)
         self.memories = self.model.create_memories(cells_for(n_ctx, n_seq_max), n_ubatch, alloc, self.flash_attn,
                                                    n_seq_max)
         self.states = {name: buf for mem in self.memories.values() for name, buf in mem.buffers.items()}
         # What the K/V buffers really hold (-fa off, or a model's non-flash layout, keeps float32).
-        self.cache_type = "f16" if any(b.dtype == np.float16 for b in self.states.values()) else "f32"
+        held = {b.dtype for b in self.states.values()}
+        self.cache_type = "q8_0" if Q8_0_BLOCK in held else "f16" if np.dtype(np.float16) in held else "f32"
         self.peak_arena_bytes = 0   # largest compute buffer any program used
         # The compute buffer the programs of this context compute in: they run one at a time, so the
         # context holds about the largest graph's, not the sum over its cached graphs (8 prompt-sized graphs

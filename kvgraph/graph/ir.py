@@ -21,6 +21,7 @@ VIEW_OPS = frozenset({"reshape", "permute", "view_rows", "view_cols", "slice_row
 
 F32 = "f32"
 F16 = "f16"      # KV cache storage only: ops read it, compute in f32
+Q8_0 = "q8_0"    # KV cache storage only: ggml's Q8_0 blocks along the last axis (shapes count elements)
 I32 = "i32"
 
 

@@ -12,8 +12,11 @@ with others, continued from cached cells or run alone computes the same bits.
 
 V is stored row-major ([cell, head*dim], the flash-attention layout) or transposed ([head*dim, cell], the
 non-flash ggml layout, so that softmax(QK) @ V reads V with unit stride along cells). In the flash layout
-K and V are stored in the context's cache type (float16 halves the bytes attention reads per token; the
-kernels compute in float32); the transposed layout stays float32.
+K and V are stored in the context's cache type (float16 halves the bytes attention reads per token; q8_0,
+ggml's blocks of 32 int8 values and a float16 scale along each head's dimensions, takes 34 bytes per 32
+values, written with ggml's round-to-nearest quantization; the kernels compute in float32, the C one scores
+q8_0 keys with integer dot products against the query quantized alike); the transposed layout stays
+float32.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import ContextOverflowError
+from ..backends.reference import QK8_0, element_shape, is_q8_0
 from ..graph.inputs import GraphInput, UBatch
-from ..graph.ir import F16, F32, I32, GraphBuilder, Tensor
+from ..errors import InvalidArgumentError
+from ..graph.ir import F16, F32, I32, Q8_0, GraphBuilder, Tensor
 
 MASK_ROWS = 32
 NEG_INF = np.float32(-np.inf)
@@ -33,6 +38,10 @@ PAGE = 256      # cells per page: the C attention kernel's segment (SEG in kerne
 def cells_for(n_tokens: int, n_seqs: int) -> int:
     """Cells that hold n_tokens spread over up to n_seqs sequences in whole pages (each may end mid-page)."""
     return (-(-n_tokens // PAGE) + n_seqs - 1) * PAGE
+
+
+def _graph_dtype(buf: np.ndarray) -> str:
+    return Q8_0 if is_q8_0(buf) else F16 if buf.dtype == np.float16 else F32
 
 
 class KVCache:
@@ -51,6 +60,10 @@ class KVCache:
         for il in self.layers:    # alloc(shape, cache=True): in the context's cache type
             self.buffers[self.k_name(il)] = alloc((n_cells, k_row), cache=not v_trans)
             self.buffers[self.v_name(il)] = alloc((v_row, n_cells) if v_trans else (n_cells, v_row), cache=not v_trans)
+        if any(is_q8_0(b) for b in self.buffers.values()) and (head_dim_k % QK8_0 or head_dim_v % QK8_0):
+            raise InvalidArgumentError(
+                f"a q8_0 KV cache keeps each head's values in blocks of {QK8_0}, but this model's heads have "
+                f"{head_dim_k} (K) and {head_dim_v} (V) dimensions; use --cache-type f16.")
         self.cell_pos = np.full(n_cells, -1, np.int32)
         self.cell_seq = np.full(n_cells, -1, np.int32)
         self.page_block = np.full(self.n_pages, -1, np.int32)   # the block of positions each page holds
@@ -269,8 +282,8 @@ class KVAttention:
         g, kv, n_kv = self.g, self.kv, self.n_kv
         n = k.shape[0]
         k_buf, v_buf = kv.buffers[kv.k_name(il)], kv.buffers[kv.v_name(il)]
-        k_state = g.state(kv.k_name(il), k_buf.shape, F16 if k_buf.dtype == np.float16 else F32)
-        v_state = g.state(kv.v_name(il), v_buf.shape, F16 if v_buf.dtype == np.float16 else F32)
+        k_state = g.state(kv.k_name(il), element_shape(k_buf), _graph_dtype(k_buf))
+        v_state = g.state(kv.v_name(il), element_shape(v_buf), _graph_dtype(v_buf))
         k_all = g.set_rows(k_state, g.reshape(k, (n, k.shape[1] * k.shape[2])), self.slots.tensor)
         v_rows = g.reshape(v, (n, v.shape[1] * v.shape[2]))
         k_win = g.reshape(g.view_rows(k_all, n_kv), (n_kv, kv.n_head_kv, kv.head_dim_k))

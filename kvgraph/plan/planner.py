@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..graph.ir import VIEW_OPS, Graph, Tensor
 
 ALIGN = 64
-DTYPE_BYTES = {"f32": 4, "i32": 4}
+DTYPE_BYTES = {"f32": 4, "i32": 4}   # of what the arena holds (f16 / q8_0: KV cache states only)
 # Ops whose every backend kernel reads element i of each source before writing element i of the output (or
 # computes into a temporary first), so the output may be the very buffer of a dead source of the same shape.
 # tests/test_planner.py runs each backend on in-place and separate buffers and requires identical results.

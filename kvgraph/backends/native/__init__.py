@@ -46,7 +46,7 @@ KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows",
            "kvg_tile_rows", "kvg_matmul_glu", "kvg_matmul_f32", "kvg_moe_f32", "kvg_checksum",
            "kvg_pack_tiles", "kvg_stream_read", "kvg_ssm_conv", "kvg_ssm_scan", "kvg_ssm_scan2",
-           "kvg_get_rows_f32", "kvg_act", "kvg_copy")
+           "kvg_get_rows_f32", "kvg_act", "kvg_copy", "kvg_set_rows_q8_0")
 
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None

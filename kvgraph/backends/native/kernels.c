@@ -1184,6 +1184,28 @@ void kvg_set_rows(const int64_t *a) {
     }
 }
 
+/* a: dst (Q8_0 blocks), dst_s0 (bytes per row), src, n, width (floats, a multiple of 32), src_s0 (floats),
+ * idx (int32 [n]), n_dst: row idx[i] of dst = src row i as ggml's Q8_0 blocks (34 bytes: float16 d, 32 int8
+ * q), quantized as quantize_row_q8_0_ref does: d = max|x| / 127, q = roundf(x * (1 / d)) (a q8_0 KV cache) */
+void kvg_set_rows_q8_0(const int64_t *a) {
+    const float *src = (const float *)a[2];
+    const int64_t s0 = a[1], n = a[3], width = a[4], ss0 = a[5], n_dst = a[7];
+    const int32_t *idx = (const int32_t *)a[6];
+    for (int64_t i = 0; i < n; i++) {
+        if (!in_range(idx[i], n_dst)) continue;
+        uint8_t *o = (uint8_t *)a[0] + (int64_t)idx[i] * s0;
+        for (int64_t b = 0; b < width / QK; b++, o += 34) {
+            const float *x = src + i * ss0 + b * QK;
+            float amax = 0.0f;
+            for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+            const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+            const uint16_t dh = f2h(d);
+            memcpy(o, &dh, 2);
+            for (int j = 0; j < QK; j++) o[2 + j] = (uint8_t)(int8_t)roundf(x[j] * id);
+        }
+    }
+}
+
 /* a: q, n, H, d, qs0, qs1,  k, n_kv, Hkv, ks0, ks1,  v, dv, vs0, vs1, vs2,  mask, ms0,  scale (f64 bits),
  *    out, os0, os1, kv_f16 (K and V float16; strides count elements),  pages (int32 [n_kv / SEG] or 0)
  * out[t, h] = softmax(q[t, h] . k[:, h / (H / Hkv)] * scale + mask[t]) @ v[:, h / (H / Hkv)]
@@ -1442,12 +1464,12 @@ static float *scratch_floats(size_t n) {
     return s->f;
 }
 
-/* The parameters of one attention call (a) as locals: K and V float16 when H. */
+/* The parameters of one attention call (a) as locals: K and V float16 when H (a[22] 1), q8_0 blocks (a[22] 2). */
 #define ATTN_ARGS(a)                                                                                          \
     const float *q = (const float *)a[0];                                                                     \
     const void *k = (const void *)a[6], *v = (const void *)a[11];                                             \
     const float *mask = (const float *)a[16];                                                                 \
-    const int64_t es = a[22] ? 2 : 4;                /* bytes per K / V element */                             \
+    const int64_t es = a[22] == 2 ? 1 : a[22] ? 2 : 4;   /* bytes per K / V element (q8_0: strides in bytes) */ \
     const int64_t n = a[1], nh = a[2], d = a[3], qs0 = a[4], qs1 = a[5];                                      \
     const int64_t n_kv = a[7], nhkv = a[8], ks0 = a[9], ks1 = a[10];                                          \
     const int64_t dv = a[12], vs0 = a[13], vs1 = a[14], vs2 = a[15], ms0 = a[17];                             \
@@ -1460,7 +1482,11 @@ static float *scratch_floats(size_t n) {
         (void)vs1, (void)vs2, (void)ms0, (void)scale, (void)out, (void)os0, (void)os1, (void)items
 
 /* one wave of work items: its first item, its partial results, the segments' merge order */
-typedef struct { const int64_t *a; int64_t w0; float *part; const int64_t *order; } attn_wave;
+typedef struct {
+    const int64_t *a; int64_t w0; float *part; const int64_t *order;
+    const int8_t *qq; const float *qd; const int32_t *qh;   /* q8_0: the queries quantized (kvg_quantize_q8) */
+    int64_t nw;                                             /* q8_0: the wave's items */
+} attn_wave;
 
 /* tasks task0 .. task1 - 1 of a wave: (item, segment) pairs, each item's segments side by side */
 static inline __attribute__((always_inline)) void attn_tasks(const attn_wave *wv, int64_t task0, int64_t task1,
@@ -1566,6 +1592,199 @@ static void attn_merge(void *wave, int64_t iw0, int64_t iw1) {
     }
 }
 
+/* ---- attention over a q8_0 KV cache (ggml's Q8_0 blocks: float16 d, 32 int8 q, along each head's dims) ----
+ * The same tasks, segments and online softmax as attn_tasks, with the query quantized to int8 blocks once
+ * per call (kvg_quantize_q8) and its scores taken with the Q8 matmul's integer dot products: each chunk's
+ * keys are repacked, 16 cells at a time, into the Q8 tile layout (chunk vector c: bytes 4c..4c+3 of each
+ * cell's block, then the cells' float16 scales) that tile_dot multiplies by up to four queries at once. V
+ * rows are read block by block: acc += (p d) q, the int8 values converted to float. A query's sums run in
+ * the same order whatever queries share its group, so results do not depend on the ubatch or batch mates. */
+#define Q8B 34                  /* bytes per Q8_0 block */
+#define QG8 4                   /* queries per tile_dot */
+#define KT_TILES (KC / TR)      /* tiles of a chunk */
+#define Q8_MAX_BLOCKS 32        /* head dims up to 1024 */
+static const uint8_t zero_block_row[Q8B * Q8_MAX_BLOCKS];
+
+/* tiles of the cells [0, nc) of a chunk of a q8_0 K (cell c's blocks at k + c * ks0 bytes), g_n blocks per head */
+static void pack_k_tiles(uint8_t *kt, const uint8_t *k, int64_t ks0, int64_t nc, int64_t g_n) {
+    for (int64_t r0 = 0; r0 < nc; r0 += TR) {
+        const uint8_t *row[TR];
+        for (int r = 0; r < TR; r++) row[r] = r0 + r < nc ? k + (r0 + r) * ks0 : zero_block_row;
+        for (int64_t g = 0; g < g_n; g++) {
+            uint8_t *rec = kt + ((r0 / TR) * g_n + g) * REC(F_Q8);
+            for (int r = 0; r < TR; r++) memcpy(rec + DOFF(F_Q8) + 2 * r, row[r] + Q8B * g, 2);
+#if KVG_AVX2
+            for (int h = 0; h < 2; h++) {      /* 8 cells' 8 words -> word i of the 8 cells: an 8 x 8 transpose */
+                __m256 x[8], t[8];
+                for (int i = 0; i < 8; i++)
+                    x[i] = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(row[8 * h + i] + Q8B * g + 2)));
+                for (int i = 0; i < 8; i += 2) {
+                    t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+                    t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+                }
+                for (int i = 0; i < 8; i += 4) {
+                    x[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+                    x[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+                    x[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+                    x[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+                }
+                for (int i = 0; i < 4; i++) {
+                    t[i] = _mm256_permute2f128_ps(x[i], x[i + 4], 0x20);
+                    t[i + 4] = _mm256_permute2f128_ps(x[i], x[i + 4], 0x31);
+                }
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps((float *)(rec + 64 * i + 32 * h), t[i]);
+            }
+#else
+            for (int c = 0; c < 8; c++)
+                for (int r = 0; r < TR; r++) memcpy(rec + 64 * c + 4 * r, row[r] + Q8B * g + 2 + 4 * c, 4);
+#endif
+        }
+    }
+}
+
+/* res[16 j + r] = score of tile row r against query j < mb (tile_dot specialized per count) */
+static void q8_tile_scores(const uint8_t *t, int64_t g_n, const int8_t *xq, int64_t d, const float *xd,
+                           const int32_t *xh, int mb, float *res) {
+    switch (mb) {
+    case 1: tile_dot(t, g_n, xq, d, xd, xd, xh, F_Q8, 1, res); break;
+    case 2: tile_dot(t, g_n, xq, d, xd, xd, xh, F_Q8, 2, res); break;
+    case 3: tile_dot(t, g_n, xq, d, xd, xd, xh, F_Q8, 3, res); break;
+    default: tile_dot(t, g_n, xq, d, xd, xd, xh, F_Q8, 4, res); break;
+    }
+}
+
+/* acc[g][e] += p[g][c] d_c,b q_c[e] over the chunk's cells in order (a query's cells with p == 0 skipped),
+ * block b by block; V rows vs0 bytes apart, blocks contiguous */
+static inline __attribute__((always_inline)) void chunk_pv_q8(float *const *acc, const float *const *p, int ng,
+                                                              int64_t nc, const uint8_t *v, int64_t vs0, int64_t dv) {
+    for (int64_t b = 0; b < dv / QK; b++) {
+#if KVG_AVX512
+        __m512 r[QG8][2];
+        for (int g = 0; g < ng; g++)
+            for (int i = 0; i < 2; i++) r[g][i] = _mm512_loadu_ps(acc[g] + QK * b + 16 * i);
+        for (int64_t c = 0; c < nc; c++) {
+            const uint8_t *blk = v + c * vs0 + Q8B * b;
+            const float dsc = ld_f16(blk, 0);
+            const __m512 x0 = cvt_i8(blk + 2), x1 = cvt_i8(blk + 18);
+            for (int g = 0; g < ng; g++) {
+                if (p[g][c] == 0.0f) continue;
+                const __m512 w = _mm512_set1_ps(p[g][c] * dsc);
+                r[g][0] = _mm512_fmadd_ps(w, x0, r[g][0]);
+                r[g][1] = _mm512_fmadd_ps(w, x1, r[g][1]);
+            }
+        }
+        for (int g = 0; g < ng; g++)
+            for (int i = 0; i < 2; i++) _mm512_storeu_ps(acc[g] + QK * b + 16 * i, r[g][i]);
+#elif KVG_AVX2
+        for (int g0 = 0; g0 < ng; g0 += 2) {     /* two queries' 4 registers each at a time */
+            const int gn = ng - g0 < 2 ? ng - g0 : 2;
+            __m256 r[2][4];
+            for (int g = 0; g < gn; g++)
+                for (int i = 0; i < 4; i++) r[g][i] = _mm256_loadu_ps(acc[g0 + g] + QK * b + 8 * i);
+            for (int64_t c = 0; c < nc; c++) {
+                const uint8_t *blk = v + c * vs0 + Q8B * b;
+                const float dsc = ld_f16(blk, 0);
+                __m256 x[4];
+                for (int i = 0; i < 4; i++) x[i] = cvt_i8x8(blk + 2 + 8 * i);
+                for (int g = 0; g < gn; g++) {
+                    if (p[g0 + g][c] == 0.0f) continue;
+                    const __m256 w = _mm256_set1_ps(p[g0 + g][c] * dsc);
+                    for (int i = 0; i < 4; i++) r[g][i] = _mm256_fmadd_ps(w, x[i], r[g][i]);
+                }
+            }
+            for (int g = 0; g < gn; g++)
+                for (int i = 0; i < 4; i++) _mm256_storeu_ps(acc[g0 + g] + QK * b + 8 * i, r[g][i]);
+        }
+#else
+        for (int64_t c = 0; c < nc; c++) {
+            const uint8_t *blk = v + c * vs0 + Q8B * b;
+            const float dsc = ld_f16(blk, 0);
+            for (int g = 0; g < ng; g++) {
+                if (p[g][c] == 0.0f) continue;
+                const float w = p[g][c] * dsc;
+                float *o = acc[g] + QK * b;
+                for (int e = 0; e < QK; e++) o[e] += w * (float)(int8_t)blk[2 + e];
+            }
+        }
+#endif
+    }
+}
+
+/* Tasks go segment by segment, each segment's items (KV heads) one after another: the rows of 34-byte blocks
+ * of neighbouring heads share cache lines, which the next head then finds in cache (item by item, as
+ * attn_tasks goes, every line would come from memory twice). nw: the wave's items. */
+static void attn_tasks_q8(void *wave, int64_t task0, int64_t task1) {
+    const attn_wave *wv = wave;
+    ATTN_ARGS(wv->a);
+    const int64_t w0 = wv->w0, g_n = d / QK, nw = items - w0 < wv->nw ? items - w0 : wv->nw;
+    float *part = wv->part;
+    uint8_t *kt = malloc((size_t)(KT_TILES * g_n * REC(F_Q8)));
+    int64_t lq[nq_max];
+    int8_t xq[QG8 * QK * Q8_MAX_BLOCKS];
+    float xd[QG8 * Q8_MAX_BLOCKS];
+    int32_t xh[QG8 * 2 * Q8_MAX_BLOCKS];
+    for (int64_t task = task0; task < task1; task++) {
+        const int64_t iw = task % nw, it = w0 + iw, sg = task / nw;
+        const int64_t tb = n_tb - 1 - it / nhkv, j = it % nhkv;   /* the longest (latest) blocks first */
+        const int64_t t0 = tb * QB, nt = n - t0 < QB ? n - t0 : QB, nq = nt * group;
+        float *acc = part + (iw * n_sg + sg) * part_floats, *mx = acc + nq_max * dv, *sum = mx + nq_max;
+        for (int64_t i = 0; i < nq * dv; i++) acc[i] = 0.0f;
+        for (int64_t i = 0; i < nq; i++) mx[i] = -INFINITY, sum[i] = 0.0f;
+        const int64_t c_end = (sg + 1) * SEG < n_kv ? (sg + 1) * SEG : n_kv;
+        for (int64_t c0 = sg * SEG; c0 < c_end; c0 += KC) {
+            const int64_t nc = c_end - c0 < KC ? c_end - c0 : KC;
+            int64_t nlq = 0;
+            for (int64_t tt = 0; tt < nt; tt++) {
+                const float *m = mask + (t0 + tt) * ms0 + c0;
+                int64_t c = 0;
+                while (c < nc && m[c] == -INFINITY) c++;
+                for (int64_t g = 0; c < nc && g < group; g++) lq[nlq++] = tt * group + g;
+            }
+            if (!nlq) continue;
+            if (c0 + KC < c_end) {
+                const int64_t nn = c_end - c0 - KC < KC ? c_end - c0 - KC : KC;
+                prefetch_rows((const char *)k + (c0 + KC) * ks0 + j * ks1, ks0, nn, Q8B * g_n);
+                prefetch_rows((const char *)v + (c0 + KC) * vs0 + j * vs1, vs0, nn, Q8B * (dv / QK));
+            }
+            pack_k_tiles(kt, (const uint8_t *)k + c0 * ks0 + j * ks1, ks0, nc, g_n);
+            for (int64_t qg = 0; qg < nlq; qg += QG8) {
+                const int ng = nlq - qg < QG8 ? (int)(nlq - qg) : QG8;
+                float sc[QG8][KC], res[QG8 * TR], *live_acc[QG8];
+                const float *live_p[QG8];
+                int nl = 0;
+                for (int g = 0; g < ng; g++) {      /* the group's quantized queries, side by side */
+                    const int64_t qi = lq[qg + g], t = t0 + qi / group, h = j * group + qi % group, row = t * nh + h;
+                    memcpy(xq + g * d, wv->qq + row * d, (size_t)d);
+                    memcpy(xd + g * g_n, wv->qd + row * g_n, sizeof(float) * (size_t)g_n);
+                    memcpy(xh + g * 2 * g_n, wv->qh + row * 2 * g_n, sizeof(int32_t) * (size_t)(2 * g_n));
+                }
+                for (int64_t r0 = 0; r0 < nc; r0 += TR) {
+                    q8_tile_scores(kt + (r0 / TR) * g_n * REC(F_Q8), g_n, xq, d, xd, xh, ng, res);
+                    for (int g = 0; g < ng; g++) memcpy(sc[g] + r0, res + TR * g, sizeof(float) * TR);
+                }
+                for (int g = 0; g < ng; g++) {
+                    const int64_t qi = lq[qg + g], t = t0 + qi / group;
+                    const float cmx = scale_mask_max(sc[g], mask + t * ms0 + c0, nc, scale);
+                    if (cmx == -INFINITY) continue;
+                    float *acq = acc + qi * dv;
+                    if (cmx > mx[qi]) {
+                        const float r = expf(mx[qi] - cmx);
+                        sum[qi] *= r;
+                        for (int64_t e = 0; e < dv; e++) acq[e] *= r;
+                        mx[qi] = cmx;
+                    }
+                    exp_chunk(sc[g], nc, mx[qi]);
+                    for (int64_t c = 0; c < nc; c++) sum[qi] += sc[g][c];
+                    live_acc[nl] = acq;
+                    live_p[nl++] = sc[g];
+                }
+                if (nl) chunk_pv_q8(live_acc, live_p, nl, nc, (const uint8_t *)v + c0 * vs0 + j * vs1, vs0, dv);
+            }
+        }
+    }
+    free(kt);
+}
+
 static void attention(const int64_t *a) {
     ATTN_ARGS(a);
     int64_t wave = (int64_t)(PART_BYTES / sizeof(float)) / (part_floats * n_sg);
@@ -1580,15 +1799,31 @@ static void attention(const int64_t *a) {
         for (; pages && j > 0 && pages[order[j - 1]] > pages[i]; j--) order[j] = order[j - 1];
         order[j] = i;
     }
+    int8_t *qq = NULL;      /* q8_0: each (token, head) query as int8 blocks, d / QK scales, half-block sums */
+    float *qd = NULL, *qsum = NULL;
+    int32_t *qh = NULL;
+    if (a[22] == 2) {
+        const int64_t g_n = d / QK;
+        qq = malloc((size_t)(n * nh * d));
+        qd = malloc(sizeof(float) * (size_t)(n * nh * g_n));
+        qsum = malloc(sizeof(float) * (size_t)(n * nh * g_n));
+        qh = malloc(sizeof(int32_t) * (size_t)(n * nh * 2 * g_n));
+        for (int64_t t = 0; t < n; t++) {
+            const int64_t r = t * nh, qa[8] = {(int64_t)(q + t * qs0), nh, d, qs1, (int64_t)(qq + r * d),
+                                               (int64_t)(qd + r * g_n), (int64_t)(qsum + r * g_n), (int64_t)(qh + r * 2 * g_n)};
+            kvg_quantize_q8(qa);
+        }
+    }
     for (int64_t w0 = 0; w0 < items; w0 += wave) {
         const int64_t nw = items - w0 < wave ? items - w0 : wave;
-        attn_wave wv = {a, w0, part, order};
-        parallel_for(nw * n_sg, 1, a[22] ? attn_tasks_f16 : attn_tasks_f32, &wv);
+        attn_wave wv = {a, w0, part, order, qq, qd, qh, nw};
+        parallel_for(nw * n_sg, 1, a[22] == 2 ? attn_tasks_q8 : a[22] ? attn_tasks_f16 : attn_tasks_f32, &wv);
         parallel_for(nw, 1, attn_merge, &wv);
     }
+    free(qq), free(qd), free(qsum), free(qh);
 }
 
-/* a[22]: K and V are float16 */
+/* a[22]: K and V are float16 (1) or q8_0 blocks (2: strides in bytes, d and dv multiples of 32, at most 1024) */
 void kvg_attention(const int64_t *a) { attention(a); }
 
 /* a: x, y, out, n, k:  out = x + y (contiguous; k 0: y as long as x, else y one row of k added to each of

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from ...graph.ir import Tensor
-from ..reference import rope_inv_freq
+from ..reference import Q8_0_BLOCK, QK8_0, is_q8_0, rope_inv_freq
 from ..quant_repack import Q8_0Rows
 from . import GATED_KINDS, bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
 SEG = 256   # cells per segment of the attention kernel (kernels.c), the KV cache's page
+Q8_MAX_BLOCKS = 32   # kernels.c's: q8_0 K / V heads of at most 1024 values
 OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale",  # for_node's
                  "moe_ffn", "ssm_conv", "ssm_scan", "ssm_scan2", "silu", "cont", "concat_rows"})
 
@@ -267,7 +268,15 @@ def rope(x: np.ndarray, pos: np.ndarray, out: np.ndarray, n_dims: int, inv_freq:
 
 def set_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray, transposed: bool, col: int):
     """dst[idx[i]] = src[i] (dst 2-D, float32 or float16: rounded to nearest even, as numpy does;
-    transposed: dst[:, idx[i]] = src[i]; col: first column written)."""
+    transposed: dst[:, idx[i]] = src[i]; col: first column written; q8_0 blocks: whole rows, quantized as
+    ggml's quantize_row_q8_0_ref)."""
+    if is_q8_0(dst):
+        s = src.reshape(src.shape[0], -1) if src.flags.c_contiguous else None
+        if (transposed or col or dst.ndim != 2 or s is None or src.dtype != np.float32 or idx.dtype != np.int32
+                or s.shape[1] != dst.shape[1] * QK8_0 or dst.strides[1] != Q8_0_BLOCK.itemsize):
+            return None
+        return bind("kvg_set_rows_q8_0", ptr(dst), dst.strides[0], ptr(s), s.shape[0], s.shape[1], s.strides[0] // F4,
+                    ptr(idx), dst.shape[0], keep=(dst, src, idx), indexes=True)
     if dst.dtype not in (np.float32, np.float16) or src.dtype != np.float32 or dst.ndim != 2 or idx.dtype != np.int32:
         return None
     es = dst.itemsize
@@ -289,13 +298,15 @@ def set_rows(dst: np.ndarray, src: np.ndarray, idx: np.ndarray, transposed: bool
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, out: np.ndarray,
               pages: np.ndarray | None = None):
     """out [n, H, dv] = softmax(q k^T * scale + mask) v per head group. q [n, H, d], k [n_kv, Hkv, d], v
-    [n_kv, Hkv, dv] (k and v both float32 or both float16), mask [n, n_kv]; pages (int32 [n_kv / SEG], the
+    [n_kv, Hkv, dv] (k and v both float32, both float16, or both q8_0 blocks [n_kv, Hkv, d / 32]), mask [n, n_kv]; pages (int32 [n_kv / SEG], the
     KV cache's page blocks) orders the merge of the kernel's segments of SEG cells (None: window order)."""
     if not (_heads(q) and _heads(k, k.dtype) and _heads(out)) or mask.dtype != np.float32 or mask.strides[-1] != F4:
         return None
     if pages is not None and (pages.dtype != np.int32 or pages.shape[0] * SEG != k.shape[0]
                               or not pages.flags.c_contiguous):
         return None
+    if is_q8_0(k) or is_q8_0(v):
+        return _attention_q8_0(q, k, v, mask, scale, out, pages)
     n, nh, d = q.shape
     n_kv, nhkv, _ = k.shape
     n_kv_v, nhkv_v, dv = v.shape
@@ -308,4 +319,22 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, sca
                 ptr(k), n_kv, nhkv, k.strides[0] // es, k.strides[1] // es,
                 ptr(v), dv, vs0, vs1, vs2, ptr(mask), mask.strides[0] // F4, f64_bits(scale),
                 ptr(out), out.strides[0] // F4, out.strides[1] // F4, int(es == 2),
+                0 if pages is None else ptr(pages), keep=(q, k, v, mask, out, pages))
+
+
+def _attention_q8_0(q, k, v, mask, scale, out, pages):
+    """attention over q8_0 K and V (Q8_0 blocks [n_kv, Hkv, d / 32] and [n_kv, Hkv, dv / 32], each head's blocks
+    contiguous): the query quantized to int8 blocks, integer dot products for the scores (kvg_attention)."""
+    if not (is_q8_0(k) and is_q8_0(v)) or any(a.strides[2] != Q8_0_BLOCK.itemsize for a in (k, v)):
+        return None
+    n, nh, d = q.shape
+    n_kv, nhkv, gk = k.shape
+    n_kv_v, nhkv_v, gv = v.shape
+    if (gk * QK8_0 != d or (n_kv_v, nhkv_v) != (n_kv, nhkv) or gk > Q8_MAX_BLOCKS or gv > Q8_MAX_BLOCKS
+            or nh % nhkv):
+        return None
+    return bind("kvg_attention", ptr(q), n, nh, d, q.strides[0] // F4, q.strides[1] // F4,
+                ptr(k), n_kv, nhkv, k.strides[0], k.strides[1],
+                ptr(v), gv * QK8_0, v.strides[0], v.strides[1], 1, ptr(mask), mask.strides[0] // F4, f64_bits(scale),
+                ptr(out), out.strides[0] // F4, out.strides[1] // F4, 2,
                 0 if pages is None else ptr(pages), keep=(q, k, v, mask, out, pages))
