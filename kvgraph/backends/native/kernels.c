@@ -1229,6 +1229,28 @@ void kvg_set_rows_q8_0(const int64_t *a) {
 #define PART_BYTES (512 << 10)  /* partial results of one wave of work items, at most (resident for good) */
 #define WAVE_TASKS 8            /* ... unless a wave would then have fewer tasks than this per thread */
 
+#if KVG_AVX2
+/* x[i]'s word j -> x[j]'s word i: an 8 x 8 transpose of 32-bit words, in place */
+static inline __attribute__((always_inline)) void transpose8_ps(__m256 x[8]) {
+    __m256 t[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        x[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        x[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        x[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        x[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm256_permute2f128_ps(x[i], x[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(x[i], x[i + 4], 0x31);
+    }
+    for (int i = 0; i < 8; i++) x[i] = t[i];
+}
+#endif
+
 /* element i of a K / V buffer of floats or, H, float16 */
 static inline float ld_kv(const void *p, int64_t i, const int H) {
     return H ? h2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -1242,25 +1264,12 @@ static inline __attribute__((always_inline)) void transpose_chunk(float *kt, con
     if (d % 8 == 0) {
         for (; c + 8 <= nc; c += 8)
             for (int64_t e = 0; e < d; e += 8) {
-                __m256 r[8], t[8];
+                __m256 r[8];
                 for (int i = 0; i < 8; i++)
                     r[i] = H ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)k + (c + i) * ks0 + e)))
                              : _mm256_loadu_ps((const float *)k + (c + i) * ks0 + e);
-                for (int i = 0; i < 8; i += 2) {
-                    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-                    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-                }
-                for (int i = 0; i < 8; i += 4) {
-                    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-                    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-                    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-                    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-                }
-                for (int i = 0; i < 4; i++) {
-                    t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
-                    t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
-                }
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (e + i) * KC + c, t[i]);   /* t[i]: dim e + i */
+                transpose8_ps(r);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(kt + (e + i) * KC + c, r[i]);   /* r[i]: dim e + i */
             }
     }
 #endif
@@ -1615,24 +1624,11 @@ static void pack_k_tiles(uint8_t *kt, const uint8_t *k, int64_t ks0, int64_t nc,
             for (int r = 0; r < TR; r++) memcpy(rec + DOFF(F_Q8) + 2 * r, row[r] + Q8B * g, 2);
 #if KVG_AVX2
             for (int h = 0; h < 2; h++) {      /* 8 cells' 8 words -> word i of the 8 cells: an 8 x 8 transpose */
-                __m256 x[8], t[8];
+                __m256 x[8];
                 for (int i = 0; i < 8; i++)
                     x[i] = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)(row[8 * h + i] + Q8B * g + 2)));
-                for (int i = 0; i < 8; i += 2) {
-                    t[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
-                    t[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
-                }
-                for (int i = 0; i < 8; i += 4) {
-                    x[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-                    x[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-                    x[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-                    x[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-                }
-                for (int i = 0; i < 4; i++) {
-                    t[i] = _mm256_permute2f128_ps(x[i], x[i + 4], 0x20);
-                    t[i + 4] = _mm256_permute2f128_ps(x[i], x[i + 4], 0x31);
-                }
-                for (int i = 0; i < 8; i++) _mm256_storeu_ps((float *)(rec + 64 * i + 32 * h), t[i]);
+                transpose8_ps(x);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps((float *)(rec + 64 * i + 32 * h), x[i]);
             }
 #else
             for (int c = 0; c < 8; c++)
