@@ -73,9 +73,17 @@ SAME = {
     "-v": "same: logs each request with its timings", "--verbose": "", "--log-verbose": "",
     "--log-disable": "same: logs nothing but errors",
 }
-for _name, _note in list(SAME.items()):     # "" : the note of the flag's short name just above
-    SAME[_name] = _note or _last
-    _last = SAME[_name]
+
+
+def _inherit_notes(notes: dict[str, str]) -> dict[str, str]:
+    """A note of "" means: the note of the name just before it (a flag's other spellings)."""
+    out, last = {}, ""
+    for name, note in notes.items():
+        out[name] = last = note or last
+    return out
+
+
+SAME = _inherit_notes(SAME)
 
 _CPU_ONLY = "kvgraph runs on the CPU, so there is nothing to offload or place on a device"
 IGNORED = {
