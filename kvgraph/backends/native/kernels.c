@@ -1312,6 +1312,24 @@ static inline float scale_mask_max(float *s, const float *m, int64_t nc, float s
     return mx;
 }
 
+/* One chunk of a query's online softmax: p (scores of nc cells) scaled, masked and exponentiated against the
+ * running maximum *mx, *sum and acc (dv values summed so far) rescaled to a new maximum; 0 when every cell of
+ * the chunk is masked (nothing to add). */
+static inline int softmax_chunk(float *p, const float *mask, int64_t nc, float scale, float *mx, float *sum,
+                                float *acc, int64_t dv) {
+    const float cmx = scale_mask_max(p, mask, nc, scale);
+    if (cmx == -INFINITY) return 0;
+    if (cmx > *mx) {
+        const float r = expf(*mx - cmx);     /* 0 on the first valid chunk */
+        *sum *= r;
+        for (int64_t e = 0; e < dv; e++) acc[e] *= r;
+        *mx = cmx;
+    }
+    exp_chunk(p, nc, *mx);
+    for (int64_t c = 0; c < nc; c++) *sum += p[c];
+    return 1;
+}
+
 /* Ask for n rows of row_bytes, stride bytes apart, to be brought into cache (no-op where not available). */
 static inline void prefetch_rows(const char *p, int64_t stride, int64_t n, int64_t row_bytes) {
 #if KVG_AVX2
@@ -1542,17 +1560,8 @@ static inline __attribute__((always_inline)) void attn_tasks(const attn_wave *wv
                 chunk_scores_multi(sc, qv, ng, kt, d);
                 for (int g = 0; g < ng; g++) {
                     const int64_t qi = lq[qg + g], t = t0 + qi / group;
-                    const float cmx = scale_mask_max(sc[g], mask + t * ms0 + c0, nc, scale);
-                    if (cmx == -INFINITY) continue;
                     float *acq = acc + qi * dv;
-                    if (cmx > mx[qi]) {               /* rescale what is summed so far to the new maximum */
-                        const float r = expf(mx[qi] - cmx);     /* 0 on the first valid chunk */
-                        sum[qi] *= r;
-                        for (int64_t e = 0; e < dv; e++) acq[e] *= r;
-                        mx[qi] = cmx;
-                    }
-                    exp_chunk(sc[g], nc, mx[qi]);
-                    for (int64_t c = 0; c < nc; c++) sum[qi] += sc[g][c];
+                    if (!softmax_chunk(sc[g], mask + t * ms0 + c0, nc, scale, &mx[qi], &sum[qi], acq, dv)) continue;
                     live_acc[nl] = acq;
                     live_p[nl++] = sc[g];
                 }
@@ -1760,17 +1769,8 @@ static void attn_tasks_q8(void *wave, int64_t task0, int64_t task1) {
                 }
                 for (int g = 0; g < ng; g++) {
                     const int64_t qi = lq[qg + g], t = t0 + qi / group;
-                    const float cmx = scale_mask_max(sc[g], mask + t * ms0 + c0, nc, scale);
-                    if (cmx == -INFINITY) continue;
                     float *acq = acc + qi * dv;
-                    if (cmx > mx[qi]) {
-                        const float r = expf(mx[qi] - cmx);
-                        sum[qi] *= r;
-                        for (int64_t e = 0; e < dv; e++) acq[e] *= r;
-                        mx[qi] = cmx;
-                    }
-                    exp_chunk(sc[g], nc, mx[qi]);
-                    for (int64_t c = 0; c < nc; c++) sum[qi] += sc[g][c];
+                    if (!softmax_chunk(sc[g], mask + t * ms0 + c0, nc, scale, &mx[qi], &sum[qi], acq, dv)) continue;
                     live_acc[nl] = acq;
                     live_p[nl++] = sc[g];
                 }
