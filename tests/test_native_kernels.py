@@ -656,14 +656,14 @@ def test_glu_matmul_gives_the_bits_of_two_matmuls_then_the_activation(type_name,
 class _Weight:
     """A compiler's view of a weight: its matmul form and, for the reference, its float values."""
 
-    def __init__(self, mat: NativeMat):
-        self.mat, self.dense, self.shape = mat, None, (mat.n, mat.k)
+    def __init__(self, mat: NativeMat, shape: tuple[int, ...] | None = None):
+        self.mat, self.dense, self.shape = mat, None, shape or (mat.n, mat.k)
 
     def matrix(self) -> NativeMat:
         return self.mat
 
     def array(self) -> np.ndarray:
-        return self.mat.dequantize()
+        return self.mat.dequantize().reshape(self.shape)
 
 
 @pytest.mark.parametrize("types", [("Q4_K", "Q4_K"), ("Q4_K", "Q6_K"), ("Q8_0", "Q5_0")])
@@ -690,6 +690,94 @@ def test_glu_matmul_of_two_formats_runs_as_two_matmuls_then_the_activation(types
     mats[1].kernel(act, up)()
     native_ops.gated("geglu", gate, up, ref)()
     np.testing.assert_array_equal(program.outputs["y"], ref)
+
+
+class _Dense:
+    """A compiler's view of a float32 weight with no tiles (a router)."""
+
+    def __init__(self, a: np.ndarray):
+        self.dense, self.mat, self.shape = a, None, a.shape
+
+    def array(self) -> np.ndarray:
+        return self.dense
+
+
+class _TilesOnly(_Weight):
+    def array(self) -> np.ndarray:
+        raise AssertionError("the experts' float32 values were asked for: kvg_moe_tiles did not take them")
+
+
+def moe_program(x_rows: int, mats: dict, router: np.ndarray, n_used: int, norm: bool):
+    """A native program of one moe_ffn node (behind a scale, so x is a computed buffer) over the stacked
+    experts mats (gate, up, down: NativeMat) and router [X, E]."""
+    from kvgraph.backends import get_backend
+    from kvgraph.graph.ir import GraphBuilder
+    from kvgraph.plan.planner import plan_graph
+
+    n_exp, e = router.shape
+    f = mats["gate"].n // n_exp
+    shapes = {"gate": (n_exp, f, e), "up": (n_exp, f, e), "down": (n_exp, e, f)}
+    weights = {"router": _Dense(router), **{k: _TilesOnly(m, shapes[k]) for k, m in mats.items()}}
+    g = GraphBuilder()
+    x = g.input("x", (x_rows, e))
+    g.output("y", g.moe_ffn(g.scale(x, 1.0), g.weight("router", (n_exp, e)), g.weight("up", (n_exp, f, e)),
+                            g.weight("gate", (n_exp, f, e)), g.weight("down", (n_exp, e, f)), n_used, norm))
+    return get_backend("native").compile(g.graph, plan_graph(g.graph), weights, {})
+
+
+@pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0"), ("Q4_0", "Q5_0", "Q4_1")])
+def test_experts_run_from_their_tiles_with_the_bits_of_each_experts_matmuls(types, variant):
+    """A mixture of experts over its quantized experts' tiles (kvg_moe_tiles): each token's output is
+    p_a down_a(silu(gate_a x) * up_a x) + p_b ... in the order of the experts, every product the bits of
+    that expert's own matmul kernels (fused gate/up where one format); a token's row is the same alone
+    or among others, and close to the float32 mixture over the dequantized experts."""
+    n_exp, e, f, n_used, n = 6, 256, 64, 2, 9
+    data = {"gate": gguf_matrix(types[0], n_exp * f, e), "up": gguf_matrix(types[1], n_exp * f, e),
+            "down": gguf_matrix(types[2], n_exp * e, f if types[2] not in KQUANT_BYTES else 256)}
+    if types[2] in KQUANT_BYTES:           # K-quant rows are 256 wide: give the down matrix f = 256
+        f = 256
+        data["gate"], data["up"] = gguf_matrix(types[0], n_exp * f, e), gguf_matrix(types[1], n_exp * f, e)
+    shapes = {"gate": (n_exp * f, e), "up": (n_exp * f, e), "down": (n_exp * e, f)}
+    mats = {k: NativeMat(data[k], t, shapes[k]) for k, t in zip(("gate", "up", "down"), types)}
+    router = RNG.standard_normal((n_exp, e), dtype=np.float32) * np.float32(0.2)
+    xs = RNG.standard_normal((n, e), dtype=np.float32)
+    program = moe_program(n, mats, router, n_used, True)
+    program.inputs["x"][...] = xs
+    program.run()
+    out = program.outputs["y"].copy()
+
+    # the same products expert by expert through the plain matmul kernels
+    part = {k: [NativeMat(data[k].reshape(n_exp, -1, data[k].shape[-1])[j], t, (shapes[k][0] // n_exp, shapes[k][1]))
+                for j in range(n_exp)] for k, t in zip(("gate", "up", "down"), types)}
+    logits = xs.astype(np.float64) @ router.T.astype(np.float64)
+    ref = np.zeros((n, e), np.float32)
+    for t in range(n):
+        p = np.exp(logits[t] - logits[t].max())
+        p /= p.sum()
+        chosen = sorted(np.argsort(-p, kind="stable")[:n_used])
+        w = p[chosen] / p[chosen].sum()
+        act = quantized(xs[t: t + 1])
+        for j, wj in zip(chosen, w):
+            gate, up, h, y = [np.empty((1, f), np.float32) for _ in range(3)] + [np.empty((1, e), np.float32)]
+            part["gate"][j].kernel(act, gate)()
+            part["up"][j].kernel(act, up)()
+            native_ops.gated("swiglu", gate, up, h)()
+            part["down"][j].kernel(quantized(h), y)()
+            ref[t] += np.float32(wj) * y[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+    for t in (0, 4, 8):                  # alone: the same bits as among the others
+        alone = moe_program(1, mats, router, n_used, True)
+        alone.inputs["x"][...] = xs[t: t + 1]
+        alone.run()
+        np.testing.assert_array_equal(alone.outputs["y"][0], out[t])
+
+    dense = {k: m.dequantize().reshape(n_exp, -1, m.k) for k, m in mats.items()}
+    want = np.empty((n, e), np.float32)
+    node = type("T", (), {"p": {"n_used": n_used, "norm_weights": True}})()
+    with np.errstate(over="ignore"):             # exp(-g) of a large negative gate: silu is 0 there
+        reference.KERNELS["moe_ffn"](node, want, xs, router, dense["up"], dense["gate"], dense["down"])()
+    np.testing.assert_allclose(out, want, atol=0.05 * np.abs(want).max())
 
 
 def test_numpy_blas_is_limited_only_once_a_native_program_calls_it():

@@ -22,7 +22,7 @@ from . import native, reference
 from .cpus import kernel_threads
 from .compiler import FusingCompiler, Kernel, PackedWeightsBackend
 from .native import PACK_TYPES, tile_cache
-from .native.mats import REQUANTIZED, NativeMat, TileArena
+from .native.mats import REQUANTIZED, ExpertScratch, NativeMat, TileArena, experts_kernel
 from .native.tile_cache import TileCache
 from .numpy_backend import NumpyBackend
 from .quant_repack import GROUP, dequant_rows
@@ -72,13 +72,15 @@ class DenseMat:
 
 
 class NativeWeight(PackedWeight):
+    STACKS_EXPERTS = True          # kvg_moe_tiles reads a mixture's experts from their tiles
+
     def __init__(self, gguf_file, name: str, backend: "NativeBackend"):
         super().__init__(gguf_file, name, backend.matrix_form, DenseMat)
 
 
 class _Compiler(FusingCompiler):
     def choosers(self):
-        return [self.c_kernel, self.packed_matmul, self.weight_rows, self.norm_times_weight, self.reference_kernel]
+        return [self.experts, self.c_kernel, self.packed_matmul, self.weight_rows, self.norm_times_weight, self.reference_kernel]
 
     def _input(self, src: Tensor, mat, step: int):
         if mat.input_form == "q8":
@@ -112,6 +114,25 @@ class _Compiler(FusingCompiler):
         if t.op == "matmul_glu":
             return self.glu_products(t, step, out, srcs)
         return None
+
+    def experts(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
+        """A mixture of experts over the experts' tiles (kvg_moe_tiles), where the file's experts have them:
+        float32 copies of the experts are never made."""
+        if t.op != "moe_ffn":
+            return None
+        x, router, up, gate, down = srcs
+        mats = [w.mat for w in (gate, up, down)]
+        if not all(isinstance(m, NativeMat) for m in mats):
+            return None
+        x = self.bufs[t.srcs[0].id]
+        dims = (x.shape[0], x.shape[1], mats[0].n // router.shape[0], router.shape[0], t.p["n_used"])
+        key, x_key = (t.id, "experts"), (t.srcs[0].id, "q8")
+        self.last_use[key] = step
+        self.last_use[x_key] = max(self.last_use.get(x_key, step), step)     # x's Q8 form: read here too
+        scratch, _ = self.staging.get(key, step, lambda b: isinstance(b, ExpertScratch) and b.dims == dims,
+                                      lambda: ExpertScratch(*dims))
+        return experts_kernel(x, lambda: self.q8_input(t.srcs[0], step), router.array(), mats, t.p["n_used"],
+                              t.p["norm_weights"], out, scratch)
 
     def norm_times_weight(self, t: Tensor, step: int, out: np.ndarray, srcs: list) -> Kernel | None:
         """A fused rms_norm x weight the C norm does not take: numpy's, into a scratch row (numpy's norm is

@@ -14,7 +14,13 @@ LOOKUP_TENSORS = frozenset({"token_embd.weight"})
 class PackedWeight:
     """One model tensor, in the forms its uses need: `dense` (float32 numpy, for F32 and 1-D tensors and any
     non-matmul use), `mat` (the repacked matmul form, made by `matrix_form(data, type_name, shape, name)`,
-    or `dense_form(array)` for an F32 matrix) and `rows` (row lookup from the raw file data)."""
+    or `dense_form(array)` for an F32 matrix) and `rows` (row lookup from the raw file data).
+
+    A 3-D tensor (a mixture's experts, [X, N, K]) is dense float32 unless the backend stacks experts
+    (STACKS_EXPERTS): its matrices then form one [X N, K] matrix in the matmul form, expert x's rows
+    x N .. (x + 1) N - 1, and float32 values are made only if some kernel asks for them."""
+
+    STACKS_EXPERTS = False
 
     def __init__(self, gguf_file, name: str, matrix_form: Callable, dense_form: Callable):
         info = gguf_file.tensor(name)
@@ -23,7 +29,10 @@ class PackedWeight:
         self.dense: np.ndarray | None = None
         self.mat = None
         self._rows = None
-        if info.type_name == "F32" or len(self.shape) != 2:
+        if len(self.shape) == 3 and info.type_name != "F32" and self.STACKS_EXPERTS:
+            rows = self.shape[0] * self.shape[1]
+            self.mat = matrix_form(info.data.reshape(rows, -1), info.type_name, (rows, self.shape[2]), name)
+        elif info.type_name == "F32" or len(self.shape) != 2:
             self.dense = gguf_file.dequantize(name)    # F32: the memory-mapped data itself, no copy
             if len(self.shape) == 1:
                 # a norm or bias, a few KB: copied, so that reading it every step maps no file page (with the

@@ -258,8 +258,9 @@ def cmd_bench(args) -> int:
 def _roofline(row, llm, test, err) -> None:
     """row.read_gb_s and row.roofline_ts, right after the row's test: the speed the kernels' threads stream-
     read the model's own weight arrays at (the bytes a decode step reads, where they lie) and the t/s that
-    gives with the KV cells of the context (on average depth + n_gen / 2 of them) read at the same speed.
-    The C kernels' backend only."""
+    gives with the KV cells of the context (on average depth + n_gen / 2 of them) read at the same speed;
+    of a mixture's experts, only the share a token uses (n_expert_used of n_expert). The C kernels' backend
+    only."""
     from ..backends import native
 
     if row.backend != "native":
@@ -273,7 +274,10 @@ def _roofline(row, llm, test, err) -> None:
     with llm.loaded.backend.threads(row.n_threads):
         bw = native.read_bandwidth(list(arrays.values()))
     kv_per_cell = llm.ctx.memory_bytes / llm.ctx.n_ctx
-    per_token = row.weights_mb * 1e6 + kv_per_cell * (test.n_depth + test.n_gen / 2)
+    extra = llm.loaded.config.extra
+    idle = 1 - extra.get("n_expert_used", 0) / max(extra.get("n_expert", 0), 1)   # a mixture reads its chosen experts
+    experts = sum(w.nbytes for w in llm.loaded.weights.values() if len(w.shape) == 3)
+    per_token = row.weights_mb * 1e6 - experts * idle + kv_per_cell * (test.n_depth + test.n_gen / 2)
     row.read_gb_s, row.roofline_ts = bw / 1e9, bw / per_token
 
 

@@ -911,7 +911,7 @@ void kvg_act(const int64_t *a) { parallel_for(a[2], (16384 + a[3] - 1) / a[3], a
 static const tiles_fn TILES[] = {q4h_tiles, q4f_tiles, q5h_tiles, q8_tiles, q4k_tiles, q5k_tiles, q6k_tiles};
 
 /* a: w (gate's F/TR tiles, then up's), F (a multiple of TR), K, xq, xd, xs, M, out (float [M, F]), bytes per
- * tile, xh, format (F_*), kind (as kvg_gated).  out = act(x gate^T) * (x up^T) with each output tile's gate
+ * tile, xh, format (F_*), kind (as kvg_gated), up's tiles where they are elsewhere (0: after gate's).  out = act(x gate^T) * (x up^T) with each output tile's gate
  * and up products kept in registers: the two [M, F] intermediates never exist. The same sums and the same
  * activation as kvg_matmul_* then kvg_gated, so the same bits. */
 static void glu_tiles(void *job, int64_t r0, int64_t r1) {     /* runs r0 .. r1 - 1 of GLU_RUN tiles */
@@ -923,6 +923,7 @@ static void glu_tiles(void *job, int64_t r0, int64_t r1) {     /* runs r0 .. r1 
     float *out = (float *)a[7];
     const int32_t *xh = (const int32_t *)a[9];
     const tiles_fn tiles = TILES[a[10]];
+    const uint8_t *wu = a[12] ? (const uint8_t *)a[12] : w + n_tiles * tb;
     for (int64_t t0 = r0 * GLU_RUN; t0 < n_tiles && t0 < r1 * GLU_RUN; t0 += GLU_RUN) {
         const int nr = (int)(n_tiles - t0 < GLU_RUN ? n_tiles - t0 : GLU_RUN);
         float rg[GLU_RUN][TR * M_TILE], ru[GLU_RUN][TR * M_TILE];
@@ -932,7 +933,7 @@ static void glu_tiles(void *job, int64_t r0, int64_t r1) {     /* runs r0 .. r1 
             for (int r = 0; r < nr; r++)
                 tiles(mb, w + (t0 + r) * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, rg[r]);
             for (int r = 0; r < nr; r++)
-                tiles(mb, w + (t0 + r + n_tiles) * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, ru[r]);
+                tiles(mb, wu + (t0 + r) * tb, g_n, xq + x0, k, xd + s0, xs + s0, xh + 2 * s0, ru[r]);
             for (int r = 0; r < nr; r++)
                 for (int j = 0; j < mb; j++)
                     gated_span(rg[r] + TR * j, ru[r] + TR * j, out + (m0 + j) * f + (t0 + r) * TR, TR, kind);
@@ -1056,6 +1057,32 @@ static inline float dot_lanes(const float *a, const float *b, int64_t n) {
     return s;
 }
 
+/* Token xt's routing: softmax(router xt) into p [X], its n_used most probable experts (the lower index on
+ * ties) into chosen, their probabilities (renormalised to sum 1 when norm) into w. */
+static void moe_route(const float *xt, const float *router, int64_t e, int64_t n_exp, int64_t n_used, int64_t norm,
+                      float *p, int64_t *chosen, float *w) {
+    float mx = -INFINITY, total = 0.0f;
+    for (int64_t j = 0; j < n_exp; j++) {
+        p[j] = dot_lanes(xt, router + j * e, e);
+        mx = p[j] > mx ? p[j] : mx;
+    }
+    for (int64_t j = 0; j < n_exp; j++) total += (p[j] = expf(p[j] - mx));
+    for (int64_t j = 0; j < n_exp; j++) p[j] /= total;
+    float wsum = 0.0f;
+    for (int64_t u = 0; u < n_used; u++) {
+        int64_t best = -1;
+        for (int64_t j = 0; j < n_exp; j++) {
+            int taken = 0;
+            for (int64_t v = 0; v < u; v++) taken |= chosen[v] == j;
+            if (!taken && (best < 0 || p[j] > p[best])) best = j;
+        }
+        chosen[u] = best;
+        wsum += p[best];
+    }
+    const float scale = norm ? 1.0f / (wsum > 6.103515625e-5f ? wsum : 6.103515625e-5f) : 1.0f;
+    for (int64_t u = 0; u < n_used; u++) w[u] = p[chosen[u]] * scale;
+}
+
 /* a: x (float [n, E], rows xs0 apart), n, E, router (float [X, E]), X, up, gate (float [X, F, E]), down (float
  * [X, E, F]), F, out (float [n, E], rows os0 apart), n_used, norm, xs0, os0.
  * A mixture-of-experts SwiGLU FFN token by token (see GraphBuilder.moe_ffn): softmax(router x), the n_used
@@ -1068,39 +1095,21 @@ static void moe_tokens(void *job, int64_t t0, int64_t t1) {
     const float *gate = (const float *)a[6], *down = (const float *)a[7];
     const int64_t e = a[2], n_exp = a[4], f = a[8], n_used = a[10], norm = a[11], xs0 = a[12], os0 = a[13];
     float *out = (float *)a[9];
-    float *buf = malloc(sizeof(float) * (size_t)(n_exp + f));
+    float *buf = malloc(sizeof(float) * (size_t)(n_exp + f + n_used));
     int64_t *chosen = malloc(sizeof(int64_t) * (size_t)n_used);
-    float *p = buf, *h = buf + n_exp;
+    float *p = buf, *h = buf + n_exp, *wt = buf + n_exp + f;
     for (int64_t t = t0; t < t1; t++) {
         const float *xt = x + t * xs0;
-        float *ot = out + t * os0, mx = -INFINITY, total = 0.0f;
-        for (int64_t j = 0; j < n_exp; j++) {
-            p[j] = dot_lanes(xt, router + j * e, e);
-            mx = p[j] > mx ? p[j] : mx;
-        }
-        for (int64_t j = 0; j < n_exp; j++) total += (p[j] = expf(p[j] - mx));
-        for (int64_t j = 0; j < n_exp; j++) p[j] /= total;
-        float wsum = 0.0f;
-        for (int64_t u = 0; u < n_used; u++) {        /* the u-th most probable, the lower index on ties */
-            int64_t best = -1;
-            for (int64_t j = 0; j < n_exp; j++) {
-                int taken = 0;
-                for (int64_t v = 0; v < u; v++) taken |= chosen[v] == j;
-                if (!taken && (best < 0 || p[j] > p[best])) best = j;
-            }
-            chosen[u] = best;
-            wsum += p[best];
-        }
-        const float scale = norm ? 1.0f / (wsum > 6.103515625e-5f ? wsum : 6.103515625e-5f) : 1.0f;
+        float *ot = out + t * os0;
+        moe_route(xt, router, e, n_exp, n_used, norm, p, chosen, wt);
         for (int64_t i = 0; i < e; i++) ot[i] = 0.0f;
         for (int64_t u = 0; u < n_used; u++) {
             const int64_t j = chosen[u];
-            const float w = p[j] * scale;
             for (int64_t r = 0; r < f; r++) {
                 const float g = dot_lanes(xt, gate + (j * f + r) * e, e);
                 h[r] = g / (1.0f + expf(-g)) * dot_lanes(xt, up + (j * f + r) * e, e);
             }
-            for (int64_t i = 0; i < e; i++) ot[i] += w * dot_lanes(h, down + (j * e + i) * f, f);
+            for (int64_t i = 0; i < e; i++) ot[i] += wt[u] * dot_lanes(h, down + (j * e + i) * f, f);
         }
     }
     free(chosen);
@@ -1108,6 +1117,93 @@ static void moe_tokens(void *job, int64_t t0, int64_t t1) {
 }
 
 void kvg_moe_f32(const int64_t *a) { parallel_for(a[1], 1, moe_tokens, (void *)a); }
+
+typedef struct { const int64_t *a; float *p; int64_t *chosen; float *w; } route_job;
+
+static void route_tokens(void *job, int64_t t0, int64_t t1) {
+    const route_job *r = (const route_job *)job;
+    const int64_t *a = r->a;
+    const int64_t e = a[2], xs0 = a[3], n_exp = a[5], n_used = a[16], norm = a[17];
+    for (int64_t t = t0; t < t1; t++)
+        moe_route((const float *)a[0] + t * xs0, (const float *)a[4], e, n_exp, n_used, norm, r->p + t * n_exp,
+                  r->chosen + t * n_used, r->w + t * n_used);
+}
+
+/* A Q8 activation's four arrays (kvg_quantize_q8's layout: q [M, K], d and s [M, K/32], h [M, K/16]). */
+typedef struct { int8_t *q; float *d, *s; int32_t *h; } q8_rows;
+
+static q8_rows q8_at(const int64_t *a) {
+    return (q8_rows){(int8_t *)a[0], (float *)a[1], (float *)a[2], (int32_t *)a[3]};
+}
+
+static void q8_copy_row(q8_rows dst, int64_t i, q8_rows src, int64_t t, int64_t k) {
+    const int64_t g = k / QK;
+    memcpy(dst.q + i * k, src.q + t * k, (size_t)k);
+    memcpy(dst.d + i * g, src.d + t * g, sizeof(float) * (size_t)g);
+    memcpy(dst.s + i * g, src.s + t * g, sizeof(float) * (size_t)g);
+    memcpy(dst.h + i * 2 * g, src.h + t * 2 * g, sizeof(int32_t) * (size_t)(2 * g));
+}
+
+/* One expert matmul: rows [M, K] of act against the [N, K] matrix w (tiles of format fmt, tb bytes each)
+ * into out [M, N]. */
+static void tiles_product(const uint8_t *w, int64_t fmt, int64_t tb, int64_t n, int64_t k, q8_rows act, int64_t m,
+                          float *out) {
+    const int64_t end = n, outp = (int64_t)out;
+    const int64_t a[12] = {(int64_t)w, n, k, (int64_t)act.q, (int64_t)act.d, (int64_t)act.s, m, 1, (int64_t)&end,
+                           (int64_t)&outp, tb, (int64_t)act.h};
+    matmul_job job = {a, TILES[fmt]};
+    parallel_for((n + TR - 1) / TR, 1, matmul_tiles, &job);
+}
+
+/* a: x (float [n, E], rows xs0 apart), n, E, xs0, router (float [X, E]), X, gate, up, down (each the experts'
+ * matrices stacked, [X F, E], [X F, E], [X E, F], in tiles), their formats (3), their bytes per tile (3), F,
+ * n_used, norm, out (float [n, E], rows os0 apart), os0, x as Q8 (q, d, s, h: 4 slots), scratch: rows of x
+ * as Q8 (4), h (float [n, F]), u (float [n, F]), h as Q8 (4), y (float [n, E]), p (float [n, X]), chosen
+ * (int64 [n, n_used]), w (float [n, n_used]), token list (int64 [n]).
+ * The mixture of experts of kvg_moe_f32 over the experts' tiles: routing per token as there; then expert by
+ * expert, the rows of the tokens that chose it run its gate/up (fused when one format) and down products as
+ * any matmul does, and each token adds p_e y_e in the order of the experts. A token's row depends only on
+ * its own routing: the tile products' rows do not depend on which rows share their pass. */
+void kvg_moe_tiles(const int64_t *a) {
+    const int64_t n = a[1], e = a[2], n_exp = a[5], f = a[15], n_used = a[16], os0 = a[19];
+    const uint8_t *gate = (const uint8_t *)a[6], *up = (const uint8_t *)a[7], *down = (const uint8_t *)a[8];
+    const int64_t gf = a[9], uf = a[10], df = a[11], gtb = a[12], utb = a[13], dtb = a[14];
+    float *out = (float *)a[18], *h = (float *)a[28], *u = (float *)a[29], *y = (float *)a[34];
+    const q8_rows xq = q8_at(a + 20), rows = q8_at(a + 24), hq = q8_at(a + 30);
+    int64_t *chosen = (int64_t *)a[36], *list = (int64_t *)a[38];
+    float *w = (float *)a[37];
+    route_job rj = {a, (float *)a[35], chosen, w};
+    parallel_for(n, 1, route_tokens, &rj);
+    for (int64_t t = 0; t < n; t++) memset(out + t * os0, 0, sizeof(float) * (size_t)e);
+    for (int64_t j = 0; j < n_exp; j++) {
+        int64_t m = 0;
+        for (int64_t t = 0; t < n; t++)
+            for (int64_t v = 0; v < n_used; v++)
+                if (chosen[t * n_used + v] == j) {
+                    list[m] = t * n_used + v;      /* token and which of its choices */
+                    q8_copy_row(rows, m++, xq, t, e);
+                }
+        if (!m) continue;
+        const uint8_t *gj = gate + j * (f / TR) * gtb, *uj = up + j * (f / TR) * utb;
+        if (gf == uf) {
+            const int64_t ga[13] = {(int64_t)gj, f, e, (int64_t)rows.q, (int64_t)rows.d, (int64_t)rows.s, m,
+                                    (int64_t)h, gtb, (int64_t)rows.h, gf, 0, (int64_t)uj};
+            parallel_for((f / TR + GLU_RUN - 1) / GLU_RUN, 1, glu_tiles, (void *)ga);
+        } else {
+            tiles_product(gj, gf, gtb, f, e, rows, m, h);
+            tiles_product(uj, uf, utb, f, e, rows, m, u);
+            for (int64_t i = 0; i < m; i++) gated_span(h + i * f, u + i * f, h + i * f, f, 0);
+        }
+        const int64_t qa[8] = {(int64_t)h, m, f, f, (int64_t)hq.q, (int64_t)hq.d, (int64_t)hq.s, (int64_t)hq.h};
+        kvg_quantize_q8(qa);
+        tiles_product(down + j * (e / TR) * dtb, df, dtb, e, f, hq, m, y);
+        for (int64_t i = 0; i < m; i++) {
+            float *ot = out + (list[i] / n_used) * os0;
+            const float wt = w[list[i]], *yi = y + i * e;
+            for (int64_t c = 0; c < e; c++) ot[c] += wt * yi[c];
+        }
+    }
+}
 
 /* a: x, n, H, d, xs0, xs1, out, os0, os1, n_dims, pos (int32 [n]), inv_freq (float [n_dims/2]), neox
  * Rotary embedding per token and head; dims past n_dims are copied. */

@@ -240,12 +240,55 @@ class NativeMat:
         if self.n % (2 * TR) or out.shape != (x.m, f) or out.dtype != np.float32 or not out.flags.c_contiguous:
             return None
         return bind("kvg_matmul_glu", ptr(self.tiles), f, self.k, ptr(x.q), ptr(x.d), ptr(x.s), x.m, ptr(out),
-                    self.tiles.strides[0], ptr(x.h), self.fmt_index, GATED_KINDS[kind],
+                    self.tiles.strides[0], ptr(x.h), self.fmt_index, GATED_KINDS[kind], 0,
                     keep=(self.tiles, x, out))
 
     def kernel_split(self, x: Q8Act, outs: list[np.ndarray]):
         """One run of the stacked matrix writing each member's columns into its own output [M, n_i]."""
         return self._bind(x, outs)
+
+
+class ExpertScratch:
+    """kvg_moe_tiles' working memory for n tokens: the rows of the tokens routed to one expert (as Q8), their
+    gated products (float32, and as Q8 for the down matrix) and its outputs, and the routing."""
+
+    def __init__(self, n: int, e: int, f: int, n_exp: int, n_used: int):
+        self.dims = (n, e, f, n_exp, n_used)
+        self.rows, self.hq = Q8Act(n, e), Q8Act(n, f)
+        self.h, self.u = np.empty((n, f), np.float32), np.empty((n, f), np.float32)
+        self.y, self.p = np.empty((n, e), np.float32), np.empty((n, n_exp), np.float32)
+        self.chosen, self.w = np.empty((n, n_used), np.int64), np.empty((n, n_used), np.float32)
+        self.tokens = np.empty(n * n_used, np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + self.hq.nbytes + sum(a.nbytes for a in (self.h, self.u, self.y, self.p, self.chosen,
+                                                                          self.w, self.tokens))
+
+
+def q8_slots(a: Q8Act) -> tuple[int, int, int, int]:
+    return ptr(a.q), ptr(a.d), ptr(a.s), ptr(a.h)
+
+
+def experts_kernel(x: np.ndarray, x_q8, router: np.ndarray, mats: list[NativeMat], n_used: int, norm: bool,
+                   out: np.ndarray, scratch: ExpertScratch):
+    """A mixture of SwiGLU experts over their tiles (kvg_moe_tiles): x float32 [n, E] (x_q8(): its Q8 form),
+    router float32 [X, E], mats the gate, up and down experts stacked ([X F, E], [X F, E], [X E, F]). None
+    where a matrix is not tiles or an expert's rows do not start on a tile."""
+    gate, up, down = mats
+    n, e = x.shape
+    n_exp = router.shape[0]
+    f = gate.n // n_exp
+    if (not all(type(m) is NativeMat for m in mats) or f % TR or e % TR or (up.n, up.k, gate.k) != (gate.n, e, e)
+            or (down.n, down.k) != (n_exp * e, f) or x.strides[1] != 4 or out.strides[1] != 4
+            or router.dtype != np.float32 or not router.flags.c_contiguous or scratch.dims != (n, e, f, n_exp, n_used)):
+        return None
+    sc, xq = scratch, x_q8()
+    return bind("kvg_moe_tiles", ptr(x), n, e, x.strides[0] // 4, ptr(router), n_exp,
+                *(ptr(m.tiles) for m in mats), *(m.fmt_index for m in mats), *(m.tiles.strides[0] for m in mats),
+                f, int(n_used), int(norm), ptr(out), out.strides[0] // 4, *q8_slots(xq), *q8_slots(sc.rows),
+                ptr(sc.h), ptr(sc.u), *q8_slots(sc.hq), ptr(sc.y), ptr(sc.p), ptr(sc.chosen), ptr(sc.w),
+                ptr(sc.tokens), keep=(x, xq, router, [m.tiles for m in mats], out, sc))
 
 
 def as_rows(a: np.ndarray) -> np.ndarray:
