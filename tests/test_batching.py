@@ -268,6 +268,36 @@ def test_a_sliding_window_slot_keeps_its_cells_for_the_next_turn():
         assert res.ids == alone(gemma2, ids, 4)
 
 
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_sliding_window_checkpoints_restart_a_prompt_whose_window_was_pruned(flash_attn):
+    """A prompt longer than the window, and a reply after it, leave the window cells before the prompt's end
+    pruned: regenerating the reply (the same prompt again) or editing the next turn restarts from the
+    window's snapshot taken before the prompt's last token -- not from zero -- with the replies of cold runs,
+    in both V layouts."""
+    from pathlib import Path
+    gemma2 = LLM(str(Path(__file__).parent / "data" / "arch" / "gemma2.gguf"), n_ctx=160, flash_attn=flash_attn)
+    window = gemma2.loaded.config.sliding_window
+    sched = BatchScheduler(Context(gemma2.loaded, n_ctx=161, n_ubatch=8, flash_attn=flash_attn), gemma2.tokenizer,
+                           parallel=1, n_ctx_per_seq=160)
+    p1 = [(5 * j) % 200 + 1 for j in range(window + 10)]
+    first, again = _sequential(sched, [p1, list(p1)], window)        # the reply prunes p1's last cells' window
+    base = p1 + first.ids
+    second, edited = _sequential(sched, [base + [7, 8, 9], base + [9, 8]], 4)
+    (slot,) = sched.slot_info()
+    sched.shutdown()
+    assert first.timings.n_cached == 0 and again.timings.n_cached == len(p1) - 1
+    assert second.timings.n_cached == len(base) - 1            # goes on where the cells stop
+    assert edited.timings.n_cached == len(p1) - 1              # the window before base's end is gone: p1's snapshot
+    assert slot["checkpoints"]["bytes"] > 0
+    for ids, res, n in [(p1, first, window), (p1, again, window), (base + [7, 8, 9], second, 4),
+                        (base + [9, 8], edited, 4)]:
+        assert res.ids == alone(gemma2, ids, n)
+    off = BatchScheduler(Context(gemma2.loaded, n_ctx=161, n_ubatch=8, flash_attn=flash_attn), gemma2.tokenizer,
+                         parallel=1, n_ctx_per_seq=160, checkpoints=0)
+    assert [r.timings.n_cached for r in _sequential(off, [p1, list(p1)], window)] == [0, 0]
+    off.shutdown()
+
+
 def test_every_request_in_a_batch_equals_running_it_alone_over_a_q8_0_cache(tmp_path):
     """A q8_0 KV cache (the tiny llama with 32-dimensional heads: whole Q8_0 blocks): each request's greedy
     text in a batch is its text alone, as for f16."""

@@ -67,8 +67,8 @@ SAME = {
     "--chat-template-kwargs": "same", "-rea": "same (on/auto: enable_thinking true; off: false)", "--reasoning": "",
     "--reasoning-format": "same: auto, deepseek, deepseek-legacy, none", "--reasoning-effort": "same",
     "--prefill-assistant": "same", "--no-prefill-assistant": "same",
-    "-ctxcp": "same for recurrent and hybrid models' states (taken before each prompt's last token); "
-              "sliding-window models reuse a slot's cells while its window is whole, with no checkpoints", "--ctx-checkpoints": "",
+    "-ctxcp": "same: recurrent states and sliding windows' cells, taken before each prompt's last token",
+    "--ctx-checkpoints": "",
     "--swa-checkpoints": "", "-cram": "memory for the state checkpoints, MiB (default 1024)", "--cache-ram": "",
     "-v": "same: logs each request with its timings", "--verbose": "", "--log-verbose": "",
     "--log-disable": "same: logs nothing but errors",

@@ -1,9 +1,11 @@
-"""State checkpoints of a scheduler's slots, for memories that cannot rewind (recurrent states).
+"""State checkpoints of a scheduler's slots, for memories that cannot rewind (recurrent states, and sliding
+window KV caches once their window has passed the cells).
 
 A prompt that leaves the one a slot's cells hold at position p can keep the cells before p, except a
-recurrent state, which holds only the end. So the scheduler keeps copies of a slot's state just before each
-prompt's last token (Context.checkpoint), and a later prompt restarts from the latest one at or before p: a
-regenerated reply restarts at the end of its prompt, an edited message at the end of the turn before.
+recurrent state, which holds only the end, and a window cache that has pruned the window before p. So the
+scheduler keeps copies of a slot's state just before each prompt's last token (Context.checkpoint), and a
+later prompt restarts from the latest one at or before p: a regenerated reply restarts at the end of its
+prompt, an edited message at the end of the turn before.
 Bounded per slot (--ctx-checkpoints) and in bytes over all slots (--cache-ram), the oldest dropped first.
 """
 from __future__ import annotations

@@ -31,9 +31,16 @@ CACHE_TYPE_BACKENDS = {"q8_0": "read by the native backend, torch with kvgraph's
                        "f16": "read by the native, numpy and (with kvgraph's C kernels) torch backends"}
 
 
+def _checkpointed(mem) -> bool:
+    """Whether a memory cannot go back before what it has passed (a recurrent state, a sliding window), so
+    that sequences keep snapshots of it."""
+    return getattr(mem, "needs_checkpoints", False)
+
+
 @dataclass
 class Checkpoint:
-    """A sequence's non-rewindable state (recurrent rows) at position pos: the point it can restart from."""
+    """A sequence's non-rewindable state (recurrent rows, a window's cells) at position pos: the point it can
+    restart from."""
     pos: int
     states: dict[str, dict[str, np.ndarray]]
     nbytes: int
@@ -133,16 +140,16 @@ class Context:
 
     def can_keep_from_checkpoint(self, seq: int, pos: int) -> bool:
         """Whether a checkpoint at pos can restore seq: the memories it does not hold can keep pos."""
-        return all(mem.can_keep(seq, pos) for mem in self.memories.values() if not hasattr(mem, "snapshot"))
+        return all(mem.can_keep(seq, pos) for mem in self.memories.values() if not _checkpointed(mem))
 
     @property
     def can_rewind(self) -> bool:
         """Whether every memory can drop a sequence's later positions (no checkpoints needed)."""
-        return not any(hasattr(mem, "snapshot") for mem in self.memories.values())
+        return not any(_checkpointed(mem) for mem in self.memories.values())
 
     def checkpoint(self, seq: int, pos: int) -> "Checkpoint | None":
         """What seq's memories that cannot rewind hold now, at position pos (None: seq has no such state)."""
-        states = {name: mem.snapshot(seq) for name, mem in self.memories.items() if hasattr(mem, "snapshot")}
+        states = {name: mem.snapshot(seq) for name, mem in self.memories.items() if _checkpointed(mem)}
         states = {name: rows for name, rows in states.items() if rows is not None}
         if not states:
             return None
@@ -150,8 +157,7 @@ class Context:
 
     def checkpoint_bytes(self) -> int:
         """The bytes one checkpoint of a sequence takes (0: nothing to checkpoint)."""
-        return sum(sum(int(b[0].nbytes) for b in mem.buffers.values())
-                   for mem in self.memories.values() if hasattr(mem, "snapshot"))
+        return sum(mem.snapshot_bytes() for mem in self.memories.values() if _checkpointed(mem))
 
     def use_scratch(self, first_seq: int) -> None:
         """Sequences >= first_seq are throwaway rows (a batch's padding: one position each, removed after the

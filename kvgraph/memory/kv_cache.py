@@ -101,6 +101,46 @@ class KVCache:
         have = (self.cell_seq == seq) & (self.cell_pos >= lo) & (self.cell_pos < n)
         return int(have.sum()) == n - lo
 
+    @property
+    def needs_checkpoints(self) -> bool:
+        """A sliding window cache forgets the cells its window has passed, so it cannot go back before them:
+        like a recurrent state, it is kept in checkpoints (engine/checkpoints.py) -- of its window only."""
+        return self.sliding_window is not None
+
+    def snapshot_bytes(self) -> int:
+        """The most one snapshot takes: a window of cells in every layer."""
+        cells = min(self.sliding_window or self.n_cells, self.n_cells)
+        return cells * sum(int(b.nbytes) // self.n_cells for b in self.buffers.values())
+
+    def snapshot(self, seq: int) -> dict[str, np.ndarray] | None:
+        """A copy of what seq's next token can see through the window: the positions of its last
+        sliding_window cells and every layer's K and V rows of them."""
+        cells = np.flatnonzero(self.cell_seq == seq)
+        if not cells.size:
+            return None
+        pos = self.cell_pos[cells]
+        cells = cells[pos >= int(pos.max()) + 1 - self.sliding_window]
+        rows = {name: (b[:, cells] if self.v_trans and name.startswith(f"{self.name}.v.") else b[cells])
+                for name, b in self.buffers.items()}
+        return {"pos": self.cell_pos[cells].copy(), **rows}
+
+    def restore(self, seq: int, rows: dict[str, np.ndarray], pos_next: int) -> None:
+        """seq's cells become the snapshot's (taken when seq went on at pos_next), in pages of its own."""
+        self.seq_rm(seq)
+        pos = rows["pos"]
+        blocks = pos // PAGE
+        wanted = sorted(set(blocks.tolist()))
+        for b, page in zip(wanted, self._free_pages(len(wanted), "restoring a checkpoint")):
+            self.page_of[seq, b] = int(page)
+            self.page_block[page] = b
+        cells = pos % PAGE + PAGE * np.array([self.page_of[seq, b] for b in blocks.tolist()], np.int64)
+        self.cell_pos[cells], self.cell_seq[cells] = pos, seq
+        for name, b in self.buffers.items():
+            if self.v_trans and name.startswith(f"{self.name}.v."):
+                b[:, cells] = rows[name]
+            else:
+                b[cells] = rows[name]
+
     def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> bool:
         """Forget the cells of `seq` with positions in [p0, p1) (pages left empty are free again). False (and
         nothing forgotten) when a sliding window cache is asked to keep a prefix whose window it no longer

@@ -65,6 +65,11 @@ class RecurrentState:
         for buf in self.buffers.values():
             buf[slot] = buf[self.slot_of[src]]
 
+    needs_checkpoints = True        # a state cannot rewind: the scheduler keeps snapshots of it
+
+    def snapshot_bytes(self) -> int:
+        return sum(int(b[0].nbytes) for b in self.buffers.values())
+
     def snapshot(self, seq: int) -> dict[str, np.ndarray] | None:
         """A copy of seq's rows (every layer's), to restore later: a recurrent state cannot rewind, so a prompt
         that leaves the cached one at position p restarts from the last snapshot at or before p."""
