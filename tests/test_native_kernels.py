@@ -897,12 +897,14 @@ def test_the_c_scans_match_numpy_and_a_sequence_alone_equals_it_in_a_batch(op, v
         np.testing.assert_array_equal(alone[0], got[q])
 
 
-@pytest.mark.parametrize("op,d,heads", [("ssm_scan", 48, 0), ("ssm_scan2", 32, 4), ("ssm_scan2", 80, 2)])
+@pytest.mark.parametrize("op,d,heads", [("ssm_scan", 48, 0), ("ssm_scan", 40, 0), ("ssm_scan2", 32, 4),
+                                         ("ssm_scan2", 80, 2)])
 def test_a_scan_gives_the_same_bits_token_by_token_split_and_in_place(op, d, heads, variant):
-    """kvg_ssm_scan2 takes one path for one token per sequence (the state streamed row by row) and another
-    for more (per head, blocks of channels); a sequence's y and state are the same bits either way: all its
-    tokens at once, one by one, or split 3 + 4, and in place in a state table by slot (the gathered copy's
-    bits). Heads of 40 channels: a whole vector block and a remainder."""
+    """Both scans take one path for one token per sequence (the state streamed row by row) and another for
+    more (kvg_ssm_scan2 per head, blocks of channels; kvg_ssm_scan per channel); a sequence's y and state are
+    the same bits either way: all its tokens at once, one by one, or split 3 + 4, and in place in a state
+    table by slot (the gathered copy's bits), with A read as it is or from a transposed copy (a_const).
+    Heads of 40 channels: a whole vector block and a remainder."""
     rng = np.random.default_rng(11)
     s, n, S = 16, 7, 2
     h = max(heads, 1)
@@ -915,7 +917,8 @@ def test_a_scan_gives_the_same_bits_token_by_token_split_and_in_place(op, d, hea
 
     def scan(state, t0, t1):
         out = np.empty((S, t1 - t0 + s, d), np.float32)
-        native_ops.ssm_scan(op, state, x[:, t0:t1], dt[:, t0:t1], a, b[:, t0:t1], c[:, t0:t1], out)()
+        native_ops.ssm_scan(op, state, x[:, t0:t1], dt[:, t0:t1], a, b[:, t0:t1], c[:, t0:t1], out,
+                            a_const=t0 % 2 == 1)()
         return out[:, :t1 - t0], np.ascontiguousarray(out[:, t1 - t0:])
 
     y_all, h_all = scan(h0, 0, n)
@@ -934,7 +937,8 @@ def test_a_scan_gives_the_same_bits_token_by_token_split_and_in_place(op, d, hea
         view = table[:, pre: pre + s * d].view()
         view.shape = (4, s, d)
         out = np.full((S, t1 - t0 + s, d), 7.0, np.float32)
-        native_ops.ssm_scan(op, view, x[:, t0:t1], dt[:, t0:t1], a, b[:, t0:t1], c[:, t0:t1], out, ids=slots)()
+        native_ops.ssm_scan(op, view, x[:, t0:t1], dt[:, t0:t1], a, b[:, t0:t1], c[:, t0:t1], out, ids=slots,
+                            a_const=True)()
         np.testing.assert_array_equal(out[:, :t1 - t0], y_all[:, t0:t1])
         assert (out[:, t1 - t0:] == 7.0).all()              # the state rows of out are left alone
     np.testing.assert_array_equal(table[slots, pre: pre + s * d], h_all.reshape(S, -1))

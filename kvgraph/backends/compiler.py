@@ -419,7 +419,8 @@ class FusingCompiler(Compiler):
             return None
         h0 = tab[:, col: col + g.shape[1]].view()
         h0.shape = (tab.shape[0],) + t.srcs[0].shape[1:]
-        kernel = native_ops.ssm_scan(t.op, h0, *[self.arr(s) for s in srcs[1:]], out, ids=ids)
+        kernel = native_ops.ssm_scan(t.op, h0, *[self.arr(s) for s in srcs[1:]], out, ids=ids,
+                                     a_const=t.srcs[3].op == "weight")
         if kernel is not None:
             self.kernels[self.emitted_at[g.id]] = None
             self.skip.add(w.id)

@@ -818,6 +818,11 @@ typedef __m512 vf;
 #define vf_unless_masked(m, e) _mm512_mask_mov_ps(vf_set1(-INFINITY), _mm512_cmp_ps_mask((m), vf_set1(-INFINITY), \
                                                                                         _CMP_NEQ_UQ), (e))
 #define vf_hmax _mm512_reduce_max_ps
+#define vf_if(x, cmp, t, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (t), (cmp)), (b), (a))  /* x cmp t ? a : b */
+#define vf_exponent(x) _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(x), 23), \
+                                                           _mm512_set1_epi32(126)))         /* x > 0 normal */
+#define vf_mantissa(x) _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(x), \
+                           _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)))  /* in [0.5, 1) */
 #elif KVG_AVX2
 typedef __m256 vf;
 #define VF_W 8
@@ -841,6 +846,11 @@ typedef __m256 vf;
 #define vf_keep_live(x, e) _mm256_andnot_ps(_mm256_cmp_ps((x), vf_set1(-INFINITY), _CMP_EQ_OQ), (e))
 #define vf_unless_masked(m, e) _mm256_blendv_ps(vf_set1(-INFINITY), (e), _mm256_cmp_ps((m), vf_set1(-INFINITY), \
                                                                                      _CMP_NEQ_UQ))
+#define vf_if(x, cmp, t, a, b) _mm256_blendv_ps((b), (a), _mm256_cmp_ps((x), (t), (cmp)))
+#define vf_exponent(x) _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(x), 23), \
+                                                           _mm256_set1_epi32(126)))
+#define vf_mantissa(x) _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(x), \
+                           _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)))
 static inline float vf_hmax(__m256 x) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
@@ -864,6 +874,33 @@ static inline vf vf_exp(vf x) {
     y = vf_fmadd(y, vf_mul(x, x), vf_add(x, vf_set1(1.0f)));
     return vf_mul(y, vf_pow2(fx));
 }
+
+/* log(1 + y) lane by lane for y >= 0 (Cephes' logf polynomial on 1 + y = m 2^e, then Goldberg's
+ * log(u) y / (u - 1), exact where 1 + y rounds: a few ulp, as log1pf). */
+static inline vf vf_log1p(vf y) {
+    const vf one = vf_set1(1.0f), u = vf_add(one, y), um1 = vf_sub(u, one);
+    vf e = vf_exponent(u), m = vf_mantissa(u);
+    e = vf_if(m, _CMP_LT_OQ, vf_set1(0.707106781186547524f), vf_sub(e, one), e);
+    m = vf_if(m, _CMP_LT_OQ, vf_set1(0.707106781186547524f), vf_add(m, m), m);
+    const vf x = vf_sub(m, one), z = vf_mul(x, x);
+    vf p = vf_set1(7.0376836292e-2f);
+    p = vf_fmadd(p, x, vf_set1(-1.1514610310e-1f));
+    p = vf_fmadd(p, x, vf_set1(1.1676998740e-1f));
+    p = vf_fmadd(p, x, vf_set1(-1.2420140846e-1f));
+    p = vf_fmadd(p, x, vf_set1(1.4249322787e-1f));
+    p = vf_fmadd(p, x, vf_set1(-1.6668057665e-1f));
+    p = vf_fmadd(p, x, vf_set1(2.0000714765e-1f));
+    p = vf_fmadd(p, x, vf_set1(-2.4999993993e-1f));
+    p = vf_fmadd(p, x, vf_set1(3.3333331174e-1f));
+    p = vf_mul(vf_mul(p, x), z);
+    p = vf_fmadd(e, vf_set1(-2.12194440e-4f), p);
+    p = vf_fnmadd(vf_set1(0.5f), z, p);
+    const vf r = vf_fmadd(e, vf_set1(0.693359375f), vf_add(x, p));
+    return vf_if(um1, _CMP_EQ_OQ, vf_set1(0.0f), y, vf_mul(r, vf_div(y, um1)));
+}
+
+/* softplus(x) = log(1 + exp(x)), x itself above 20 (as ggml), lane by lane. */
+static inline vf vf_softplus(vf x) { return vf_if(x, _CMP_GT_OQ, vf_set1(20.0f), x, vf_log1p(vf_exp(x))); }
 #endif
 
 /* o[i] = act(g[i]) * u[i] (u 0: act(g[i])), kind 0: silu, 1: gelu tanh. Element i is read before it is written (o may be g
@@ -2294,7 +2331,16 @@ void kvg_stream_read(const int64_t *a) {
  * The ops of Mamba-1, Mamba-2 and the short convolutions (ir.py: ssm_conv, ssm_scan, ssm_scan2), sequence by
  * sequence and channel by channel: what a sequence's rows get never depends on the other sequences of the
  * ubatch or on how its tokens were split (each ubatch continues from the state the previous one wrote). */
-static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+/* One value's softplus: vf_softplus's lane (the scans' vector paths take the same bits for whole blocks). */
+static inline float softplus(float x) {
+#ifdef VF_W
+    float lanes[VF_W];
+    vf_store(lanes, vf_softplus(vf_set1(x)));
+    return lanes[0];
+#else
+    return x > 20.0f ? x : log1pf(expf(x));
+#endif
+}
 
 /* Whether the n slots of an in-place update are all in range and distinct, checked on the calling thread
  * (in_range's counter is its own): a slot twice would be updated by two tasks at once, so it counts as bad
@@ -2387,7 +2433,7 @@ void kvg_ssm_conv(const int64_t *a) {
 
 /* a: h0 (float [S, s, d]: the state transposed), h0_s0, h0_s1, x, x_s0, x_s1, dt, dt_s0, dt_s1, A (float [d, s]),
  * B, b_s0, b_s1, C, c_s0, c_s1, out (float [S, n + s, d]: y, then the new state), out_s0, out_s1, S, n, d, s,
- * (a[23], a[24]: kvg_ssm_scan2's), ids (int32 [S] or 0), n_rows.
+ * (a[23], a[24]: kvg_ssm_scan2's), ids (int32 [S] or 0), n_rows, A transposed (float [s, d], or 0: kvg_ssm_scan).
  * ids != 0: the scan runs in place in a recurrent state table: sequence q's state is the rows at
  * h0 + ids[q] h0_s0 (h0 then points at the state's first column in the table's row 0) and the new state is
  * written back there, not into out (whose state rows are left alone). Each task reads and writes only its own
@@ -2443,8 +2489,57 @@ static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
     }
 }
 
+#ifdef VF_W
+/* Decode (one token per sequence), VF_W channels at a time: the state's rows, contiguous over channels, are
+ * streamed once instead of gathered d floats apart per channel. Each channel gets scan1_channels' operations
+ * in the same order -- the same products, exp and fused update, and y summed as dot_lanes sums it (lane i
+ * of its accumulator takes states i, i + VF_W, ... by fused multiply-adds, then the lanes are added in
+ * order) -- so a token's bits do not depend on the path its ubatch took. Needs s and d multiples of VF_W. */
+static void scan1_decode_blocks(void *ctx, int64_t b0, int64_t b1) {
+    const int64_t *a = (const int64_t *)ctx;
+    const float *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
+    float *out = (float *)a[16];
+    const int64_t d = a[21], s = a[22], nb = d / VF_W;
+    for (int64_t it = b0; it < b1; it++) {
+        const int64_t q = it / nb, c0 = (it % nb) * VF_W;
+        const float *src;
+        float *dst;
+        int64_t ds1;
+        scan_state(a, q, &src, &dst, &ds1);
+        const float *At = (const float *)a[27];       /* A transposed ([s, d]), where the caller made it */
+        float at[VF_W];
+        const vf spv = vf_softplus(vf_load(dt + q * a[7] + c0)), dxv = vf_mul(spv, vf_load(x + q * a[4] + c0));
+        const float *bt = B + q * a[11], *ct = C + q * a[14];
+        vf acc[VF_W];
+        for (int64_t j0 = 0; j0 < s; j0 += VF_W) {
+#pragma GCC unroll 16
+            for (int i = 0; i < VF_W; i++) {
+                const int64_t j = j0 + i;
+                if (!At)
+                    for (int w = 0; w < VF_W; w++) at[w] = A[(c0 + w) * s + j];
+                const vf aj = At ? vf_load(At + j * d + c0) : vf_load(at);
+                const vf h = vf_fmadd(vf_exp(vf_mul(spv, aj)), vf_load(src + j * a[2] + c0),
+                                      vf_mul(dxv, vf_set1(bt[j])));
+                vf_store(dst + j * ds1 + c0, h);
+                acc[i] = vf_fmadd(h, vf_set1(ct[j]), j0 ? acc[i] : vf_set1(0.0f));
+            }
+        }
+        vf y = vf_set1(0.0f);
+        for (int i = 0; i < VF_W; i++) y = vf_add(y, acc[i]);
+        vf_store(out + q * a[17] + c0, y);
+    }
+}
+#endif
+
 void kvg_ssm_scan(const int64_t *a) {
     if (!scan_ids_ok(a)) return;
+#ifdef VF_W
+    if (a[20] == 1 && a[21] % VF_W == 0 && a[22] % VF_W == 0) {
+        parallel_for(a[19] * (a[21] / VF_W), 1, scan1_decode_blocks, (void *)a);
+        return;
+    }
+#endif
     parallel_for(a[19] * a[21], 16, scan1_channels, (void *)a);
 }
 

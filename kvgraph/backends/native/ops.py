@@ -38,7 +38,7 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
     if t.op == "ssm_conv":
         return ssm_conv(*srcs, out)
     if t.op in ("ssm_scan", "ssm_scan2"):
-        return ssm_scan(t.op, *srcs, out)
+        return ssm_scan(t.op, *srcs, out, a_const=t.srcs[3].op == "weight")
     if t.op == "silu":
         return act("swiglu", srcs[0], out)
     if t.op == "cont":
@@ -103,12 +103,13 @@ def ssm_conv(x: np.ndarray, w: np.ndarray, out: np.ndarray, window: np.ndarray |
 
 
 def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray,
-             out: np.ndarray, ids: np.ndarray | None = None):
+             out: np.ndarray, ids: np.ndarray | None = None, a_const: bool = False):
     """Mamba-1's (ssm_scan: a [d, s]) or Mamba-2's (ssm_scan2: a [H], b/c [S, n, G s]) selective scan
     (kvg_ssm_scan / kvg_ssm_scan2): out [(S,) n + s, d], y then the new state (transposed, as h0).
     ids (int32 [S]): in place instead. h0 is then the state table's columns holding the state, [n_slots, s,
     d] (a view of a float32 [n_slots, row] table), sequence q's state is h0[ids[q]] and its new state is
-    written there; out's state rows are left alone."""
+    written there; out's state rows are left alone. a_const: a never changes (a weight), so Mamba-1's decode
+    reads a transposed copy made here."""
     rows = [_seq_rows(v) for v in (h0, x, dt, b, c, out)]
     if any(r is None for r in rows) or len({v.ndim for v in (h0, x, dt, b, c, out)}) != 1:
         return None
@@ -125,9 +126,10 @@ def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarr
     heads = (a.shape[0], b.shape[-1] // s) if op == "ssm_scan2" else (0, 0)
     (h0s, xs, dts, bs, cs, outs) = rows
     in_place = (ptr(ids), h0.shape[0]) if ids is not None else (0, 0)
+    at = np.ascontiguousarray(a.T) if a_const and op == "ssm_scan" else None
     return bind(f"kvg_{op}", ptr(h0), *h0s, ptr(x), *xs, ptr(dt), *dts, ptr(a), ptr(b), *bs, ptr(c), *cs, ptr(out),
-                *outs, n_seqs, n, d, s, *heads, *in_place, keep=(h0, x, dt, a, b, c, out, ids),
-                indexes=ids is not None)
+                *outs, n_seqs, n, d, s, *heads, *in_place, ptr(at) if at is not None else 0,
+                keep=(h0, x, dt, a, b, c, out, ids, at), indexes=ids is not None)
 
 
 def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray, down: np.ndarray,
