@@ -900,11 +900,12 @@ def test_the_c_scans_match_numpy_and_a_sequence_alone_equals_it_in_a_batch(op, v
 @pytest.mark.parametrize("op,d,heads", [("ssm_scan", 48, 0), ("ssm_scan", 40, 0), ("ssm_scan2", 32, 4),
                                          ("ssm_scan2", 80, 2)])
 def test_a_scan_gives_the_same_bits_token_by_token_split_and_in_place(op, d, heads, variant):
-    """Both scans take one path for one token per sequence (the state streamed row by row) and another for
-    more (kvg_ssm_scan2 per head, blocks of channels; kvg_ssm_scan per channel); a sequence's y and state are
-    the same bits either way: all its tokens at once, one by one, or split 3 + 4, and in place in a state
-    table by slot (the gathered copy's bits), with A read as it is or from a transposed copy (a_const).
-    Heads of 40 channels: a whole vector block and a remainder."""
+    """kvg_ssm_scan2 takes one path for one token per sequence (the state streamed row by row) and another
+    for more (per head, blocks of channels); kvg_ssm_scan runs blocks of channels where d and s allow, else
+    channel by channel. A sequence's y and state are the same bits however it goes: all its tokens at once,
+    one by one, or split 3 + 4, and in place in a state table by slot (the gathered copy's bits), with A read
+    as it is or from a transposed copy (a_const). Heads of 40 channels: a whole vector block and a
+    remainder; d = 40 takes kvg_ssm_scan's channel path on the AVX-512 build."""
     rng = np.random.default_rng(11)
     s, n, S = 16, 7, 2
     h = max(heads, 1)

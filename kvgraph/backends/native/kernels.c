@@ -2331,16 +2331,7 @@ void kvg_stream_read(const int64_t *a) {
  * The ops of Mamba-1, Mamba-2 and the short convolutions (ir.py: ssm_conv, ssm_scan, ssm_scan2), sequence by
  * sequence and channel by channel: what a sequence's rows get never depends on the other sequences of the
  * ubatch or on how its tokens were split (each ubatch continues from the state the previous one wrote). */
-/* One value's softplus: vf_softplus's lane (the scans' vector paths take the same bits for whole blocks). */
-static inline float softplus(float x) {
-#ifdef VF_W
-    float lanes[VF_W];
-    vf_store(lanes, vf_softplus(vf_set1(x)));
-    return lanes[0];
-#else
-    return x > 20.0f ? x : log1pf(expf(x));
-#endif
-}
+static inline float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 /* Whether the n slots of an in-place update are all in range and distinct, checked on the calling thread
  * (in_range's counter is its own): a slot twice would be updated by two tasks at once, so it counts as bad
@@ -2490,44 +2481,51 @@ static void scan1_channels(void *ctx, int64_t i0, int64_t i1) {
 }
 
 #ifdef VF_W
-/* Decode (one token per sequence), VF_W channels at a time: the state's rows, contiguous over channels, are
- * streamed once instead of gathered d floats apart per channel. Each channel gets scan1_channels' operations
- * in the same order -- the same products, exp and fused update, and y summed as dot_lanes sums it (lane i
- * of its accumulator takes states i, i + VF_W, ... by fused multiply-adds, then the lanes are added in
- * order) -- so a token's bits do not depend on the path its ubatch took. Needs s and d multiples of VF_W. */
-static void scan1_decode_blocks(void *ctx, int64_t b0, int64_t b1) {
+/* The scan VF_W channels at a time, where d and s are multiples of VF_W (a model's every ubatch then takes
+ * this path): the block's state (s rows of VF_W channels, contiguous in the state's rows) is read once into
+ * a local buffer, updated token by token in vector lanes -- the softplus too -- and written back once, so
+ * decode streams the state instead of gathering it d floats apart per channel. Per channel the operations of
+ * scan1_channels: the same fused update, and y summed as dot_lanes sums it (lane i of its accumulator takes
+ * states i, i + VF_W, ... by fused multiply-adds, then the lanes are added in order). A is read from a
+ * transposed copy where the caller made one (a weight), else gathered into the local buffer. */
+static void scan1_blocks(void *ctx, int64_t b0, int64_t b1) {
     const int64_t *a = (const int64_t *)ctx;
-    const float *x = (const float *)a[3], *dt = (const float *)a[6];
+    const float *x = (const float *)a[3], *dt = (const float *)a[6], *At = (const float *)a[27];
     const float *A = (const float *)a[9], *B = (const float *)a[10], *C = (const float *)a[13];
     float *out = (float *)a[16];
-    const int64_t d = a[21], s = a[22], nb = d / VF_W;
+    const int64_t n = a[20], d = a[21], s = a[22], nb = d / VF_W;
+    float hs[SSM_MAX_STATE * VF_W], ab[SSM_MAX_STATE * VF_W];
     for (int64_t it = b0; it < b1; it++) {
         const int64_t q = it / nb, c0 = (it % nb) * VF_W;
         const float *src;
         float *dst;
         int64_t ds1;
         scan_state(a, q, &src, &dst, &ds1);
-        const float *At = (const float *)a[27];       /* A transposed ([s, d]), where the caller made it */
-        float at[VF_W];
-        const vf spv = vf_softplus(vf_load(dt + q * a[7] + c0)), dxv = vf_mul(spv, vf_load(x + q * a[4] + c0));
-        const float *bt = B + q * a[11], *ct = C + q * a[14];
-        vf acc[VF_W];
-        for (int64_t j0 = 0; j0 < s; j0 += VF_W) {
-#pragma GCC unroll 16
-            for (int i = 0; i < VF_W; i++) {
-                const int64_t j = j0 + i;
-                if (!At)
-                    for (int w = 0; w < VF_W; w++) at[w] = A[(c0 + w) * s + j];
-                const vf aj = At ? vf_load(At + j * d + c0) : vf_load(at);
-                const vf h = vf_fmadd(vf_exp(vf_mul(spv, aj)), vf_load(src + j * a[2] + c0),
-                                      vf_mul(dxv, vf_set1(bt[j])));
-                vf_store(dst + j * ds1 + c0, h);
-                acc[i] = vf_fmadd(h, vf_set1(ct[j]), j0 ? acc[i] : vf_set1(0.0f));
-            }
+        for (int64_t j = 0; j < s; j++) {
+            vf_store(hs + j * VF_W, vf_load(src + j * a[2] + c0));
+            if (!At)
+                for (int w = 0; w < VF_W; w++) ab[j * VF_W + w] = A[(c0 + w) * s + j];
         }
-        vf y = vf_set1(0.0f);
-        for (int i = 0; i < VF_W; i++) y = vf_add(y, acc[i]);
-        vf_store(out + q * a[17] + c0, y);
+        for (int64_t t = 0; t < n; t++) {
+            const vf spv = vf_softplus(vf_load(dt + q * a[7] + t * a[8] + c0));
+            const vf dxv = vf_mul(spv, vf_load(x + q * a[4] + t * a[5] + c0));
+            const float *bt = B + q * a[11] + t * a[12], *ct = C + q * a[14] + t * a[15];
+            vf acc[VF_W];
+            for (int64_t j0 = 0; j0 < s; j0 += VF_W) {
+#pragma GCC unroll 16
+                for (int i = 0; i < VF_W; i++) {
+                    const int64_t j = j0 + i;
+                    const vf aj = At ? vf_load(At + j * d + c0) : vf_load(ab + j * VF_W);
+                    const vf h = vf_fmadd(vf_exp(vf_mul(spv, aj)), vf_load(hs + j * VF_W), vf_mul(dxv, vf_set1(bt[j])));
+                    vf_store(hs + j * VF_W, h);
+                    acc[i] = vf_fmadd(h, vf_set1(ct[j]), j0 ? acc[i] : vf_set1(0.0f));
+                }
+            }
+            vf y = vf_set1(0.0f);
+            for (int i = 0; i < VF_W; i++) y = vf_add(y, acc[i]);
+            vf_store(out + q * a[17] + t * a[18] + c0, y);
+        }
+        for (int64_t j = 0; j < s; j++) vf_store(dst + j * ds1 + c0, vf_load(hs + j * VF_W));
     }
 }
 #endif
@@ -2535,8 +2533,8 @@ static void scan1_decode_blocks(void *ctx, int64_t b0, int64_t b1) {
 void kvg_ssm_scan(const int64_t *a) {
     if (!scan_ids_ok(a)) return;
 #ifdef VF_W
-    if (a[20] == 1 && a[21] % VF_W == 0 && a[22] % VF_W == 0) {
-        parallel_for(a[19] * (a[21] / VF_W), 1, scan1_decode_blocks, (void *)a);
+    if (a[21] % VF_W == 0 && a[22] % VF_W == 0) {
+        parallel_for(a[19] * (a[21] / VF_W), 1, scan1_blocks, (void *)a);
         return;
     }
 #endif
