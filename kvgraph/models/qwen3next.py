@@ -1,0 +1,55 @@
+"""qwen3next (Qwen3-Next): gated delta-net layers (linear attention with a per-sequence state) and, where
+attention.recurrent_layers says (else every full_attention_interval-th layer), gated attention: per-head q/k
+RMSNorm, partial NEOX RoPE, the output scaled by sigmoid of a gate from the q projection. Every layer's FFN,
+after its post-attention norm, is a mixture of experts (softmax router, top-k renormalised) plus a shared
+expert gated by sigmoid(ffn_gate_inp_shexp x). Norm weights are used as stored (the converter wrote 1 + w)."""
+from __future__ import annotations
+
+from ..errors import GGUFError
+from ..gguf.config import MetadataView
+from ..graph.ir import GraphBuilder
+from .base import BuildIO, Model
+from .layers import (attention_layers_of_flags, decoder, delta_net_channels, delta_net_mixer, delta_net_sizes,
+                     delta_net_tensors, hybrid_memories, hybrid_tensors, mamba_state, moe_shared_ffn, moe_sizes,
+                     moe_tensors, output_tensors, self_attention, shared_expert_tensors)
+
+FFN_NORM = "post_attention_norm.weight"
+
+
+class Qwen3NextModel(Model):
+    arch = "qwen3next"
+    optional_tensors = frozenset({"output.weight"})
+
+    @classmethod
+    def read_extra(cls, m: MetadataView):
+        return delta_net_sizes(m) | moe_sizes(m) | {
+            "attention_layers": attention_layers_of_flags(m),
+            "n_ff_exp": m.int("expert_feed_forward_length", required=True),
+            "n_ff_shexp": m.int("expert_shared_feed_forward_length", required=True)}
+
+    def tensor_shapes(self):
+        c, e = self.cfg, self.cfg.extra
+        if c.head_dim_k != c.head_dim_v or not 0 < e["n_expert_used"] <= e["n_expert"]:
+            raise GGUFError(f"{c.name}: qwen3next needs equal key and value head sizes (the gate is one per value) "
+                            f"and 1..{e['n_expert']} experts used of {e['n_expert']}; the file has "
+                            f"{c.head_dim_k} / {c.head_dim_v} and {e['n_expert_used']}.")
+
+        def ffn(c, i):
+            return moe_tensors(c, i, e["n_ff_exp"], FFN_NORM) | shared_expert_tensors(c, i, e["n_ff_shexp"])
+        return hybrid_tensors(c, output_tensors(c), lambda i: delta_net_tensors(c, i), ffn, qk_norm=True, gated=True)
+
+    def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
+        return hybrid_memories(self.cfg, mamba_state, n_ctx, alloc, flash_attn, n_seq_max, delta_net_channels(self.cfg))
+
+    def build(self, g: GraphBuilder, io: BuildIO) -> None:
+        c, e = self.cfg, self.cfg.extra
+        w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
+
+        def mixer(i, h):
+            if i in e["attention_layers"]:
+                return g.matmul(self_attention(g, w, io, c, i, h, neox=True, qk_norm=True, gated=True),
+                                w(f"blk.{i}.attn_output.weight"))
+            return delta_net_mixer(g, w, io, c, i, h)
+
+        decoder(g, w, io, c, mixer, lambda i, h: moe_shared_ffn(g, w, c, i, h, norm_weights=True), project=False,
+                ffn_norm=FFN_NORM)
