@@ -115,7 +115,8 @@ def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, 
     q, k, v = proj("q", c.n_head), proj("k", c.n_head_kv), proj("v", c.n_head_kv)
     if gated:
         d = c.head_dim_k
-        q, gate = g.slice_rows(q, 0, d, axis=2), g.sigmoid(g.slice_rows(q, d, d, axis=2))
+        # contiguous: the norm's kernel must not depend on the token count (a one-token slice is contiguous)
+        q, gate = g.cont(g.slice_rows(q, 0, d, axis=2)), g.sigmoid(g.slice_rows(q, d, d, axis=2))
     if qk_norm:
         q = rms_norm(g, q, w(f"blk.{i}.attn_q_norm.weight"), c.rms_eps)
         k = rms_norm(g, k, w(f"blk.{i}.attn_k_norm.weight"), c.rms_eps)
@@ -491,10 +492,12 @@ def delta_net_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
     qkv = g.reshape(g.matmul(h, w(p + "attn_qkv.weight")), (n_seqs, t, dc))
     xc = g.silu(causal_conv(g, rs, i, qkv, w(p + "ssm_conv1d.weight")))
 
-    def l2_norm(start: int, scale: float) -> Tensor:       # x / sqrt(sum x^2 + eps) = rms_norm(x, eps / dk) / sqrt(dk)
-        heads = g.reshape(g.slice_rows(xc, start, n_k * dk, axis=2), (n_seqs, t, n_k, dk))
-        return g.reshape(g.scale(g.rms_norm(heads, c.rms_eps / dk), scale), (n_seqs, t, n_k * dk))
-    q, kk = l2_norm(0, 1.0 / dk), l2_norm(n_k * dk, 1.0 / math.sqrt(dk))
+    # q and k: x / sqrt(sum x^2 + eps) = rms_norm(x, eps / dk) / sqrt(dk) per head, on a contiguous copy (the
+    # norm's kernel must not depend on the token count: a one-token slice is contiguous)
+    qk = g.reshape(g.cont(g.slice_rows(xc, 0, 2 * n_k * dk, axis=2)), (n_seqs, t, 2 * n_k, dk))
+    qk = g.rms_norm(qk, c.rms_eps / dk)
+    q, kk = (g.reshape(g.scale(g.slice_rows(qk, start, n_k, axis=2), scale), (n_seqs, t, n_k * dk))
+             for start, scale in ((0, 1.0 / dk), (n_k, 1.0 / math.sqrt(dk))))
     v = g.slice_rows(xc, 2 * n_k * dk, d, axis=2)
     ba = g.reshape(g.matmul(h, w(p + "ssm_ba.weight")), (n, n_k, 2 * r))       # per key head: r betas, r alphas
     beta = g.reshape(g.sigmoid(g.slice_rows(ba, 0, r, axis=2)), (n_seqs, t, n_v))
