@@ -25,7 +25,8 @@ class Qwen3NextModel(Model):
         return delta_net_sizes(m) | moe_sizes(m) | {
             "attention_layers": attention_layers_of_flags(m),
             "n_ff_exp": m.int("expert_feed_forward_length", required=True),
-            "n_ff_shexp": m.int("expert_shared_feed_forward_length", required=True)}
+            "n_ff_shexp": m.int("expert_shared_feed_forward_length", required=True),
+            "moe_layers": tuple(range(m.int("block_count", required=True)))}    # every layer's FFN (as llama.cpp)
 
     def tensor_shapes(self):
         c, e = self.cfg, self.cfg.extra
