@@ -182,6 +182,41 @@ def test_a_file_with_tensors_the_architecture_does_not_use_is_refused(tmp_path):
         LLM(str(path), backend="numpy")
 
 
+def test_a_multi_token_prediction_block_is_skipped_as_llama_cpp_skips_it(tmp_path):
+    """Qwen3-Next files converted with their draft head hold it as one more layer (block_count 5 for 4, a
+    nextn_predict_layers key, its blk.4.* attention, experts and nextn.* tensors): the trunk's logits are
+    those of the file without it, and its tensors are not loaded."""
+    import gguf
+
+    path, tokens, _ = fixture("qwen3next")
+    r = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(tmp_path / "mtp.gguf", arch="qwen3next")
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value, sub = f.contents(), f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        if name == "qwen3next.block_count":
+            value = 5
+        elif name == "qwen3next.attention.recurrent_layers":
+            value = value + [False]
+        w.add_key_value(name, value, f.types[0], sub)
+    w.add_uint32("qwen3next.nextn_predict_layers", 1)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+        if t.name.startswith("blk.1."):                     # the draft block: an attention layer like blk.1
+            w.add_tensor(t.name.replace("blk.1.", "blk.4."), np.asarray(t.data))
+    for name, shape in (("eh_proj.weight", (64, 128)), ("enorm.weight", (64,)), ("hnorm.weight", (64,))):
+        w.add_tensor(f"blk.4.nextn.{name}", np.ones(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with_draft = LLM(str(tmp_path / "mtp.gguf"), backend="numpy", n_ctx=512)
+    assert with_draft.loaded.config.n_layer == 4 and not any(n.startswith("blk.4.") for n in with_draft.loaded.weights)
+    want = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens[:50])
+    np.testing.assert_array_equal(with_draft.logits(tokens[:50]), want)
+
+
 RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid",
                                          "lfm2", "qwen3next")]
 

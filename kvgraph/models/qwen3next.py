@@ -5,6 +5,8 @@ after its post-attention norm, is a mixture of experts (softmax router, top-k re
 expert gated by sigmoid(ffn_gate_inp_shexp x). Norm weights are used as stored (the converter wrote 1 + w)."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import GGUFError
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
@@ -20,13 +22,26 @@ class Qwen3NextModel(Model):
     arch = "qwen3next"
     optional_tensors = frozenset({"output.weight"})
 
+    def __init__(self, cfg):
+        # block_count counts the multi-token-prediction block after the trunk's layers; the graph runs the trunk
+        super().__init__(dataclasses.replace(cfg, n_layer=cfg.n_layer - cfg.extra["n_nextn"]))
+
     @classmethod
     def read_extra(cls, m: MetadataView):
+        n_layer, n_nextn = m.int("block_count", required=True), m.int("nextn_predict_layers", 0, minimum=0)
+        if n_nextn >= n_layer:
+            raise GGUFError(f"{m.source}: {n_nextn} of its {n_layer} layers are multi-token-prediction layers; "
+                            "the file is inconsistent.")
         return delta_net_sizes(m) | moe_sizes(m) | {
-            "attention_layers": attention_layers_of_flags(m),
+            "n_nextn": n_nextn,
+            "attention_layers": tuple(i for i in attention_layers_of_flags(m) if i < n_layer - n_nextn),
             "n_ff_exp": m.int("expert_feed_forward_length", required=True),
             "n_ff_shexp": m.int("expert_shared_feed_forward_length", required=True),
-            "moe_layers": tuple(range(m.int("block_count", required=True)))}    # every layer's FFN (as llama.cpp)
+            "moe_layers": tuple(range(n_layer - n_nextn))}    # every layer's FFN (as llama.cpp)
+
+    def skipped_tensors(self):
+        """The multi-token-prediction block's (a draft head kvgraph does not run)."""
+        return tuple(f"blk.{i}." for i in range(self.cfg.n_layer, self.cfg.n_layer + self.cfg.extra["n_nextn"]))
 
     def tensor_shapes(self):
         c, e = self.cfg, self.cfg.extra
