@@ -118,7 +118,8 @@ def test_quantized_backends_meet_the_rule(quantized, name, qtype, backend):
 # differently (llama.cpp quantizes each activation row to Q8_0 / Q8_1 blocks for every quantized matmul;
 # kvgraph's native kernels to int8 in their own blocks; numpy not at all), so logits differ by quantization
 # noise. Measured max |kvgraph - llama.cpp| over all positions, relative to llama.cpp's logit range, on every
-# fixture but the mixtures of experts (Jamba, Qwen3-Next): native <= 0.0177 (falcon-mamba Q8_0; 0.0063 .. 0.0153 elsewhere), numpy <= 0.0331
+# fixture but the mixtures of experts (Jamba, Qwen3-Next): native <= 0.0177 (falcon-mamba Q8_0; 0.0063 .. 0.0153
+# elsewhere), numpy <= 0.0331
 # (gemma2 Q4_K_M). The tolerances leave 1.4-1.5x of that; the native kernels' bits are the same on every ISA
 # build (design.md §9), so native's margin guards only against kernel changes. What they catch (each tried):
 # Granite hybrid and Mamba-2 with ssm_norm's weight skipped (0.137 and 0.30 at the worst position), Granite's
@@ -215,6 +216,40 @@ def test_a_multi_token_prediction_block_is_skipped_as_llama_cpp_skips_it(tmp_pat
     assert with_draft.loaded.config.n_layer == 4 and not any(n.startswith("blk.4.") for n in with_draft.loaded.weights)
     want = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens[:50])
     np.testing.assert_array_equal(with_draft.logits(tokens[:50]), want)
+
+
+def test_an_older_converters_fused_qkvz_runs_as_the_split_projections(tmp_path):
+    """Files from converters before attn_qkv / attn_gate hold one ssm_in per delta-net layer whose rows go per
+    key head (its q, its k, its value heads' v, their z), as transformers' in_proj_qkvz: they run (llama.cpp's
+    legacy path) with the split file's logits."""
+    import gguf
+
+    path, tokens, _ = fixture("qwen3next")
+    r = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(tmp_path / "legacy.gguf", arch="qwen3next")
+    for name, f in r.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(name, f.contents(), f.types[0], sub)
+    tensors = {t.name: np.asarray(t.data) for t in r.tensors}
+    dk, n_k = 16, 2                                         # the fixture's key head size and key heads
+    for name, data in tensors.items():
+        if name.endswith("attn_gate.weight"):
+            continue
+        if name.endswith("attn_qkv.weight"):
+            z = tensors[name.replace("attn_qkv", "attn_gate")]
+            q, k, v = np.split(data, [n_k * dk, 2 * n_k * dk])
+            heads = [np.split(part, n_k) for part in (q, k, v, z)]          # each part's rows per key head
+            name, data = name.replace("attn_qkv", "ssm_in"), np.concatenate([rows[j] for j in range(n_k) for rows in heads])
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    legacy = LLM(str(tmp_path / "legacy.gguf"), backend="numpy", n_ctx=512)
+    assert legacy.loaded.config.extra["ssm_in"] and "blk.0.ssm_in.weight" in legacy.loaded.weights
+    want = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens[:50])
+    assert rel_diff(legacy.logits(tokens[:50], ubatch_size=7), want) <= 1e-6
 
 
 RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid",

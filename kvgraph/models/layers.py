@@ -466,15 +466,37 @@ def delta_net_channels(c) -> int:
 
 
 def delta_net_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
-    """Layer i's gated delta-net: q/k/v projection (attn_qkv), output gate z (attn_gate), beta and alpha
-    (ssm_ba: per key head, its value heads' betas then their alphas), conv, dt bias, A (-exp(A_log), as the
-    converter writes it), the gated norm (one head's width) and the output projection."""
+    """Layer i's gated delta-net: q/k/v projection (attn_qkv) and output gate z (attn_gate) -- or, in files
+    of older converters (extra["ssm_in"]), both in one ssm_in --, beta and alpha (ssm_ba: per key head, its
+    value heads' betas then their alphas), conv, dt bias, A (-exp(A_log), as the converter writes it), the
+    gated norm (one head's width) and the output projection."""
     e, p = c.extra, f"blk.{i}."
     d, n_v = e["d_inner"], e["dt_rank"]
-    return {p + "attn_qkv.weight": (delta_net_channels(c), c.n_embd), p + "attn_gate.weight": (d, c.n_embd),
-            p + "ssm_ba.weight": (2 * n_v, c.n_embd), p + "ssm_conv1d.weight": (delta_net_channels(c), e["d_conv"]),
-            p + "ssm_dt.bias": (n_v,), p + "ssm_a": (n_v,), p + "ssm_norm.weight": (d // n_v,),
-            p + "ssm_out.weight": (c.n_embd, d)}
+    if e.get("ssm_in"):
+        shapes = {p + "ssm_in.weight": (delta_net_channels(c) + d, c.n_embd)}
+    else:
+        shapes = {p + "attn_qkv.weight": (delta_net_channels(c), c.n_embd), p + "attn_gate.weight": (d, c.n_embd)}
+    return shapes | {p + "ssm_ba.weight": (2 * n_v, c.n_embd),
+                     p + "ssm_conv1d.weight": (delta_net_channels(c), e["d_conv"]),
+                     p + "ssm_dt.bias": (n_v,), p + "ssm_a": (n_v,), p + "ssm_norm.weight": (d // n_v,),
+                     p + "ssm_out.weight": (c.n_embd, d)}
+
+
+def delta_net_qkvz(g: GraphBuilder, w, c, i: int, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Layer i's q|k|v [n, channels] (every q head, every k head, every v head) and z [n, d_inner]: from
+    attn_qkv and attn_gate, or from an older file's ssm_in, whose rows go per key head: its q, its k, its value
+    heads' v, their z (llama.cpp's legacy path)."""
+    e, p = c.extra, f"blk.{i}."
+    if not e.get("ssm_in"):
+        return g.matmul(h, w(p + "attn_qkv.weight")), g.matmul(h, w(p + "attn_gate.weight"))
+    n, dk, n_k = h.shape[0], e["d_state"], e["n_group"]
+    dv_k = e["d_inner"] // n_k                               # the value heads' width per key head
+    mixed = g.reshape(g.matmul(h, w(p + "ssm_in.weight")), (n, n_k, 2 * dk + 2 * dv_k))
+
+    def part(start: int, width: int) -> Tensor:
+        return g.reshape(g.cont(g.slice_rows(mixed, start, width, axis=2)), (n, n_k * width))
+    qk = g.concat_rows(part(0, dk), part(dk, dk), axis=1)
+    return g.concat_rows(qk, part(2 * dk, dv_k), axis=1), part(2 * dk + dv_k, dv_k)
 
 
 def delta_net_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
@@ -489,8 +511,8 @@ def delta_net_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
     n, n_seqs = h.shape[0], io.key.n_seqs
     t = n // n_seqs
     state = g.reshape(rs.read(i, (k - 1) * dc, dk * d), (n_seqs, dk, d))
-    qkv = g.reshape(g.matmul(h, w(p + "attn_qkv.weight")), (n_seqs, t, dc))
-    xc = g.silu(causal_conv(g, rs, i, qkv, w(p + "ssm_conv1d.weight")))
+    qkv, z = delta_net_qkvz(g, w, c, i, h)
+    xc = g.silu(causal_conv(g, rs, i, g.reshape(qkv, (n_seqs, t, dc)), w(p + "ssm_conv1d.weight")))
 
     # q and k: x / sqrt(sum x^2 + eps) = rms_norm(x, eps / dk) / sqrt(dk) per head, on a contiguous copy (the
     # norm's kernel must not depend on the token count: a one-token slice is contiguous)
@@ -506,6 +528,5 @@ def delta_net_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
     out = g.gated_delta_net(state, q, kk, v, g.reshape(decay, (n_seqs, t, n_v)), beta)
     rs.write(i, g.slice_rows(out, t, dk, axis=1), col=(k - 1) * dc)            # the next state
     y = g.reshape(g.cont(g.slice_rows(out, 0, t, axis=1)), (n, n_v, dv))
-    z = g.reshape(g.matmul(h, w(p + "attn_gate.weight")), (n, n_v, dv))
-    y = g.swiglu(z, rms_norm(g, y, w(p + "ssm_norm.weight"), c.rms_eps))          # silu(z) * norm(y)
+    y = g.swiglu(g.reshape(z, (n, n_v, dv)), rms_norm(g, y, w(p + "ssm_norm.weight"), c.rms_eps))   # silu(z) norm(y)
     return g.matmul(g.reshape(y, (n, d)), w(p + "ssm_out.weight"))

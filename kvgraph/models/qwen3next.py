@@ -39,6 +39,11 @@ class Qwen3NextModel(Model):
             "n_ff_shexp": m.int("expert_shared_feed_forward_length", required=True),
             "moe_layers": tuple(range(n_layer - n_nextn))}    # every layer's FFN (as llama.cpp)
 
+    @classmethod
+    def read_layout(cls, cfg, tensor_names):
+        recurrent = [i for i in range(cfg.n_layer) if i not in cfg.extra["attention_layers"]]
+        return {"ssm_in": bool(recurrent) and f"blk.{recurrent[0]}.ssm_in.weight" in tensor_names}
+
     def skipped_tensors(self):
         """The multi-token-prediction block's (a draft head kvgraph does not run)."""
         return tuple(f"blk.{i}." for i in range(self.cfg.n_layer, self.cfg.n_layer + self.cfg.extra["n_nextn"]))
