@@ -259,6 +259,15 @@ def test_gated_delta_net_sizes_that_do_not_fit_are_refused_in_one_line(tmp_path,
     assert "inconsistent gated delta-net sizes" in err
 
 
+@pytest.mark.parametrize("key, value", [("attention.value_length", 16), ("expert_used_count", 5)])
+def test_qwen3next_heads_or_experts_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, key, value):
+    from arch_fixtures import fixture
+    bad = corrupt(fixture("qwen3next")[0], tmp_path / "heads.gguf", f"qwen3next.{key}", u32=value)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "qwen3next needs equal key and value head sizes" in err
+
+
 @pytest.mark.parametrize("backend", ["native", "numpy"])
 @pytest.mark.parametrize("cap", [1e-38, 3e38])
 def test_an_extreme_soft_capping_value_runs_without_warnings(tmp_path, capsys, backend, cap):

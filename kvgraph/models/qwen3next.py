@@ -32,7 +32,13 @@ class Qwen3NextModel(Model):
         if n_nextn >= n_layer:
             raise GGUFError(f"{m.source}: {n_nextn} of its {n_layer} layers are multi-token-prediction layers; "
                             "the file is inconsistent.")
-        return delta_net_sizes(m) | moe_sizes(m) | {
+        head = m.int("embedding_length", required=True) // m.int("attention.head_count", required=True)
+        k_dim, v_dim, experts = m.int("attention.key_length", head), m.int("attention.value_length", head), moe_sizes(m)
+        if k_dim != v_dim or not 0 < experts["n_expert_used"] <= experts["n_expert"]:
+            raise GGUFError(f"{m.source}: qwen3next needs equal key and value head sizes (one gate per value) and "
+                            f"1..{experts['n_expert']} of its {experts['n_expert']} experts used; the file has "
+                            f"{k_dim} / {v_dim} and {experts['n_expert_used']}.")
+        return delta_net_sizes(m) | experts | {
             "n_nextn": n_nextn,
             "attention_layers": tuple(i for i in attention_layers_of_flags(m) if i < n_layer - n_nextn),
             "n_ff_exp": m.int("expert_feed_forward_length", required=True),
@@ -50,10 +56,6 @@ class Qwen3NextModel(Model):
 
     def tensor_shapes(self):
         c, e = self.cfg, self.cfg.extra
-        if c.head_dim_k != c.head_dim_v or not 0 < e["n_expert_used"] <= e["n_expert"]:
-            raise GGUFError(f"{c.name}: qwen3next needs equal key and value head sizes (the gate is one per value) "
-                            f"and 1..{e['n_expert']} experts used of {e['n_expert']}; the file has "
-                            f"{c.head_dim_k} / {c.head_dim_v} and {e['n_expert_used']}.")
 
         def ffn(c, i):
             return moe_tensors(c, i, e["n_ff_exp"], FFN_NORM) | shared_expert_tensors(c, i, e["n_ff_shexp"])
