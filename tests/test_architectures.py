@@ -19,7 +19,7 @@ REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
 
 def test_every_fixture_is_here():
     assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2",
-                              "falcon-mamba"}
+                              "falcon-mamba", "qwen3next"}
 
 
 def test_each_architecture_name_resolves_to_its_model_and_only_a_load_imports_it():
@@ -118,17 +118,19 @@ def test_quantized_backends_meet_the_rule(quantized, name, qtype, backend):
 # differently (llama.cpp quantizes each activation row to Q8_0 / Q8_1 blocks for every quantized matmul;
 # kvgraph's native kernels to int8 in their own blocks; numpy not at all), so logits differ by quantization
 # noise. Measured max |kvgraph - llama.cpp| over all positions, relative to llama.cpp's logit range, on every
-# fixture but Jamba: native <= 0.0177 (falcon-mamba Q8_0; 0.0063 .. 0.0153 elsewhere), numpy <= 0.0331
+# fixture but the mixtures of experts (Jamba, Qwen3-Next): native <= 0.0177 (falcon-mamba Q8_0; 0.0063 .. 0.0153
+# elsewhere), numpy <= 0.0331
 # (gemma2 Q4_K_M). The tolerances leave 1.4-1.5x of that; the native kernels' bits are the same on every ISA
 # build (design.md §9), so native's margin guards only against kernel changes. What they catch (each tried):
 # Granite hybrid and Mamba-2 with ssm_norm's weight skipped (0.137 and 0.30 at the worst position), Granite's
 # 1-D ssm_norm presented reversed, Mamba-2's norm groups swapped (0.22), Qwen2 without its q bias (0.17),
 # Q5_0's fifth bits misread by the native tiles (every Q4_K_M file: llama-quantize's fallback type there).
 LLAMA_CPP_TOL = {"native": 0.025, "numpy": 0.05}
-# A mixture of experts (Jamba) picks its top-k experts by comparing router scores: at a near tie a rounding
-# picks another expert and that position's logits jump (up to 0.15 of the range against llama.cpp, and 0.38
-# between kvgraph's own native and numpy backends on the same file, at 2-6% of positions); at least 90% of
-# its positions must still be within the tolerance (measured: 94.3-96.7%).
+# A mixture of experts (Jamba, Qwen3-Next) picks its top-k experts by comparing router scores: at a near tie a
+# rounding picks another expert and that position's logits jump (up to 0.15 of the range against llama.cpp, and
+# 0.38 between kvgraph's own native and numpy backends on the same file, at 2-6% of positions); at least 90% of
+# its positions must still be within the tolerance (measured: Jamba 94.3-96.7%, Qwen3-Next 98.7-99.7%, whose
+# worst position is 0.09 off).
 MOE_MIN_WITHIN = 0.9
 
 
@@ -181,8 +183,77 @@ def test_a_file_with_tensors_the_architecture_does_not_use_is_refused(tmp_path):
         LLM(str(path), backend="numpy")
 
 
+def test_a_multi_token_prediction_block_is_skipped_as_llama_cpp_skips_it(tmp_path):
+    """Qwen3-Next files converted with their draft head hold it as one more layer (block_count 5 for 4, a
+    nextn_predict_layers key, its blk.4.* attention, experts and nextn.* tensors): the trunk's logits are
+    those of the file without it, and its tensors are not loaded."""
+    import gguf
+
+    path, tokens, _ = fixture("qwen3next")
+    r = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(tmp_path / "mtp.gguf", arch="qwen3next")
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value, sub = f.contents(), f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        if name == "qwen3next.block_count":
+            value = 5
+        elif name == "qwen3next.attention.recurrent_layers":
+            value = value + [False]
+        w.add_key_value(name, value, f.types[0], sub)
+    w.add_uint32("qwen3next.nextn_predict_layers", 1)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+        if t.name.startswith("blk.1."):                     # the draft block: an attention layer like blk.1
+            w.add_tensor(t.name.replace("blk.1.", "blk.4."), np.asarray(t.data))
+    for name, shape in (("eh_proj.weight", (64, 128)), ("enorm.weight", (64,)), ("hnorm.weight", (64,))):
+        w.add_tensor(f"blk.4.nextn.{name}", np.ones(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with_draft = LLM(str(tmp_path / "mtp.gguf"), backend="numpy", n_ctx=512)
+    assert with_draft.loaded.config.n_layer == 4 and not any(n.startswith("blk.4.") for n in with_draft.loaded.weights)
+    want = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens[:50])
+    np.testing.assert_array_equal(with_draft.logits(tokens[:50]), want)
+
+
+def test_an_older_converters_fused_qkvz_runs_as_the_split_projections(tmp_path):
+    """Files from converters before attn_qkv / attn_gate hold one ssm_in per delta-net layer whose rows go per
+    key head (its q, its k, its value heads' v, their z), as transformers' in_proj_qkvz: they run (llama.cpp's
+    legacy path) with the split file's logits."""
+    import gguf
+
+    path, tokens, _ = fixture("qwen3next")
+    r = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(tmp_path / "legacy.gguf", arch="qwen3next")
+    for name, f in r.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(name, f.contents(), f.types[0], sub)
+    tensors = {t.name: np.asarray(t.data) for t in r.tensors}
+    dk, n_k = 16, 2                                         # the fixture's key head size and key heads
+    for name, data in tensors.items():
+        if name.endswith("attn_gate.weight"):
+            continue
+        if name.endswith("attn_qkv.weight"):
+            z = tensors[name.replace("attn_qkv", "attn_gate")]
+            q, k, v = np.split(data, [n_k * dk, 2 * n_k * dk])
+            heads = [np.split(part, n_k) for part in (q, k, v, z)]          # each part's rows per key head
+            name, data = name.replace("attn_qkv", "ssm_in"), np.concatenate([rows[j] for j in range(n_k) for rows in heads])
+        w.add_tensor(name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    legacy = LLM(str(tmp_path / "legacy.gguf"), backend="numpy", n_ctx=512)
+    assert legacy.loaded.config.extra["ssm_in"] and "blk.0.ssm_in.weight" in legacy.loaded.weights
+    want = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens[:50])
+    assert rel_diff(legacy.logits(tokens[:50], ubatch_size=7), want) <= 1e-6
+
+
 RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid",
-                                         "lfm2")]
+                                         "lfm2", "qwen3next")]
 
 
 @pytest.mark.parametrize("name", RECURRENT)

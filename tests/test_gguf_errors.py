@@ -183,14 +183,17 @@ def test_a_value_stored_with_another_type_is_refused_as_llama_cpp_refuses_it(tmp
     assert err.count("\n") == 1 and "Traceback" not in err and "Warning" not in err
 
 
-def corrupt(src, dst, key: str, *, tensor_type: int | None = None, f32: float | None = None):
+def corrupt(src, dst, key: str, *, tensor_type: int | None = None, f32: float | None = None, u32: int | None = None):
     """A copy of src with one field's bytes changed in place, as a fuzzer changes them: the type id of tensor
-    key, or the value of the float32 metadata key."""
+    key, or the value of the float32 (or uint32) metadata key."""
     data = bytearray(src.read_bytes())
     at = data.index(struct.pack("<Q", len(key)) + key.encode()) + 8 + len(key)
     if tensor_type is not None:
         at += 4 + 8 * struct.unpack_from("<I", data, at)[0]       # n_dims, ne[]: then the ggml type
         data[at:at + 4] = struct.pack("<I", tensor_type)
+    elif u32 is not None:
+        assert struct.unpack_from("<I", data, at)[0] == V.UINT32
+        data[at + 4:at + 8] = struct.pack("<I", u32)
     else:
         assert struct.unpack_from("<I", data, at)[0] == V.FLOAT32
         data[at + 4:at + 8] = struct.pack("<f", f32)
@@ -243,6 +246,26 @@ def test_a_soft_capping_value_that_is_no_cap_is_refused_in_one_line(tmp_path, ca
     rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
     assert rc == 1 and err.count("\n") == 1, err
     assert f"{key} = {cap} is not a soft-capping value (a positive number, or 0 for none)" in err
+
+
+@pytest.mark.parametrize("key, value", [("ssm.inner_size", 48), ("ssm.time_step_rank", 3), ("ssm.state_size", 8)])
+def test_gated_delta_net_sizes_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, key, value):
+    """Qwen3-Next's value heads must be a multiple of its key heads, and all of them state_size wide
+    (inner_size): a file that says otherwise is refused at load with its numbers, not in the graph builder."""
+    from arch_fixtures import fixture
+    bad = corrupt(fixture("qwen3next")[0], tmp_path / "sizes.gguf", f"qwen3next.{key}", u32=value)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "inconsistent gated delta-net sizes" in err
+
+
+@pytest.mark.parametrize("key, value", [("attention.value_length", 16), ("expert_used_count", 5)])
+def test_qwen3next_heads_or_experts_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, key, value):
+    from arch_fixtures import fixture
+    bad = corrupt(fixture("qwen3next")[0], tmp_path / "heads.gguf", f"qwen3next.{key}", u32=value)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "qwen3next needs equal key and value head sizes" in err
 
 
 @pytest.mark.parametrize("backend", ["native", "numpy"])

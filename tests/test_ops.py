@@ -53,6 +53,8 @@ def test_binary_ops_broadcast_like_numpy(op, formula):
     ("silu", lambda x: x / (1 + np.exp(-x))),
     ("gelu", lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))),
     ("cont", lambda x: x),
+    ("sigmoid", lambda x: 1 / (1 + np.exp(-x))),
+    ("softplus", lambda x: np.log1p(np.exp(x))),
 ])
 def test_unary_ops(op, formula):
     x = f32(4, 6)
@@ -157,3 +159,61 @@ def test_shape_errors_are_caught_at_build_time():
         g.matmul(g.input("a", (2, 3)), g.input("b", (4, 5)))
     with pytest.raises(ValueError):
         g.add(g.input("c", (2, 3)), g.input("d", (4, 3)))
+
+
+def test_sigmoid_and_softplus_of_large_inputs_are_finite():
+    x = np.array([[-200.0, -30.0, 0.0, 30.0, 200.0]], np.float32)
+    out = run_graph(lambda g: (g.output("s", g.sigmoid(g.input("x", x.shape))),
+                               g.output("p", g.softplus(g.input("x", x.shape)))), {"x": x})
+    np.testing.assert_allclose(out["s"], [[0.0, 9.357623e-14, 0.5, 1.0, 1.0]], rtol=1e-6)
+    np.testing.assert_allclose(out["p"], [[0.0, 9.357623e-14, math.log(2), 30.0, 200.0]], rtol=1e-6)
+
+
+def gated_delta_rule(s0, q, k, v, g, beta):
+    """The gated delta rule as transformers' torch_recurrent_gated_delta_rule writes it (state [dk, dv] per
+    value head, query / key heads repeated to the value heads), in float64: -> (y [n, Hv, dv], state)."""
+    n, n_k, dk = q.shape
+    n_v = v.shape[1]
+    q, k = (np.repeat(a.astype(np.float64), n_v // n_k, axis=1) for a in (q, k))
+    state = s0.astype(np.float64).copy()
+    y = np.zeros(v.shape)
+    for t in range(n):
+        state *= np.exp(g[t])[:, None, None]
+        kv_mem = (state * k[t][:, :, None]).sum(axis=1)
+        delta = (v[t] - kv_mem) * beta[t][:, None]
+        state += k[t][:, :, None] * delta[:, None, :]
+        y[t] = (state * q[t][:, :, None]).sum(axis=1)
+    return y, state
+
+
+def test_gated_delta_net_is_the_gated_delta_rule_per_sequence():
+    S, n, n_k, n_v, dk, dv = 2, 5, 2, 4, 8, 6
+    q, k = f32(S, n, n_k, dk) / 3, f32(S, n, n_k, dk) / 3
+    v, g, beta = f32(S, n, n_v, dv), -np.abs(f32(S, n, n_v)), 1 / (1 + np.exp(-f32(S, n, n_v)))
+    s0 = f32(S, n_v, dk, dv) / 4                  # per head [dk, dv], as transformers keeps it
+    carried = np.ascontiguousarray(s0.transpose(0, 1, 3, 2)).reshape(S, dk, n_v * dv)   # kvgraph's [Hv, dv, dk]
+    shapes = {"s0": (S, dk, n_v * dv), "q": (S, n, n_k * dk), "k": (S, n, n_k * dk), "v": (S, n, n_v * dv),
+              "g": (S, n, n_v), "b": (S, n, n_v)}
+
+    def build(gb):
+        gb.output("y", gb.gated_delta_net(*(gb.input(name, shape) for name, shape in shapes.items())))
+    out = run_graph(build, {"s0": carried, "q": q.reshape(shapes["q"]), "k": k.reshape(shapes["k"]),
+                            "v": v.reshape(shapes["v"]), "g": g, "b": beta.astype(np.float32)})["y"]
+    assert out.shape == (S, n + dk, n_v * dv)
+    for s in range(S):
+        y, state = gated_delta_rule(s0[s], q[s], k[s], v[s], g[s], beta[s])
+        np.testing.assert_allclose(out[s, :n], y.reshape(n, -1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[s, n:].reshape(n_v, dv, dk), state.transpose(0, 2, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_gated_delta_net_refuses_shapes_that_do_not_fit():
+    g = GraphBuilder()
+    fits = {"s0": g.input("s0", (1, 8, 24)), "q": g.input("q", (1, 3, 16)), "k": g.input("q", (1, 3, 16)),
+            "v": g.input("v", (1, 3, 24)), "g": g.input("g", (1, 3, 4)), "beta": g.input("g", (1, 3, 4))}
+    g.gated_delta_net(**fits)                                   # 2 key heads of 8 serve 4 value heads of 6
+    for bad in ({"v": g.input("v3", (1, 3, 20))},                       # not the state's width
+                {"g": g.input("g3", (1, 3, 3))},                        # beta's heads differ
+                {"s0": g.input("s3", (1, 5, 24))},                      # key heads of 5 do not make 16
+                {"q": g.input("q3", (1, 3, 24)), "k": g.input("q3", (1, 3, 24))}):   # 3 key heads for 4 value heads
+        with pytest.raises(ValueError, match="gated_delta_net"):
+            g.gated_delta_net(**(fits | bad))

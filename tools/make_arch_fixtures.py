@@ -59,6 +59,8 @@ class Arch:
     kw: dict = field(default_factory=dict)
     vocab_multiple: int = 1         # the vocabulary padded as the converter pads it (Mamba, Granite: 8; Mamba-2: 16)
     config_patch: dict = field(default_factory=dict)   # config.json values renamed for the converter
+    convert_args: tuple = ()        # more convert_hf_to_gguf.py arguments
+    init: dict = field(default_factory=dict)  # parameter name ending -> (mean, std) of its values, drawn instead
 
 
 ARCHS = {
@@ -103,6 +105,23 @@ ARCHS = {
     "lfm2": Arch("Lfm2Config", "gpt-2", GPT2_SPLIT, dict(
         layer_types=["conv", "full_attention"], conv_L_cache=3, conv_bias=False, block_auto_adjust_ff_dim=False,
         block_ff_dim=128, norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=True)),
+    # Gated DeltaNet layers with attention every second layer; more value heads than key heads (each key head
+    # serves two), partial rotary, and every layer a mixture of experts with a gated shared expert. Its norms
+    # are 1 + weight (the converter stores 1 + w), so those weights are drawn around 0, not 1. The experts are
+    # drawn smaller: with random weights a near tie in one layer's router that a rounding flips changes
+    # later layers' routing in turn (every layer is a mixture here), and at the usual spread one int8
+    # rounding of the activations moved the argmax at 24% of the positions (at 5-7% with these).
+    "qwen3next": Arch("Qwen3NextConfig", "qwen2", QWEN2_SPLIT, dict(
+        num_hidden_layers=4, full_attention_interval=2, head_dim=32, linear_conv_kernel_dim=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
+        tie_word_embeddings=False),
+        # The converter expects Qwen3-Next's multi-token-prediction block, which transformers' model does not have.
+        convert_args=("--no-mtp",),
+        init={"layernorm.weight": (0.0, 0.2), "q_norm.weight": (0.0, 0.2), "k_norm.weight": (0.0, 0.2),
+              "model.norm.weight": (0.0, 0.2), "experts.gate_up_proj": (0.0, 0.06), "experts.down_proj": (0.0, 0.06)}),
 }
 
 
@@ -160,7 +179,10 @@ def make_model(arch: Arch, vocab: tuple[int, int, int], directory: Path):
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            special = [v for k, v in arch.init.items() if name.endswith(k)]
+            if special:
+                p.normal_(*special[0])
+            elif "norm" in name:
                 p.normal_(1.0, 0.2)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.2)
@@ -185,9 +207,10 @@ def patch_config(arch: Arch, directory: Path) -> None:
     path.write_text(json.dumps(cfg_json))
 
 
-def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str | None, name: str, outtype: str = "f32") -> None:
+def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str | None, name: str, outtype: str = "f32",
+            extra: tuple = ()) -> None:
     """Run llama.cpp's convert_hf_to_gguf.py in this process, telling it the pre-tokenizer by name; outtype is
-    the converter's --outtype (f32 for the fixtures; f16, bf16, q8_0 also)."""
+    the converter's --outtype (f32 for the fixtures; f16, bf16, q8_0 also); extra: more of its arguments."""
     sys.path[:0] = [str(llama_cpp / "gguf-py"), str(llama_cpp)]
     for mod in [m for m in sys.modules if m == "gguf" or m.startswith("gguf.")]:
         del sys.modules[mod]           # the converter must use the gguf-py it ships with
@@ -197,7 +220,7 @@ def convert(llama_cpp: Path, model_dir: Path, out: Path, pre: str | None, name: 
         base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
     argv = sys.argv
     sys.argv = ["convert_hf_to_gguf.py", str(model_dir), "--outfile", str(out), "--outtype", outtype,
-                "--model-name", f"kvgraph-tiny-{name}"]
+                "--model-name", f"kvgraph-tiny-{name}", *extra]
     try:
         conv.main()
     finally:
@@ -214,7 +237,7 @@ def make(name: str, llama_cpp: Path) -> dict:
         n_tokens, bos, eos = make_tokenizer(arch.split, d) if arch.pre else make_spm_tokenizer(d)
         n_vocab = -(-n_tokens // arch.vocab_multiple) * arch.vocab_multiple
         model = make_model(arch, (n_vocab, bos, eos), d)
-        convert(llama_cpp, d, OUT / f"{name}.gguf", arch.pre, name)
+        convert(llama_cpp, d, OUT / f"{name}.gguf", arch.pre, name, extra=arch.convert_args)
     tokens = np.random.default_rng(SEED).integers(0, n_tokens, N_TOKENS).astype(np.int32)
     with torch.no_grad():
         logits = model(torch.from_numpy(tokens.astype(np.int64))[None]).logits[0].float().numpy()

@@ -148,6 +148,20 @@ def _gelu_into(x, out):
     out *= np.float32(0.5)
 
 
+def _k_sigmoid(t, out, x):
+    def run():
+        np.negative(x, out=out)
+        with np.errstate(over="ignore"):      # exp(-x) = inf for x << 0: the result is 0, as it should be
+            np.exp(out, out=out)
+        np.add(out, np.float32(1.0), out=out)
+        np.reciprocal(out, out=out)
+    return run
+
+
+def _k_softplus(t, out, x):
+    return lambda: np.logaddexp(x, np.float32(0.0), out=out)     # stable for large |x|
+
+
 def _k_silu(t, out, x):
     return lambda: _silu_into(x, out)
 
@@ -358,6 +372,32 @@ def _k_ssm_scan2(t, out, h0, x, dt, a, b, c):
     return run
 
 
+def _k_gated_delta_net(t, out, s0, q, k, v, g, beta):
+    n_seqs, n, width_v = v.shape
+    dk, n_v = s0.shape[1], g.shape[2]
+    dv, n_k = width_v // n_v, q.shape[2] // dk
+    key_head = np.arange(n_v) // (n_v // n_k)              # the query / key head of each value head
+    h = np.empty((n_v, dv, dk), np.float32)                # one sequence's running state
+    kv = np.empty((n_v, dv), np.float32)
+    decay = np.empty(g.shape, np.float32)
+
+    def run():
+        np.exp(g, out=decay)
+        for s in range(n_seqs):
+            np.copyto(h, s0[s].reshape(n_v, dv, dk))
+            qs, ks = q[s].reshape(n, n_k, dk)[:, key_head], k[s].reshape(n, n_k, dk)[:, key_head]   # [n, Hv, dk]
+            vs, ys = v[s].reshape(n, n_v, dv), out[s, :n].reshape(n, n_v, dv)
+            for i in range(n):
+                np.multiply(h, decay[s, i][:, None, None], out=h)
+                np.einsum("hvk,hk->hv", h, ks[i], out=kv)
+                np.subtract(vs[i], kv, out=kv)
+                np.multiply(kv, beta[s, i][:, None], out=kv)
+                np.add(h, kv[:, :, None] * ks[i][:, None, :], out=h)
+                np.einsum("hvk,hk->hv", h, qs[i], out=ys[i])
+            np.copyto(out[s, n:].reshape(n_v, dv, dk), h)
+    return run
+
+
 def _k_moe_ffn(t, out, x, router, up, gate, down):
     k, norm = t.p["n_used"], t.p["norm_weights"]
 
@@ -457,7 +497,8 @@ KERNELS: dict[str, Callable[..., Kernel]] = {
     "softcap": _k_softcap,
     "geglu": _k_geglu, "softmax": _k_softmax, "flash_attn": _k_flash_attn, "set_rows": _k_set_rows,
     "concat_rows": _k_concat_rows, "ssm_conv": _k_ssm_conv, "ssm_scan": _k_ssm_scan,
-    "ssm_scan2": _k_ssm_scan2, "moe_ffn": _k_moe_ffn,
+    "ssm_scan2": _k_ssm_scan2, "moe_ffn": _k_moe_ffn, "sigmoid": _k_sigmoid, "softplus": _k_softplus,
+    "gated_delta_net": _k_gated_delta_net,
 }
 
 

@@ -65,7 +65,7 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
     derived = model.derived_tensors()
     _split_fused(gf, derived)
     used = set(model.shapes) | set(model.constant_shapes()) | {src for src, _, _ in derived.values()}
-    unused = sorted(set(gf.tensors) - used)
+    unused = sorted(name for name in set(gf.tensors) - used if not name.startswith(model.skipped_tensors()))
     if unused:
         # As llama.cpp refuses a file with an unexpected tensor count: a tensor that kvgraph would ignore
         # may change the computation (llama3's rope_freqs once did), so running without it is not an option.
@@ -87,7 +87,7 @@ def open_model(path: str | os.PathLike[str]) -> tuple[GGUFFile, ModelConfig, Mod
             # written without ggml's trailing dimensions of one (llama-quantize's output): every backend
             # reads the tensor (gf.tensor) with the shape the architecture names
             gf.add_view(info.reshaped(shape))
-    return gf, cfg, model
+    return gf, model.cfg, model
 
 
 def _split_fused(gf: GGUFFile, derived: dict[str, tuple[str, int, int]]) -> None:

@@ -160,6 +160,13 @@ class GraphBuilder:
     def silu(self, x: Tensor) -> Tensor:
         return self._node("silu", (x,), x.shape)
 
+    def sigmoid(self, x: Tensor) -> Tensor:
+        return self._node("sigmoid", (x,), x.shape)
+
+    def softplus(self, x: Tensor) -> Tensor:
+        """log(1 + exp(x))."""
+        return self._node("softplus", (x,), x.shape)
+
     def gelu(self, x: Tensor) -> Tensor:
         """GELU, tanh approximation (ggml_gelu)."""
         return self._node("gelu", (x,), x.shape)
@@ -291,6 +298,23 @@ class GraphBuilder:
                 or gs % h0.shape[1] or n_head % (gs // h0.shape[1])):
             raise ValueError(f"ssm_scan2: h0 {h0.shape} x {x.shape} dt {dt.shape} a {a.shape} b {b.shape} c {c.shape}")
         return self._node("ssm_scan2", (h0, x, dt, a, b, c), (n_seqs, n + h0.shape[1], d))
+
+    def gated_delta_net(self, s0: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> Tensor:
+        """The gated delta rule (Gated DeltaNet), per sequence, token and value head h, whose query / key head
+        is h // (Hv / Hk) (each key head serves Hv / Hk consecutive value heads): with S_h [dv, dk],
+        S_h = exp(g_h) S_h; S_h += beta_h (v_h - S_h k) k^T; y_h = S_h q. q/k [S, n, Hk * dk] (normalised as
+        the model wants), v [S, n, Hv * dv], g (log decay) and beta [S, n, Hv]; s0 [S, dk, Hv * dv]: each
+        sequence's state, the heads' S_h flattened one after the other ([Hv, dv, dk]). -> [S, n + dk, Hv * dv]:
+        y, then the final state in s0's layout (as ssm_scan2, so the state is a slice to write back)."""
+        n_seqs, n, width_k = q.shape
+        dk, width_v = s0.shape[1], v.shape[2]
+        n_v = g.shape[2] if g.ndim == 3 else 0
+        if (s0.ndim != 3 or k.shape != q.shape or v.shape[:2] != (n_seqs, n) or g.shape != (n_seqs, n, n_v)
+                or beta.shape != g.shape or s0.shape != (n_seqs, dk, width_v) or not n_v or not 0 < dk <= width_k
+                or width_k % dk or width_v % n_v or n_v % (width_k // dk)):
+            raise ValueError(f"gated_delta_net: s0 {s0.shape} q {q.shape} k {k.shape} v {v.shape} g {g.shape} "
+                             f"beta {beta.shape}")
+        return self._node("gated_delta_net", (s0, q, k, v, g, beta), (n_seqs, n + dk, width_v))
 
     def moe_ffn(self, x: Tensor, router: Tensor, up: Tensor, gate: Tensor, down: Tensor, n_used: int,
                 norm_weights: bool) -> Tensor:

@@ -21,6 +21,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "falcon-h1": ("falcon_h1", "FalconH1Model"),
     "granitehybrid": ("granite_hybrid", "GraniteHybridModel"),
     "lfm2": ("lfm2", "Lfm2Model"),
+    "qwen3next": ("qwen3next", "Qwen3NextModel"),
 }
 
 

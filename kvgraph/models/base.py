@@ -60,6 +60,11 @@ class Model:
 
     optional_tensors: frozenset[str] = frozenset()
 
+    def skipped_tensors(self) -> tuple[str, ...]:
+        """Name prefixes of tensors a file may hold that the architecture knowingly leaves out of its graph
+        (as llama.cpp skips a multi-token-prediction block unless asked for it); none by default."""
+        return ()
+
     def derived_tensors(self) -> dict[str, tuple[str, int, int]]:
         """Tensors the architecture reads as row ranges of a fused file tensor: name -> (file tensor, first
         row, rows). A name may reuse its source's (Phi-3's ffn_up holds gate and up)."""

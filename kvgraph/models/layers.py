@@ -46,11 +46,12 @@ def split_heads(g: GraphBuilder, x: Tensor, n_head: int) -> Tensor:
 
 
 # ---- the transformer decoder block most architectures share --------------------------------------------------
-def attention_tensors(c, i: int, bias: bool = False, qk_norm: bool = False) -> dict[str, tuple[int, ...]]:
+def attention_tensors(c, i: int, bias: bool = False, qk_norm: bool = False,
+                      gated: bool = False) -> dict[str, tuple[int, ...]]:
     """Tensors of layer i's attention: norm, q/k/v/output projections, optional q/k/v biases (Qwen2) and
-    per-head q/k RMSNorm weights (Qwen3, Gemma 3)."""
+    per-head q/k RMSNorm weights (Qwen3, Gemma 3); gated: attn_q holds each head's query and output gate."""
     q, kv, v = c.n_head * c.head_dim_k, c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v
-    shapes = {f"blk.{i}.attn_norm.weight": (c.n_embd,), f"blk.{i}.attn_q.weight": (q, c.n_embd),
+    shapes = {f"blk.{i}.attn_norm.weight": (c.n_embd,), f"blk.{i}.attn_q.weight": (2 * q if gated else q, c.n_embd),
               f"blk.{i}.attn_k.weight": (kv, c.n_embd), f"blk.{i}.attn_v.weight": (v, c.n_embd),
               f"blk.{i}.attn_output.weight": (c.n_embd, c.n_head * c.head_dim_v)}
     if bias:
@@ -99,17 +100,23 @@ def rms_norm(g: GraphBuilder, x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, bias: bool = False,
                    qk_norm: bool = False, freq_factors=None, memory: str = "kv", rope_base: float | None = None,
-                   scale: float | None = None, softcap: float | None = None, rope: bool = True) -> Tensor:
+                   scale: float | None = None, softcap: float | None = None, rope: bool = True,
+                   gated: bool = False) -> Tensor:
     """Layer i's attention of the normed input h [n, n_embd] over a KV memory ("kv", or a sliding-window
     one): projections (+ biases), per-head q/k norm, RoPE (rope_base: the layer's own base), attention
     (scale: default 1/sqrt(head_dim); softcap: Gemma 2's score capping, on the non-flash path); returns
-    [n, n_head * head_dim_v], before the output projection."""
+    [n, n_head * head_dim_v], before the output projection. gated (Qwen3-Next): each head's q projection
+    is followed by a gate, and the head's output is multiplied by sigmoid(gate)."""
     def proj(name: str, n_head: int) -> Tensor:
         y = g.matmul(h, w(f"blk.{i}.attn_{name}.weight"))
         if bias:
             y = g.add(y, w(f"blk.{i}.attn_{name}.bias"))
         return split_heads(g, y, n_head)
     q, k, v = proj("q", c.n_head), proj("k", c.n_head_kv), proj("v", c.n_head_kv)
+    if gated:
+        d = c.head_dim_k
+        # contiguous: the norm's kernel must not depend on the token count (a one-token slice is contiguous)
+        q, gate = g.cont(g.slice_rows(q, 0, d, axis=2)), g.sigmoid(g.slice_rows(q, d, d, axis=2))
     if qk_norm:
         q = rms_norm(g, q, w(f"blk.{i}.attn_q_norm.weight"), c.rms_eps)
         k = rms_norm(g, k, w(f"blk.{i}.attn_k_norm.weight"), c.rms_eps)
@@ -117,30 +124,32 @@ def self_attention(g: GraphBuilder, w, io, c, i: int, h: Tensor, *, neox: bool, 
         base = c.rope_base if rope_base is None else rope_base
         q, k = (g.rope(t, io.pos, c.rope_dims, base, neox=neox, freq_scale=c.rope_freq_scale,
                        freq_factors=freq_factors) for t in (q, k))
-    return attention(g, io.memory(memory), i, q, k, v, scale or 1.0 / math.sqrt(c.head_dim_k),
-                     io.key.flash_attn and not softcap, softcap)
+    out = attention(g, io.memory(memory), i, q, k, v, scale or 1.0 / math.sqrt(c.head_dim_k),
+                    io.key.flash_attn and not softcap, softcap)
+    return g.mul(out, g.reshape(gate, out.shape)) if gated else out
 
 
-def gated_ffn(g: GraphBuilder, w, i: int, h: Tensor, act: str = "swiglu") -> Tensor:
-    """down(act(gate(h)) * up(h)), act swiglu (SiLU) or geglu (GELU-tanh)."""
-    ff = g.matmul_glu(h, w(f"blk.{i}.ffn_gate.weight"), w(f"blk.{i}.ffn_up.weight"), act)
-    return g.matmul(ff, w(f"blk.{i}.ffn_down.weight"))
+def gated_ffn(g: GraphBuilder, w, i: int, h: Tensor, act: str = "swiglu", suffix: str = "") -> Tensor:
+    """down(act(gate(h)) * up(h)), act swiglu (SiLU) or geglu (GELU-tanh); suffix: of the tensors' names
+    (ffn_gate{suffix}.weight...: "_shexp" for a shared expert)."""
+    ff = g.matmul_glu(h, w(f"blk.{i}.ffn_gate{suffix}.weight"), w(f"blk.{i}.ffn_up{suffix}.weight"), act)
+    return g.matmul(ff, w(f"blk.{i}.ffn_down{suffix}.weight"))
 
 
 def decoder(g: GraphBuilder, w, io, c, mixer, ffn=None, project: bool = True,
-            output_norm: str = "output_norm.weight") -> None:
+            output_norm: str = "output_norm.weight", ffn_norm: str = "ffn_norm.weight") -> None:
     """The pre-norm decoder stack: x += mixer(i, norm(x)); x += ffn(i, norm(x)); then the output norm and
     projection as 'logits'. mixer(i, h) is layer i's token mixer: the architecture's attention
     (self_attention with its options), or for hybrid models a recurrent block on the other layers; with
     project its result goes through blk.i.attn_output. ffn(i, h): default the gated FFN. After the last
-    mixer only the output rows go on."""
+    mixer only the output rows go on. ffn_norm: the name of the layers' FFN norm (blk.i.<ffn_norm>)."""
     x = g.get_rows(w("token_embd.weight"), io.tokens)
     for i in range(c.n_layer):
         y = mixer(i, rms_norm(g, x, w(f"blk.{i}.attn_norm.weight"), c.rms_eps))
         if i == c.n_layer - 1:
             y, x = io.select_outputs(y), io.select_outputs(x)
         x = g.add(x, g.matmul(y, w(f"blk.{i}.attn_output.weight")) if project else y)
-        h = rms_norm(g, x, w(f"blk.{i}.ffn_norm.weight"), c.rms_eps)
+        h = rms_norm(g, x, w(f"blk.{i}.{ffn_norm}"), c.rms_eps)
         x = g.add(x, ffn(i, h) if ffn is not None else gated_ffn(g, w, i, h))
     g.output("logits", g.matmul(rms_norm(g, x, w(output_norm), c.rms_eps), w("output.weight")))
 
@@ -149,6 +158,21 @@ def attention_layers(m) -> tuple[int, ...]:
     """A hybrid file's layers with attention: those whose attention.head_count_kv entry (per layer) is not 0."""
     kv = m.int_list("attention.head_count_kv") or [m.int("attention.head_count_kv", 1)] * m.int("block_count")
     return tuple(i for i, n in enumerate(kv) if n)
+
+
+def attention_layers_of_flags(m, default_interval: int = 4) -> tuple[int, ...]:
+    """A hybrid file's layers with attention, as llama.cpp reads Qwen3-Next's: those that
+    attention.recurrent_layers (per-layer flags) marks false, or without it every full_attention_interval-th
+    layer (il % interval == interval - 1)."""
+    n_layer = m.int("block_count", required=True)
+    flags = m.any_of("attention.recurrent_layers", None, ("array of bool",))
+    if flags is None:
+        interval = m.int("full_attention_interval", default_interval)
+        return tuple(i for i in range(n_layer) if (i + 1) % interval == 0)
+    if len(flags) != n_layer or not all(isinstance(f, bool) for f in flags):
+        raise GGUFError(f"{m.source}: attention.recurrent_layers {flags!r} does not hold one flag per layer "
+                        f"({n_layer}); the file is inconsistent.")
+    return tuple(i for i, recurrent in enumerate(flags) if not recurrent)
 
 
 def hybrid_memories(c, state, n_ctx: int, alloc, flash_attn: bool, n_seq_max: int, *state_args) -> dict:
@@ -274,6 +298,18 @@ def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool =
     return g.matmul(y, w(f"blk.{i}.ssm_out.weight"))
 
 
+def causal_conv(g: GraphBuilder, rs, i: int, x: Tensor, weight: Tensor) -> Tensor:
+    """The causal depthwise convolution of x [S, t, channels] (S sequences of t new inputs) over each
+    sequence's carried window (columns [0, (k - 1) channels) of its layer-i state row), which it writes back;
+    no bias, no activation. -> [S, t, channels]."""
+    n_seqs, t, channels = x.shape
+    k = weight.shape[1]
+    window = g.reshape(rs.read(i, 0, (k - 1) * channels), (n_seqs, k - 1, channels))
+    conv_x = g.concat_rows(window, x, axis=1)
+    rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)                 # the next window
+    return g.ssm_conv(conv_x, weight)
+
+
 # ---- Mamba-2 ----------------------------------------------------------------------------------------------------
 def mamba2_channels(c) -> int:
     e = c.extra
@@ -310,11 +346,9 @@ def mamba2_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, gated_norm: bool 
     n, n_seqs = h.shape[0], io.key.n_seqs
     t = n // n_seqs
     seqs = lambda x, width: g.reshape(x, (n_seqs, t, width))  # noqa: E731
-    conv_state = g.reshape(rs.read(i, 0, (k - 1) * dc), (n_seqs, k - 1, dc))
     ssm_state = g.reshape(rs.read(i, (k - 1) * dc, s * d), (n_seqs, s, d))
-    conv_x = g.concat_rows(conv_state, seqs(g.matmul(h, w(f"blk.{i}.ssm_in.xbc")), dc), axis=1)
-    rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)
-    xbc = g.silu(g.add(g.ssm_conv(conv_x, w(f"blk.{i}.ssm_conv1d.weight")), w(f"blk.{i}.ssm_conv1d.bias")))
+    conv = causal_conv(g, rs, i, seqs(g.matmul(h, w(f"blk.{i}.ssm_in.xbc")), dc), w(f"blk.{i}.ssm_conv1d.weight"))
+    xbc = g.silu(g.add(conv, w(f"blk.{i}.ssm_conv1d.bias")))
     x = g.slice_rows(xbc, 0, d, axis=2)
     b, cc = g.slice_rows(xbc, d, ng * s, axis=2), g.slice_rows(xbc, d + ng * s, ng * s, axis=2)
     dt = g.add(g.matmul(h, w(f"blk.{i}.ssm_in.dt")), w(f"blk.{i}.ssm_dt.bias"))
@@ -330,12 +364,28 @@ def mamba2_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, gated_norm: bool 
 
 
 # ---- mixture of experts -------------------------------------------------------------------------------------------
-def moe_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
-    """Layer i's expert FFN: router (ffn_gate_inp) and the experts' stacked gate/up/down."""
-    n_exp, p = c.extra["n_expert"], f"blk.{i}."
-    return {p + "ffn_norm.weight": (c.n_embd,), p + "ffn_gate_inp.weight": (n_exp, c.n_embd),
-            p + "ffn_gate_exps.weight": (n_exp, c.n_ff, c.n_embd), p + "ffn_up_exps.weight": (n_exp, c.n_ff, c.n_embd),
-            p + "ffn_down_exps.weight": (n_exp, c.n_embd, c.n_ff)}
+def moe_tensors(c, i: int, n_ff: int | None = None, norm: str = "ffn_norm.weight") -> dict[str, tuple[int, ...]]:
+    """Layer i's expert FFN: its norm (blk.i.<norm>), router (ffn_gate_inp) and the experts' stacked
+    gate/up/down, each expert n_ff wide (default the file's feed_forward_length)."""
+    n_exp, p, f = c.extra["n_expert"], f"blk.{i}.", n_ff or c.n_ff
+    return {p + norm: (c.n_embd,), p + "ffn_gate_inp.weight": (n_exp, c.n_embd),
+            p + "ffn_gate_exps.weight": (n_exp, f, c.n_embd), p + "ffn_up_exps.weight": (n_exp, f, c.n_embd),
+            p + "ffn_down_exps.weight": (n_exp, c.n_embd, f)}
+
+
+def shared_expert_tensors(c, i: int, n_ff: int) -> dict[str, tuple[int, ...]]:
+    """Layer i's shared expert (a gated FFN n_ff wide) and its gate (one output)."""
+    p = f"blk.{i}."
+    return {p + "ffn_gate_shexp.weight": (n_ff, c.n_embd), p + "ffn_up_shexp.weight": (n_ff, c.n_embd),
+            p + "ffn_down_shexp.weight": (c.n_embd, n_ff), p + "ffn_gate_inp_shexp.weight": (1, c.n_embd)}
+
+
+def moe_shared_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Tensor:
+    """The routed experts plus the shared expert, the latter scaled per token by sigmoid(gate_inp_shexp h)
+    (Qwen2-MoE, Qwen3-Next)."""
+    shared = gated_ffn(g, w, i, h, suffix="_shexp")
+    gate = g.sigmoid(g.matmul(h, w(f"blk.{i}.ffn_gate_inp_shexp.weight")))          # [n, 1]
+    return g.add(moe_ffn(g, w, c, i, h, norm_weights), g.mul(shared, gate))
 
 
 def moe_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Tensor:
@@ -393,3 +443,90 @@ def shortconv_block(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
     rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)
     y = g.mul(g.matmul(h, w(p + "in_c")), g.reshape(g.ssm_conv(conv_x, w(p + "conv.weight")), (n, e)))
     return g.matmul(y, w(p + "out_proj.weight"))
+
+
+# ---- Gated DeltaNet (Qwen3-Next's linear attention) ----------------------------------------------------------------
+def delta_net_sizes(m) -> dict[str, int]:
+    """The ssm.* hyper-parameters as Qwen3-Next's files hold them: state_size the key (and value) head size,
+    group_count the key heads, time_step_rank the value heads, inner_size all value heads' width. Shapes that
+    do not fit one another are refused here, with the numbers."""
+    e = mamba_sizes(m)
+    dk, n_k, n_v, d = e["d_state"], e["n_group"], e["dt_rank"], e["d_inner"]
+    if n_v % n_k or d != n_v * dk or e["d_conv"] < 2:
+        raise GGUFError(f"{m.source}: inconsistent gated delta-net sizes: {n_k} key heads and {n_v} value heads "
+                        f"(a multiple of them) of {dk} (ssm.state_size), ssm.inner_size {d} (must be {n_v} x {dk}), "
+                        f"conv kernel {e['d_conv']} (at least 2).")
+    return e
+
+
+def delta_net_channels(c) -> int:
+    """The convolved channels: q and k (every key head), v (every value head)."""
+    e = c.extra
+    return 2 * e["n_group"] * e["d_state"] + e["d_inner"]
+
+
+def delta_net_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
+    """Layer i's gated delta-net: q/k/v projection (attn_qkv) and output gate z (attn_gate) -- or, in files
+    of older converters (extra["ssm_in"]), both in one ssm_in --, beta and alpha (ssm_ba: per key head, its
+    value heads' betas then their alphas), conv, dt bias, A (-exp(A_log), as the converter writes it), the
+    gated norm (one head's width) and the output projection."""
+    e, p = c.extra, f"blk.{i}."
+    d, n_v = e["d_inner"], e["dt_rank"]
+    if e.get("ssm_in"):
+        shapes = {p + "ssm_in.weight": (delta_net_channels(c) + d, c.n_embd)}
+    else:
+        shapes = {p + "attn_qkv.weight": (delta_net_channels(c), c.n_embd), p + "attn_gate.weight": (d, c.n_embd)}
+    return shapes | {p + "ssm_ba.weight": (2 * n_v, c.n_embd),
+                     p + "ssm_conv1d.weight": (delta_net_channels(c), e["d_conv"]),
+                     p + "ssm_dt.bias": (n_v,), p + "ssm_a": (n_v,), p + "ssm_norm.weight": (d // n_v,),
+                     p + "ssm_out.weight": (c.n_embd, d)}
+
+
+def delta_net_qkvz(g: GraphBuilder, w, c, i: int, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Layer i's q|k|v [n, channels] (every q head, every k head, every v head) and z [n, d_inner]: from
+    attn_qkv and attn_gate, or from an older file's ssm_in, whose rows go per key head: its q, its k, its value
+    heads' v, their z (llama.cpp's legacy path)."""
+    e, p = c.extra, f"blk.{i}."
+    if not e.get("ssm_in"):
+        return g.matmul(h, w(p + "attn_qkv.weight")), g.matmul(h, w(p + "attn_gate.weight"))
+    n, dk, n_k = h.shape[0], e["d_state"], e["n_group"]
+    dv_k = e["d_inner"] // n_k                               # the value heads' width per key head
+    mixed = g.reshape(g.matmul(h, w(p + "ssm_in.weight")), (n, n_k, 2 * dk + 2 * dv_k))
+
+    def part(start: int, width: int) -> Tensor:
+        return g.reshape(g.cont(g.slice_rows(mixed, start, width, axis=2)), (n, n_k * width))
+    qk = g.concat_rows(part(0, dk), part(dk, dk), axis=1)
+    return g.concat_rows(qk, part(2 * dk, dv_k), axis=1), part(2 * dk + dv_k, dv_k)
+
+
+def delta_net_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
+    """Layer i's gated delta-net of the normed input h [n, n_embd] (S sequences of t tokens, grouped): q, k, v
+    from attn_qkv through the causal conv (SiLU) over each sequence's carried window; q and k L2-normalised
+    per head (q also by 1/sqrt(head size)); beta = sigmoid(b), decay g = A softplus(alpha + dt_bias); the delta
+    rule from each carried state; per value head RMSNorm (ssm_norm) gated by SiLU(z); ssm_out."""
+    e, p = c.extra, f"blk.{i}."
+    dk, d, k, n_v, n_k = e["d_state"], e["d_inner"], e["d_conv"], e["dt_rank"], e["n_group"]
+    dc, r, dv = delta_net_channels(c), n_v // n_k, d // n_v
+    rs = io.memory("rs")
+    n, n_seqs = h.shape[0], io.key.n_seqs
+    t = n // n_seqs
+    state = g.reshape(rs.read(i, (k - 1) * dc, dk * d), (n_seqs, dk, d))
+    qkv, z = delta_net_qkvz(g, w, c, i, h)
+    xc = g.silu(causal_conv(g, rs, i, g.reshape(qkv, (n_seqs, t, dc)), w(p + "ssm_conv1d.weight")))
+
+    # q and k: x / sqrt(sum x^2 + eps) = rms_norm(x, eps / dk) / sqrt(dk) per head, on a contiguous copy (the
+    # norm's kernel must not depend on the token count: a one-token slice is contiguous)
+    qk = g.reshape(g.cont(g.slice_rows(xc, 0, 2 * n_k * dk, axis=2)), (n_seqs, t, 2 * n_k, dk))
+    qk = g.rms_norm(qk, c.rms_eps / dk)
+    q, kk = (g.reshape(g.scale(g.slice_rows(qk, start, n_k, axis=2), scale), (n_seqs, t, n_k * dk))
+             for start, scale in ((0, 1.0 / dk), (n_k, 1.0 / math.sqrt(dk))))
+    v = g.slice_rows(xc, 2 * n_k * dk, d, axis=2)
+    ba = g.reshape(g.matmul(h, w(p + "ssm_ba.weight")), (n, n_k, 2 * r))       # per key head: r betas, r alphas
+    beta = g.reshape(g.sigmoid(g.slice_rows(ba, 0, r, axis=2)), (n_seqs, t, n_v))
+    alpha = g.reshape(g.cont(g.slice_rows(ba, r, r, axis=2)), (n, n_v))
+    decay = g.mul(g.softplus(g.add(alpha, w(p + "ssm_dt.bias"))), w(p + "ssm_a"))
+    out = g.gated_delta_net(state, q, kk, v, g.reshape(decay, (n_seqs, t, n_v)), beta)
+    rs.write(i, g.slice_rows(out, t, dk, axis=1), col=(k - 1) * dc)            # the next state
+    y = g.reshape(g.cont(g.slice_rows(out, 0, t, axis=1)), (n, n_v, dv))
+    y = g.swiglu(g.reshape(z, (n, n_v, dv)), rms_norm(g, y, w(p + "ssm_norm.weight"), c.rms_eps))   # silu(z) norm(y)
+    return g.matmul(g.reshape(y, (n, d)), w(p + "ssm_out.weight"))
