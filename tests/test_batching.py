@@ -298,6 +298,52 @@ def test_sliding_window_checkpoints_restart_a_prompt_whose_window_was_pruned(fla
     off.shutdown()
 
 
+@pytest.mark.parametrize("kind", ["f32", "f16", "q8_0", "f32 transposed V"])
+def test_a_window_snapshot_restores_the_cells_it_took_in_every_cache_layout(kind):
+    """KVCache.snapshot keeps a sequence's last window of cells (positions, every layer's K and V rows) and
+    restore puts them back, in pages of the sequence's own, bit for bit, for each storage type and V layout;
+    the cache can then go on from the snapshot's position."""
+    import numpy as np
+
+    from kvgraph.backends.reference import Q8_0_BLOCK
+    from kvgraph.graph.inputs import UBatch
+    from kvgraph.memory.kv_cache import KVCache
+
+    rng = np.random.default_rng(5)
+    dtype = {"f16": np.float16, "q8_0": Q8_0_BLOCK}.get(kind, np.float32)
+
+    def alloc(shape, cache=True):
+        if dtype is Q8_0_BLOCK and cache:
+            return np.zeros((shape[0], shape[1] // 32), Q8_0_BLOCK)
+        return np.zeros(shape, dtype if cache else np.float32)
+
+    kv = KVCache("kv", [0, 3], 1024, 2, 32, 32, kind.endswith("transposed V"), alloc, sliding_window=40)
+    kv.prepare(UBatch.single(np.zeros(300, np.int32), 0, seq=1))
+    for b in kv.buffers.values():
+        b.view(np.uint8)[...] = rng.integers(0, 256, b.view(np.uint8).shape, dtype=np.uint8)
+
+    def rows_by_pos():
+        cells = np.flatnonzero(kv.cell_seq == 1)
+        order = cells[np.argsort(kv.cell_pos[cells])]
+        return kv.cell_pos[order].tolist(), {n: (b[:, order] if kv.v_trans and ".v." in n else b[order]).copy()
+                                             for n, b in kv.buffers.items()}
+
+    snap = kv.snapshot(1)
+    assert snap["pos"].tolist() == list(range(260, 300))
+    kept_pos, kept = rows_by_pos()
+    kv.seq_rm(1)
+    kv.prepare(UBatch.single(np.zeros(700, np.int32), 0, seq=2))       # another sequence takes the pages
+    kv.seq_rm(2, 0, 10)
+    kv.restore(1, snap, 300)
+    pos, rows = rows_by_pos()
+    assert pos == list(range(260, 300)) and kv.can_keep(1, 300)
+    for name, want in kept.items():
+        got = rows[name]
+        np.testing.assert_array_equal(got.view(np.uint8), (want[:, -40:] if kv.v_trans and ".v." in name
+                                                           else want[-40:]).view(np.uint8))
+    assert kv.snapshot_bytes() >= sum(a.nbytes for n, a in snap.items() if n != "pos")
+
+
 def test_every_request_in_a_batch_equals_running_it_alone_over_a_q8_0_cache(tmp_path):
     """A q8_0 KV cache (the tiny llama with 32-dimensional heads: whole Q8_0 blocks): each request's greedy
     text in a batch is its text alone, as for f16."""
