@@ -1131,3 +1131,38 @@ def test_state_rows_are_gathered_in_c_and_a_bad_slot_is_refused(variant):
         native_ops.get_rows(table, ids, out)()
     np.testing.assert_array_equal(out[0], table[3])
     assert not out[1].any()
+
+
+def test_the_gated_delta_net_in_c_matches_numpy_and_gives_the_same_bits_split_or_batched(variant):
+    """kvg_gated_delta_net against the numpy reference (Qwen3-Next's linear attention: 2 key heads of 16 serve
+    4 value heads of 8), and a sequence's y and state the same bits alone or beside another, whole or token by
+    token, with strided inputs (v a column range of a wider row, as the model slices it)."""
+    from kvgraph.graph.ir import Tensor
+
+    rng = np.random.default_rng(13)
+    S, n, n_k, n_v, dk, dv = 2, 6, 2, 4, 16, 8
+    q, k = (rng.standard_normal((S, n, n_k * dk), dtype=np.float32) / 4 for _ in range(2))
+    v = rng.standard_normal((S, n, n_v * dv + 5), dtype=np.float32)[:, :, 5:]
+    g = -np.abs(rng.standard_normal((S, n, n_v), dtype=np.float32))
+    beta = rng.uniform(0, 1, (S, n, n_v)).astype(np.float32)
+    s0 = rng.standard_normal((S, dk, n_v * dv), dtype=np.float32) / 4
+
+    def run(kernel_of, s0, t0, t1, seqs=slice(None)):
+        srcs = [s0[seqs], q[seqs, t0:t1], k[seqs, t0:t1], v[seqs, t0:t1], g[seqs, t0:t1], beta[seqs, t0:t1]]
+        out = np.full((srcs[1].shape[0], t1 - t0 + dk, n_v * dv), np.nan, np.float32)
+        kernel_of(srcs, out)()
+        return out
+
+    native = lambda srcs, out: native_ops.gated_delta_net(*srcs, out)  # noqa: E731
+    node = Tensor(0, "gated_delta_net", (), (S, n + dk, n_v * dv), "f32", "", {})
+    numpy = lambda srcs, out: reference.KERNELS["gated_delta_net"](node, out, *srcs)  # noqa: E731
+    whole = run(native, s0, 0, n)
+    np.testing.assert_allclose(whole, run(numpy, s0, 0, n), rtol=1e-5, atol=1e-5)
+    state, ys = s0, []
+    for t in range(n):
+        out = run(native, state, t, t + 1)
+        ys.append(out[:, :1])
+        state = np.ascontiguousarray(out[:, 1:])
+    np.testing.assert_array_equal(np.concatenate(ys, axis=1), whole[:, :n])
+    np.testing.assert_array_equal(state, whole[:, n:])
+    np.testing.assert_array_equal(run(native, s0, 0, n, slice(1, 2))[0], whole[1])

@@ -903,8 +903,9 @@ static inline vf vf_log1p(vf y) {
 static inline vf vf_softplus(vf x) { return vf_if(x, _CMP_GT_OQ, vf_set1(20.0f), x, vf_log1p(vf_exp(x))); }
 #endif
 
-/* o[i] = act(g[i]) * u[i] (u 0: act(g[i])), kind 0: silu, 1: gelu tanh. Element i is read before it is written (o may be g
- * or u), and each element's bits depend only on its value and on whether it falls in a whole vector. */
+/* o[i] = act(g[i]) * u[i] (u 0: act(g[i])), kind 0: silu, 1: gelu tanh, 2: sigmoid, 3: softplus (those two
+ * alone, never gated). Element i is read before it is written (o may be g or u), and each element's bits depend
+ * only on its value and on whether it falls in a whole vector. */
 static inline void gated_span(const float *g, const float *u, float *o, const int64_t n, const int64_t kind) {
     int64_t i = 0;
 #ifdef VF_W
@@ -914,6 +915,10 @@ static inline void gated_span(const float *g, const float *u, float *o, const in
         vf act;
         if (kind == 0) {       /* x / (1 + e^-x) */
             act = vf_div(x, vf_add(one, vf_exp(vf_sub(vf_set1(0.0f), x))));
+        } else if (kind == 2) {
+            act = vf_div(one, vf_add(one, vf_exp(vf_sub(vf_set1(0.0f), x))));
+        } else if (kind == 3) {
+            act = vf_softplus(x);
         } else {               /* 0.5 x (1 + tanh(z)) = x / (1 + e^-2z), z = sqrt(2/pi) (x + 0.044715 x^3) */
             const vf z = vf_mul(vf_set1(0.7978845608f), vf_fmadd(vf_mul(vf_set1(0.044715f), x), vf_mul(x, x), x));
             act = vf_div(x, vf_add(one, vf_exp(vf_mul(vf_set1(-2.0f), z))));
@@ -924,7 +929,9 @@ static inline void gated_span(const float *g, const float *u, float *o, const in
     for (; i < n; i++) {
         const float x = g[i];
         const float act = kind == 0 ? x / (1.0f + expf(-x))
-                                    : 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
+                          : kind == 2 ? 1.0f / (1.0f + expf(-x))
+                          : kind == 3 ? (x > 20.0f ? x : log1pf(expf(x)))
+                                      : 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
         o[i] = u ? act * u[i] : act;
     }
 }
@@ -2529,6 +2536,40 @@ static void scan1_blocks(void *ctx, int64_t b0, int64_t b1) {
     }
 }
 #endif
+
+/* a: s0, s0_s0, q, q_s0, q_s1, k, k_s0, k_s1, v, v_s0, v_s1, g, g_s0, g_s1, beta, b_s0, b_s1, out, o_s0, o_s1,
+ * S, n, Hk, Hv, dk, dv (strides in floats: per sequence, per token; each row's last axis contiguous).
+ * The gated delta rule (GraphBuilder.gated_delta_net) per (sequence, value head), its tokens in order: the
+ * head's state S [dv, dk] (rows of a sequence's state [Hv, dv, dk], contiguous) is copied to out's state
+ * rows and updated there: S = exp(g) S; u = beta (v - S k); S += u k^T; y = S q, every dot product a
+ * dot_lanes. A head's bits depend only on its own sequence's inputs: one token, a whole prompt or a batch. */
+static void delta_heads(void *ctx, int64_t t0, int64_t t1) {
+    const int64_t *a = (const int64_t *)ctx;
+    const float *s0 = (const float *)a[0], *q = (const float *)a[2], *k = (const float *)a[5];
+    const float *v = (const float *)a[8], *g = (const float *)a[11], *beta = (const float *)a[14];
+    float *out = (float *)a[17];
+    const int64_t n = a[21], hk = a[22], hv = a[23], dk = a[24], dv = a[25];
+    for (int64_t it = t0; it < t1; it++) {
+        const int64_t sq = it / hv, h = it % hv, kh = h / (hv / hk);
+        float *st = out + sq * a[18] + n * a[19] + h * dv * dk;
+        memmove(st, s0 + sq * a[1] + h * dv * dk, sizeof(float) * (size_t)(dv * dk));
+        for (int64_t t = 0; t < n; t++) {
+            const float *qt = q + sq * a[3] + t * a[4] + kh * dk, *kt = k + sq * a[6] + t * a[7] + kh * dk;
+            const float *vt = v + sq * a[9] + t * a[10] + h * dv;
+            const float decay = expf(g[sq * a[12] + t * a[13] + h]), bt = beta[sq * a[15] + t * a[16] + h];
+            float *yt = out + sq * a[18] + t * a[19] + h * dv;
+            for (int64_t r = 0; r < dv; r++) {
+                float *row = st + r * dk;
+                for (int64_t c = 0; c < dk; c++) row[c] *= decay;
+                const float u = (vt[r] - dot_lanes(row, kt, dk)) * bt;
+                for (int64_t c = 0; c < dk; c++) row[c] += u * kt[c];
+                yt[r] = dot_lanes(row, qt, dk);
+            }
+        }
+    }
+}
+
+void kvg_gated_delta_net(const int64_t *a) { parallel_for(a[20] * a[23], 1, delta_heads, (void *)a); }
 
 void kvg_ssm_scan(const int64_t *a) {
     if (!scan_ids_ok(a)) return;

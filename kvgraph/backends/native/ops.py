@@ -7,13 +7,14 @@ import numpy as np
 from ...graph.ir import Tensor
 from ..reference import Q8_0_BLOCK, QK8_0, is_q8_0, rope_inv_freq
 from ..quant_repack import Q8_0Rows
-from . import GATED_KINDS, bind, f64_bits, ptr
+from . import ACT_KINDS, GATED_KINDS, bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
 SEG = 256   # cells per segment of the attention kernel (kernels.c), the KV cache's page
 Q8_MAX_BLOCKS = 32   # kernels.c's: q8_0 K / V heads of at most 1024 values
 OPS = frozenset({"rms_norm", "swiglu", "geglu", "rope", "flash_attn", "add", "mul", "scale",  # for_node's
-                 "moe_ffn", "ssm_conv", "ssm_scan", "ssm_scan2", "silu", "cont", "concat_rows"})
+                 "moe_ffn", "ssm_conv", "ssm_scan", "ssm_scan2", "silu", "sigmoid", "softplus", "cont", "concat_rows",
+                 "gated_delta_net"})
 
 
 def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
@@ -41,6 +42,10 @@ def for_node(t: Tensor, out: np.ndarray, srcs: list[np.ndarray]):
         return ssm_scan(t.op, *srcs, out, a_const=t.srcs[3].op == "weight")
     if t.op == "silu":
         return act("swiglu", srcs[0], out)
+    if t.op in ("sigmoid", "softplus"):
+        return act(t.op, srcs[0], out)
+    if t.op == "gated_delta_net":
+        return gated_delta_net(*srcs, out)
     if t.op == "cont":
         return copy([(srcs[0], out)])
     if t.op == "concat_rows":
@@ -132,6 +137,22 @@ def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarr
                 keep=(h0, x, dt, a, b, c, out, ids, at), indexes=ids is not None)
 
 
+def gated_delta_net(s0: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray,
+                    out: np.ndarray):
+    """The gated delta rule (kvg_gated_delta_net): float32 [S, n, width] inputs with unit-stride rows, each
+    sequence's state rows (s0 [S, dk, Hv dv], out's last dk rows) contiguous."""
+    arrays = (s0, q, k, v, g, beta, out)
+    if not all(a.dtype == np.float32 and a.ndim == 3 and a.strides[2] == F4 and all(st % F4 == 0 for st in a.strides)
+               for a in arrays) or any(a.strides[1] != a.shape[2] * F4 for a in (s0, out)):
+        return None
+    n_seqs, n, width_k = q.shape
+    dk, n_v = s0.shape[1], g.shape[2]
+    st = [(a.strides[0] // F4, a.strides[1] // F4) for a in (q, k, v, g, beta, out)]
+    return bind("kvg_gated_delta_net", ptr(s0), s0.strides[0] // F4, ptr(q), *st[0], ptr(k), *st[1], ptr(v), *st[2],
+                ptr(g), *st[3], ptr(beta), *st[4], ptr(out), *st[5], n_seqs, n, width_k // dk, n_v, dk,
+                v.shape[2] // n_v, keep=arrays)
+
+
 def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray, down: np.ndarray,
             out: np.ndarray, n_used: int, norm: bool):
     """A mixture-of-experts SwiGLU FFN token by token (kvg_moe_f32): float32, rows contiguous."""
@@ -176,11 +197,12 @@ def add(a: np.ndarray, b: np.ndarray, out: np.ndarray):
 
 
 def act(kind: str, x: np.ndarray, out: np.ndarray):
-    """out = act(x) row by row (kvg_act: kvg_gated's activation alone), contiguous float32 of one shape."""
+    """out = act(x) row by row (kvg_act: kvg_gated's activations alone, sigmoid, softplus), contiguous float32
+    of one shape."""
     if not (x.shape == out.shape and x.ndim and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, out))):
         return None
     k = x.shape[-1]
-    return bind("kvg_act", ptr(x), ptr(out), x.size // max(k, 1), k, GATED_KINDS[kind], keep=(x, out))
+    return bind("kvg_act", ptr(x), ptr(out), x.size // max(k, 1), k, ACT_KINDS[kind], keep=(x, out))
 
 
 def _as_3d(a: np.ndarray) -> tuple[list[int], list[int]] | None:
