@@ -955,9 +955,10 @@ void kvg_act(const int64_t *a) { parallel_for(a[2], (16384 + a[3] - 1) / a[3], a
 static const tiles_fn TILES[] = {q4h_tiles, q4f_tiles, q5h_tiles, q8_tiles, q4k_tiles, q5k_tiles, q6k_tiles};
 
 /* a: w (gate's F/TR tiles, then up's), F (a multiple of TR), K, xq, xd, xs, M, out (float [M, F]), bytes per
- * tile, xh, format (F_*), kind (as kvg_gated), up's tiles where they are elsewhere (0: after gate's).  out = act(x gate^T) * (x up^T) with each output tile's gate
- * and up products kept in registers: the two [M, F] intermediates never exist. The same sums and the same
- * activation as kvg_matmul_* then kvg_gated, so the same bits. */
+ * tile, xh, format (F_*), kind (as kvg_gated), up's tiles where they are elsewhere (0: after gate's).
+ * out = act(x gate^T) * (x up^T) with each output tile's gate and up products kept in registers: the two
+ * [M, F] intermediates never exist. The same sums and the same activation as kvg_matmul_* then kvg_gated,
+ * so the same bits. */
 static void glu_tiles(void *job, int64_t r0, int64_t r1) {     /* runs r0 .. r1 - 1 of GLU_RUN tiles */
     const int64_t *a = (const int64_t *)job;
     const uint8_t *w = (const uint8_t *)a[0];
