@@ -1166,3 +1166,35 @@ def test_the_gated_delta_net_in_c_matches_numpy_and_gives_the_same_bits_split_or
     np.testing.assert_array_equal(np.concatenate(ys, axis=1), whole[:, :n])
     np.testing.assert_array_equal(state, whole[:, n:])
     np.testing.assert_array_equal(run(native, s0, 0, n, slice(1, 2))[0], whole[1])
+
+
+def test_the_gated_delta_net_in_place_by_slot_gives_the_gathered_bits_and_refuses_a_repeated_slot(variant):
+    """In place in a state table (the columns of a wider row, by slot): y and the new state are the bits of
+    the run on gathered copies, other rows and columns are left alone; a slot named twice is refused."""
+    from kvgraph.errors import IndexOutOfRangeError
+
+    rng = np.random.default_rng(17)
+    S, n, n_k, n_v, dk, dv = 2, 3, 1, 2, 16, 8
+    q, k = (rng.standard_normal((S, n, n_k * dk), dtype=np.float32) / 4 for _ in range(2))
+    v = rng.standard_normal((S, n, n_v * dv), dtype=np.float32)
+    g = -np.abs(rng.standard_normal((S, n, n_v), dtype=np.float32))
+    beta = rng.uniform(0, 1, (S, n, n_v)).astype(np.float32)
+    s0 = rng.standard_normal((S, dk, n_v * dv), dtype=np.float32) / 4
+    want = np.empty((S, n + dk, n_v * dv), np.float32)
+    native_ops.gated_delta_net(s0, q, k, v, g, beta, want)()
+    pre, width, slots = 3, dk * n_v * dv, np.array([2, 0], np.int32)
+    table = rng.standard_normal((4, pre + width + 5), dtype=np.float32)
+    table[slots, pre: pre + width] = s0.reshape(S, -1)
+    before = table.copy()
+    view = table[:, pre: pre + width].view()
+    view.shape = (4, dk, n_v * dv)
+    out = np.full((S, n + dk, n_v * dv), 7.0, np.float32)
+    native_ops.gated_delta_net(view, q, k, v, g, beta, out, ids=slots)()
+    np.testing.assert_array_equal(out[:, :n], want[:, :n])
+    assert (out[:, n:] == 7.0).all()
+    np.testing.assert_array_equal(table[slots, pre: pre + width], want[:, n:].reshape(S, -1))
+    others = np.ones(table.shape, bool)
+    others[slots, pre: pre + width] = False
+    np.testing.assert_array_equal(table[others], before[others])
+    with pytest.raises(IndexOutOfRangeError):
+        native_ops.gated_delta_net(view, q, k, v, g, beta, out, ids=np.array([1, 1], np.int32))()

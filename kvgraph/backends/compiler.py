@@ -268,12 +268,13 @@ class FusingCompiler(Compiler):
             self.skip.update(m.id for m in members[:-1])
 
     def _plan_state_scans(self) -> None:
-        """Scans whose old state is a get_rows of a state's columns by slot, read by the scan alone, and
-        whose new state rows go only to a set_rows of those same columns at the same slots, with no other
-        read or write of those columns in between: candidates to run in place (see state_scan)."""
+        """Scans (Mamba's, and Qwen3-Next's gated delta rule) whose old state is a get_rows of a state's
+        columns by slot, read by the scan alone, and whose new state rows go only to a set_rows of those same
+        columns at the same slots, with no other read or write of those columns in between: candidates to
+        run in place (see state_scan)."""
         for tid in self.plan.order:
             t = self.nodes[tid]
-            if t.op not in ("ssm_scan", "ssm_scan2") or t.ndim != 3:
+            if t.op not in ("ssm_scan", "ssm_scan2", "gated_delta_net") or t.ndim != 3:
                 continue
             gather = self._state_gather(t.srcs[0], t)
             if gather is None:
@@ -419,8 +420,9 @@ class FusingCompiler(Compiler):
             return None
         h0 = tab[:, col: col + g.shape[1]].view()
         h0.shape = (tab.shape[0],) + t.srcs[0].shape[1:]
-        kernel = native_ops.ssm_scan(t.op, h0, *[self.arr(s) for s in srcs[1:]], out, ids=ids,
-                                     a_const=t.srcs[3].op == "weight")
+        rest = [self.arr(s) for s in srcs[1:]]
+        kernel = (native_ops.gated_delta_net(h0, *rest, out, ids=ids) if t.op == "gated_delta_net" else
+                  native_ops.ssm_scan(t.op, h0, *rest, out, ids=ids, a_const=t.srcs[3].op == "weight"))
         if kernel is not None:
             self.kernels[self.emitted_at[g.id]] = None
             self.skip.add(w.id)

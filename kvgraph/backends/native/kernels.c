@@ -2539,11 +2539,14 @@ static void scan1_blocks(void *ctx, int64_t b0, int64_t b1) {
 #endif
 
 /* a: s0, s0_s0, q, q_s0, q_s1, k, k_s0, k_s1, v, v_s0, v_s1, g, g_s0, g_s1, beta, b_s0, b_s1, out, o_s0, o_s1,
- * S, n, Hk, Hv, dk, dv (strides in floats: per sequence, per token; each row's last axis contiguous).
+ * S, n, Hk, Hv, dk, dv (strides in floats: per sequence, per token; each row's last axis contiguous), ids
+ * (int32 [S] or 0), n_rows.
  * The gated delta rule (GraphBuilder.gated_delta_net) per (sequence, value head), its tokens in order: the
  * head's state S [dv, dk] (rows of a sequence's state [Hv, dv, dk], contiguous) is copied to out's state
  * rows and updated there: S = exp(g) S; u = beta (v - S k); S += u k^T; y = S q, every dot product a
- * dot_lanes. A head's bits depend only on its own sequence's inputs: one token, a whole prompt or a batch. */
+ * dot_lanes. ids != 0: in place in a recurrent state table instead, sequence q's state at s0 + ids[q] s0_s0
+ * (out's state rows are left alone; the slots are checked distinct first, as the scans'). A head's bits
+ * depend only on its own sequence's inputs: one token, a whole prompt or a batch, in place or not. */
 static void delta_heads(void *ctx, int64_t t0, int64_t t1) {
     const int64_t *a = (const int64_t *)ctx;
     const float *s0 = (const float *)a[0], *q = (const float *)a[2], *k = (const float *)a[5];
@@ -2552,8 +2555,9 @@ static void delta_heads(void *ctx, int64_t t0, int64_t t1) {
     const int64_t n = a[21], hk = a[22], hv = a[23], dk = a[24], dv = a[25];
     for (int64_t it = t0; it < t1; it++) {
         const int64_t sq = it / hv, h = it % hv, kh = h / (hv / hk);
-        float *st = out + sq * a[18] + n * a[19] + h * dv * dk;
-        memmove(st, s0 + sq * a[1] + h * dv * dk, sizeof(float) * (size_t)(dv * dk));
+        const int32_t *ids = (const int32_t *)a[26];
+        float *st = ids ? (float *)s0 + (int64_t)ids[sq] * a[1] + h * dv * dk : out + sq * a[18] + n * a[19] + h * dv * dk;
+        if (!ids) memmove(st, s0 + sq * a[1] + h * dv * dk, sizeof(float) * (size_t)(dv * dk));
         for (int64_t t = 0; t < n; t++) {
             const float *qt = q + sq * a[3] + t * a[4] + kh * dk, *kt = k + sq * a[6] + t * a[7] + kh * dk;
             const float *vt = v + sq * a[9] + t * a[10] + h * dv;
@@ -2570,7 +2574,10 @@ static void delta_heads(void *ctx, int64_t t0, int64_t t1) {
     }
 }
 
-void kvg_gated_delta_net(const int64_t *a) { parallel_for(a[20] * a[23], 1, delta_heads, (void *)a); }
+void kvg_gated_delta_net(const int64_t *a) {
+    if (!slots_ok((const int32_t *)a[26], a[20], a[27])) return;
+    parallel_for(a[20] * a[23], 1, delta_heads, (void *)a);
+}
 
 void kvg_ssm_scan(const int64_t *a) {
     if (!scan_ids_ok(a)) return;

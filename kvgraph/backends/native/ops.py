@@ -138,19 +138,24 @@ def ssm_scan(op: str, h0: np.ndarray, x: np.ndarray, dt: np.ndarray, a: np.ndarr
 
 
 def gated_delta_net(s0: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray, beta: np.ndarray,
-                    out: np.ndarray):
+                    out: np.ndarray, ids: np.ndarray | None = None):
     """The gated delta rule (kvg_gated_delta_net): float32 [S, n, width] inputs with unit-stride rows, each
-    sequence's state rows (s0 [S, dk, Hv dv], out's last dk rows) contiguous."""
+    sequence's state rows (s0 [S, dk, Hv dv], out's last dk rows) contiguous. ids (int32 [S]): in place
+    instead, s0 then the state table's columns holding the state, [n_slots, dk, Hv dv]; sequence q's state
+    is s0[ids[q]], updated there (out's state rows are left alone)."""
     arrays = (s0, q, k, v, g, beta, out)
     if not all(a.dtype == np.float32 and a.ndim == 3 and a.strides[2] == F4 and all(st % F4 == 0 for st in a.strides)
                for a in arrays) or any(a.strides[1] != a.shape[2] * F4 for a in (s0, out)):
         return None
     n_seqs, n, width_k = q.shape
+    if ids is not None and (ids.dtype != np.int32 or ids.shape != (n_seqs,) or not ids.flags.c_contiguous):
+        return None
     dk, n_v = s0.shape[1], g.shape[2]
     st = [(a.strides[0] // F4, a.strides[1] // F4) for a in (q, k, v, g, beta, out)]
+    in_place = (ptr(ids), s0.shape[0]) if ids is not None else (0, 0)
     return bind("kvg_gated_delta_net", ptr(s0), s0.strides[0] // F4, ptr(q), *st[0], ptr(k), *st[1], ptr(v), *st[2],
                 ptr(g), *st[3], ptr(beta), *st[4], ptr(out), *st[5], n_seqs, n, width_k // dk, n_v, dk,
-                v.shape[2] // n_v, keep=arrays)
+                v.shape[2] // n_v, *in_place, keep=(arrays, ids), indexes=ids is not None)
 
 
 def moe_ffn(x: np.ndarray, router: np.ndarray, up: np.ndarray, gate: np.ndarray, down: np.ndarray,
