@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from kvgraph.backends import get_backend, native
 from kvgraph.backends.native import tile_cache
 from kvgraph.engine.context import Context
 from kvgraph.engine.loader import load_model
+from kvgraph.gguf.reader import GGUFFile
 from kvgraph.graph.inputs import UBatch
 from tiny_models import TinySpec, write_tiny_llama
 
@@ -232,3 +234,22 @@ def test_models_command_lists_the_entries_and_clears_them(home, model, capsys):
     assert main(["models", "--clear-cache"]) == 0
     assert "deleted 1 repacked-weights entry" in capsys.readouterr().out
     assert entries(home) == [] and run(model)[1] == "written"
+
+
+def test_a_mixtures_experts_are_kept_and_mapped_like_any_matrix(home):
+    """A quantized mixture of experts (Jamba's llama-quantize Q8_0 fixture): the experts' stacked tiles go into
+    the entry with the other matrices -- the second load maps them, nothing is packed again -- with the same
+    logits."""
+    path = Path(__file__).parent / "data" / "arch" / "quant" / "jamba.Q8_0.gguf"
+    first, state, _ = run(path)
+    assert state == "written"
+    backend = get_backend("native")
+    load_model(path, backend, tokenizer=False)
+    cache = backend.tile_cache
+    experts = [n for n in GGUFFile(path).tensors if "_exps." in n]
+    assert cache.state == "hit" and experts and all(cache.lookup(n) is not None for n in experts)
+    kept = sum(w.mat.tiles.nbytes for w in load_model(path, get_backend("native"), tokenizer=False).weights.values()
+               if hasattr(w.mat, "tiles"))
+    assert tile_cache.largest_tiles(GGUFFile(path)) >= kept     # the space a writer reserves covers them
+    again, state, _ = run(path)
+    assert state == "hit" and np.array_equal(first, again)

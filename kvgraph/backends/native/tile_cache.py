@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import mmap
 import os
 import struct
@@ -36,7 +37,7 @@ import numpy as np
 from . import SOURCE, TR, checksum, tile_bytes
 from .mats import TileArena
 
-VERSION = 2
+VERSION = 3          # 3: a mixture's experts ([X, N, K] tensors) are kept too, as [X N, K] matrices
 MAGIC = b"KVGTILES"
 PREFIX = struct.Struct("<8sIIQQQQQQ")   # magic, version, 0, index at, index bytes, data at, data bytes, sums
 DATA_AT = 4096
@@ -213,10 +214,10 @@ class TileCache:
         self._map, self.state = m, "hit"
 
     def _start_entry(self, gguf_file) -> None:
-        """A temporary file to pack into, with address space for the largest tiles the file's matrices can
-        take (Q8's, 17 bytes per 16 weights; disk space is reserved matrix by matrix as they are packed)."""
-        reserve = sum(-(-info.shape[0] // TR) * tile_bytes("q8", info.shape[1]) for info in gguf_file.tensors.values()
-                      if len(info.shape) == 2 and info.type_name != "F32")
+        """A temporary file to pack into, with address space for the largest tiles the file's matrices (and
+        stacked experts) can take (Q8's, 17 bytes per 16 weights; disk space is reserved matrix by matrix as
+        they are packed)."""
+        reserve = largest_tiles(gguf_file)
         if reserve < MIN_BYTES // 2:
             self.state = "small"
             return
@@ -284,6 +285,12 @@ class TileCache:
             source = other.get("source")
             if source is None or source == self.identity["path"] or not Path(source).exists():
                 remove_entry(other["file"])
+
+
+def largest_tiles(gguf_file) -> int:
+    """The most bytes a file's matrices and stacked experts can take in tiles (Q8's, the largest)."""
+    return sum(-(-math.prod(info.shape[:-1]) // TR) * tile_bytes("q8", info.shape[-1])
+               for info in gguf_file.tensors.values() if len(info.shape) in (2, 3) and info.type_name != "F32")
 
 
 def list_entries(directory: Path | None = None) -> list[dict]:
