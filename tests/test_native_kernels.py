@@ -611,6 +611,22 @@ def test_embedding_rows_of_a_q8_0_table_are_bit_identical_to_gguf(variant):
     np.testing.assert_array_equal(out, gguf.quants.dequantize(raw, Q.Q8_0).reshape(50, 96)[ids])
 
 
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_embedding_rows_of_a_kquant_table_are_bit_identical_to_gguf(type_name, variant):
+    """An untied K-quant embedding's lookup in C (each row packed into a tile and read back): gguf's values,
+    bit for bit; an id out of range is refused."""
+    from kvgraph.backends.quant_repack import AnyRows
+    from kvgraph.errors import IndexOutOfRangeError
+
+    raw = gguf_matrix(type_name, 40, 512)
+    reader, ids, out = AnyRows(raw, type_name, (40, 512)), np.array([3, 39, 3, 0], np.int32), np.empty((4, 512),
+                                                                                                      np.float32)
+    native_ops.embedding_rows(reader, ids, out)()
+    np.testing.assert_array_equal(out, gguf.quants.dequantize(raw, Q[type_name]).reshape(40, 512)[ids])
+    with pytest.raises(IndexOutOfRangeError):
+        native_ops.embedding_rows(reader, np.array([1, 40], np.int32), out)()
+
+
 def test_residual_add_and_a_batched_run_of_kernels(variant):
     a, b = RNG.standard_normal(37, dtype=np.float32), RNG.standard_normal(37, dtype=np.float32)
     out, twice = np.empty_like(a), np.empty_like(a)

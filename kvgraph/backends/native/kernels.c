@@ -2297,6 +2297,33 @@ static void pack_tiles(void *ctx, int64_t t0, int64_t t1) {
     }
 }
 
+/* a: raw rows (a GGUF K-quant table: Q4_K, Q5_K or Q6_K blocks), row stride (bytes), P_* type, K, ids (int32
+ * [n]), n, out (float [n, K]), n_rows. The rows of this ubatch's tokens, each packed alone into a tile and read
+ * back out of it: the tiles hold the file's own numbers, so the values are gguf's. An untied embedding's
+ * lookup in C, with no copy of the table. */
+void kvg_kquant_rows(const int64_t *a) {
+    const uint8_t *raw = (const uint8_t *)a[0];
+    const int64_t ld = a[1], type = a[2], k = a[3], n = a[5], n_rows = a[7];
+    const int32_t *ids = (const int32_t *)a[4];
+    float *out = (float *)a[6];
+    const int F = type == P_Q4_K ? F_Q4K : type == P_Q5_K ? F_Q5K : F_Q6K;
+    const size_t tb = (size_t)(k / 256) * (size_t)(HDR(F) + 8 * REC(F));
+    uint8_t *tile = malloc(tb);
+    for (int64_t r = 0; r < n; r++) {
+        if (!row_wanted(ids, r, n_rows, out, k)) continue;
+        if (!tile) {                         /* no memory for one tile: a row of NaNs rather than a wrong row */
+            for (int64_t c = 0; c < k; c++) out[r * k + c] = NAN;
+            continue;
+        }
+        memset(tile, 0, tb);                 /* bit planes are OR-ed in */
+        pack_kquant_row(raw + (int64_t)ids[r] * ld, 0, k / 256, (int)type, tile);
+        if (F == F_Q4K) tile_row(tile, k, 0, out + r * k, F_Q4K);
+        else if (F == F_Q5K) tile_row(tile, k, 0, out + r * k, F_Q5K);
+        else tile_row(tile, k, 0, out + r * k, F_Q6K);
+    }
+    free(tile);
+}
+
 /* a: raw rows, n, K, raw row stride (bytes), P_* type, out tiles, tile stride (bytes), inexact flag (int64[1]) */
 void kvg_pack_tiles(const int64_t *a) {
     pack_job j = {(const uint8_t *)a[0], a[1], a[2], a[3], a[4], (uint8_t *)a[5], a[6], NULL, 0};

@@ -6,8 +6,8 @@ import numpy as np
 
 from ...graph.ir import Tensor
 from ..reference import Q8_0_BLOCK, QK8_0, is_q8_0, rope_inv_freq
-from ..quant_repack import Q8_0Rows
-from . import ACT_KINDS, GATED_KINDS, bind, f64_bits, ptr
+from ..quant_repack import AnyRows, Q8_0Rows
+from . import ACT_KINDS, GATED_KINDS, PACK_TYPES, bind, f64_bits, ptr
 
 F4 = 4      # bytes per float32 / int32
 SEG = 256   # cells per segment of the attention kernel (kernels.c), the KV cache's page
@@ -236,8 +236,20 @@ def copy(parts: list[tuple[np.ndarray, np.ndarray]]):
     return bind("kvg_copy", *slots, keep=tuple(parts))
 
 
+KQUANT_ROWS = ("Q4_K", "Q5_K", "Q6_K")
+
+
 def embedding_rows(reader, ids: np.ndarray, out: np.ndarray):
-    """The token-embedding lookup of a Q8_0 table (quant_repack.Q8_0Rows) in C; None for other readers."""
+    """The token-embedding lookup of a Q8_0 table (quant_repack.Q8_0Rows) or a K-quant one (AnyRows: packed
+    row by row into a tile and read back, kvg_kquant_rows) in C; None for other readers."""
+    if isinstance(reader, AnyRows) and reader.type_name in KQUANT_ROWS:
+        data = reader.data
+        if (data.ndim != 2 or data.strides[1] != 1 or ids.dtype != np.int32 or out.dtype != np.float32
+                or not out.flags.c_contiguous or out.shape[1] % 256):
+            return None
+        n, k = out.shape
+        return bind("kvg_kquant_rows", ptr(data), data.strides[0], PACK_TYPES[reader.type_name][0], k, ptr(ids), n,
+                    ptr(out), data.shape[0], keep=(data, ids, out), indexes=True)
     if not isinstance(reader, Q8_0Rows):
         return None
     data = reader.data
