@@ -19,7 +19,7 @@ REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
 
 def test_every_fixture_is_here():
     assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2",
-                              "falcon-mamba", "qwen3next"}
+                              "falcon-mamba", "qwen3next", "granitehybrid-moe"}
 
 
 def test_each_architecture_name_resolves_to_its_model_and_only_a_load_imports_it():
@@ -253,7 +253,7 @@ def test_an_older_converters_fused_qkvz_runs_as_the_split_projections(tmp_path):
 
 
 RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid",
-                                         "lfm2", "qwen3next")]
+                                         "granitehybrid-moe", "lfm2", "qwen3next")]
 
 
 @pytest.mark.parametrize("name", RECURRENT)

@@ -102,6 +102,16 @@ ARCHS = {
         embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.5,
         tie_word_embeddings=False),
         vocab_multiple=8, config_patch={"full_attention": "attention", "linear_attention": "mamba"}),
+    # Granite 4.0's mixture-of-experts hybrids (H-Tiny, H-Small): every layer's FFN is experts plus an
+    # ungated shared expert (shared_mlp, the converter's ffn_*_shexp)
+    "granitehybrid-moe": Arch("GraniteMoeHybridConfig", "gpt-2", GPT2_SPLIT, dict(
+        intermediate_size=32, shared_intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["mamba", "attention", "mamba"], num_hidden_layers=3,
+        mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+        mamba_chunk_size=64, mamba_conv_bias=True, mamba_proj_bias=False, position_embedding_type="nope",
+        embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=1.5,
+        tie_word_embeddings=False),
+        vocab_multiple=8, config_patch={"full_attention": "attention", "linear_attention": "mamba"}),
     "lfm2": Arch("Lfm2Config", "gpt-2", GPT2_SPLIT, dict(
         layer_types=["conv", "full_attention"], conv_L_cache=3, conv_bias=False, block_auto_adjust_ff_dim=False,
         block_ff_dim=128, norm_eps=1e-5, rope_theta=1000000.0, tie_word_embeddings=True)),

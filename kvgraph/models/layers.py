@@ -373,19 +373,21 @@ def moe_tensors(c, i: int, n_ff: int | None = None, norm: str = "ffn_norm.weight
             p + "ffn_down_exps.weight": (n_exp, c.n_embd, f)}
 
 
-def shared_expert_tensors(c, i: int, n_ff: int) -> dict[str, tuple[int, ...]]:
-    """Layer i's shared expert (a gated FFN n_ff wide) and its gate (one output)."""
+def shared_expert_tensors(c, i: int, n_ff: int, gated: bool = True) -> dict[str, tuple[int, ...]]:
+    """Layer i's shared expert (a gated FFN n_ff wide) and, gated, its gate (one output)."""
     p = f"blk.{i}."
-    return {p + "ffn_gate_shexp.weight": (n_ff, c.n_embd), p + "ffn_up_shexp.weight": (n_ff, c.n_embd),
-            p + "ffn_down_shexp.weight": (c.n_embd, n_ff), p + "ffn_gate_inp_shexp.weight": (1, c.n_embd)}
+    shapes = {p + "ffn_gate_shexp.weight": (n_ff, c.n_embd), p + "ffn_up_shexp.weight": (n_ff, c.n_embd),
+              p + "ffn_down_shexp.weight": (c.n_embd, n_ff)}
+    return shapes | ({p + "ffn_gate_inp_shexp.weight": (1, c.n_embd)} if gated else {})
 
 
-def moe_shared_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Tensor:
-    """The routed experts plus the shared expert, the latter scaled per token by sigmoid(gate_inp_shexp h)
-    (Qwen2-MoE, Qwen3-Next)."""
+def moe_shared_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool, gated: bool = True) -> Tensor:
+    """The routed experts plus the shared expert; gated, the latter scaled per token by
+    sigmoid(gate_inp_shexp h) (Qwen2-MoE, Qwen3-Next), else added as it is (Granite 4.0's MoE hybrids)."""
     shared = gated_ffn(g, w, i, h, suffix="_shexp")
-    gate = g.sigmoid(g.matmul(h, w(f"blk.{i}.ffn_gate_inp_shexp.weight")))          # [n, 1]
-    return g.add(moe_ffn(g, w, c, i, h, norm_weights), g.mul(shared, gate))
+    if gated:
+        shared = g.mul(shared, g.sigmoid(g.matmul(h, w(f"blk.{i}.ffn_gate_inp_shexp.weight"))))   # [n, 1] gate
+    return g.add(moe_ffn(g, w, c, i, h, norm_weights), shared)
 
 
 def moe_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Tensor:
@@ -395,7 +397,9 @@ def moe_ffn(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Ten
 
 
 def moe_sizes(m) -> dict[str, int]:
-    return {"n_expert": m.int("expert_count", 0, minimum=0), "n_expert_used": m.int("expert_used_count", 0, minimum=0)}
+    """Experts, experts per token, and the shared expert's width (0: none)."""
+    return {"n_expert": m.int("expert_count", 0, minimum=0), "n_expert_used": m.int("expert_used_count", 0, minimum=0),
+            "n_ff_shexp": m.int("expert_shared_feed_forward_length", 0, minimum=0)}
 
 
 def moe_layout(cfg, tensor_names) -> dict[str, tuple[int, ...]]:
@@ -405,12 +409,20 @@ def moe_layout(cfg, tensor_names) -> dict[str, tuple[int, ...]]:
 
 
 def ffn_or_moe_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
-    return moe_tensors(c, i) if i in c.extra["moe_layers"] else ffn_tensors(c, i)
+    if i not in c.extra["moe_layers"]:
+        return ffn_tensors(c, i)
+    n_ff_shexp = c.extra.get("n_ff_shexp", 0)
+    return moe_tensors(c, i) | (shared_expert_tensors(c, i, n_ff_shexp, gated=False) if n_ff_shexp else {})
 
 
 def ffn_or_moe(g: GraphBuilder, w, c, i: int, h: Tensor, norm_weights: bool) -> Tensor:
-    """Layer i's FFN: the experts where moe_layout found a router, else the gated FFN."""
-    return moe_ffn(g, w, c, i, h, norm_weights) if i in c.extra["moe_layers"] else gated_ffn(g, w, i, h)
+    """Layer i's FFN: the experts where moe_layout found a router (plus an ungated shared expert where the
+    file has one: expert_shared_feed_forward_length), else the gated FFN."""
+    if i not in c.extra["moe_layers"]:
+        return gated_ffn(g, w, i, h)
+    if c.extra.get("n_ff_shexp"):
+        return moe_shared_ffn(g, w, c, i, h, norm_weights, gated=False)
+    return moe_ffn(g, w, c, i, h, norm_weights)
 
 
 # ---- LFM2's gated short convolution -------------------------------------------------------------------------------
