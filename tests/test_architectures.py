@@ -19,7 +19,7 @@ REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
 
 def test_every_fixture_is_here():
     assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2",
-                              "falcon-mamba", "qwen3next", "granitehybrid-moe"}
+                              "falcon-mamba", "qwen3next", "granitehybrid-moe", "qwen3moe"}
 
 
 def test_each_architecture_name_resolves_to_its_model_and_only_a_load_imports_it():

@@ -268,6 +268,15 @@ def test_qwen3next_heads_or_experts_that_do_not_fit_are_refused_in_one_line(tmp_
     assert "qwen3next needs equal key and value head sizes" in err
 
 
+@pytest.mark.parametrize("value", [0, 5])
+def test_qwen3moe_using_no_experts_or_more_than_it_has_is_refused_in_one_line(tmp_path, capsys, value):
+    from arch_fixtures import fixture
+    bad = corrupt(fixture("qwen3moe")[0], tmp_path / "experts.gguf", "qwen3moe.expert_used_count", u32=value)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "qwen3moe uses 1..4 of its 4 experts per token; the file says" in err
+
+
 @pytest.mark.parametrize("backend", ["native", "numpy"])
 @pytest.mark.parametrize("cap", [1e-38, 3e38])
 def test_an_extreme_soft_capping_value_runs_without_warnings(tmp_path, capsys, backend, cap):

@@ -66,6 +66,12 @@ class Arch:
 ARCHS = {
     "qwen2": Arch("Qwen2Config", "qwen2", QWEN2_SPLIT, dict(tie_word_embeddings=False)),
     "qwen3": Arch("Qwen3Config", "qwen2", QWEN2_SPLIT, dict(head_dim=32, tie_word_embeddings=True)),
+    # Qwen3's MoE models (Qwen3-30B-A3B, Qwen3-Coder-30B-A3B): every layer's FFN a mixture of experts (experts
+    # drawn smaller, as Qwen3-Next's: a near tie one int8 rounding flips changes every later layer's routing)
+    "qwen3moe": Arch("Qwen3MoeConfig", "qwen2", QWEN2_SPLIT, dict(
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False),
+        init={"experts.gate_up_proj": (0.0, 0.06), "experts.down_proj": (0.0, 0.06)}),
     "llama3": Arch("LlamaConfig", "llama-bpe", LLAMA3_SPLIT, dict(
         rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=131072,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -13,6 +13,7 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "gemma3": ("gemma3", "Gemma3Model"),
     "qwen2": ("qwen2", "Qwen2Model"),
     "qwen3": ("qwen3", "Qwen3Model"),
+    "qwen3moe": ("qwen3moe", "Qwen3MoeModel"),
     "phi3": ("phi3", "Phi3Model"),
     "gemma2": ("gemma2", "Gemma2Model"),
     "mamba": ("mamba", "MambaModel"),
