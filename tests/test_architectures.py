@@ -19,7 +19,7 @@ REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
 
 def test_every_fixture_is_here():
     assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2",
-                              "falcon-mamba", "qwen3next"}
+                              "falcon-mamba", "qwen3next", "qwen35", "qwen35moe"}
 
 
 def test_each_architecture_name_resolves_to_its_model_and_only_a_load_imports_it():
@@ -132,6 +132,13 @@ LLAMA_CPP_TOL = {"native": 0.025, "numpy": 0.05}
 # its positions must still be within the tolerance (measured: Jamba 94.3-96.7%, Qwen3-Next 98.7-99.7%, whose
 # worst position is 0.09 off).
 MOE_MIN_WITHIN = 0.9
+# A gated delta-net (Qwen3-Next, Qwen3.5) carries a rounding in its state into the tokens after it, so its
+# worst positions come in runs: the dense Qwen3.5 too is held to the 90% (measured: qwen35 97.7-99.7%,
+# qwen35moe 98.0-99.7%, worst position 0.098, numpy on Q4_K_M). That gap is llama.cpp's activation rounding:
+# on the float32 files the two agree within 2e-6 of the range, and on Q8_0 kvgraph's numpy run is nearer HF's
+# float logits than llama.cpp's (mean 0.019 against 0.026 of the range). What it catches (each tried): the
+# value heads read grouped, not tiled (0% within), ssm_norm's weight skipped (<= 1.3%).
+DELTA_NET = frozenset({"qwen3next", "qwen35", "qwen35moe"})
 
 
 def test_every_architecture_has_its_llama_quantize_outputs():
@@ -158,15 +165,16 @@ def test_the_fixtures_hold_what_llama_quantize_writes():
 def test_llama_quantize_outputs_match_llama_cpp(stem, backend):
     """kvgraph's logits on llama-quantize's output equal llama.cpp's on the same file (one ubatch, float32 KV
     cache, as llama.cpp's were recorded) within the tolerance at every position (at 90% for a mixture of
-    experts), and meet design.md §8's rule: the argmax agrees at >= 90% of the positions, and only where
-    llama.cpp's top two are within 0.5."""
+    experts or a gated delta-net), and meet design.md §8's rule: the argmax agrees at >= 90% of the positions,
+    and only where llama.cpp's top two are within 0.5."""
     path, tokens, ref = quantized_fixture(stem)
     llm = LLM(str(path), backend=backend, n_ctx=512, cache_type="f32")
     got = llm.logits(tokens)
     assert got.shape == ref.shape
     per_position = np.abs(got - ref).max(axis=-1) / (ref.max() - ref.min())
     within = (per_position <= LLAMA_CPP_TOL[backend]).mean()
-    assert within >= (MOE_MIN_WITHIN if llm.loaded.config.extra.get("moe_layers") else 1.0), per_position.max()
+    carried = llm.loaded.config.extra.get("moe_layers") or llm.loaded.config.arch in DELTA_NET
+    assert within >= (MOE_MIN_WITHIN if carried else 1.0), per_position.max()
     top2 = np.sort(ref, axis=-1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     agree = got.argmax(-1) == ref.argmax(-1)
@@ -253,7 +261,7 @@ def test_an_older_converters_fused_qkvz_runs_as_the_split_projections(tmp_path):
 
 
 RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid",
-                                         "lfm2", "qwen3next")]
+                                         "lfm2", "qwen3next", "qwen35", "qwen35moe")]
 
 
 @pytest.mark.parametrize("name", RECURRENT)
