@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arch_fixtures import FIXTURES, QUANT_DIR, QUANT_TYPES, QUANTIZED, fixture, quantized_copy, quantized_fixture
+from arch_fixtures import (FIXTURES, QUANT_DIR, QUANT_TYPES, QUANTIZED, fixture, quantized_copy, quantized_fixture,
+                           with_metadata)
 from kvgraph.api import LLM
 
 REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
@@ -258,6 +259,20 @@ def test_an_older_converters_fused_qkvz_runs_as_the_split_projections(tmp_path):
     assert legacy.loaded.config.extra["ssm_in"] and "blk.0.ssm_in.weight" in legacy.loaded.weights
     want = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens[:50])
     assert rel_diff(legacy.logits(tokens[:50], ubatch_size=7), want) <= 1e-6
+
+
+def test_qwen35_rope_sections_that_leave_pairs_out_rotate_them_as_llama_cpp_does(tmp_path):
+    """Qwen3.5's interleaved MRoPE for text positions as llama.cpp runs it: a rotary pair outside the t/h/w
+    sections takes the e position, 0, and does not rotate (every real file's sections cover the pairs, as the
+    fixture's do). With sections that leave pairs out, kvgraph's logits equal llama.cpp's on the float32 file
+    (quant/qwen35.imrope.npz, tools/make_quantized_fixtures.py --imrope), far from plain NEOX rope's."""
+    ref = np.load(QUANT_DIR / "qwen35.imrope.npz")
+    path, tokens = fixture("qwen35")[0], ref["tokens"]
+    plain = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens)
+    for sections, want in zip(ref["sections"].tolist(), ref["logits"]):
+        relabelled = with_metadata(path, tmp_path / f"{sections}.gguf", "qwen35.rope.dimension_sections", sections)
+        got = LLM(str(relabelled), backend="numpy", n_ctx=512).logits(tokens)
+        assert rel_diff(got, want) <= REL_TOL and rel_diff(plain, want) > 100 * REL_TOL, sections
 
 
 RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid",

@@ -285,24 +285,9 @@ def test_qwen35_delta_net_sizes_that_do_not_fit_are_refused_in_one_line(tmp_path
 def test_qwen35_rope_sections_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, sections):
     """llama.cpp requires qwen35's rope.dimension_sections (four pair counts, their sum at most the head size,
     32 here; a file without it does not load there either): refused at load, naming the key."""
-    from arch_fixtures import fixture
-    r = gguf.GGUFReader(fixture("qwen35")[0])
-    w = gguf.GGUFWriter(tmp_path / "sections.gguf", arch="qwen35")
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        if name == "qwen35.rope.dimension_sections":
-            if sections is not None:
-                w.add_array(name, sections)
-            continue
-        w.add_key_value(name, f.contents(), f.types[0], f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(tmp_path / "sections.gguf"), "-n", "3", "hi"])
+    from arch_fixtures import fixture, with_metadata
+    bad = with_metadata(fixture("qwen35")[0], tmp_path / "sections.gguf", "qwen35.rope.dimension_sections", sections)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
     assert rc == 1 and err.count("\n") == 1, err
     assert f"rope.dimension_sections {sections} is not four pair counts" in err
 
