@@ -192,25 +192,26 @@ def test_a_file_with_tensors_the_architecture_does_not_use_is_refused(tmp_path):
         LLM(str(path), backend="numpy")
 
 
-def test_a_multi_token_prediction_block_is_skipped_as_llama_cpp_skips_it(tmp_path):
-    """Qwen3-Next files converted with their draft head hold it as one more layer (block_count 5 for 4, a
-    nextn_predict_layers key, its blk.4.* attention, experts and nextn.* tensors): the trunk's logits are
+@pytest.mark.parametrize("arch", ["qwen3next", "qwen35", "qwen35moe"])
+def test_a_multi_token_prediction_block_is_skipped_as_llama_cpp_skips_it(tmp_path, arch):
+    """Qwen3-Next and Qwen3.5 files converted with their draft head hold it as one more layer (block_count 5
+    for 4, a nextn_predict_layers key, its blk.4.* attention, FFN and nextn.* tensors): the trunk's logits are
     those of the file without it, and its tensors are not loaded."""
     import gguf
 
-    path, tokens, _ = fixture("qwen3next")
+    path, tokens, _ = fixture(arch)
     r = gguf.GGUFReader(path)
-    w = gguf.GGUFWriter(tmp_path / "mtp.gguf", arch="qwen3next")
+    w = gguf.GGUFWriter(tmp_path / "mtp.gguf", arch=arch)
     for name, f in r.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
         value, sub = f.contents(), f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        if name == "qwen3next.block_count":
+        if name == f"{arch}.block_count":
             value = 5
-        elif name == "qwen3next.attention.recurrent_layers":
+        elif name == f"{arch}.attention.recurrent_layers":
             value = value + [False]
         w.add_key_value(name, value, f.types[0], sub)
-    w.add_uint32("qwen3next.nextn_predict_layers", 1)
+    w.add_uint32(f"{arch}.nextn_predict_layers", 1)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data))
         if t.name.startswith("blk.1."):                     # the draft block: an attention layer like blk.1
