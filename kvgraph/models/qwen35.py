@@ -14,12 +14,13 @@ from .qwen3next import FFN_NORM, Qwen3NextModel
 
 
 class Qwen35MoeModel(Qwen3NextModel):
+    """Qwen3-Next's trunk and FFN with Qwen3.5's delta-net layout and rope sections."""
     arch = "qwen35moe"
     split_ba = v_tiled = True
 
     @classmethod
     def read_extra(cls, m: MetadataView):
-        # The factors are constants of the rope op; per pair 1 or inf (read_extra of a bad file raises here)
+        # llama.cpp requires the sections (a file without them, or with ones that do not fit, is refused here)
         head = m.int("embedding_length", required=True) // m.int("attention.head_count", required=True)
         head_k = m.int("attention.key_length", head)
         rope = text_imrope_factors(m, m.int("rope.dimension_count", head_k, minimum=0), head_k)
@@ -30,6 +31,7 @@ class Qwen35MoeModel(Qwen3NextModel):
 
 
 class Qwen35Model(Qwen35MoeModel):
+    """The same with a dense FFN in every layer."""
     arch = "qwen35"
 
     @classmethod
