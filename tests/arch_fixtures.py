@@ -52,3 +52,22 @@ def quantized_copy(src: Path, dst: Path, qtype: str | None, arch: str | None = N
     w.write_tensors_to_file()
     w.close()
     return dst
+
+
+def with_metadata(src: Path, dst: Path, key: str, value: list[int] | None) -> Path:
+    """src with the array at metadata key set to value, or without the key (None); tensors as they are."""
+    r = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(dst, arch=str(r.fields["general.architecture"].contents()))
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", key):
+            continue
+        w.add_key_value(name, f.contents(), f.types[0], f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    if value is not None:
+        w.add_array(key, value)
+    for tensor in r.tensors:
+        w.add_tensor(tensor.name, np.asarray(tensor.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst

@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from arch_fixtures import FIXTURES, QUANT_DIR, QUANT_TYPES, QUANTIZED, fixture, quantized_copy, quantized_fixture
+from arch_fixtures import (FIXTURES, QUANT_DIR, QUANT_TYPES, QUANTIZED, fixture, quantized_copy, quantized_fixture,
+                           with_metadata)
 from kvgraph.api import LLM
 
 REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
@@ -19,7 +20,7 @@ REL_TOL = 1e-4     # max |logit - HF| relative to the range of HF's logits
 
 def test_every_fixture_is_here():
     assert set(FIXTURES) >= {"qwen2", "qwen3", "llama3", "mistral", "phi3", "gemma2", "mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid", "lfm2",
-                              "falcon-mamba", "qwen3next", "granitehybrid-moe", "qwen3moe"}
+                              "falcon-mamba", "qwen3next", "granitehybrid-moe", "qwen3moe", "qwen35", "qwen35moe"}
 
 
 def test_each_architecture_name_resolves_to_its_model_and_only_a_load_imports_it():
@@ -132,6 +133,13 @@ LLAMA_CPP_TOL = {"native": 0.025, "numpy": 0.05}
 # its positions must still be within the tolerance (measured: Jamba 94.3-96.7%, Qwen3-Next 98.7-99.7%, whose
 # worst position is 0.09 off).
 MOE_MIN_WITHIN = 0.9
+# A gated delta-net (Qwen3-Next, Qwen3.5) carries a rounding in its state into the tokens after it, so its
+# worst positions come in runs: the dense Qwen3.5 too is held to the 90% (measured: qwen35 97.7-99.7%,
+# qwen35moe 98.0-99.7%, worst position 0.098, numpy on Q4_K_M). That gap is llama.cpp's activation rounding:
+# on the float32 files the two agree within 2e-6 of the range, and on Q8_0 kvgraph's numpy run is nearer HF's
+# float logits than llama.cpp's (mean 0.019 against 0.026 of the range). What it catches (each tried): the
+# value heads read grouped, not tiled (0% within), ssm_norm's weight skipped (<= 1.3%).
+DELTA_NET = frozenset({"qwen3next", "qwen35", "qwen35moe"})
 
 
 def test_every_architecture_has_its_llama_quantize_outputs():
@@ -158,15 +166,16 @@ def test_the_fixtures_hold_what_llama_quantize_writes():
 def test_llama_quantize_outputs_match_llama_cpp(stem, backend):
     """kvgraph's logits on llama-quantize's output equal llama.cpp's on the same file (one ubatch, float32 KV
     cache, as llama.cpp's were recorded) within the tolerance at every position (at 90% for a mixture of
-    experts), and meet design.md §8's rule: the argmax agrees at >= 90% of the positions, and only where
-    llama.cpp's top two are within 0.5."""
+    experts or a gated delta-net), and meet design.md §8's rule: the argmax agrees at >= 90% of the positions,
+    and only where llama.cpp's top two are within 0.5."""
     path, tokens, ref = quantized_fixture(stem)
     llm = LLM(str(path), backend=backend, n_ctx=512, cache_type="f32")
     got = llm.logits(tokens)
     assert got.shape == ref.shape
     per_position = np.abs(got - ref).max(axis=-1) / (ref.max() - ref.min())
     within = (per_position <= LLAMA_CPP_TOL[backend]).mean()
-    assert within >= (MOE_MIN_WITHIN if llm.loaded.config.extra.get("moe_layers") else 1.0), per_position.max()
+    carried = llm.loaded.config.extra.get("moe_layers") or llm.loaded.config.arch in DELTA_NET
+    assert within >= (MOE_MIN_WITHIN if carried else 1.0), per_position.max()
     top2 = np.sort(ref, axis=-1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     agree = got.argmax(-1) == ref.argmax(-1)
@@ -183,25 +192,26 @@ def test_a_file_with_tensors_the_architecture_does_not_use_is_refused(tmp_path):
         LLM(str(path), backend="numpy")
 
 
-def test_a_multi_token_prediction_block_is_skipped_as_llama_cpp_skips_it(tmp_path):
-    """Qwen3-Next files converted with their draft head hold it as one more layer (block_count 5 for 4, a
-    nextn_predict_layers key, its blk.4.* attention, experts and nextn.* tensors): the trunk's logits are
+@pytest.mark.parametrize("arch", ["qwen3next", "qwen35", "qwen35moe"])
+def test_a_multi_token_prediction_block_is_skipped_as_llama_cpp_skips_it(tmp_path, arch):
+    """Qwen3-Next and Qwen3.5 files converted with their draft head hold it as one more layer (block_count 5
+    for 4, a nextn_predict_layers key, its blk.4.* attention, FFN and nextn.* tensors): the trunk's logits are
     those of the file without it, and its tensors are not loaded."""
     import gguf
 
-    path, tokens, _ = fixture("qwen3next")
+    path, tokens, _ = fixture(arch)
     r = gguf.GGUFReader(path)
-    w = gguf.GGUFWriter(tmp_path / "mtp.gguf", arch="qwen3next")
+    w = gguf.GGUFWriter(tmp_path / "mtp.gguf", arch=arch)
     for name, f in r.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
         value, sub = f.contents(), f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
-        if name == "qwen3next.block_count":
+        if name == f"{arch}.block_count":
             value = 5
-        elif name == "qwen3next.attention.recurrent_layers":
+        elif name == f"{arch}.attention.recurrent_layers":
             value = value + [False]
         w.add_key_value(name, value, f.types[0], sub)
-    w.add_uint32("qwen3next.nextn_predict_layers", 1)
+    w.add_uint32(f"{arch}.nextn_predict_layers", 1)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data))
         if t.name.startswith("blk.1."):                     # the draft block: an attention layer like blk.1
@@ -252,8 +262,22 @@ def test_an_older_converters_fused_qkvz_runs_as_the_split_projections(tmp_path):
     assert rel_diff(legacy.logits(tokens[:50], ubatch_size=7), want) <= 1e-6
 
 
+def test_qwen35_rope_sections_that_leave_pairs_out_rotate_them_as_llama_cpp_does(tmp_path):
+    """Qwen3.5's interleaved MRoPE for text positions as llama.cpp runs it: a rotary pair outside the t/h/w
+    sections takes the e position, 0, and does not rotate (every real file's sections cover the pairs, as the
+    fixture's do). With sections that leave pairs out, kvgraph's logits equal llama.cpp's on the float32 file
+    (quant/qwen35.imrope.npz, tools/make_quantized_fixtures.py --imrope), far from plain NEOX rope's."""
+    ref = np.load(QUANT_DIR / "qwen35.imrope.npz")
+    path, tokens = fixture("qwen35")[0], ref["tokens"]
+    plain = LLM(str(path), backend="numpy", n_ctx=512).logits(tokens)
+    for sections, want in zip(ref["sections"].tolist(), ref["logits"]):
+        relabelled = with_metadata(path, tmp_path / f"{sections}.gguf", "qwen35.rope.dimension_sections", sections)
+        got = LLM(str(relabelled), backend="numpy", n_ctx=512).logits(tokens)
+        assert rel_diff(got, want) <= REL_TOL and rel_diff(plain, want) > 100 * REL_TOL, sections
+
+
 RECURRENT = [n for n in FIXTURES if n in ("mamba", "falcon-mamba", "mamba2", "jamba", "falcon-h1", "granitehybrid",
-                                         "granitehybrid-moe", "lfm2", "qwen3next")]
+                                         "granitehybrid-moe", "lfm2", "qwen3next", "qwen35", "qwen35moe")]
 
 
 @pytest.mark.parametrize("name", RECURRENT)

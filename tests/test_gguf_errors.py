@@ -259,13 +259,37 @@ def test_gated_delta_net_sizes_that_do_not_fit_are_refused_in_one_line(tmp_path,
     assert "inconsistent gated delta-net sizes" in err
 
 
-@pytest.mark.parametrize("key, value", [("attention.value_length", 16), ("expert_used_count", 5)])
-def test_qwen3next_heads_or_experts_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, key, value):
+@pytest.mark.parametrize("arch, key, value", [("qwen3next", "attention.value_length", 16),
+                                              ("qwen3next", "expert_used_count", 5),
+                                              ("qwen35", "attention.value_length", 16),
+                                              ("qwen35moe", "attention.value_length", 16),
+                                              ("qwen35moe", "expert_used_count", 5)])
+def test_qwen3next_heads_or_experts_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, arch, key, value):
     from arch_fixtures import fixture
-    bad = corrupt(fixture("qwen3next")[0], tmp_path / "heads.gguf", f"qwen3next.{key}", u32=value)
+    bad = corrupt(fixture(arch)[0], tmp_path / "heads.gguf", f"{arch}.{key}", u32=value)
     rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
     assert rc == 1 and err.count("\n") == 1, err
-    assert "qwen3next needs equal key and value head sizes" in err
+    assert f"{arch} needs equal key and value head sizes" in err
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_qwen35_delta_net_sizes_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, arch):
+    from arch_fixtures import fixture
+    bad = corrupt(fixture(arch)[0], tmp_path / "sizes.gguf", f"{arch}.ssm.time_step_rank", u32=3)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "inconsistent gated delta-net sizes" in err
+
+
+@pytest.mark.parametrize("sections", [None, [0, 0, 0, 0], [2, 1, 1], [40, 0, 0, 0], [2, -1, 1, 0]])
+def test_qwen35_rope_sections_that_do_not_fit_are_refused_in_one_line(tmp_path, capsys, sections):
+    """llama.cpp requires qwen35's rope.dimension_sections (four pair counts, their sum at most the head size,
+    32 here; a file without it does not load there either): refused at load, naming the key."""
+    from arch_fixtures import fixture, with_metadata
+    bad = with_metadata(fixture("qwen35")[0], tmp_path / "sections.gguf", "qwen35.rope.dimension_sections", sections)
+    rc, err = run_cli_without_warnings(capsys, ["generate", "-m", str(bad), "-n", "3", "hi"])
+    assert rc == 1 and err.count("\n") == 1, err
+    assert f"rope.dimension_sections {sections} is not four pair counts" in err
 
 
 @pytest.mark.parametrize("value", [0, 5])

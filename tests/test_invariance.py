@@ -32,7 +32,7 @@ def isa(request, monkeypatch):
 
 TINY = ["llama-Q4_1", "gemma3", "gemma3-Q8_0", "hybrid"]
 FIXTURES = [f"{name}{suffix}" for name in ("mamba2", "jamba", "falcon-h1", "granitehybrid", "granitehybrid-moe", "lfm2",
-                                           "qwen3next")
+                                           "qwen3next", "qwen35", "qwen35moe")
             for suffix in ("", "-Q8_0")]
 KV_Q8 = ["llama-Q4_1:q8_0"]      # name:cache type -- the tiny llama (32-dimensional heads) over a q8_0 KV cache
 

@@ -138,6 +138,32 @@ ARCHS = {
         convert_args=("--no-mtp",),
         init={"layernorm.weight": (0.0, 0.2), "q_norm.weight": (0.0, 0.2), "k_norm.weight": (0.0, 0.2),
               "model.norm.weight": (0.0, 0.2), "experts.gate_up_proj": (0.0, 0.06), "experts.down_proj": (0.0, 0.06)}),
+    # Qwen3.5: Qwen3-Next's blocks with separate beta / alpha projections, the value heads tiled by the
+    # converter (two key heads, four value heads, so the order matters), interleaved MRoPE sections that
+    # cover the 4 rotary pairs (text positions: plain NEOX rope), a dense FFN, tied output. Attention at
+    # layers 1 and 2 (an irregular pattern, read from attention.recurrent_layers).
+    "qwen35": Arch("Qwen3_5TextConfig", "qwen2", QWEN2_SPLIT, dict(
+        num_hidden_layers=4, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        layer_types=["linear_attention", "full_attention", "full_attention", "linear_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        tie_word_embeddings=True),
+        convert_args=("--no-mtp",),     # no multi-token-prediction block in transformers' model
+        init={"layernorm.weight": (0.0, 0.2), "q_norm.weight": (0.0, 0.2), "k_norm.weight": (0.0, 0.2),
+              "model.norm.weight": (0.0, 0.2)}),
+    # Qwen3.5-MoE: the same trunk (attention every second layer) with Qwen3-Next's experts and gated shared
+    # expert in every layer, an untied output; the experts drawn smaller as Qwen3-Next's are.
+    "qwen35moe": Arch("Qwen3_5MoeTextConfig", "qwen2", QWEN2_SPLIT, dict(
+        num_hidden_layers=4, full_attention_interval=2, head_dim=32, linear_conv_kernel_dim=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        tie_word_embeddings=False),
+        convert_args=("--no-mtp",),
+        init={"layernorm.weight": (0.0, 0.2), "q_norm.weight": (0.0, 0.2), "k_norm.weight": (0.0, 0.2),
+              "model.norm.weight": (0.0, 0.2), "experts.gate_up_proj": (0.0, 0.06), "experts.down_proj": (0.0, 0.06)}),
 }
 
 

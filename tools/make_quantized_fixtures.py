@@ -37,6 +37,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -131,14 +132,42 @@ def make(llama, bin_dir: Path, name: str, qtype: str) -> dict:
             "float16_rounding": float(np.abs(stored.astype(np.float32) - logits).max())}
 
 
+# Qwen3.5's rope sections where llama.cpp leaves rotary pairs unrotated for text (their e position is 0; every
+# real file's sections cover the pairs): the qwen35 fixture relabelled with each, llama.cpp's float32 logits on
+# the float32 file for the first IMROPE_TOKENS tokens, stored as quant/qwen35.imrope.npz (float32: the tests hold
+# these to the float fixtures' 1e-4).
+IMROPE_SECTIONS = ([3, 0, 0, 0], [0, 0, 1, 0])
+IMROPE_TOKENS = 24
+
+
+def make_imrope(llama, tmp: Path) -> dict:
+    sys.path.insert(0, str(ARCH_DIR.parents[1]))          # tests/: the relabelling the tests use
+    from arch_fixtures import with_metadata
+
+    tokens = np.load(ARCH_DIR / "qwen35.npz")["tokens"][:IMROPE_TOKENS].astype(np.int32)
+    logits = []
+    for sections in IMROPE_SECTIONS:
+        path = with_metadata(ARCH_DIR / "qwen35.gguf", tmp / "qwen35.imrope.gguf", "qwen35.rope.dimension_sections",
+                             sections)
+        logits.append(llama_logits(llama, path, tokens))
+    np.savez_compressed(OUT / "qwen35.imrope.npz", tokens=tokens, sections=np.array(IMROPE_SECTIONS, np.int32),
+                        logits=np.stack(logits))
+    return {"fixture": "qwen35.imrope.npz", "npz_bytes": (OUT / "qwen35.imrope.npz").stat().st_size}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sdist", type=Path, required=True, help="the unpacked llama-cpp-python 0.3.36 sdist")
     ap.add_argument("--bin", type=Path, required=True, help="llama.cpp's build bin/ (llama-quantize, libllama.so)")
     ap.add_argument("--types", default=",".join(QTYPES), help=f"default: {','.join(QTYPES)}")
+    ap.add_argument("--imrope", action="store_true", help="only quant/qwen35.imrope.npz (IMROPE_SECTIONS)")
     ap.add_argument("archs", nargs="*", help="default: every tests/data/arch/*.gguf")
     args = ap.parse_args()
     llama = bindings(args.sdist, args.bin)
+    if args.imrope:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(make_imrope(llama, Path(tmp))))
+        return
     for name in args.archs or sorted(p.stem for p in ARCH_DIR.glob("*.gguf")):
         for qtype in args.types.split(","):
             print(json.dumps(make(llama, args.bin, name, qtype)), flush=True)

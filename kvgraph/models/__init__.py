@@ -23,6 +23,8 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
     "granitehybrid": ("granite_hybrid", "GraniteHybridModel"),
     "lfm2": ("lfm2", "Lfm2Model"),
     "qwen3next": ("qwen3next", "Qwen3NextModel"),
+    "qwen35": ("qwen35", "Qwen35Model"),
+    "qwen35moe": ("qwen35", "Qwen35MoeModel"),
 }
 
 

@@ -61,9 +61,9 @@ def attention_tensors(c, i: int, bias: bool = False, qk_norm: bool = False,
     return shapes
 
 
-def ffn_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
-    """Tensors of layer i's gated FFN: norm, gate, up, down."""
-    return {f"blk.{i}.ffn_norm.weight": (c.n_embd,), f"blk.{i}.ffn_gate.weight": (c.n_ff, c.n_embd),
+def ffn_tensors(c, i: int, norm: str = "ffn_norm.weight") -> dict[str, tuple[int, ...]]:
+    """Tensors of layer i's gated FFN: norm (blk.i.<norm>), gate, up, down."""
+    return {f"blk.{i}.{norm}": (c.n_embd,), f"blk.{i}.ffn_gate.weight": (c.n_ff, c.n_embd),
             f"blk.{i}.ffn_up.weight": (c.n_ff, c.n_embd), f"blk.{i}.ffn_down.weight": (c.n_embd, c.n_ff)}
 
 
@@ -173,6 +173,24 @@ def attention_layers_of_flags(m, default_interval: int = 4) -> tuple[int, ...]:
         raise GGUFError(f"{m.source}: attention.recurrent_layers {flags!r} does not hold one flag per layer "
                         f"({n_layer}); the file is inconsistent.")
     return tuple(i for i, recurrent in enumerate(flags) if not recurrent)
+
+
+def text_imrope_factors(m, n_rot: int, head_dim: int) -> tuple[float, ...] | None:
+    """Qwen3.5's interleaved MRoPE (rope.dimension_sections [t, h, w, e], in rotary pairs) for text, as
+    llama.cpp runs it: a token's t, h and w positions are its position and its e position 0, and pair i
+    (its sector i % sum(sections)) takes h where sector % 3 == 1 and sector < 3 h, w where sector % 3 == 2 and
+    sector < 3 w, t where sector % 3 == 0 and sector < 3 t, else e. So a pair of t, h or w rotates as NEOX rope
+    does and a pair of e not at all: frequency factors (divisors) of inf for those, None where there are none
+    (every real file: the sections cover the pairs)."""
+    sections = m.int_list("rope.dimension_sections")
+    if sections is None or len(sections) != 4 or min(sections) < 0 or not 0 < sum(sections[:3]) <= head_dim \
+            or sum(sections) > head_dim:
+        raise GGUFError(f"{m.source}: rope.dimension_sections {sections} is not four pair counts [t, h, w, e] "
+                        f"with t + h + w > 0 and at most the head size {head_dim}; the file is inconsistent.")
+    t, h, w = sections[:3]
+    sectors = [i % sum(sections) for i in range(n_rot // 2)]
+    rotated = [s % 3 == 1 and s < 3 * h or s % 3 == 2 and s < 3 * w or s % 3 == 0 and s < 3 * t for s in sectors]
+    return None if all(rotated) else tuple(1.0 if r else math.inf for r in rotated)
 
 
 def hybrid_memories(c, state, n_ctx: int, alloc, flash_attn: bool, n_seq_max: int, *state_args) -> dict:
@@ -477,19 +495,23 @@ def delta_net_channels(c) -> int:
     return 2 * e["n_group"] * e["d_state"] + e["d_inner"]
 
 
-def delta_net_tensors(c, i: int) -> dict[str, tuple[int, ...]]:
+def delta_net_tensors(c, i: int, split_ba: bool = False) -> dict[str, tuple[int, ...]]:
     """Layer i's gated delta-net: q/k/v projection (attn_qkv) and output gate z (attn_gate) -- or, in files
     of older converters (extra["ssm_in"]), both in one ssm_in --, beta and alpha (ssm_ba: per key head, its
-    value heads' betas then their alphas), conv, dt bias, A (-exp(A_log), as the converter writes it), the
-    gated norm (one head's width) and the output projection."""
+    value heads' betas then their alphas; split_ba (Qwen3.5): ssm_beta and ssm_alpha, one row per value
+    head), conv, dt bias, A (-exp(A_log), as the converter writes it), the gated norm (one head's width) and
+    the output projection."""
     e, p = c.extra, f"blk.{i}."
     d, n_v = e["d_inner"], e["dt_rank"]
     if e.get("ssm_in"):
         shapes = {p + "ssm_in.weight": (delta_net_channels(c) + d, c.n_embd)}
     else:
         shapes = {p + "attn_qkv.weight": (delta_net_channels(c), c.n_embd), p + "attn_gate.weight": (d, c.n_embd)}
-    return shapes | {p + "ssm_ba.weight": (2 * n_v, c.n_embd),
-                     p + "ssm_conv1d.weight": (delta_net_channels(c), e["d_conv"]),
+    if split_ba:
+        shapes |= {p + "ssm_beta.weight": (n_v, c.n_embd), p + "ssm_alpha.weight": (n_v, c.n_embd)}
+    else:
+        shapes[p + "ssm_ba.weight"] = (2 * n_v, c.n_embd)
+    return shapes | {p + "ssm_conv1d.weight": (delta_net_channels(c), e["d_conv"]),
                      p + "ssm_dt.bias": (n_v,), p + "ssm_a": (n_v,), p + "ssm_norm.weight": (d // n_v,),
                      p + "ssm_out.weight": (c.n_embd, d)}
 
@@ -511,11 +533,15 @@ def delta_net_qkvz(g: GraphBuilder, w, c, i: int, h: Tensor) -> tuple[Tensor, Te
     return g.concat_rows(qk, part(2 * dk, dv_k), axis=1), part(2 * dk + dv_k, dv_k)
 
 
-def delta_net_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
+def delta_net_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, split_ba: bool = False,
+                    v_tiled: bool = False) -> Tensor:
     """Layer i's gated delta-net of the normed input h [n, n_embd] (S sequences of t tokens, grouped): q, k, v
     from attn_qkv through the causal conv (SiLU) over each sequence's carried window; q and k L2-normalised
     per head (q also by 1/sqrt(head size)); beta = sigmoid(b), decay g = A softplus(alpha + dt_bias); the delta
-    rule from each carried state; per value head RMSNorm (ssm_norm) gated by SiLU(z); ssm_out."""
+    rule from each carried state; per value head RMSNorm (ssm_norm) gated by SiLU(z); ssm_out.
+    split_ba: beta and alpha from ssm_beta / ssm_alpha (delta_net_tensors). v_tiled (Qwen3.5): the file's
+    value heads are tiled over the key heads (value head j reads key head j % key heads, as the converter
+    reorders them for ggml's broadcast) rather than grouped (j // (value heads / key heads))."""
     e, p = c.extra, f"blk.{i}."
     dk, d, k, n_v, n_k = e["d_state"], e["d_inner"], e["d_conv"], e["dt_rank"], e["n_group"]
     dc, r, dv = delta_net_channels(c), n_v // n_k, d // n_v
@@ -532,10 +558,23 @@ def delta_net_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
     qk = g.rms_norm(qk, c.rms_eps / dk)
     q, kk = (g.reshape(g.scale(g.slice_rows(qk, start, n_k, axis=2), scale), (n_seqs, t, n_k * dk))
              for start, scale in ((0, 1.0 / dk), (n_k, 1.0 / math.sqrt(dk))))
+    if v_tiled and r > 1:
+        # the op pairs value head j with key head j // (its value heads / key heads): r copies of every key
+        # head one after the other make that j % n_k (llama.cpp's ggml_repeat of q and k)
+        def tiled(x: Tensor) -> Tensor:
+            y = x
+            for _ in range(r - 1):
+                y = g.concat_rows(y, x, axis=2)
+            return y
+        q, kk = tiled(q), tiled(kk)
     v = g.slice_rows(xc, 2 * n_k * dk, d, axis=2)
-    ba = g.reshape(g.matmul(h, w(p + "ssm_ba.weight")), (n, n_k, 2 * r))       # per key head: r betas, r alphas
-    beta = g.reshape(g.sigmoid(g.slice_rows(ba, 0, r, axis=2)), (n_seqs, t, n_v))
-    alpha = g.reshape(g.cont(g.slice_rows(ba, r, r, axis=2)), (n, n_v))
+    if split_ba:
+        beta = g.reshape(g.sigmoid(g.matmul(h, w(p + "ssm_beta.weight"))), (n_seqs, t, n_v))
+        alpha = g.matmul(h, w(p + "ssm_alpha.weight"))
+    else:
+        ba = g.reshape(g.matmul(h, w(p + "ssm_ba.weight")), (n, n_k, 2 * r))   # per key head: r betas, r alphas
+        beta = g.reshape(g.sigmoid(g.slice_rows(ba, 0, r, axis=2)), (n_seqs, t, n_v))
+        alpha = g.reshape(g.cont(g.slice_rows(ba, r, r, axis=2)), (n, n_v))
     decay = g.mul(g.softplus(g.add(alpha, w(p + "ssm_dt.bias"))), w(p + "ssm_a"))
     out = g.gated_delta_net(state, q, kk, v, g.reshape(decay, (n_seqs, t, n_v)), beta)
     rs.write(i, g.slice_rows(out, t, dk, axis=1), col=(k - 1) * dc)            # the next state

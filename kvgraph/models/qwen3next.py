@@ -21,6 +21,9 @@ FFN_NORM = "post_attention_norm.weight"
 class Qwen3NextModel(Model):
     arch = "qwen3next"
     optional_tensors = frozenset({"output.weight"})
+    # The delta-net's layout (delta_net_tensors / delta_net_mixer options; Qwen3.5 sets both)
+    split_ba = False
+    v_tiled = False
 
     def __init__(self, cfg):
         # block_count counts the multi-token-prediction block after the trunk's layers; the graph runs the trunk
@@ -33,17 +36,23 @@ class Qwen3NextModel(Model):
             raise GGUFError(f"{m.source}: {n_nextn} of its {n_layer} layers are multi-token-prediction layers; "
                             "the file is inconsistent.")
         head = m.int("embedding_length", required=True) // m.int("attention.head_count", required=True)
-        k_dim, v_dim, experts = m.int("attention.key_length", head), m.int("attention.value_length", head), moe_sizes(m)
-        if k_dim != v_dim or not 0 < experts["n_expert_used"] <= experts["n_expert"]:
-            raise GGUFError(f"{m.source}: qwen3next needs equal key and value head sizes (one gate per value) and "
-                            f"1..{experts['n_expert']} of its {experts['n_expert']} experts used; the file has "
-                            f"{k_dim} / {v_dim} and {experts['n_expert_used']}.")
+        k_dim, v_dim = m.int("attention.key_length", head), m.int("attention.value_length", head)
+        experts = cls.read_ffn(m)
+        n_exp, used = experts.get("n_expert"), experts.get("n_expert_used")
+        moe = (f" and 1..{n_exp} of its {n_exp} experts used", f" and {used}") if experts else ("", "")
+        if k_dim != v_dim or experts and not 0 < used <= n_exp:
+            raise GGUFError(f"{m.source}: {cls.arch} needs equal key and value head sizes (one gate per value)"
+                            f"{moe[0]}; the file has {k_dim} / {v_dim}{moe[1]}.")
         return delta_net_sizes(m) | experts | {
             "n_nextn": n_nextn,
             "attention_layers": tuple(i for i in attention_layers_of_flags(m) if i < n_layer - n_nextn),
-            "n_ff_exp": m.int("expert_feed_forward_length", required=True),
-            "n_ff_shexp": m.int("expert_shared_feed_forward_length", required=True),
-            "moe_layers": tuple(range(n_layer - n_nextn))}    # every layer's FFN (as llama.cpp)
+            "moe_layers": tuple(range(n_layer - n_nextn)) if experts else ()}   # every layer's FFN (as llama.cpp)
+
+    @classmethod
+    def read_ffn(cls, m: MetadataView) -> dict:
+        """The FFN's hyper-parameters: every layer's experts and shared expert."""
+        return moe_sizes(m) | {"n_ff_exp": m.int("expert_feed_forward_length", required=True),
+                               "n_ff_shexp": m.int("expert_shared_feed_forward_length", required=True)}
 
     @classmethod
     def read_layout(cls, cfg, tensor_names):
@@ -54,12 +63,21 @@ class Qwen3NextModel(Model):
         """The multi-token-prediction block's (a draft head kvgraph does not run)."""
         return tuple(f"blk.{i}." for i in range(self.cfg.n_layer, self.cfg.n_layer + self.cfg.extra["n_nextn"]))
 
-    def tensor_shapes(self):
+    def ffn_tensors(self, i: int) -> dict[str, tuple[int, ...]]:
         c, e = self.cfg, self.cfg.extra
+        return moe_tensors(c, i, e["n_ff_exp"], FFN_NORM) | shared_expert_tensors(c, i, e["n_ff_shexp"])
 
-        def ffn(c, i):
-            return moe_tensors(c, i, e["n_ff_exp"], FFN_NORM) | shared_expert_tensors(c, i, e["n_ff_shexp"])
-        return hybrid_tensors(c, output_tensors(c), lambda i: delta_net_tensors(c, i), ffn, qk_norm=True, gated=True)
+    def ffn(self, g: GraphBuilder, w, i: int, h):
+        return moe_shared_ffn(g, w, self.cfg, i, h, norm_weights=True)
+
+    def rope_factors(self):
+        """freq_factors of the attention layers' RoPE (None: plain NEOX rope)."""
+        return None
+
+    def tensor_shapes(self):
+        c = self.cfg
+        return hybrid_tensors(c, output_tensors(c), lambda i: delta_net_tensors(c, i, self.split_ba),
+                              lambda c, i: self.ffn_tensors(i), qk_norm=True, gated=True)
 
     def create_memories(self, n_ctx, n_ubatch, alloc, flash_attn, n_seq_max):
         return hybrid_memories(self.cfg, mamba_state, n_ctx, alloc, flash_attn, n_seq_max, delta_net_channels(self.cfg))
@@ -67,12 +85,12 @@ class Qwen3NextModel(Model):
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c, e = self.cfg, self.cfg.extra
         w = lambda name: g.weight(name, self.shapes[name])  # noqa: E731
+        factors = self.rope_factors()
 
         def mixer(i, h):
             if i in e["attention_layers"]:
-                return g.matmul(self_attention(g, w, io, c, i, h, neox=True, qk_norm=True, gated=True),
-                                w(f"blk.{i}.attn_output.weight"))
-            return delta_net_mixer(g, w, io, c, i, h)
+                return g.matmul(self_attention(g, w, io, c, i, h, neox=True, qk_norm=True, gated=True,
+                                               freq_factors=factors), w(f"blk.{i}.attn_output.weight"))
+            return delta_net_mixer(g, w, io, c, i, h, self.split_ba, self.v_tiled)
 
-        decoder(g, w, io, c, mixer, lambda i, h: moe_shared_ffn(g, w, c, i, h, norm_weights=True), project=False,
-                ffn_norm=FFN_NORM)
+        decoder(g, w, io, c, mixer, lambda i, h: self.ffn(g, w, i, h), project=False, ffn_norm=FFN_NORM)
