@@ -136,6 +136,18 @@ SHAPES = {
         mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=128,
         rms_norm_eps=1e-5, rope_theta=100000000000.0, max_position_embeddings=16384,
         tie_word_embeddings=False), dtype="float32", note="~0.5B, hybrid (parallel attention + Mamba-2)"),
+    # Qwen3.5 at the scale of Qwen/Qwen3.5-0.8B (text part): 24 layers, every 4th full attention (8 heads of
+    # 256, 2 KV heads, partial rotary, MRoPE sections), the rest gated delta-net (16 key and 16 value heads of
+    # 128), SwiGLU 3584, tied 248k embedding. Widths approximate (its config.json could not be read here).
+    "qwen3.5-0.8b": Shape("qwen35", "Qwen/Qwen3.5-0.8B (approximate)", 248320, dict(
+        hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+        linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=16,
+        layer_types=["full_attention" if i % 4 == 3 else "linear_attention" for i in range(24)],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+        rms_norm_eps=1e-6, max_position_embeddings=262144, tie_word_embeddings=True),
+        dtype="float32", note="~0.8B, hybrid (gated delta-net + gated attention)"),
 }
 
 
