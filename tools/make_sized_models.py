@@ -214,7 +214,8 @@ def make(name: str, types: list[str], out: Path, llama_cpp: Path, quantize: Path
             hf.mkdir()
             build_hf(name, shape, hf)
             part = tmp / f"{name}-F16.gguf"
-            fx.convert(llama_cpp, hf, part, fx.ARCHS[shape.arch].pre, f"random-{name}", outtype="f16")
+            fx.convert(llama_cpp, hf, part, fx.ARCHS[shape.arch].pre, f"random-{name}", outtype="f16",
+                       extra=fx.ARCHS[shape.arch].convert_args)
             shutil.rmtree(hf)
             if "F16" in todo:
                 os.replace(part, f16)

@@ -2571,9 +2571,50 @@ static void scan1_blocks(void *ctx, int64_t b0, int64_t b1) {
  * The gated delta rule (GraphBuilder.gated_delta_net) per (sequence, value head), its tokens in order: the
  * head's state S [dv, dk] (rows of a sequence's state [Hv, dv, dk], contiguous) is copied to out's state
  * rows and updated there: S = exp(g) S; u = beta (v - S k); S += u k^T; y = S q, every dot product a
- * dot_lanes. ids != 0: in place in a recurrent state table instead, sequence q's state at s0 + ids[q] s0_s0
+ * dot_lanes' sum (delta_rows where the head size is whole vectors: the same sums for every token, whichever
+ * ubatch it is in). ids != 0: in place in a recurrent state table instead, sequence q's state at s0 + ids[q] s0_s0
  * (out's state rows are left alone; the slots are checked distinct first, as the scans'). A head's bits
  * depend only on its own sequence's inputs: one token, a whole prompt or a batch, in place or not. */
+#ifdef VF_W
+#define DELTA_ROWS 4
+/* Rows r0 .. r0 + nr - 1 (nr <= DELTA_ROWS) of a head's state for one token, dk a multiple of VF_W: two
+ * passes over each row instead of four (decay and the k dot together, then the update and the q dot), and
+ * the rows' in-order lane sums side by side, so their dependency chains overlap. */
+static inline void delta_rows(float *st, int64_t r0, int nr, int64_t dk, float decay, const float *kt,
+                              const float *qt, const float *vt, float bt, float *yt) {
+    vf acc[DELTA_ROWS];
+    float lanes[DELTA_ROWS][VF_W], s[DELTA_ROWS], u[DELTA_ROWS];
+    const vf dvec = vf_set1(decay);
+    for (int j = 0; j < nr; j++) acc[j] = vf_set1(0.0f);
+    for (int64_t c = 0; c < dk; c += VF_W) {
+        const vf kv = vf_load(kt + c);
+        for (int j = 0; j < nr; j++) {
+            float *row = st + (r0 + j) * dk + c;
+            const vf x = vf_mul(vf_load(row), dvec);
+            vf_store(row, x);
+            acc[j] = vf_fmadd(x, kv, acc[j]);
+        }
+    }
+    for (int j = 0; j < nr; j++) vf_store(lanes[j], acc[j]), s[j] = 0.0f;
+    for (int i = 0; i < VF_W; i++)
+        for (int j = 0; j < nr; j++) s[j] += lanes[j][i];
+    for (int j = 0; j < nr; j++) u[j] = (vt[r0 + j] - s[j]) * bt, acc[j] = vf_set1(0.0f);
+    for (int64_t c = 0; c < dk; c += VF_W) {
+        const vf kv = vf_load(kt + c), qv = vf_load(qt + c);
+        for (int j = 0; j < nr; j++) {
+            float *row = st + (r0 + j) * dk + c;
+            const vf x = vf_fmadd(vf_set1(u[j]), kv, vf_load(row));
+            vf_store(row, x);
+            acc[j] = vf_fmadd(x, qv, acc[j]);
+        }
+    }
+    for (int j = 0; j < nr; j++) vf_store(lanes[j], acc[j]), s[j] = 0.0f;
+    for (int i = 0; i < VF_W; i++)
+        for (int j = 0; j < nr; j++) s[j] += lanes[j][i];
+    for (int j = 0; j < nr; j++) yt[r0 + j] = s[j];
+}
+#endif
+
 static void delta_heads(void *ctx, int64_t t0, int64_t t1) {
     const int64_t *a = (const int64_t *)ctx;
     const float *s0 = (const float *)a[0], *q = (const float *)a[2], *k = (const float *)a[5];
@@ -2590,6 +2631,13 @@ static void delta_heads(void *ctx, int64_t t0, int64_t t1) {
             const float *vt = v + sq * a[9] + t * a[10] + h * dv;
             const float decay = expf(g[sq * a[12] + t * a[13] + h]), bt = beta[sq * a[15] + t * a[16] + h];
             float *yt = out + sq * a[18] + t * a[19] + h * dv;
+#ifdef VF_W
+            if (dk % VF_W == 0) {
+                for (int64_t r = 0; r < dv; r += DELTA_ROWS)
+                    delta_rows(st, r, (int)(dv - r < DELTA_ROWS ? dv - r : DELTA_ROWS), dk, decay, kt, qt, vt, bt, yt);
+                continue;
+            }
+#endif
             for (int64_t r = 0; r < dv; r++) {
                 float *row = st + r * dk;
                 for (int64_t c = 0; c < dk; c++) row[c] *= decay;
