@@ -431,6 +431,25 @@ def test_gated_activations(kind, variant):
     np.testing.assert_allclose(out, act * u, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["sigmoid", "softplus"])
+def test_sigmoid_and_softplus_by_rows_of_a_strided_slice(kind, variant):
+    """kvg_act's sigmoid and softplus on the second half of each head of [n, H, 2 d] (rows evenly spaced, as
+    Qwen3-Next's attention gate is sliced), against float64; the other half untouched; each row's bits the
+    same as its row alone."""
+    x = RNG.standard_normal((3, 4, 2 * 21), dtype=np.float32) * 8
+    x[0, 0, 21], x[0, 0, 22] = -100, 100
+    src = x[:, :, 21:]
+    out = np.full((3, 4, 2 * 21), 7.0, np.float32)
+    native_ops.act(kind, src, out[:, :, 21:])()
+    x64 = src.astype(np.float64)
+    want = 1 / (1 + np.exp(-x64)) if kind == "sigmoid" else np.logaddexp(x64, 0)
+    np.testing.assert_allclose(out[:, :, 21:], want, rtol=2e-6, atol=1e-6)
+    assert (out[:, :, :21] == 7.0).all()
+    one = np.empty((1, 21), np.float32)
+    native_ops.act(kind, np.ascontiguousarray(src[2, 3:4]), one)()
+    np.testing.assert_array_equal(one[0], out[2, 3, 21:])
+
+
 @pytest.mark.parametrize("neox", [False, True])
 def test_rope_rotates_pairs_or_halves_and_copies_the_rest(neox, variant):
     n, h, d, nd = 3, 2, 12, 8

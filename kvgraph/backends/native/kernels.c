@@ -941,12 +941,13 @@ void kvg_gated(const int64_t *a) {
     gated_span((const float *)a[0], (const float *)a[1], (float *)a[2], a[3], a[4]);
 }
 
-/* a: x, out, rows, k, kind:  out = act(x) (kvg_gated's), row by row (contiguous rows of k): an element's bits
- * depend on its place in its row, never on how many rows there are. */
+/* a: x, out, rows, k, kind, x row stride, out row stride (floats):  out = act(x) (kvg_gated's), row by row
+ * (rows of k contiguous floats): an element's bits depend on its place in its row, never on how many rows
+ * there are or where they lie. */
 static void act_rows(void *ctx, int64_t r0, int64_t r1) {
     const int64_t *a = (const int64_t *)ctx;
     for (int64_t r = r0; r < r1; r++)
-        gated_span((const float *)a[0] + r * a[3], NULL, (float *)a[1] + r * a[3], a[3], a[4]);
+        gated_span((const float *)a[0] + r * a[5], NULL, (float *)a[1] + r * a[6], a[3], a[4]);
 }
 
 void kvg_act(const int64_t *a) { parallel_for(a[2], (16384 + a[3] - 1) / a[3], act_rows, (void *)a); }

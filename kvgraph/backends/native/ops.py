@@ -202,12 +202,27 @@ def add(a: np.ndarray, b: np.ndarray, out: np.ndarray):
 
 
 def act(kind: str, x: np.ndarray, out: np.ndarray):
-    """out = act(x) row by row (kvg_act: kvg_gated's activations alone, sigmoid, softplus), contiguous float32
-    of one shape."""
-    if not (x.shape == out.shape and x.ndim and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (x, out))):
+    """out = act(x) row by row (kvg_act: kvg_gated's activations alone, sigmoid, softplus), float32 of one
+    shape whose rows (the last axis) are contiguous and evenly spaced (a slice of heads, as well)."""
+    xr, orow = _even_rows(x), _even_rows(out)
+    if x.shape != out.shape or xr is None or orow is None:
         return None
-    k = x.shape[-1]
-    return bind("kvg_act", ptr(x), ptr(out), x.size // max(k, 1), k, ACT_KINDS[kind], keep=(x, out))
+    (m, k, xs), (_, _, os_) = xr, orow
+    return bind("kvg_act", ptr(x), ptr(out), m, k, ACT_KINDS[kind], xs, os_, keep=(x, out))
+
+
+def _even_rows(a: np.ndarray) -> tuple[int, int, int] | None:
+    """(rows, K, row stride in floats) of float32 a seen as rows of its last axis, contiguous and evenly
+    spaced (leading axes merged where each steps over the next whole), else None."""
+    if a.dtype != np.float32 or a.ndim == 0 or a.strides[-1] != F4 or any(st % F4 for st in a.strides):
+        return None
+    if a.ndim == 1:
+        return 1, a.shape[0], a.shape[0]
+    shape, strides = a.shape[:-1], [st // F4 for st in a.strides[:-1]]
+    for i in range(len(shape) - 1):
+        if shape[i + 1] > 1 and strides[i] != shape[i + 1] * strides[i + 1]:
+            return None
+    return int(np.prod(shape)), a.shape[-1], strides[-1]
 
 
 def _as_3d(a: np.ndarray) -> tuple[list[int], list[int]] | None:
