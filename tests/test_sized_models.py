@@ -32,13 +32,14 @@ def sized(shape: str, type_name: str = "Q4_K_M") -> Path:
 PROMPT = list(range(100, 124))
 
 
-HYBRIDS = ["mamba2-130m", "lfm2-350m", "granite-4.0-h-350m", "falcon-h1-0.5b", "jamba-tiny"]
+HYBRIDS = ["mamba2-130m", "lfm2-350m", "granite-4.0-h-350m", "falcon-h1-0.5b", "jamba-tiny", "qwen3.5-0.8b"]
 
 
 @pytest.mark.parametrize("shape", HYBRIDS)
 def test_recurrent_and_hybrid_k_quant_files_give_the_same_bits_however_a_prompt_is_split(shape):
-    """A Q4_K_M file of each recurrent and hybrid shape (K-quant tiles, the C scans and convolutions at real
-    widths, a mixture's experts from their tiles): one ubatch, ubatches of 7 and token by token give the
+    """A Q4_K_M file of each recurrent and hybrid shape (K-quant tiles, the C scans, convolutions and gated
+    delta rule at real widths, a mixture's experts from their tiles): one ubatch, ubatches of 7 and token by
+    token give the
     same logits bit for bit. (Their logits are not compared with a float32 reference: a randomly initialised
     24-layer state-space model amplifies any rounding -- llama.cpp's own logits on these files differ from a
     float32 computation of the same weights by 20-40% of their range -- while the F16 file, below, agrees.)"""
