@@ -80,7 +80,8 @@ class NativeWeight(PackedWeight):
 
 class _Compiler(FusingCompiler):
     def choosers(self):
-        return [self.experts, self.c_kernel, self.packed_matmul, self.weight_rows, self.norm_times_weight, self.reference_kernel]
+        return [self.experts, self.c_kernel, self.packed_matmul, self.weight_rows, self.norm_times_weight,
+                self.reference_kernel]
 
     def _input(self, src: Tensor, mat, step: int):
         if mat.input_form == "q8":

@@ -20,9 +20,10 @@ class Qwen3MoeModel(Qwen3Model):
         if not 0 < experts["n_expert_used"] <= experts["n_expert"]:
             raise GGUFError(f"{m.source}: qwen3moe uses 1..{experts['n_expert']} of its {experts['n_expert']} experts "
                             f"per token; the file says {experts['n_expert_used']}.")
-        n_ff_exp = m.int("expert_feed_forward_length", 0, minimum=0)
-        return experts | {"moe_layers": tuple(range(n_layer)),
-                          "n_ff_exp": n_ff_exp or m.int("feed_forward_length", required=True) // experts["n_expert_used"]}
+        # llama.cpp's fallback for files without the expert width: feed_forward_length / experts used
+        n_ff_exp = (m.int("expert_feed_forward_length", 0, minimum=0)
+                    or m.int("feed_forward_length", required=True) // experts["n_expert_used"])
+        return experts | {"moe_layers": tuple(range(n_layer)), "n_ff_exp": n_ff_exp}
 
     def tensor_shapes(self):
         c = self.cfg

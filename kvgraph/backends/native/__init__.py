@@ -44,7 +44,8 @@ ISA_NAMES = {"portable": "portable C", "avx2": "AVX2", "avx512": "AVX-512 VNNI"}
 KERNELS = ("kvg_quantize_q8", "kvg_matmul_q4", "kvg_matmul_q4h", "kvg_matmul_q5h", "kvg_matmul_q8", "kvg_matmul_q4k",
            "kvg_matmul_q5k", "kvg_matmul_q6k", "kvg_rms_norm",
            "kvg_gated", "kvg_rope", "kvg_set_rows", "kvg_attention", "kvg_add", "kvg_get_rows_q8_0", "kvg_mul_rows",
-           "kvg_tile_rows", "kvg_matmul_glu", "kvg_matmul_f32", "kvg_moe_f32", "kvg_moe_tiles", "kvg_gated_delta_net", "kvg_kquant_rows", "kvg_checksum",
+           "kvg_tile_rows", "kvg_matmul_glu", "kvg_matmul_f32", "kvg_moe_f32", "kvg_moe_tiles", "kvg_gated_delta_net",
+           "kvg_kquant_rows", "kvg_checksum",
            "kvg_pack_tiles", "kvg_stream_read", "kvg_ssm_conv", "kvg_ssm_scan", "kvg_ssm_scan2",
            "kvg_get_rows_f32", "kvg_act", "kvg_copy", "kvg_set_rows_q8_0")
 

@@ -818,7 +818,8 @@ typedef __m512 vf;
 #define vf_unless_masked(m, e) _mm512_mask_mov_ps(vf_set1(-INFINITY), _mm512_cmp_ps_mask((m), vf_set1(-INFINITY), \
                                                                                         _CMP_NEQ_UQ), (e))
 #define vf_hmax _mm512_reduce_max_ps
-#define vf_if(x, cmp, t, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (t), (cmp)), (b), (a))  /* x cmp t ? a : b */
+/* x cmp t ? a : b, lane by lane */
+#define vf_if(x, cmp, t, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask((x), (t), (cmp)), (b), (a))
 #define vf_exponent(x) _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(x), 23), \
                                                            _mm512_set1_epi32(126)))         /* x > 0 normal */
 #define vf_mantissa(x) _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(x), \
@@ -2625,7 +2626,8 @@ static void delta_heads(void *ctx, int64_t t0, int64_t t1) {
     for (int64_t it = t0; it < t1; it++) {
         const int64_t sq = it / hv, h = it % hv, kh = h / (hv / hk);
         const int32_t *ids = (const int32_t *)a[26];
-        float *st = ids ? (float *)s0 + (int64_t)ids[sq] * a[1] + h * dv * dk : out + sq * a[18] + n * a[19] + h * dv * dk;
+        float *st = ids ? (float *)s0 + (int64_t)ids[sq] * a[1] + h * dv * dk
+                        : out + sq * a[18] + n * a[19] + h * dv * dk;
         if (!ids) memmove(st, s0 + sq * a[1] + h * dv * dk, sizeof(float) * (size_t)(dv * dk));
         for (int64_t t = 0; t < n; t++) {
             const float *qt = q + sq * a[3] + t * a[4] + kh * dk, *kt = k + sq * a[6] + t * a[7] + kh * dk;
