@@ -32,7 +32,8 @@ def sized(shape: str, type_name: str = "Q4_K_M") -> Path:
 PROMPT = list(range(100, 124))
 
 
-HYBRIDS = ["mamba2-130m", "lfm2-350m", "granite-4.0-h-350m", "falcon-h1-0.5b", "jamba-tiny", "qwen3.5-0.8b"]
+HYBRIDS = ["mamba2-130m", "lfm2-350m", "granite-4.0-h-350m", "falcon-h1-0.5b", "jamba-tiny", "qwen3.5-0.8b",
+           "granite-4.0-h-tiny"]
 
 
 @pytest.mark.parametrize("shape", HYBRIDS)

@@ -119,6 +119,18 @@ SHAPES = {
         embedding_multiplier=12.0, residual_multiplier=0.246, attention_multiplier=0.015625, logits_scaling=3.0,
         rms_norm_eps=1e-5, max_position_embeddings=32768, tie_word_embeddings=True),
         dtype="float32", note="0.34B, hybrid (Mamba-2 + 4 attention layers of 32)"),
+    # ibm-granite/granite-4.0-h-tiny at its scale (approximate: its config.json could not be read here): 40
+    # layers, 4 of them attention (NoPE), the rest Mamba-2 (48 heads of 64, state 128); every layer's FFN 64
+    # experts of 512 (6 per token) plus an ungated shared expert of 1024. ~7B parameters, ~1B per token.
+    "granite-4.0-h-tiny": Shape("granitehybrid", "ibm-granite/granite-4.0-h-tiny (approximate)", 100352, dict(
+        hidden_size=1536, intermediate_size=512, shared_intermediate_size=1024, num_hidden_layers=40,
+        num_attention_heads=12, num_key_value_heads=4, num_local_experts=64, num_experts_per_tok=6,
+        layer_types=["attention" if i in (5, 15, 25, 35) else "mamba" for i in range(40)],
+        mamba_n_heads=48, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_expand=2,
+        mamba_chunk_size=256, mamba_conv_bias=True, mamba_proj_bias=False, position_embedding_type="nope",
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=6.0,
+        rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=True),
+        dtype="bfloat16", note="~7B (64-expert MoE, ~1B per token), hybrid; needs ~20 GB RAM while converting"),
     # Jamba at the scale of ai21labs/Jamba-tiny-dev (~0.3B), Jamba's own layout: attention every 8th layer
     # (offset 4), a 16-expert top-2 MoE every 2nd (offset 1), Mamba-1 with d_state 16. Widths approximate
     # that model's (its config.json could not be read here): a shape for speed, not a copy of it.
