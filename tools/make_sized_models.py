@@ -73,6 +73,12 @@ LLAMA = dict(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131
 QWEN25 = dict(rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, use_sliding_window=False,
               sliding_window=None, hidden_act="silu")
 
+# what Granite 4.0's hybrids share: 12 attention heads over 4 KV heads (NoPE), Mamba-2 of 48 heads with state
+# 128 and one group, muP-style embedding multiplier 12, tied output
+GRANITE_H = dict(num_attention_heads=12, num_key_value_heads=4, mamba_n_heads=48, mamba_n_groups=1, mamba_d_state=128,
+                 mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256, mamba_conv_bias=True, mamba_proj_bias=False,
+                 position_embedding_type="nope", embedding_multiplier=12.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
 SHAPES = {
     "qwen2.5-0.5b": Shape("qwen2", "Qwen/Qwen2.5-0.5B-Instruct", 151936, dict(
         QWEN25, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -111,25 +117,19 @@ SHAPES = {
     # the rest Mamba-2 (48 heads of 32, state 128, 1 group); shared SwiGLU MLP 2048; muP-style multipliers.
     # Values from its config.json and its GGUF metadata (residual_scale 0.246, logit_scale 3, embedding 12).
     "granite-4.0-h-350m": Shape("granitehybrid", "ibm-granite/granite-4.0-h-350m", 100352, dict(
-        hidden_size=768, intermediate_size=2048, shared_intermediate_size=2048, num_hidden_layers=32,
-        num_attention_heads=12, num_key_value_heads=4, num_local_experts=0, num_experts_per_tok=0,
-        layer_types=["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)],
-        mamba_n_heads=48, mamba_d_head=32, mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_expand=2,
-        mamba_chunk_size=256, mamba_conv_bias=True, mamba_proj_bias=False, position_embedding_type="nope",
-        embedding_multiplier=12.0, residual_multiplier=0.246, attention_multiplier=0.015625, logits_scaling=3.0,
-        rms_norm_eps=1e-5, max_position_embeddings=32768, tie_word_embeddings=True),
+        GRANITE_H, hidden_size=768, intermediate_size=2048, shared_intermediate_size=2048, num_hidden_layers=32,
+        num_local_experts=0, num_experts_per_tok=0,
+        layer_types=["attention" if i in (10, 13, 17, 27) else "mamba" for i in range(32)], mamba_d_head=32,
+        residual_multiplier=0.246, attention_multiplier=0.015625, logits_scaling=3.0, max_position_embeddings=32768),
         dtype="float32", note="0.34B, hybrid (Mamba-2 + 4 attention layers of 32)"),
     # ibm-granite/granite-4.0-h-tiny at its scale (approximate: its config.json could not be read here): 40
     # layers, 4 of them attention (NoPE), the rest Mamba-2 (48 heads of 64, state 128); every layer's FFN 64
     # experts of 512 (6 per token) plus an ungated shared expert of 1024. ~7B parameters, ~1B per token.
     "granite-4.0-h-tiny": Shape("granitehybrid", "ibm-granite/granite-4.0-h-tiny (approximate)", 100352, dict(
-        hidden_size=1536, intermediate_size=512, shared_intermediate_size=1024, num_hidden_layers=40,
-        num_attention_heads=12, num_key_value_heads=4, num_local_experts=64, num_experts_per_tok=6,
-        layer_types=["attention" if i in (5, 15, 25, 35) else "mamba" for i in range(40)],
-        mamba_n_heads=48, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, mamba_expand=2,
-        mamba_chunk_size=256, mamba_conv_bias=True, mamba_proj_bias=False, position_embedding_type="nope",
-        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=6.0,
-        rms_norm_eps=1e-5, max_position_embeddings=131072, tie_word_embeddings=True),
+        GRANITE_H, hidden_size=1536, intermediate_size=512, shared_intermediate_size=1024, num_hidden_layers=40,
+        num_local_experts=64, num_experts_per_tok=6,
+        layer_types=["attention" if i in (5, 15, 25, 35) else "mamba" for i in range(40)], mamba_d_head=64,
+        residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=6.0, max_position_embeddings=131072),
         dtype="bfloat16", note="~7B (64-expert MoE, ~1B per token), hybrid; needs ~20 GB RAM while converting"),
     # Jamba at the scale of ai21labs/Jamba-tiny-dev (~0.3B), Jamba's own layout: attention every 8th layer
     # (offset 4), a 16-expert top-2 MoE every 2nd (offset 1), Mamba-1 with d_state 16. Widths approximate
