@@ -1198,8 +1198,7 @@ static void tiles_product(const uint8_t *w, int64_t fmt, int64_t tb, int64_t n, 
     const int64_t end = n, outp = (int64_t)out;
     const int64_t a[12] = {(int64_t)w, n, k, (int64_t)act.q, (int64_t)act.d, (int64_t)act.s, m, 1, (int64_t)&end,
                            (int64_t)&outp, tb, (int64_t)act.h};
-    matmul_job job = {a, TILES[fmt]};
-    parallel_for((n + TR - 1) / TR, 1, matmul_tiles, &job);
+    matmul(a, TILES[fmt]);
 }
 
 /* a: x (float [n, E], rows xs0 apart), n, E, xs0, router (float [X, E]), X, gate, up, down (each the experts'
@@ -1235,7 +1234,7 @@ void kvg_moe_tiles(const int64_t *a) {
         if (gf == uf) {
             const int64_t ga[13] = {(int64_t)gj, f, e, (int64_t)rows.q, (int64_t)rows.d, (int64_t)rows.s, m,
                                     (int64_t)h, gtb, (int64_t)rows.h, gf, 0, (int64_t)uj};
-            parallel_for((f / TR + GLU_RUN - 1) / GLU_RUN, 1, glu_tiles, (void *)ga);
+            kvg_matmul_glu(ga);
         } else {
             tiles_product(gj, gf, gtb, f, e, rows, m, h);
             tiles_product(uj, uf, utb, f, e, rows, m, u);
@@ -2579,13 +2578,22 @@ static void scan1_blocks(void *ctx, int64_t b0, int64_t b1) {
  * depend only on its own sequence's inputs: one token, a whole prompt or a batch, in place or not. */
 #ifdef VF_W
 #define DELTA_ROWS 4
+/* s[j] = the lanes of acc[j] added in order (vf_sum_in_order's sum), for nr <= DELTA_ROWS vectors side by side:
+ * their dependency chains overlap. */
+static inline void lane_sums(const vf *acc, int nr, float *s) {
+    float lanes[DELTA_ROWS][VF_W];
+    for (int j = 0; j < nr; j++) vf_store(lanes[j], acc[j]), s[j] = 0.0f;
+    for (int i = 0; i < VF_W; i++)
+        for (int j = 0; j < nr; j++) s[j] += lanes[j][i];
+}
+
 /* Rows r0 .. r0 + nr - 1 (nr <= DELTA_ROWS) of a head's state for one token, dk a multiple of VF_W: two
  * passes over each row instead of four (decay and the k dot together, then the update and the q dot), and
  * the rows' in-order lane sums side by side, so their dependency chains overlap. */
 static inline void delta_rows(float *st, int64_t r0, int nr, int64_t dk, float decay, const float *kt,
                               const float *qt, const float *vt, float bt, float *yt) {
     vf acc[DELTA_ROWS];
-    float lanes[DELTA_ROWS][VF_W], s[DELTA_ROWS], u[DELTA_ROWS];
+    float s[DELTA_ROWS], u[DELTA_ROWS];
     const vf dvec = vf_set1(decay);
     for (int j = 0; j < nr; j++) acc[j] = vf_set1(0.0f);
     for (int64_t c = 0; c < dk; c += VF_W) {
@@ -2597,9 +2605,7 @@ static inline void delta_rows(float *st, int64_t r0, int nr, int64_t dk, float d
             acc[j] = vf_fmadd(x, kv, acc[j]);
         }
     }
-    for (int j = 0; j < nr; j++) vf_store(lanes[j], acc[j]), s[j] = 0.0f;
-    for (int i = 0; i < VF_W; i++)
-        for (int j = 0; j < nr; j++) s[j] += lanes[j][i];
+    lane_sums(acc, nr, s);
     for (int j = 0; j < nr; j++) u[j] = (vt[r0 + j] - s[j]) * bt, acc[j] = vf_set1(0.0f);
     for (int64_t c = 0; c < dk; c += VF_W) {
         const vf kv = vf_load(kt + c), qv = vf_load(qt + c);
@@ -2610,9 +2616,7 @@ static inline void delta_rows(float *st, int64_t r0, int nr, int64_t dk, float d
             acc[j] = vf_fmadd(x, qv, acc[j]);
         }
     }
-    for (int j = 0; j < nr; j++) vf_store(lanes[j], acc[j]), s[j] = 0.0f;
-    for (int i = 0; i < VF_W; i++)
-        for (int j = 0; j < nr; j++) s[j] += lanes[j][i];
+    lane_sums(acc, nr, s);
     for (int j = 0; j < nr; j++) yt[r0 + j] = s[j];
 }
 #endif
