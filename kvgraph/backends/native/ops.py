@@ -213,16 +213,14 @@ def act(kind: str, x: np.ndarray, out: np.ndarray):
 
 def _even_rows(a: np.ndarray) -> tuple[int, int, int] | None:
     """(rows, K, row stride in floats) of float32 a seen as rows of its last axis, contiguous and evenly
-    spaced (leading axes merged where each steps over the next whole), else None."""
-    if a.dtype != np.float32 or a.ndim == 0 or a.strides[-1] != F4 or any(st % F4 for st in a.strides):
+    spaced (_as_3d's [A, B, K] whose A steps over B whole rows), else None."""
+    s3 = _as_3d(a)
+    if s3 is None:
         return None
-    if a.ndim == 1:
-        return 1, a.shape[0], a.shape[0]
-    shape, strides = a.shape[:-1], [st // F4 for st in a.strides[:-1]]
-    for i in range(len(shape) - 1):
-        if shape[i + 1] > 1 and strides[i] != shape[i + 1] * strides[i + 1]:
-            return None
-    return int(np.prod(shape)), a.shape[-1], strides[-1]
+    (n_a, n_b, k), (s_a, s_b, _) = s3
+    if n_a > 1 and n_b > 1 and s_a != n_b * s_b:
+        return None
+    return n_a * n_b, k, s_b if n_b > 1 else s_a if n_a > 1 else k
 
 
 def _as_3d(a: np.ndarray) -> tuple[list[int], list[int]] | None:
