@@ -120,26 +120,26 @@ class KVCache:
             return None
         pos = self.cell_pos[cells]
         cells = cells[pos >= int(pos.max()) + 1 - self.sliding_window]
-        rows = {name: (b[:, cells] if self.v_trans and name.startswith(f"{self.name}.v.") else b[cells])
-                for name, b in self.buffers.items()}
+        rows = {name: (b[:, cells] if self._by_columns(name) else b[cells]) for name, b in self.buffers.items()}
         return {"pos": self.cell_pos[cells].copy(), **rows}
 
     def restore(self, seq: int, rows: dict[str, np.ndarray], pos_next: int) -> None:
         """seq's cells become the snapshot's (taken when seq went on at pos_next), in pages of its own."""
         self.seq_rm(seq)
         pos = rows["pos"]
-        blocks = pos // PAGE
-        wanted = sorted(set(blocks.tolist()))
-        for b, page in zip(wanted, self._free_pages(len(wanted), "restoring a checkpoint")):
-            self.page_of[seq, b] = int(page)
-            self.page_block[page] = b
-        cells = pos % PAGE + PAGE * np.array([self.page_of[seq, b] for b in blocks.tolist()], np.int64)
+        blocks = (pos // PAGE).tolist()
+        self._claim_pages(sorted({(seq, b) for b in blocks}), "restoring a checkpoint")
+        cells = pos % PAGE + PAGE * np.array([self.page_of[seq, b] for b in blocks], np.int64)
         self.cell_pos[cells], self.cell_seq[cells] = pos, seq
         for name, b in self.buffers.items():
-            if self.v_trans and name.startswith(f"{self.name}.v."):
+            if self._by_columns(name):
                 b[:, cells] = rows[name]
             else:
                 b[cells] = rows[name]
+
+    def _by_columns(self, name: str) -> bool:
+        """Whether buffer `name` holds a cell per column (the transposed V layout) rather than per row."""
+        return self.v_trans and name.startswith(f"{self.name}.v.")
 
     def seq_rm(self, seq: int, p0: int = 0, p1: int | None = None) -> bool:
         """Forget the cells of `seq` with positions in [p0, p1) (pages left empty are free again). False (and
@@ -218,10 +218,7 @@ class KVCache:
         blocks = ub.pos // PAGE
         real = ub.seq < self.scratch_from if self.scratch_from is not None else np.ones(ub.n_tokens, bool)
         pairs = sorted(set(zip(ub.seq[real].tolist(), blocks[real].tolist())))
-        new = [p for p in pairs if p not in self.page_of]
-        for pair, page in zip(new, self._free_pages(len(new), f"a ubatch of {ub.n_tokens} tokens") if new else ()):
-            self.page_of[pair] = int(page)
-            self.page_block[page] = pair[1]
+        self._claim_pages(pairs, f"a ubatch of {ub.n_tokens} tokens")
         slots = (ub.pos % PAGE).astype(np.int32)
         for s, b in pairs:
             slots[(ub.seq == s) & (blocks == b)] += self.page_of[s, b] * PAGE
@@ -229,6 +226,13 @@ class KVCache:
         self.slots = slots
         self.cell_pos[slots] = ub.pos
         self.cell_seq[slots] = ub.seq
+
+    def _claim_pages(self, pairs: list[tuple[int, int]], what: str) -> None:
+        """Each (sequence, block of positions) of pairs without a page takes the lowest free one."""
+        new = [p for p in pairs if p not in self.page_of]
+        for pair, page in zip(new, self._free_pages(len(new), what) if new else ()):
+            self.page_of[pair] = int(page)
+            self.page_block[page] = pair[1]
 
     def _prepare_one(self, seq: int, pos: int) -> None:
         """prepare for a ubatch of one token of a real sequence, in plain Python."""
