@@ -72,12 +72,12 @@ def output_tensors(c) -> dict[str, tuple[int, ...]]:
             "output.weight": (c.n_vocab, c.n_embd)}
 
 
-def decoder_tensors(c, **attention) -> dict[str, tuple[int, ...]]:
+def decoder_tensors(c, ffn=ffn_tensors, **attention) -> dict[str, tuple[int, ...]]:
     """Every tensor of a plain decoder stack: embedding and output, and per layer attention (with the
-    `attention_tensors` options given) and gated FFN."""
+    `attention_tensors` options given) and `ffn(c, i)` (default the gated FFN)."""
     shapes = output_tensors(c)
     for i in range(c.n_layer):
-        shapes |= attention_tensors(c, i, **attention) | ffn_tensors(c, i)
+        shapes |= attention_tensors(c, i, **attention) | ffn(c, i)
     return shapes
 
 

@@ -7,7 +7,7 @@ from ..errors import GGUFError
 from ..gguf.config import MetadataView
 from ..graph.ir import GraphBuilder
 from .base import BuildIO
-from .layers import attention_tensors, decoder, moe_ffn, moe_sizes, moe_tensors, output_tensors, self_attention
+from .layers import decoder, decoder_tensors, moe_ffn, moe_sizes, moe_tensors, self_attention
 from .qwen3 import Qwen3Model
 
 
@@ -26,11 +26,7 @@ class Qwen3MoeModel(Qwen3Model):
         return experts | {"moe_layers": tuple(range(n_layer)), "n_ff_exp": n_ff_exp}
 
     def tensor_shapes(self):
-        c = self.cfg
-        shapes = output_tensors(c)
-        for i in range(c.n_layer):
-            shapes |= attention_tensors(c, i, **self.attention) | moe_tensors(c, i, c.extra["n_ff_exp"])
-        return shapes
+        return decoder_tensors(self.cfg, lambda c, i: moe_tensors(c, i, c.extra["n_ff_exp"]), **self.attention)
 
     def build(self, g: GraphBuilder, io: BuildIO) -> None:
         c = self.cfg
