@@ -16,7 +16,7 @@ from ..graph.ir import GraphBuilder, Tensor
 from ..memory.kv_cache import KVCache
 from ..memory.recurrent import RecurrentState
 from .base import BuildIO, Model
-from .layers import attention, gated_ffn, split_heads
+from .layers import attention, causal_conv, gated_ffn, split_heads
 
 
 
@@ -79,11 +79,9 @@ class HybridModel(Model):
         rs = io.memory("rs")
         n, n_seqs = h.shape[0], io.key.n_seqs
         t = n // n_seqs
-        conv_state = g.reshape(rs.read(i, 0, (k - 1) * d), (n_seqs, k - 1, d))
         ssm_state = g.reshape(rs.read(i, (k - 1) * d, s * d), (n_seqs, s, d))
-        conv_x = g.concat_rows(conv_state, g.reshape(g.matmul(h, w("ssm_in_x.weight")), (n_seqs, t, d)), axis=1)
-        rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)               # first write: conv window
-        xc = g.silu(g.ssm_conv(conv_x, w("ssm_conv1d.weight")))
+        xc = g.silu(causal_conv(g, rs, i, g.reshape(g.matmul(h, w("ssm_in_x.weight")), (n_seqs, t, d)),
+                                w("ssm_conv1d.weight")))                        # first write: conv window
         xr = g.reshape(xc, (n, d))
         dt = g.add(g.matmul(xr, w("ssm_dt.weight")), w("ssm_dt.bias"))
         scan = g.ssm_scan(ssm_state, xc, g.reshape(dt, (n_seqs, t, d)), w("ssm_a"),

@@ -295,11 +295,9 @@ def mamba_mixer(g: GraphBuilder, w, io, c, i: int, h: Tensor, dt_b_c_rms: bool =
     n, n_seqs = h.shape[0], io.key.n_seqs
     t = n // n_seqs
     seqs = lambda x, width: g.reshape(x, (n_seqs, t, width))  # noqa: E731  [n, w] -> [S, t, w]
-    conv_state = g.reshape(rs.read(i, 0, (k - 1) * d), (n_seqs, k - 1, d))
     ssm_state = g.reshape(rs.read(i, (k - 1) * d, s * d), (n_seqs, s, d))   # read on its own: see RecurrentView.read
-    conv_x = g.concat_rows(conv_state, seqs(g.matmul(h, w(f"blk.{i}.ssm_in.x")), d), axis=1)
-    rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)                 # the next conv window
-    xc = g.silu(g.add(g.ssm_conv(conv_x, w(f"blk.{i}.ssm_conv1d.weight")), w(f"blk.{i}.ssm_conv1d.bias")))
+    conv = causal_conv(g, rs, i, seqs(g.matmul(h, w(f"blk.{i}.ssm_in.x")), d), w(f"blk.{i}.ssm_conv1d.weight"))
+    xc = g.silu(g.add(conv, w(f"blk.{i}.ssm_conv1d.bias")))
     xc_rows = g.reshape(xc, (n, d))
     dt, b, cc = (g.matmul(xc_rows, w(f"blk.{i}.ssm_x.{part}")) for part in ("dt", "b", "c"))
     if dt_b_c_norms:
@@ -462,16 +460,13 @@ def shortconv_block(g: GraphBuilder, w, io, c, i: int, h: Tensor) -> Tensor:
     """Layer i's gated short convolution of the normed input h [n, n_embd] (S sequences of t tokens,
     grouped): B, C, x from in_proj; a causal depthwise conv (no bias, no activation) of B * x over each
     sequence's carried window; C * conv; out_proj."""
-    e, k = c.n_embd, c.extra["conv_cache"]
-    p = f"blk.{i}.shortconv."
+    e, p = c.n_embd, f"blk.{i}.shortconv."
     rs = io.memory("rs")
     n, n_seqs = h.shape[0], io.key.n_seqs
     t = n // n_seqs
     bx = g.mul(g.matmul(h, w(p + "in_b")), g.matmul(h, w(p + "in_x")))
-    window = g.reshape(rs.read(i), (n_seqs, k - 1, e))
-    conv_x = g.concat_rows(window, g.reshape(bx, (n_seqs, t, e)), axis=1)
-    rs.write(i, g.slice_rows(conv_x, t, k - 1, axis=1), col=0)
-    y = g.mul(g.matmul(h, w(p + "in_c")), g.reshape(g.ssm_conv(conv_x, w(p + "conv.weight")), (n, e)))
+    conv = causal_conv(g, rs, i, g.reshape(bx, (n_seqs, t, e)), w(p + "conv.weight"))
+    y = g.mul(g.matmul(h, w(p + "in_c")), g.reshape(conv, (n, e)))
     return g.matmul(y, w(p + "out_proj.weight"))
 
 
